@@ -1,0 +1,309 @@
+//! Commands that talk to a running server over the Consul HTTP API, so they work against a
+//! real Consul too.
+
+use std::path::PathBuf;
+
+use base64::Engine;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+use crate::server::{self, ServerArgs};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tessera",
+    version,
+    about = "Tessera: registry, gateway and coordination in one binary"
+)]
+pub struct Cli {
+    /// Server to talk to (default: $TESSERA_HTTP_ADDR, else $CONSUL_HTTP_ADDR, else 127.0.0.1:8500).
+    #[arg(long, global = true)]
+    http_addr: Option<String>,
+    /// ACL token (default: $TESSERA_HTTP_TOKEN, else $CONSUL_HTTP_TOKEN).
+    #[arg(long, global = true)]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the registry server (Consul HTTP API).
+    Server(ServerArgs),
+    /// List services, or the instances of one service with their health.
+    Services { name: Option<String> },
+    /// Read and write the KV store.
+    Kv {
+        #[command(subcommand)]
+        op: KvOp,
+    },
+    /// Register a service from a JSON file (the body of /v1/agent/service/register).
+    Register { file: PathBuf },
+    /// Deregister a service instance by ID.
+    Deregister { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum KvOp {
+    /// Print a key's value.
+    Get { key: String },
+    /// Set a key (VALUE, or stdin when VALUE is "-").
+    Put {
+        key: String,
+        value: String,
+        /// Only write if the key's ModifyIndex is this (0: only if absent).
+        #[arg(long)]
+        cas: Option<u64>,
+    },
+    /// Delete a key, or everything under it with --recurse.
+    Delete {
+        key: String,
+        #[arg(long)]
+        recurse: bool,
+    },
+    /// List keys under a prefix.
+    Ls { prefix: Option<String> },
+}
+
+impl Cli {
+    pub async fn run(self) -> Result<(), String> {
+        let api = Api::new(self.http_addr, self.token);
+        match self.command {
+            Command::Server(args) => server::run(args).await,
+            Command::Services { name: None } => {
+                let v = api
+                    .get_json("/v1/catalog/services")
+                    .await?
+                    .ok_or("no services")?;
+                let obj = v.as_object().ok_or("unexpected response")?;
+                println!("{:<32} TAGS", "SERVICE");
+                for (name, tags) in obj {
+                    let tags: Vec<&str> = tags
+                        .as_array()
+                        .map(|a| a.iter().filter_map(Value::as_str).collect())
+                        .unwrap_or_default();
+                    println!("{name:<32} {}", tags.join(","));
+                }
+                Ok(())
+            }
+            Command::Services { name: Some(name) } => {
+                let path = format!("/v1/health/service/{}", encode_path(&name));
+                let v = api.get_json(&path).await?.unwrap_or(Value::Array(vec![]));
+                let entries = v.as_array().ok_or("unexpected response")?;
+                println!(
+                    "{:<24} {:<16} {:<22} {:<9} {:<7} CHECKS",
+                    "ID", "NODE", "ADDRESS", "HEALTH", "WEIGHT"
+                );
+                for e in entries {
+                    let svc = &e["Service"];
+                    let node = &e["Node"];
+                    let addr = svc["Address"]
+                        .as_str()
+                        .filter(|a| !a.is_empty())
+                        .or(node["Address"].as_str())
+                        .unwrap_or("");
+                    let checks = e["Checks"].as_array().cloned().unwrap_or_default();
+                    let worst = checks
+                        .iter()
+                        .filter_map(|c| c["Status"].as_str())
+                        .max_by_key(|s| match *s {
+                            "passing" => 0,
+                            "warning" => 1,
+                            _ => 2,
+                        })
+                        .unwrap_or("passing");
+                    let names: Vec<String> = checks
+                        .iter()
+                        .map(|c| {
+                            format!(
+                                "{}={}",
+                                c["CheckID"].as_str().unwrap_or(""),
+                                c["Status"].as_str().unwrap_or("")
+                            )
+                        })
+                        .collect();
+                    println!(
+                        "{:<24} {:<16} {:<22} {:<9} {:<7} {}",
+                        svc["ID"].as_str().unwrap_or(""),
+                        node["Node"].as_str().unwrap_or(""),
+                        format!("{addr}:{}", svc["Port"]),
+                        worst,
+                        svc["Weights"]["Passing"],
+                        names.join(" ")
+                    );
+                }
+                Ok(())
+            }
+            Command::Kv { op } => kv(&api, op).await,
+            Command::Register { file } => {
+                let body = std::fs::read(&file)
+                    .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+                serde_json::from_slice::<Value>(&body)
+                    .map_err(|e| format!("{} is not valid JSON: {e}", file.display()))?;
+                api.send("PUT", "/v1/agent/service/register", body).await?;
+                println!("registered service from {}", file.display());
+                Ok(())
+            }
+            Command::Deregister { id } => {
+                let path = format!("/v1/agent/service/deregister/{}", encode_path(&id));
+                api.send("PUT", &path, Vec::new()).await?;
+                println!("deregistered {id}");
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn kv(api: &Api, op: KvOp) -> Result<(), String> {
+    match op {
+        KvOp::Get { key } => {
+            let path = format!("/v1/kv/{}", encode_path(&key));
+            let v = api
+                .get_json(&path)
+                .await?
+                .ok_or_else(|| format!("key {key:?} not found"))?;
+            let value = v[0]["Value"].as_str().unwrap_or("");
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(value)
+                .map_err(|e| format!("server sent bad base64: {e}"))?;
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(&bytes)
+                .and_then(|()| std::io::stdout().write_all(b"\n"))
+                .map_err(|e| e.to_string())
+        }
+        KvOp::Put { key, value, cas } => {
+            let body = if value == "-" {
+                use std::io::Read;
+                let mut buf = Vec::new();
+                std::io::stdin()
+                    .read_to_end(&mut buf)
+                    .map_err(|e| format!("reading stdin: {e}"))?;
+                buf
+            } else {
+                value.into_bytes()
+            };
+            let mut path = format!("/v1/kv/{}", encode_path(&key));
+            if let Some(c) = cas {
+                path.push_str(&format!("?cas={c}"));
+            }
+            let resp = api.send("PUT", &path, body).await?;
+            if resp.trim() == "false" {
+                return Err(format!("CAS failed: {key:?} changed since index {cas:?}"));
+            }
+            println!("ok");
+            Ok(())
+        }
+        KvOp::Delete { key, recurse } => {
+            let mut path = format!("/v1/kv/{}", encode_path(&key));
+            if recurse {
+                path.push_str("?recurse");
+            }
+            api.send("DELETE", &path, Vec::new()).await?;
+            println!("ok");
+            Ok(())
+        }
+        KvOp::Ls { prefix } => {
+            let prefix = prefix.unwrap_or_default();
+            let path = format!("/v1/kv/{}?keys", encode_path(&prefix));
+            if let Some(v) = api.get_json(&path).await? {
+                for k in v.as_array().into_iter().flatten() {
+                    println!("{}", k.as_str().unwrap_or(""));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Percent-encodes a key for a URL path, keeping `/` so prefixes read naturally.
+fn encode_path(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/:".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+struct Api {
+    base: String,
+    token: Option<String>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Api {
+    fn new(addr: Option<String>, token: Option<String>) -> Api {
+        let addr = addr
+            .or_else(|| std::env::var("TESSERA_HTTP_ADDR").ok())
+            .or_else(|| std::env::var("CONSUL_HTTP_ADDR").ok())
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| "127.0.0.1:8500".into());
+        let base = if addr.starts_with("http://") {
+            addr.trim_end_matches('/').to_owned()
+        } else {
+            format!("http://{}", addr.trim_end_matches('/'))
+        };
+        let token = token
+            .or_else(|| std::env::var("TESSERA_HTTP_TOKEN").ok())
+            .or_else(|| std::env::var("CONSUL_HTTP_TOKEN").ok())
+            .filter(|t| !t.is_empty());
+        Api {
+            base,
+            token,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Vec<u8>) -> Result<(u16, String), String> {
+        let url = format!("{}{path}", self.base);
+        let mut req = http::Request::builder().method(method).uri(&url);
+        if let Some(t) = &self.token {
+            req = req.header("X-Consul-Token", t);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| format!("bad request to {url}: {e}"))?;
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| format!("cannot reach {}: {e}", self.base))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("reading response from {url}: {e}"))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    async fn get_json(&self, path: &str) -> Result<Option<Value>, String> {
+        let (status, body) = self.call("GET", path, Vec::new()).await?;
+        match status {
+            200 => serde_json::from_str(&body)
+                .map(Some)
+                .map_err(|e| format!("bad JSON from server: {e}")),
+            404 => Ok(None),
+            s => Err(format!("server answered {s}: {}", body.trim())),
+        }
+    }
+
+    async fn send(&self, method: &str, path: &str, body: Vec<u8>) -> Result<String, String> {
+        let (status, body) = self.call(method, path, body).await?;
+        if status == 200 {
+            Ok(body)
+        } else {
+            Err(format!("server answered {status}: {}", body.trim()))
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! `tessera server`: flags and config file merged into `tessera_registry::Config`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use tessera_registry::{Config, Server};
+
+#[derive(Debug, clap::Args)]
+pub struct ServerArgs {
+    /// Address for the Consul-compatible HTTP API. A non-loopback address turns ACLs on
+    /// (default deny) unless the config file says otherwise.
+    #[arg(long, default_value = "127.0.0.1:8500")]
+    bind: SocketAddr,
+    /// Where registrations, KV and ACL state are kept (default: ./tessera-data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// TOML file with server settings (keys as in `tessera_registry::Config`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Name of this node in the catalog (default: the host name).
+    #[arg(long)]
+    node: Option<String>,
+    #[arg(long)]
+    datacenter: Option<String>,
+}
+
+pub async fn run(args: ServerArgs) -> Result<(), String> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+            toml::from_str::<Config>(&text)
+                .map_err(|e| format!("invalid config {}: {e}", path.display()))?
+        }
+        None => Config {
+            node_name: hostname(),
+            ..Config::default()
+        },
+    };
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(n) = args.node {
+        config.node_name = n;
+    }
+    if let Some(dc) = args.datacenter {
+        config.datacenter = dc;
+    }
+    if !args.bind.ip().is_unspecified() {
+        config.advertise_addr = args.bind.ip().to_string();
+    }
+    let listener = tokio::net::TcpListener::bind(args.bind)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.bind))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("listener address: {e}"))?;
+    let data_dir = config.data_dir.clone();
+    let node = config.node_name.clone();
+    let server = Server::build(config, &listener).map_err(|e| e.to_string())?;
+    let acl = if server.registry().acl_enabled {
+        "on"
+    } else {
+        "off"
+    };
+    println!(
+        "tessera server listening on http://{addr} (node {node}, data dir {}, ACLs {acl})",
+        data_dir.display()
+    );
+    server
+        .run(listener, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("tessera server stopped");
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "tessera".into())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,17 @@
+//! Domain types every Tessera crate agrees on, with no I/O: health states as Consul spells
+//! them, Go-style durations, and the rules for service names and KV keys. Keeping them here
+//! means the registry, the gateway and the SDK reject the same bad input with the same words.
+//!
+//! ```
+//! use tessera_core::{parse_duration, Health};
+//! assert_eq!(parse_duration("1m30s").unwrap().as_secs(), 90);
+//! assert_eq!("passing".parse::<Health>().unwrap(), Health::Passing);
+//! ```
+
+mod duration;
+mod health;
+mod names;
+
+pub use duration::{GoDuration, InvalidDuration, format_duration, parse_duration, serde_opt};
+pub use health::{Health, InvalidHealth};
+pub use names::{InvalidName, validate_key, validate_service_name};

@@ -1,0 +1,238 @@
+//! `/v1/agent/...`: the services and checks of this server's own node.
+
+use std::collections::BTreeMap;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tessera_core::Health;
+
+use super::catalog::check_json;
+use super::{ApiResult, AppState, Blocking, Ctx, read_json, with_index};
+use crate::acl::{Level, Resource};
+use crate::defs::{CheckDef, CheckUpdate, ServiceDef};
+use crate::model::ServiceRecord;
+use crate::state::Topic;
+
+pub fn agent_service_json(s: &ServiceRecord, dc: &str) -> Value {
+    json!({
+        "ID": s.id,
+        "Service": s.service,
+        "Tags": s.tags,
+        "Meta": s.meta,
+        "Port": s.port,
+        "Address": s.address,
+        "TaggedAddresses": s.tagged_addresses,
+        "Weights": s.weights,
+        "EnableTagOverride": s.enable_tag_override,
+        "Kind": s.kind,
+        "Datacenter": dc,
+        "CreateIndex": s.create_index,
+        "ModifyIndex": s.modify_index,
+    })
+}
+
+pub async fn agent_self(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
+    if !ctx
+        .authz
+        .allows(Resource::Agent, reg.local_node(), Level::Read)
+    {
+        return Err(crate::error::Error::denied("token lacks agent:read").into());
+    }
+    let body = json!({
+        "Config": {
+            "Datacenter": reg.config.datacenter,
+            "PrimaryDatacenter": reg.config.datacenter,
+            "NodeName": reg.config.node_name,
+            "NodeID": reg.node_id,
+            "Server": true,
+            "Revision": "tessera",
+            "Version": "1.20.0",
+            "TesseraVersion": env!("CARGO_PKG_VERSION"),
+        },
+        "DebugConfig": {},
+        "Coord": null,
+        "Member": {
+            "Name": reg.config.node_name,
+            "Addr": reg.config.advertise_addr,
+            "Port": 8301,
+            "Tags": {"dc": reg.config.datacenter, "role": "consul", "id": reg.node_id},
+            "Status": 1,
+        },
+        "Stats": {},
+        "Meta": {},
+        "xDS": null,
+    });
+    Ok(with_index(reg.current_index(), StatusCode::OK, body))
+}
+
+pub async fn services(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
+    let b = Blocking::from(&ctx.q)?;
+    let local = reg.local_node().to_owned();
+    let dc = reg.config.datacenter.clone();
+    let (index, body) = reg
+        .blocking(Topic::Services, b.index, b.wait, |st| {
+            let mut out = BTreeMap::new();
+            for ((node, id), s) in st
+                .services
+                .range((local.clone(), String::new())..)
+                .take_while(|((n, _), _)| *n == local)
+            {
+                let _ = node;
+                if ctx.authz.allows(Resource::Service, &s.service, Level::Read) {
+                    out.insert(id.clone(), agent_service_json(s, &dc));
+                }
+            }
+            (st.topic_index(&Topic::Services), out)
+        })
+        .await;
+    Ok(with_index(index, StatusCode::OK, body))
+}
+
+pub async fn service(State(reg): State<AppState>, ctx: Ctx, Path(id): Path<String>) -> ApiResult {
+    let local = reg.local_node().to_owned();
+    let dc = reg.config.datacenter.clone();
+    let found = reg.read(|st| {
+        st.services
+            .get(&(local.clone(), id.clone()))
+            .map(|s| (s.service.clone(), agent_service_json(s, &dc), st.index))
+    });
+    match found {
+        None => Err(crate::error::Error::NotFound(format!("unknown service ID: {id}")).into()),
+        Some((name, _, _)) if !ctx.authz.allows(Resource::Service, &name, Level::Read) => {
+            Err(crate::error::Error::denied(format!("token lacks service:read on {name:?}")).into())
+        }
+        Some((_, body, index)) => Ok(with_index(index, StatusCode::OK, body)),
+    }
+}
+
+pub async fn checks(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
+    let b = Blocking::from(&ctx.q)?;
+    let local = reg.local_node().to_owned();
+    let (index, body) = reg
+        .blocking(Topic::Checks, b.index, b.wait, |st| {
+            let mut out = BTreeMap::new();
+            for ((_, id), c) in st
+                .checks
+                .range((local.clone(), String::new())..)
+                .take_while(|((n, _), _)| *n == local)
+            {
+                let allowed = if c.service_name.is_empty() {
+                    ctx.authz.allows(Resource::Node, &local, Level::Read)
+                } else {
+                    ctx.authz
+                        .allows(Resource::Service, &c.service_name, Level::Read)
+                };
+                if allowed {
+                    out.insert(id.clone(), check_json(st, c));
+                }
+            }
+            (st.topic_index(&Topic::Checks), out)
+        })
+        .await;
+    Ok(with_index(index, StatusCode::OK, body))
+}
+
+pub async fn register(State(reg): State<AppState>, ctx: Ctx, body: Body) -> ApiResult {
+    let def: ServiceDef = read_json(body).await?;
+    let replace = ctx.q.flag("replace-existing-checks")?;
+    reg.register_service(def, replace, &ctx.authz).await?;
+    Ok(StatusCode::OK.into_response())
+}
+
+pub async fn deregister(
+    State(reg): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> ApiResult {
+    reg.deregister_service(&id, &ctx.authz).await?;
+    Ok(StatusCode::OK.into_response())
+}
+
+pub async fn maintenance(
+    State(reg): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let enable = match ctx.q.get("enable") {
+        Some("true") => true,
+        Some("false") => false,
+        Some(other) => {
+            return Err(crate::error::Error::bad(format!(
+                "Invalid value for ?enable: {other:?} (expected true or false)"
+            ))
+            .into());
+        }
+        None => return Err(crate::error::Error::bad("Missing value for enable").into()),
+    };
+    let reason = ctx.q.get("reason").map(str::to_owned);
+    reg.maintenance(&id, enable, reason, &ctx.authz).await?;
+    Ok(StatusCode::OK.into_response())
+}
+
+pub async fn check_register(State(reg): State<AppState>, ctx: Ctx, body: Body) -> ApiResult {
+    let def: CheckDef = read_json(body).await?;
+    reg.register_check(def, &ctx.authz).await?;
+    Ok(StatusCode::OK.into_response())
+}
+
+pub async fn check_deregister(
+    State(reg): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> ApiResult {
+    reg.deregister_check(&id, &ctx.authz).await?;
+    Ok(StatusCode::OK.into_response())
+}
+
+fn ttl_update(
+    reg: &AppState,
+    ctx: &Ctx,
+    id: &str,
+    status: Health,
+) -> Result<Response, super::ApiError> {
+    let note = ctx.q.get("note").unwrap_or_default().to_owned();
+    reg.update_ttl(id, status, note, &ctx.authz)?;
+    Ok(StatusCode::OK.into_response())
+}
+
+pub async fn check_pass(
+    State(reg): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> ApiResult {
+    ttl_update(&reg, &ctx, &id, Health::Passing)
+}
+
+pub async fn check_warn(
+    State(reg): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> ApiResult {
+    ttl_update(&reg, &ctx, &id, Health::Warning)
+}
+
+pub async fn check_fail(
+    State(reg): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> ApiResult {
+    ttl_update(&reg, &ctx, &id, Health::Critical)
+}
+
+pub async fn check_update(
+    State(reg): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    body: Body,
+) -> ApiResult {
+    let upd: CheckUpdate = read_json(body).await?;
+    let status: Health = upd
+        .status
+        .parse()
+        .map_err(|e| crate::error::Error::bad(format!("Status: {e}")))?;
+    reg.update_ttl(&id, status, upd.output, &ctx.authz)?;
+    Ok(StatusCode::OK.into_response())
+}

@@ -1,0 +1,175 @@
+//! `/v1/kv/...`: keys, prefixes, CAS and blocking reads, in Consul's shapes.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde_json::{Value, json};
+
+use super::{ApiResult, AppState, Blocking, Ctx, add_meta, read_body, with_index};
+use crate::acl::{Level, Resource};
+use crate::error::Error;
+use crate::model::KvEntry;
+use crate::state::Topic;
+
+fn entry_json(e: &KvEntry) -> Value {
+    json!({
+        "LockIndex": e.lock_index,
+        "Key": e.key,
+        "Flags": e.flags,
+        "Value": if e.value.is_empty() { Value::Null } else { json!(STANDARD.encode(&e.value)) },
+        "CreateIndex": e.create_index,
+        "ModifyIndex": e.modify_index,
+    })
+}
+
+enum KvRead {
+    Missing,
+    Raw(Vec<u8>),
+    Json(Value),
+}
+
+pub async fn get_root(state: State<AppState>, ctx: Ctx) -> ApiResult {
+    get_key(state, ctx, String::new()).await
+}
+
+pub async fn get(state: State<AppState>, ctx: Ctx, Path(key): Path<String>) -> ApiResult {
+    get_key(state, ctx, key).await
+}
+
+async fn get_key(State(reg): State<AppState>, ctx: Ctx, key: String) -> ApiResult {
+    let b = Blocking::from(&ctx.q)?;
+    let recurse = ctx.q.flag("recurse")?;
+    let keys = ctx.q.get("keys").is_some();
+    let raw = ctx.q.flag("raw")?;
+    let separator = ctx.q.get("separator").unwrap_or_default().to_owned();
+    if !recurse && !keys {
+        if key.is_empty() {
+            return Err(Error::bad("Missing key name").into());
+        }
+        if !ctx.authz.allows(Resource::Key, &key, Level::Read) {
+            return Err(Error::denied(format!("token lacks key:read on {key:?}")).into());
+        }
+    }
+    let (index, result) = reg
+        .blocking(Topic::Kv, b.index, b.wait, |st| {
+            let exact = !recurse && !keys;
+            let index = st.kv_index(&key, exact);
+            if exact {
+                return match st.kv.get(&key) {
+                    None => (index, KvRead::Missing),
+                    Some(e) if raw => (index, KvRead::Raw(e.value.clone())),
+                    Some(e) => (index, KvRead::Json(json!([entry_json(e)]))),
+                };
+            }
+            let matching = st
+                .kv
+                .range(key.clone()..)
+                .take_while(|(k, _)| k.starts_with(&key))
+                .filter(|(k, _)| ctx.authz.allows(Resource::Key, k, Level::Read));
+            if keys {
+                let mut out: Vec<String> = Vec::new();
+                for (k, _) in matching {
+                    let rest = &k[key.len()..];
+                    let item = match (separator.is_empty(), rest.find(&separator)) {
+                        (false, Some(pos)) => format!("{key}{}", &rest[..pos + separator.len()]),
+                        _ => k.clone(),
+                    };
+                    if out.last() != Some(&item) {
+                        out.push(item);
+                    }
+                }
+                if out.is_empty() {
+                    return (index, KvRead::Missing);
+                }
+                return (index, KvRead::Json(json!(out)));
+            }
+            let out: Vec<Value> = matching.map(|(_, e)| entry_json(e)).collect();
+            if out.is_empty() {
+                (index, KvRead::Missing)
+            } else {
+                (index, KvRead::Json(Value::Array(out)))
+            }
+        })
+        .await;
+    Ok(match result {
+        KvRead::Missing => {
+            let mut resp = StatusCode::NOT_FOUND.into_response();
+            add_meta(resp.headers_mut(), index);
+            resp
+        }
+        KvRead::Raw(bytes) => {
+            let mut resp = Response::new(Body::from(bytes));
+            resp.headers_mut().insert(
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            add_meta(resp.headers_mut(), index);
+            resp
+        }
+        KvRead::Json(v) => with_index(index, StatusCode::OK, v),
+    })
+}
+
+fn reject_sessions(ctx: &Ctx) -> Result<(), Error> {
+    for p in ["acquire", "release"] {
+        if ctx.q.get(p).is_some() {
+            return Err(Error::bad(format!(
+                "?{p} needs sessions, which Tessera does not support yet; use ?cas for locking"
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub async fn put_root(State(_reg): State<AppState>, _ctx: Ctx) -> ApiResult {
+    Err(Error::bad("Missing key name").into())
+}
+
+pub async fn put(
+    State(reg): State<AppState>,
+    ctx: Ctx,
+    Path(key): Path<String>,
+    body: Body,
+) -> ApiResult {
+    reject_sessions(&ctx)?;
+    let flags = ctx.q.u64("flags")?;
+    let cas = ctx.q.u64("cas")?;
+    tessera_core::validate_key(&key).map_err(Error::from)?;
+    // Read one byte past the limit so an oversize value is told apart from a limit hit.
+    let limit = reg.config.kv_max_value_bytes;
+    let value = match read_body(body, limit + 1).await {
+        Ok(b) => b,
+        Err(Error::TooLarge(_)) => {
+            return Err(Error::TooLarge(format!(
+                "Value exceeds {limit} byte limit; raise kv_max_value_bytes to store larger values"
+            ))
+            .into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let ok = reg
+        .kv_put(key, value.to_vec(), flags, cas, &ctx.authz)
+        .await?;
+    Ok(super::json(StatusCode::OK, &ok))
+}
+
+pub async fn delete_root(state: State<AppState>, ctx: Ctx) -> ApiResult {
+    delete_key(state, ctx, String::new()).await
+}
+
+pub async fn delete(state: State<AppState>, ctx: Ctx, Path(key): Path<String>) -> ApiResult {
+    delete_key(state, ctx, key).await
+}
+
+async fn delete_key(State(reg): State<AppState>, ctx: Ctx, key: String) -> ApiResult {
+    let recurse = ctx.q.flag("recurse")?;
+    let cas = ctx.q.u64("cas")?;
+    if !recurse && key.is_empty() {
+        return Err(Error::bad("Missing key name").into());
+    }
+    let ok = reg.kv_delete(key, recurse, cas, &ctx.authz).await?;
+    Ok(super::json(StatusCode::OK, &ok))
+}

@@ -1,0 +1,82 @@
+//! The Tessera registry: a service catalog with health checks, blocking queries, a KV store
+//! and ACLs, served over the Consul HTTP API so existing Consul clients work unchanged.
+//! State lives in memory and in a fsynced log under the data dir; a write is acknowledged
+//! only once it is on disk.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use tessera_registry::{Config, Server};
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let server = Server::build(Config::default(), &listener)?;
+//! server.run(listener, std::future::pending()).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod acl;
+pub mod api;
+mod checks;
+pub mod defs;
+mod error;
+pub mod model;
+mod registry;
+mod state;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+pub use error::Error;
+pub use registry::{AclConfig, Config, Registry};
+
+/// A registry ready to serve: its state replayed from disk and its HTTP API built.
+pub struct Server {
+    registry: Arc<Registry>,
+}
+
+impl Server {
+    /// Opens the data dir and decides the ACL mode. ACLs default to on (deny) when the
+    /// listener is reachable from other hosts: secure by default.
+    pub fn build(config: Config, listener: &TcpListener) -> Result<Server, Error> {
+        let loopback = listener
+            .local_addr()
+            .map(|a| a.ip().is_loopback())
+            .unwrap_or(false);
+        let acl_enabled = config.acl.enabled.unwrap_or(!loopback);
+        let registry = Registry::open(config, acl_enabled)?;
+        Ok(Server { registry })
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Serves until `shutdown` resolves; then wakes every blocking query, stops the check
+    /// runners and finishes in-flight requests.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let reg = self.registry;
+        reg.start_background();
+        reg.ensure_local_node().await?;
+        reg.ensure_initial_management().await?;
+        let app = api::router(reg.clone());
+        let stopper = reg.clone();
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                stopper.shutdown();
+            })
+            .await;
+        reg.shutdown();
+        result.map_err(|e| {
+            Error::Storage(store::StoreError::Io {
+                path: "listener".into(),
+                source: e,
+            })
+        })
+    }
+}

@@ -1,0 +1,1278 @@
+//! The registry handle: one lock around the state, one durable log behind it. A write
+//! validates against the state, turns into ops, is queued to the log and applied under the
+//! lock (so log order is apply order), and is acknowledged only after its fsync.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tessera_core::Health;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::acl::{AclOp, Authz, Level, MANAGEMENT_POLICY_ID, Policy, PolicyLink, Token};
+use crate::checks::Runners;
+use crate::defs::{CatalogDeregistration, CatalogRegistration, CheckDef, ServiceDef};
+use crate::error::Error;
+use crate::model::{CheckRecord, CheckSpec, KvEntry, NodeRecord, Probe, ServiceRecord};
+use crate::state::{Op, Record, State, Topic};
+use crate::store::Store;
+
+/// Server settings, as they appear in `--config` (TOML) and on the command line.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub node_name: String,
+    pub datacenter: String,
+    /// Address reported for the local node.
+    pub advertise_addr: String,
+    /// Largest KV value accepted, in bytes (Consul's default: 512 KiB).
+    pub kv_max_value_bytes: usize,
+    /// Log bytes after which the state is snapshotted and the log emptied.
+    pub snapshot_after_bytes: u64,
+    pub acl: AclConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclConfig {
+    /// `None`: on exactly when the server listens on a non-loopback address.
+    pub enabled: Option<bool>,
+    pub default_policy: Level,
+    /// A management token secret created at start (Consul's `initial_management`).
+    pub initial_management: Option<String>,
+}
+
+impl Default for AclConfig {
+    fn default() -> Self {
+        AclConfig {
+            enabled: None,
+            default_policy: Level::Deny,
+            initial_management: None,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("tessera-data"),
+            node_name: "tessera".into(),
+            datacenter: "dc1".into(),
+            advertise_addr: "127.0.0.1".into(),
+            kv_max_value_bytes: 512 * 1024,
+            snapshot_after_bytes: 64 * 1024 * 1024,
+            acl: AclConfig::default(),
+        }
+    }
+}
+
+pub struct Registry {
+    state: Mutex<State>,
+    store: Store,
+    pub config: Config,
+    pub node_id: String,
+    pub acl_enabled: bool,
+    pub(crate) runners: Runners,
+    pub(crate) shutdown: CancellationToken,
+    /// When the process last woke from a stall (see `checks::StallDetector`).
+    pub(crate) last_stall_end: Mutex<Option<Instant>>,
+    /// Checks that are critical, and since when; drives `DeregisterCriticalServiceAfter`.
+    pub(crate) critical_since: Mutex<HashMap<String, Instant>>,
+}
+
+pub const SERF_CHECK: &str = "serfHealth";
+pub const MAINT_PREFIX: &str = "_service_maintenance:";
+
+impl Registry {
+    /// Opens the data dir, replays the log and returns the registry. Check runners start
+    /// with `start_checks` once a runtime is available.
+    pub fn open(config: Config, acl_enabled: bool) -> Result<Arc<Registry>, Error> {
+        let dir = config.data_dir.join("registry");
+        let (store, recovered) = Store::open(&dir)?;
+        let mut state = State::default();
+        let decode = |bytes: &[u8], what: &str| -> Result<Record, Error> {
+            serde_json::from_slice(bytes).map_err(|e| {
+                Error::Storage(crate::store::StoreError::Io {
+                    path: dir.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("undecodable {what}: {e}"),
+                    ),
+                })
+            })
+        };
+        let mut snapshot_index = 0;
+        if let Some(snap) = recovered.snapshot {
+            let rec = decode(&snap, "snapshot")?;
+            snapshot_index = rec.index;
+            for op in rec.ops {
+                state.apply(rec.index, op);
+            }
+        }
+        for bytes in &recovered.records {
+            let rec = decode(bytes, "log record")?;
+            if rec.index <= snapshot_index {
+                continue;
+            }
+            state.log_bytes += bytes.len() as u64;
+            for op in rec.ops {
+                state.apply(rec.index, op);
+            }
+        }
+        let node_id = load_node_id(&config.data_dir)?;
+        // Checks the server runs restart from their configured initial state.
+        let local = config.node_name.clone();
+        for check in state.checks.values_mut() {
+            if check.node == local && check.spec.is_some() {
+                check.status = initial_status(check.spec.as_ref());
+                check.output.clear();
+            }
+        }
+        let reg = Arc::new(Registry {
+            state: Mutex::new(state),
+            store,
+            config,
+            node_id,
+            acl_enabled,
+            runners: Runners::default(),
+            shutdown: CancellationToken::new(),
+            last_stall_end: Mutex::new(None),
+            critical_since: Mutex::new(HashMap::new()),
+        });
+        Ok(reg)
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock means a panic mid-apply; the state may be half-changed, and the
+        // log (which is complete) is the only safe source: stop serving.
+        self.state.lock().unwrap_or_else(|p| {
+            tracing::error!("registry state lock poisoned; aborting");
+            drop(p);
+            std::process::abort()
+        })
+    }
+
+    /// Runs `f` against the state and commits the ops it returns as one record.
+    pub(crate) async fn commit<R>(
+        &self,
+        f: impl FnOnce(&State, u64) -> Result<(Vec<Op>, R), Error>,
+    ) -> Result<R, Error> {
+        let ack = {
+            let mut st = self.lock();
+            let index = st.index + 1;
+            let (ops, out) = f(&st, index)?;
+            if ops.is_empty() {
+                return Ok(out);
+            }
+            let record = Record { index, ops };
+            let payload = match serde_json::to_vec(&record) {
+                Ok(p) => p,
+                Err(e) => return Err(Error::bad(format!("cannot encode record: {e}"))),
+            };
+            st.log_bytes += payload.len() as u64;
+            let ack = self.store.append(payload);
+            let local = self.config.node_name.clone();
+            for op in record.ops {
+                self.before_apply(&st, &local, &op);
+                st.apply(index, op);
+            }
+            if st.log_bytes > self.config.snapshot_after_bytes {
+                self.snapshot_locked(&mut st);
+            }
+            (ack, out)
+        };
+        match ack.0.await {
+            Ok(Ok(())) => Ok(ack.1),
+            Ok(Err(e)) => Err(Error::Storage(e)),
+            Err(_) => Err(Error::Storage(crate::store::StoreError::Failed)),
+        }
+    }
+
+    fn snapshot_locked(&self, st: &mut State) {
+        let rec = Record {
+            index: st.index,
+            ops: st.snapshot_ops(),
+        };
+        match serde_json::to_vec(&rec) {
+            Ok(bytes) => {
+                self.store.snapshot(bytes);
+                st.log_bytes = 0;
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode snapshot"),
+        }
+    }
+
+    /// Keeps check runners and the critical-since clock in step with the ops.
+    fn before_apply(&self, st: &State, local: &str, op: &Op) {
+        match op {
+            Op::PutCheck(c) if c.node == local => {
+                self.note_status(&c.check_id, c.status);
+                match &c.spec {
+                    Some(spec) => self.runners.ensure(&c.check_id, spec),
+                    None => self.runners.stop(&c.check_id),
+                }
+            }
+            Op::DeleteCheck { node, id } if node == local => {
+                self.runners.stop(id);
+                self.forget_status(id);
+            }
+            Op::DeleteService { node, id } if node == local => {
+                if let Some(ids) = st.checks_by_owner.get(&(node.clone(), id.clone())) {
+                    for cid in ids {
+                        self.runners.stop(cid);
+                        self.forget_status(cid);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn note_status(&self, check_id: &str, status: Health) {
+        let mut cs = self
+            .critical_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if status == Health::Critical {
+            cs.entry(check_id.to_owned()).or_insert_with(Instant::now);
+        } else {
+            cs.remove(check_id);
+        }
+    }
+
+    fn forget_status(&self, check_id: &str) {
+        let mut cs = self
+            .critical_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        cs.remove(check_id);
+    }
+
+    /// Reads the state under the lock.
+    pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.lock())
+    }
+
+    /// Consul's blocking query: returns `read`'s result as soon as its index exceeds
+    /// `min_index`, or after `wait`. `read` returns (result index, value).
+    pub async fn blocking<T>(
+        &self,
+        topic: Topic,
+        min_index: u64,
+        wait: Duration,
+        read: impl Fn(&State) -> (u64, T),
+    ) -> (u64, T) {
+        let deadline = Instant::now() + wait;
+        loop {
+            let (mut rx, (index, value)) = {
+                let mut st = self.lock();
+                let rx = st.subscribe(topic.clone());
+                let res = read(&st);
+                // An index from the future (e.g. from before a restart) cannot be waited
+                // on meaningfully; answer at once so the client resets.
+                if min_index == 0 || res.0 > min_index || min_index > st.index {
+                    return res;
+                }
+                (rx, res)
+            };
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return (index, value);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return read(&self.lock());
+                }
+                _ = self.shutdown.cancelled() => return (index, value),
+            }
+        }
+    }
+
+    pub fn local_node(&self) -> &str {
+        &self.config.node_name
+    }
+
+    pub fn current_index(&self) -> u64 {
+        self.lock().index
+    }
+
+    /// Registers the local node and its `serfHealth` check if they are missing or stale.
+    pub async fn ensure_local_node(&self) -> Result<(), Error> {
+        let node = self.config.node_name.clone();
+        let id = self.node_id.clone();
+        let addr = self.config.advertise_addr.clone();
+        let dc = self.config.datacenter.clone();
+        self.commit(|st, index| {
+            let mut ops = Vec::new();
+            let existing = st.nodes.get(&node);
+            if existing.is_none_or(|n| n.id != id || n.address != addr || n.datacenter != dc) {
+                ops.push(Op::PutNode(NodeRecord {
+                    id: id.clone(),
+                    node: node.clone(),
+                    address: addr.clone(),
+                    datacenter: dc.clone(),
+                    tagged_addresses: BTreeMap::from([
+                        ("lan".into(), addr.clone()),
+                        ("wan".into(), addr.clone()),
+                    ]),
+                    meta: BTreeMap::new(),
+                    create_index: existing.map(|n| n.create_index).unwrap_or(index),
+                    modify_index: index,
+                }));
+            }
+            if !st.checks.contains_key(&(node.clone(), SERF_CHECK.into())) {
+                ops.push(Op::PutCheck(CheckRecord {
+                    node: node.clone(),
+                    check_id: SERF_CHECK.into(),
+                    name: "Serf Health Status".into(),
+                    status: Health::Passing,
+                    notes: String::new(),
+                    output: "Agent alive and reachable".into(),
+                    service_id: String::new(),
+                    service_name: String::new(),
+                    spec: None,
+                    maintenance: false,
+                    create_index: index,
+                    modify_index: index,
+                }));
+            }
+            Ok((ops, ()))
+        })
+        .await
+    }
+
+    // ---- agent API ----------------------------------------------------------------
+
+    /// `PUT /v1/agent/service/register`.
+    pub async fn register_service(
+        &self,
+        def: ServiceDef,
+        replace_existing_checks: bool,
+        authz: &Authz,
+    ) -> Result<(), Error> {
+        let weights = def.validate()?;
+        if !authz.allows(crate::acl::Resource::Service, &def.name, Level::Write) {
+            return Err(Error::denied(format!(
+                "token lacks service:write on {:?}",
+                def.name
+            )));
+        }
+        let node = self.config.node_name.clone();
+        let sid = def.service_id().to_owned();
+        let mut check_defs: Vec<CheckDef> = Vec::new();
+        check_defs.extend(def.check.clone());
+        check_defs.extend(def.checks.clone().unwrap_or_default());
+        let many = check_defs.len() > 1;
+        let mut prepared = Vec::new();
+        for (i, cdef) in check_defs.iter().enumerate() {
+            let spec = cdef
+                .spec(true)
+                .map_err(|e| Error::bad(format!("Check {}: {e}", i + 1)))?;
+            let initial = cdef.initial_status()?;
+            let id = match cdef.check_id.as_deref() {
+                Some(id) if !id.is_empty() => id.to_owned(),
+                _ if many => format!("service:{sid}:{}", i + 1),
+                _ => format!("service:{sid}"),
+            };
+            tessera_core::validate_service_name("check ID (CheckID)", &id)?;
+            let name = cdef
+                .name
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| format!("Service '{}' check", def.name));
+            prepared.push((id, name, cdef.notes.clone(), initial, spec));
+        }
+        self.commit(|st, index| {
+            let key = (node.clone(), sid.clone());
+            let existing = st.services.get(&key);
+            let mut ops = vec![Op::PutService(ServiceRecord {
+                node: node.clone(),
+                id: sid.clone(),
+                service: def.name.clone(),
+                tags: def.tags.clone().unwrap_or_default(),
+                address: def.address.clone(),
+                port: def.port.unwrap_or(0),
+                meta: def.meta.clone().unwrap_or_default(),
+                weights,
+                enable_tag_override: def.enable_tag_override,
+                kind: def.kind.clone(),
+                tagged_addresses: def.tagged_addresses.clone().unwrap_or_default(),
+                create_index: existing.map(|s| s.create_index).unwrap_or(index),
+                modify_index: index,
+            })];
+            let mut keep = Vec::new();
+            for (id, name, notes, initial, spec) in &prepared {
+                let old = st.checks.get(&(node.clone(), id.clone()));
+                // Re-registering keeps a check's current state unless a Status is given,
+                // so a redeploy does not flap its instances to critical.
+                let (status, output) = match (initial, old) {
+                    (Some(s), _) => (*s, String::new()),
+                    (None, Some(o)) if o.spec == *spec => (o.status, o.output.clone()),
+                    (None, _) => (Health::Critical, String::new()),
+                };
+                keep.push(id.clone());
+                ops.push(Op::PutCheck(CheckRecord {
+                    node: node.clone(),
+                    check_id: id.clone(),
+                    name: name.clone(),
+                    status,
+                    notes: notes.clone(),
+                    output,
+                    service_id: sid.clone(),
+                    service_name: def.name.clone(),
+                    spec: spec.clone(),
+                    maintenance: false,
+                    create_index: old.map(|o| o.create_index).unwrap_or(index),
+                    modify_index: index,
+                }));
+            }
+            if replace_existing_checks && let Some(ids) = st.checks_by_owner.get(&key) {
+                for id in ids {
+                    if !keep.contains(id) && !id.starts_with(MAINT_PREFIX) {
+                        ops.push(Op::DeleteCheck {
+                            node: node.clone(),
+                            id: id.clone(),
+                        });
+                    }
+                }
+            }
+            Ok((ops, ()))
+        })
+        .await
+    }
+
+    /// `PUT /v1/agent/service/deregister/:id`.
+    pub async fn deregister_service(&self, id: &str, authz: &Authz) -> Result<(), Error> {
+        let node = self.config.node_name.clone();
+        self.commit(|st, _| {
+            let Some(svc) = st.services.get(&(node.clone(), id.to_owned())) else {
+                return Err(Error::NotFound(format!("Unknown service ID {id:?}")));
+            };
+            if !authz.allows(crate::acl::Resource::Service, &svc.service, Level::Write) {
+                return Err(Error::denied(format!(
+                    "token lacks service:write on {:?}",
+                    svc.service
+                )));
+            }
+            Ok((
+                vec![Op::DeleteService {
+                    node: node.clone(),
+                    id: id.to_owned(),
+                }],
+                (),
+            ))
+        })
+        .await
+    }
+
+    /// `PUT /v1/agent/check/register`.
+    pub async fn register_check(&self, def: CheckDef, authz: &Authz) -> Result<(), Error> {
+        let spec = def.spec(true)?;
+        let initial = def.initial_status()?;
+        let name = def
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| Error::bad("Missing check name (Name)"))?;
+        let id = def
+            .check_id
+            .clone()
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(|| name.clone());
+        tessera_core::validate_service_name("check ID (CheckID)", &id)?;
+        let node = self.config.node_name.clone();
+        self.commit(|st, index| {
+            let service_id = def.service_id.clone().unwrap_or_default();
+            let service_name = if service_id.is_empty() {
+                if !authz.allows(crate::acl::Resource::Node, &node, Level::Write) {
+                    return Err(Error::denied(format!("token lacks node:write on {node:?}")));
+                }
+                String::new()
+            } else {
+                let svc = st
+                    .services
+                    .get(&(node.clone(), service_id.clone()))
+                    .ok_or_else(|| {
+                        Error::bad(format!("ServiceID {service_id:?} does not exist"))
+                    })?;
+                if !authz.allows(crate::acl::Resource::Service, &svc.service, Level::Write) {
+                    return Err(Error::denied(format!(
+                        "token lacks service:write on {:?}",
+                        svc.service
+                    )));
+                }
+                svc.service.clone()
+            };
+            let old = st.checks.get(&(node.clone(), id.clone()));
+            let (status, output) = match (initial, old) {
+                (Some(s), _) => (s, String::new()),
+                (None, Some(o)) if o.spec == spec => (o.status, o.output.clone()),
+                (None, _) => (Health::Critical, String::new()),
+            };
+            Ok((
+                vec![Op::PutCheck(CheckRecord {
+                    node: node.clone(),
+                    check_id: id.clone(),
+                    name: name.clone(),
+                    status,
+                    notes: def.notes.clone(),
+                    output,
+                    service_id,
+                    service_name,
+                    spec: spec.clone(),
+                    maintenance: false,
+                    create_index: old.map(|o| o.create_index).unwrap_or(index),
+                    modify_index: index,
+                })],
+                (),
+            ))
+        })
+        .await
+    }
+
+    fn check_write_allowed(
+        &self,
+        st: &State,
+        check: &CheckRecord,
+        authz: &Authz,
+    ) -> Result<(), Error> {
+        if check.service_id.is_empty() {
+            if !authz.allows(crate::acl::Resource::Node, &check.node, Level::Write) {
+                return Err(Error::denied(format!(
+                    "token lacks node:write on {:?}",
+                    check.node
+                )));
+            }
+        } else {
+            let name = st
+                .services
+                .get(&(check.node.clone(), check.service_id.clone()))
+                .map(|s| s.service.as_str())
+                .unwrap_or(check.service_name.as_str());
+            if !authz.allows(crate::acl::Resource::Service, name, Level::Write) {
+                return Err(Error::denied(format!(
+                    "token lacks service:write on {name:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `PUT /v1/agent/check/deregister/:id`.
+    pub async fn deregister_check(&self, id: &str, authz: &Authz) -> Result<(), Error> {
+        let node = self.config.node_name.clone();
+        self.commit(|st, _| {
+            let check = st
+                .checks
+                .get(&(node.clone(), id.to_owned()))
+                .ok_or_else(|| Error::NotFound(format!("Unknown check ID {id:?}")))?;
+            self.check_write_allowed(st, check, authz)?;
+            Ok((
+                vec![Op::DeleteCheck {
+                    node: node.clone(),
+                    id: id.to_owned(),
+                }],
+                (),
+            ))
+        })
+        .await
+    }
+
+    /// `PUT /v1/agent/check/{pass,warn,fail}/:id` and `/update/:id`: only for TTL checks.
+    /// Check status is runtime state: it is not logged, and restarts from the initial one.
+    pub fn update_ttl(
+        &self,
+        id: &str,
+        status: Health,
+        output: String,
+        authz: &Authz,
+    ) -> Result<(), Error> {
+        let node = self.config.node_name.clone();
+        {
+            let st = self.lock();
+            let check = st
+                .checks
+                .get(&(node.clone(), id.to_owned()))
+                .ok_or_else(|| Error::NotFound(format!("Unknown check ID {id:?}")))?;
+            self.check_write_allowed(&st, check, authz)?;
+            if !matches!(
+                check.spec.as_ref().map(|s| &s.probe),
+                Some(Probe::Ttl { .. })
+            ) {
+                return Err(Error::bad(format!(
+                    "CheckID {id:?} does not have associated TTL"
+                )));
+            }
+        }
+        self.runners.reset_ttl(id);
+        self.set_status(id, status, output);
+        Ok(())
+    }
+
+    /// Sets a local check's status. The index moves only when the status does, so an
+    /// HTTP check whose body changes every time does not wake every watcher.
+    pub(crate) fn set_status(&self, id: &str, status: Health, output: String) {
+        let node = self.config.node_name.clone();
+        let mut st = self.lock();
+        let key = (node.clone(), id.to_owned());
+        let Some(check) = st.checks.get(&key) else {
+            return;
+        };
+        if check.status == status {
+            if check.output != output
+                && let Some(c) = st.checks.get_mut(&key)
+            {
+                c.output = output;
+            }
+            return;
+        }
+        let service_id = check.service_id.clone();
+        let index = st.index + 1;
+        st.index = index;
+        if let Some(c) = st.checks.get_mut(&key) {
+            c.status = status;
+            c.output = output;
+            c.modify_index = index;
+        }
+        st.touch_check_owner(&node, &service_id, index);
+        drop(st);
+        self.note_status(id, status);
+    }
+
+    /// `PUT /v1/agent/service/maintenance/:id?enable=...&reason=...`.
+    pub async fn maintenance(
+        &self,
+        service_id: &str,
+        enable: bool,
+        reason: Option<String>,
+        authz: &Authz,
+    ) -> Result<(), Error> {
+        let node = self.config.node_name.clone();
+        self.commit(|st, index| {
+            let svc = st
+                .services
+                .get(&(node.clone(), service_id.to_owned()))
+                .ok_or_else(|| Error::NotFound(format!("Unknown service ID {service_id:?}")))?;
+            if !authz.allows(crate::acl::Resource::Service, &svc.service, Level::Write) {
+                return Err(Error::denied(format!(
+                    "token lacks service:write on {:?}",
+                    svc.service
+                )));
+            }
+            let check_id = format!("{MAINT_PREFIX}{service_id}");
+            let exists = st.checks.contains_key(&(node.clone(), check_id.clone()));
+            let ops = match (enable, exists) {
+                (true, _) => vec![Op::PutCheck(CheckRecord {
+                    node: node.clone(),
+                    check_id,
+                    name: "Service Maintenance Mode".into(),
+                    status: Health::Critical,
+                    notes: reason.clone().filter(|r| !r.is_empty()).unwrap_or_else(|| {
+                        "Maintenance mode is enabled for this service, but no reason was provided. This is a default message.".into()
+                    }),
+                    output: String::new(),
+                    service_id: service_id.to_owned(),
+                    service_name: svc.service.clone(),
+                    spec: None,
+                    maintenance: true,
+                    create_index: index,
+                    modify_index: index,
+                })],
+                (false, true) => vec![Op::DeleteCheck {
+                    node: node.clone(),
+                    id: check_id,
+                }],
+                (false, false) => vec![],
+            };
+            Ok((ops, ()))
+        })
+        .await
+    }
+
+    // ---- catalog API --------------------------------------------------------------
+
+    /// `PUT /v1/catalog/register`.
+    pub async fn catalog_register(
+        &self,
+        reg: CatalogRegistration,
+        authz: &Authz,
+    ) -> Result<(), Error> {
+        reg.validate()?;
+        if let Some(dc) = &reg.datacenter
+            && !dc.is_empty()
+            && *dc != self.config.datacenter
+        {
+            return Err(Error::bad(format!("No path to datacenter {dc:?}")));
+        }
+        if !authz.allows(crate::acl::Resource::Node, &reg.node, Level::Write) {
+            return Err(Error::denied(format!(
+                "token lacks node:write on {:?}",
+                reg.node
+            )));
+        }
+        let weights = match &reg.service {
+            Some(s) => {
+                if !authz.allows(crate::acl::Resource::Service, &s.name, Level::Write) {
+                    return Err(Error::denied(format!(
+                        "token lacks service:write on {:?}",
+                        s.name
+                    )));
+                }
+                Some(s.validate()?)
+            }
+            None => None,
+        };
+        let mut checks: Vec<CheckDef> = Vec::new();
+        checks.extend(reg.check.clone());
+        checks.extend(reg.checks.clone().unwrap_or_default());
+        let mut prepared = Vec::new();
+        for c in &checks {
+            let status = c.initial_status()?.unwrap_or(Health::Critical);
+            let id = c
+                .check_id
+                .clone()
+                .filter(|i| !i.is_empty())
+                .or_else(|| c.name.clone())
+                .filter(|i| !i.is_empty())
+                .ok_or_else(|| Error::bad("Check: missing CheckID and Name"))?;
+            prepared.push((id, status, c));
+        }
+        let local = self.config.node_name.clone();
+        self.commit(|st, index| {
+            let mut ops = Vec::new();
+            let existing = st.nodes.get(&reg.node);
+            if reg.node == local && existing.is_some() && reg.skip_node_update {
+                // Leave the local node as the server manages it.
+            } else if !reg.skip_node_update || existing.is_none() {
+                ops.push(Op::PutNode(NodeRecord {
+                    id: reg
+                        .id
+                        .clone()
+                        .or_else(|| existing.map(|n| n.id.clone()))
+                        .unwrap_or_default(),
+                    node: reg.node.clone(),
+                    address: reg.address.clone(),
+                    datacenter: self.config.datacenter.clone(),
+                    tagged_addresses: reg.tagged_addresses.clone().unwrap_or_default(),
+                    meta: reg.node_meta.clone().unwrap_or_default(),
+                    create_index: existing.map(|n| n.create_index).unwrap_or(index),
+                    modify_index: index,
+                }));
+            }
+            let mut service_id = String::new();
+            let mut service_name = String::new();
+            if let (Some(s), Some(weights)) = (&reg.service, weights) {
+                service_id = s.service_id().to_owned();
+                service_name = s.name.clone();
+                let old = st.services.get(&(reg.node.clone(), service_id.clone()));
+                ops.push(Op::PutService(ServiceRecord {
+                    node: reg.node.clone(),
+                    id: service_id.clone(),
+                    service: s.name.clone(),
+                    tags: s.tags.clone().unwrap_or_default(),
+                    address: s.address.clone(),
+                    port: s.port.unwrap_or(0),
+                    meta: s.meta.clone().unwrap_or_default(),
+                    weights,
+                    enable_tag_override: s.enable_tag_override,
+                    kind: s.kind.clone(),
+                    tagged_addresses: s.tagged_addresses.clone().unwrap_or_default(),
+                    create_index: old.map(|o| o.create_index).unwrap_or(index),
+                    modify_index: index,
+                }));
+            }
+            for (id, status, c) in &prepared {
+                let sid = c
+                    .service_id
+                    .clone()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| service_id.clone());
+                let sname = if sid == service_id {
+                    service_name.clone()
+                } else {
+                    st.services
+                        .get(&(reg.node.clone(), sid.clone()))
+                        .map(|s| s.service.clone())
+                        .ok_or_else(|| {
+                            Error::bad(format!("Check {id:?}: unknown ServiceID {sid:?}"))
+                        })?
+                };
+                let old = st.checks.get(&(reg.node.clone(), id.clone()));
+                ops.push(Op::PutCheck(CheckRecord {
+                    node: reg.node.clone(),
+                    check_id: id.clone(),
+                    name: c.name.clone().unwrap_or_else(|| id.clone()),
+                    status: *status,
+                    notes: c.notes.clone(),
+                    output: c.output.clone().unwrap_or_default(),
+                    service_id: sid,
+                    service_name: sname,
+                    spec: None,
+                    maintenance: false,
+                    create_index: old.map(|o| o.create_index).unwrap_or(index),
+                    modify_index: index,
+                }));
+            }
+            Ok((ops, ()))
+        })
+        .await
+    }
+
+    /// `PUT /v1/catalog/deregister`.
+    pub async fn catalog_deregister(
+        &self,
+        d: CatalogDeregistration,
+        authz: &Authz,
+    ) -> Result<(), Error> {
+        tessera_core::validate_service_name("node name (Node)", &d.node)?;
+        if d.node == self.config.node_name
+            && d.service_id.as_deref().unwrap_or("").is_empty()
+            && d.check_id.as_deref().unwrap_or("").is_empty()
+        {
+            return Err(Error::bad(
+                "Cannot deregister the server's own node; deregister its services instead",
+            ));
+        }
+        self.commit(|st, _| {
+            let mut ops = Vec::new();
+            if !st.nodes.contains_key(&d.node) {
+                return Ok((ops, ()));
+            }
+            match (
+                d.service_id.as_deref().filter(|s| !s.is_empty()),
+                d.check_id.as_deref().filter(|s| !s.is_empty()),
+            ) {
+                (Some(sid), _) => {
+                    if let Some(svc) = st.services.get(&(d.node.clone(), sid.to_owned())) {
+                        if !authz.allows(crate::acl::Resource::Service, &svc.service, Level::Write)
+                        {
+                            return Err(Error::denied(format!(
+                                "token lacks service:write on {:?}",
+                                svc.service
+                            )));
+                        }
+                        ops.push(Op::DeleteService {
+                            node: d.node.clone(),
+                            id: sid.to_owned(),
+                        });
+                    }
+                }
+                (None, Some(cid)) => {
+                    if let Some(check) = st.checks.get(&(d.node.clone(), cid.to_owned())) {
+                        self.check_write_allowed(st, check, authz)?;
+                        ops.push(Op::DeleteCheck {
+                            node: d.node.clone(),
+                            id: cid.to_owned(),
+                        });
+                    }
+                }
+                (None, None) => {
+                    if !authz.allows(crate::acl::Resource::Node, &d.node, Level::Write) {
+                        return Err(Error::denied(format!(
+                            "token lacks node:write on {:?}",
+                            d.node
+                        )));
+                    }
+                    ops.push(Op::DeleteNode(d.node.clone()));
+                }
+            }
+            Ok((ops, ()))
+        })
+        .await
+    }
+
+    // ---- KV -----------------------------------------------------------------------
+
+    /// `PUT /v1/kv/:key`; returns whether the write happened (false on a CAS mismatch).
+    pub async fn kv_put(
+        &self,
+        key: String,
+        value: Vec<u8>,
+        flags: Option<u64>,
+        cas: Option<u64>,
+        authz: &Authz,
+    ) -> Result<bool, Error> {
+        tessera_core::validate_key(&key)?;
+        if value.len() > self.config.kv_max_value_bytes {
+            return Err(Error::TooLarge(format!(
+                "Value exceeds {} byte limit ({} bytes); raise kv_max_value_bytes to store larger values",
+                self.config.kv_max_value_bytes,
+                value.len()
+            )));
+        }
+        if !authz.allows(crate::acl::Resource::Key, &key, Level::Write) {
+            return Err(Error::denied(format!("token lacks key:write on {key:?}")));
+        }
+        self.commit(|st, index| {
+            let old = st.kv.get(&key);
+            if let Some(cas) = cas {
+                let current = old.map(|e| e.modify_index).unwrap_or(0);
+                if cas != current {
+                    return Ok((vec![], false));
+                }
+            }
+            Ok((
+                vec![Op::PutKv(KvEntry {
+                    key: key.clone(),
+                    flags: flags.or(old.map(|e| e.flags)).unwrap_or(0),
+                    value,
+                    lock_index: old.map(|e| e.lock_index).unwrap_or(0),
+                    create_index: old.map(|e| e.create_index).unwrap_or(index),
+                    modify_index: index,
+                })],
+                true,
+            ))
+        })
+        .await
+    }
+
+    /// `DELETE /v1/kv/:key`; with `recurse`, everything under the prefix.
+    pub async fn kv_delete(
+        &self,
+        key: String,
+        recurse: bool,
+        cas: Option<u64>,
+        authz: &Authz,
+    ) -> Result<bool, Error> {
+        if recurse {
+            if !authz.allows_key_tree_write(&key) {
+                return Err(Error::denied(format!(
+                    "token lacks key:write on every key under {key:?}"
+                )));
+            }
+        } else {
+            tessera_core::validate_key(&key)?;
+            if !authz.allows(crate::acl::Resource::Key, &key, Level::Write) {
+                return Err(Error::denied(format!("token lacks key:write on {key:?}")));
+            }
+        }
+        self.commit(|st, _| {
+            if recurse {
+                let any = st
+                    .kv
+                    .range(key.clone()..)
+                    .next()
+                    .is_some_and(|(k, _)| k.starts_with(&key));
+                let ops = if any {
+                    vec![Op::DeleteKvTree(key.clone())]
+                } else {
+                    vec![]
+                };
+                return Ok((ops, true));
+            }
+            let old = st.kv.get(&key);
+            if let Some(cas) = cas
+                && old.map(|e| e.modify_index).unwrap_or(0) != cas
+            {
+                return Ok((vec![], false));
+            }
+            let ops = if old.is_some() {
+                vec![Op::DeleteKv(key.clone())]
+            } else {
+                vec![]
+            };
+            Ok((ops, true))
+        })
+        .await
+    }
+
+    // ---- ACL ----------------------------------------------------------------------
+
+    /// Resolves the token secret of a request into what it may do.
+    pub fn authorize(&self, secret: Option<&str>) -> Result<Authz, Error> {
+        if !self.acl_enabled {
+            return Ok(Authz::Management);
+        }
+        let st = self.lock();
+        st.acl
+            .authorizer(
+                secret.filter(|s| !s.is_empty()),
+                self.config.acl.default_policy,
+            )
+            .map_err(|_| Error::AclNotFound)
+    }
+
+    pub(crate) fn new_token(
+        index: u64,
+        secret: Option<String>,
+        description: &str,
+        management: bool,
+    ) -> Token {
+        Token {
+            accessor_id: uuid(),
+            secret_id: secret.unwrap_or_else(uuid),
+            description: description.into(),
+            policies: if management {
+                vec![PolicyLink {
+                    id: MANAGEMENT_POLICY_ID.into(),
+                    name: "global-management".into(),
+                }]
+            } else {
+                vec![]
+            },
+            local: false,
+            management,
+            create_index: index,
+            modify_index: index,
+        }
+    }
+
+    /// Creates the configured initial management token if it does not exist yet.
+    pub async fn ensure_initial_management(&self) -> Result<(), Error> {
+        let Some(secret) = self.config.acl.initial_management.clone() else {
+            return Ok(());
+        };
+        self.commit(|st, index| {
+            if st.acl.token_by_secret(&secret).is_some() {
+                return Ok((vec![], ()));
+            }
+            let token = Self::new_token(
+                index,
+                Some(secret.clone()),
+                "Initial Management Token",
+                true,
+            );
+            Ok((
+                vec![
+                    Op::Acl(AclOp::Bootstrapped),
+                    Op::Acl(AclOp::PutToken(token)),
+                ],
+                (),
+            ))
+        })
+        .await
+    }
+
+    /// `PUT /v1/acl/bootstrap`: once only.
+    pub async fn acl_bootstrap(&self) -> Result<Token, Error> {
+        if !self.acl_enabled {
+            return Err(Error::bad("ACL support disabled"));
+        }
+        self.commit(|st, index| {
+            if st.acl.bootstrapped {
+                return Err(Error::denied(format!(
+                    "ACL bootstrap no longer allowed (reset index: {})",
+                    st.index
+                )));
+            }
+            let token = Self::new_token(index, None, "Bootstrap Token (Global Management)", true);
+            Ok((
+                vec![
+                    Op::Acl(AclOp::Bootstrapped),
+                    Op::Acl(AclOp::PutToken(token.clone())),
+                ],
+                token,
+            ))
+        })
+        .await
+    }
+
+    fn require_acl(&self, authz: &Authz, need: Level) -> Result<(), Error> {
+        if !self.acl_enabled {
+            return Err(Error::bad("ACL support disabled"));
+        }
+        let got = authz.acl_level();
+        if got == Level::Deny || got < need {
+            return Err(Error::denied(
+                format!("token lacks acl:{need:?}").to_lowercase(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub async fn acl_put_policy(
+        &self,
+        id: Option<String>,
+        name: String,
+        description: String,
+        rules: String,
+        authz: &Authz,
+    ) -> Result<Policy, Error> {
+        self.require_acl(authz, Level::Write)?;
+        tessera_core::validate_service_name("policy name (Name)", &name)?;
+        crate::acl::Rules::parse(&rules).map_err(|e| Error::bad(format!("Rules: {e}")))?;
+        self.commit(|st, index| {
+            let existing = match &id {
+                Some(id) => Some(
+                    st.acl
+                        .policies
+                        .get(id)
+                        .ok_or_else(|| Error::NotFound(format!("Unknown policy ID {id:?}")))?,
+                ),
+                None => None,
+            };
+            if let Some(other) = st.acl.policy_by_name(&name)
+                && Some(&other.id) != id.as_ref()
+            {
+                return Err(Error::bad(format!(
+                    "Invalid Policy: A Policy with Name {name:?} already exists"
+                )));
+            }
+            let policy = Policy {
+                id: existing.map(|p| p.id.clone()).unwrap_or_else(uuid),
+                name: name.clone(),
+                description: description.clone(),
+                rules: rules.clone(),
+                create_index: existing.map(|p| p.create_index).unwrap_or(index),
+                modify_index: index,
+            };
+            Ok((vec![Op::Acl(AclOp::PutPolicy(policy.clone()))], policy))
+        })
+        .await
+    }
+
+    pub async fn acl_delete_policy(&self, id: &str, authz: &Authz) -> Result<(), Error> {
+        self.require_acl(authz, Level::Write)?;
+        self.commit(|st, _| {
+            let ops = if st.acl.policies.contains_key(id) {
+                vec![Op::Acl(AclOp::DeletePolicy(id.to_owned()))]
+            } else {
+                vec![]
+            };
+            Ok((ops, ()))
+        })
+        .await
+    }
+
+    pub async fn acl_put_token(
+        &self,
+        accessor: Option<String>,
+        secret: Option<String>,
+        description: String,
+        policies: Vec<PolicyLink>,
+        authz: &Authz,
+    ) -> Result<Token, Error> {
+        self.require_acl(authz, Level::Write)?;
+        self.commit(|st, index| {
+            let mut links = Vec::new();
+            for p in &policies {
+                let found = if !p.id.is_empty() {
+                    if p.id == MANAGEMENT_POLICY_ID {
+                        links.push(PolicyLink {
+                            id: p.id.clone(),
+                            name: "global-management".into(),
+                        });
+                        continue;
+                    }
+                    st.acl.policies.get(&p.id)
+                } else {
+                    st.acl.policy_by_name(&p.name)
+                };
+                let found = found.ok_or_else(|| {
+                    Error::bad(format!(
+                        "Invalid Policy: no policy with ID {:?} or Name {:?}",
+                        p.id, p.name
+                    ))
+                })?;
+                links.push(PolicyLink {
+                    id: found.id.clone(),
+                    name: found.name.clone(),
+                });
+            }
+            let existing = match &accessor {
+                Some(a) => st.acl.tokens.get(a),
+                None => None,
+            };
+            if let Some(s) = &secret
+                && st
+                    .acl
+                    .token_by_secret(s)
+                    .is_some_and(|t| Some(&t.accessor_id) != accessor.as_ref())
+            {
+                return Err(Error::bad("Invalid Token: SecretID is already in use"));
+            }
+            let mut token = Self::new_token(index, secret.clone(), &description, false);
+            if let Some(a) = &accessor {
+                token.accessor_id = a.clone();
+            }
+            if let Some(e) = existing {
+                token.secret_id = secret.clone().unwrap_or_else(|| e.secret_id.clone());
+                token.create_index = e.create_index;
+                token.management = e.management && links.is_empty();
+            }
+            token.policies = links;
+            Ok((vec![Op::Acl(AclOp::PutToken(token.clone()))], token))
+        })
+        .await
+    }
+
+    pub async fn acl_delete_token(&self, accessor: &str, authz: &Authz) -> Result<(), Error> {
+        self.require_acl(authz, Level::Write)?;
+        self.commit(|st, _| {
+            let ops = if st.acl.tokens.contains_key(accessor) {
+                vec![Op::Acl(AclOp::DeleteToken(accessor.to_owned()))]
+            } else {
+                vec![]
+            };
+            Ok((ops, ()))
+        })
+        .await
+    }
+
+    pub fn acl_read_check(&self, authz: &Authz) -> Result<(), Error> {
+        self.require_acl(authz, Level::Read)
+    }
+
+    /// Stops background tasks and wakes every blocking query.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+        self.runners.stop_all();
+    }
+}
+
+/// The state a server-run check starts in after a restart: its definition's `Status`,
+/// else critical, as Consul does.
+fn initial_status(spec: Option<&CheckSpec>) -> Health {
+    spec.and_then(|s| s.initial).unwrap_or(Health::Critical)
+}
+
+/// A random UUID v4 in its canonical text form.
+pub fn uuid() -> String {
+    let a = fastrand::u64(..);
+    let b = fastrand::u64(..);
+    let bytes: [u8; 16] = {
+        let mut x = [0u8; 16];
+        x[..8].copy_from_slice(&a.to_be_bytes());
+        x[8..].copy_from_slice(&b.to_be_bytes());
+        x[6] = (x[6] & 0x0f) | 0x40;
+        x[8] = (x[8] & 0x3f) | 0x80;
+        x
+    };
+    let h: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn load_node_id(data_dir: &std::path::Path) -> Result<String, Error> {
+    let path = data_dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
+        _ => {
+            let id = uuid();
+            let io = |source| {
+                Error::Storage(crate::store::StoreError::Io {
+                    path: path.clone(),
+                    source,
+                })
+            };
+            let tmp = data_dir.join("node-id.tmp");
+            std::fs::write(&tmp, &id).map_err(io)?;
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            Ok(id)
+        }
+    }
+}
