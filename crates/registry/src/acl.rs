@@ -306,8 +306,8 @@ pub struct Token {
     pub description: String,
     pub policies: Vec<PolicyLink>,
     pub local: bool,
-    /// Consul's bootstrap token carries the built-in management policy.
-    #[serde(skip_serializing)]
+    /// Consul's bootstrap token carries the built-in management policy. Stored in the
+    /// log; the API renders tokens field by field.
     pub management: bool,
     pub create_index: u64,
     pub modify_index: u64,

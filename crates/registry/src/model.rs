@@ -45,8 +45,7 @@ impl Default for Weights {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct ServiceRecord {
-    #[serde(skip_serializing)]
-    #[serde(default)]
+    /// Stored in the log; not part of Consul's service object (see `api::catalog`).
     pub node: String,
     #[serde(rename = "ID")]
     pub id: String,

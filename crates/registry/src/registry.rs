@@ -93,6 +93,25 @@ impl Registry {
     pub fn open(config: Config, acl_enabled: bool) -> Result<Arc<Registry>, Error> {
         let dir = config.data_dir.join("registry");
         let (store, recovered) = Store::open(&dir)?;
+        Self::from_parts(config, acl_enabled, store, recovered)
+    }
+
+    /// A registry that keeps nothing on disk; for tests of time-dependent logic.
+    pub fn in_memory(config: Config, acl_enabled: bool) -> Result<Arc<Registry>, Error> {
+        let recovered = crate::store::Recovered {
+            snapshot: None,
+            records: Vec::new(),
+        };
+        Self::from_parts(config, acl_enabled, Store::memory(), recovered)
+    }
+
+    fn from_parts(
+        config: Config,
+        acl_enabled: bool,
+        store: Store,
+        recovered: crate::store::Recovered,
+    ) -> Result<Arc<Registry>, Error> {
+        let dir = config.data_dir.join("registry");
         let mut state = State::default();
         let decode = |bytes: &[u8], what: &str| -> Result<Record, Error> {
             serde_json::from_slice(bytes).map_err(|e| {
@@ -123,7 +142,11 @@ impl Registry {
                 state.apply(rec.index, op);
             }
         }
-        let node_id = load_node_id(&config.data_dir)?;
+        let node_id = if store.is_memory() {
+            uuid()
+        } else {
+            load_node_id(&config.data_dir)?
+        };
         // Checks the server runs restart from their configured initial state.
         let local = config.node_name.clone();
         for check in state.checks.values_mut() {
@@ -291,6 +314,34 @@ impl Registry {
                 _ = self.shutdown.cancelled() => return (index, value),
             }
         }
+    }
+
+    /// Result index of a read about one service: the service's own topic, or (for a
+    /// service never seen) the services table, so its first registration wakes watchers.
+    pub fn service_index(&self, name: &str) -> u64 {
+        self.read(|st| service_index(st, name))
+    }
+
+    /// A blocking query on one service; returns its index when it changes past
+    /// `min_index` or when `wait` ends.
+    pub async fn blocking_service(&self, name: &str, min_index: u64, wait: Duration) -> u64 {
+        self.blocking(Topic::Service(name.to_owned()), min_index, wait, |st| {
+            (service_index(st, name), ())
+        })
+        .await
+        .0
+    }
+
+    /// Status of a check on this server's node.
+    pub fn check_status(&self, check_id: &str) -> Option<Health> {
+        let key = (self.config.node_name.clone(), check_id.to_owned());
+        self.read(|st| st.checks.get(&key).map(|c| c.status))
+    }
+
+    /// Whether a service instance is registered on this server's node.
+    pub fn has_service(&self, service_id: &str) -> bool {
+        let key = (self.config.node_name.clone(), service_id.to_owned());
+        self.read(|st| st.services.contains_key(&key))
     }
 
     pub fn local_node(&self) -> &str {
@@ -1229,6 +1280,15 @@ impl Registry {
 /// else critical, as Consul does.
 fn initial_status(spec: Option<&CheckSpec>) -> Health {
     spec.and_then(|s| s.initial).unwrap_or(Health::Critical)
+}
+
+pub(crate) fn service_index(st: &State, name: &str) -> u64 {
+    let own = st.topic_index(&Topic::Service(name.to_owned()));
+    if own > 0 {
+        own
+    } else {
+        st.topic_index(&Topic::Services).max(1)
+    }
 }
 
 /// A random UUID v4 in its canonical text form.

@@ -13,6 +13,7 @@ use crate::acl::{Authz, Level, Resource};
 use crate::defs::{CatalogDeregistration, CatalogRegistration};
 use crate::error::Error;
 use crate::model::{CheckRecord, NodeRecord, Probe, ServiceRecord};
+use crate::registry::service_index;
 use crate::state::{State as Reg, Topic};
 
 pub fn check_json(st: &Reg, c: &CheckRecord) -> Value {
@@ -120,6 +121,24 @@ fn catalog_service_json(n: Option<&NodeRecord>, s: &ServiceRecord) -> Value {
     })
 }
 
+/// A service as Consul's health and node endpoints show it (no `Node` field).
+fn service_json(s: &ServiceRecord) -> Value {
+    json!({
+        "ID": s.id,
+        "Service": s.service,
+        "Tags": s.tags,
+        "Address": s.address,
+        "Port": s.port,
+        "Meta": s.meta,
+        "Weights": s.weights,
+        "EnableTagOverride": s.enable_tag_override,
+        "Kind": s.kind,
+        "TaggedAddresses": s.tagged_addresses,
+        "CreateIndex": s.create_index,
+        "ModifyIndex": s.modify_index,
+    })
+}
+
 fn has_tags(s: &ServiceRecord, want: &[String]) -> bool {
     want.iter().all(|t| s.tags.iter().any(|have| have == t))
 }
@@ -160,17 +179,6 @@ pub async fn services(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
         })
         .await;
     Ok(with_index(index, StatusCode::OK, body))
-}
-
-/// Result index of a per-service read: the service's own topic, or (for a service never
-/// seen) the services table, so its first registration wakes the watcher.
-fn service_index(st: &Reg, name: &str) -> u64 {
-    let own = st.topic_index(&Topic::Service(name.to_owned()));
-    if own > 0 {
-        own
-    } else {
-        st.topic_index(&Topic::Services).max(1)
-    }
 }
 
 pub async fn service(State(reg): State<AppState>, ctx: Ctx, Path(name): Path<String>) -> ApiResult {
@@ -229,7 +237,7 @@ pub async fn node(State(reg): State<AppState>, ctx: Ctx, Path(node): Path<String
                 .range((node.clone(), String::new())..)
                 .take_while(|((n, _), _)| *n == node)
                 .filter(|(_, s)| can_read_service(&ctx.authz, &s.service))
-                .map(|((_, id), s)| (id.as_str(), json!(s)))
+                .map(|((_, id), s)| (id.as_str(), service_json(s)))
                 .collect();
             (
                 st.topic_index(&Topic::Nodes)
@@ -289,7 +297,7 @@ pub async fn health_service(
                     let node = st.nodes.get(&s.node).map(node_json).unwrap_or(Value::Null);
                     out.push(json!({
                         "Node": node,
-                        "Service": s,
+                        "Service": service_json(s),
                         "Checks": checks.iter().map(|c| check_json(st, c)).collect::<Vec<_>>(),
                     }));
                 }
