@@ -1,0 +1,300 @@
+//! The `tessera` binary as a user runs it: the server as a real process (killed with
+//! SIGKILL mid-burst, stopped with SIGTERM) and the client commands against it.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+
+/// Starts `tessera server` on an ephemeral port and returns it with its address.
+async fn spawn_server(data_dir: &Path) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args([
+            "server",
+            "--bind",
+            "127.0.0.1:0",
+            "--node",
+            "proc-node",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn tessera server");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("server printed its address in time")
+        .unwrap()
+        .expect("a first line");
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    // Keep draining stdout so the server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr)
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn call(
+    c: &HttpClient,
+    method: &str,
+    url: String,
+    body: Vec<u8>,
+) -> Result<(u16, Bytes), String> {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = c.request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_write_burst_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_server(dir.path()).await;
+    let acked: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let c = client();
+    let mut writers = Vec::new();
+    for w in 0..16 {
+        let (c, addr, acked) = (c.clone(), addr.clone(), acked.clone());
+        writers.push(tokio::spawn(async move {
+            // Bounded: at most 5,000 writes per writer; the kill ends it far sooner.
+            for n in 0..5_000 {
+                let key = format!("burst/w{w}/k{}", n % 50);
+                let value = format!("w{w}-n{n}");
+                match call(
+                    &c,
+                    "PUT",
+                    format!("http://{addr}/v1/kv/{key}"),
+                    value.clone().into_bytes(),
+                )
+                .await
+                {
+                    Ok((200, body)) if &body[..] == b"true" => {
+                        acked.lock().unwrap().insert(key, value);
+                    }
+                    _ => return,
+                }
+                if n % 10 == 0 {
+                    let svc = format!(r#"{{"Name":"burst","ID":"b{w}-{n}","Port":{}}}"#, 1000 + n);
+                    match call(
+                        &c,
+                        "PUT",
+                        format!("http://{addr}/v1/agent/service/register"),
+                        svc.into_bytes(),
+                    )
+                    .await
+                    {
+                        Ok((200, _)) => {
+                            acked
+                                .lock()
+                                .unwrap()
+                                .insert(format!("svc:b{w}-{n}"), String::new());
+                        }
+                        _ => return,
+                    }
+                }
+            }
+        }));
+    }
+    // Kill once a good number of writes have been acknowledged (bounded wait).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while acked.lock().unwrap().len() < 400 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() >= 100,
+        "the burst ran before the kill ({} acked)",
+        acked.len()
+    );
+
+    let (mut child, addr) = spawn_server(dir.path()).await;
+    let (s, body) = call(
+        &c,
+        "GET",
+        format!("http://{addr}/v1/kv/burst/?recurse"),
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200);
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+    let stored: HashMap<String, String> = entries
+        .iter()
+        .map(|e| {
+            use base64::Engine;
+            let v = base64::engine::general_purpose::STANDARD
+                .decode(e["Value"].as_str().unwrap())
+                .unwrap();
+            (
+                e["Key"].as_str().unwrap().to_owned(),
+                String::from_utf8(v).unwrap(),
+            )
+        })
+        .collect();
+    let (_, body) = call(
+        &c,
+        "GET",
+        format!("http://{addr}/v1/agent/services"),
+        vec![],
+    )
+    .await
+    .unwrap();
+    let services: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let mut lost = Vec::new();
+    for (k, v) in &acked {
+        if let Some(id) = k.strip_prefix("svc:") {
+            if services.get(id).is_none() {
+                lost.push(k.clone());
+            }
+            continue;
+        }
+        // The last acknowledged value of a key, or a later one whose ack was cut off by the
+        // kill (same writer, higher sequence number).
+        let Some(have) = stored.get(k) else {
+            lost.push(k.clone());
+            continue;
+        };
+        let seq = |s: &str| s.rsplit("-n").next().unwrap().parse::<u64>().unwrap();
+        if have != v && seq(have) < seq(v) {
+            lost.push(format!("{k}: have {have}, acked {v}"));
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "acknowledged writes lost after kill -9: {lost:?}"
+    );
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+}
+
+async fn run_cli(addr: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("TESSERA_HTTP_ADDR", addr)
+        .env_remove("CONSUL_HTTP_ADDR")
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_commands_against_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_server(dir.path()).await;
+
+    let (ok, out, err) = run_cli(&addr, &["kv", "put", "app/name", "shop"]).await;
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = run_cli(&addr, &["kv", "get", "app/name"]).await;
+    assert!(ok);
+    assert_eq!(out, "shop\n");
+    run_cli(&addr, &["kv", "put", "app/db/url", "pg://x"]).await;
+    let (_, out, _) = run_cli(&addr, &["kv", "ls", "app/"]).await;
+    assert_eq!(out, "app/db/url\napp/name\n");
+    let (ok, _, err) = run_cli(&addr, &["kv", "put", "app/name", "other", "--cas", "1"]).await;
+    assert!(!ok && err.contains("CAS failed"), "{err}");
+    let (ok, _, _) = run_cli(&addr, &["kv", "delete", "app", "--recurse"]).await;
+    assert!(ok);
+    let (ok, _, err) = run_cli(&addr, &["kv", "get", "app/name"]).await;
+    assert!(!ok && err.contains("not found"), "{err}");
+
+    let file = dir.path().join("web.json");
+    std::fs::write(&file, r#"{"Name":"web","ID":"web-1","Port":8080,"Address":"127.0.0.1","Tags":["v1"],"Check":{"TTL":"30s","Status":"passing"}}"#).unwrap();
+    let (ok, out, err) = run_cli(&addr, &["register", file.to_str().unwrap()]).await;
+    assert!(ok, "{out}{err}");
+    let (_, out, _) = run_cli(&addr, &["services"]).await;
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("web ") && l.contains("v1")),
+        "{out}"
+    );
+    let (_, out, _) = run_cli(&addr, &["services", "web"]).await;
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("web-1"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        row.contains("127.0.0.1:8080") && row.contains("passing"),
+        "{row}"
+    );
+
+    std::fs::write(&file, r#"{"Name":"web","Check":{"TTL":"soon"}}"#).unwrap();
+    let (ok, _, err) = run_cli(&addr, &["register", file.to_str().unwrap()]).await;
+    assert!(!ok && err.contains("400") && err.contains("soon"), "{err}");
+    let (ok, _, err) = run_cli("127.0.0.1:1", &["services"]).await;
+    assert!(!ok && err.contains("cannot reach"), "{err}");
+
+    // SIGTERM stops the server cleanly.
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "clean exit on SIGTERM: {exit:?}");
+}
+
+#[tokio::test]
+async fn bad_config_file_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(&cfg, "datacentre = \"dc2\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["server", "--bind", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("datacentre"), "{err}");
+}
