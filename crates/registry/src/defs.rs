@@ -13,12 +13,19 @@ use crate::error::Error;
 use crate::model::{CheckSpec, Meta, Probe, Weights};
 
 /// Parses a JSON body into `T`; a failure names the JSON path of the bad field.
+///
+/// Field names are matched as Consul matches them: case-insensitively and with or without
+/// underscores (`"ttl"`, `"TTL"`, `"deregister_critical_service_after"`), because common
+/// clients (py-consul among them) send lowercase or snake_case keys. Keys inside
+/// user-defined maps (`Meta`, `Header`, ...) are left exactly as sent.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(Error::bad("Request decode failed: empty body"));
     }
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| Error::bad(format!("Request decode failed: {e}")))?;
+    canonicalize_keys(&mut value);
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if path == "." || path.is_empty() {
@@ -27,6 +34,104 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
             Error::bad(format!("Request decode failed: field {path}: {inner}"))
         }
     })
+}
+
+/// Every field name the registry reads, in its canonical (Consul) spelling.
+const FIELDS: &[&str] = &[
+    "AccessorID",
+    "Address",
+    "AliasNode",
+    "AliasService",
+    "Args",
+    "Body",
+    "Check",
+    "CheckID",
+    "Checks",
+    "Datacenter",
+    "DeregisterCriticalServiceAfter",
+    "Definition",
+    "Description",
+    "DockerContainerID",
+    "EnableTagOverride",
+    "FailuresBeforeCritical",
+    "FailuresBeforeWarning",
+    "GRPC",
+    "GRPCUseTLS",
+    "H2PING",
+    "HTTP",
+    "Header",
+    "ID",
+    "Interval",
+    "Kind",
+    "Local",
+    "Meta",
+    "Method",
+    "Name",
+    "Node",
+    "NodeMeta",
+    "Notes",
+    "OSService",
+    "Output",
+    "Passing",
+    "Policies",
+    "Port",
+    "Rules",
+    "Script",
+    "ScriptArgs",
+    "SecretID",
+    "Service",
+    "ServiceID",
+    "Shell",
+    "SkipNodeUpdate",
+    "Status",
+    "SuccessBeforePassing",
+    "TCP",
+    "TLSServerName",
+    "TLSSkipVerify",
+    "TTL",
+    "Tags",
+    "TaggedAddresses",
+    "Timeout",
+    "UDP",
+    "Warning",
+    "Weights",
+];
+
+/// Fields whose values are user data: their keys are never rewritten.
+const OPAQUE: &[&str] = &["Meta", "NodeMeta", "Header", "TaggedAddresses"];
+
+/// `field` (canonical, ASCII) equals `key` ignoring case, `_` and `-`.
+fn same_field(field: &str, key: &str) -> bool {
+    let mut k = key.bytes().filter(|b| *b != b'_' && *b != b'-');
+    for f in field.bytes() {
+        match k.next() {
+            Some(c) if c.eq_ignore_ascii_case(&f) => {}
+            _ => return false,
+        }
+    }
+    k.next().is_none()
+}
+
+fn canonicalize_keys(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let old = std::mem::take(map);
+            for (k, mut val) in old {
+                let canon = FIELDS
+                    .iter()
+                    .find(|f| same_field(f, &k))
+                    .map(|f| (*f).to_owned())
+                    .unwrap_or(k);
+                if !OPAQUE.contains(&canon.as_str()) {
+                    canonicalize_keys(&mut val);
+                }
+                // On a collision (`"ttl"` and `"TTL"` both sent) the first one wins.
+                map.entry(canon).or_insert(val);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(canonicalize_keys),
+        _ => {}
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,6 +269,8 @@ pub struct CheckDef {
     pub definition: Option<serde_json::Value>,
     // Check kinds Tessera does not run; named so we can refuse them by name.
     pub script_args: Option<serde_json::Value>,
+    pub script: Option<serde_json::Value>,
+    pub shell: Option<serde_json::Value>,
     pub args: Option<serde_json::Value>,
     #[serde(rename = "DockerContainerID")]
     pub docker_container_id: Option<serde_json::Value>,
@@ -198,6 +305,8 @@ impl CheckDef {
     pub fn spec(&self, need_probe: bool) -> Result<Option<CheckSpec>, Error> {
         for (field, present) in [
             ("ScriptArgs", self.script_args.is_some()),
+            ("Script", self.script.is_some()),
+            ("Shell", self.shell.is_some()),
             ("Args", self.args.is_some()),
             ("DockerContainerID", self.docker_container_id.is_some()),
             ("H2PING", self.h2ping.is_some()),
@@ -424,11 +533,41 @@ mod tests {
                 "SuccessBeforePassing",
             ),
             ("", "empty body"),
+            (r#"{"ttl":"10s","interval":"soon"}"#, "field Interval"),
             ("{", "decode failed"),
         ] {
             let err = check(json).unwrap_err().to_string();
             assert!(err.contains(needle), "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn keys_match_like_consul() {
+        let def: ServiceDef = parse_json(
+            br#"{"name":"web","id":"w1","enabletagoverride":true,"meta":{"Build_ID":"7"},
+                "checks":[{"ttl":"5s","deregister_critical_service_after":"1m","check_id":"c"}],
+                "check":{"http":"http://h/","interval":"1s","tls_skip_verify":true,
+                         "header":{"x-Token":["a"]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(def.name, "web");
+        assert_eq!(def.id.as_deref(), Some("w1"));
+        assert!(def.enable_tag_override);
+        assert_eq!(
+            def.meta.unwrap()["Build_ID"],
+            "7",
+            "user map keys kept as sent"
+        );
+        let c = &def.checks.unwrap()[0];
+        assert_eq!(c.ttl, Some(Duration::from_secs(5)));
+        assert_eq!(
+            c.deregister_critical_service_after,
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(c.check_id.as_deref(), Some("c"));
+        let h = def.check.unwrap();
+        assert!(h.tls_skip_verify);
+        assert!(h.header.unwrap().contains_key("x-Token"));
     }
 
     #[test]

@@ -1,0 +1,52 @@
+"""Fixtures: a real `tessera server` process on an ephemeral port."""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+BIN = os.environ.get("TESSERA_BIN", os.path.join(os.path.dirname(__file__), "..", "..", "target", "debug", "tessera"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(what, cond, timeout=60.0, interval=0.05):
+    """Polls `cond` up to a generous deadline: a loaded machine is slower, never wrong."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def tessera():
+    data = tempfile.mkdtemp(prefix="tessera-peer-")
+    proc = subprocess.Popen(
+        [BIN, "server", "--bind", "127.0.0.1:0", "--node", "peer-node", "--data-dir", data],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    m = re.search(r"http://([\d.]+):(\d+)", line)
+    assert m, f"no address in {line!r}"
+    host, port = m.group(1), int(m.group(2))
+    try:
+        yield host, port
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(data, ignore_errors=True)
