@@ -159,6 +159,11 @@ impl Registry {
             st.checks
                 .values()
                 .filter(|c| c.node == local)
+                .filter(|c| {
+                    c.spec
+                        .as_ref()
+                        .is_some_and(|s| s.deregister_critical_after.is_some())
+                })
                 .map(|c| (c.check_id.clone(), c.status))
                 .collect()
         });

@@ -65,6 +65,12 @@ impl Server {
         reg.ensure_initial_management().await?;
         let app = api::router(reg.clone());
         let stopper = reg.clone();
+        // Small JSON answers must not wait on Nagle's algorithm (40 ms with delayed ACKs).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown.await;

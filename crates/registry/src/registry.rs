@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -71,7 +71,8 @@ impl Default for Config {
 }
 
 pub struct Registry {
-    state: Mutex<State>,
+    /// Reads share it (they run in parallel); writes and status changes take it alone.
+    state: RwLock<State>,
     store: Store,
     pub config: Config,
     pub node_id: String,
@@ -156,7 +157,7 @@ impl Registry {
             }
         }
         let reg = Arc::new(Registry {
-            state: Mutex::new(state),
+            state: RwLock::new(state),
             store,
             config,
             node_id,
@@ -169,14 +170,14 @@ impl Registry {
         Ok(reg)
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock(&self) -> RwLockWriteGuard<'_, State> {
         // A poisoned lock means a panic mid-apply; the state may be half-changed, and the
         // log (which is complete) is the only safe source: stop serving.
-        self.state.lock().unwrap_or_else(|p| {
-            tracing::error!("registry state lock poisoned; aborting");
-            drop(p);
-            std::process::abort()
-        })
+        self.state.write().unwrap_or_else(|_| poisoned())
+    }
+
+    pub(crate) fn read_lock(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|_| poisoned())
     }
 
     /// Runs `f` against the state and commits the ops it returns as one record.
@@ -233,7 +234,11 @@ impl Registry {
     fn before_apply(&self, st: &State, local: &str, op: &Op) {
         match op {
             Op::PutCheck(c) if c.node == local => {
-                self.note_status(&c.check_id, c.status);
+                let reapable = c
+                    .spec
+                    .as_ref()
+                    .is_some_and(|s| s.deregister_critical_after.is_some());
+                self.note_status(&c.check_id, c.status, reapable);
                 match &c.spec {
                     Some(spec) => self.runners.ensure(&c.check_id, spec),
                     None => self.runners.stop(&c.check_id),
@@ -255,12 +260,14 @@ impl Registry {
         }
     }
 
-    fn note_status(&self, check_id: &str, status: Health) {
+    /// Tracks since when a check is critical, for checks that deregister their service
+    /// after a critical spell (`reapable`); others cost the reaper nothing.
+    fn note_status(&self, check_id: &str, status: Health, reapable: bool) {
         let mut cs = self
             .critical_since
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if status == Health::Critical {
+        if status == Health::Critical && reapable {
             cs.entry(check_id.to_owned()).or_insert_with(Instant::now);
         } else {
             cs.remove(check_id);
@@ -277,7 +284,7 @@ impl Registry {
 
     /// Reads the state under the lock.
     pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
-        f(&self.lock())
+        f(&self.read_lock())
     }
 
     /// Consul's blocking query: returns `read`'s result as soon as its index exceeds
@@ -292,7 +299,7 @@ impl Registry {
         let deadline = Instant::now() + wait;
         loop {
             let (mut rx, (index, value)) = {
-                let mut st = self.lock();
+                let st = self.read_lock();
                 let rx = st.subscribe(topic.clone());
                 let res = read(&st);
                 // An index from the future (e.g. from before a restart) cannot be waited
@@ -309,7 +316,7 @@ impl Registry {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
-                    return read(&self.lock());
+                    return read(&self.read_lock());
                 }
                 _ = self.shutdown.cancelled() => return (index, value),
             }
@@ -349,7 +356,7 @@ impl Registry {
     }
 
     pub fn current_index(&self) -> u64 {
-        self.lock().index
+        self.read_lock().index
     }
 
     /// Registers the local node and its `serfHealth` check if they are missing or stale.
@@ -645,7 +652,7 @@ impl Registry {
     ) -> Result<(), Error> {
         let node = self.config.node_name.clone();
         {
-            let st = self.lock();
+            let st = self.read_lock();
             let check = st
                 .checks
                 .get(&(node.clone(), id.to_owned()))
@@ -683,6 +690,10 @@ impl Registry {
             return;
         }
         let service_id = check.service_id.clone();
+        let reapable = check
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.deregister_critical_after.is_some());
         let index = st.index + 1;
         st.index = index;
         if let Some(c) = st.checks.get_mut(&key) {
@@ -692,7 +703,7 @@ impl Registry {
         }
         st.touch_check_owner(&node, &service_id, index);
         drop(st);
-        self.note_status(id, status);
+        self.note_status(id, status, reapable);
     }
 
     /// `PUT /v1/agent/service/maintenance/:id?enable=...&reason=...`.
@@ -1039,7 +1050,7 @@ impl Registry {
         if !self.acl_enabled {
             return Ok(Authz::Management);
         }
-        let st = self.lock();
+        let st = self.read_lock();
         st.acl
             .authorizer(
                 secret.filter(|s| !s.is_empty()),
@@ -1274,6 +1285,11 @@ impl Registry {
         self.shutdown.cancel();
         self.runners.stop_all();
     }
+}
+
+fn poisoned() -> ! {
+    tracing::error!("registry state lock poisoned by a panic; aborting (the log is intact)");
+    std::process::abort()
 }
 
 /// The state a server-run check starts in after a restart: its definition's `Status`,

@@ -78,7 +78,8 @@ pub struct State {
     pub tombstone_floor: u64,
     pub acl: AclState,
     topic_index: HashMap<Topic, u64>,
-    watchers: HashMap<Topic, watch::Sender<u64>>,
+    /// Behind its own lock so that readers, who share the state lock, can subscribe.
+    watchers: std::sync::Mutex<HashMap<Topic, watch::Sender<u64>>>,
     /// Bytes appended to the log since the last snapshot.
     pub log_bytes: u64,
 }
@@ -92,18 +93,21 @@ impl State {
 
     /// A receiver that changes on the next write to `topic`. Taken under the same lock as
     /// the read it guards, so no change can slip between the read and the wait.
-    pub fn subscribe(&mut self, topic: Topic) -> watch::Receiver<u64> {
+    pub fn subscribe(&self, topic: Topic) -> watch::Receiver<u64> {
         let current = self.topic_index(&topic);
         self.watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .entry(topic)
             .or_insert_with(|| watch::channel(current).0)
             .subscribe()
     }
 
     pub fn touch(&mut self, topic: Topic, index: u64) {
-        if let Some(tx) = self.watchers.get(&topic) {
+        let watchers = self.watchers.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = watchers.get(&topic) {
             if tx.receiver_count() == 0 {
-                self.watchers.remove(&topic);
+                watchers.remove(&topic);
             } else {
                 tx.send_replace(index);
             }

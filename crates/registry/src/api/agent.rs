@@ -6,33 +6,14 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde_json::json;
 use tessera_core::Health;
 
-use super::catalog::check_json;
-use super::{ApiResult, AppState, Blocking, Ctx, read_json, with_index};
+use super::render;
+use super::{ApiResult, AppState, Blocking, Ctx, json_bytes, read_json, with_index};
 use crate::acl::{Level, Resource};
 use crate::defs::{CheckDef, CheckUpdate, ServiceDef};
-use crate::model::ServiceRecord;
 use crate::state::Topic;
-
-pub fn agent_service_json(s: &ServiceRecord, dc: &str) -> Value {
-    json!({
-        "ID": s.id,
-        "Service": s.service,
-        "Tags": s.tags,
-        "Meta": s.meta,
-        "Port": s.port,
-        "Address": s.address,
-        "TaggedAddresses": s.tagged_addresses,
-        "Weights": s.weights,
-        "EnableTagOverride": s.enable_tag_override,
-        "Kind": s.kind,
-        "Datacenter": dc,
-        "CreateIndex": s.create_index,
-        "ModifyIndex": s.modify_index,
-    })
-}
 
 pub async fn agent_self(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
     if !ctx
@@ -82,29 +63,30 @@ pub async fn services(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
             {
                 let _ = node;
                 if ctx.authz.allows(Resource::Service, &s.service, Level::Read) {
-                    out.insert(id.clone(), agent_service_json(s, &dc));
+                    out.insert(id.as_str(), render::agent_service(s, &dc));
                 }
             }
-            (st.topic_index(&Topic::Services), out)
+            (st.topic_index(&Topic::Services), render::to_bytes(&out))
         })
         .await;
-    Ok(with_index(index, StatusCode::OK, body))
+    Ok(json_bytes(index, StatusCode::OK, body))
 }
 
 pub async fn service(State(reg): State<AppState>, ctx: Ctx, Path(id): Path<String>) -> ApiResult {
     let local = reg.local_node().to_owned();
     let dc = reg.config.datacenter.clone();
     let found = reg.read(|st| {
-        st.services
-            .get(&(local.clone(), id.clone()))
-            .map(|s| (s.service.clone(), agent_service_json(s, &dc), st.index))
+        st.services.get(&(local.clone(), id.clone())).map(|s| {
+            let body = render::to_bytes(&render::agent_service(s, &dc));
+            (s.service.clone(), body, st.index)
+        })
     });
     match found {
         None => Err(crate::error::Error::NotFound(format!("unknown service ID: {id}")).into()),
         Some((name, _, _)) if !ctx.authz.allows(Resource::Service, &name, Level::Read) => {
             Err(crate::error::Error::denied(format!("token lacks service:read on {name:?}")).into())
         }
-        Some((_, body, index)) => Ok(with_index(index, StatusCode::OK, body)),
+        Some((_, body, index)) => Ok(json_bytes(index, StatusCode::OK, body)),
     }
 }
 
@@ -126,13 +108,13 @@ pub async fn checks(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
                         .allows(Resource::Service, &c.service_name, Level::Read)
                 };
                 if allowed {
-                    out.insert(id.clone(), check_json(st, c));
+                    out.insert(id.as_str(), render::check(st, c));
                 }
             }
-            (st.topic_index(&Topic::Checks), out)
+            (st.topic_index(&Topic::Checks), render::to_bytes(&out))
         })
         .await;
-    Ok(with_index(index, StatusCode::OK, body))
+    Ok(json_bytes(index, StatusCode::OK, body))
 }
 
 pub async fn register(State(reg): State<AppState>, ctx: Ctx, body: Body) -> ApiResult {

@@ -6,138 +6,16 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde_json::{Value, json};
-use tessera_core::{Health, format_duration};
+use tessera_core::Health;
 
-use super::{ApiResult, AppState, Blocking, Ctx, read_json, with_index};
+use super::render::{self, HealthEntry};
+use super::{ApiResult, AppState, Blocking, Ctx, json_bytes, read_json, with_index};
 use crate::acl::{Authz, Level, Resource};
 use crate::defs::{CatalogDeregistration, CatalogRegistration};
 use crate::error::Error;
-use crate::model::{CheckRecord, NodeRecord, Probe, ServiceRecord};
+use crate::model::{CheckRecord, ServiceRecord};
 use crate::registry::service_index;
 use crate::state::{State as Reg, Topic};
-
-pub fn check_json(st: &Reg, c: &CheckRecord) -> Value {
-    let tags = st
-        .services
-        .get(&(c.node.clone(), c.service_id.clone()))
-        .map(|s| s.tags.clone())
-        .unwrap_or_default();
-    let mut def = serde_json::Map::new();
-    let (mut interval, mut timeout) = (String::new(), String::new());
-    if let Some(spec) = &c.spec {
-        match &spec.probe {
-            Probe::Http {
-                url,
-                method,
-                header,
-                body,
-                tls_skip_verify,
-            } => {
-                def.insert("HTTP".into(), json!(url));
-                def.insert("Method".into(), json!(method));
-                def.insert("Header".into(), json!(header));
-                def.insert("Body".into(), json!(body));
-                def.insert("TLSSkipVerify".into(), json!(tls_skip_verify));
-            }
-            Probe::Tcp { addr } => {
-                def.insert("TCP".into(), json!(addr));
-            }
-            Probe::Grpc { target, use_tls } => {
-                def.insert("GRPC".into(), json!(target));
-                def.insert("GRPCUseTLS".into(), json!(use_tls));
-            }
-            Probe::Ttl { ttl } => {
-                def.insert("TTL".into(), json!(format_duration(*ttl)));
-            }
-        }
-        if let Some(i) = spec.interval {
-            interval = format_duration(i);
-            def.insert("Interval".into(), json!(interval));
-        }
-        if let Some(t) = spec.timeout {
-            timeout = format_duration(t);
-            def.insert("Timeout".into(), json!(timeout));
-        }
-        if let Some(d) = spec.deregister_critical_after {
-            def.insert(
-                "DeregisterCriticalServiceAfter".into(),
-                json!(format_duration(d)),
-            );
-        }
-    }
-    json!({
-        "Node": c.node,
-        "CheckID": c.check_id,
-        "Name": c.name,
-        "Status": c.status,
-        "Notes": c.notes,
-        "Output": c.output,
-        "ServiceID": c.service_id,
-        "ServiceName": c.service_name,
-        "ServiceTags": tags,
-        "Type": c.type_name(),
-        "Interval": interval,
-        "Timeout": timeout,
-        "ExposedPort": 0,
-        "Definition": def,
-        "CreateIndex": c.create_index,
-        "ModifyIndex": c.modify_index,
-    })
-}
-
-fn node_json(n: &NodeRecord) -> Value {
-    json!({
-        "ID": n.id,
-        "Node": n.node,
-        "Address": n.address,
-        "Datacenter": n.datacenter,
-        "TaggedAddresses": n.tagged_addresses,
-        "Meta": n.meta,
-        "CreateIndex": n.create_index,
-        "ModifyIndex": n.modify_index,
-    })
-}
-
-fn catalog_service_json(n: Option<&NodeRecord>, s: &ServiceRecord) -> Value {
-    json!({
-        "ID": n.map(|n| n.id.as_str()).unwrap_or(""),
-        "Node": s.node,
-        "Address": n.map(|n| n.address.as_str()).unwrap_or(""),
-        "Datacenter": n.map(|n| n.datacenter.as_str()).unwrap_or(""),
-        "TaggedAddresses": n.map(|n| json!(n.tagged_addresses)).unwrap_or(json!({})),
-        "NodeMeta": n.map(|n| json!(n.meta)).unwrap_or(json!({})),
-        "ServiceKind": s.kind,
-        "ServiceID": s.id,
-        "ServiceName": s.service,
-        "ServiceTags": s.tags,
-        "ServiceAddress": s.address,
-        "ServiceTaggedAddresses": s.tagged_addresses,
-        "ServiceWeights": s.weights,
-        "ServiceMeta": s.meta,
-        "ServicePort": s.port,
-        "ServiceEnableTagOverride": s.enable_tag_override,
-        "CreateIndex": s.create_index,
-        "ModifyIndex": s.modify_index,
-    })
-}
-
-/// A service as Consul's health and node endpoints show it (no `Node` field).
-fn service_json(s: &ServiceRecord) -> Value {
-    json!({
-        "ID": s.id,
-        "Service": s.service,
-        "Tags": s.tags,
-        "Address": s.address,
-        "Port": s.port,
-        "Meta": s.meta,
-        "Weights": s.weights,
-        "EnableTagOverride": s.enable_tag_override,
-        "Kind": s.kind,
-        "TaggedAddresses": s.tagged_addresses,
-        "CreateIndex": s.create_index,
-        "ModifyIndex": s.modify_index,
-    })
-}
 
 fn has_tags(s: &ServiceRecord, want: &[String]) -> bool {
     want.iter().all(|t| s.tags.iter().any(|have| have == t))
@@ -195,14 +73,14 @@ pub async fn service(State(reg): State<AppState>, ctx: Ctx, Path(name): Path<Str
                     if let Some(s) = st.services.get(k)
                         && has_tags(s, &tags)
                     {
-                        out.push(catalog_service_json(st.nodes.get(&s.node), s));
+                        out.push(render::catalog_service(st.nodes.get(&s.node), s));
                     }
                 }
             }
-            (service_index(st, &name), out)
+            (service_index(st, &name), render::to_bytes(&out))
         })
         .await;
-    Ok(with_index(index, StatusCode::OK, body))
+    Ok(json_bytes(index, StatusCode::OK, body))
 }
 
 pub async fn nodes(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
@@ -210,16 +88,15 @@ pub async fn nodes(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
     let b = Blocking::from(&ctx.q)?;
     let (index, body) = reg
         .blocking(Topic::Nodes, b.index, b.wait, |st| {
-            let out: Vec<Value> = st
+            let out: Vec<_> = st
                 .nodes
                 .values()
                 .filter(|n| ctx.authz.allows(Resource::Node, &n.node, Level::Read))
-                .map(node_json)
                 .collect();
-            (st.topic_index(&Topic::Nodes), out)
+            (st.topic_index(&Topic::Nodes), render::to_bytes(&out))
         })
         .await;
-    Ok(with_index(index, StatusCode::OK, body))
+    Ok(json_bytes(index, StatusCode::OK, body))
 }
 
 pub async fn node(State(reg): State<AppState>, ctx: Ctx, Path(node): Path<String>) -> ApiResult {
@@ -232,17 +109,17 @@ pub async fn node(State(reg): State<AppState>, ctx: Ctx, Path(node): Path<String
             if !ctx.authz.allows(Resource::Node, &node, Level::Read) {
                 return (st.topic_index(&Topic::Nodes), Value::Null);
             }
-            let services: BTreeMap<&str, Value> = st
+            let services: BTreeMap<&str, _> = st
                 .services
                 .range((node.clone(), String::new())..)
                 .take_while(|((n, _), _)| *n == node)
                 .filter(|(_, s)| can_read_service(&ctx.authz, &s.service))
-                .map(|((_, id), s)| (id.as_str(), service_json(s)))
+                .map(|((_, id), s)| (id.as_str(), render::service(s)))
                 .collect();
             (
                 st.topic_index(&Topic::Nodes)
                     .max(st.topic_index(&Topic::Services)),
-                json!({"Node": node_json(n), "Services": services}),
+                json!({"Node": n, "Services": services}),
             )
         })
         .await;
@@ -294,18 +171,17 @@ pub async fn health_service(
                     if passing && Reg::aggregate(&checks) != Health::Passing {
                         continue;
                     }
-                    let node = st.nodes.get(&s.node).map(node_json).unwrap_or(Value::Null);
-                    out.push(json!({
-                        "Node": node,
-                        "Service": service_json(s),
-                        "Checks": checks.iter().map(|c| check_json(st, c)).collect::<Vec<_>>(),
-                    }));
+                    out.push(HealthEntry {
+                        node: st.nodes.get(&s.node),
+                        service: render::service(s),
+                        checks: checks.iter().map(|c| render::check(st, c)).collect(),
+                    });
                 }
             }
-            (service_index(st, &name), out)
+            (service_index(st, &name), render::to_bytes(&out))
         })
         .await;
-    Ok(with_index(index, StatusCode::OK, body))
+    Ok(json_bytes(index, StatusCode::OK, body))
 }
 
 pub async fn health_checks(
@@ -325,16 +201,16 @@ pub async fn health_checks(
                     if let Some(ids) = st.checks_by_owner.get(&(node.clone(), id.clone())) {
                         for cid in ids {
                             if let Some(c) = st.checks.get(&(node.clone(), cid.clone())) {
-                                out.push(check_json(st, c));
+                                out.push(render::check(st, c));
                             }
                         }
                     }
                 }
             }
-            (service_index(st, &name), out)
+            (service_index(st, &name), render::to_bytes(&out))
         })
         .await;
-    Ok(with_index(index, StatusCode::OK, body))
+    Ok(json_bytes(index, StatusCode::OK, body))
 }
 
 pub async fn health_node(
@@ -345,17 +221,17 @@ pub async fn health_node(
     let b = Blocking::from(&ctx.q)?;
     let (index, body) = reg
         .blocking(Topic::Checks, b.index, b.wait, |st| {
-            let out: Vec<Value> = st
+            let out: Vec<_> = st
                 .checks
                 .range((node.clone(), String::new())..)
                 .take_while(|((n, _), _)| *n == node)
                 .filter(|(_, c)| check_visible(&ctx.authz, c))
-                .map(|(_, c)| check_json(st, c))
+                .map(|(_, c)| render::check(st, c))
                 .collect();
-            (st.topic_index(&Topic::Checks), out)
+            (st.topic_index(&Topic::Checks), render::to_bytes(&out))
         })
         .await;
-    Ok(with_index(index, StatusCode::OK, body))
+    Ok(json_bytes(index, StatusCode::OK, body))
 }
 
 fn check_visible(authz: &Authz, c: &CheckRecord) -> bool {
@@ -383,15 +259,15 @@ pub async fn health_state(
     let b = Blocking::from(&ctx.q)?;
     let (index, body) = reg
         .blocking(Topic::Checks, b.index, b.wait, |st| {
-            let out: Vec<Value> = st
+            let out: Vec<_> = st
                 .checks
                 .values()
                 .filter(|c| want.is_none_or(|w| c.status == w))
                 .filter(|c| check_visible(&ctx.authz, c))
-                .map(|c| check_json(st, c))
+                .map(|c| render::check(st, c))
                 .collect();
-            (st.topic_index(&Topic::Checks), out)
+            (st.topic_index(&Topic::Checks), render::to_bytes(&out))
         })
         .await;
-    Ok(with_index(index, StatusCode::OK, body))
+    Ok(json_bytes(index, StatusCode::OK, body))
 }

@@ -1,34 +1,19 @@
 //! `/v1/kv/...`: keys, prefixes, CAS and blocking reads, in Consul's shapes.
 
+use super::render;
+use super::{ApiResult, AppState, Blocking, Ctx, add_meta, json_bytes, read_body};
+use crate::acl::{Level, Resource};
+use crate::error::Error;
+use crate::state::Topic;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
-use serde_json::{Value, json};
-
-use super::{ApiResult, AppState, Blocking, Ctx, add_meta, read_body, with_index};
-use crate::acl::{Level, Resource};
-use crate::error::Error;
-use crate::model::KvEntry;
-use crate::state::Topic;
-
-fn entry_json(e: &KvEntry) -> Value {
-    json!({
-        "LockIndex": e.lock_index,
-        "Key": e.key,
-        "Flags": e.flags,
-        "Value": if e.value.is_empty() { Value::Null } else { json!(STANDARD.encode(&e.value)) },
-        "CreateIndex": e.create_index,
-        "ModifyIndex": e.modify_index,
-    })
-}
 
 enum KvRead {
     Missing,
     Raw(Vec<u8>),
-    Json(Value),
+    Json(Vec<u8>),
 }
 
 pub async fn get_root(state: State<AppState>, ctx: Ctx) -> ApiResult {
@@ -61,7 +46,7 @@ async fn get_key(State(reg): State<AppState>, ctx: Ctx, key: String) -> ApiResul
                 return match st.kv.get(&key) {
                     None => (index, KvRead::Missing),
                     Some(e) if raw => (index, KvRead::Raw(e.value.clone())),
-                    Some(e) => (index, KvRead::Json(json!([entry_json(e)]))),
+                    Some(e) => (index, KvRead::Json(render::to_bytes(&[render::kv(e)]))),
                 };
             }
             let matching = st
@@ -84,13 +69,13 @@ async fn get_key(State(reg): State<AppState>, ctx: Ctx, key: String) -> ApiResul
                 if out.is_empty() {
                     return (index, KvRead::Missing);
                 }
-                return (index, KvRead::Json(json!(out)));
+                return (index, KvRead::Json(render::to_bytes(&out)));
             }
-            let out: Vec<Value> = matching.map(|(_, e)| entry_json(e)).collect();
+            let out: Vec<_> = matching.map(|(_, e)| render::kv(e)).collect();
             if out.is_empty() {
                 (index, KvRead::Missing)
             } else {
-                (index, KvRead::Json(Value::Array(out)))
+                (index, KvRead::Json(render::to_bytes(&out)))
             }
         })
         .await;
@@ -109,7 +94,7 @@ async fn get_key(State(reg): State<AppState>, ctx: Ctx, key: String) -> ApiResul
             add_meta(resp.headers_mut(), index);
             resp
         }
-        KvRead::Json(v) => with_index(index, StatusCode::OK, v),
+        KvRead::Json(v) => json_bytes(index, StatusCode::OK, v),
     })
 }
 

@@ -7,6 +7,7 @@ mod acl;
 mod agent;
 mod catalog;
 mod kv;
+mod render;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -296,6 +297,18 @@ impl Blocking {
 /// A JSON response with Consul's query-meta headers.
 pub fn with_index(index: u64, status: StatusCode, body: impl Serialize) -> Response {
     let mut resp = json(status, &body);
+    add_meta(resp.headers_mut(), index);
+    resp
+}
+
+/// Pre-serialized JSON with Consul's query-meta headers.
+pub fn json_bytes(index: u64, status: StatusCode, body: Vec<u8>) -> Response {
+    let mut resp = Response::new(Body::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     add_meta(resp.headers_mut(), index);
     resp
 }
