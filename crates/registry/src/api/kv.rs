@@ -20,8 +20,16 @@ pub async fn get_root(state: State<AppState>, ctx: Ctx) -> ApiResult {
     get_key(state, ctx, String::new()).await
 }
 
+/// Keys are stored without a leading `/`: `/v1/kv//a` and `/v1/kv/a` are the same key.
+fn clean(key: String) -> String {
+    match key.strip_prefix('/') {
+        Some(rest) => rest.trim_start_matches('/').to_owned(),
+        None => key,
+    }
+}
+
 pub async fn get(state: State<AppState>, ctx: Ctx, Path(key): Path<String>) -> ApiResult {
-    get_key(state, ctx, key).await
+    get_key(state, ctx, clean(key)).await
 }
 
 async fn get_key(State(reg): State<AppState>, ctx: Ctx, key: String) -> ApiResult {
@@ -120,6 +128,10 @@ pub async fn put(
     body: Body,
 ) -> ApiResult {
     reject_sessions(&ctx)?;
+    let key = clean(key);
+    if key.is_empty() {
+        return Err(Error::bad("Missing key name").into());
+    }
     let flags = ctx.q.u64("flags")?;
     let cas = ctx.q.u64("cas")?;
     tessera_core::validate_key(&key).map_err(Error::from)?;
@@ -146,7 +158,7 @@ pub async fn delete_root(state: State<AppState>, ctx: Ctx) -> ApiResult {
 }
 
 pub async fn delete(state: State<AppState>, ctx: Ctx, Path(key): Path<String>) -> ApiResult {
-    delete_key(state, ctx, key).await
+    delete_key(state, ctx, clean(key)).await
 }
 
 async fn delete_key(State(reg): State<AppState>, ctx: Ctx, key: String) -> ApiResult {
