@@ -82,6 +82,20 @@ async fn call(
     Ok((status, body))
 }
 
+/// The `X-Consul-Index` of a read.
+async fn index_of(c: &HttpClient, url: String) -> u64 {
+    let req = http::Request::builder()
+        .uri(url)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    resp.headers()["x-consul-index"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_write_burst_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
@@ -269,7 +283,41 @@ async fn cli_commands_against_a_running_server() {
     let (ok, _, err) = run_cli("127.0.0.1:1", &["services"]).await;
     assert!(!ok && err.contains("cannot reach"), "{err}");
 
-    // SIGTERM stops the server cleanly.
+    // SIGTERM stops the server cleanly, even with a blocking query parked on it.
+    let c = client();
+    let (_, body) = call(
+        &c,
+        "GET",
+        format!("http://{addr}/v1/health/service/web"),
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert!(!body.is_empty());
+    let idx = index_of(&c, format!("http://{addr}/v1/catalog/services")).await;
+    let parked = {
+        let (c, addr) = (c.clone(), addr.clone());
+        tokio::spawn(async move {
+            let url = format!("http://{addr}/v1/catalog/services?index={idx}&wait=10m");
+            call(&c, "GET", url, vec![]).await
+        })
+    };
+    // Signal only once the server has the query parked.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let url = format!("http://{addr}/v1/agent/metrics?format=prometheus");
+        let (_, body) = call(&c, "GET", url, vec![]).await.unwrap();
+        let text = String::from_utf8_lossy(&body).into_owned();
+        if text.lines().any(|l| l == "tessera_http_blocking_queries 1") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "query never parked: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!parked.is_finished());
     let pid = child.id().unwrap().to_string();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -281,6 +329,105 @@ async fn cli_commands_against_a_running_server() {
         .unwrap()
         .unwrap();
     assert!(exit.success(), "clean exit on SIGTERM: {exit:?}");
+    let answer = parked.await.unwrap();
+    assert!(
+        matches!(answer, Ok((200, _))),
+        "the parked query is answered, not dropped: {answer:?}"
+    );
+}
+
+fn signal(child: &Child, sig: &str) {
+    let pid = child.id().unwrap().to_string();
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill {sig} {pid}");
+}
+
+async fn check_status(c: &HttpClient, addr: &str, id: &str) -> String {
+    let (_, body) = call(c, "GET", format!("http://{addr}/v1/agent/checks"), vec![])
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    v[id]["Status"].as_str().unwrap_or("").to_owned()
+}
+
+/// A real SIGSTOP longer than every TTL: on SIGCONT nothing expires at once; instances
+/// that keep heartbeating stay passing, the silent ones expire one TTL later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_longer_than_ttl_does_not_mass_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_server(dir.path()).await;
+    let c = client();
+    for i in 0..20 {
+        let body =
+            format!(r#"{{"Name":"ttl","ID":"t{i}","Check":{{"TTL":"2s","Status":"passing"}}}}"#);
+        let (s, _) = call(
+            &c,
+            "PUT",
+            format!("http://{addr}/v1/agent/service/register"),
+            body.into_bytes(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s, 200);
+    }
+    signal(&child, "-STOP");
+    tokio::time::sleep(Duration::from_secs(5)).await; // the stall itself: 2.5 TTLs
+    signal(&child, "-CONT");
+    // Heartbeats queued behind the stall arrive now, for half of the instances.
+    for i in 0..10 {
+        let (s, _) = call(
+            &c,
+            "PUT",
+            format!("http://{addr}/v1/agent/check/pass/service:t{i}"),
+            vec![],
+        )
+        .await
+        .unwrap();
+        assert_eq!(s, 200);
+    }
+    for i in 10..20 {
+        let st = check_status(&c, &addr, &format!("service:t{i}")).await;
+        assert_eq!(st, "passing", "t{i} must not expire on wake-up");
+    }
+    // The silent half expires one TTL after the stall; keep the others alive meanwhile.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        for i in 0..10 {
+            call(
+                &c,
+                "PUT",
+                format!("http://{addr}/v1/agent/check/pass/service:t{i}"),
+                vec![],
+            )
+            .await
+            .unwrap();
+        }
+        let mut critical = 0;
+        for i in 10..20 {
+            if check_status(&c, &addr, &format!("service:t{i}")).await == "critical" {
+                critical += 1;
+            }
+        }
+        if critical == 10 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "silent instances never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in 0..10 {
+        assert_eq!(
+            check_status(&c, &addr, &format!("service:t{i}")).await,
+            "passing"
+        );
+    }
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
 }
 
 #[tokio::test]

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 pub use error::Error;
-pub use registry::{AclConfig, Config, Registry};
+pub use registry::{AclConfig, Config, Registry, Stats};
 
 /// A registry ready to serve: its state replayed from disk and its HTTP API built.
 pub struct Server {

@@ -81,6 +81,8 @@ pub struct Registry {
     pub(crate) shutdown: CancellationToken,
     /// When the process last woke from a stall (see `checks::StallDetector`).
     pub(crate) last_stall_end: Mutex<Option<Instant>>,
+    /// Blocking queries parked right now (reported by `/v1/agent/metrics`).
+    pub(crate) parked: std::sync::atomic::AtomicI64,
     /// Checks that are critical, and since when; drives `DeregisterCriticalServiceAfter`.
     pub(crate) critical_since: Mutex<HashMap<String, Instant>>,
 }
@@ -165,6 +167,7 @@ impl Registry {
             runners: Runners::default(),
             shutdown: CancellationToken::new(),
             last_stall_end: Mutex::new(None),
+            parked: std::sync::atomic::AtomicI64::new(0),
             critical_since: Mutex::new(HashMap::new()),
         });
         Ok(reg)
@@ -309,6 +312,7 @@ impl Registry {
                 }
                 (rx, res)
             };
+            let _parked = Parked::new(&self.parked);
             tokio::select! {
                 changed = rx.changed() => {
                     if changed.is_err() {
@@ -1284,6 +1288,54 @@ impl Registry {
     pub fn shutdown(&self) {
         self.shutdown.cancel();
         self.runners.stop_all();
+    }
+}
+
+/// Counts a parked blocking query for as long as it lives (also when its client goes away
+/// and the future is dropped).
+struct Parked<'a>(&'a std::sync::atomic::AtomicI64);
+
+impl<'a> Parked<'a> {
+    fn new(c: &'a std::sync::atomic::AtomicI64) -> Self {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Parked(c)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Point-in-time figures for `/v1/agent/metrics`.
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    pub index: u64,
+    pub nodes: usize,
+    pub services: usize,
+    pub checks: usize,
+    pub checks_critical: usize,
+    pub kv_entries: usize,
+    pub blocking_queries: i64,
+}
+
+impl Registry {
+    pub fn stats(&self) -> Stats {
+        let parked = self.parked.load(std::sync::atomic::Ordering::Relaxed);
+        self.read(|st| Stats {
+            index: st.index,
+            nodes: st.nodes.len(),
+            services: st.services.len(),
+            checks: st.checks.len(),
+            checks_critical: st
+                .checks
+                .values()
+                .filter(|c| c.status == Health::Critical)
+                .count(),
+            kv_entries: st.kv.len(),
+            blocking_queries: parked,
+        })
     }
 }
 

@@ -218,3 +218,63 @@ pub async fn check_update(
     reg.update_ttl(&id, status, upd.output, &ctx.authz)?;
     Ok(StatusCode::OK.into_response())
 }
+
+/// `GET /v1/agent/metrics`: Consul's JSON shape, or Prometheus text with
+/// `?format=prometheus`.
+pub async fn metrics(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
+    if !ctx
+        .authz
+        .allows(Resource::Agent, reg.local_node(), Level::Read)
+    {
+        return Err(crate::error::Error::denied("token lacks agent:read").into());
+    }
+    let s = reg.stats();
+    let gauges: [(&str, &str, f64); 7] = [
+        ("tessera.raft.index", "Latest write index", s.index as f64),
+        ("tessera.catalog.nodes", "Registered nodes", s.nodes as f64),
+        (
+            "tessera.catalog.services",
+            "Registered service instances",
+            s.services as f64,
+        ),
+        (
+            "tessera.catalog.checks",
+            "Registered checks",
+            s.checks as f64,
+        ),
+        (
+            "tessera.catalog.checks_critical",
+            "Checks in state critical",
+            s.checks_critical as f64,
+        ),
+        ("tessera.kv.entries", "KV entries", s.kv_entries as f64),
+        (
+            "tessera.http.blocking_queries",
+            "Blocking queries parked now",
+            s.blocking_queries as f64,
+        ),
+    ];
+    if ctx.q.get("format") == Some("prometheus") {
+        let mut out = String::new();
+        for (name, help, value) in gauges {
+            let metric = name.replace('.', "_");
+            out.push_str(&format!(
+                "# HELP {metric} {help}\n# TYPE {metric} gauge\n{metric} {value}\n"
+            ));
+        }
+        let mut resp = out.into_response();
+        resp.headers_mut().insert(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        return Ok(resp);
+    }
+    let body = json!({
+        "Timestamp": "",
+        "Gauges": gauges.iter().map(|(n, _, v)| json!({"Name": n, "Value": v, "Labels": {}})).collect::<Vec<_>>(),
+        "Points": [],
+        "Counters": [],
+        "Samples": [],
+    });
+    Ok(with_index(s.index, StatusCode::OK, body))
+}

@@ -39,6 +39,7 @@ pub fn router(registry: Arc<Registry>) -> Router {
     Router::new()
         .route("/v1/agent/self", get(agent::agent_self))
         .route("/v1/agent/services", get(agent::services))
+        .route("/v1/agent/metrics", get(agent::metrics))
         .route("/v1/agent/service/{id}", get(agent::service))
         .route("/v1/agent/checks", get(agent::checks))
         .route("/v1/agent/service/register", put(agent::register))

@@ -107,6 +107,32 @@ async fn register_discover_deregister() {
     let (_, _, v) = h.get("/v1/agent/service/web1").await;
     assert_eq!(v["ID"], "web1");
 
+    // Metrics: Consul's JSON shape and Prometheus text.
+    let (_, _, v) = h.get("/v1/agent/metrics").await;
+    let gauge = |name: &str| {
+        v["Gauges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["Name"] == name)
+            .unwrap()["Value"]
+            .as_f64()
+            .unwrap()
+    };
+    assert_eq!(gauge("tessera.catalog.services"), 3.0);
+    assert_eq!(gauge("tessera.http.blocking_queries"), 0.0);
+    let (s, hd, text) = h
+        .raw(Method::GET, "/v1/agent/metrics?format=prometheus", "", &[])
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        hd["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    assert!(String::from_utf8_lossy(&text).contains("\ntessera_catalog_services 3\n"));
+
     // Nodes, status.
     let (_, _, v) = h.get("/v1/catalog/nodes").await;
     assert_eq!(v[0]["Node"], "test-node");
