@@ -60,6 +60,14 @@ async fn put_get_list_delete() {
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert!(index_of(&hd) > 0);
 
+    // No leading slash is stored: `//app/name` is `app/name`.
+    let (_, _, v) = h.get("/v1/kv//app/name").await;
+    assert_eq!(v[0]["Key"], "app/name");
+    assert_eq!(h.put("/v1/kv///lead", "x").await.1, json!(true));
+    let (_, _, v) = h.get("/v1/kv/lead").await;
+    assert_eq!(v[0]["Key"], "lead");
+    h.delete("/v1/kv/lead").await;
+
     assert_eq!(
         h.delete("/v1/kv/app/name").await,
         (StatusCode::OK, json!(true))
