@@ -17,6 +17,7 @@ pub mod api;
 mod checks;
 pub mod defs;
 mod error;
+mod filter;
 pub mod model;
 mod registry;
 mod state;

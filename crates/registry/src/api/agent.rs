@@ -10,7 +10,7 @@ use serde_json::json;
 use tessera_core::Health;
 
 use super::render;
-use super::{ApiResult, AppState, Blocking, Ctx, json_bytes, read_json, with_index};
+use super::{ApiResult, AppState, Blocking, Ctx, json_bytes, keep, read_json, with_index};
 use crate::acl::{Level, Resource};
 use crate::defs::{CheckDef, CheckUpdate, ServiceDef};
 use crate::state::Topic;
@@ -50,6 +50,7 @@ pub async fn agent_self(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
 }
 
 pub async fn services(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
+    let filter = super::filter(&ctx.q)?;
     let b = Blocking::from(&ctx.q)?;
     let local = reg.local_node().to_owned();
     let dc = reg.config.datacenter.clone();
@@ -62,8 +63,11 @@ pub async fn services(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
                 .take_while(|((n, _), _)| *n == local)
             {
                 let _ = node;
-                if ctx.authz.allows(Resource::Service, &s.service, Level::Read) {
-                    out.insert(id.as_str(), render::agent_service(s, &dc));
+                let entry = render::agent_service(s, &dc);
+                if ctx.authz.allows(Resource::Service, &s.service, Level::Read)
+                    && keep(&filter, &entry)
+                {
+                    out.insert(id.as_str(), entry);
                 }
             }
             (st.topic_index(&Topic::Services), render::to_bytes(&out))
@@ -91,6 +95,7 @@ pub async fn service(State(reg): State<AppState>, ctx: Ctx, Path(id): Path<Strin
 }
 
 pub async fn checks(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
+    let filter = super::filter(&ctx.q)?;
     let b = Blocking::from(&ctx.q)?;
     let local = reg.local_node().to_owned();
     let (index, body) = reg
@@ -107,8 +112,9 @@ pub async fn checks(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
                     ctx.authz
                         .allows(Resource::Service, &c.service_name, Level::Read)
                 };
-                if allowed {
-                    out.insert(id.as_str(), render::check(st, c));
+                let entry = render::check(st, c);
+                if allowed && keep(&filter, &entry) {
+                    out.insert(id.as_str(), entry);
                 }
             }
             (st.topic_index(&Topic::Checks), render::to_bytes(&out))

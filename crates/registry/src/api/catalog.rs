@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tessera_core::Health;
 
 use super::render::{self, HealthEntry};
-use super::{ApiResult, AppState, Blocking, Ctx, json_bytes, read_json, with_index};
+use super::{ApiResult, AppState, Blocking, Ctx, json_bytes, keep, read_json, with_index};
 use crate::acl::{Authz, Level, Resource};
 use crate::defs::{CatalogDeregistration, CatalogRegistration};
 use crate::error::Error;
@@ -21,21 +21,12 @@ fn has_tags(s: &ServiceRecord, want: &[String]) -> bool {
     want.iter().all(|t| s.tags.iter().any(|have| have == t))
 }
 
-fn reject_filter(ctx: &Ctx) -> Result<(), Error> {
-    if ctx.q.get("filter").is_some_and(|f| !f.is_empty()) {
-        return Err(Error::bad(
-            "?filter expressions are not supported yet; use ?tag= and ?passing",
-        ));
-    }
-    Ok(())
-}
-
 fn can_read_service(authz: &Authz, name: &str) -> bool {
     authz.allows(Resource::Service, name, Level::Read)
 }
 
 pub async fn services(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
-    reject_filter(&ctx)?;
+    let filter = super::filter(&ctx.q)?;
     let b = Blocking::from(&ctx.q)?;
     let (index, body) = reg
         .blocking(Topic::Services, b.index, b.wait, |st| {
@@ -44,9 +35,19 @@ pub async fn services(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
                 if !can_read_service(&ctx.authz, name) {
                     continue;
                 }
-                let mut tags: Vec<String> = keys
+                let instances: Vec<&ServiceRecord> = keys
                     .iter()
                     .filter_map(|k| st.services.get(k))
+                    .filter(|s| {
+                        filter.is_none()
+                            || keep(&filter, &render::catalog_service(st.nodes.get(&s.node), s))
+                    })
+                    .collect();
+                if instances.is_empty() {
+                    continue;
+                }
+                let mut tags: Vec<String> = instances
+                    .iter()
                     .flat_map(|s| s.tags.iter().cloned())
                     .collect();
                 tags.sort();
@@ -60,7 +61,7 @@ pub async fn services(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
 }
 
 pub async fn service(State(reg): State<AppState>, ctx: Ctx, Path(name): Path<String>) -> ApiResult {
-    reject_filter(&ctx)?;
+    let filter = super::filter(&ctx.q)?;
     let b = Blocking::from(&ctx.q)?;
     let tags: Vec<String> = ctx.q.all("tag").map(str::to_owned).collect();
     let (index, body) = reg
@@ -73,7 +74,10 @@ pub async fn service(State(reg): State<AppState>, ctx: Ctx, Path(name): Path<Str
                     if let Some(s) = st.services.get(k)
                         && has_tags(s, &tags)
                     {
-                        out.push(render::catalog_service(st.nodes.get(&s.node), s));
+                        let entry = render::catalog_service(st.nodes.get(&s.node), s);
+                        if keep(&filter, &entry) {
+                            out.push(entry);
+                        }
                     }
                 }
             }
@@ -84,7 +88,7 @@ pub async fn service(State(reg): State<AppState>, ctx: Ctx, Path(name): Path<Str
 }
 
 pub async fn nodes(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
-    reject_filter(&ctx)?;
+    let filter = super::filter(&ctx.q)?;
     let b = Blocking::from(&ctx.q)?;
     let (index, body) = reg
         .blocking(Topic::Nodes, b.index, b.wait, |st| {
@@ -92,6 +96,7 @@ pub async fn nodes(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
                 .nodes
                 .values()
                 .filter(|n| ctx.authz.allows(Resource::Node, &n.node, Level::Read))
+                .filter(|n| keep(&filter, n))
                 .collect();
             (st.topic_index(&Topic::Nodes), render::to_bytes(&out))
         })
@@ -150,7 +155,7 @@ pub async fn health_service(
     ctx: Ctx,
     Path(name): Path<String>,
 ) -> ApiResult {
-    reject_filter(&ctx)?;
+    let filter = super::filter(&ctx.q)?;
     let b = Blocking::from(&ctx.q)?;
     let passing = ctx.q.flag("passing")?;
     let tags: Vec<String> = ctx.q.all("tag").map(str::to_owned).collect();
@@ -171,11 +176,14 @@ pub async fn health_service(
                     if passing && Reg::aggregate(&checks) != Health::Passing {
                         continue;
                     }
-                    out.push(HealthEntry {
+                    let entry = HealthEntry {
                         node: st.nodes.get(&s.node),
                         service: render::service(s),
                         checks: checks.iter().map(|c| render::check(st, c)).collect(),
-                    });
+                    };
+                    if keep(&filter, &entry) {
+                        out.push(entry);
+                    }
                 }
             }
             (service_index(st, &name), render::to_bytes(&out))
@@ -189,7 +197,7 @@ pub async fn health_checks(
     ctx: Ctx,
     Path(name): Path<String>,
 ) -> ApiResult {
-    reject_filter(&ctx)?;
+    let filter = super::filter(&ctx.q)?;
     let b = Blocking::from(&ctx.q)?;
     let (index, body) = reg
         .blocking(Topic::Service(name.clone()), b.index, b.wait, |st| {
@@ -201,7 +209,10 @@ pub async fn health_checks(
                     if let Some(ids) = st.checks_by_owner.get(&(node.clone(), id.clone())) {
                         for cid in ids {
                             if let Some(c) = st.checks.get(&(node.clone(), cid.clone())) {
-                                out.push(render::check(st, c));
+                                let entry = render::check(st, c);
+                                if keep(&filter, &entry) {
+                                    out.push(entry);
+                                }
                             }
                         }
                     }
@@ -218,6 +229,7 @@ pub async fn health_node(
     ctx: Ctx,
     Path(node): Path<String>,
 ) -> ApiResult {
+    let filter = super::filter(&ctx.q)?;
     let b = Blocking::from(&ctx.q)?;
     let (index, body) = reg
         .blocking(Topic::Checks, b.index, b.wait, |st| {
@@ -227,6 +239,7 @@ pub async fn health_node(
                 .take_while(|((n, _), _)| *n == node)
                 .filter(|(_, c)| check_visible(&ctx.authz, c))
                 .map(|(_, c)| render::check(st, c))
+                .filter(|c| keep(&filter, c))
                 .collect();
             (st.topic_index(&Topic::Checks), render::to_bytes(&out))
         })
@@ -247,7 +260,7 @@ pub async fn health_state(
     ctx: Ctx,
     Path(state): Path<String>,
 ) -> ApiResult {
-    reject_filter(&ctx)?;
+    let filter = super::filter(&ctx.q)?;
     let want: Option<Health> = match state.as_str() {
         "any" => None,
         s => Some(s.parse().map_err(|_| {
@@ -265,6 +278,7 @@ pub async fn health_state(
                 .filter(|c| want.is_none_or(|w| c.status == w))
                 .filter(|c| check_visible(&ctx.authz, c))
                 .map(|c| render::check(st, c))
+                .filter(|c| keep(&filter, c))
                 .collect();
             (st.topic_index(&Topic::Checks), render::to_bytes(&out))
         })

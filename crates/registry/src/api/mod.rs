@@ -271,6 +271,24 @@ fn token_from(headers: &HeaderMap, q: &QueryParams) -> Option<String> {
     q.get("token").map(str::to_owned)
 }
 
+/// The request's `?filter=` expression, parsed once per request.
+pub fn filter(q: &QueryParams) -> Result<Option<crate::filter::Filter>, Error> {
+    match q.get("filter") {
+        None | Some("") => Ok(None),
+        Some(src) => crate::filter::Filter::parse(src)
+            .map(Some)
+            .map_err(|e| Error::bad(e.to_string())),
+    }
+}
+
+/// Whether `item` (as its JSON) passes the filter; always true without one.
+pub fn keep<T: Serialize>(f: &Option<crate::filter::Filter>, item: &T) -> bool {
+    match f {
+        None => true,
+        Some(f) => serde_json::to_value(item).is_ok_and(|v| f.matches(&v)),
+    }
+}
+
 /// The blocking-query parameters of a read.
 pub struct Blocking {
     pub index: u64,

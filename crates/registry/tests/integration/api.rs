@@ -567,3 +567,72 @@ async fn bad_input_is_refused_with_a_reason() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn filter_expressions() {
+    let srv = TestServer::start().await;
+    let h = &srv.http;
+    h.register(json!({"Name": "web", "ID": "w1", "Port": 80, "Tags": ["v1", "primary"], "Meta": {"zone": "a"}}))
+        .await;
+    h.register(
+        json!({"Name": "web", "ID": "w2", "Port": 81, "Tags": ["v2"], "Meta": {"zone": "b"},
+        "Check": {"TTL": "30s"}}),
+    )
+    .await;
+    h.register(json!({"Name": "db", "ID": "d1", "Port": 5432, "Tags": ["v1"]}))
+        .await;
+    let ids = |v: &serde_json::Value, pick: &dyn Fn(&serde_json::Value) -> String| -> Vec<String> {
+        v.as_array().unwrap().iter().map(pick).collect()
+    };
+    let (s, _, v) = h
+        .get("/v1/health/service/web?filter=Service.Meta.zone%20%3D%3D%20a")
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        ids(&v, &|e| e["Service"]["ID"].as_str().unwrap().into()),
+        vec!["w1"]
+    );
+    let q = "Checks.Status%20%3D%3D%20critical%20or%20%22primary%22%20in%20Service.Tags";
+    let (_, _, v) = h.get(&format!("/v1/health/service/web?filter={q}")).await;
+    assert_eq!(
+        ids(&v, &|e| e["Service"]["ID"].as_str().unwrap().into()),
+        vec!["w1", "w2"]
+    );
+    let (_, _, v) = h
+        .get("/v1/catalog/service/web?filter=ServicePort%20%3D%3D%2081")
+        .await;
+    assert_eq!(
+        ids(&v, &|e| e["ServiceID"].as_str().unwrap().into()),
+        vec!["w2"]
+    );
+    let (_, _, v) = h
+        .get("/v1/catalog/services?filter=ServiceTags%20contains%20v1")
+        .await;
+    let mut names: Vec<&String> = v.as_object().unwrap().keys().collect();
+    names.sort();
+    assert_eq!(names, vec!["db", "web"]);
+    assert_eq!(
+        v["web"],
+        json!(["primary", "v1"]),
+        "tags of the matching instances only"
+    );
+    let (_, _, v) = h
+        .get("/v1/agent/services?filter=Service%20%3D%3D%20db")
+        .await;
+    assert_eq!(
+        v.as_object().unwrap().keys().collect::<Vec<_>>(),
+        vec!["d1"]
+    );
+    let (_, _, v) = h
+        .get("/v1/agent/checks?filter=Status%20%3D%3D%20critical")
+        .await;
+    assert_eq!(
+        v.as_object().unwrap().keys().collect::<Vec<_>>(),
+        vec!["service:w2"]
+    );
+    let (s, _, v) = h
+        .get("/v1/health/service/web?filter=Service.ID%20%3D%3D")
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v.as_str().unwrap().contains("boolean expression"), "{v}");
+}
