@@ -143,12 +143,22 @@ pub async fn token_create(State(reg): State<AppState>, ctx: Ctx, body: Body) -> 
     {
         return Err(Error::bad("Invalid Token: AccessorID is already in use").into());
     }
+    save_token(&reg, &ctx, accessor, secret, &b).await
+}
+
+async fn save_token(
+    reg: &AppState,
+    ctx: &Ctx,
+    accessor: Option<String>,
+    secret: Option<String>,
+    b: &TokenBody,
+) -> ApiResult {
     let t = reg
         .acl_put_token(
             accessor,
             secret,
             b.description.clone(),
-            links(&b),
+            links(b),
             &ctx.authz,
         )
         .await?;
@@ -170,20 +180,7 @@ pub async fn token_update(
         return Err(Error::NotFound(format!("ACL token not found: {id}")).into());
     }
     let secret = b.secret_id.clone().filter(|s| !s.is_empty());
-    let t = reg
-        .acl_put_token(
-            Some(id),
-            secret,
-            b.description.clone(),
-            links(&b),
-            &ctx.authz,
-        )
-        .await?;
-    Ok(with_index(
-        t.modify_index,
-        StatusCode::OK,
-        token_json(&t, true),
-    ))
+    save_token(&reg, &ctx, Some(id), secret, &b).await
 }
 
 pub async fn token_read(
