@@ -1,0 +1,126 @@
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Retry budget settings (DESIGN.md: 20% of requests + 10 retries/s, over 10 s).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetConfig {
+    pub ratio: f64,
+    pub min_per_sec: u32,
+    pub window: Duration,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        BudgetConfig {
+            ratio: 0.2,
+            min_per_sec: 10,
+            window: Duration::from_secs(10),
+        }
+    }
+}
+
+const BUCKETS: usize = 10;
+
+#[derive(Debug)]
+struct Inner {
+    /// Per-bucket (requests, retries).
+    buckets: [(u64, u64); BUCKETS],
+    head: usize,
+    bucket_start: Instant,
+}
+
+/// Every request deposits; every retry withdraws. A retry is allowed while
+/// `retries < ratio × requests + min_per_sec × window` over the window.
+#[derive(Debug)]
+pub struct RetryBudget {
+    config: BudgetConfig,
+    inner: Mutex<Inner>,
+}
+
+impl RetryBudget {
+    pub fn new(config: BudgetConfig) -> RetryBudget {
+        RetryBudget {
+            config,
+            inner: Mutex::new(Inner {
+                buckets: [(0, 0); BUCKETS],
+                head: 0,
+                bucket_start: Instant::now(),
+            }),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let width = self.config.window / BUCKETS as u32;
+        let mut steps = 0;
+        while width > Duration::ZERO
+            && now.saturating_duration_since(g.bucket_start) >= width
+            && steps <= BUCKETS
+        {
+            g.head = (g.head + 1) % BUCKETS;
+            let head = g.head;
+            g.buckets[head] = (0, 0);
+            g.bucket_start += width;
+            steps += 1;
+        }
+        if steps > BUCKETS {
+            g.bucket_start = now;
+        }
+        f(&mut g)
+    }
+
+    /// Records an original request (not a retry).
+    pub fn deposit(&self) {
+        self.with(|g| {
+            let h = g.head;
+            g.buckets[h].0 += 1;
+        });
+    }
+
+    /// Takes one retry from the budget; false when it is spent.
+    pub fn try_withdraw(&self) -> bool {
+        let floor = f64::from(self.config.min_per_sec) * self.config.window.as_secs_f64();
+        let ratio = self.config.ratio;
+        self.with(|g| {
+            let (reqs, retries) = g
+                .buckets
+                .iter()
+                .fold((0u64, 0u64), |(a, b), (r, t)| (a + r, b + t));
+            if (retries as f64) + 1.0 > ratio * reqs as f64 + floor {
+                return false;
+            }
+            let h = g.head;
+            g.buckets[h].1 += 1;
+            true
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn caps_retries_at_ratio_plus_floor() {
+        let b = RetryBudget::new(BudgetConfig::default());
+        // 1,000 requests in the window, each wanting 2 retries.
+        let mut retries = 0;
+        for _ in 0..1000 {
+            b.deposit();
+            for _ in 0..2 {
+                if b.try_withdraw() {
+                    retries += 1;
+                }
+            }
+        }
+        // 20% of 1000 + 10/s × 10 s = 300.
+        assert_eq!(retries, 300);
+        assert!(!b.try_withdraw());
+        // The window moves on: budget comes back.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(b.try_withdraw());
+    }
+}
