@@ -2,8 +2,10 @@
 //! endpoint's own permutation. Every endpoint owns ~1/N of the table, and when one leaves,
 //! only the slots it owned move.
 
-/// Table sizes: primes, the smallest one above 100 × endpoints is used.
-const SIZES: [usize; 5] = [251, 1021, 4093, 16381, 65521];
+/// Table sizes (primes). The size must not change with small changes of the endpoint
+/// count, or every key moves: 16381 slots up to 160 endpoints, 65521 above.
+const SMALL: usize = 16381;
+const LARGE: usize = 65521;
 
 #[derive(Debug, Clone, Default)]
 pub struct Maglev {
@@ -35,11 +37,7 @@ impl Maglev {
         if n == 0 {
             return Maglev::default();
         }
-        let m = SIZES
-            .iter()
-            .copied()
-            .find(|&s| s >= n * 100)
-            .unwrap_or(SIZES[SIZES.len() - 1]);
+        let m = if n <= 160 { SMALL } else { LARGE };
         let perms: Vec<(usize, usize)> = names
             .iter()
             .map(|name| {
@@ -127,5 +125,33 @@ mod tests {
         );
         // Same key, same endpoint, every time.
         assert_eq!(full.lookup(42, &|_| true), full.lookup(42, &|_| true));
+    }
+}
+
+#[cfg(test)]
+mod small_sets {
+    use super::*;
+
+    /// Regression: the table size once depended on the endpoint count, so going from
+    /// three endpoints to two moved half of all keys.
+    #[test]
+    fn three_to_two() {
+        let names: Vec<String> = (0..3).map(|i| format!("127.0.0.1:4{i}000")).collect();
+        let full = Maglev::new(names.iter().map(String::as_str));
+        let fewer: Vec<&str> = names[..2].iter().map(String::as_str).collect();
+        let after = Maglev::new(fewer.iter().copied());
+        let (mut moved, mut total) = (0, 0);
+        for k in 0..10_000u64 {
+            let h = mix(k);
+            let before = names[full.lookup(h, &|_| true).unwrap()].as_str();
+            if before == names[2] {
+                continue;
+            }
+            total += 1;
+            if fewer[after.lookup(h, &|_| true).unwrap()] != before {
+                moved += 1;
+            }
+        }
+        assert!(moved * 20 < total, "moved {moved}/{total}");
     }
 }

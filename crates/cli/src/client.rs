@@ -35,6 +35,8 @@ pub struct Cli {
 enum Command {
     /// Run the registry server (Consul HTTP API).
     Server(ServerArgs),
+    /// Run the L7 gateway.
+    Gateway(crate::gateway::GatewayArgs),
     /// List services, or the instances of one service with their health.
     Services { name: Option<String> },
     /// Read and write the KV store.
@@ -75,6 +77,7 @@ impl Cli {
         let api = Api::new(self.http_addr, self.token);
         match self.command {
             Command::Server(args) => server::run(args).await,
+            Command::Gateway(args) => crate::gateway::run(args).await,
             Command::Services { name: None } => {
                 let v = api
                     .get_json("/v1/catalog/services")

@@ -1,6 +1,7 @@
 //! The `tessera` binary. Run with: `cargo run --release -- server`.
 
 mod client;
+mod gateway;
 mod server;
 
 use clap::Parser;

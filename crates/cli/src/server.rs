@@ -83,7 +83,7 @@ fn hostname() -> String {
         .unwrap_or_else(|| "tessera".into())
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

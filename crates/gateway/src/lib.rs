@@ -1,1 +1,247 @@
-//! stub
+//! The Tessera gateway: an L7 reverse proxy whose upstreams are registry services (found
+//! through Consul blocking queries, so tessera server and real Consul both work) or static
+//! endpoint lists. Each request is routed, balanced over usable endpoints and protected by
+//! the `tessera-resilience` pieces; see `proxy` for the request path and `routes` for the
+//! matching precedence.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use tessera_gateway::{Config, Gateway};
+//! let config = Config::parse(r#"
+//!     [[routes]]
+//!     path = { prefix = "/api" }
+//!     upstream = "api"
+//!     [upstreams.api]
+//!     service = "api"
+//! "#)?;
+//! let listener = tokio::net::TcpListener::bind(config.listen).await?;
+//! let admin = tokio::net::TcpListener::bind(config.admin).await?;
+//! let gateway = Gateway::build(config, None);
+//! gateway.run(listener, admin, std::future::pending()).await;
+//! # Ok(()) }
+//! ```
+
+mod admin;
+mod body;
+pub mod config;
+mod error;
+mod metrics;
+mod proxy;
+mod routes;
+mod upstream;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+pub use config::{Config, ConfigError};
+pub use error::GatewayError;
+
+use routes::Table;
+use upstream::Discovery;
+
+/// What every connection and the admin server share.
+pub struct Shared {
+    table: ArcSwap<Table>,
+    discovery: Discovery,
+    config_path: Option<PathBuf>,
+    replay_cap: usize,
+    access_sample: f64,
+    reloads: AtomicU64,
+    reload_lock: std::sync::Mutex<()>,
+}
+
+impl Shared {
+    /// Re-reads the config file and swaps the route table. An invalid file changes
+    /// nothing: the old table keeps serving.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let _guard = self.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(path) = &self.config_path else {
+            return Err(ConfigError::Parse("no config file to reload from".into()));
+        };
+        let cfg = Config::load(path)?;
+        let table = Table::build(&cfg, &self.discovery);
+        self.table.store(Arc::new(table));
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(path = %path.display(), "config reloaded");
+        Ok(())
+    }
+}
+
+pub struct Gateway {
+    shared: Arc<Shared>,
+    drain_timeout: Duration,
+}
+
+impl Gateway {
+    /// Builds the route table and starts discovery. Call inside a Tokio runtime.
+    /// `config_path` is where reloads read from.
+    pub fn build(config: Config, config_path: Option<PathBuf>) -> Gateway {
+        let discovery = Discovery::new(config.registry.clone());
+        let table = Table::build(&config, &discovery);
+        Gateway {
+            shared: Arc::new(Shared {
+                table: ArcSwap::from_pointee(table),
+                discovery,
+                config_path,
+                replay_cap: config.max_replay_body_bytes,
+                access_sample: config.access_log.sample,
+                reloads: AtomicU64::new(0),
+                reload_lock: std::sync::Mutex::new(()),
+            }),
+            drain_timeout: config.drain_timeout,
+        }
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and drains in-flight
+    /// requests for up to `drain_timeout`. Reloads on SIGHUP and when the config file
+    /// changes.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        admin: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(serve_admin(self.shared.clone(), admin, stop.clone()));
+        if self.shared.config_path.is_some() {
+            tokio::spawn(watch_config(self.shared.clone(), stop.clone()));
+            #[cfg(unix)]
+            tokio::spawn(on_sighup(self.shared.clone(), stop.clone()));
+        }
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(1024)
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let shared = self.shared.clone();
+            let svc = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, std::convert::Infallible>(proxy::handle(shared, req, peer).await) }
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            let conn = graceful.watch(conn.into_owned());
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::trace!(error = %e, "connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        stop.cancel();
+        self.shared.discovery.stop();
+        if tokio::time::timeout(self.drain_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain timeout reached with requests still in flight; closing them");
+        }
+    }
+}
+
+async fn serve_admin(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, std::convert::Infallible>(admin::handle(shared, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Reloads when the config file's modification time or size changes (checked every
+/// second: cheap, and works on every filesystem, unlike inotify on some mounts).
+async fn watch_config(shared: Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
+    let Some(path) = shared.config_path.clone() else {
+        return;
+    };
+    let stamp = |p: &PathBuf| -> Option<(SystemTime, u64)> {
+        let m = std::fs::metadata(p).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    };
+    let mut last = stamp(&path);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let now = stamp(&path);
+        if now != last {
+            last = now;
+            if let Err(e) = shared.reload() {
+                tracing::error!(error = %e, "config file changed but is invalid; keeping the running config");
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+async fn on_sighup(shared: Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload with POST /admin/reload");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = hup.recv() => if r.is_none() { return },
+        }
+        if let Err(e) = shared.reload() {
+            tracing::error!(error = %e, "SIGHUP reload refused; keeping the running config");
+        }
+    }
+}

@@ -1,0 +1,558 @@
+//! The gateway's TOML config. Every struct denies unknown keys, so a typo fails at load
+//! with the key's name; `validate` checks what types cannot (references between sections,
+//! regexes, ranges) and names the key in each message.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use tessera_balance::Policy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid config: {key}: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    tessera_core::parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    s.map(|s| tessera_core::parse_duration(&s).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    #[serde(default)]
+    pub registry: RegistryConfig,
+    /// How long SIGTERM waits for in-flight requests.
+    #[serde(default = "default_drain", deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+    /// Largest request body buffered so the request can be retried.
+    #[serde(default = "default_replay_cap")]
+    pub max_replay_body_bytes: usize,
+    #[serde(default)]
+    pub access_log: AccessLog,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8081))
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_replay_cap() -> usize {
+    64 * 1024
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// `host:port` of tessera server or Consul.
+    #[serde(default = "default_registry")]
+    pub address: String,
+    /// ACL token; `TESSERA_REGISTRY_TOKEN` in the environment wins. Never logged.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Blocking-query wait.
+    #[serde(default = "default_wait", deserialize_with = "duration")]
+    pub wait: Duration,
+}
+
+fn default_registry() -> String {
+    "127.0.0.1:8500".into()
+}
+fn default_wait() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            address: default_registry(),
+            token: None,
+            wait: default_wait(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// Share of requests logged as JSON lines on stdout (0 = off, 1 = all).
+    #[serde(default)]
+    pub sample: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: Option<String>,
+    /// Exact host, or `*.example.com` for any subdomain.
+    pub host: Option<String>,
+    #[serde(default)]
+    pub path: PathMatch,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Header name → exact value that must be present.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Name of an entry in `[upstreams]`.
+    pub upstream: Option<String>,
+    /// Remove the matched prefix before forwarding (prefix routes only).
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Replace the matched prefix with this one (prefix routes only).
+    pub rewrite_prefix: Option<String>,
+    /// Route deadline over all tries (default 15 s).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub timeout: Option<Duration>,
+    /// Per-try timeout (default: the route deadline).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub per_try_timeout: Option<Duration>,
+    #[serde(default)]
+    pub retries: Option<RetryConfig>,
+    #[serde(default)]
+    pub request_headers: HeaderEdits,
+    #[serde(default)]
+    pub response_headers: HeaderEdits,
+    /// A static answer when no upstream answer can be had.
+    pub fallback: Option<Fallback>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PathMatch {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub regex: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Retries after the first try (default 2).
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    /// Retry 502/503/504 and resets for non-idempotent methods too.
+    #[serde(default)]
+    pub retry_non_idempotent: bool,
+}
+
+fn default_attempts() -> u32 {
+    2
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderEdits {
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fallback {
+    #[serde(default = "default_fallback_status")]
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default = "default_fallback_type")]
+    pub content_type: String,
+}
+
+fn default_fallback_status() -> u16 {
+    200
+}
+fn default_fallback_type() -> String {
+    "application/json".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Registry service to discover.
+    pub service: Option<String>,
+    /// Static endpoints: `"host:port"` or `"host:port weight"`.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub policy: Policy,
+    /// Hash key for `policy = "maglev"`.
+    pub hash: Option<HashOn>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    #[serde(default = "default_connect", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_idle", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight: usize,
+    /// Below this share of usable endpoints (percent), balance over all of them.
+    #[serde(default = "default_panic")]
+    pub panic_threshold: u32,
+    #[serde(default)]
+    pub breaker: BreakerSettings,
+    #[serde(default)]
+    pub outlier: OutlierSettings,
+    #[serde(default)]
+    pub retry_budget: BudgetSettings,
+}
+
+fn default_connect() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_in_flight() -> usize {
+    1024
+}
+fn default_panic() -> u32 {
+    50
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Http1,
+    H2c,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum HashOn {
+    Header(String),
+    Cookie(String),
+    ClientIp(bool),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSettings {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "half")]
+    pub error_rate: f64,
+    #[serde(default = "ten_s", deserialize_with = "duration")]
+    pub window: Duration,
+    #[serde(default = "twenty")]
+    pub min_calls: u32,
+    #[serde(default = "five_s", deserialize_with = "duration")]
+    pub open_for: Duration,
+    #[serde(default = "three")]
+    pub half_open_probes: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+fn half() -> f64 {
+    0.5
+}
+fn ten_s() -> Duration {
+    Duration::from_secs(10)
+}
+fn five_s() -> Duration {
+    Duration::from_secs(5)
+}
+fn twenty() -> u32 {
+    20
+}
+fn three() -> u32 {
+    3
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            enabled: true,
+            error_rate: half(),
+            window: ten_s(),
+            min_calls: twenty(),
+            open_for: five_s(),
+            half_open_probes: three(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierSettings {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "five")]
+    pub consecutive_errors: u32,
+    #[serde(default = "ten_s", deserialize_with = "duration")]
+    pub base_ejection: Duration,
+    #[serde(default = "fifty")]
+    pub max_ejected_percent: u32,
+}
+
+fn five() -> u32 {
+    5
+}
+fn fifty() -> u32 {
+    50
+}
+
+impl Default for OutlierSettings {
+    fn default() -> Self {
+        OutlierSettings {
+            enabled: true,
+            consecutive_errors: five(),
+            base_ejection: ten_s(),
+            max_ejected_percent: fifty(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSettings {
+    #[serde(default = "fifth")]
+    pub ratio: f64,
+    #[serde(default = "ten")]
+    pub min_per_sec: u32,
+}
+
+fn fifth() -> f64 {
+    0.2
+}
+fn ten() -> u32 {
+    10
+}
+
+impl Default for BudgetSettings {
+    fn default() -> Self {
+        BudgetSettings {
+            ratio: fifth(),
+            min_per_sec: ten(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (i, r) in self.routes.iter().enumerate() {
+            let key = match &r.name {
+                Some(n) => format!("routes[{i}] ({n})"),
+                None => format!("routes[{i}]"),
+            };
+            let kinds = [&r.path.exact, &r.path.prefix, &r.path.regex]
+                .iter()
+                .filter(|p| p.is_some())
+                .count();
+            if kinds > 1 {
+                return Err(invalid(
+                    format!("{key}.path"),
+                    "set only one of exact, prefix, regex",
+                ));
+            }
+            for p in [&r.path.exact, &r.path.prefix].into_iter().flatten() {
+                if !p.starts_with('/') {
+                    return Err(invalid(
+                        format!("{key}.path"),
+                        format!("{p:?} must start with '/'"),
+                    ));
+                }
+            }
+            if let Some(re) = &r.path.regex {
+                regex::Regex::new(re)
+                    .map_err(|e| invalid(format!("{key}.path.regex"), e.to_string()))?;
+            }
+            if (r.strip_prefix || r.rewrite_prefix.is_some()) && r.path.prefix.is_none() {
+                return Err(invalid(
+                    key.clone(),
+                    "strip_prefix/rewrite_prefix need path.prefix",
+                ));
+            }
+            if r.strip_prefix && r.rewrite_prefix.is_some() {
+                return Err(invalid(
+                    key.clone(),
+                    "set strip_prefix or rewrite_prefix, not both",
+                ));
+            }
+            for m in &r.methods {
+                if http::Method::from_bytes(m.as_bytes()).is_err() {
+                    return Err(invalid(
+                        format!("{key}.methods"),
+                        format!("{m:?} is not an HTTP method"),
+                    ));
+                }
+            }
+            for (name, value) in r
+                .headers
+                .iter()
+                .chain(r.request_headers.add.iter())
+                .chain(r.response_headers.add.iter())
+            {
+                http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    invalid(key.clone(), format!("{name:?} is not a valid header name"))
+                })?;
+                http::HeaderValue::from_str(value).map_err(|_| {
+                    invalid(
+                        key.clone(),
+                        format!("header {name}: {value:?} is not a valid value"),
+                    )
+                })?;
+            }
+            match (&r.upstream, &r.fallback) {
+                (None, None) => {
+                    return Err(invalid(key.clone(), "needs an upstream or a fallback"));
+                }
+                (Some(u), _) if !self.upstreams.contains_key(u) => {
+                    return Err(invalid(
+                        format!("{key}.upstream"),
+                        format!("no [upstreams.{u}] section"),
+                    ));
+                }
+                _ => {}
+            }
+            if let Some(f) = &r.fallback
+                && http::StatusCode::from_u16(f.status).is_err()
+            {
+                return Err(invalid(
+                    format!("{key}.fallback.status"),
+                    format!("{} is not an HTTP status", f.status),
+                ));
+            }
+            if let Some(rt) = &r.retries
+                && rt.attempts > 10
+            {
+                return Err(invalid(format!("{key}.retries.attempts"), "at most 10"));
+            }
+            if r.timeout.is_some_and(|t| t.is_zero()) {
+                return Err(invalid(format!("{key}.timeout"), "must be greater than 0"));
+            }
+        }
+        for (name, u) in &self.upstreams {
+            let key = format!("upstreams.{name}");
+            match (&u.service, u.endpoints.is_empty()) {
+                (Some(_), false) => return Err(invalid(key, "set service or endpoints, not both")),
+                (None, true) => return Err(invalid(key, "needs service or endpoints")),
+                _ => {}
+            }
+            for e in &u.endpoints {
+                parse_endpoint(e).map_err(|p| invalid(format!("{key}.endpoints"), p))?;
+            }
+            if u.policy == Policy::Maglev && u.hash.is_none() {
+                return Err(invalid(
+                    format!("{key}.hash"),
+                    "policy maglev needs hash = { header = .. } / { cookie = .. } / { client_ip = true }",
+                ));
+            }
+            if u.max_in_flight == 0 {
+                return Err(invalid(
+                    format!("{key}.max_in_flight"),
+                    "must be at least 1",
+                ));
+            }
+            if u.panic_threshold > 100 {
+                return Err(invalid(
+                    format!("{key}.panic_threshold"),
+                    "a percentage: 0-100",
+                ));
+            }
+            if !(0.0..=1.0).contains(&u.breaker.error_rate) {
+                return Err(invalid(
+                    format!("{key}.breaker.error_rate"),
+                    "a ratio: 0.0-1.0",
+                ));
+            }
+            if u.outlier.max_ejected_percent > 100 {
+                return Err(invalid(
+                    format!("{key}.outlier.max_ejected_percent"),
+                    "a percentage: 0-100",
+                ));
+            }
+            if !(0.0..=10.0).contains(&u.retry_budget.ratio) {
+                return Err(invalid(
+                    format!("{key}.retry_budget.ratio"),
+                    "a ratio: 0.0-10.0",
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.access_log.sample) {
+            return Err(invalid("access_log.sample", "a ratio: 0.0-1.0"));
+        }
+        Ok(())
+    }
+}
+
+/// `"host:port"` or `"host:port weight"` → (authority, weight).
+pub fn parse_endpoint(s: &str) -> Result<(String, u32), String> {
+    let mut parts = s.split_whitespace();
+    let addr = parts
+        .next()
+        .ok_or_else(|| format!("{s:?}: empty endpoint"))?;
+    let weight = match parts.next() {
+        None => 1,
+        Some(w) => w
+            .parse::<u32>()
+            .ok()
+            .filter(|w| *w > 0)
+            .ok_or_else(|| format!("{s:?}: weight must be a positive integer"))?,
+    };
+    if parts.next().is_some() {
+        return Err(format!(
+            "{s:?}: expected \"host:port\" or \"host:port weight\""
+        ));
+    }
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?}: expected host:port"))?;
+    if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!("{s:?}: expected host:port with a port 1-65535"));
+    }
+    Ok((addr.to_owned(), weight))
+}

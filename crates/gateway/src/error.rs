@@ -1,0 +1,87 @@
+//! Every way a request can fail inside the gateway, and the one place they become HTTP
+//! answers: 502 for connect/IO failures, 503 when there is no endpoint or protection
+//! refuses (with `Retry-After`), 504 for deadlines; bodies are `{"error", "code"}`.
+
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::body::Body;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no route matches {method} {path}")]
+    NoRoute { method: String, path: String },
+    #[error("no healthy endpoint for upstream {0}")]
+    NoEndpoint(String),
+    #[error("circuit breaker for upstream {upstream} is open")]
+    BreakerOpen {
+        upstream: String,
+        retry_after: Duration,
+    },
+    #[error("upstream {upstream} has {max} requests in flight")]
+    BulkheadFull { upstream: String, max: usize },
+    #[error("cannot connect to upstream {upstream}: {detail}")]
+    Connect { upstream: String, detail: String },
+    #[error("upstream {upstream} failed: {detail}")]
+    Io { upstream: String, detail: String },
+    #[error("upstream {upstream} did not answer within {}", tessera_core::GoDuration(*.timeout))]
+    Timeout { upstream: String, timeout: Duration },
+    #[error("request body too large or unreadable: {0}")]
+    Body(String),
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            GatewayError::NoEndpoint(_)
+            | GatewayError::BreakerOpen { .. }
+            | GatewayError::BulkheadFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Connect { .. } | GatewayError::Io { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::Body(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::NoRoute { .. } => "no_route",
+            GatewayError::NoEndpoint(_) => "no_endpoint",
+            GatewayError::BreakerOpen { .. } => "breaker_open",
+            GatewayError::BulkheadFull { .. } => "bulkhead_full",
+            GatewayError::Connect { .. } => "upstream_connect",
+            GatewayError::Io { .. } => "upstream_io",
+            GatewayError::Timeout { .. } => "deadline_exceeded",
+            GatewayError::Body(_) => "bad_request_body",
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            GatewayError::BreakerOpen { retry_after, .. } => Some(*retry_after),
+            GatewayError::BulkheadFull { .. } | GatewayError::NoEndpoint(_) => {
+                Some(Duration::from_secs(1))
+            }
+            _ => None,
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let body = serde_json::json!({"error": self.to_string(), "code": self.code()});
+        let mut resp = Response::new(Body::bytes(body.to_string()));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(d) = self.retry_after() {
+            h.insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(d.as_secs().max(1)),
+            );
+        }
+        resp
+    }
+}

@@ -1,0 +1,435 @@
+//! The request path: route → bulkhead → (per try: balancer over usable endpoints →
+//! breaker → upstream call with per-try timeout) → retry decision under the budget →
+//! response edits. Errors become responses only in `GatewayError::into_response`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Body as _, Incoming};
+use tokio::time::Instant;
+
+use crate::Shared;
+use crate::body::Body;
+use crate::config::{HashOn, Protocol};
+use crate::error::GatewayError;
+use crate::routes::Route;
+use crate::upstream::Upstream;
+
+/// Latency charged to an endpoint that failed to connect or reset, so peak-EWMA steers
+/// away from it even though the failure itself was quick.
+const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
+static HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn host_of(req: &Request<Incoming>) -> &str {
+    let raw = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    // Strip a port, keeping IPv6 literals intact.
+    match raw.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') && h.contains(':') => {
+            let _ = p;
+            raw
+        }
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => raw,
+    }
+}
+
+pub async fn handle(gw: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let start = Instant::now();
+    let table = gw.table.load_full();
+    let method = req.method().clone();
+    let Some(route) = table.find(&method, host_of(&req), req.uri().path(), req.headers()) else {
+        return GatewayError::NoRoute {
+            method: method.to_string(),
+            path: req.uri().path().to_owned(),
+        }
+        .into_response();
+    };
+    let path_for_log = if gw.access_sample > 0.0 {
+        Some(req.uri().path().to_owned())
+    } else {
+        None
+    };
+    let mut resp = match forward(&gw, route, req, peer).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            if !matches!(e, GatewayError::NoRoute { .. }) {
+                tracing::debug!(route = %route.name, error = %e, "request failed");
+            }
+            match &route.fallback {
+                Some(f) => {
+                    let mut r = Response::new(Body::bytes(f.body.clone()));
+                    *r.status_mut() = f.status;
+                    r.headers_mut()
+                        .insert(header::CONTENT_TYPE, f.content_type.clone());
+                    r
+                }
+                None => e.into_response(),
+            }
+        }
+    };
+    let h = resp.headers_mut();
+    for name in &route.remove_response {
+        h.remove(name);
+    }
+    for (k, v) in &route.add_response {
+        h.insert(k.clone(), v.clone());
+    }
+    let elapsed = start.elapsed();
+    route.metrics.record(resp.status().as_u16(), elapsed);
+    if let Some(path) = path_for_log
+        && fastrand::f64() < gw.access_sample
+    {
+        let line = serde_json::json!({
+            "ts_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            "client": peer.ip().to_string(),
+            "method": method.as_str(),
+            "path": path,
+            "route": route.name,
+            "upstream": route.upstream.as_ref().map(|u| u.name.as_str()),
+            "status": resp.status().as_u16(),
+            "duration_ms": elapsed.as_secs_f64() * 1000.0,
+        });
+        println!("{line}");
+    }
+    resp
+}
+
+/// The request body as the retry loop sees it.
+enum Payload {
+    /// Held in memory: can be sent again.
+    Replayable(Bytes),
+    /// Streamed: can be sent once.
+    Stream(Option<Incoming>),
+}
+
+async fn read_payload(body: Incoming, cap: usize) -> Result<Payload, GatewayError> {
+    if body.is_end_stream() {
+        return Ok(Payload::Replayable(Bytes::new()));
+    }
+    match body.size_hint().exact() {
+        Some(n) if n as usize <= cap => {
+            let collected = Limited::new(body, cap)
+                .collect()
+                .await
+                .map_err(|e| GatewayError::Body(e.to_string()))?;
+            Ok(Payload::Replayable(collected.to_bytes()))
+        }
+        _ => Ok(Payload::Stream(Some(body))),
+    }
+}
+
+async fn forward(
+    gw: &Shared,
+    route: &Route,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, GatewayError> {
+    let Some(up) = &route.upstream else {
+        return Err(GatewayError::NoEndpoint(
+            "(none: fallback-only route)".into(),
+        ));
+    };
+    let _slot = up.bulkhead.try_acquire().map_err(|e| {
+        up.metrics
+            .bulkhead_rejections
+            .fetch_add(1, Ordering::Relaxed);
+        GatewayError::BulkheadFull {
+            upstream: up.name.clone(),
+            max: e.max,
+        }
+    })?;
+    up.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    up.budget.deposit();
+
+    let (parts, body) = req.into_parts();
+    let retry_allowed = is_idempotent(&parts.method) || route.retry_non_idempotent;
+    let mut payload = read_payload(body, gw.replay_cap).await?;
+    let headers = upstream_headers(&parts.headers, &parts.uri, route, peer);
+    let path = route.rewrite_path(parts.uri.path());
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.into_owned(),
+    };
+    let hash = up.hash.as_ref().map(|h| hash_of(h, &parts.headers, peer));
+    let deadline = Instant::now() + route.timeout;
+    let mut tried: Vec<usize> = Vec::new();
+    let mut attempt = 0u32;
+    loop {
+        let snapshot = up.feed.snapshot.load();
+        let set = &snapshot.set;
+        let total = set.len();
+        let ejected = snapshot.outliers.iter().filter(|o| o.is_ejected()).count();
+        // Panic threshold: with too few healthy endpoints, ejection is ignored.
+        let panic = total > 0 && (total - ejected) * 100 < total * up.panic_threshold as usize;
+        let fresh_left = (0..total).any(|i| !tried.contains(&i));
+        let usable = |i: usize| {
+            (panic || !snapshot.outliers[i].is_ejected()) && (!fresh_left || !tried.contains(&i))
+        };
+        let Some(idx) = up.balancer.pick(set, &usable, hash) else {
+            return Err(GatewayError::NoEndpoint(up.name.clone()));
+        };
+        let endpoint = &set.endpoints[idx];
+        let permit = match &up.breaker {
+            Some(b) => Some(b.try_acquire().map_err(|e| {
+                up.metrics
+                    .breaker_rejections
+                    .fetch_add(1, Ordering::Relaxed);
+                GatewayError::BreakerOpen {
+                    upstream: up.name.clone(),
+                    retry_after: e.retry_after,
+                }
+            })?),
+            None => None,
+        };
+        let body = match &mut payload {
+            Payload::Replayable(b) => Body::bytes(b.clone()),
+            Payload::Stream(s) => match s.take() {
+                Some(b) => Body::Stream(b),
+                None => Body::empty(),
+            },
+        };
+        let uri: Uri = format!("http://{}{}", endpoint.addr, path_and_query)
+            .parse()
+            .map_err(|e| GatewayError::Io {
+                upstream: up.name.clone(),
+                detail: format!("bad upstream URI: {e}"),
+            })?;
+        let mut out = Request::new(body);
+        *out.method_mut() = parts.method.clone();
+        *out.uri_mut() = uri;
+        *out.version_mut() = match up.protocol {
+            Protocol::Http1 => Version::HTTP_11,
+            Protocol::H2c => Version::HTTP_2,
+        };
+        *out.headers_mut() = headers.clone();
+
+        let now = Instant::now();
+        let remaining = deadline.saturating_duration_since(now);
+        let per_try = route.per_try_timeout.min(remaining);
+        let in_flight = endpoint.load.start();
+        let outcome = tokio::time::timeout(per_try, up.client.request(out)).await;
+        let replayable = matches!(payload, Payload::Replayable(_));
+        let (err, retryable): (GatewayError, bool) = match outcome {
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                let gateway_error = matches!(
+                    status,
+                    StatusCode::BAD_GATEWAY
+                        | StatusCode::SERVICE_UNAVAILABLE
+                        | StatusCode::GATEWAY_TIMEOUT
+                );
+                in_flight.finish();
+                if !gateway_error {
+                    snapshot.outliers[idx].success();
+                    if let Some(p) = permit {
+                        p.success();
+                    }
+                    return Ok(downstream_response(resp));
+                }
+                record_failure(up, &snapshot, idx, ejected, permit);
+                let can_retry = retry_allowed && replayable;
+                if !(can_retry && should_retry(up, route, attempt, deadline)) {
+                    return Ok(downstream_response(resp));
+                }
+                attempt += 1;
+                tried.push(idx);
+                continue;
+            }
+            Ok(Err(e)) => {
+                endpoint.load.observe(FAILURE_PENALTY);
+                drop(in_flight);
+                record_failure(up, &snapshot, idx, ejected, permit);
+                if e.is_connect() {
+                    // Nothing reached the upstream: always safe to try elsewhere.
+                    (
+                        GatewayError::Connect {
+                            upstream: up.name.clone(),
+                            detail: format!("{}: {}", endpoint.addr, error_chain(&e)),
+                        },
+                        replayable,
+                    )
+                } else {
+                    (
+                        GatewayError::Io {
+                            upstream: up.name.clone(),
+                            detail: format!("{}: {}", endpoint.addr, error_chain(&e)),
+                        },
+                        retry_allowed && replayable,
+                    )
+                }
+            }
+            Err(_) => {
+                endpoint.load.observe(per_try);
+                drop(in_flight);
+                record_failure(up, &snapshot, idx, ejected, permit);
+                (
+                    GatewayError::Timeout {
+                        upstream: up.name.clone(),
+                        timeout: if per_try < route.per_try_timeout {
+                            route.timeout
+                        } else {
+                            per_try
+                        },
+                    },
+                    retry_allowed && replayable,
+                )
+            }
+        };
+        if !(retryable && should_retry(up, route, attempt, deadline)) {
+            return Err(err);
+        }
+        attempt += 1;
+        tried.push(idx);
+    }
+}
+
+fn should_retry(up: &Upstream, route: &Route, attempt: u32, deadline: Instant) -> bool {
+    if attempt >= route.retries || Instant::now() >= deadline {
+        return false;
+    }
+    if !up.budget.try_withdraw() {
+        up.metrics.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    up.metrics.retries.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+fn record_failure(
+    up: &Upstream,
+    snapshot: &crate::upstream::Snapshot,
+    idx: usize,
+    ejected: usize,
+    permit: Option<tessera_resilience::Permit>,
+) {
+    if let Some(p) = permit {
+        p.failure();
+    }
+    if let Some(cfg) = &up.outlier
+        && let Some(d) = snapshot.outliers[idx].failure(cfg, ejected, snapshot.set.len())
+    {
+        up.metrics.ejections.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(upstream = %up.name, endpoint = %snapshot.set.endpoints[idx].addr,
+            seconds = d.as_secs(), "endpoint ejected after consecutive errors");
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// Headers for the upstream request: hop-by-hop ones removed (and any the client named in
+/// `Connection`), the route's edits applied, `X-Forwarded-*` set, and the client's host
+/// kept (HTTP/2 clients send it as `:authority`).
+fn upstream_headers(src: &HeaderMap, uri: &Uri, route: &Route, peer: SocketAddr) -> HeaderMap {
+    let mut h = src.clone();
+    let named: Vec<HeaderName> = src
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(named.iter()) {
+        h.remove(name);
+    }
+    // `te: trailers` is the one TE value that must pass (gRPC needs it).
+    let keep_te = src
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !keep_te {
+        h.remove(header::TE);
+    }
+    if !h.contains_key(header::HOST)
+        && let Some(a) = uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        h.insert(header::HOST, v);
+    }
+    for name in &route.remove_request {
+        h.remove(name);
+    }
+    for (k, v) in &route.add_request {
+        h.insert(k.clone(), v.clone());
+    }
+    let ip = peer.ip().to_string();
+    let xff = match src.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    h.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("http"),
+    );
+    h
+}
+
+fn downstream_response(resp: Response<Incoming>) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    for name in &HOP_BY_HOP {
+        parts.headers.remove(name);
+    }
+    Response::from_parts(parts, Body::Stream(body))
+}
+
+fn hash_of(on: &HashOn, headers: &HeaderMap, peer: SocketAddr) -> u64 {
+    match on {
+        HashOn::Header(name) => {
+            let v = headers
+                .get(name.as_str())
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            tessera_balance::hash_key(v)
+        }
+        HashOn::Cookie(name) => {
+            let value = headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|kv| kv.trim().split_once('='))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v)
+                .unwrap_or("");
+            tessera_balance::hash_key(value.as_bytes())
+        }
+        HashOn::ClientIp(_) => tessera_balance::hash_key(peer.ip().to_string().as_bytes()),
+    }
+}

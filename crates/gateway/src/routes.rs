@@ -1,0 +1,289 @@
+//! The route table: config routes compiled into matchers, sorted into one documented
+//! precedence order, swapped atomically on reload.
+//!
+//! Precedence (first match wins):
+//! 1. routes with an exact `host`, then with a wildcard host (`*.example.com`), then
+//!    routes without a host;
+//! 2. within that, exact paths, then regex paths (in file order), then prefix paths,
+//!    longest prefix first, then routes without a path;
+//! 3. remaining ties go to the route that comes first in the file.
+//!
+//! Methods and headers narrow a route; they do not change its rank.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+use regex::Regex;
+
+use crate::config::{Config, RouteConfig};
+use crate::metrics::RouteMetrics;
+use crate::upstream::{Discovery, Upstream};
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+const DEFAULT_RETRIES: u32 = 2;
+
+#[derive(Debug, Clone)]
+enum HostMatch {
+    Any,
+    Exact(String),
+    /// `*.example.com` → ".example.com"
+    Suffix(String),
+}
+
+#[derive(Debug, Clone)]
+enum PathKind {
+    Any,
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+#[derive(Debug, Clone)]
+pub enum Rewrite {
+    None,
+    Strip(String),
+    Replace(String, String),
+}
+
+pub struct Fallback {
+    pub status: StatusCode,
+    pub body: Bytes,
+    pub content_type: HeaderValue,
+}
+
+pub struct Route {
+    pub name: String,
+    host: HostMatch,
+    path: PathKind,
+    methods: Vec<Method>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    pub upstream: Option<Arc<Upstream>>,
+    pub rewrite: Rewrite,
+    pub timeout: Duration,
+    pub per_try_timeout: Duration,
+    pub retries: u32,
+    pub retry_non_idempotent: bool,
+    pub add_request: Vec<(HeaderName, HeaderValue)>,
+    pub remove_request: Vec<HeaderName>,
+    pub add_response: Vec<(HeaderName, HeaderValue)>,
+    pub remove_response: Vec<HeaderName>,
+    pub fallback: Option<Fallback>,
+    pub metrics: RouteMetrics,
+    /// What `/admin/routes` shows.
+    pub describe: serde_json::Value,
+}
+
+impl Route {
+    fn rank(&self, index: usize) -> (u8, u8, std::cmp::Reverse<usize>, usize) {
+        let host = match self.host {
+            HostMatch::Exact(_) => 0,
+            HostMatch::Suffix(_) => 1,
+            HostMatch::Any => 2,
+        };
+        let (path, len) = match &self.path {
+            PathKind::Exact(_) => (0, 0),
+            PathKind::Regex(_) => (1, 0),
+            PathKind::Prefix(p) => (2, p.len()),
+            PathKind::Any => (3, 0),
+        };
+        (host, path, std::cmp::Reverse(len), index)
+    }
+
+    fn matches(&self, method: &Method, host: &str, path: &str, headers: &http::HeaderMap) -> bool {
+        let host_ok = match &self.host {
+            HostMatch::Any => true,
+            HostMatch::Exact(h) => host.eq_ignore_ascii_case(h),
+            HostMatch::Suffix(s) => {
+                host.len() > s.len() && host[host.len() - s.len()..].eq_ignore_ascii_case(s)
+            }
+        };
+        if !host_ok {
+            return false;
+        }
+        let path_ok = match &self.path {
+            PathKind::Any => true,
+            PathKind::Exact(p) => path == p,
+            PathKind::Prefix(p) => {
+                path.starts_with(p.as_str())
+                    && (p.ends_with('/')
+                        || path.len() == p.len()
+                        || path.as_bytes()[p.len()] == b'/')
+            }
+            PathKind::Regex(r) => r.is_match(path),
+        };
+        if !path_ok {
+            return false;
+        }
+        if !self.methods.is_empty() && !self.methods.contains(method) {
+            return false;
+        }
+        self.headers
+            .iter()
+            .all(|(k, v)| headers.get_all(k).iter().any(|have| have == v))
+    }
+
+    /// The path the upstream receives.
+    pub fn rewrite_path<'a>(&self, path: &'a str) -> std::borrow::Cow<'a, str> {
+        match &self.rewrite {
+            Rewrite::None => path.into(),
+            Rewrite::Strip(prefix) => {
+                let rest = path.strip_prefix(prefix.as_str()).unwrap_or(path);
+                if rest.starts_with('/') {
+                    rest.into()
+                } else {
+                    format!("/{rest}").into()
+                }
+            }
+            Rewrite::Replace(prefix, with) => {
+                let rest = path.strip_prefix(prefix.as_str()).unwrap_or(path);
+                let joined = match (with.ends_with('/'), rest.starts_with('/')) {
+                    (true, true) => format!("{with}{}", &rest[1..]),
+                    (false, false) if !rest.is_empty() => format!("{with}/{rest}"),
+                    _ => format!("{with}{rest}"),
+                };
+                joined.into()
+            }
+        }
+    }
+}
+
+pub struct Table {
+    pub routes: Vec<Route>,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+}
+
+impl Table {
+    /// Compiles a validated config. Upstreams for registry services share discovery feeds
+    /// with the previous generation, so a reload never empties an endpoint set.
+    pub fn build(cfg: &Config, discovery: &Discovery) -> Table {
+        let upstreams: HashMap<String, Arc<Upstream>> = cfg
+            .upstreams
+            .iter()
+            .map(|(name, u)| (name.clone(), Arc::new(Upstream::build(name, u, discovery))))
+            .collect();
+        let services: Vec<String> = cfg
+            .upstreams
+            .values()
+            .filter_map(|u| u.service.clone())
+            .collect();
+        discovery.retain(&services);
+        let mut ranked: Vec<(usize, Route)> = cfg
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (i, compile(i, r, &upstreams)))
+            .collect();
+        ranked.sort_by_key(|(i, r)| r.rank(*i));
+        Table {
+            routes: ranked.into_iter().map(|(_, r)| r).collect(),
+            upstreams,
+        }
+    }
+
+    pub fn find(
+        &self,
+        method: &Method,
+        host: &str,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|r| r.matches(method, host, path, headers))
+    }
+}
+
+fn header_pairs(
+    map: &std::collections::BTreeMap<String, String>,
+) -> Vec<(HeaderName, HeaderValue)> {
+    // Validated at load; anything unparsable was refused there.
+    map.iter()
+        .filter_map(|(k, v)| {
+            Some((
+                HeaderName::from_bytes(k.as_bytes()).ok()?,
+                HeaderValue::from_str(v).ok()?,
+            ))
+        })
+        .collect()
+}
+
+fn header_names(list: &[String]) -> Vec<HeaderName> {
+    list.iter()
+        .filter_map(|k| HeaderName::from_bytes(k.as_bytes()).ok())
+        .collect()
+}
+
+fn compile(i: usize, r: &RouteConfig, upstreams: &HashMap<String, Arc<Upstream>>) -> Route {
+    let host = match r.host.as_deref() {
+        None | Some("") | Some("*") => HostMatch::Any,
+        Some(h) => match h.strip_prefix('*') {
+            Some(suffix) => HostMatch::Suffix(suffix.to_ascii_lowercase()),
+            None => HostMatch::Exact(h.to_ascii_lowercase()),
+        },
+    };
+    let path = match (&r.path.exact, &r.path.prefix, &r.path.regex) {
+        (Some(e), _, _) => PathKind::Exact(e.clone()),
+        (_, Some(p), _) if p == "/" => PathKind::Any,
+        (_, Some(p), _) => PathKind::Prefix(p.clone()),
+        (_, _, Some(re)) => match Regex::new(re) {
+            Ok(re) => PathKind::Regex(re),
+            Err(_) => PathKind::Exact(String::new()),
+        },
+        _ => PathKind::Any,
+    };
+    let rewrite = match (&r.path.prefix, r.strip_prefix, &r.rewrite_prefix) {
+        (Some(p), true, _) => Rewrite::Strip(p.trim_end_matches('/').to_owned()),
+        (Some(p), false, Some(with)) => {
+            Rewrite::Replace(p.trim_end_matches('/').to_owned(), with.clone())
+        }
+        _ => Rewrite::None,
+    };
+    let timeout = r.timeout.unwrap_or(DEFAULT_TIMEOUT);
+    let name = r.name.clone().unwrap_or_else(|| format!("route{i}"));
+    let describe = serde_json::json!({
+        "name": name,
+        "host": r.host,
+        "path": {"exact": r.path.exact, "prefix": r.path.prefix, "regex": r.path.regex},
+        "methods": r.methods,
+        "headers": r.headers,
+        "upstream": r.upstream,
+        "timeout": tessera_core::format_duration(timeout),
+        "retries": r.retries.as_ref().map(|x| x.attempts).unwrap_or(DEFAULT_RETRIES),
+    });
+    Route {
+        name,
+        host,
+        path,
+        methods: r
+            .methods
+            .iter()
+            .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+            .collect(),
+        headers: header_pairs(&r.headers),
+        upstream: r.upstream.as_ref().and_then(|u| upstreams.get(u).cloned()),
+        rewrite,
+        timeout,
+        per_try_timeout: r.per_try_timeout.unwrap_or(timeout).min(timeout),
+        retries: r
+            .retries
+            .as_ref()
+            .map(|x| x.attempts)
+            .unwrap_or(DEFAULT_RETRIES),
+        retry_non_idempotent: r.retries.as_ref().is_some_and(|x| x.retry_non_idempotent),
+        add_request: header_pairs(&r.request_headers.add),
+        remove_request: header_names(&r.request_headers.remove),
+        add_response: header_pairs(&r.response_headers.add),
+        remove_response: header_names(&r.response_headers.remove),
+        fallback: r.fallback.as_ref().map(|f| Fallback {
+            status: StatusCode::from_u16(f.status).unwrap_or(StatusCode::OK),
+            body: Bytes::from(f.body.clone()),
+            content_type: HeaderValue::from_str(&f.content_type)
+                .unwrap_or(HeaderValue::from_static("text/plain")),
+        }),
+        metrics: RouteMetrics::default(),
+        describe,
+    }
+}

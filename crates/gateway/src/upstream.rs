@@ -1,0 +1,406 @@
+//! Upstreams: where a route's requests go. Each holds a swappable endpoint snapshot (static,
+//! or fed by a registry blocking query), a balancer, a connection pool and its protection
+//! (breaker, bulkhead, retry budget, per-endpoint outlier state).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use serde::Deserialize;
+use tessera_balance::{Balancer, Endpoint, EndpointSet};
+use tessera_resilience::{
+    BreakerConfig, BudgetConfig, Bulkhead, CircuitBreaker, Outlier, OutlierConfig, RetryBudget,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::body::Body;
+use crate::config::{HashOn, Protocol, RegistryConfig, UpstreamConfig, parse_endpoint};
+
+pub type HttpClient = Client<HttpConnector, Body>;
+
+/// Endpoints plus their outlier state, swapped as one.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub set: EndpointSet,
+    pub outliers: Vec<Arc<Outlier>>,
+}
+
+impl Snapshot {
+    pub fn empty() -> Snapshot {
+        Snapshot {
+            set: EndpointSet::new(Vec::new()),
+            outliers: Vec::new(),
+        }
+    }
+
+    /// A new snapshot that keeps load and outlier state of endpoints it shares with `old`.
+    pub fn next(endpoints: Vec<Endpoint>, old: &Snapshot) -> Snapshot {
+        let outliers = endpoints
+            .iter()
+            .map(|e| {
+                old.set
+                    .endpoints
+                    .iter()
+                    .position(|p| p.addr == e.addr)
+                    .map(|i| old.outliers[i].clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        Snapshot {
+            set: EndpointSet::inherit(endpoints, &old.set),
+            outliers,
+        }
+    }
+}
+
+/// Discovery's view of one registry service, shared by every upstream (and every config
+/// generation) that targets it.
+#[derive(Debug)]
+pub struct Feed {
+    pub service: String,
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Set once the registry has answered at least once.
+    pub ready: AtomicBool,
+    /// False while the registry is unreachable (the last endpoints keep serving).
+    pub registry_ok: AtomicBool,
+    pub updates: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+pub struct UpstreamMetrics {
+    pub requests: AtomicU64,
+    pub retries: AtomicU64,
+    pub budget_exhausted: AtomicU64,
+    pub ejections: AtomicU64,
+    pub breaker_rejections: AtomicU64,
+    pub bulkhead_rejections: AtomicU64,
+}
+
+pub struct Upstream {
+    pub name: String,
+    pub feed: Arc<Feed>,
+    pub balancer: Balancer,
+    pub hash: Option<HashOn>,
+    pub protocol: Protocol,
+    pub panic_threshold: u32,
+    pub breaker: Option<CircuitBreaker>,
+    pub bulkhead: Bulkhead,
+    pub budget: RetryBudget,
+    pub outlier: Option<OutlierConfig>,
+    pub client: HttpClient,
+    pub metrics: UpstreamMetrics,
+}
+
+impl Upstream {
+    pub fn build(name: &str, cfg: &UpstreamConfig, discovery: &Discovery) -> Upstream {
+        let feed = match &cfg.service {
+            Some(service) => discovery.feed(service),
+            None => {
+                let endpoints = cfg
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| parse_endpoint(e).ok())
+                    .map(|(addr, w)| Endpoint::new(addr, w))
+                    .collect();
+                Arc::new(Feed {
+                    service: String::new(),
+                    snapshot: ArcSwap::from_pointee(Snapshot::next(endpoints, &Snapshot::empty())),
+                    ready: AtomicBool::new(true),
+                    registry_ok: AtomicBool::new(true),
+                    updates: AtomicU64::new(0),
+                })
+            }
+        };
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(cfg.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(30)));
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(cfg.idle_timeout)
+            .pool_max_idle_per_host(usize::MAX)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new());
+        if cfg.protocol == Protocol::H2c {
+            builder.http2_only(true);
+        }
+        let client = builder.build(connector);
+        let b = &cfg.breaker;
+        Upstream {
+            name: name.to_owned(),
+            feed,
+            balancer: Balancer::new(cfg.policy),
+            hash: cfg.hash.clone(),
+            protocol: cfg.protocol,
+            panic_threshold: cfg.panic_threshold,
+            breaker: b.enabled.then(|| {
+                CircuitBreaker::new(BreakerConfig {
+                    error_rate: b.error_rate,
+                    window: b.window,
+                    min_calls: b.min_calls,
+                    open_for: b.open_for,
+                    half_open_probes: b.half_open_probes,
+                })
+            }),
+            bulkhead: Bulkhead::new(cfg.max_in_flight),
+            budget: RetryBudget::new(BudgetConfig {
+                ratio: cfg.retry_budget.ratio,
+                min_per_sec: cfg.retry_budget.min_per_sec,
+                window: Duration::from_secs(10),
+            }),
+            outlier: cfg.outlier.enabled.then(|| OutlierConfig {
+                consecutive_errors: cfg.outlier.consecutive_errors,
+                base_ejection: cfg.outlier.base_ejection,
+                max_ejection: Duration::from_secs(300),
+                max_ejected_percent: cfg.outlier.max_ejected_percent,
+            }),
+            client,
+            metrics: UpstreamMetrics::default(),
+        }
+    }
+}
+
+/// Registry discovery: one blocking-query loop per service, shared across reloads.
+pub struct Discovery {
+    registry: RegistryConfig,
+    token: Option<String>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    feeds: Mutex<HashMap<String, (Arc<Feed>, CancellationToken)>>,
+}
+
+impl Discovery {
+    pub fn new(registry: RegistryConfig) -> Discovery {
+        let token = std::env::var("TESSERA_REGISTRY_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| registry.token.clone());
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        Discovery {
+            registry,
+            token,
+            client: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(600))
+                .build(connector),
+            feeds: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The feed for `service`, starting its discovery loop on first use.
+    pub fn feed(&self, service: &str) -> Arc<Feed> {
+        let mut feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((feed, _)) = feeds.get(service) {
+            return feed.clone();
+        }
+        let feed = Arc::new(Feed {
+            service: service.to_owned(),
+            snapshot: ArcSwap::from_pointee(Snapshot::empty()),
+            ready: AtomicBool::new(false),
+            registry_ok: AtomicBool::new(false),
+            updates: AtomicU64::new(0),
+        });
+        let cancel = CancellationToken::new();
+        tokio::spawn(watch(
+            feed.clone(),
+            self.client.clone(),
+            self.registry.clone(),
+            self.token.clone(),
+            cancel.clone(),
+        ));
+        feeds.insert(service.to_owned(), (feed.clone(), cancel));
+        feed
+    }
+
+    /// Stops discovery for services no upstream uses any more.
+    pub fn retain(&self, services: &[String]) {
+        let mut feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
+        feeds.retain(|name, (_, cancel)| {
+            let keep = services.contains(name);
+            if !keep {
+                cancel.cancel();
+            }
+            keep
+        });
+    }
+
+    pub fn stop(&self) {
+        let feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, cancel) in feeds.values() {
+            cancel.cancel();
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct HealthEntry {
+    #[serde(rename = "Node")]
+    node: NodePart,
+    #[serde(rename = "Service")]
+    service: ServicePart,
+}
+
+#[derive(Deserialize)]
+struct NodePart {
+    #[serde(rename = "Address", default)]
+    address: String,
+}
+
+#[derive(Deserialize)]
+struct ServicePart {
+    #[serde(rename = "Address", default)]
+    address: String,
+    #[serde(rename = "Port", default)]
+    port: u16,
+    #[serde(rename = "Weights", default)]
+    weights: Option<WeightsPart>,
+}
+
+#[derive(Deserialize)]
+struct WeightsPart {
+    #[serde(rename = "Passing", default)]
+    passing: u32,
+}
+
+/// The blocking-query loop for one service: each answer replaces the endpoint snapshot;
+/// errors keep the last snapshot and retry with backoff.
+async fn watch(
+    feed: Arc<Feed>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    registry: RegistryConfig,
+    token: Option<String>,
+    cancel: CancellationToken,
+) {
+    let mut index: u64 = 0;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let url = format!(
+            "http://{}/v1/health/service/{}?passing&index={index}&wait={}s",
+            registry.address,
+            encode(&feed.service),
+            registry.wait.as_secs().max(1)
+        );
+        let mut req = http::Request::get(url);
+        if let Some(t) = &token {
+            req = req.header("X-Consul-Token", t.as_str());
+        }
+        let Ok(req) = req.body(Full::new(Bytes::new())) else {
+            tracing::error!(service = %feed.service, "invalid discovery request");
+            return;
+        };
+        let deadline = registry.wait + registry.wait / 16 + Duration::from_secs(10);
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = tokio::time::timeout(deadline, fetch(&client, req)) => {
+                r.unwrap_or_else(|_| Err("discovery query timed out".into()))
+            }
+        };
+        match result {
+            Ok((new_index, entries)) => {
+                backoff = Duration::from_millis(100);
+                if !feed.registry_ok.swap(true, Ordering::Relaxed)
+                    && feed.ready.load(Ordering::Relaxed)
+                {
+                    tracing::info!(service = %feed.service, "registry reachable again");
+                }
+                // An index going backwards means the registry restarted: start over.
+                index = if new_index < index { 0 } else { new_index };
+                let endpoints: Vec<Endpoint> = entries
+                    .into_iter()
+                    .filter(|e| e.service.port != 0)
+                    .map(|e| {
+                        let host = if e.service.address.is_empty() {
+                            e.node.address
+                        } else {
+                            e.service.address
+                        };
+                        let weight = e.service.weights.map(|w| w.passing).unwrap_or(1).max(1);
+                        let authority = if host.contains(':') {
+                            format!("[{host}]:{}", e.service.port)
+                        } else {
+                            format!("{host}:{}", e.service.port)
+                        };
+                        Endpoint::new(authority, weight)
+                    })
+                    .collect();
+                let old = feed.snapshot.load();
+                let changed = old.set.endpoints.len() != endpoints.len()
+                    || old
+                        .set
+                        .endpoints
+                        .iter()
+                        .zip(&endpoints)
+                        .any(|(a, b)| a.addr != b.addr || a.weight != b.weight);
+                if changed || !feed.ready.load(Ordering::Relaxed) {
+                    tracing::debug!(service = %feed.service, endpoints = endpoints.len(), "endpoints updated");
+                    feed.snapshot
+                        .store(Arc::new(Snapshot::next(endpoints, &old)));
+                    feed.updates.fetch_add(1, Ordering::Relaxed);
+                }
+                feed.ready.store(true, Ordering::Release);
+            }
+            Err(e) => {
+                if feed.registry_ok.swap(false, Ordering::Relaxed)
+                    || !feed.ready.load(Ordering::Relaxed)
+                {
+                    tracing::warn!(service = %feed.service, error = %e,
+                        "registry unreachable; keeping the last known endpoints");
+                }
+                let jitter =
+                    Duration::from_millis(fastrand::u64(..=backoff.as_millis() as u64 / 2 + 1));
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff + jitter) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn fetch(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    req: http::Request<Full<Bytes>>,
+) -> Result<(u64, Vec<HealthEntry>), String> {
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let index = resp
+        .headers()
+        .get("x-consul-index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!(
+            "registry answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    let entries = serde_json::from_slice(&body).map_err(|e| format!("bad registry JSON: {e}"))?;
+    Ok((index, entries))
+}
+
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

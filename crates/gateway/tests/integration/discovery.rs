@@ -1,0 +1,170 @@
+//! Endpoints found through a real tessera registry with blocking queries.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use serde_json::json;
+
+use crate::support::{Http, TestGateway, Upstream, wait_for};
+
+struct Registry {
+    addr: std::net::SocketAddr,
+    http: Http,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    async fn start() -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tessera_registry::Server::build(
+            tessera_registry::Config {
+                data_dir: dir.path().into(),
+                node_name: "gw-test".into(),
+                ..Default::default()
+            },
+            &listener,
+        )
+        .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = server
+                .run(listener, async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        let http = Http::new(addr);
+        wait_for("registry up", || async {
+            http.get("/v1/status/leader").await.0 == StatusCode::OK
+        })
+        .await;
+        Registry {
+            addr,
+            http,
+            stop: Some(stop),
+            _dir: dir,
+        }
+    }
+
+    async fn register(&self, id: &str, up: &Upstream, weight: u32) {
+        let body = json!({"Name": "web", "ID": id, "Address": "127.0.0.1", "Port": up.addr.port(),
+            "Weights": {"Passing": weight, "Warning": 1}});
+        let (s, _, _) = self
+            .http
+            .send(
+                http::Method::PUT,
+                "/v1/agent/service/register",
+                &[],
+                body.to_string(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_follow_the_registry() {
+    let reg = Registry::start().await;
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    reg.register("a", &a, 3).await;
+    let gw = TestGateway::start(&format!(
+        r#"
+[registry]
+address = "{}"
+[[routes]]
+upstream = "web"
+[upstreams.web]
+service = "web"
+policy = "round_robin"
+"#,
+        reg.addr
+    ))
+    .await;
+    let admin = gw.admin_http();
+    wait_for("ready after first discovery", || async {
+        admin.get("/readyz").await.0 == StatusCode::OK
+    })
+    .await;
+    assert_eq!(gw.http.get("/").await.2["id"], "a");
+
+    // A new instance is used within moments of its registration, with its weight.
+    reg.register("b", &b, 1).await;
+    wait_for("b discovered", || async {
+        gw.upstreams().await["web"]["endpoints"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 2
+    })
+    .await;
+    let ups = gw.upstreams().await;
+    let weights: Vec<u64> = ups["web"]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["weight"].as_u64().unwrap())
+        .collect();
+    assert_eq!(weights, vec![3, 1]);
+    let mut from_b = 0;
+    for _ in 0..40 {
+        if gw.http.get("/").await.2["id"] == "b" {
+            from_b += 1;
+        }
+    }
+    assert_eq!(from_b, 10, "weights 3:1 honoured");
+
+    // Deregistration takes it out.
+    reg.http
+        .send(http::Method::PUT, "/v1/agent/service/deregister/a", &[], "")
+        .await;
+    wait_for("a gone", || async {
+        gw.upstreams().await["web"]["endpoints"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(gw.http.get("/").await.2["id"], "b");
+    }
+
+    // The registry goes away: the last endpoints keep serving, and the gateway says so.
+    let mut reg = reg;
+    if let Some(s) = reg.stop.take() {
+        let _ = s.send(());
+    }
+    wait_for("registry marked down", || async {
+        let (_, _, m) = admin.get("/metrics").await;
+        m.as_str()
+            .unwrap()
+            .contains("tessera_gateway_registry_up{upstream=\"web\"} 0")
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(gw.http.get("/").await.0, StatusCode::OK);
+    }
+    let _ = Duration::ZERO;
+}
+
+#[tokio::test]
+async fn no_instances_is_a_503_with_retry_after() {
+    let reg = Registry::start().await;
+    let gw = TestGateway::start(&format!(
+        "[registry]\naddress = \"{}\"\n[[routes]]\nupstream = \"web\"\n[upstreams.web]\nservice = \"nothing-here\"\n",
+        reg.addr
+    ))
+    .await;
+    wait_for("discovery answered", || async {
+        gw.admin_http().get("/readyz").await.0 == StatusCode::OK
+    })
+    .await;
+    let (s, hd, v) = gw.http.get("/").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(v["code"], "no_endpoint");
+    assert_eq!(hd["retry-after"], "1");
+}

@@ -1,0 +1,10 @@
+//! Gateway integration tests, one binary: real upstream servers, the real gateway and
+//! (for discovery) a real tessera registry, all on ephemeral loopback ports.
+
+#![allow(clippy::unwrap_used)]
+
+mod config;
+mod discovery;
+mod proxying;
+mod resilience;
+mod support;

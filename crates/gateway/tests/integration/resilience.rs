@@ -1,0 +1,213 @@
+//! Failures hidden or contained: a killed upstream, a retry budget, the breaker, outlier
+//! ejection, the bulkhead.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::support::{TestGateway, Upstream, wait_for};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_an_upstream_mid_traffic_fails_no_get() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let c = Upstream::start("c").await;
+    let gw = TestGateway::start(&format!(
+        "[[routes]]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{}\", \"{}\", \"{}\"]\n",
+        a.addr, b.addr, c.addr
+    ))
+    .await;
+    let failures = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (h, failures, done) = (gw.http.clone(), failures.clone(), done.clone());
+        clients.push(tokio::spawn(async move {
+            for _ in 0..250 {
+                let (s, _, v) = h.get("/x").await;
+                if s != StatusCode::OK {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                    eprintln!("failed: {s} {v}");
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    wait_for("traffic flowing", || async {
+        done.load(Ordering::SeqCst) >= 400
+    })
+    .await;
+    b.kill();
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "client-visible errors after a kill"
+    );
+    assert!(a.hits() + c.hits() >= 2000 - b.hits());
+}
+
+#[tokio::test]
+async fn retry_budget_caps_amplification() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    a.set_status(503);
+    b.set_status(503);
+    let gw = TestGateway::start(&format!(
+        r#"
+[[routes]]
+upstream = "u"
+retries = {{ attempts = 2 }}
+[upstreams.u]
+endpoints = ["{}", "{}"]
+breaker = {{ enabled = false }}
+outlier = {{ enabled = false }}
+retry_budget = {{ ratio = 0.2, min_per_sec = 0 }}
+"#,
+        a.addr, b.addr
+    ))
+    .await;
+    for _ in 0..500 {
+        let (s, _, _) = gw.http.get("/").await;
+        assert_eq!(
+            s,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the upstream's own 503 passes through"
+        );
+    }
+    let seen = a.hits() + b.hits();
+    // Without a budget: 500 × 3 = 1,500. With it: at most 500 + 20%.
+    assert!(
+        seen <= 600,
+        "upstreams saw {seen} requests for 500 client requests"
+    );
+    assert!(
+        seen >= 550,
+        "the budget allows retries up to 20%: saw {seen}"
+    );
+    let (_, _, m) = gw.admin_http().get("/metrics").await;
+    let m = m.as_str().unwrap().to_owned();
+    assert!(
+        m.contains("tessera_gateway_upstream_retry_budget_exhausted_total{upstream=\"u\"}"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn breaker_opens_half_opens_and_closes() {
+    let a = Upstream::start("a").await;
+    a.set_status(503);
+    let gw = TestGateway::start(&format!(
+        r#"
+[[routes]]
+upstream = "u"
+retries = {{ attempts = 0 }}
+[upstreams.u]
+endpoints = ["{}"]
+outlier = {{ enabled = false }}
+breaker = {{ min_calls = 5, error_rate = 0.5, open_for = "300ms", half_open_probes = 2 }}
+"#,
+        a.addr
+    ))
+    .await;
+    for _ in 0..5 {
+        gw.http.get("/").await;
+    }
+    assert_eq!(a.hits(), 5);
+    let (s, hd, v) = gw.http.get("/").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(v["code"], "breaker_open");
+    assert!(hd.contains_key("retry-after"));
+    assert_eq!(a.hits(), 5, "an open breaker does not call the upstream");
+    assert_eq!(gw.upstreams().await["u"]["breaker"], "Open");
+
+    a.set_status(200);
+    wait_for("half-open lets probes through", || async {
+        gw.http.get("/").await.0 == StatusCode::OK
+    })
+    .await;
+    wait_for("closed after probes", || async {
+        gw.http.get("/").await;
+        gw.upstreams().await["u"]["breaker"] == "Closed"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn outliers_are_ejected_and_return() {
+    let good = Upstream::start("good").await;
+    let bad = Upstream::start("bad").await;
+    bad.set_status(503);
+    let gw = TestGateway::start(&format!(
+        r#"
+[[routes]]
+upstream = "u"
+retries = {{ attempts = 0 }}
+[upstreams.u]
+endpoints = ["{}", "{}"]
+policy = "round_robin"
+breaker = {{ enabled = false }}
+outlier = {{ consecutive_errors = 3, base_ejection = "300ms", max_ejected_percent = 50 }}
+"#,
+        good.addr, bad.addr
+    ))
+    .await;
+    for _ in 0..10 {
+        gw.http.get("/").await;
+    }
+    let before = bad.hits();
+    assert_eq!(before, 3, "ejected after 3 consecutive errors");
+    let ups = gw.upstreams().await;
+    let ejected: Vec<bool> = ups["u"]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["ejected"].as_bool().unwrap())
+        .collect();
+    assert_eq!(ejected, vec![false, true]);
+    for _ in 0..10 {
+        assert_eq!(gw.http.get("/").await.0, StatusCode::OK);
+    }
+    assert_eq!(bad.hits(), before);
+    bad.set_status(200);
+    wait_for("ejection ends", || async {
+        gw.http.get("/").await;
+        bad.hits() > before
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulkhead_answers_503_with_retry_after() {
+    let slow = Upstream::start("slow").await;
+    slow.delay_ms.store(500, Ordering::SeqCst);
+    let gw = TestGateway::start(&format!(
+        "[[routes]]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{}\"]\nmax_in_flight = 2\n",
+        slow.addr
+    ))
+    .await;
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let h = gw.http.clone();
+        tasks.push(tokio::spawn(async move { h.get("/").await }));
+    }
+    let mut ok = 0;
+    let mut full = 0;
+    for t in tasks {
+        let (s, hd, v) = t.await.unwrap();
+        if s == StatusCode::OK {
+            ok += 1;
+        } else {
+            assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(v["code"], "bulkhead_full");
+            assert!(hd.contains_key("retry-after"));
+            full += 1;
+        }
+    }
+    assert!(ok >= 2 && full >= 1, "ok {ok}, refused {full}");
+    let _ = Duration::ZERO;
+}
