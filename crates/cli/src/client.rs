@@ -37,6 +37,9 @@ enum Command {
     Server(ServerArgs),
     /// Run the L7 gateway.
     Gateway(crate::gateway::GatewayArgs),
+    /// Run a tiny HTTP upstream (for benchmarks and demos).
+    #[command(hide = true)]
+    Upstream(crate::upstream::UpstreamArgs),
     /// List services, or the instances of one service with their health.
     Services { name: Option<String> },
     /// Read and write the KV store.
@@ -78,6 +81,7 @@ impl Cli {
         match self.command {
             Command::Server(args) => server::run(args).await,
             Command::Gateway(args) => crate::gateway::run(args).await,
+            Command::Upstream(args) => crate::upstream::run(args).await,
             Command::Services { name: None } => {
                 let v = api
                     .get_json("/v1/catalog/services")

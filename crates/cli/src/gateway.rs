@@ -34,14 +34,39 @@ pub async fn run(args: GatewayArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {} (admin): {e}", config.admin))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
-    let gateway = Gateway::build(config, Some(args.config.clone()));
     println!(
         "tessera gateway listening on http://{addr} (admin http://{admin_addr}, config {})",
         args.config.display()
     );
-    gateway
-        .run(listener, admin, crate::server::shutdown_signal())
-        .await;
+    // The data path runs on one single-threaded runtime, like an nginx worker: no
+    // cross-thread wake-ups between the client connection, the upstream connection and
+    // the pool (they cost more than the proxying itself on a small box).
+    let path = args.config.clone();
+    let listener = listener.into_std().map_err(|e| e.to_string())?;
+    let admin = admin.into_std().map_err(|e| e.to_string())?;
+    let worker = std::thread::Builder::new()
+        .name("gateway".into())
+        .spawn(move || -> Result<(), String> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the gateway runtime: {e}"))?;
+            rt.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+                let admin = tokio::net::TcpListener::from_std(admin).map_err(|e| e.to_string())?;
+                let gateway = Gateway::build(config, Some(path));
+                gateway
+                    .run(listener, admin, crate::server::shutdown_signal())
+                    .await;
+                Ok(())
+            })
+        })
+        .map_err(|e| format!("cannot start the gateway thread: {e}"))?;
+    tokio::task::spawn_blocking(move || worker.join())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|_| "the gateway thread panicked".to_string())??;
     println!("tessera gateway stopped");
     Ok(())
 }

@@ -149,8 +149,10 @@ impl Gateway {
             };
             let _ = stream.set_nodelay(true);
             let shared = self.shared.clone();
+            let peer = proxy::Peer::new(peer);
             let svc = service_fn(move |req| {
                 let shared = shared.clone();
+                let peer = peer.clone();
                 async move { Ok::<_, std::convert::Infallible>(proxy::handle(shared, req, peer).await) }
             });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
@@ -18,7 +19,7 @@ use crate::Shared;
 use crate::body::Body;
 use crate::config::{HashOn, Protocol};
 use crate::error::GatewayError;
-use crate::routes::Route;
+use crate::routes::{Rewrite, Route};
 use crate::upstream::Upstream;
 
 /// Latency charged to an endpoint that failed to connect or reset, so peak-EWMA steers
@@ -60,7 +61,23 @@ fn host_of(req: &Request<Incoming>) -> &str {
     }
 }
 
-pub async fn handle(gw: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+/// Per-connection facts, computed once at accept instead of on every request.
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The client IP as a header value, for `X-Forwarded-For`.
+    pub ip: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        let ip = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or(HeaderValue::from_static("unknown"));
+        Peer { addr, ip }
+    }
+}
+
+pub async fn handle(gw: Arc<Shared>, req: Request<Incoming>, peer: Peer) -> Response<Body> {
     let start = Instant::now();
     let table = gw.table.load_full();
     let method = req.method().clone();
@@ -76,7 +93,7 @@ pub async fn handle(gw: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -
     } else {
         None
     };
-    let mut resp = match forward(&gw, route, req, peer).await {
+    let mut resp = match forward(&gw, route, req, &peer).await {
         Ok(resp) => resp,
         Err(e) => {
             if !matches!(e, GatewayError::NoRoute { .. }) {
@@ -108,7 +125,7 @@ pub async fn handle(gw: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -
     {
         let line = serde_json::json!({
             "ts_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
-            "client": peer.ip().to_string(),
+            "client": peer.addr.ip().to_string(),
             "method": method.as_str(),
             "path": path,
             "route": route.name,
@@ -149,7 +166,7 @@ async fn forward(
     gw: &Shared,
     route: &Route,
     req: Request<Incoming>,
-    peer: SocketAddr,
+    peer: &Peer,
 ) -> Result<Response<Body>, GatewayError> {
     let Some(up) = &route.upstream else {
         return Err(GatewayError::NoEndpoint(
@@ -172,12 +189,22 @@ async fn forward(
     let retry_allowed = is_idempotent(&parts.method) || route.retry_non_idempotent;
     let mut payload = read_payload(body, gw.replay_cap).await?;
     let headers = upstream_headers(&parts.headers, &parts.uri, route, peer);
-    let path = route.rewrite_path(parts.uri.path());
-    let path_and_query = match parts.uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path.into_owned(),
+    let path_and_query: PathAndQuery = match (&route.rewrite, parts.uri.path_and_query()) {
+        (Rewrite::None, Some(pq)) => pq.clone(),
+        _ => {
+            let path = route.rewrite_path(parts.uri.path());
+            let joined = match parts.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.into_owned(),
+            };
+            PathAndQuery::try_from(joined)
+                .map_err(|e| GatewayError::Body(format!("bad path: {e}")))?
+        }
     };
-    let hash = up.hash.as_ref().map(|h| hash_of(h, &parts.headers, peer));
+    let hash = up
+        .hash
+        .as_ref()
+        .map(|h| hash_of(h, &parts.headers, peer.addr));
     let deadline = Instant::now() + route.timeout;
     let mut tried: Vec<usize> = Vec::new();
     let mut attempt = 0u32;
@@ -215,12 +242,23 @@ async fn forward(
                 None => Body::empty(),
             },
         };
-        let uri: Uri = format!("http://{}{}", endpoint.addr, path_and_query)
-            .parse()
-            .map_err(|e| GatewayError::Io {
+        let Some(authority) = snapshot.authorities[idx].clone() else {
+            return Err(GatewayError::Io {
                 upstream: up.name.clone(),
-                detail: format!("bad upstream URI: {e}"),
-            })?;
+                detail: format!(
+                    "endpoint address {:?} is not a valid authority",
+                    endpoint.addr
+                ),
+            });
+        };
+        let mut uri_parts = http::uri::Parts::default();
+        uri_parts.scheme = Some(Scheme::HTTP);
+        uri_parts.authority = Some(authority);
+        uri_parts.path_and_query = Some(path_and_query.clone());
+        let uri = Uri::from_parts(uri_parts).map_err(|e| GatewayError::Io {
+            upstream: up.name.clone(),
+            detail: format!("bad upstream URI: {e}"),
+        })?;
         let mut out = Request::new(body);
         *out.method_mut() = parts.method.clone();
         *out.uri_mut() = uri;
@@ -355,7 +393,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Headers for the upstream request: hop-by-hop ones removed (and any the client named in
 /// `Connection`), the route's edits applied, `X-Forwarded-*` set, and the client's host
 /// kept (HTTP/2 clients send it as `:authority`).
-fn upstream_headers(src: &HeaderMap, uri: &Uri, route: &Route, peer: SocketAddr) -> HeaderMap {
+fn upstream_headers(src: &HeaderMap, uri: &Uri, route: &Route, peer: &Peer) -> HeaderMap {
     let mut h = src.clone();
     let named: Vec<HeaderName> = src
         .get_all(header::CONNECTION)
@@ -386,12 +424,15 @@ fn upstream_headers(src: &HeaderMap, uri: &Uri, route: &Route, peer: SocketAddr)
     for (k, v) in &route.add_request {
         h.insert(k.clone(), v.clone());
     }
-    let ip = peer.ip().to_string();
     let xff = match src.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+        Some(prev) => peer
+            .ip
+            .to_str()
+            .ok()
+            .and_then(|ip| HeaderValue::from_str(&format!("{prev}, {ip}")).ok()),
+        None => Some(peer.ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         h.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
     h.insert(

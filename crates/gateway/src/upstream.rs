@@ -30,6 +30,8 @@ pub type HttpClient = Client<HttpConnector, Body>;
 pub struct Snapshot {
     pub set: EndpointSet,
     pub outliers: Vec<Arc<Outlier>>,
+    /// Each endpoint's address pre-parsed for request URIs (`None` if unparsable).
+    pub authorities: Vec<Option<http::uri::Authority>>,
 }
 
 impl Snapshot {
@@ -37,6 +39,7 @@ impl Snapshot {
         Snapshot {
             set: EndpointSet::new(Vec::new()),
             outliers: Vec::new(),
+            authorities: Vec::new(),
         }
     }
 
@@ -53,9 +56,14 @@ impl Snapshot {
                     .unwrap_or_default()
             })
             .collect();
+        let authorities = endpoints
+            .iter()
+            .map(|e| http::uri::Authority::try_from(e.addr.as_str()).ok())
+            .collect();
         Snapshot {
             set: EndpointSet::inherit(endpoints, &old.set),
             outliers,
+            authorities,
         }
     }
 }

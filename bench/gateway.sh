@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# tessera gateway vs nginx vs HAProxy in front of the same three upstreams, same wrk load,
+# runs interleaved (T N H T N H ...), medians printed; then a failover run per proxy
+# (SIGKILL one upstream at 3 s, restart it at 6 s of a 10 s run) counting client errors.
+#
+#   bench/gateway.sh                        # 10 s runs, 3 rounds, wrk -t1 -c64
+#   DURATION=5 ROUNDS=3 CONNS=64 bench/gateway.sh
+#
+# Needs wrk, nginx, haproxy (Debian packages; installed with apt-get if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+CONNS=${CONNS:-64}
+UP=(19101 19102 19103)
+TPORT=18080; NPORT=18081; HPORT=18082; TADMIN=18090
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || need+=(nginx)
+command -v haproxy >/dev/null || need+=(haproxy)
+if [ ${#need[@]} -gt 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null; fi
+cargo build --release --quiet --bin tessera
+BIN=target/release/tessera
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for f in "$work"/up*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+start_upstream() { # index; the pid goes to $work/up$1.pid (subshells can restart one)
+  $BIN upstream --bind "127.0.0.1:${UP[$1]}" --id "u$1" >/dev/null 2>&1 &
+  echo $! >"$work/up$1.pid"
+}
+uppid() { cat "$work/up$1.pid"; }
+for i in 0 1 2; do start_upstream "$i"; done
+
+cat >"$work/gateway.toml" <<CONF
+listen = "127.0.0.1:$TPORT"
+admin = "127.0.0.1:$TADMIN"
+[[routes]]
+upstream = "u"
+[upstreams.u]
+endpoints = ["127.0.0.1:${UP[0]}", "127.0.0.1:${UP[1]}", "127.0.0.1:${UP[2]}"]
+policy = "round_robin"
+CONF
+$BIN gateway --config "$work/gateway.toml" >/dev/null 2>&1 &
+tpid=$!; pids+=("$tpid")
+
+cat >"$work/nginx.conf" <<CONF
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream u {
+    server 127.0.0.1:${UP[0]}; server 127.0.0.1:${UP[1]}; server 127.0.0.1:${UP[2]};
+    keepalive 64;
+  }
+  server {
+    listen 127.0.0.1:$NPORT;
+    location / {
+      proxy_pass http://u;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+CONF
+nginx -c "$work/nginx.conf" -p "$work" -g "daemon off;" >/dev/null 2>&1 &
+npid=$!; pids+=("$npid")
+
+cat >"$work/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  http-reuse always
+frontend f
+  bind 127.0.0.1:$HPORT
+  default_backend b
+backend b
+  balance roundrobin
+  retry-on conn-failure empty-response response-timeout
+  option redispatch
+  server u0 127.0.0.1:${UP[0]}
+  server u1 127.0.0.1:${UP[1]}
+  server u2 127.0.0.1:${UP[2]}
+CONF
+haproxy -f "$work/haproxy.cfg" -db >/dev/null 2>&1 &
+hpid=$!; pids+=("$hpid")
+
+for port in "${UP[@]}" $TPORT $NPORT $HPORT; do
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.1; done
+done
+
+# nginx forks its worker: measure the worker's CPU (the only process doing the work).
+nworker=$(pgrep -P "$npid" | head -1 || echo "$npid")
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+
+run() { # name pid port → "rps p50_ms p99_ms req_per_cpu_s"
+  local name=$1 pid=$2 port=$3 before after out rps p50 p99 cpu
+  before=$(cpu_ticks "$pid")
+  out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$port/")
+  after=$(cpu_ticks "$pid")
+  if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "$name: errors during the run" >&2; echo "$out" >&2; fi
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  cpu=$(python3 -c "print(($after-$before)/$hz)")
+  python3 - "$rps" "$p50" "$p99" "$cpu" "$DURATION" <<'PY'
+import sys
+def ms(s):
+    for unit, f in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if s.endswith(unit): return float(s[:-len(unit)]) * f
+    return float(s)
+rps, p50, p99, cpu, dur = float(sys.argv[1]), ms(sys.argv[2]), ms(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+print(f"{rps:.0f} {p50:.3f} {p99:.3f} {rps*dur/cpu if cpu > 0 else 0:.0f}")
+PY
+}
+
+declare -A results
+direct=$(run direct "$(uppid 0)" "${UP[0]}")
+for r in $(seq "$ROUNDS"); do
+  results[tessera]+="$(run tessera "$tpid" $TPORT);"
+  results[nginx]+="$(run nginx "$nworker" $NPORT);"
+  results[haproxy]+="$(run haproxy "$hpid" $HPORT);"
+done
+
+echo "wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS interleaved rounds, medians; 3 upstreams; $(nproc) cores"
+echo "nginx $(nginx -v 2>&1 | sed 's/.*\///') (1 worker), haproxy $(haproxy -v | head -1 | awk '{print $3}') (1 thread), tessera $($BIN --version | awk '{print $2}')"
+python3 - "${results[tessera]}" "${results[nginx]}" "${results[haproxy]}" "$direct" <<'PY'
+import statistics, sys
+names = ["tessera", "nginx", "haproxy"]
+rows = {}
+for name, raw in zip(names, sys.argv[1:4]):
+    runs = [list(map(float, r.split())) for r in raw.strip(";").split(";")]
+    rows[name] = [statistics.median(col) for col in zip(*runs)]
+d = list(map(float, sys.argv[4].split()))
+print(f"{'proxy':10} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'req/CPU-s':>10}   vs nginx (req/s, req/CPU-s)")
+for name in names:
+    r = rows[name]
+    n = rows["nginx"]
+    print(f"{name:10} {r[0]:10.0f} {r[1]:8.3f} {r[2]:8.3f} {r[3]:10.0f}   {r[0]/n[0]:.2f}x {r[3]/n[3]:.2f}x")
+print(f"{'direct':10} {d[0]:10.0f} {d[1]:8.3f} {d[2]:8.3f}   (one upstream, no proxy)")
+PY
+
+failover() { # name port → errors seen by the client
+  local port=$1 out
+  (sleep 3; kill -9 "$(uppid 1)"; sleep 3; start_upstream 1) 2>/dev/null &
+  local ctl=$!
+  out=$(wrk -t1 -c"$CONNS" -d10s "http://127.0.0.1:$port/")
+  wait "$ctl" || true
+  sleep 0.5
+  python3 - "$out" <<'PY'
+import re, sys
+out = sys.argv[1]
+non2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+sock = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+total = int(m.group(1)) if (m := re.search(r"(\d+) requests in", out)) else 0
+print(f"{non2xx + sock} errors of {total} requests (non-2xx {non2xx}, socket {sock})")
+PY
+}
+echo "failover (SIGKILL upstream u1 at 3 s, restart at 6 s, 10 s of GETs):"
+echo "  tessera: $(failover $TPORT)"
+echo "  nginx:   $(failover $NPORT)"
+echo "  haproxy: $(failover $HPORT)"
