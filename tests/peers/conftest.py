@@ -50,3 +50,38 @@ def tessera():
         proc.kill()
         proc.wait()
         shutil.rmtree(data, ignore_errors=True)
+
+
+def start_gateway(config_text):
+    """Starts `tessera gateway` with the given TOML on ephemeral ports; returns
+    (process, "host:port" of the proxy, "host:port" of the admin API, config dir)."""
+    work = tempfile.mkdtemp(prefix="tessera-gw-")
+    path = os.path.join(work, "gateway.toml")
+    with open(path, "w") as f:
+        f.write(config_text)
+    proc = subprocess.Popen(
+        [BIN, "gateway", "--config", path, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    m = re.search(r"http://([\d.]+:\d+) \(admin http://([\d.]+:\d+)", line)
+    assert m, f"no addresses in {line!r}"
+    return proc, m.group(1), m.group(2), work
+
+
+@pytest.fixture
+def gateway():
+    started = []
+
+    def start(config_text):
+        g = start_gateway(config_text)
+        started.append(g)
+        return g[1], g[2]
+
+    yield start
+    for proc, _, _, work in started:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(work, ignore_errors=True)

@@ -185,10 +185,18 @@ async fn forward(
     up.metrics.requests.fetch_add(1, Ordering::Relaxed);
     up.budget.deposit();
 
+    let mut req = req;
+    let upgrade = wants_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let retry_allowed = is_idempotent(&parts.method) || route.retry_non_idempotent;
     let mut payload = read_payload(body, gw.replay_cap).await?;
-    let headers = upstream_headers(&parts.headers, &parts.uri, route, peer);
+    let mut headers = upstream_headers(&parts.headers, &parts.uri, route, peer);
+    if let (true, Some(proto)) = (upgrade, parts.headers.get(header::UPGRADE)) {
+        // An upgrade (WebSocket) is the one case where these hop-by-hop headers must pass.
+        headers.insert(header::UPGRADE, proto.clone());
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     let path_and_query: PathAndQuery = match (&route.rewrite, parts.uri.path_and_query()) {
         (Rewrite::None, Some(pq)) => pq.clone(),
         _ => {
@@ -288,6 +296,11 @@ async fn forward(
                     snapshot.outliers[idx].success();
                     if let Some(p) = permit {
                         p.success();
+                    }
+                    if status == StatusCode::SWITCHING_PROTOCOLS
+                        && let Some(client) = client_upgrade
+                    {
+                        return Ok(tunnel(up.name.clone(), client, resp));
                     }
                     return Ok(downstream_response(resp));
                 }
@@ -440,6 +453,44 @@ fn upstream_headers(src: &HeaderMap, uri: &Uri, route: &Route, peer: &Peer) -> H
         HeaderValue::from_static("http"),
     );
     h
+}
+
+fn wants_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The upstream agreed to switch protocols: answer the client with the 101 (its upgrade
+/// headers intact) and splice the two upgraded connections together.
+fn tunnel(
+    upstream: String,
+    client: hyper::upgrade::OnUpgrade,
+    mut resp: Response<Incoming>,
+) -> Response<Body> {
+    let server = hyper::upgrade::on(&mut resp);
+    tokio::spawn(async move {
+        let (client, server) = match tokio::try_join!(client, server) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(upstream = %upstream, error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut server = hyper_util::rt::TokioIo::new(server);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+            tracing::debug!(upstream = %upstream, error = %e, "upgraded connection ended");
+        }
+    });
+    let (parts, _) = resp.into_parts();
+    Response::from_parts(parts, Body::empty())
 }
 
 fn downstream_response(resp: Response<Incoming>) -> Response<Body> {

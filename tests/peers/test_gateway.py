@@ -1,0 +1,94 @@
+"""Clients and servers nobody here wrote, talking through `tessera gateway`: grpcio (unary,
+server streaming, error statuses in trailers) over h2c, and a WebSocket echo."""
+
+import asyncio
+import threading
+from concurrent import futures
+
+import grpc
+import websockets
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+
+def test_grpc_unary_and_streaming_through_the_gateway(gateway):
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        servicer.set("shop.Orders", health_pb2.HealthCheckResponse.SERVING)
+        addr, _ = gateway(f"""
+[[routes]]
+path = {{ prefix = "/grpc.health.v1.Health/" }}
+upstream = "grpc"
+[upstreams.grpc]
+endpoints = ["127.0.0.1:{port}"]
+protocol = "h2c"
+""")
+        with grpc.insecure_channel(addr) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            # Unary.
+            resp = stub.Check(health_pb2.HealthCheckRequest(service="shop.Orders"), timeout=10)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            # An error status travels in the trailers (a trailers-only response).
+            try:
+                stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+                raise AssertionError("expected NOT_FOUND")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND, e
+            # Server streaming: each status change arrives as its own message.
+            stream = stub.Watch(health_pb2.HealthCheckRequest(service="shop.Orders"), timeout=30)
+            first = next(stream)
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            servicer.set("shop.Orders", health_pb2.HealthCheckResponse.NOT_SERVING)
+            second = next(stream)
+            assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            stream.cancel()
+    finally:
+        server.stop(0)
+
+
+def test_websocket_echo_through_the_gateway(gateway):
+    ready = threading.Event()
+    state = {}
+
+    async def echo(ws):
+        async for message in ws:
+            await ws.send(f"echo: {message}")
+
+    def serve():
+        async def main():
+            async with websockets.serve(echo, "127.0.0.1", 0) as srv:
+                state["port"] = srv.sockets[0].getsockname()[1]
+                state["loop"] = asyncio.get_running_loop()
+                state["stop"] = asyncio.Event()
+                ready.set()
+                await state["stop"].wait()
+        asyncio.run(main())
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    assert ready.wait(30)
+    try:
+        addr, _ = gateway(f"""
+[[routes]]
+path = {{ prefix = "/ws" }}
+upstream = "ws"
+[upstreams.ws]
+endpoints = ["127.0.0.1:{state['port']}"]
+""")
+
+        async def client():
+            async with websockets.connect(f"ws://{addr}/ws/chat") as ws:
+                for i in range(5):
+                    await ws.send(f"hello {i}")
+                    assert await ws.recv() == f"echo: hello {i}"
+                big = "x" * 200_000
+                await ws.send(big)
+                assert await ws.recv() == f"echo: {big}"
+
+        asyncio.run(client())
+    finally:
+        state["loop"].call_soon_threadsafe(state["stop"].set)
+        t.join(10)
