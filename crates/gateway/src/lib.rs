@@ -26,6 +26,7 @@ mod body;
 pub mod config;
 mod error;
 mod metrics;
+mod pool;
 mod proxy;
 mod routes;
 mod upstream;

@@ -26,6 +26,9 @@ use crate::upstream::Upstream;
 /// away from it even though the failure itself was quick.
 const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
 static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -93,7 +96,9 @@ pub async fn handle(gw: Arc<Shared>, req: Request<Incoming>, peer: Peer) -> Resp
     } else {
         None
     };
-    let mut resp = match forward(&gw, route, req, &peer).await {
+    // Boxed: the forwarding future is large, and an unboxed one would be copied along
+    // with every move of the connection's request future.
+    let mut resp = match Box::pin(forward(&gw, route, req, &peer)).await {
         Ok(resp) => resp,
         Err(e) => {
             if !matches!(e, GatewayError::NoRoute { .. }) {
@@ -259,14 +264,21 @@ async fn forward(
                 ),
             });
         };
-        let mut uri_parts = http::uri::Parts::default();
-        uri_parts.scheme = Some(Scheme::HTTP);
-        uri_parts.authority = Some(authority);
-        uri_parts.path_and_query = Some(path_and_query.clone());
-        let uri = Uri::from_parts(uri_parts).map_err(|e| GatewayError::Io {
-            upstream: up.name.clone(),
-            detail: format!("bad upstream URI: {e}"),
-        })?;
+        // HTTP/1.1 upstreams get the origin form (`/path?q`, with the Host header);
+        // HTTP/2 needs scheme and authority for its pseudo-headers.
+        let uri = match up.protocol {
+            Protocol::Http1 => Uri::from(path_and_query.clone()),
+            Protocol::H2c => {
+                let mut uri_parts = http::uri::Parts::default();
+                uri_parts.scheme = Some(Scheme::HTTP);
+                uri_parts.authority = Some(authority);
+                uri_parts.path_and_query = Some(path_and_query.clone());
+                Uri::from_parts(uri_parts).map_err(|e| GatewayError::Io {
+                    upstream: up.name.clone(),
+                    detail: format!("bad upstream URI: {e}"),
+                })?
+            }
+        };
         let mut out = Request::new(body);
         *out.method_mut() = parts.method.clone();
         *out.uri_mut() = uri;
@@ -280,10 +292,11 @@ async fn forward(
         let remaining = deadline.saturating_duration_since(now);
         let per_try = route.per_try_timeout.min(remaining);
         let in_flight = endpoint.load.start();
-        let outcome = tokio::time::timeout(per_try, up.client.request(out)).await;
+        let conns = snapshot.conns[idx].clone();
+        let outcome = tokio::time::timeout(per_try, send(&conns, &endpoint.addr, up, out)).await;
         let replayable = matches!(payload, Payload::Replayable(_));
         let (err, retryable): (GatewayError, bool) = match outcome {
-            Ok(Ok(resp)) => {
+            Ok(Ok((resp, h1))) => {
                 let status = resp.status();
                 let gateway_error = matches!(
                     status,
@@ -302,23 +315,37 @@ async fn forward(
                     {
                         return Ok(tunnel(up.name.clone(), client, resp));
                     }
-                    return Ok(downstream_response(resp));
+                    return Ok(downstream_response(resp, h1.map(|s| (s, conns))));
                 }
                 record_failure(up, &snapshot, idx, ejected, permit);
                 let can_retry = retry_allowed && replayable;
                 if !(can_retry && should_retry(up, route, attempt, deadline)) {
-                    return Ok(downstream_response(resp));
+                    return Ok(downstream_response(resp, h1.map(|s| (s, conns))));
                 }
                 attempt += 1;
                 tried.push(idx);
                 continue;
             }
-            Ok(Err(e)) => {
+            Ok(Err(SendError::Connect(e))) => {
                 endpoint.load.observe(FAILURE_PENALTY);
                 drop(in_flight);
                 record_failure(up, &snapshot, idx, ejected, permit);
-                if e.is_connect() {
-                    // Nothing reached the upstream: always safe to try elsewhere.
+                // Nothing reached the upstream: always safe to try elsewhere.
+                (
+                    GatewayError::Connect {
+                        upstream: up.name.clone(),
+                        detail: e.0,
+                    },
+                    replayable,
+                )
+            }
+            Ok(Err(SendError::Http(e))) => {
+                endpoint.load.observe(FAILURE_PENALTY);
+                drop(in_flight);
+                record_failure(up, &snapshot, idx, ejected, permit);
+                if e.is_canceled() {
+                    // The connection closed before the request went out (a pooled
+                    // connection the upstream had just closed): safe to try again.
                     (
                         GatewayError::Connect {
                             upstream: up.name.clone(),
@@ -358,6 +385,41 @@ async fn forward(
         }
         attempt += 1;
         tried.push(idx);
+    }
+}
+
+enum SendError {
+    Connect(crate::pool::ConnectError),
+    Http(hyper::Error),
+}
+
+/// One exchange on a pooled connection. Returns the HTTP/1.1 sender with the response so
+/// it can go back to the pool once the body is read.
+async fn send(
+    conns: &crate::pool::Conns,
+    addr: &str,
+    up: &Upstream,
+    req: Request<Body>,
+) -> Result<
+    (
+        Response<Incoming>,
+        Option<hyper::client::conn::http1::SendRequest<Body>>,
+    ),
+    SendError,
+> {
+    match conns
+        .checkout(addr, up.protocol, up.connect_timeout)
+        .await
+        .map_err(SendError::Connect)?
+    {
+        crate::pool::Conn::H1(mut s) => {
+            let resp = s.send_request(req).await.map_err(SendError::Http)?;
+            Ok((resp, Some(s)))
+        }
+        crate::pool::Conn::H2(mut s) => {
+            let resp = s.send_request(req).await.map_err(SendError::Http)?;
+            Ok((resp, None))
+        }
     }
 }
 
@@ -408,22 +470,29 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// kept (HTTP/2 clients send it as `:authority`).
 fn upstream_headers(src: &HeaderMap, uri: &Uri, route: &Route, peer: &Peer) -> HeaderMap {
     let mut h = src.clone();
-    let named: Vec<HeaderName> = src
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(named.iter()) {
-        h.remove(name);
-    }
-    // `te: trailers` is the one TE value that must pass (gRPC needs it).
-    let keep_te = src
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    if !keep_te {
-        h.remove(header::TE);
+    // Most requests carry no hop-by-hop header at all: one scan instead of a removal
+    // (a hash and a probe) per name.
+    if src
+        .keys()
+        .any(|k| HOP_BY_HOP.contains(k) || k == header::TE)
+    {
+        let named: Vec<HeaderName> = src
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in HOP_BY_HOP.iter().chain(named.iter()) {
+            h.remove(name);
+        }
+        // `te: trailers` is the one TE value that must pass (gRPC needs it).
+        let keep_te = src
+            .get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        if !keep_te {
+            h.remove(header::TE);
+        }
     }
     if !h.contains_key(header::HOST)
         && let Some(a) = uri.authority()
@@ -437,7 +506,7 @@ fn upstream_headers(src: &HeaderMap, uri: &Uri, route: &Route, peer: &Peer) -> H
     for (k, v) in &route.add_request {
         h.insert(k.clone(), v.clone());
     }
-    let xff = match src.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match src.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => peer
             .ip
             .to_str()
@@ -446,12 +515,9 @@ fn upstream_headers(src: &HeaderMap, uri: &Uri, route: &Route, peer: &Peer) -> H
         None => Some(peer.ip.clone()),
     };
     if let Some(v) = xff {
-        h.insert(HeaderName::from_static("x-forwarded-for"), v);
+        h.insert(X_FORWARDED_FOR, v);
     }
-    h.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
-    );
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     h
 }
 
@@ -493,12 +559,24 @@ fn tunnel(
     Response::from_parts(parts, Body::empty())
 }
 
-fn downstream_response(resp: Response<Incoming>) -> Response<Body> {
+fn downstream_response(
+    resp: Response<Incoming>,
+    home: Option<(
+        hyper::client::conn::http1::SendRequest<Body>,
+        Arc<crate::pool::Conns>,
+    )>,
+) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
-    for name in &HOP_BY_HOP {
-        parts.headers.remove(name);
+    if parts.headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        for name in &HOP_BY_HOP {
+            parts.headers.remove(name);
+        }
     }
-    Response::from_parts(parts, Body::Stream(body))
+    let body = match home {
+        Some((sender, conns)) => Body::pooled(body, sender, conns),
+        None => Body::Stream(body),
+    };
+    Response::from_parts(parts, body)
 }
 
 fn hash_of(on: &HashOn, headers: &HeaderMap, peer: SocketAddr) -> u64 {

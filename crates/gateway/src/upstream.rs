@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use tessera_balance::{Balancer, Endpoint, EndpointSet};
 use tessera_resilience::{
@@ -20,10 +20,8 @@ use tessera_resilience::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::body::Body;
 use crate::config::{HashOn, Protocol, RegistryConfig, UpstreamConfig, parse_endpoint};
-
-pub type HttpClient = Client<HttpConnector, Body>;
+use crate::pool::Conns;
 
 /// Endpoints plus their outlier state, swapped as one.
 #[derive(Debug)]
@@ -32,6 +30,8 @@ pub struct Snapshot {
     pub outliers: Vec<Arc<Outlier>>,
     /// Each endpoint's address pre-parsed for request URIs (`None` if unparsable).
     pub authorities: Vec<Option<http::uri::Authority>>,
+    /// Each endpoint's connection pool, kept across snapshots like its load.
+    pub conns: Vec<Arc<Conns>>,
 }
 
 impl Snapshot {
@@ -40,21 +40,23 @@ impl Snapshot {
             set: EndpointSet::new(Vec::new()),
             outliers: Vec::new(),
             authorities: Vec::new(),
+            conns: Vec::new(),
         }
     }
 
     /// A new snapshot that keeps load and outlier state of endpoints it shares with `old`.
     pub fn next(endpoints: Vec<Endpoint>, old: &Snapshot) -> Snapshot {
-        let outliers = endpoints
+        let prev: Vec<Option<usize>> = endpoints
             .iter()
-            .map(|e| {
-                old.set
-                    .endpoints
-                    .iter()
-                    .position(|p| p.addr == e.addr)
-                    .map(|i| old.outliers[i].clone())
-                    .unwrap_or_default()
-            })
+            .map(|e| old.set.endpoints.iter().position(|p| p.addr == e.addr))
+            .collect();
+        let outliers = prev
+            .iter()
+            .map(|i| i.map(|i| old.outliers[i].clone()).unwrap_or_default())
+            .collect();
+        let conns = prev
+            .iter()
+            .map(|i| i.map(|i| old.conns[i].clone()).unwrap_or_default())
             .collect();
         let authorities = endpoints
             .iter()
@@ -64,6 +66,7 @@ impl Snapshot {
             set: EndpointSet::inherit(endpoints, &old.set),
             outliers,
             authorities,
+            conns,
         }
     }
 }
@@ -102,7 +105,7 @@ pub struct Upstream {
     pub bulkhead: Bulkhead,
     pub budget: RetryBudget,
     pub outlier: Option<OutlierConfig>,
-    pub client: HttpClient,
+    pub connect_timeout: Duration,
     pub metrics: UpstreamMetrics,
 }
 
@@ -126,20 +129,6 @@ impl Upstream {
                 })
             }
         };
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(cfg.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(30)));
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(cfg.idle_timeout)
-            .pool_max_idle_per_host(usize::MAX)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new());
-        if cfg.protocol == Protocol::H2c {
-            builder.http2_only(true);
-        }
-        let client = builder.build(connector);
         let b = &cfg.breaker;
         Upstream {
             name: name.to_owned(),
@@ -169,7 +158,7 @@ impl Upstream {
                 max_ejection: Duration::from_secs(300),
                 max_ejected_percent: cfg.outlier.max_ejected_percent,
             }),
-            client,
+            connect_timeout: cfg.connect_timeout,
             metrics: UpstreamMetrics::default(),
         }
     }

@@ -1,0 +1,129 @@
+//! Upstream connections, pooled per endpoint. The endpoint's own idle list replaces a
+//! shared pool map: no per-request hashing of (scheme, authority) keys, no pool-wide lock.
+//! An HTTP/1.1 connection goes back to its endpoint when the response body has been read
+//! to the end; an h2c connection is shared by concurrent requests while it stays open.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::body::Body;
+use crate::config::Protocol;
+
+/// Most idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE: usize = 256;
+
+/// Why a connection could not be had; the request was not sent, so any request may be
+/// retried elsewhere.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConnectError(pub String);
+
+#[derive(Debug, Default)]
+pub struct Conns {
+    idle: Mutex<Vec<http1::SendRequest<Body>>>,
+    h2: Mutex<Option<http2::SendRequest<Body>>>,
+}
+
+/// A connection checked out for one request.
+pub enum Conn {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+impl Conns {
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|v| v.len()).unwrap_or(0)
+    }
+
+    /// An open connection to `addr`: a pooled one when available, else a new one.
+    pub async fn checkout(
+        &self,
+        addr: &str,
+        protocol: Protocol,
+        connect_timeout: Duration,
+    ) -> Result<Conn, ConnectError> {
+        match protocol {
+            Protocol::Http1 => {
+                loop {
+                    let next = self.idle.lock().ok().and_then(|mut v| v.pop());
+                    match next {
+                        // Checked in as soon as its response body ended: wait the moment it
+                        // takes the connection task to get ready for the next request.
+                        Some(mut s) if !s.is_closed() => {
+                            if s.ready().await.is_ok() {
+                                return Ok(Conn::H1(s));
+                            }
+                        }
+                        Some(_) => continue, // closed while idle
+                        None => break,
+                    }
+                }
+                // Boxed: the connect path is rare, and unboxed it would make every
+                // request's future (which is moved around) as large as itself.
+                Box::pin(async move {
+                    let io = connect(addr, connect_timeout).await?;
+                    let (sender, conn) =
+                        http1::Builder::new().handshake(io).await.map_err(|e| {
+                            ConnectError(format!("HTTP/1.1 handshake with {addr}: {e}"))
+                        })?;
+                    tokio::spawn(async move {
+                        let _ = conn.with_upgrades().await;
+                    });
+                    Ok(Conn::H1(sender))
+                })
+                .await
+            }
+            Protocol::H2c => {
+                if let Some(s) = self.h2.lock().ok().and_then(|g| g.clone())
+                    && !s.is_closed()
+                {
+                    return Ok(Conn::H2(s));
+                }
+                let (sender, conn) = Box::pin(async move {
+                    let io = connect(addr, connect_timeout).await?;
+                    http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .keep_alive_interval(Some(Duration::from_secs(30)))
+                        .handshake(io)
+                        .await
+                        .map_err(|e| ConnectError(format!("h2c handshake with {addr}: {e}")))
+                })
+                .await?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                if let Ok(mut g) = self.h2.lock() {
+                    *g = Some(sender.clone());
+                }
+                Ok(Conn::H2(sender))
+            }
+        }
+    }
+
+    /// Returns an HTTP/1.1 connection whose exchange is complete.
+    pub fn checkin(&self, sender: http1::SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < MAX_IDLE
+        {
+            idle.push(sender);
+        }
+    }
+}
+
+async fn connect(
+    addr: &str,
+    timeout: Duration,
+) -> Result<TokioIo<tokio::net::TcpStream>, ConnectError> {
+    let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| ConnectError(format!("connect to {addr} timed out")))?
+        .map_err(|e| ConnectError(format!("connect to {addr}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    Ok(TokioIo::new(stream))
+}
