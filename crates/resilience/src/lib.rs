@@ -27,9 +27,11 @@
 mod breaker;
 mod budget;
 mod bulkhead;
+mod layer;
 mod outlier;
 
 pub use breaker::{BreakerConfig, BreakerOpen, CircuitBreaker, Permit, State};
 pub use budget::{BudgetConfig, RetryBudget};
 pub use bulkhead::{Bulkhead, BulkheadFull, BulkheadPermit};
+pub use layer::{Breaker, BreakerLayer, BudgetedRetry, BulkheadLayer, BulkheadService, Classify};
 pub use outlier::{Outlier, OutlierConfig};
