@@ -445,3 +445,92 @@ async fn bad_config_file_names_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("datacentre"), "{err}");
 }
+
+/// `tessera gateway` as a process: it reloads on SIGHUP (with file watching off, so the
+/// signal is the only trigger) and drains on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_reloads_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ups = Vec::new();
+    let mut addrs = Vec::new();
+    for id in ["one", "two"] {
+        let mut child = Command::new(BIN)
+            .args(["upstream", "--bind", "127.0.0.1:0", "--id", id])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = lines.next_line().await.unwrap().unwrap();
+        addrs.push(line.split("http://").nth(1).unwrap().trim().to_owned());
+        ups.push(child);
+    }
+    let cfg = dir.path().join("gw.toml");
+    let write = |upstream: &str| {
+        std::fs::write(
+            &cfg,
+            format!("watch_config = false\n[[routes]]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{upstream}\"]\n"),
+        )
+        .unwrap();
+    };
+    write(&addrs[0]);
+    let mut gw = Command::new(BIN)
+        .args([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(gw.stdout.take().unwrap()).lines();
+    let line = lines.next_line().await.unwrap().unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let c = client();
+    let body = |b: Bytes| String::from_utf8_lossy(&b).into_owned();
+    let (s, b) = call(&c, "GET", format!("http://{addr}/"), vec![])
+        .await
+        .unwrap();
+    assert_eq!((s, body(b)), (200, "hello from one\n".to_owned()));
+
+    write(&addrs[1]);
+    signal(&gw, "-HUP");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, b) = call(&c, "GET", format!("http://{addr}/"), vec![])
+            .await
+            .unwrap();
+        if body(b) == "hello from two\n" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIGHUP did not reload"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&gw, "-TERM");
+    let exit = tokio::time::timeout(Duration::from_secs(60), gw.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    for mut u in ups {
+        u.start_kill().unwrap();
+        u.wait().await.unwrap();
+    }
+}

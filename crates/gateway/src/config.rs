@@ -58,6 +58,10 @@ pub struct Config {
     pub max_replay_body_bytes: usize,
     #[serde(default)]
     pub access_log: AccessLog,
+    /// Reload when the config file changes (checked every second). SIGHUP and
+    /// `POST /admin/reload` work either way.
+    #[serde(default = "yes")]
+    pub watch_config: bool,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
     #[serde(default)]

@@ -80,6 +80,7 @@ impl Shared {
 pub struct Gateway {
     shared: Arc<Shared>,
     drain_timeout: Duration,
+    watch_config: bool,
 }
 
 impl Gateway {
@@ -99,6 +100,7 @@ impl Gateway {
                 reload_lock: std::sync::Mutex::new(()),
             }),
             drain_timeout: config.drain_timeout,
+            watch_config: config.watch_config,
         }
     }
 
@@ -118,9 +120,20 @@ impl Gateway {
         let stop = tokio_util::sync::CancellationToken::new();
         tokio::spawn(serve_admin(self.shared.clone(), admin, stop.clone()));
         if self.shared.config_path.is_some() {
-            tokio::spawn(watch_config(self.shared.clone(), stop.clone()));
+            if self.watch_config {
+                tokio::spawn(watch_config(self.shared.clone(), stop.clone()));
+            }
+            // Registered here, before the first connection is served, so a SIGHUP is never
+            // met by the default action (terminate).
             #[cfg(unix)]
-            tokio::spawn(on_sighup(self.shared.clone(), stop.clone()));
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(hup) => {
+                    tokio::spawn(on_sighup(self.shared.clone(), hup, stop.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /admin/reload");
+                }
+            }
         }
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -232,12 +245,11 @@ async fn watch_config(shared: Arc<Shared>, stop: tokio_util::sync::CancellationT
 }
 
 #[cfg(unix)]
-async fn on_sighup(shared: Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; reload with POST /admin/reload");
-        return;
-    };
+async fn on_sighup(
+    shared: Arc<Shared>,
+    mut hup: tokio::signal::unix::Signal,
+    stop: tokio_util::sync::CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
