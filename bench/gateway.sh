@@ -13,12 +13,13 @@ DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-64}
 UP=(19101 19102 19103)
-TPORT=18080; NPORT=18081; HPORT=18082; TADMIN=18090
+TPORT=18080; NPORT=18081; HPORT=18082; TADMIN=18090; NPORT2=18083; HPORT2=18084
 
 need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v nginx >/dev/null || need+=(nginx)
 command -v haproxy >/dev/null || need+=(haproxy)
+command -v h2load >/dev/null || need+=(nghttp2-client)
 if [ ${#need[@]} -gt 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null; fi
 cargo build --release --quiet --bin tessera
 BIN=target/release/tessera
@@ -71,6 +72,14 @@ http {
       proxy_set_header Connection "";
     }
   }
+  server {
+    listen 127.0.0.1:$NPORT2 http2;
+    location / {
+      proxy_pass http://u;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
 }
 CONF
 nginx -c "$work/nginx.conf" -p "$work" -g "daemon off;" >/dev/null 2>&1 &
@@ -89,6 +98,9 @@ defaults
   http-reuse always
 frontend f
   bind 127.0.0.1:$HPORT
+  default_backend b
+frontend f2
+  bind 127.0.0.1:$HPORT2 proto h2
   default_backend b
 backend b
   balance roundrobin
@@ -156,6 +168,35 @@ for name in names:
     n = rows["nginx"]
     print(f"{name:10} {r[0]:10.0f} {r[1]:8.3f} {r[2]:8.3f} {r[3]:10.0f}   {r[0]/n[0]:.2f}x {r[3]/n[3]:.2f}x")
 print(f"{'direct':10} {d[0]:10.0f} {d[1]:8.3f} {d[2]:8.3f}   (one upstream, no proxy)")
+PY
+
+h2run() { # pid port → "rps req_per_cpu_s" with h2load (h2c prior knowledge)
+  local pid=$1 port=$2 before after out rps cpu
+  before=$(cpu_ticks "$pid")
+  out=$(h2load -c 16 -m 10 -D "$DURATION" "http://127.0.0.1:$port/" 2>&1)
+  after=$(cpu_ticks "$pid")
+  rps=$(awk '/^finished in/ {gsub(",", "", $4); print $4}' <<<"$out")
+  cpu=$(python3 -c "print(($after-$before)/$hz)")
+  python3 -c "r=float('$rps'); c=$cpu; print(f'{r:.0f} {r*$DURATION/c if c else 0:.0f}')"
+}
+declare -A h2
+for r in $(seq "$ROUNDS"); do
+  h2[tessera]+="$(h2run "$tpid" $TPORT);"
+  h2[nginx]+="$(h2run "$nworker" $NPORT2);"
+  h2[haproxy]+="$(h2run "$hpid" $HPORT2);"
+done
+echo "HTTP/2 (h2c, h2load -c16 -m10 -D${DURATION}), medians; upstreams stay HTTP/1.1:"
+python3 - "${h2[tessera]}" "${h2[nginx]}" "${h2[haproxy]}" <<'PY'
+import statistics, sys
+names = ["tessera", "nginx", "haproxy"]
+rows = {}
+for name, raw in zip(names, sys.argv[1:4]):
+    runs = [list(map(float, r.split())) for r in raw.strip(";").split(";")]
+    rows[name] = [statistics.median(col) for col in zip(*runs)]
+print(f"{'proxy':10} {'req/s':>10} {'req/CPU-s':>10}   vs nginx")
+for name in names:
+    r, n = rows[name], rows["nginx"]
+    print(f"{name:10} {r[0]:10.0f} {r[1]:10.0f}   {r[0]/n[0]:.2f}x {r[1]/n[1]:.2f}x")
 PY
 
 failover() { # name port → errors seen by the client

@@ -211,3 +211,48 @@ async fn bulkhead_answers_503_with_retry_after() {
     assert!(ok >= 2 && full >= 1, "ok {ok}, refused {full}");
     let _ = Duration::ZERO;
 }
+
+#[tokio::test]
+async fn panic_threshold_uses_ejected_endpoints_when_too_few_are_left() {
+    let good = Upstream::start("good").await;
+    let bad1 = Upstream::start("bad1").await;
+    let bad2 = Upstream::start("bad2").await;
+    bad1.set_status(503);
+    bad2.set_status(503);
+    let gw = TestGateway::start(&format!(
+        r#"
+[[routes]]
+upstream = "u"
+retries = {{ attempts = 0 }}
+[upstreams.u]
+endpoints = ["{}", "{}", "{}"]
+policy = "round_robin"
+panic_threshold = 50
+breaker = {{ enabled = false }}
+outlier = {{ consecutive_errors = 1, base_ejection = "60s", max_ejected_percent = 100 }}
+"#,
+        good.addr, bad1.addr, bad2.addr
+    ))
+    .await;
+    for _ in 0..6 {
+        gw.http.get("/").await;
+    }
+    let ups = gw.upstreams().await;
+    let ejected = ups["u"]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["ejected"] == true)
+        .count();
+    assert_eq!(ejected, 2, "{ups}");
+    // One of three usable is below 50%: balance over all three again.
+    let before = bad1.hits() + bad2.hits();
+    for _ in 0..30 {
+        gw.http.get("/").await;
+    }
+    assert!(
+        bad1.hits() + bad2.hits() > before,
+        "panic mode sends traffic to ejected endpoints too"
+    );
+    assert!(good.hits() >= 10);
+}
