@@ -15,3 +15,17 @@ mod names;
 pub use duration::{GoDuration, InvalidDuration, format_duration, parse_duration, serde_opt};
 pub use health::{Health, InvalidHealth};
 pub use names::{InvalidName, validate_key, validate_service_name};
+
+/// An error and its chain of sources on one line (`connect: connection refused`): what
+/// a log line or a health check's output should show, since `Display` alone stops at the
+/// outermost layer.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

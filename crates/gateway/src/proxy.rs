@@ -349,7 +349,7 @@ async fn forward(
                     (
                         GatewayError::Connect {
                             upstream: up.name.clone(),
-                            detail: format!("{}: {}", endpoint.addr, error_chain(&e)),
+                            detail: format!("{}: {}", endpoint.addr, tessera_core::error_chain(&e)),
                         },
                         replayable,
                     )
@@ -357,7 +357,7 @@ async fn forward(
                     (
                         GatewayError::Io {
                             upstream: up.name.clone(),
-                            detail: format!("{}: {}", endpoint.addr, error_chain(&e)),
+                            detail: format!("{}: {}", endpoint.addr, tessera_core::error_chain(&e)),
                         },
                         retry_allowed && replayable,
                     )
@@ -452,17 +452,6 @@ fn record_failure(
         tracing::warn!(upstream = %up.name, endpoint = %snapshot.set.endpoints[idx].addr,
             seconds = d.as_secs(), "endpoint ejected after consecutive errors");
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 /// Headers for the upstream request: hop-by-hop ones removed (and any the client named in

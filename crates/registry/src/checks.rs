@@ -359,7 +359,10 @@ async fn probe(p: &Probe, client: &HttpClient) -> (Health, String) {
                     };
                     (health, format!("{what}: {status} Output: {body}"))
                 }
-                Err(e) => (Health::Critical, format!("{what}: {}", error_chain(&e))),
+                Err(e) => (
+                    Health::Critical,
+                    format!("{what}: {}", tessera_core::error_chain(&e)),
+                ),
             }
         }
         Probe::Grpc { target, .. } => grpc_probe(target, client).await,
@@ -381,17 +384,6 @@ async fn read_capped(body: hyper::body::Incoming) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 /// `grpc.health.v1.Health/Check` over h2c, encoded by hand: the request is one string
@@ -421,7 +413,12 @@ async fn grpc_probe(target: &str, client: &HttpClient) -> (Health, String) {
     };
     let resp = match client.request(req).await {
         Ok(r) => r,
-        Err(e) => return (Health::Critical, format!("{what}: {}", error_chain(&e))),
+        Err(e) => {
+            return (
+                Health::Critical,
+                format!("{what}: {}", tessera_core::error_chain(&e)),
+            );
+        }
     };
     if resp.status() != http::StatusCode::OK {
         return (
@@ -436,7 +433,12 @@ async fn grpc_probe(target: &str, client: &HttpClient) -> (Health, String) {
         .map(str::to_owned);
     let collected = match resp.into_body().collect().await {
         Ok(c) => c,
-        Err(e) => return (Health::Critical, format!("{what}: {}", error_chain(&e))),
+        Err(e) => {
+            return (
+                Health::Critical,
+                format!("{what}: {}", tessera_core::error_chain(&e)),
+            );
+        }
     };
     let trailer_status = collected
         .trailers()
