@@ -446,8 +446,8 @@ async fn bad_config_file_names_the_key() {
     assert!(err.contains("datacentre"), "{err}");
 }
 
-/// `tessera gateway` as a process: it reloads on SIGHUP (with file watching off, so the
-/// signal is the only trigger) and drains on SIGTERM.
+/// `tessera gateway` as a process: it writes JSON access-log lines, reloads on SIGHUP
+/// (with file watching off, so the signal is the only trigger) and exits on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_reloads_on_sighup() {
     let dir = tempfile::tempdir().unwrap();
@@ -469,7 +469,7 @@ async fn gateway_reloads_on_sighup() {
     let write = |upstream: &str| {
         std::fs::write(
             &cfg,
-            format!("watch_config = false\n[[routes]]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{upstream}\"]\n"),
+            format!("watch_config = false\n[access_log]\nsample = 1.0\n[[routes]]\nname = \"all\"\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{upstream}\"]\n"),
         )
         .unwrap();
     };
@@ -499,13 +499,30 @@ async fn gateway_reloads_on_sighup() {
         .next()
         .unwrap()
         .to_owned();
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    // With `access_log.sample = 1.0` every request is one JSON line on stdout.
+    let (log_tx, mut log_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            let _ = log_tx.send(l);
+        }
+    });
     let c = client();
     let body = |b: Bytes| String::from_utf8_lossy(&b).into_owned();
-    let (s, b) = call(&c, "GET", format!("http://{addr}/"), vec![])
+    let (s, b) = call(&c, "GET", format!("http://{addr}/first?x=1"), vec![])
         .await
         .unwrap();
     assert_eq!((s, body(b)), (200, "hello from one\n".to_owned()));
+    let log = tokio::time::timeout(Duration::from_secs(60), log_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let log: serde_json::Value =
+        serde_json::from_str(&log).unwrap_or_else(|e| panic!("{log}: {e}"));
+    assert_eq!(log["path"], "/first");
+    assert_eq!(log["status"], 200);
+    assert_eq!(log["route"], "all");
+    assert_eq!(log["upstream"], "u");
+    assert_eq!(log["method"], "GET");
 
     write(&addrs[1]);
     signal(&gw, "-HUP");
