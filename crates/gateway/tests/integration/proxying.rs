@@ -415,3 +415,56 @@ async fn shutdown_drains_in_flight_requests() {
         "no longer accepting"
     );
 }
+
+#[tokio::test]
+async fn bodies_stream_and_only_safe_retries_happen() {
+    let up = Upstream::start("echo").await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let gw = TestGateway::start(&format!(
+        r#"
+max_replay_body_bytes = 1024
+[[routes]]
+path = {{ prefix = "/one" }}
+upstream = "one"
+[[routes]]
+path = {{ prefix = "/two" }}
+upstream = "two"
+[upstreams.one]
+endpoints = ["{0}"]
+[upstreams.two]
+endpoints = ["{dead}", "{0}"]
+policy = "round_robin"
+outlier = {{ enabled = false }}
+breaker = {{ enabled = false }}
+"#,
+        up.addr
+    ))
+    .await;
+    // A body larger than the replay cap streams through whole.
+    let big = "x".repeat(300_000);
+    let (s, _, v) = gw.http.send(Method::POST, "/one", &[], big.clone()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["body"].as_str().unwrap().len(), big.len());
+    // A refused connection is retried even for POST: nothing reached the upstream.
+    for i in 0..6 {
+        let (s, _, v) = gw
+            .http
+            .send(Method::POST, "/two", &[], format!("order {i}"))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["body"], format!("order {i}"));
+    }
+    // A POST answered 503 is not replayed (not idempotent, route not marked retryable).
+    up.set_status(503);
+    let before = up.hits();
+    let (s, _, _) = gw.http.send(Method::POST, "/one", &[], "pay").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(up.hits(), before + 1, "exactly one try");
+    // The same GET is retried (here on the only endpoint: 1 + 2 retries).
+    let before = up.hits();
+    gw.http.get("/one").await;
+    assert_eq!(up.hits(), before + 3);
+}
