@@ -222,6 +222,7 @@ pub struct UpstreamConfig {
     pub protocol: Protocol,
     #[serde(default = "default_connect", deserialize_with = "duration")]
     pub connect_timeout: Duration,
+    /// Idle upstream connections older than this are closed instead of reused.
     #[serde(default = "default_idle", deserialize_with = "duration")]
     pub idle_timeout: Duration,
     #[serde(default = "default_in_flight")]

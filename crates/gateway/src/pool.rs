@@ -4,7 +4,7 @@
 //! to the end; an h2c connection is shared by concurrent requests while it stays open.
 
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -23,7 +23,8 @@ pub struct ConnectError(pub String);
 
 #[derive(Debug, Default)]
 pub struct Conns {
-    idle: Mutex<Vec<http1::SendRequest<Body>>>,
+    /// Idle HTTP/1.1 connections and when each went idle (most recent last).
+    idle: Mutex<Vec<(http1::SendRequest<Body>, Instant)>>,
     h2: Mutex<Option<http2::SendRequest<Body>>>,
 }
 
@@ -44,15 +45,24 @@ impl Conns {
         addr: &str,
         protocol: Protocol,
         connect_timeout: Duration,
+        idle_timeout: Duration,
     ) -> Result<Conn, ConnectError> {
         match protocol {
             Protocol::Http1 => {
                 loop {
-                    let next = self.idle.lock().ok().and_then(|mut v| v.pop());
+                    let next = self.idle.lock().ok().and_then(|mut v| {
+                        // Connections idle past the timeout are closed (dropped), oldest
+                        // first; they sit at the front.
+                        let now = Instant::now();
+                        let fresh =
+                            v.partition_point(|(_, at)| now.duration_since(*at) > idle_timeout);
+                        v.drain(..fresh);
+                        v.pop()
+                    });
                     match next {
                         // Checked in as soon as its response body ended: wait the moment it
                         // takes the connection task to get ready for the next request.
-                        Some(mut s) if !s.is_closed() => {
+                        Some((mut s, _)) if !s.is_closed() => {
                             if s.ready().await.is_ok() {
                                 return Ok(Conn::H1(s));
                             }
@@ -111,7 +121,7 @@ impl Conns {
         if let Ok(mut idle) = self.idle.lock()
             && idle.len() < MAX_IDLE
         {
-            idle.push(sender);
+            idle.push((sender, Instant::now()));
         }
     }
 }

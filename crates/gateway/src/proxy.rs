@@ -408,7 +408,7 @@ async fn send(
     SendError,
 > {
     match conns
-        .checkout(addr, up.protocol, up.connect_timeout)
+        .checkout(addr, up.protocol, up.connect_timeout, up.idle_timeout)
         .await
         .map_err(SendError::Connect)?
     {

@@ -106,6 +106,7 @@ pub struct Upstream {
     pub budget: RetryBudget,
     pub outlier: Option<OutlierConfig>,
     pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
     pub metrics: UpstreamMetrics,
 }
 
@@ -159,6 +160,7 @@ impl Upstream {
                 max_ejected_percent: cfg.outlier.max_ejected_percent,
             }),
             connect_timeout: cfg.connect_timeout,
+            idle_timeout: cfg.idle_timeout,
             metrics: UpstreamMetrics::default(),
         }
     }

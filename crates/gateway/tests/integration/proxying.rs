@@ -468,3 +468,41 @@ breaker = {{ enabled = false }}
     gw.http.get("/one").await;
     assert_eq!(up.hits(), before + 3);
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused_until_idle_too_long() {
+    use std::sync::atomic::Ordering;
+    let keep = Upstream::start("keep").await;
+    let expire = Upstream::start("expire").await;
+    let gw = TestGateway::start(&format!(
+        r#"
+[[routes]]
+path = {{ prefix = "/keep" }}
+upstream = "keep"
+[[routes]]
+path = {{ prefix = "/expire" }}
+upstream = "expire"
+[upstreams.keep]
+endpoints = ["{}"]
+[upstreams.expire]
+endpoints = ["{}"]
+idle_timeout = "0s"
+"#,
+        keep.addr, expire.addr
+    ))
+    .await;
+    for _ in 0..10 {
+        assert_eq!(gw.http.get("/keep").await.0, StatusCode::OK);
+        assert_eq!(gw.http.get("/expire").await.0, StatusCode::OK);
+    }
+    assert_eq!(
+        keep.accepts.load(Ordering::SeqCst),
+        1,
+        "one pooled connection serves them all"
+    );
+    assert_eq!(
+        expire.accepts.load(Ordering::SeqCst),
+        10,
+        "an idle connection past the timeout is not reused"
+    );
+}

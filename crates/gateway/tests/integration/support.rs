@@ -25,6 +25,8 @@ pub struct Upstream {
     pub status: Arc<AtomicU16>,
     pub delay_ms: Arc<AtomicU64>,
     pub hits: Arc<AtomicUsize>,
+    /// Connections accepted.
+    pub accepts: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -40,6 +42,8 @@ impl Upstream {
         let status = Arc::new(AtomicU16::new(200));
         let delay_ms = Arc::new(AtomicU64::new(0));
         let hits = Arc::new(AtomicUsize::new(0));
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let acc = accepts.clone();
         let (st, dl, hs, name) = (
             status.clone(),
             delay_ms.clone(),
@@ -52,6 +56,7 @@ impl Upstream {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                acc.fetch_add(1, Ordering::SeqCst);
                 let (st, dl, hs, name) = (st.clone(), dl.clone(), hs.clone(), name.clone());
                 conns.spawn(async move {
                     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -104,6 +109,7 @@ impl Upstream {
             status,
             delay_ms,
             hits,
+            accepts,
             task,
         }
     }
