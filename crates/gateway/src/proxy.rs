@@ -196,12 +196,17 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let retry_allowed = is_idempotent(&parts.method) || route.retry_non_idempotent;
     let mut payload = read_payload(body, gw.replay_cap).await?;
-    let mut headers = upstream_headers(&parts.headers, &parts.uri, route, peer);
-    if let (true, Some(proto)) = (upgrade, parts.headers.get(header::UPGRADE)) {
-        // An upgrade (WebSocket) is the one case where these hop-by-hop headers must pass.
-        headers.insert(header::UPGRADE, proto.clone());
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
+    let make_headers = || {
+        let mut h = upstream_headers(&parts.headers, &parts.uri, route, peer);
+        if let (true, Some(proto)) = (upgrade, parts.headers.get(header::UPGRADE)) {
+            // An upgrade (WebSocket) is the one case where these hop-by-hop headers pass.
+            h.insert(header::UPGRADE, proto.clone());
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        h
+    };
+    // The first try takes this map; a retry builds its own from the original request.
+    let mut first_headers = Some(make_headers());
     let path_and_query: PathAndQuery = match (&route.rewrite, parts.uri.path_and_query()) {
         (Rewrite::None, Some(pq)) => pq.clone(),
         _ => {
@@ -286,7 +291,7 @@ async fn forward(
             Protocol::Http1 => Version::HTTP_11,
             Protocol::H2c => Version::HTTP_2,
         };
-        *out.headers_mut() = headers.clone();
+        *out.headers_mut() = first_headers.take().unwrap_or_else(make_headers);
 
         let now = Instant::now();
         let remaining = deadline.saturating_duration_since(now);

@@ -1,5 +1,5 @@
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -31,12 +31,25 @@ pub struct Outlier {
     consecutive: AtomicU32,
     ejections: AtomicU32,
     until: Mutex<Option<Instant>>,
+    /// Set while an ejection may be running: the common case (never ejected) answers
+    /// `is_ejected` without a lock or a clock read, and it is asked on every request.
+    flagged: AtomicBool,
 }
 
 impl Outlier {
     pub fn is_ejected(&self) -> bool {
-        let g = self.until.lock().unwrap_or_else(|p| p.into_inner());
-        g.is_some_and(|u| Instant::now() < u)
+        if !self.flagged.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut g = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        match *g {
+            Some(u) if Instant::now() < u => true,
+            _ => {
+                *g = None;
+                self.flagged.store(false, Ordering::Release);
+                false
+            }
+        }
     }
 
     /// Times this endpoint has been ejected.
@@ -72,6 +85,7 @@ impl Outlier {
         let times = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
         let d = (cfg.base_ejection * times).min(cfg.max_ejection);
         *g = Some(now + d);
+        self.flagged.store(true, Ordering::Release);
         self.consecutive.store(0, Ordering::Relaxed);
         Some(d)
     }
