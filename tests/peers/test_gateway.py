@@ -92,3 +92,40 @@ endpoints = ["127.0.0.1:{state['port']}"]
     finally:
         state["loop"].call_soon_threadsafe(state["stop"].set)
         t.join(10)
+
+
+def test_grpc_client_and_bidi_streaming_through_the_gateway(gateway):
+    """Raw-bytes gRPC methods (no generated code): client streaming sums, bidi echoes."""
+
+    def total(request_iterator, context):
+        return str(sum(int(r) for r in request_iterator)).encode()
+
+    def chat(request_iterator, context):
+        for r in request_iterator:
+            yield b"echo " + r
+
+    handler = grpc.method_handlers_generic_handler("demo.Stream", {
+        "Total": grpc.stream_unary_rpc_method_handler(total),
+        "Chat": grpc.stream_stream_rpc_method_handler(chat),
+    })
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        addr, _ = gateway(f"""
+[[routes]]
+path = {{ prefix = "/demo.Stream/" }}
+upstream = "grpc"
+[upstreams.grpc]
+endpoints = ["127.0.0.1:{port}"]
+protocol = "h2c"
+""")
+        with grpc.insecure_channel(addr) as channel:
+            total_rpc = channel.stream_unary("/demo.Stream/Total")
+            assert total_rpc(iter([b"1", b"2", b"39"]), timeout=10) == b"42"
+            chat_rpc = channel.stream_stream("/demo.Stream/Chat")
+            replies = list(chat_rpc(iter([b"a", b"b", b"c"]), timeout=10))
+            assert replies == [b"echo a", b"echo b", b"echo c"]
+    finally:
+        server.stop(0)
