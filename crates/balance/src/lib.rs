@@ -139,7 +139,6 @@ impl Endpoint {
 #[derive(Debug)]
 pub struct EndpointSet {
     pub endpoints: Vec<Endpoint>,
-    total_weight: u64,
     uniform: bool,
     maglev: Maglev,
     /// Smooth weighted round-robin state (current weights), per snapshot.
@@ -149,13 +148,11 @@ pub struct EndpointSet {
 
 impl EndpointSet {
     pub fn new(endpoints: Vec<Endpoint>) -> EndpointSet {
-        let total_weight = endpoints.iter().map(|e| u64::from(e.weight)).sum();
         let uniform = endpoints.windows(2).all(|w| w[0].weight == w[1].weight);
         let maglev = Maglev::new(endpoints.iter().map(|e| e.addr.as_str()));
         let n = endpoints.len();
         EndpointSet {
             endpoints,
-            total_weight,
             uniform,
             maglev,
             swrr: Mutex::new(vec![0; n]),
@@ -280,7 +277,6 @@ fn weighted_random(set: &EndpointSet, usable: &dyn Fn(usize) -> bool) -> Option<
     if total == 0 {
         return None;
     }
-    let _ = set.total_weight;
     let mut r = fastrand::u64(..total);
     for (i, e) in set.endpoints.iter().enumerate() {
         if !usable(i) {

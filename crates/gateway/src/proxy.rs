@@ -53,13 +53,17 @@ fn host_of(req: &Request<Incoming>) -> &str {
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .unwrap_or("");
-    // Strip a port, keeping IPv6 literals intact.
+    strip_port(raw)
+}
+
+/// `host:port` → `host`; `[v6]:port` keeps its brackets; a bare v6 address has no port.
+fn strip_port(raw: &str) -> &str {
     match raw.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') && h.contains(':') => {
-            let _ = p;
-            raw
+        Some((h, p))
+            if p.bytes().all(|b| b.is_ascii_digit()) && (h.ends_with(']') || !h.contains(':')) =>
+        {
+            h
         }
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => raw,
     }
 }
@@ -595,5 +599,20 @@ fn hash_of(on: &HashOn, headers: &HeaderMap, peer: SocketAddr) -> u64 {
             tessera_balance::hash_key(value.as_bytes())
         }
         HashOn::ClientIp(_) => tessera_balance::hash_key(peer.ip().to_string().as_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_port;
+
+    #[test]
+    fn host_ports_are_stripped() {
+        assert_eq!(strip_port("shop.example.com:8080"), "shop.example.com");
+        assert_eq!(strip_port("shop.example.com"), "shop.example.com");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(strip_port("::1"), "::1");
+        assert_eq!(strip_port("host:abc"), "host:abc");
     }
 }

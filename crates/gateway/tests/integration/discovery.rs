@@ -1,7 +1,5 @@
 //! Endpoints found through a real tessera registry with blocking queries.
 
-use std::time::Duration;
-
 use http::StatusCode;
 use serde_json::json;
 
@@ -148,7 +146,6 @@ policy = "round_robin"
     for _ in 0..10 {
         assert_eq!(gw.http.get("/").await.0, StatusCode::OK);
     }
-    let _ = Duration::ZERO;
 }
 
 #[tokio::test]
