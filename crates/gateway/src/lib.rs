@@ -141,7 +141,8 @@ impl Gateway {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30))
-            .keep_alive(true);
+            .keep_alive(true)
+            .writev(false);
         builder
             .http2()
             .timer(TokioTimer::new())

@@ -75,8 +75,11 @@ impl Conns {
                 // request's future (which is moved around) as large as itself.
                 Box::pin(async move {
                     let io = connect(addr, connect_timeout).await?;
-                    let (sender, conn) =
-                        http1::Builder::new().handshake(io).await.map_err(|e| {
+                    let (sender, conn) = http1::Builder::new()
+                        .writev(false)
+                        .handshake(io)
+                        .await
+                        .map_err(|e| {
                             ConnectError(format!("HTTP/1.1 handshake with {addr}: {e}"))
                         })?;
                     tokio::spawn(async move {
