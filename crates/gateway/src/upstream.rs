@@ -368,7 +368,10 @@ async fn fetch(
     client: &Client<HttpConnector, Full<Bytes>>,
     req: http::Request<Full<Bytes>>,
 ) -> Result<(u64, Vec<HealthEntry>), String> {
-    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let resp = client
+        .request(req)
+        .await
+        .map_err(|e| tessera_core::error_chain(&e))?;
     let status = resp.status();
     let index = resp
         .headers()
