@@ -85,3 +85,23 @@ def gateway():
         proc.kill()
         proc.wait()
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture
+def grpc_health():
+    """A real grpcio server with the standard health service on an ephemeral port:
+    yields (server, servicer, port); the test may stop the server early."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield server, servicer, port
+    finally:
+        server.stop(0)

@@ -7,15 +7,11 @@ from concurrent import futures
 
 import grpc
 import websockets
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def test_grpc_unary_and_streaming_through_the_gateway(gateway):
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+def test_grpc_unary_and_streaming_through_the_gateway(gateway, grpc_health):
+    server, servicer, port = grpc_health
     try:
         servicer.set("shop.Orders", health_pb2.HealthCheckResponse.SERVING)
         addr, _ = gateway(f"""

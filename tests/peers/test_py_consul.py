@@ -2,11 +2,9 @@
 
 import http.server
 import threading
-from concurrent import futures
 
 import consul
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from conftest import wait_until
 
@@ -77,12 +75,8 @@ def test_http_check_runs(tessera):
         srv.shutdown()
 
 
-def test_tcp_and_grpc_checks(tessera):
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+def test_tcp_and_grpc_checks(tessera, grpc_health):
+    server, servicer, port = grpc_health
     try:
         servicer.set("shop.Orders", health_pb2.HealthCheckResponse.SERVING)
         c = client(tessera)

@@ -35,10 +35,6 @@ pub enum Conn {
 }
 
 impl Conns {
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|v| v.len()).unwrap_or(0)
-    }
-
     /// An open connection to `addr`: a pooled one when available, else a new one.
     pub async fn checkout(
         &self,

@@ -94,15 +94,6 @@ impl CircuitBreaker {
         g.state
     }
 
-    /// Error rate and call count over the current window.
-    pub fn window_stats(&self) -> (u32, u32) {
-        let mut g = self.lock();
-        self.advance(&mut g, Instant::now());
-        g.buckets
-            .iter()
-            .fold((0, 0), |(c, e), (bc, be)| (c + bc, e + be))
-    }
-
     /// Rotates buckets and moves Open → HalfOpen when the open period is over.
     fn advance(&self, g: &mut Inner, now: Instant) {
         let width = self.config.window / BUCKETS as u32;
