@@ -1,99 +1,88 @@
-//! One body type for everything the gateway sends and receives: a streamed hyper body, or
-//! bytes it holds (a buffered request kept for retries, an error page). An enum rather
-//! than a boxed trait object keeps the hot path free of allocations.
+//! One body type for everything the gateway sends and receives: bytes it holds (a small
+//! request or response read whole, a buffered request kept for retries, an error page), a
+//! streamed hyper body (HTTP/2, or a large upload), or a response streamed off one of our
+//! own HTTP/1.1 upstream connections. An enum rather than a boxed trait object keeps the
+//! hot path free of allocations.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
 
-use crate::pool::Conns;
+use crate::h1::client::UpstreamBody;
 
 pub enum Body {
+    /// Held in memory; `None` once sent.
+    Full(Option<Bytes>),
     Stream(Incoming),
-    Full(Full<Bytes>),
-    /// An upstream response whose HTTP/1.1 connection goes back to its pool when the body
-    /// has been read to the end.
-    Pooled(Incoming, Option<(SendRequest<Body>, Arc<Conns>)>),
+    /// A response read off our own HTTP/1.1 upstream connection, which goes back to its
+    /// pool when the body has been read to the end.
+    Upstream(Box<UpstreamBody>),
+}
+
+/// Why a body could not be read to the end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error("upstream body: {0}")]
+    Upstream(String),
 }
 
 impl std::fmt::Debug for Body {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Body::Stream(_) => f.write_str("Body::Stream"),
             Body::Full(_) => f.write_str("Body::Full"),
-            Body::Pooled(..) => f.write_str("Body::Pooled"),
+            Body::Stream(_) => f.write_str("Body::Stream"),
+            Body::Upstream(_) => f.write_str("Body::Upstream"),
         }
     }
 }
 
 impl Body {
     pub fn empty() -> Body {
-        Body::Full(Full::new(Bytes::new()))
+        Body::Full(None)
     }
 
     pub fn bytes(b: impl Into<Bytes>) -> Body {
-        Body::Full(Full::new(b.into()))
-    }
-
-    /// Wraps an upstream body; an already finished one returns its connection at once.
-    pub fn pooled(body: Incoming, sender: SendRequest<Body>, home: Arc<Conns>) -> Body {
-        if body.is_end_stream() {
-            home.checkin(sender);
-            return Body::Stream(body);
-        }
-        Body::Pooled(body, Some((sender, home)))
+        let b = b.into();
+        Body::Full((!b.is_empty()).then_some(b))
     }
 }
 
 impl HttpBody for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            Body::Stream(b) => Pin::new(b).poll_frame(cx),
-            Body::Pooled(b, home) => {
-                let r = Pin::new(&mut *b).poll_frame(cx);
-                // Done: at the end of the stream, or after the last frame of a body whose
-                // length was known (the server may never poll again for the end).
-                let done = match &r {
-                    Poll::Ready(None) => true,
-                    Poll::Ready(Some(Ok(_))) => b.is_end_stream(),
-                    _ => false,
-                };
-                if done && let Some((sender, conns)) = home.take() {
-                    conns.checkin(sender);
-                }
-                r
-            }
-            Body::Full(b) => match Pin::new(b).poll_frame(cx) {
-                Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
-                Poll::Ready(Some(Err(never))) => match never {},
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            },
+            Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Body::Stream(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BodyError::from))),
+            Body::Upstream(b) => b
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BodyError::Upstream))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Body::Stream(b) | Body::Pooled(b, _) => b.is_end_stream(),
-            Body::Full(b) => b.is_end_stream(),
+            Body::Full(b) => b.is_none(),
+            Body::Stream(b) => b.is_end_stream(),
+            Body::Upstream(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Body::Stream(b) | Body::Pooled(b, _) => b.size_hint(),
-            Body::Full(b) => b.size_hint(),
+            Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Stream(b) => b.size_hint(),
+            Body::Upstream(b) => b.size_hint(),
         }
     }
 }

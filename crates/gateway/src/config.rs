@@ -53,6 +53,11 @@ pub struct Config {
     /// How long SIGTERM waits for in-flight requests.
     #[serde(default = "default_drain", deserialize_with = "duration")]
     pub drain_timeout: Duration,
+    /// How long a client has to send a complete request head, counted from the end of
+    /// the previous response on a keep-alive connection (so it is also the keep-alive
+    /// idle timeout): the slow-client defence.
+    #[serde(default = "default_header_read", deserialize_with = "duration")]
+    pub header_read_timeout: Duration,
     /// Largest request body buffered so the request can be retried.
     #[serde(default = "default_replay_cap")]
     pub max_replay_body_bytes: usize,
@@ -75,6 +80,9 @@ fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8081))
 }
 fn default_drain() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_header_read() -> Duration {
     Duration::from_secs(30)
 }
 fn default_replay_cap() -> usize {

@@ -25,6 +25,7 @@ mod admin;
 mod body;
 pub mod config;
 mod error;
+mod h1;
 mod metrics;
 mod pool;
 mod proxy;
@@ -80,6 +81,7 @@ impl Shared {
 pub struct Gateway {
     shared: Arc<Shared>,
     drain_timeout: Duration,
+    header_read_timeout: Duration,
     watch_config: bool,
 }
 
@@ -100,6 +102,7 @@ impl Gateway {
                 reload_lock: std::sync::Mutex::new(()),
             }),
             drain_timeout: config.drain_timeout,
+            header_read_timeout: config.header_read_timeout,
             watch_config: config.watch_config,
         }
     }
@@ -140,7 +143,7 @@ impl Gateway {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
+            .header_read_timeout(self.header_read_timeout)
             .keep_alive(true)
             .writev(false);
         builder
@@ -148,6 +151,7 @@ impl Gateway {
             .timer(TokioTimer::new())
             .max_concurrent_streams(1024)
             .keep_alive_interval(Some(Duration::from_secs(30)));
+        let builder = Arc::new(builder);
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -163,20 +167,14 @@ impl Gateway {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let shared = self.shared.clone();
-            let peer = proxy::Peer::new(peer);
-            let svc = service_fn(move |req| {
-                let shared = shared.clone();
-                let peer = peer.clone();
-                async move { Ok::<_, std::convert::Infallible>(proxy::handle(shared, req, peer).await) }
-            });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-            let conn = graceful.watch(conn.into_owned());
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::trace!(error = %e, "connection ended with an error");
-                }
-            });
+            let ctx = h1::server::Ctx {
+                shared: self.shared.clone(),
+                peer: proxy::Peer::new(peer),
+                stop: stop.clone(),
+                header_timeout: self.header_read_timeout,
+                hyper: builder.clone(),
+            };
+            tokio::spawn(h1::server::serve(stream, ctx, graceful.watcher()));
         }
         drop(listener);
         stop.cancel();

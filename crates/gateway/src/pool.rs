@@ -6,11 +6,12 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::body::Body;
 use crate::config::Protocol;
+use crate::h1::client::H1Conn;
 
 /// Most idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE: usize = 256;
@@ -21,16 +22,22 @@ const MAX_IDLE: usize = 256;
 #[error("{0}")]
 pub struct ConnectError(pub String);
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Conns {
     /// Idle HTTP/1.1 connections and when each went idle (most recent last).
-    idle: Mutex<Vec<(http1::SendRequest<Body>, Instant)>>,
+    idle: Mutex<Vec<(H1Conn, Instant)>>,
     h2: Mutex<Option<http2::SendRequest<Body>>>,
+}
+
+impl std::fmt::Debug for Conns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Conns")
+    }
 }
 
 /// A connection checked out for one request.
 pub enum Conn {
-    H1(http1::SendRequest<Body>),
+    H1(H1Conn),
     H2(http2::SendRequest<Body>),
 }
 
@@ -49,20 +56,16 @@ impl Conns {
                     let next = self.idle.lock().ok().and_then(|mut v| {
                         // Connections idle past the timeout are closed (dropped), oldest
                         // first; they sit at the front.
-                        let now = Instant::now();
-                        let fresh =
-                            v.partition_point(|(_, at)| now.duration_since(*at) > idle_timeout);
-                        v.drain(..fresh);
+                        if v.first().is_some_and(|(_, at)| at.elapsed() > idle_timeout) {
+                            let now = Instant::now();
+                            let stale =
+                                v.partition_point(|(_, at)| now.duration_since(*at) > idle_timeout);
+                            v.drain(..stale);
+                        }
                         v.pop()
                     });
                     match next {
-                        // Checked in as soon as its response body ended: wait the moment it
-                        // takes the connection task to get ready for the next request.
-                        Some((mut s, _)) if !s.is_closed() => {
-                            if s.ready().await.is_ok() {
-                                return Ok(Conn::H1(s));
-                            }
-                        }
+                        Some((c, _)) if c.is_reusable() => return Ok(Conn::H1(c)),
                         Some(_) => continue, // closed while idle
                         None => break,
                     }
@@ -71,17 +74,7 @@ impl Conns {
                 // request's future (which is moved around) as large as itself.
                 Box::pin(async move {
                     let io = connect(addr, connect_timeout).await?;
-                    let (sender, conn) = http1::Builder::new()
-                        .writev(false)
-                        .handshake(io)
-                        .await
-                        .map_err(|e| {
-                            ConnectError(format!("HTTP/1.1 handshake with {addr}: {e}"))
-                        })?;
-                    tokio::spawn(async move {
-                        let _ = conn.with_upgrades().await;
-                    });
-                    Ok(Conn::H1(sender))
+                    Ok(Conn::H1(H1Conn::new(io)))
                 })
                 .await
             }
@@ -96,7 +89,7 @@ impl Conns {
                     http2::Builder::new(TokioExecutor::new())
                         .timer(TokioTimer::new())
                         .keep_alive_interval(Some(Duration::from_secs(30)))
-                        .handshake(io)
+                        .handshake(TokioIo::new(io))
                         .await
                         .map_err(|e| ConnectError(format!("h2c handshake with {addr}: {e}")))
                 })
@@ -113,26 +106,20 @@ impl Conns {
     }
 
     /// Returns an HTTP/1.1 connection whose exchange is complete.
-    pub fn checkin(&self, sender: http1::SendRequest<Body>) {
-        if sender.is_closed() {
-            return;
-        }
+    pub fn checkin(&self, conn: H1Conn) {
         if let Ok(mut idle) = self.idle.lock()
             && idle.len() < MAX_IDLE
         {
-            idle.push((sender, Instant::now()));
+            idle.push((conn, Instant::now()));
         }
     }
 }
 
-async fn connect(
-    addr: &str,
-    timeout: Duration,
-) -> Result<TokioIo<tokio::net::TcpStream>, ConnectError> {
+async fn connect(addr: &str, timeout: Duration) -> Result<tokio::net::TcpStream, ConnectError> {
     let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| ConnectError(format!("connect to {addr} timed out")))?
         .map_err(|e| ConnectError(format!("connect to {addr}: {e}")))?;
     let _ = stream.set_nodelay(true);
-    Ok(TokioIo::new(stream))
+    Ok(stream)
 }

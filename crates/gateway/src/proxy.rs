@@ -12,13 +12,15 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Body as _;
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 use crate::Shared;
 use crate::body::Body;
-use crate::config::{HashOn, Protocol};
+use crate::config::HashOn;
 use crate::error::GatewayError;
+use crate::h1::client::{Exchange, SendError as ClientError, Upgraded};
 use crate::routes::{Rewrite, Route};
 use crate::upstream::Upstream;
 
@@ -46,7 +48,7 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-fn host_of(req: &Request<Incoming>) -> &str {
+fn host_of<B>(req: &Request<B>) -> &str {
     let raw = req
         .headers()
         .get(header::HOST)
@@ -84,7 +86,7 @@ impl Peer {
     }
 }
 
-pub async fn handle(gw: Arc<Shared>, req: Request<Incoming>, peer: Peer) -> Response<Body> {
+pub async fn handle(gw: &Shared, req: Request<Body>, peer: &Peer) -> Response<Body> {
     let start = Instant::now();
     let table = gw.table.load_full();
     let method = req.method().clone();
@@ -102,7 +104,7 @@ pub async fn handle(gw: Arc<Shared>, req: Request<Incoming>, peer: Peer) -> Resp
     };
     // Boxed: the forwarding future is large, and an unboxed one would be copied along
     // with every move of the connection's request future.
-    let mut resp = match Box::pin(forward(&gw, route, req, &peer)).await {
+    let mut resp = match Box::pin(forward(gw, route, req, peer)).await {
         Ok(resp) => resp,
         Err(e) => {
             if !matches!(e, GatewayError::NoRoute { .. }) {
@@ -152,10 +154,15 @@ enum Payload {
     /// Held in memory: can be sent again.
     Replayable(Bytes),
     /// Streamed: can be sent once.
-    Stream(Option<Incoming>),
+    Stream(Option<Body>),
 }
 
-async fn read_payload(body: Incoming, cap: usize) -> Result<Payload, GatewayError> {
+async fn read_payload(body: Body, cap: usize) -> Result<Payload, GatewayError> {
+    let body = match body {
+        Body::Full(b) => return Ok(Payload::Replayable(b.unwrap_or_default())),
+        Body::Stream(b) => b,
+        other => return Ok(Payload::Stream(Some(other))),
+    };
     if body.is_end_stream() {
         return Ok(Payload::Replayable(Bytes::new()));
     }
@@ -167,14 +174,14 @@ async fn read_payload(body: Incoming, cap: usize) -> Result<Payload, GatewayErro
                 .map_err(|e| GatewayError::Body(e.to_string()))?;
             Ok(Payload::Replayable(collected.to_bytes()))
         }
-        _ => Ok(Payload::Stream(Some(body))),
+        _ => Ok(Payload::Stream(Some(Body::Stream(body)))),
     }
 }
 
 async fn forward(
     gw: &Shared,
     route: &Route,
-    req: Request<Incoming>,
+    req: Request<Body>,
     peer: &Peer,
 ) -> Result<Response<Body>, GatewayError> {
     let Some(up) = &route.upstream else {
@@ -197,20 +204,25 @@ async fn forward(
     let mut req = req;
     let upgrade = wants_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let retry_allowed = is_idempotent(&parts.method) || route.retry_non_idempotent;
     let mut payload = read_payload(body, gw.replay_cap).await?;
-    let make_headers = || {
-        let mut h = upstream_headers(&parts.headers, &parts.uri, route, peer);
-        if let (true, Some(proto)) = (upgrade, parts.headers.get(header::UPGRADE)) {
-            // An upgrade (WebSocket) is the one case where these hop-by-hop headers pass.
-            h.insert(header::UPGRADE, proto.clone());
-            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
-        h
+    let hash = up
+        .hash
+        .as_ref()
+        .map(|h| hash_of(h, &parts.headers, peer.addr));
+    let upgrade_to = if upgrade {
+        parts.headers.get(header::UPGRADE).cloned()
+    } else {
+        None
     };
-    // The first try takes this map; a retry builds its own from the original request.
-    let mut first_headers = Some(make_headers());
+    // Built once: every try sends this same map (HTTP/1.1 writes it by reference).
+    let mut headers = upstream_headers(std::mem::take(&mut parts.headers), &parts.uri, route, peer);
+    if let Some(proto) = upgrade_to {
+        // An upgrade (WebSocket) is the one case where these hop-by-hop headers pass.
+        headers.insert(header::UPGRADE, proto);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     let path_and_query: PathAndQuery = match (&route.rewrite, parts.uri.path_and_query()) {
         (Rewrite::None, Some(pq)) => pq.clone(),
         _ => {
@@ -223,10 +235,6 @@ async fn forward(
                 .map_err(|e| GatewayError::Body(format!("bad path: {e}")))?
         }
     };
-    let hash = up
-        .hash
-        .as_ref()
-        .map(|h| hash_of(h, &parts.headers, peer.addr));
     let deadline = Instant::now() + route.timeout;
     let mut tried: Vec<usize> = Vec::new();
     let mut attempt = 0u32;
@@ -259,10 +267,7 @@ async fn forward(
         };
         let body = match &mut payload {
             Payload::Replayable(b) => Body::bytes(b.clone()),
-            Payload::Stream(s) => match s.take() {
-                Some(b) => Body::Stream(b),
-                None => Body::empty(),
-            },
+            Payload::Stream(s) => s.take().unwrap_or_else(Body::empty),
         };
         let Some(authority) = snapshot.authorities[idx].clone() else {
             return Err(GatewayError::Io {
@@ -273,39 +278,23 @@ async fn forward(
                 ),
             });
         };
-        // HTTP/1.1 upstreams get the origin form (`/path?q`, with the Host header);
-        // HTTP/2 needs scheme and authority for its pseudo-headers.
-        let uri = match up.protocol {
-            Protocol::Http1 => Uri::from(path_and_query.clone()),
-            Protocol::H2c => {
-                let mut uri_parts = http::uri::Parts::default();
-                uri_parts.scheme = Some(Scheme::HTTP);
-                uri_parts.authority = Some(authority);
-                uri_parts.path_and_query = Some(path_and_query.clone());
-                Uri::from_parts(uri_parts).map_err(|e| GatewayError::Io {
-                    upstream: up.name.clone(),
-                    detail: format!("bad upstream URI: {e}"),
-                })?
-            }
+        let target = Target {
+            method: &parts.method,
+            path_and_query: &path_and_query,
+            authority,
+            headers: &headers,
         };
-        let mut out = Request::new(body);
-        *out.method_mut() = parts.method.clone();
-        *out.uri_mut() = uri;
-        *out.version_mut() = match up.protocol {
-            Protocol::Http1 => Version::HTTP_11,
-            Protocol::H2c => Version::HTTP_2,
-        };
-        *out.headers_mut() = first_headers.take().unwrap_or_else(make_headers);
-
         let now = Instant::now();
         let remaining = deadline.saturating_duration_since(now);
         let per_try = route.per_try_timeout.min(remaining);
         let in_flight = endpoint.load.start();
-        let conns = snapshot.conns[idx].clone();
-        let outcome = tokio::time::timeout(per_try, send(&conns, &endpoint.addr, up, out)).await;
+        let conns = &snapshot.conns[idx];
+        let outcome =
+            tokio::time::timeout(per_try, send(conns, &endpoint.addr, up, target, body)).await;
         let replayable = matches!(payload, Payload::Replayable(_));
         let (err, retryable): (GatewayError, bool) = match outcome {
-            Ok(Ok((resp, h1))) => {
+            Ok(Ok(exchange)) => {
+                let resp = exchange.response;
                 let status = resp.status();
                 let gateway_error = matches!(
                     status,
@@ -319,17 +308,23 @@ async fn forward(
                     if let Some(p) = permit {
                         p.success();
                     }
-                    if status == StatusCode::SWITCHING_PROTOCOLS
-                        && let Some(client) = client_upgrade
-                    {
-                        return Ok(tunnel(up.name.clone(), client, resp));
+                    if let Some(upgraded) = exchange.upgraded {
+                        return Ok(match client_upgrade {
+                            Some(client) => tunnel(up.name.clone(), client, upgraded, resp),
+                            // A 101 nobody asked for: the connection is dropped.
+                            None => GatewayError::Io {
+                                upstream: up.name.clone(),
+                                detail: "unexpected 101 Switching Protocols".into(),
+                            }
+                            .into_response(),
+                        });
                     }
-                    return Ok(downstream_response(resp, h1.map(|s| (s, conns))));
+                    return Ok(downstream_response(resp));
                 }
                 record_failure(up, &snapshot, idx, ejected, permit);
                 let can_retry = retry_allowed && replayable;
                 if !(can_retry && should_retry(up, route, attempt, deadline)) {
-                    return Ok(downstream_response(resp, h1.map(|s| (s, conns))));
+                    return Ok(downstream_response(resp));
                 }
                 attempt += 1;
                 tried.push(idx);
@@ -348,29 +343,31 @@ async fn forward(
                     replayable,
                 )
             }
-            Ok(Err(SendError::Http(e))) => {
+            Ok(Err(SendError::Unsent(detail))) => {
                 endpoint.load.observe(FAILURE_PENALTY);
                 drop(in_flight);
                 record_failure(up, &snapshot, idx, ejected, permit);
-                if e.is_canceled() {
-                    // The connection closed before the request went out (a pooled
-                    // connection the upstream had just closed): safe to try again.
-                    (
-                        GatewayError::Connect {
-                            upstream: up.name.clone(),
-                            detail: format!("{}: {}", endpoint.addr, tessera_core::error_chain(&e)),
-                        },
-                        replayable,
-                    )
-                } else {
-                    (
-                        GatewayError::Io {
-                            upstream: up.name.clone(),
-                            detail: format!("{}: {}", endpoint.addr, tessera_core::error_chain(&e)),
-                        },
-                        retry_allowed && replayable,
-                    )
-                }
+                // The request did not go out (a pooled connection the upstream had just
+                // closed): safe to try again.
+                (
+                    GatewayError::Connect {
+                        upstream: up.name.clone(),
+                        detail: format!("{}: {detail}", endpoint.addr),
+                    },
+                    replayable,
+                )
+            }
+            Ok(Err(SendError::Io(detail))) => {
+                endpoint.load.observe(FAILURE_PENALTY);
+                drop(in_flight);
+                record_failure(up, &snapshot, idx, ejected, permit);
+                (
+                    GatewayError::Io {
+                        upstream: up.name.clone(),
+                        detail: format!("{}: {detail}", endpoint.addr),
+                    },
+                    retry_allowed && replayable,
+                )
             }
             Err(_) => {
                 endpoint.load.observe(per_try);
@@ -399,35 +396,71 @@ async fn forward(
 
 enum SendError {
     Connect(crate::pool::ConnectError),
-    Http(hyper::Error),
+    /// Nothing reached the upstream.
+    Unsent(String),
+    /// The upstream may have seen the request.
+    Io(String),
 }
 
-/// One exchange on a pooled connection. Returns the HTTP/1.1 sender with the response so
-/// it can go back to the pool once the body is read.
+/// What each try sends, borrowed from the request.
+struct Target<'a> {
+    method: &'a Method,
+    path_and_query: &'a PathAndQuery,
+    authority: http::uri::Authority,
+    headers: &'a HeaderMap,
+}
+
+/// One exchange on a pooled connection.
 async fn send(
-    conns: &crate::pool::Conns,
+    conns: &Arc<crate::pool::Conns>,
     addr: &str,
     up: &Upstream,
-    req: Request<Body>,
-) -> Result<
-    (
-        Response<Incoming>,
-        Option<hyper::client::conn::http1::SendRequest<Body>>,
-    ),
-    SendError,
-> {
+    target: Target<'_>,
+    body: Body,
+) -> Result<Exchange, SendError> {
     match conns
         .checkout(addr, up.protocol, up.connect_timeout, up.idle_timeout)
         .await
         .map_err(SendError::Connect)?
     {
-        crate::pool::Conn::H1(mut s) => {
-            let resp = s.send_request(req).await.map_err(SendError::Http)?;
-            Ok((resp, Some(s)))
-        }
+        crate::pool::Conn::H1(c) => crate::h1::client::send(
+            c,
+            target.method,
+            target.path_and_query.as_str(),
+            target.headers,
+            body,
+            conns,
+        )
+        .await
+        .map_err(|e| match e {
+            ClientError::Unsent(d) => SendError::Unsent(d),
+            ClientError::Io(d) => SendError::Io(d),
+        }),
         crate::pool::Conn::H2(mut s) => {
-            let resp = s.send_request(req).await.map_err(SendError::Http)?;
-            Ok((resp, None))
+            // HTTP/2 needs scheme and authority for its pseudo-headers.
+            let mut uri_parts = http::uri::Parts::default();
+            uri_parts.scheme = Some(Scheme::HTTP);
+            uri_parts.authority = Some(target.authority);
+            uri_parts.path_and_query = Some(target.path_and_query.clone());
+            let uri = Uri::from_parts(uri_parts)
+                .map_err(|e| SendError::Unsent(format!("bad upstream URI: {e}")))?;
+            let mut req = Request::new(body);
+            *req.method_mut() = target.method.clone();
+            *req.uri_mut() = uri;
+            *req.version_mut() = Version::HTTP_2;
+            *req.headers_mut() = target.headers.clone();
+            let resp = s.send_request(req).await.map_err(|e| {
+                let detail = tessera_core::error_chain(&e);
+                if e.is_canceled() {
+                    SendError::Unsent(detail)
+                } else {
+                    SendError::Io(detail)
+                }
+            })?;
+            Ok(Exchange {
+                response: resp.map(Body::Stream),
+                upgraded: None,
+            })
         }
     }
 }
@@ -466,28 +499,24 @@ fn record_failure(
 /// Headers for the upstream request: hop-by-hop ones removed (and any the client named in
 /// `Connection`), the route's edits applied, `X-Forwarded-*` set, and the client's host
 /// kept (HTTP/2 clients send it as `:authority`).
-fn upstream_headers(src: &HeaderMap, uri: &Uri, route: &Route, peer: &Peer) -> HeaderMap {
-    let mut h = src.clone();
+fn upstream_headers(mut h: HeaderMap, uri: &Uri, route: &Route, peer: &Peer) -> HeaderMap {
     // Most requests carry no hop-by-hop header at all: one scan instead of a removal
     // (a hash and a probe) per name.
-    if src
-        .keys()
-        .any(|k| HOP_BY_HOP.contains(k) || k == header::TE)
-    {
-        let named: Vec<HeaderName> = src
+    if h.keys().any(|k| HOP_BY_HOP.contains(k) || k == header::TE) {
+        let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
             .collect();
+        // `te: trailers` is the one TE value that must pass (gRPC needs it).
+        let keep_te = h
+            .get(header::TE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         for name in HOP_BY_HOP.iter().chain(named.iter()) {
             h.remove(name);
         }
-        // `te: trailers` is the one TE value that must pass (gRPC needs it).
-        let keep_te = src
-            .get(header::TE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         if !keep_te {
             h.remove(header::TE);
         }
@@ -504,7 +533,7 @@ fn upstream_headers(src: &HeaderMap, uri: &Uri, route: &Route, peer: &Peer) -> H
     for (k, v) in &route.add_request {
         h.insert(k.clone(), v.clone());
     }
-    let xff = match src.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => peer
             .ip
             .to_str()
@@ -519,7 +548,7 @@ fn upstream_headers(src: &HeaderMap, uri: &Uri, route: &Route, peer: &Peer) -> H
     h
 }
 
-fn wants_upgrade(req: &Request<Incoming>) -> bool {
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && req
@@ -536,44 +565,39 @@ fn wants_upgrade(req: &Request<Incoming>) -> bool {
 fn tunnel(
     upstream: String,
     client: hyper::upgrade::OnUpgrade,
-    mut resp: Response<Incoming>,
+    server: Upgraded,
+    resp: Response<Body>,
 ) -> Response<Body> {
-    let server = hyper::upgrade::on(&mut resp);
     tokio::spawn(async move {
-        let (client, server) = match tokio::try_join!(client, server) {
-            Ok(pair) => pair,
+        let client = match client.await {
+            Ok(c) => c,
             Err(e) => {
                 tracing::debug!(upstream = %upstream, error = %e, "upgrade failed");
                 return;
             }
         };
         let mut client = hyper_util::rt::TokioIo::new(client);
-        let mut server = hyper_util::rt::TokioIo::new(server);
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+        let mut server_io = server.io;
+        if !server.read_ahead.is_empty()
+            && let Err(e) = client.write_all(&server.read_ahead).await
+        {
+            tracing::debug!(upstream = %upstream, error = %e, "upgraded connection ended");
+            return;
+        }
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server_io).await {
             tracing::debug!(upstream = %upstream, error = %e, "upgraded connection ended");
         }
     });
-    let (parts, _) = resp.into_parts();
-    Response::from_parts(parts, Body::empty())
+    resp
 }
 
-fn downstream_response(
-    resp: Response<Incoming>,
-    home: Option<(
-        hyper::client::conn::http1::SendRequest<Body>,
-        Arc<crate::pool::Conns>,
-    )>,
-) -> Response<Body> {
+fn downstream_response(resp: Response<Body>) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     if parts.headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
         for name in &HOP_BY_HOP {
             parts.headers.remove(name);
         }
     }
-    let body = match home {
-        Some((sender, conns)) => Body::pooled(body, sender, conns),
-        None => Body::Stream(body),
-    };
     Response::from_parts(parts, body)
 }
 

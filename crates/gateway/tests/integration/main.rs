@@ -5,6 +5,7 @@
 
 mod config;
 mod discovery;
+mod http1;
 mod proxying;
 mod resilience;
 mod support;

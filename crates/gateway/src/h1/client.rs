@@ -1,0 +1,739 @@
+//! Our HTTP/1.1 client side: one exchange at a time on a connection the request task owns.
+//! hyper's client runs each connection as its own task fed through a channel; on a proxy
+//! that is two task switches and a channel hand-off per request, about a third of the
+//! gateway's user-space instructions. Here the request task writes the request and reads
+//! the response head itself; a small body comes back as bytes and the connection returns
+//! to its pool at once, a larger one streams and returns the connection at its end.
+
+use std::io;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Frame, SizeHint};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::body::Body;
+use crate::pool::Conns;
+
+/// Response heads larger than this are refused (nginx's default buffers are far smaller).
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in a response head or trailer section.
+const MAX_HEADERS: usize = 100;
+/// Bodies up to this size are copied out of the read buffer, so the buffer is reused for
+/// the next response instead of being shared with the body.
+const COPY_BODY: usize = 16 * 1024;
+/// Request bodies up to this size are sent in the same write as the head.
+const INLINE_BODY: usize = 16 * 1024;
+/// A chunk-size line (with extensions) or a trailer section longer than this is an error.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// An open HTTP/1.1 connection to one upstream endpoint.
+pub struct H1Conn {
+    io: TcpStream,
+    /// Bytes read but not yet consumed.
+    buf: BytesMut,
+    /// The outgoing head (and small body), reused between requests.
+    wbuf: Vec<u8>,
+    /// Where the last response head's fields are, reused between requests.
+    fields: FieldRanges,
+}
+
+/// How an exchange failed, which decides whether it may be retried.
+#[derive(Debug)]
+pub enum SendError {
+    /// The request never reached the upstream: any request may go elsewhere.
+    Unsent(String),
+    /// The upstream may have seen the request.
+    Io(String),
+}
+
+/// The response, and for a `101 Switching Protocols` the connection, now a raw tunnel.
+pub struct Exchange {
+    pub response: Response<Body>,
+    pub upgraded: Option<Upgraded>,
+}
+
+/// A connection that switched protocols, with any bytes the upstream already sent.
+pub struct Upgraded {
+    pub io: TcpStream,
+    pub read_ahead: Bytes,
+}
+
+impl H1Conn {
+    pub fn new(io: TcpStream) -> H1Conn {
+        H1Conn {
+            io,
+            buf: BytesMut::with_capacity(8 * 1024),
+            wbuf: Vec::with_capacity(1024),
+            fields: Vec::with_capacity(16),
+        }
+    }
+
+    /// Whether a pooled connection can carry another request: it must not have been
+    /// closed (or have sent anything) while idle. Asks the runtime's readiness state
+    /// first, so the usual answer costs no system call.
+    pub fn is_reusable(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    fn reserve(&mut self) {
+        if self.buf.capacity() - self.buf.len() < 2048 {
+            self.buf.reserve(8 * 1024);
+        }
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.reserve();
+        tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx)).await
+    }
+}
+
+/// Sends `req` on `conn` and reads the response head. `home` takes the connection back
+/// when the exchange is complete.
+pub async fn send(
+    mut conn: H1Conn,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    body: Body,
+    home: &Arc<Conns>,
+) -> Result<Exchange, SendError> {
+    let head_only = *method == Method::HEAD;
+    write_request(&mut conn, method, target, headers, body).await?;
+
+    loop {
+        let Some((head_len, info)) = parse_head(&conn.buf, head_only, &mut conn.fields)? else {
+            if conn.buf.len() >= MAX_HEAD {
+                return Err(SendError::Io(format!(
+                    "response head larger than {MAX_HEAD} bytes"
+                )));
+            }
+            match conn.fill().await {
+                Ok(0) => {
+                    return Err(SendError::Io(
+                        "connection closed before a response".to_owned(),
+                    ));
+                }
+                Ok(_) => continue,
+                Err(e) => return Err(SendError::Io(format!("reading the response: {e}"))),
+            }
+        };
+        let head = conn.buf.split_to(head_len).freeze();
+        if info.status.is_informational() && info.status != StatusCode::SWITCHING_PROTOCOLS {
+            continue; // 100 Continue, 103 Early Hints: the final answer follows
+        }
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = info.status;
+        *response.version_mut() = Version::HTTP_11;
+        *response.headers_mut() = header_map(&head, &conn.fields)?;
+        if info.status == StatusCode::SWITCHING_PROTOCOLS {
+            let read_ahead = conn.buf.split().freeze();
+            return Ok(Exchange {
+                response,
+                upgraded: Some(Upgraded {
+                    io: conn.io,
+                    read_ahead,
+                }),
+            });
+        }
+        *response.body_mut() = match info.framing {
+            Framing::Length(n) if conn.buf.len() as u64 >= n => {
+                let n = n as usize;
+                let body = if n <= COPY_BODY {
+                    let b = Bytes::copy_from_slice(&conn.buf[..n]);
+                    conn.buf.advance(n);
+                    b
+                } else {
+                    conn.buf.split_to(n).freeze()
+                };
+                // Anything after the body is a protocol error: such a connection is closed.
+                if info.reusable && conn.buf.is_empty() {
+                    home.checkin(conn);
+                }
+                Body::bytes(body)
+            }
+            framing => Body::Upstream(Box::new(UpstreamBody {
+                conn: Some(conn),
+                state: match framing {
+                    Framing::Length(n) => State::Length(n),
+                    Framing::Chunked => State::ChunkSize,
+                    Framing::Close => State::UntilClose,
+                },
+                reusable: info.reusable,
+                home: home.clone(),
+            })),
+        };
+        return Ok(Exchange {
+            response,
+            upgraded: None,
+        });
+    }
+}
+
+fn needs_length(method: &Method) -> bool {
+    matches!(*method, Method::POST | Method::PUT | Method::PATCH)
+}
+
+async fn write_request(
+    conn: &mut H1Conn,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(), SendError> {
+    let w = &mut conn.wbuf;
+    w.clear();
+    w.extend_from_slice(method.as_str().as_bytes());
+    w.push(b' ');
+    w.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
+    w.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut had_length = false;
+    for (name, value) in headers {
+        // The framing headers are ours to write, from the body we actually send.
+        if name == header::CONTENT_LENGTH {
+            had_length = true;
+            continue;
+        }
+        if name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        w.extend_from_slice(name.as_str().as_bytes());
+        w.extend_from_slice(b": ");
+        w.extend_from_slice(value.as_bytes());
+        w.extend_from_slice(b"\r\n");
+    }
+    let unsent = |e: io::Error| SendError::Unsent(format!("writing the request: {e}"));
+    match body {
+        Body::Full(b) => {
+            let len = b.as_ref().map_or(0, |b| b.len());
+            if len > 0 || had_length || needs_length(method) {
+                write_length(w, len as u64);
+            }
+            w.extend_from_slice(b"\r\n");
+            match b {
+                Some(b) if b.len() <= INLINE_BODY => {
+                    w.extend_from_slice(&b);
+                    conn.io.write_all(&conn.wbuf).await.map_err(unsent)?;
+                }
+                Some(b) => {
+                    conn.io.write_all(&conn.wbuf).await.map_err(unsent)?;
+                    conn.io.write_all(&b).await.map_err(unsent)?;
+                }
+                None => conn.io.write_all(&conn.wbuf).await.map_err(unsent)?,
+            }
+        }
+        mut body => {
+            let exact = body.size_hint().exact();
+            match exact {
+                Some(n) => write_length(w, n),
+                None => w.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            }
+            w.extend_from_slice(b"\r\n");
+            conn.io.write_all(&conn.wbuf).await.map_err(unsent)?;
+            // The head went out: from here on the upstream may act on the request.
+            let io_err = |e: io::Error| SendError::Io(format!("writing the request body: {e}"));
+            let mut trailers_sent = false;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| SendError::Io(format!("request body: {e}")))?;
+                match frame.into_data() {
+                    Ok(data) if exact.is_some() => {
+                        conn.io.write_all(&data).await.map_err(io_err)?;
+                    }
+                    Ok(data) if !data.is_empty() => {
+                        let size = format!("{:x}\r\n", data.len());
+                        conn.io.write_all(size.as_bytes()).await.map_err(io_err)?;
+                        conn.io.write_all(&data).await.map_err(io_err)?;
+                        conn.io.write_all(b"\r\n").await.map_err(io_err)?;
+                    }
+                    Ok(_) => {}
+                    Err(frame) => {
+                        if let (Ok(trailers), None) = (frame.into_trailers(), exact) {
+                            let mut t = b"0\r\n".to_vec();
+                            write_fields(&mut t, &trailers);
+                            t.extend_from_slice(b"\r\n");
+                            conn.io.write_all(&t).await.map_err(io_err)?;
+                            trailers_sent = true;
+                        }
+                    }
+                }
+            }
+            if exact.is_none() && !trailers_sent {
+                conn.io.write_all(b"0\r\n\r\n").await.map_err(io_err)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_length(w: &mut Vec<u8>, n: u64) {
+    use std::io::Write as _;
+    // Writing into a Vec cannot fail.
+    let _ = write!(w, "content-length: {n}\r\n");
+}
+
+/// Writes `name: value\r\n` for every field.
+pub fn write_fields(w: &mut Vec<u8>, fields: &HeaderMap) {
+    for (name, value) in fields {
+        w.extend_from_slice(name.as_str().as_bytes());
+        w.extend_from_slice(b": ");
+        w.extend_from_slice(value.as_bytes());
+        w.extend_from_slice(b"\r\n");
+    }
+}
+
+enum Framing {
+    Length(u64),
+    Chunked,
+    /// Delimited by the upstream closing the connection.
+    Close,
+}
+
+struct HeadInfo {
+    status: StatusCode,
+    framing: Framing,
+    reusable: bool,
+}
+
+/// (name, value) byte ranges of header fields in a head.
+pub type FieldRanges = Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>;
+
+/// Parses a complete response head at the start of `buf`, or `None` if more is needed;
+/// the field positions go to `ranges`.
+fn parse_head(
+    buf: &[u8],
+    head_only: bool,
+    ranges: &mut FieldRanges,
+) -> Result<Option<(usize, HeadInfo)>, SendError> {
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut fields,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(SendError::Io(format!("malformed response head: {e}"))),
+    };
+    let code = resp.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code)
+        .map_err(|_| SendError::Io(format!("invalid response status {code}")))?;
+    let base = buf.as_ptr() as usize;
+    let mut reusable = resp.version == Some(1);
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut transfer_coded = false;
+    ranges.clear();
+    for f in resp.headers.iter() {
+        let name_at = f.name.as_ptr() as usize - base;
+        let value_at = f.value.as_ptr() as usize - base;
+        ranges.push((
+            name_at..name_at + f.name.len(),
+            value_at..value_at + f.value.len(),
+        ));
+        if f.name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(f.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| SendError::Io("invalid Content-Length in the response".into()))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(SendError::Io(
+                    "conflicting Content-Length values in the response".into(),
+                ));
+            }
+            length = Some(n);
+        } else if f.name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_coded = true;
+            // Chunked must be the final coding for the body to be delimited by it.
+            chunked = f
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if f.name.eq_ignore_ascii_case("connection") {
+            for token in f.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    reusable = false;
+                }
+            }
+        }
+    }
+    let no_body = head_only
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if no_body {
+        Framing::Length(0)
+    } else if transfer_coded {
+        // With both headers present, Transfer-Encoding wins and the connection is not
+        // trusted for another exchange.
+        if length.is_some() {
+            reusable = false;
+        }
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
+    } else {
+        match length {
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        }
+    };
+    if matches!(framing, Framing::Close) {
+        reusable = false;
+    }
+    Ok(Some((
+        len,
+        HeadInfo {
+            status,
+            framing,
+            reusable,
+        },
+    )))
+}
+
+/// Header fields as a map whose values share the head's bytes.
+fn header_map(
+    head: &Bytes,
+    fields: &[(std::ops::Range<usize>, std::ops::Range<usize>)],
+) -> Result<HeaderMap, SendError> {
+    let mut map = HeaderMap::with_capacity(fields.len());
+    for (name, value) in fields {
+        let name = HeaderName::from_bytes(&head[name.clone()])
+            .map_err(|_| SendError::Io("invalid header name in the response".into()))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value.clone()))
+            .map_err(|_| SendError::Io(format!("invalid value for {name} in the response")))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+enum State {
+    Length(u64),
+    ChunkSize,
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    Trailers,
+    UntilClose,
+    Done,
+}
+
+/// A response body streamed off an upstream connection.
+pub struct UpstreamBody {
+    conn: Option<H1Conn>,
+    state: State,
+    reusable: bool,
+    home: Arc<Conns>,
+}
+
+impl UpstreamBody {
+    pub fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(n) => SizeHint::with_exact(n),
+            State::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+
+    fn finish(&mut self) {
+        self.state = State::Done;
+        if let Some(conn) = self.conn.take()
+            && self.reusable
+            && conn.buf.is_empty()
+        {
+            self.home.checkin(conn);
+        }
+    }
+
+    pub fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, String>>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match decode(&mut self.state, &mut conn.buf) {
+                Ok(Step::Frame(f)) => {
+                    if matches!(self.state, State::Done) {
+                        self.finish();
+                    }
+                    return Poll::Ready(Some(Ok(f)));
+                }
+                Ok(Step::End) => {
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::More) => {}
+                Err(e) => {
+                    self.conn = None;
+                    self.state = State::Done;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) if matches!(self.state, State::UntilClose) => {
+                    self.conn = None;
+                    self.state = State::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    self.conn = None;
+                    self.state = State::Done;
+                    return Poll::Ready(Some(Err(
+                        "upstream closed the connection in the middle of the body".into(),
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.conn = None;
+                    self.state = State::Done;
+                    return Poll::Ready(Some(Err(format!("reading from upstream: {e}"))));
+                }
+            }
+        }
+    }
+}
+
+enum Step {
+    Frame(Frame<Bytes>),
+    End,
+    /// Needs more bytes from the connection.
+    More,
+}
+
+/// Advances the body decoder over buffered bytes.
+fn decode(state: &mut State, buf: &mut BytesMut) -> Result<Step, String> {
+    loop {
+        match state {
+            State::Done => return Ok(Step::End),
+            State::Length(0) => {
+                *state = State::Done;
+                return Ok(Step::End);
+            }
+            State::Length(n) => {
+                if buf.is_empty() {
+                    return Ok(Step::More);
+                }
+                let take = (*n).min(buf.len() as u64) as usize;
+                *n -= take as u64;
+                if *n == 0 {
+                    *state = State::Done;
+                }
+                return Ok(Step::Frame(Frame::data(buf.split_to(take).freeze())));
+            }
+            State::UntilClose => {
+                if buf.is_empty() {
+                    return Ok(Step::More);
+                }
+                return Ok(Step::Frame(Frame::data(buf.split().freeze())));
+            }
+            State::ChunkSize => {
+                let Some(eol) = buf.iter().position(|&b| b == b'\n') else {
+                    if buf.len() > MAX_CHUNK_LINE {
+                        return Err("chunk-size line too long".into());
+                    }
+                    return Ok(Step::More);
+                };
+                let size = chunk_size(&buf[..eol])?;
+                buf.advance(eol + 1);
+                *state = if size == 0 {
+                    State::Trailers
+                } else {
+                    State::ChunkData(size)
+                };
+            }
+            State::ChunkData(n) => {
+                if buf.is_empty() {
+                    return Ok(Step::More);
+                }
+                let take = (*n).min(buf.len() as u64) as usize;
+                *n -= take as u64;
+                if *n == 0 {
+                    *state = State::ChunkEnd;
+                }
+                return Ok(Step::Frame(Frame::data(buf.split_to(take).freeze())));
+            }
+            State::ChunkEnd => {
+                if buf.len() < 2 {
+                    return Ok(Step::More);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err("chunk data not followed by CRLF".into());
+                }
+                buf.advance(2);
+                *state = State::ChunkSize;
+            }
+            State::Trailers => {
+                if buf.len() >= 2 && &buf[..2] == b"\r\n" {
+                    buf.advance(2);
+                    *state = State::Done;
+                    return Ok(Step::End);
+                }
+                let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                match httparse::parse_headers(buf, &mut fields) {
+                    Ok(httparse::Status::Complete((n, parsed))) => {
+                        let mut trailers = HeaderMap::with_capacity(parsed.len());
+                        for f in parsed {
+                            if let (Ok(name), Ok(value)) = (
+                                HeaderName::from_bytes(f.name.as_bytes()),
+                                HeaderValue::from_bytes(f.value),
+                            ) {
+                                trailers.append(name, value);
+                            }
+                        }
+                        buf.advance(n);
+                        *state = State::Done;
+                        return Ok(Step::Frame(Frame::trailers(trailers)));
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() <= MAX_TRAILERS => {
+                        return Ok(Step::More);
+                    }
+                    Ok(httparse::Status::Partial) => return Err("trailer section too large".into()),
+                    Err(e) => return Err(format!("malformed trailer section: {e}")),
+                }
+            }
+        }
+    }
+}
+
+/// The size from a chunk-size line (without its LF): hex digits, then optional
+/// extensions after `;`, ending in CR.
+fn chunk_size(line: &[u8]) -> Result<u64, String> {
+    let Some(line) = line.strip_suffix(b"\r") else {
+        return Err("chunk-size line not ended by CRLF".into());
+    };
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 15 {
+        return Err("invalid chunk size".into());
+    }
+    let rest = line[digits..].trim_ascii_start();
+    if !rest.is_empty() && rest[0] != b';' {
+        return Err("invalid chunk size".into());
+    }
+    let hex = std::str::from_utf8(&line[..digits]).map_err(|_| "invalid chunk size")?;
+    u64::from_str_radix(hex, 16).map_err(|_| "invalid chunk size".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(wire: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>), String> {
+        let mut state = State::ChunkSize;
+        let mut buf = BytesMut::from(wire);
+        let mut data = Vec::new();
+        let mut trailers = None;
+        loop {
+            match decode(&mut state, &mut buf)? {
+                Step::Frame(f) => match f.into_data() {
+                    Ok(d) => data.extend_from_slice(&d),
+                    Err(f) => trailers = f.into_trailers().ok(),
+                },
+                Step::End => return Ok((data, trailers)),
+                Step::More => return Err("incomplete".into()),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode() {
+        let (data, trailers) = decode_all(b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n").unwrap();
+        assert_eq!(data, b"hello world");
+        assert!(trailers.is_none());
+        let (data, trailers) =
+            decode_all(b"3\r\nabc\r\n0\r\ngrpc-status: 0\r\nx-t: y\r\n\r\n").unwrap();
+        assert_eq!(data, b"abc");
+        let t = trailers.unwrap();
+        assert_eq!(t["grpc-status"], "0");
+        assert_eq!(t["x-t"], "y");
+    }
+
+    #[test]
+    fn malformed_chunks_are_errors() {
+        for wire in [
+            &b"zz\r\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"ffffffffffffffffff\r\n",
+            b"5 x\r\nhello\r\n",
+        ] {
+            assert!(
+                decode_all(wire).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let ph = |wire: &[u8], head_only| parse_head(wire, head_only, &mut Vec::new());
+        let (_, h) = ph(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(h.framing, Framing::Length(5)) && h.reusable);
+        let (_, h) = ph(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(h.framing, Framing::Length(0)));
+        let (_, h) = ph(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(matches!(h.framing, Framing::Chunked) && h.reusable);
+        let (_, h) = ph(b"HTTP/1.1 200 OK\r\n\r\n", false).unwrap().unwrap();
+        assert!(matches!(h.framing, Framing::Close) && !h.reusable);
+        let (_, h) = ph(b"HTTP/1.1 204 No Content\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(h.framing, Framing::Length(0)) && h.reusable);
+        let (_, h) = ph(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\nconnection: close\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!h.reusable);
+        assert!(
+            ph(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+                false
+            )
+            .is_err()
+        );
+        assert!(
+            ph(b"HTTP/1.1 200 OK\r\ncontent-le", false)
+                .unwrap()
+                .is_none()
+        );
+    }
+}

@@ -1,0 +1,576 @@
+//! Our HTTP/1.1 server side, for the requests that make up nearly all proxy traffic:
+//! HTTP/1.1, origin-form target, no body or a `Content-Length` body within the replay
+//! cap. Such a request is read, handed to the proxy and answered from this one task, with
+//! one timer per connection instead of one per request.
+//!
+//! Everything else on the connection (HTTP/2 prior knowledge, HTTP/1.0, upgrades,
+//! `Expect`, chunked or large uploads, and any head that does not parse cleanly) is handed
+//! to hyper's server together with the bytes already read, so hyper's codec stays the one
+//! that decides about unusual and malformed input.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::Watcher;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+use crate::body::Body;
+use crate::h1::client::{FieldRanges, write_fields};
+use crate::proxy::{self, Peer};
+
+/// Request heads larger than this go to hyper, which answers 431.
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 100;
+/// Response bodies up to this size are written in one `write` with their head.
+const INLINE_BODY: usize = 64 * 1024;
+
+/// What the connection loop needs besides the socket.
+pub struct Ctx {
+    pub shared: Arc<Shared>,
+    pub peer: Peer,
+    pub stop: CancellationToken,
+    pub header_timeout: Duration,
+    pub hyper: Arc<auto::Builder<TokioExecutor>>,
+}
+
+enum Next {
+    Close,
+    /// Serve the rest of the connection with hyper; these bytes were read already.
+    HandOff(BytesMut),
+}
+
+/// Serves one client connection until it closes, the server stops, or it is handed off.
+pub async fn serve(io: TcpStream, ctx: Ctx, watcher: Watcher) {
+    let mut conn = Conn {
+        io,
+        buf: BytesMut::with_capacity(8 * 1024),
+        out: Vec::with_capacity(4 * 1024),
+        timer: None,
+        fields: Vec::with_capacity(16),
+    };
+    let next = conn.run(&ctx).await;
+    if let Next::HandOff(read) = next {
+        let Ctx {
+            shared,
+            peer,
+            hyper,
+            ..
+        } = ctx;
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let shared = shared.clone();
+            let peer = peer.clone();
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    proxy::handle(&shared, req.map(Body::Stream), &peer).await,
+                )
+            }
+        });
+        let io = TokioIo::new(Prefixed {
+            read: read.freeze(),
+            io: conn.io,
+        });
+        let served = watcher.watch(hyper.serve_connection_with_upgrades(io, svc).into_owned());
+        if let Err(e) = served.await {
+            tracing::trace!(error = %e, "connection ended with an error");
+        }
+    }
+}
+
+struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+    out: Vec<u8>,
+    /// Fires at the header deadline or earlier; re-armed lazily, so a keep-alive
+    /// request costs no timer operation.
+    timer: Option<Pin<Box<Sleep>>>,
+    fields: FieldRanges,
+}
+
+/// A request head the fast path accepts; its fields' positions are in `Conn::fields`.
+struct Head {
+    len: usize,
+    body_len: u64,
+    close: bool,
+    method: Method,
+    path: Range<usize>,
+}
+
+enum Parsed {
+    Partial,
+    Fast(Head),
+    /// Valid or not, this is hyper's to handle.
+    Other,
+    /// Refused here, with this reason, and the connection closed.
+    Reject(&'static str),
+}
+
+enum Fill {
+    Read,
+    Eof,
+    TimedOut,
+    Stopped,
+}
+
+impl Conn {
+    async fn run(&mut self, ctx: &Ctx) -> Next {
+        let cancelled = ctx.stop.cancelled();
+        tokio::pin!(cancelled);
+        loop {
+            // Waiting for a request: between requests and while its head arrives.
+            let deadline = Instant::now() + ctx.header_timeout;
+            let head = loop {
+                match parse(&self.buf, ctx.shared.replay_cap, &mut self.fields) {
+                    Parsed::Fast(h) => break h,
+                    Parsed::Other => return Next::HandOff(std::mem::take(&mut self.buf)),
+                    Parsed::Reject(why) => {
+                        let _ = self.io.write_all(&bad_request(why)).await;
+                        return Next::Close;
+                    }
+                    Parsed::Partial if self.buf.len() > MAX_HEAD => {
+                        return Next::HandOff(std::mem::take(&mut self.buf));
+                    }
+                    Parsed::Partial => {}
+                }
+                // An idle connection closes on shutdown; one mid-head gets its chance.
+                let stop = if self.buf.is_empty() {
+                    Some(cancelled.as_mut())
+                } else {
+                    None
+                };
+                match self.fill(deadline, stop).await {
+                    Fill::Read => {}
+                    Fill::Eof | Fill::Stopped => return Next::Close,
+                    Fill::TimedOut => {
+                        if !self.buf.is_empty() {
+                            let _ = self.io.write_all(REQUEST_TIMEOUT).await;
+                        }
+                        return Next::Close;
+                    }
+                }
+            };
+            let head_bytes = self.buf.split_to(head.len).freeze();
+            let body_len = head.body_len as usize;
+            while self.buf.len() < body_len {
+                match self.fill(deadline, None).await {
+                    Fill::Read => {}
+                    Fill::TimedOut => {
+                        let _ = self.io.write_all(REQUEST_TIMEOUT).await;
+                        return Next::Close;
+                    }
+                    _ => return Next::Close,
+                }
+            }
+            let body = if body_len == 0 {
+                Body::empty()
+            } else {
+                Body::bytes(self.buf.split_to(body_len).freeze())
+            };
+            let head_request = head.method == Method::HEAD;
+            let close = head.close;
+            let Some(req) = build_request(&head_bytes, head, &self.fields, body) else {
+                // Parsed once already, so this does not happen; hyper gets the bytes.
+                let mut all = BytesMut::from(&head_bytes[..]);
+                all.extend_from_slice(&self.buf);
+                return Next::HandOff(all);
+            };
+            let resp = proxy::handle(&ctx.shared, req, &ctx.peer).await;
+            let close = close || ctx.stop.is_cancelled();
+            if self.respond(resp, head_request, close).await.is_err() || close {
+                return Next::Close;
+            }
+        }
+    }
+
+    /// Reads more bytes, up to `deadline`; `stop` ends an idle wait.
+    async fn fill(
+        &mut self,
+        deadline: Instant,
+        mut stop: Option<Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>>,
+    ) -> Fill {
+        if self.buf.capacity() - self.buf.len() < 2048 {
+            self.buf.reserve(8 * 1024);
+        }
+        std::future::poll_fn(|cx| {
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Fill::Eof),
+                Poll::Ready(Ok(_)) => return Poll::Ready(Fill::Read),
+                Poll::Pending => {}
+            }
+            if let Some(stop) = stop.as_mut()
+                && stop.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Fill::Stopped);
+            }
+            loop {
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                // The timer was armed for an earlier request's deadline: move it on.
+                if Instant::now() >= deadline {
+                    return Poll::Ready(Fill::TimedOut);
+                }
+                timer.as_mut().reset(deadline);
+            }
+        })
+        .await
+    }
+
+    async fn respond(
+        &mut self,
+        resp: Response<Body>,
+        head_request: bool,
+        close: bool,
+    ) -> io::Result<()> {
+        let (parts, mut body) = resp.into_parts();
+        let status = parts.status;
+        let w = &mut self.out;
+        w.clear();
+        w.extend_from_slice(b"HTTP/1.1 ");
+        w.extend_from_slice(status.as_str().as_bytes());
+        w.push(b' ');
+        w.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        w.extend_from_slice(b"\r\n");
+        let no_body = head_request
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let mut chunked = false;
+        let mut has_date = false;
+        for (name, value) in &parts.headers {
+            // A HEAD or 304 answer keeps the upstream's Content-Length: it describes the
+            // representation, not this (empty) message. Otherwise framing is ours.
+            if !no_body && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING) {
+                continue;
+            }
+            has_date |= name == header::DATE;
+            w.extend_from_slice(name.as_str().as_bytes());
+            w.extend_from_slice(b": ");
+            w.extend_from_slice(value.as_bytes());
+            w.extend_from_slice(b"\r\n");
+        }
+        if !no_body {
+            match body.size_hint().exact() {
+                Some(n) => {
+                    use std::io::Write as _;
+                    let _ = write!(w, "content-length: {n}\r\n");
+                }
+                None => {
+                    chunked = true;
+                    w.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                }
+            }
+        }
+        if !has_date {
+            w.extend_from_slice(b"date: ");
+            crate::h1::date::append(w);
+            w.extend_from_slice(b"\r\n");
+        }
+        if close {
+            w.extend_from_slice(b"connection: close\r\n");
+        }
+        w.extend_from_slice(b"\r\n");
+        if no_body {
+            return self.io.write_all(&self.out).await;
+        }
+        if let Body::Full(b) = &mut body {
+            return match b.take() {
+                Some(b) if b.len() <= INLINE_BODY => {
+                    self.out.extend_from_slice(&b);
+                    self.io.write_all(&self.out).await
+                }
+                Some(b) => {
+                    self.io.write_all(&self.out).await?;
+                    self.io.write_all(&b).await
+                }
+                None => self.io.write_all(&self.out).await,
+            };
+        }
+        self.io.write_all(&self.out).await?;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(io::Error::other)?;
+            match frame.into_data() {
+                Ok(data) if !chunked => self.io.write_all(&data).await?,
+                Ok(data) if !data.is_empty() => {
+                    self.out.clear();
+                    {
+                        use std::io::Write as _;
+                        let _ = write!(self.out, "{:x}\r\n", data.len());
+                    }
+                    self.io.write_all(&self.out).await?;
+                    self.io.write_all(&data).await?;
+                    self.io.write_all(b"\r\n").await?;
+                }
+                Ok(_) => {}
+                Err(frame) => {
+                    if let (Ok(trailers), true) = (frame.into_trailers(), chunked) {
+                        self.out.clear();
+                        self.out.extend_from_slice(b"0\r\n");
+                        write_fields(&mut self.out, &trailers);
+                        self.out.extend_from_slice(b"\r\n");
+                        self.io.write_all(&self.out).await?;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if chunked {
+            self.io.write_all(b"0\r\n\r\n").await?;
+        }
+        Ok(())
+    }
+}
+
+/// A 400 answer in the gateway's JSON error shape, closing the connection.
+fn bad_request(why: &str) -> Vec<u8> {
+    let body = serde_json::json!({"error": format!("bad request: {why}"), "code": "bad_request"})
+        .to_string();
+    format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+const REQUEST_TIMEOUT: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// Decides whether the head at the start of `buf` is complete and takes the fast path;
+/// the field positions go to `ranges`.
+fn parse(buf: &[u8], body_cap: usize, ranges: &mut FieldRanges) -> Parsed {
+    if buf.is_empty() {
+        return Parsed::Partial;
+    }
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut fields) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Other,
+    };
+    let (Some(method), Some(path)) = (req.method, req.path) else {
+        return Parsed::Other;
+    };
+    let unusual = req.version != Some(1) || !path.starts_with('/');
+    let base = buf.as_ptr() as usize;
+    let path_at = path.as_ptr() as usize - base;
+    let mut body_len: Option<u64> = None;
+    let mut lengths = 0;
+    let mut other = false;
+    let mut transfer_coded = false;
+    let mut close = false;
+    ranges.clear();
+    for f in req.headers.iter() {
+        let name = f.name.as_bytes();
+        let name_at = name.as_ptr() as usize - base;
+        let value_at = f.value.as_ptr() as usize - base;
+        ranges.push((
+            name_at..name_at + name.len(),
+            value_at..value_at + f.value.len(),
+        ));
+        // Only the names that change framing or connection handling are looked at.
+        match name.len() {
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                lengths += 1;
+                match std::str::from_utf8(f.value)
+                    .ok()
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
+                    Some(n) if n as usize <= body_cap => body_len = Some(n),
+                    _ => other = true,
+                }
+            }
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => transfer_coded = true,
+            7 if name.eq_ignore_ascii_case(b"upgrade") => other = true,
+            6 if name.eq_ignore_ascii_case(b"expect") => other = true,
+            10 if name.eq_ignore_ascii_case(b"connection") => {
+                for token in f.value.split(|&b| b == b',') {
+                    if token.trim_ascii().eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    // Two framings at once is how requests are smuggled past a proxy that reads one
+    // and an upstream that reads the other: refused outright (RFC 9112 section 6.1 allows
+    // it), never guessed at.
+    if transfer_coded && lengths > 0 {
+        return Parsed::Reject("both Content-Length and Transfer-Encoding");
+    }
+    if unusual || other || transfer_coded || lengths > 1 {
+        return Parsed::Other;
+    }
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Parsed::Other;
+    };
+    Parsed::Fast(Head {
+        len,
+        body_len: body_len.unwrap_or(0),
+        close,
+        method,
+        path: path_at..path_at + path.len(),
+    })
+}
+
+/// The request from a head that `parse` accepted; its header values share `head`.
+fn build_request(
+    head: &Bytes,
+    parsed: Head,
+    fields: &FieldRanges,
+    body: Body,
+) -> Option<Request<Body>> {
+    let uri = Uri::from_maybe_shared(head.slice(parsed.path)).ok()?;
+    // Room for the fields the proxy adds (X-Forwarded-*), so the map does not grow.
+    let mut headers = HeaderMap::with_capacity(fields.len() + 4);
+    for (name, value) in fields {
+        let name = HeaderName::from_bytes(&head[name.clone()]).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value.clone())).ok()?;
+        headers.append(name, value);
+    }
+    let mut request = Request::new(body);
+    *request.method_mut() = parsed.method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Some(request)
+}
+
+/// A socket with bytes already read from it in front, for the hand-off to hyper.
+struct Prefixed {
+    read: Bytes,
+    io: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            let chunk = self.read.split_to(n);
+            buf.put_slice(&chunk);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fast(wire: &[u8]) -> Option<(usize, u64, bool)> {
+        match parse(wire, 1024, &mut Vec::new()) {
+            Parsed::Fast(h) => Some((h.len, h.body_len, h.close)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn plain_requests_take_the_fast_path() {
+        let get = b"GET /a?b=c HTTP/1.1\r\nhost: x\r\n\r\n";
+        assert_eq!(fast(get), Some((get.len(), 0, false)));
+        let post = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: keep-alive, close\r\n\r\nhello";
+        assert_eq!(fast(post), Some((post.len() - 5, 5, true)));
+        assert!(matches!(
+            parse(b"GET /a HTTP/1.1\r\nhost", 1024, &mut Vec::new()),
+            Parsed::Partial
+        ));
+    }
+
+    #[test]
+    fn everything_else_goes_to_hyper() {
+        for wire in [
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+            b"GET /a HTTP/1.0\r\n\r\n",
+            b"GET http://x/a HTTP/1.1\r\nhost: x\r\n\r\n",
+            b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.0\r\ncontent-length: 0\r\n\r\n",
+            b"POST /a HTTP/1.1\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n",
+            b"POST /a HTTP/1.1\r\ncontent-length: +5\r\n\r\n",
+            b"POST /a HTTP/1.1\r\ncontent-length: 2048\r\n\r\n",
+            b"GET /ws HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+            b"POST /a HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n",
+            b"GET /a HTTP/1.1\r\nbad header\r\n\r\n",
+            b"GET /a HTTP/1.1\r\nname : v\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse(wire, 1024, &mut Vec::new()), Parsed::Other),
+                "{:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+    }
+
+    #[test]
+    fn two_framings_are_refused() {
+        for wire in [
+            &b"POST / HTTP/1.1\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            b"POST / HTTP/1.0\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
+        ] {
+            assert!(matches!(
+                parse(wire, 1024, &mut Vec::new()),
+                Parsed::Reject(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn requests_share_the_head_bytes() {
+        let head =
+            Bytes::from_static(b"PUT /x%20y?q=1 HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nX-A: 2\r\n\r\n");
+        let mut fields = Vec::new();
+        let Parsed::Fast(parsed) = parse(&head, 1024, &mut fields) else {
+            panic!("not a fast-path head");
+        };
+        let req = build_request(&head, parsed, &fields, Body::empty()).unwrap();
+        assert_eq!(req.method(), Method::PUT);
+        assert_eq!(req.uri().path(), "/x%20y");
+        assert_eq!(req.uri().query(), Some("q=1"));
+        assert_eq!(req.headers().get_all("x-a").iter().count(), 2);
+        assert_eq!(req.headers()["host"], "h");
+    }
+}

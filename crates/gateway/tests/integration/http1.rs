@@ -1,0 +1,399 @@
+//! The gateway's own HTTP/1.1 codec, on the wire: every response framing an upstream can
+//! use, keep-alive surviving each of them, pipelining, `Connection: close`, the slow-client
+//! timeout, and the requests it hands to hyper (HTTP/1.0, chunked uploads, `Expect`,
+//! malformed heads).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::{TestGateway, Upstream, wait_for};
+
+/// What the scripted upstream writes for one request: each chunk in its own write, with
+/// a pause between, so the gateway sees bodies arrive in pieces.
+struct Script {
+    chunks: Vec<&'static [u8]>,
+    close: bool,
+}
+
+fn script(method: &str, path: &str) -> Script {
+    let keep = |chunks: Vec<&'static [u8]>| Script {
+        chunks,
+        close: false,
+    };
+    match (method, path) {
+        (_, "/chunked") => keep(vec![
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel",
+            b"lo\r\n6\r\n world\r\n0\r\n\r\n",
+        ]),
+        (_, "/trailers") => keep(vec![
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n3\r\nabc\r\n",
+            b"0\r\nx-checksum: 900150983cd24fb0\r\n\r\n",
+        ]),
+        (_, "/close") => Script {
+            chunks: vec![b"HTTP/1.1 200 OK\r\n\r\nuntil ", b"close"],
+            close: true,
+        },
+        (_, "/big") => keep(vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 40000\r\n\r\n",
+            &[b'a'; 20000],
+            &[b'b'; 20000],
+        ]),
+        (_, "/continue") => keep(vec![
+            b"HTTP/1.1 100 Continue\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ]),
+        ("HEAD", "/head") => keep(vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\ncontent-type: text/plain\r\n\r\n",
+        ]),
+        (_, "/nocontent") => keep(vec![b"HTTP/1.1 204 No Content\r\nx-a: 1\r\n\r\n"]),
+        _ => keep(vec![b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"]),
+    }
+}
+
+/// A raw-socket upstream answering from `script`. Counts connections accepted; with
+/// `linger`, closes each connection that long after every response (an upstream whose
+/// keep-alive timeout is shorter than the gateway's), counting those closes.
+struct Scripted {
+    addr: std::net::SocketAddr,
+    accepts: Arc<AtomicUsize>,
+    closes: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn scripted(linger: Option<Duration>) -> Scripted {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let closes = Arc::new(AtomicUsize::new(0));
+    let (acc, cl) = (accepts.clone(), closes.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            acc.fetch_add(1, Ordering::SeqCst);
+            let cl = cl.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let mut line = head.split(' ');
+                    let (method, path) = (line.next().unwrap_or(""), line.next().unwrap_or(""));
+                    let sc = script(method, path);
+                    for (i, chunk) in sc.chunks.iter().enumerate() {
+                        if i > 0 {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        if s.write_all(chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                    if sc.close {
+                        return;
+                    }
+                    if let Some(d) = linger {
+                        tokio::time::sleep(d).await;
+                        drop(s);
+                        cl.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Scripted {
+        addr,
+        accepts,
+        closes,
+        task,
+    }
+}
+
+async fn gateway_to(addr: std::net::SocketAddr, extra: &str) -> TestGateway {
+    TestGateway::start(&format!(
+        r#"
+{extra}
+[[routes]]
+upstream = "u"
+[upstreams.u]
+endpoints = ["{addr}"]
+"#
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn every_upstream_framing_reaches_the_client_and_keep_alive_survives() {
+    let up = scripted(None).await;
+    let gw = gateway_to(up.addr, "").await;
+    // One client connection for everything: a framing mistake would corrupt the next
+    // exchange on it.
+    let io = TokioIo::new(TcpStream::connect(gw.addr).await.unwrap());
+    let (mut client, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    for round in 0..2 {
+        let mut cases = vec![
+            (
+                Method::GET,
+                "/chunked",
+                StatusCode::OK,
+                b"hello world".to_vec(),
+            ),
+            (
+                Method::GET,
+                "/close",
+                StatusCode::OK,
+                b"until close".to_vec(),
+            ),
+            (Method::GET, "/big", StatusCode::OK, {
+                let mut v = vec![b'a'; 20000];
+                v.extend_from_slice(&[b'b'; 20000]);
+                v
+            }),
+            (Method::GET, "/continue", StatusCode::OK, b"ok".to_vec()),
+            (Method::HEAD, "/head", StatusCode::OK, Vec::new()),
+            (
+                Method::GET,
+                "/nocontent",
+                StatusCode::NO_CONTENT,
+                Vec::new(),
+            ),
+            (Method::GET, "/missing", StatusCode::NOT_FOUND, Vec::new()),
+        ];
+        if round == 1 {
+            cases.reverse();
+        }
+        for (method, path, status, body) in cases {
+            let req = Request::builder()
+                .method(method.clone())
+                .uri(path)
+                .header("host", "gw")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let resp = client.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), status, "{method} {path}");
+            if method == Method::HEAD {
+                assert_eq!(
+                    resp.headers()["content-length"],
+                    "1234",
+                    "HEAD keeps the length"
+                );
+            }
+            if path == "/nocontent" {
+                assert_eq!(resp.headers()["x-a"], "1");
+            }
+            let got = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(got, body, "{method} {path}");
+        }
+        // Trailers from a chunked upstream response reach an HTTP/1.1 client.
+        let req = Request::builder()
+            .uri("/trailers")
+            .header("host", "gw")
+            .header("te", "trailers")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = client.send_request(req).await.unwrap();
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers forwarded");
+        assert_eq!(trailers["x-checksum"], "900150983cd24fb0");
+        assert_eq!(collected.to_bytes(), "abc");
+    }
+    // Close-delimited answers cost a connection each; every other exchange reused one.
+    assert_eq!(up.accepts.load(Ordering::SeqCst), 3);
+}
+
+/// Writes `req` and reads one response with a Content-Length body (or none); returns the
+/// head and the body.
+async fn exchange(s: &mut TcpStream, req: &[u8], pending: &mut Vec<u8>) -> (String, Vec<u8>) {
+    s.write_all(req).await.unwrap();
+    read_response(s, pending).await
+}
+
+async fn read_response(s: &mut TcpStream, pending: &mut Vec<u8>) -> (String, Vec<u8>) {
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+            let len = head
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .map(|(_, v)| v.trim().parse::<usize>().unwrap())
+                .unwrap_or(0);
+            let informational = head.starts_with("HTTP/1.1 1");
+            let body_len = if informational { 0 } else { len };
+            if pending.len() >= end + 4 + body_len {
+                let body = pending[end + 4..end + 4 + body_len].to_vec();
+                pending.drain(..end + 4 + body_len);
+                return (head, body);
+            }
+        }
+        let mut chunk = [0u8; 8192];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(
+            n > 0,
+            "connection closed; had {:?}",
+            String::from_utf8_lossy(pending)
+        );
+        pending.extend_from_slice(&chunk[..n]);
+    }
+}
+
+async fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut all))
+        .await
+        .expect("the gateway closes the connection")
+        .unwrap();
+    all
+}
+
+fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(body)))
+}
+
+#[tokio::test]
+async fn client_side_requests_fast_and_handed_off() {
+    let up = Upstream::start("echo").await;
+    let gw = gateway_to(up.addr, "max_replay_body_bytes = 64").await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut pending = Vec::new();
+
+    // Two pipelined requests in one write: answered in order.
+    s.write_all(b"GET /one HTTP/1.1\r\nhost: a\r\n\r\nGET /two HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (h1, b1) = read_response(&mut s, &mut pending).await;
+    let (h2, b2) = read_response(&mut s, &mut pending).await;
+    assert!(h1.starts_with("HTTP/1.1 200") && h2.starts_with("HTTP/1.1 200"));
+    assert_eq!(json(&b1)["path"], "/one");
+    assert_eq!(json(&b2)["path"], "/two");
+
+    // A small body is read whole; the upstream gets it with its length.
+    let (h, b) = exchange(
+        &mut s,
+        b"POST /p HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n\r\nhello",
+        &mut pending,
+    )
+    .await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert!(h.to_ascii_lowercase().contains("\r\ndate: "), "{h}");
+    assert_eq!(json(&b)["body"], "hello");
+    assert_eq!(json(&b)["headers"]["content-length"], "5");
+
+    // Handed to hyper on the same connection: a chunked upload, then `Expect`.
+    let (h, b) = exchange(
+        &mut s,
+        b"POST /c HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        &mut pending,
+    )
+    .await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert_eq!(json(&b)["body"], "hello world");
+    s.write_all(b"PUT /e HTTP/1.1\r\nhost: a\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, _) = read_response(&mut s, &mut pending).await;
+    assert!(h.starts_with("HTTP/1.1 100"), "{h}");
+    let (h, b) = exchange(&mut s, b"hi", &mut pending).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert_eq!(json(&b)["body"], "hi");
+    // A body above the replay cap streams (and still arrives whole).
+    let big = "y".repeat(1000);
+    let req = format!("POST /big HTTP/1.1\r\nhost: a\r\ncontent-length: 1000\r\n\r\n{big}");
+    let (h, b) = exchange(&mut s, req.as_bytes(), &mut pending).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert_eq!(json(&b)["body"], big);
+
+    // `Connection: close` is answered with the same and the connection ends.
+    let (h, b) = exchange(
+        &mut s,
+        b"GET /last HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+        &mut pending,
+    )
+    .await;
+    assert!(h.to_ascii_lowercase().contains("connection: close"), "{h}");
+    assert_eq!(json(&b)["path"], "/last");
+    assert!(read_to_end(&mut s).await.is_empty());
+
+    // HTTP/1.0 is served (by hyper).
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /old HTTP/1.0\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let all = String::from_utf8_lossy(&read_to_end(&mut s).await).into_owned();
+    assert!(all.starts_with("HTTP/1.0 200"), "{all}");
+    assert!(all.contains("\"path\":\"/old\""), "{all}");
+
+    // Malformed and ambiguous heads are refused with 400 and the connection closed.
+    for bad in [
+        &b"GET / HTTP/1.1\r\nbad header\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nhost : a\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+    ] {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(bad).await.unwrap();
+        let all = String::from_utf8_lossy(&read_to_end(&mut s).await).into_owned();
+        assert!(
+            all.starts_with("HTTP/1.1 400"),
+            "{:?} → {all}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+}
+
+#[tokio::test]
+async fn slow_and_idle_clients_are_timed_out() {
+    let up = Upstream::start("echo").await;
+    let gw = gateway_to(up.addr, r#"header_read_timeout = "300ms""#).await;
+    // Half a head, then nothing: 408 and closed.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhos").await.unwrap();
+    let all = String::from_utf8_lossy(&read_to_end(&mut s).await).into_owned();
+    assert!(all.starts_with("HTTP/1.1 408"), "{all}");
+    // An idle keep-alive connection is closed quietly after its request.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut pending = Vec::new();
+    let (h, _) = exchange(&mut s, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n", &mut pending).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert!(read_to_end(&mut s).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_is_not_used() {
+    // The upstream closes each connection shortly after answering, as one with a short
+    // keep-alive timeout does. A POST (never retried) after that must still succeed: the
+    // pool notices the close instead of sending on the dead connection.
+    let up = scripted(Some(Duration::from_millis(50))).await;
+    let gw = gateway_to(up.addr, "").await;
+    for i in 1..=3 {
+        let (s, _, _) = gw.http.send(Method::POST, "/big", &[], "x").await;
+        assert_eq!(s, StatusCode::OK);
+        wait_for("the upstream to close its side", || async {
+            up.closes.load(Ordering::SeqCst) >= i
+        })
+        .await;
+    }
+    assert_eq!(up.accepts.load(Ordering::SeqCst), 3);
+}
