@@ -68,18 +68,28 @@ impl Load {
 
     /// Marks a request as started; the guard ends it (and records latency via `observe`).
     pub fn start(self: &Arc<Self>) -> InFlight {
+        self.start_at(Instant::now())
+    }
+
+    /// `start` with the caller's reading of the clock.
+    pub fn start_at(self: &Arc<Self>, now: Instant) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight {
             load: self.clone(),
-            started: Instant::now(),
+            started: now,
         }
     }
 
     /// Folds one latency sample into the peak-EWMA: a slower sample is taken at once (the
     /// peak), a faster one decays in with weight by elapsed time.
     pub fn observe(&self, rtt: Duration) {
+        self.observe_at(rtt, Instant::now());
+    }
+
+    /// `observe` with the caller's reading of the clock.
+    pub fn observe_at(&self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_nanos() as f64;
-        let now = self.epoch.elapsed().as_nanos() as u64;
+        let now = now.saturating_duration_since(self.epoch).as_nanos() as u64;
         let last = self.stamp.swap(now, Ordering::Relaxed);
         let prev = self.ewma_nanos();
         let next = if rtt > prev {
@@ -107,7 +117,13 @@ pub struct InFlight {
 
 impl InFlight {
     pub fn finish(self) {
-        self.load.observe(self.started.elapsed());
+        self.finish_at(Instant::now());
+    }
+
+    /// `finish` with the caller's reading of the clock.
+    pub fn finish_at(self, now: Instant) {
+        self.load
+            .observe_at(now.saturating_duration_since(self.started), now);
     }
 }
 

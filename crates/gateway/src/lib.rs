@@ -30,6 +30,7 @@ mod metrics;
 mod pool;
 mod proxy;
 mod routes;
+mod timer;
 mod upstream;
 
 use std::future::Future;

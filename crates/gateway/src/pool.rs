@@ -49,6 +49,7 @@ impl Conns {
         protocol: Protocol,
         connect_timeout: Duration,
         idle_timeout: Duration,
+        now: Instant,
     ) -> Result<Conn, ConnectError> {
         match protocol {
             Protocol::Http1 => {
@@ -56,10 +57,10 @@ impl Conns {
                     let next = self.idle.lock().ok().and_then(|mut v| {
                         // Connections idle past the timeout are closed (dropped), oldest
                         // first; they sit at the front.
-                        if v.first().is_some_and(|(_, at)| at.elapsed() > idle_timeout) {
-                            let now = Instant::now();
-                            let stale =
-                                v.partition_point(|(_, at)| now.duration_since(*at) > idle_timeout);
+                        let stale =
+                            |at: &Instant| now.saturating_duration_since(*at) > idle_timeout;
+                        if v.first().is_some_and(|(_, at)| stale(at)) {
+                            let stale = v.partition_point(|(_, at)| stale(at));
                             v.drain(..stale);
                         }
                         v.pop()
@@ -105,12 +106,14 @@ impl Conns {
         }
     }
 
-    /// Returns an HTTP/1.1 connection whose exchange is complete.
-    pub fn checkin(&self, conn: H1Conn) {
+    /// Returns an HTTP/1.1 connection whose exchange is complete. `since` is when that
+    /// exchange started: idle time counts from there, erring on the side of closing
+    /// before the upstream's own keep-alive timeout does.
+    pub fn checkin(&self, conn: H1Conn, since: Instant) {
         if let Ok(mut idle) = self.idle.lock()
             && idle.len() < MAX_IDLE
         {
-            idle.push((conn, Instant::now()));
+            idle.push((conn, since));
         }
     }
 }

@@ -22,6 +22,7 @@ use crate::config::HashOn;
 use crate::error::GatewayError;
 use crate::h1::client::{Exchange, SendError as ClientError, Upgraded};
 use crate::routes::{Rewrite, Route};
+use crate::timer::LazyTimer;
 use crate::upstream::Upstream;
 
 /// Latency charged to an endpoint that failed to connect or reset, so peak-EWMA steers
@@ -86,8 +87,16 @@ impl Peer {
     }
 }
 
-pub async fn handle(gw: &Shared, req: Request<Body>, peer: &Peer) -> Response<Body> {
-    let start = Instant::now();
+/// Proxies one request. `start` is when it arrived (the caller's clock reading, shared by
+/// everything that needs one); `timer`, when the connection has one, is reused for the
+/// per-try timeouts instead of arming a timer per request.
+pub async fn handle(
+    gw: &Shared,
+    req: Request<Body>,
+    peer: &Peer,
+    start: Instant,
+    timer: Option<&mut LazyTimer>,
+) -> Response<Body> {
     let table = gw.table.load_full();
     let method = req.method().clone();
     let Some(route) = table.find(&method, host_of(&req), req.uri().path(), req.headers()) else {
@@ -104,7 +113,7 @@ pub async fn handle(gw: &Shared, req: Request<Body>, peer: &Peer) -> Response<Bo
     };
     // Boxed: the forwarding future is large, and an unboxed one would be copied along
     // with every move of the connection's request future.
-    let mut resp = match Box::pin(forward(gw, route, req, peer)).await {
+    let mut resp = match Box::pin(forward(gw, route, req, peer, start, timer)).await {
         Ok(resp) => resp,
         Err(e) => {
             if !matches!(e, GatewayError::NoRoute { .. }) {
@@ -129,7 +138,7 @@ pub async fn handle(gw: &Shared, req: Request<Body>, peer: &Peer) -> Response<Bo
     for (k, v) in &route.add_response {
         h.insert(k.clone(), v.clone());
     }
-    let elapsed = start.elapsed();
+    let elapsed = Instant::now().saturating_duration_since(start);
     route.metrics.record(resp.status().as_u16(), elapsed);
     if let Some(path) = path_for_log
         && fastrand::f64() < gw.access_sample
@@ -183,6 +192,8 @@ async fn forward(
     route: &Route,
     req: Request<Body>,
     peer: &Peer,
+    start: Instant,
+    mut timer: Option<&mut LazyTimer>,
 ) -> Result<Response<Body>, GatewayError> {
     let Some(up) = &route.upstream else {
         return Err(GatewayError::NoEndpoint(
@@ -199,7 +210,7 @@ async fn forward(
         }
     })?;
     up.metrics.requests.fetch_add(1, Ordering::Relaxed);
-    up.budget.deposit();
+    up.budget.deposit_at(start);
 
     let mut req = req;
     let upgrade = wants_upgrade(&req);
@@ -235,7 +246,7 @@ async fn forward(
                 .map_err(|e| GatewayError::Body(format!("bad path: {e}")))?
         }
     };
-    let deadline = Instant::now() + route.timeout;
+    let deadline = start + route.timeout;
     let mut tried: Vec<usize> = Vec::new();
     let mut attempt = 0u32;
     loop {
@@ -253,8 +264,9 @@ async fn forward(
             return Err(GatewayError::NoEndpoint(up.name.clone()));
         };
         let endpoint = &set.endpoints[idx];
+        let now = if attempt == 0 { start } else { Instant::now() };
         let permit = match &up.breaker {
-            Some(b) => Some(b.try_acquire().map_err(|e| {
+            Some(b) => Some(b.try_acquire_at(now).map_err(|e| {
                 up.metrics
                     .breaker_rejections
                     .fetch_add(1, Ordering::Relaxed);
@@ -284,16 +296,19 @@ async fn forward(
             authority,
             headers: &headers,
         };
-        let now = Instant::now();
-        let remaining = deadline.saturating_duration_since(now);
-        let per_try = route.per_try_timeout.min(remaining);
-        let in_flight = endpoint.load.start();
+        let try_deadline = (now + route.per_try_timeout).min(deadline);
+        let per_try = try_deadline.saturating_duration_since(now);
+        let in_flight = endpoint.load.start_at(now.into_std());
         let conns = &snapshot.conns[idx];
-        let outcome =
-            tokio::time::timeout(per_try, send(conns, &endpoint.addr, up, target, body)).await;
+        let exchange = send(conns, &endpoint.addr, up, target, body, now);
+        let outcome = match timer.as_deref_mut() {
+            Some(t) => t.timeout_at(try_deadline, exchange).await,
+            None => tokio::time::timeout_at(try_deadline, exchange).await.ok(),
+        };
         let replayable = matches!(payload, Payload::Replayable(_));
         let (err, retryable): (GatewayError, bool) = match outcome {
-            Ok(Ok(exchange)) => {
+            Some(Ok(exchange)) => {
+                let done = Instant::now();
                 let resp = exchange.response;
                 let status = resp.status();
                 let gateway_error = matches!(
@@ -302,11 +317,11 @@ async fn forward(
                         | StatusCode::SERVICE_UNAVAILABLE
                         | StatusCode::GATEWAY_TIMEOUT
                 );
-                in_flight.finish();
+                in_flight.finish_at(done.into_std());
                 if !gateway_error {
                     snapshot.outliers[idx].success();
                     if let Some(p) = permit {
-                        p.success();
+                        p.success_at(done);
                     }
                     if let Some(upgraded) = exchange.upgraded {
                         return Ok(match client_upgrade {
@@ -330,7 +345,7 @@ async fn forward(
                 tried.push(idx);
                 continue;
             }
-            Ok(Err(SendError::Connect(e))) => {
+            Some(Err(SendError::Connect(e))) => {
                 endpoint.load.observe(FAILURE_PENALTY);
                 drop(in_flight);
                 record_failure(up, &snapshot, idx, ejected, permit);
@@ -343,7 +358,7 @@ async fn forward(
                     replayable,
                 )
             }
-            Ok(Err(SendError::Unsent(detail))) => {
+            Some(Err(SendError::Unsent(detail))) => {
                 endpoint.load.observe(FAILURE_PENALTY);
                 drop(in_flight);
                 record_failure(up, &snapshot, idx, ejected, permit);
@@ -357,7 +372,7 @@ async fn forward(
                     replayable,
                 )
             }
-            Ok(Err(SendError::Io(detail))) => {
+            Some(Err(SendError::Io(detail))) => {
                 endpoint.load.observe(FAILURE_PENALTY);
                 drop(in_flight);
                 record_failure(up, &snapshot, idx, ejected, permit);
@@ -369,7 +384,7 @@ async fn forward(
                     retry_allowed && replayable,
                 )
             }
-            Err(_) => {
+            None => {
                 endpoint.load.observe(per_try);
                 drop(in_flight);
                 record_failure(up, &snapshot, idx, ejected, permit);
@@ -417,9 +432,16 @@ async fn send(
     up: &Upstream,
     target: Target<'_>,
     body: Body,
+    now: Instant,
 ) -> Result<Exchange, SendError> {
     match conns
-        .checkout(addr, up.protocol, up.connect_timeout, up.idle_timeout)
+        .checkout(
+            addr,
+            up.protocol,
+            up.connect_timeout,
+            up.idle_timeout,
+            now.into_std(),
+        )
         .await
         .map_err(SendError::Connect)?
     {
@@ -430,6 +452,7 @@ async fn send(
             target.headers,
             body,
             conns,
+            now.into_std(),
         )
         .await
         .map_err(|e| match e {
@@ -521,8 +544,9 @@ fn upstream_headers(mut h: HeaderMap, uri: &Uri, route: &Route, peer: &Peer) -> 
             h.remove(header::TE);
         }
     }
-    if !h.contains_key(header::HOST)
-        && let Some(a) = uri.authority()
+    // Only absolute-form and HTTP/2 requests carry an authority in the URI.
+    if let Some(a) = uri.authority()
+        && !h.contains_key(header::HOST)
         && let Ok(v) = HeaderValue::from_str(a.as_str())
     {
         h.insert(header::HOST, v);
@@ -533,16 +557,21 @@ fn upstream_headers(mut h: HeaderMap, uri: &Uri, route: &Route, peer: &Peer) -> 
     for (k, v) in &route.add_request {
         h.insert(k.clone(), v.clone());
     }
-    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => peer
-            .ip
-            .to_str()
-            .ok()
-            .and_then(|ip| HeaderValue::from_str(&format!("{prev}, {ip}")).ok()),
-        None => Some(peer.ip.clone()),
-    };
-    if let Some(v) = xff {
-        h.insert(X_FORWARDED_FOR, v);
+    match h.entry(X_FORWARDED_FOR) {
+        header::Entry::Vacant(e) => {
+            e.insert(peer.ip.clone());
+        }
+        header::Entry::Occupied(mut e) => {
+            let joined = e
+                .get()
+                .to_str()
+                .ok()
+                .zip(peer.ip.to_str().ok())
+                .and_then(|(prev, ip)| HeaderValue::from_str(&format!("{prev}, {ip}")).ok());
+            if let Some(v) = joined {
+                e.insert(v);
+            }
+        }
     }
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     h

@@ -122,7 +122,12 @@ impl CircuitBreaker {
     /// Asks to make a call. The permit must be resolved with `success` or `failure`;
     /// dropping it unresolved (a cancelled call) counts for nothing.
     pub fn try_acquire(&self) -> Result<Permit, BreakerOpen> {
-        let now = Instant::now();
+        self.try_acquire_at(Instant::now())
+    }
+
+    /// `try_acquire` with the caller's reading of the clock (a proxy reads it once per
+    /// request and shares it).
+    pub fn try_acquire_at(&self, now: Instant) -> Result<Permit, BreakerOpen> {
         let mut g = self.lock();
         self.advance(&mut g, now);
         match g.state {
@@ -152,8 +157,7 @@ impl CircuitBreaker {
         })
     }
 
-    fn record(&self, generation: u64, probe: bool, ok: bool) {
-        let now = Instant::now();
+    fn record(&self, generation: u64, probe: bool, ok: bool, now: Instant) {
         let mut g = self.lock();
         self.advance(&mut g, now);
         if generation != g.generation {
@@ -217,14 +221,24 @@ pub struct Permit {
 }
 
 impl Permit {
-    pub fn success(mut self) {
-        self.done = true;
-        self.breaker.record(self.generation, self.probe, true);
+    pub fn success(self) {
+        self.success_at(Instant::now());
     }
 
-    pub fn failure(mut self) {
+    pub fn failure(self) {
+        self.failure_at(Instant::now());
+    }
+
+    /// `success` with the caller's reading of the clock.
+    pub fn success_at(mut self, now: Instant) {
         self.done = true;
-        self.breaker.record(self.generation, self.probe, false);
+        self.breaker.record(self.generation, self.probe, true, now);
+    }
+
+    /// `failure` with the caller's reading of the clock.
+    pub fn failure_at(mut self, now: Instant) {
+        self.done = true;
+        self.breaker.record(self.generation, self.probe, false, now);
     }
 }
 

@@ -51,9 +51,8 @@ impl RetryBudget {
         }
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+    fn with<T>(&self, now: Instant, f: impl FnOnce(&mut Inner) -> T) -> T {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
         let width = self.config.window / BUCKETS as u32;
         let mut steps = 0;
         while width > Duration::ZERO
@@ -74,7 +73,12 @@ impl RetryBudget {
 
     /// Records an original request (not a retry).
     pub fn deposit(&self) {
-        self.with(|g| {
+        self.deposit_at(Instant::now());
+    }
+
+    /// `deposit` with the caller's reading of the clock.
+    pub fn deposit_at(&self, now: Instant) {
+        self.with(now, |g| {
             let h = g.head;
             g.buckets[h].0 += 1;
         });
@@ -84,7 +88,7 @@ impl RetryBudget {
     pub fn try_withdraw(&self) -> bool {
         let floor = f64::from(self.config.min_per_sec) * self.config.window.as_secs_f64();
         let ratio = self.config.ratio;
-        self.with(|g| {
+        self.with(Instant::now(), |g| {
             let (reqs, retries) = g
                 .buckets
                 .iter()

@@ -115,6 +115,7 @@ pub async fn send(
     headers: &HeaderMap,
     body: Body,
     home: &Arc<Conns>,
+    since: std::time::Instant,
 ) -> Result<Exchange, SendError> {
     let head_only = *method == Method::HEAD;
     write_request(&mut conn, method, target, headers, body).await?;
@@ -166,7 +167,7 @@ pub async fn send(
                 };
                 // Anything after the body is a protocol error: such a connection is closed.
                 if info.reusable && conn.buf.is_empty() {
-                    home.checkin(conn);
+                    home.checkin(conn, since);
                 }
                 Body::bytes(body)
             }
@@ -179,6 +180,7 @@ pub async fn send(
                 },
                 reusable: info.reusable,
                 home: home.clone(),
+                since,
             })),
         };
         return Ok(Exchange {
@@ -283,10 +285,25 @@ async fn write_request(
     Ok(())
 }
 
-fn write_length(w: &mut Vec<u8>, n: u64) {
-    use std::io::Write as _;
-    // Writing into a Vec cannot fail.
-    let _ = write!(w, "content-length: {n}\r\n");
+pub fn write_length(w: &mut Vec<u8>, n: u64) {
+    w.extend_from_slice(b"content-length: ");
+    push_decimal(w, n);
+    w.extend_from_slice(b"\r\n");
+}
+
+/// Appends `n` in decimal (what `write!` does, without the formatting machinery).
+pub fn push_decimal(w: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    w.extend_from_slice(&digits[i..]);
 }
 
 /// Writes `name: value\r\n` for every field.
@@ -446,6 +463,7 @@ pub struct UpstreamBody {
     state: State,
     reusable: bool,
     home: Arc<Conns>,
+    since: std::time::Instant,
 }
 
 impl UpstreamBody {
@@ -467,7 +485,7 @@ impl UpstreamBody {
             && self.reusable
             && conn.buf.is_empty()
         {
-            self.home.checkin(conn);
+            self.home.checkin(conn, self.since);
         }
     }
 
@@ -659,6 +677,15 @@ mod tests {
                 Step::End => return Ok((data, trailers)),
                 Step::More => return Err("incomplete".into()),
             }
+        }
+    }
+
+    #[test]
+    fn decimals() {
+        for n in [0, 7, 10, 1234, u64::MAX] {
+            let mut w = Vec::new();
+            push_decimal(&mut w, n);
+            assert_eq!(w, n.to_string().as_bytes());
         }
     }
 

@@ -27,13 +27,14 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 use crate::body::Body;
-use crate::h1::client::{FieldRanges, write_fields};
+use crate::h1::client::{FieldRanges, write_fields, write_length};
 use crate::proxy::{self, Peer};
+use crate::timer::LazyTimer;
 
 /// Request heads larger than this go to hyper, which answers 431.
 const MAX_HEAD: usize = 64 * 1024;
@@ -62,7 +63,8 @@ pub async fn serve(io: TcpStream, ctx: Ctx, watcher: Watcher) {
         io,
         buf: BytesMut::with_capacity(8 * 1024),
         out: Vec::with_capacity(4 * 1024),
-        timer: None,
+        head_timer: LazyTimer::default(),
+        upstream_timer: LazyTimer::default(),
         fields: Vec::with_capacity(16),
     };
     let next = conn.run(&ctx).await;
@@ -78,7 +80,8 @@ pub async fn serve(io: TcpStream, ctx: Ctx, watcher: Watcher) {
             let peer = peer.clone();
             async move {
                 Ok::<_, std::convert::Infallible>(
-                    proxy::handle(&shared, req.map(Body::Stream), &peer).await,
+                    proxy::handle(&shared, req.map(Body::Stream), &peer, Instant::now(), None)
+                        .await,
                 )
             }
         });
@@ -97,9 +100,11 @@ struct Conn {
     io: TcpStream,
     buf: BytesMut,
     out: Vec<u8>,
-    /// Fires at the header deadline or earlier; re-armed lazily, so a keep-alive
-    /// request costs no timer operation.
-    timer: Option<Pin<Box<Sleep>>>,
+    /// For the header deadline; re-armed lazily, so a keep-alive request costs no timer
+    /// operation.
+    head_timer: LazyTimer,
+    /// For the proxy's per-try timeouts, the same way.
+    upstream_timer: LazyTimer,
     fields: FieldRanges,
 }
 
@@ -132,9 +137,10 @@ impl Conn {
     async fn run(&mut self, ctx: &Ctx) -> Next {
         let cancelled = ctx.stop.cancelled();
         tokio::pin!(cancelled);
+        let mut idle_since = Instant::now();
         loop {
             // Waiting for a request: between requests and while its head arrives.
-            let deadline = Instant::now() + ctx.header_timeout;
+            let deadline = idle_since + ctx.header_timeout;
             let head = loop {
                 match parse(&self.buf, ctx.shared.replay_cap, &mut self.fields) {
                     Parsed::Fast(h) => break h,
@@ -190,11 +196,20 @@ impl Conn {
                 all.extend_from_slice(&self.buf);
                 return Next::HandOff(all);
             };
-            let resp = proxy::handle(&ctx.shared, req, &ctx.peer).await;
+            let start = Instant::now();
+            let resp = proxy::handle(
+                &ctx.shared,
+                req,
+                &ctx.peer,
+                start,
+                Some(&mut self.upstream_timer),
+            )
+            .await;
             let close = close || ctx.stop.is_cancelled();
             if self.respond(resp, head_request, close).await.is_err() || close {
                 return Next::Close;
             }
+            idle_since = Instant::now();
         }
     }
 
@@ -218,19 +233,9 @@ impl Conn {
             {
                 return Poll::Ready(Fill::Stopped);
             }
-            loop {
-                let timer = self
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                if timer.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                // The timer was armed for an earlier request's deadline: move it on.
-                if Instant::now() >= deadline {
-                    return Poll::Ready(Fill::TimedOut);
-                }
-                timer.as_mut().reset(deadline);
-            }
+            self.head_timer
+                .poll_until(cx, deadline)
+                .map(|()| Fill::TimedOut)
         })
         .await
     }
@@ -270,10 +275,7 @@ impl Conn {
         }
         if !no_body {
             match body.size_hint().exact() {
-                Some(n) => {
-                    use std::io::Write as _;
-                    let _ = write!(w, "content-length: {n}\r\n");
-                }
+                Some(n) => write_length(w, n),
                 None => {
                     chunked = true;
                     w.extend_from_slice(b"transfer-encoding: chunked\r\n");
