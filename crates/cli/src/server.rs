@@ -3,7 +3,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use tessera_registry::{Config, Server};
+use std::sync::Arc;
+
+use tessera_coordinator::{Authorize, Coordinator, Resolve};
+use tessera_registry::acl::Level;
+use tessera_registry::{Config, Registry, Server};
 
 #[derive(Debug, clap::Args)]
 pub struct ServerArgs {
@@ -22,6 +26,10 @@ pub struct ServerArgs {
     node: Option<String>,
     #[arg(long)]
     datacenter: Option<String>,
+    /// Where the saga coordinator keeps its state: `postgres://user@host/db`, or by
+    /// default SQLite in the data dir (`coordinator.db`).
+    #[arg(long, env = "TESSERA_DATABASE_URL")]
+    database_url: Option<String>,
 }
 
 pub async fn run(args: ServerArgs) -> Result<(), String> {
@@ -58,6 +66,21 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
     let data_dir = config.data_dir.clone();
     let node = config.node_name.clone();
     let server = Server::build(config, &listener).map_err(|e| e.to_string())?;
+    let registry = server.registry().clone();
+    let resolver: Arc<dyn Resolve> = Arc::new(RegistryResolver(registry.clone()));
+    let coordinator = match &args.database_url {
+        Some(url) => Coordinator::open_postgres(url, Some(resolver)).await,
+        None => Coordinator::open_sqlite(&data_dir, Some(resolver)).await,
+    }
+    .map_err(|e| format!("cannot open the saga store: {e}"))?;
+    let resumed = coordinator
+        .resume()
+        .await
+        .map_err(|e| format!("cannot resume sagas: {e}"))?;
+    if resumed > 0 {
+        println!("resumed {resumed} unfinished saga(s)");
+    }
+    let sagas = coordinator.router(Arc::new(RegistryAcl(registry)));
     let acl = if server.registry().acl_enabled {
         "on"
     } else {
@@ -68,11 +91,40 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
         data_dir.display()
     );
     server
-        .run(listener, shutdown_signal())
+        .run_with(listener, sagas, shutdown_signal())
         .await
         .map_err(|e| e.to_string())?;
     println!("tessera server stopped");
     Ok(())
+}
+
+/// Registry services for saga steps: their passing instances, read in-process.
+struct RegistryResolver(Arc<Registry>);
+
+impl Resolve for RegistryResolver {
+    fn healthy(&self, service: &str) -> Vec<(String, u32)> {
+        self.0.healthy_instances(service)
+    }
+}
+
+/// The registry's ACLs for the coordinator's API: with ACLs on, reading sagas needs
+/// `operator` read and starting one needs `operator` write (a saga makes the server call
+/// out on the caller's behalf).
+struct RegistryAcl(Arc<Registry>);
+
+impl Authorize for RegistryAcl {
+    fn check(&self, token: Option<&str>, write: bool) -> Result<(), String> {
+        let authz = self.0.authorize(token).map_err(|e| e.to_string())?;
+        let need = if write { Level::Write } else { Level::Read };
+        if authz.operator_level() >= need {
+            Ok(())
+        } else {
+            Err(format!(
+                "Permission denied: sagas need operator:{} in the token's policy",
+                if write { "write" } else { "read" }
+            ))
+        }
+    }
 }
 
 fn hostname() -> String {

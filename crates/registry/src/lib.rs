@@ -60,11 +60,21 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
+        self.run_with(listener, axum::Router::new(), shutdown).await
+    }
+
+    /// `run`, also serving `extra` routes (the coordinator's) on the same listener.
+    pub async fn run_with(
+        self,
+        listener: TcpListener,
+        extra: axum::Router,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
         let reg = self.registry;
         reg.start_background();
         reg.ensure_local_node().await?;
         reg.ensure_initial_management().await?;
-        let app = api::router(reg.clone());
+        let app = api::router(reg.clone()).merge(extra);
         let stopper = reg.clone();
         // Small JSON answers must not wait on Nagle's algorithm (40 ms with delayed ACKs).
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {

@@ -333,6 +333,35 @@ impl Registry {
         self.read(|st| service_index(st, name))
     }
 
+    /// Passing instances of `service` as (`host:port`, passing weight): what in-process
+    /// callers such as the saga coordinator balance over.
+    pub fn healthy_instances(&self, service: &str) -> Vec<(String, u32)> {
+        self.read(|st| {
+            let Some(keys) = st.by_name.get(service) else {
+                return Vec::new();
+            };
+            keys.iter()
+                .filter_map(|k| {
+                    let s = st.services.get(k)?;
+                    if State::aggregate(&st.instance_checks(&s.node, &s.id)) != Health::Passing {
+                        return None;
+                    }
+                    let host = if s.address.is_empty() {
+                        st.nodes.get(&s.node)?.address.clone()
+                    } else {
+                        s.address.clone()
+                    };
+                    let host = if host.contains(':') && !host.starts_with('[') {
+                        format!("[{host}]")
+                    } else {
+                        host
+                    };
+                    Some((format!("{host}:{}", s.port), s.weights.passing))
+                })
+                .collect()
+        })
+    }
+
     /// A blocking query on one service; returns its index when it changes past
     /// `min_index` or when `wait` ends.
     pub async fn blocking_service(&self, name: &str, min_index: u64, wait: Duration) -> u64 {

@@ -1,0 +1,244 @@
+//! The saga coordinator inside a real `tessera server` process, killed with SIGKILL while
+//! sagas are blocked at different points (first step, middle step, a compensation), then
+//! restarted on the same data dir: every saga finishes, and the participant's call log
+//! shows a repeated call only where the kill interrupted one, always with the same key.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+
+async fn spawn_server(data_dir: &Path) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args([
+            "server",
+            "--bind",
+            "127.0.0.1:0",
+            "--node",
+            "n1",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .env_remove("TESSERA_DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("server started in time")
+            .unwrap()
+            .expect("server output");
+        if let Some(rest) = line.split("http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr)
+}
+
+/// A participant whose calls are logged; a gated path holds its caller until released;
+/// a refused path answers 409.
+#[derive(Default)]
+struct Participant {
+    calls: Mutex<Vec<(String, String)>>,
+    gates: Mutex<HashSet<String>>,
+    refused: Mutex<HashSet<String>>,
+    released: tokio::sync::Notify,
+    open: std::sync::atomic::AtomicBool,
+}
+
+impl Participant {
+    fn calls_to(&self, path: &str) -> Vec<String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, k)| k.clone())
+            .collect()
+    }
+}
+
+async fn participant() -> (Arc<Participant>, String) {
+    let p = Arc::new(Participant::default());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let pp = p.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let p = pp.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let p = p.clone();
+                    async move {
+                        let path = req.uri().path().to_owned();
+                        let key = req
+                            .headers()
+                            .get("idempotency-key")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        p.calls.lock().unwrap().push((path.clone(), key));
+                        let gated = p.gates.lock().unwrap().contains(&path);
+                        while gated && !p.open.load(std::sync::atomic::Ordering::SeqCst) {
+                            let wait = p.released.notified();
+                            if p.open.load(std::sync::atomic::Ordering::SeqCst) {
+                                break;
+                            }
+                            wait.await;
+                        }
+                        let status = if p.refused.lock().unwrap().contains(&path) {
+                            409
+                        } else {
+                            200
+                        };
+                        let mut resp = http::Response::new(Full::new(Bytes::new()));
+                        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (p, addr)
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+async fn send(c: &HttpClient, method: &str, url: String, body: Option<Value>) -> (u16, Value) {
+    let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+    let req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(body))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+fn saga(label: &str, participant: &str) -> Value {
+    let step = |name: &str| {
+        json!({
+            "name": name,
+            "action": {"url": format!("http://{participant}"), "path": format!("/{label}/{name}/do")},
+            "compensation": {"url": format!("http://{participant}"), "path": format!("/{label}/{name}/undo")},
+            "timeout": "120s",
+            "retry": {"max_attempts": 2, "backoff": "10ms", "max_backoff": "50ms"}
+        })
+    };
+    json!({"name": label, "steps": [step("a"), step("b"), step("c")],
+           "compensation_retry": {"max_attempts": 50, "backoff": "10ms", "max_backoff": "100ms"}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_saga_then_restart_finishes_every_saga() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, paddr) = participant().await;
+    // s1 stops in its first step, s2 in its middle step, s3 while compensating b (its
+    // step c is refused).
+    for gate in ["/s1/a/do", "/s2/b/do", "/s3/b/undo"] {
+        p.gates.lock().unwrap().insert(gate.into());
+    }
+    p.refused.lock().unwrap().insert("/s3/c/do".into());
+    let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let (mut server, addr) = spawn_server(dir.path()).await;
+    let mut ids = HashMap::new();
+    for label in ["s1", "s2", "s3"] {
+        let (s, v) = send(
+            &c,
+            "POST",
+            format!("http://{addr}/v1/sagas"),
+            Some(saga(label, &paddr)),
+        )
+        .await;
+        assert_eq!(s, 201, "{v}");
+        ids.insert(label, v["id"].as_str().unwrap().to_owned());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while ["/s1/a/do", "/s2/b/do", "/s3/b/undo"]
+        .iter()
+        .any(|g| p.calls_to(g).is_empty())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sagas did not reach their gates"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.start_kill().unwrap();
+    server.wait().await.unwrap();
+
+    p.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    p.released.notify_waiters();
+    let (_server, addr) = spawn_server(dir.path()).await;
+    for (label, want) in [
+        ("s1", "completed"),
+        ("s2", "completed"),
+        ("s3", "compensated"),
+    ] {
+        let id = &ids[label];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (s, v) = send(&c, "GET", format!("http://{addr}/v1/sagas/{id}"), None).await;
+            assert_eq!(s, 200, "{v}");
+            if v["status"] == want {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{label}: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Every call carried its step's key; only the interrupted calls were repeated.
+    let calls = p.calls.lock().unwrap().clone();
+    for (path, key) in &calls {
+        let mut parts = path.trim_start_matches('/').split('/');
+        let (label, step, op) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        let kind = if op == "do" { "action" } else { "compensation" };
+        assert_eq!(key, &format!("{}/{step}/{kind}", ids[label]), "{path}");
+    }
+    let count = |path: &str| p.calls_to(path).len();
+    assert_eq!(count("/s1/a/do"), 2, "interrupted, so called again");
+    assert_eq!((count("/s1/b/do"), count("/s1/c/do")), (1, 1));
+    assert_eq!(
+        (count("/s2/a/do"), count("/s2/b/do"), count("/s2/c/do")),
+        (1, 2, 1)
+    );
+    assert_eq!(
+        count("/s3/c/do"),
+        2,
+        "refused twice (its retry), never compensated"
+    );
+    assert_eq!(count("/s3/c/undo"), 0);
+    assert_eq!((count("/s3/b/undo"), count("/s3/a/undo")), (2, 1));
+    assert_eq!((count("/s1/a/undo"), count("/s2/a/undo")), (0, 0));
+}

@@ -1,0 +1,244 @@
+//! The coordinator's HTTP API, mounted on `tessera server`:
+//! `POST /v1/sagas`, `GET /v1/sagas/{id}`, `GET /v1/sagas?status=&limit=`, and
+//! `GET /v1/tessera/coordinator/metrics` (Prometheus text).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::def::SagaDef;
+use crate::engine::Engine;
+use crate::saga::SagaStatus;
+
+/// Decides whether a request's token may read or start sagas. Starting a saga makes the
+/// server call URLs on the caller's behalf, so it is never open when ACLs are on.
+pub trait Authorize: Send + Sync + 'static {
+    fn check(&self, token: Option<&str>, write: bool) -> Result<(), String>;
+}
+
+/// Everyone may do everything (ACLs off).
+pub struct AllowAll;
+
+impl Authorize for AllowAll {
+    fn check(&self, _: Option<&str>, _: bool) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    engine: Arc<Engine>,
+    auth: Arc<dyn Authorize>,
+}
+
+pub fn router(engine: Arc<Engine>, auth: Arc<dyn Authorize>) -> Router {
+    Router::new()
+        .route("/v1/sagas", get(list).post(start))
+        .route("/v1/sagas/{id}", get(one))
+        .route("/v1/tessera/coordinator/metrics", get(metrics))
+        .with_state(AppState { engine, auth })
+}
+
+/// An API error: status, message and a stable code, as `{"error","code"}`.
+struct ApiError(StatusCode, String, &'static str);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": self.1, "code": self.2});
+        (self.0, axum::Json(body)).into_response()
+    }
+}
+
+fn token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("x-consul-token")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+        })
+}
+
+fn authorize(st: &AppState, headers: &HeaderMap, write: bool) -> Result<(), ApiError> {
+    st.auth
+        .check(token(headers), write)
+        .map_err(|e| ApiError(StatusCode::FORBIDDEN, e, "permission_denied"))
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("saga store: {e}"),
+        "store_unavailable",
+    )
+}
+
+async fn start(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers, true)?;
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let k = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 256);
+            Some(
+                k.ok_or_else(|| {
+                    ApiError(
+                        StatusCode::BAD_REQUEST,
+                        "Idempotency-Key must be 1 to 256 visible ASCII characters".into(),
+                        "bad_idempotency_key",
+                    )
+                })?
+                .to_owned(),
+            )
+        }
+    };
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let def: SagaDef = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = if path == "." {
+            format!("invalid saga definition: {}", e.inner())
+        } else {
+            format!("invalid saga definition at {path}: {}", e.inner())
+        };
+        ApiError(StatusCode::BAD_REQUEST, msg, "bad_definition")
+    })?;
+    def.validate().map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid saga definition: {e}"),
+            "bad_definition",
+        )
+    })?;
+    let (saga, created) = st.engine.start(def, key).await.map_err(internal)?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let location = format!("/v1/sagas/{}", saga.id);
+    Ok((status, [(header::LOCATION, location)], axum::Json(saga)).into_response())
+}
+
+async fn one(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers, false)?;
+    match st.engine.get(Some(&id), "").await.map_err(internal)? {
+        Some(saga) => Ok(axum::Json(saga).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no saga {id}"),
+            "not_found",
+        )),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers, false)?;
+    let Query(q) = q.map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("bad query: {}", e.body_text()),
+            "bad_query",
+        )
+    })?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(SagaStatus::parse(s).ok_or_else(|| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "status must be one of running, compensating, completed, compensated, stuck; got {s:?}"
+                ),
+                "bad_query",
+            )
+        })?),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    let rows = st
+        .engine
+        .store
+        .list(status, limit)
+        .await
+        .map_err(internal)?;
+    Ok(axum::Json(rows).into_response())
+}
+
+async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&st, &headers, false)?;
+    let counts = st.engine.store.counts().await.map_err(internal)?;
+    let s = &st.engine.stats;
+    let mut out = String::new();
+    out.push_str("# HELP tessera_sagas Sagas stored, by status.\n# TYPE tessera_sagas gauge\n");
+    for status in SagaStatus::ALL {
+        let n = counts
+            .iter()
+            .find(|(k, _)| k == status.as_str())
+            .map_or(0, |(_, n)| *n);
+        let _ = writeln!(out, "tessera_sagas{{status=\"{}\"}} {n}", status.as_str());
+    }
+    for (name, help, v) in [
+        (
+            "tessera_sagas_started_total",
+            "Sagas started by this process.",
+            &s.started,
+        ),
+        (
+            "tessera_sagas_completed_total",
+            "Sagas this process completed.",
+            &s.completed,
+        ),
+        (
+            "tessera_sagas_compensated_total",
+            "Sagas this process compensated.",
+            &s.compensated,
+        ),
+        (
+            "tessera_sagas_stuck_total",
+            "Sagas this process left stuck.",
+            &s.stuck,
+        ),
+        (
+            "tessera_saga_calls_total",
+            "Participant calls made.",
+            &s.calls,
+        ),
+        (
+            "tessera_saga_failed_calls_total",
+            "Participant calls that failed.",
+            &s.failed_calls,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}

@@ -1,0 +1,74 @@
+//! The Tessera coordinator: sagas (ordered steps, each an HTTP call with a compensation)
+//! run at least once per step with an `Idempotency-Key`, compensated last-first on
+//! failure, and durable across crashes: every transition is committed (SQLite by default,
+//! PostgreSQL when scaled out) before the next call, and `resume` picks up whatever a
+//! crash interrupted. Mounted on `tessera server` (`POST /v1/sagas`).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use tessera_coordinator::{AllowAll, Coordinator};
+//! let coordinator = Coordinator::open_sqlite(std::path::Path::new("data"), None).await?;
+//! coordinator.resume().await?;
+//! let app = coordinator.router(Arc::new(AllowAll));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! axum::serve(listener, app).await?;
+//! # Ok(()) }
+//! ```
+
+mod api;
+pub mod def;
+mod engine;
+pub mod saga;
+mod store;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use api::{AllowAll, Authorize};
+pub use def::{CallDef, RetryDef, SagaDef, StepDef};
+pub use engine::Resolve;
+pub use saga::{Saga, SagaStatus, StepStatus};
+pub use store::StoreError;
+
+use engine::Engine;
+use store::Store;
+
+/// A running coordinator: its store and its sagas in flight.
+#[derive(Clone)]
+pub struct Coordinator {
+    engine: Arc<Engine>,
+}
+
+impl Coordinator {
+    /// Stores sagas in `dir/coordinator.db`.
+    pub async fn open_sqlite(
+        dir: &Path,
+        resolver: Option<Arc<dyn Resolve>>,
+    ) -> Result<Coordinator, StoreError> {
+        let store = Store::open_sqlite(dir).await?;
+        Ok(Coordinator {
+            engine: Engine::new(store, resolver),
+        })
+    }
+
+    /// Stores sagas in PostgreSQL (`postgres://...`).
+    pub async fn open_postgres(
+        url: &str,
+        resolver: Option<Arc<dyn Resolve>>,
+    ) -> Result<Coordinator, StoreError> {
+        let store = Store::open_postgres(url).await?;
+        Ok(Coordinator {
+            engine: Engine::new(store, resolver),
+        })
+    }
+
+    /// Restarts every saga that was running or compensating when the process stopped.
+    pub async fn resume(&self) -> Result<usize, StoreError> {
+        self.engine.resume().await
+    }
+
+    pub fn router(&self, auth: Arc<dyn Authorize>) -> axum::Router {
+        api::router(self.engine.clone(), auth)
+    }
+}

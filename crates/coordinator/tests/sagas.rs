@@ -1,0 +1,517 @@
+//! Sagas against a real participant service on a loopback port, through the coordinator's
+//! real HTTP API: success, failure at each step with reverse compensation, timeouts,
+//! compensation retries, `stuck`, idempotent start, and resuming after the coordinator's
+//! runtime is torn down mid-saga.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use serde_json::{Value, json};
+use tessera_coordinator::{AllowAll, Coordinator, Resolve};
+
+/// How the participant answers one path: fail `fail_first` times with `fail_status`
+/// (then succeed), or fail always; optionally after a delay.
+#[derive(Clone, Default)]
+struct Behaviour {
+    fail_first: u32,
+    always_fail: bool,
+    fail_status: u16,
+    delay_ms: u64,
+}
+
+#[derive(Default)]
+struct Participant {
+    behaviours: Mutex<HashMap<String, Behaviour>>,
+    /// Every call: (path, Idempotency-Key).
+    calls: Mutex<Vec<(String, String)>>,
+    seen: Mutex<HashMap<String, u32>>,
+}
+
+impl Participant {
+    fn set(&self, path: &str, b: Behaviour) {
+        self.behaviours.lock().unwrap().insert(path.to_owned(), b);
+    }
+    fn calls(&self) -> Vec<(String, String)> {
+        self.calls.lock().unwrap().clone()
+    }
+    fn paths(&self) -> Vec<String> {
+        self.calls().into_iter().map(|(p, _)| p).collect()
+    }
+}
+
+async fn handle(
+    State(p): State<Arc<Participant>>,
+    Path((step, op)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> StatusCode {
+    let path = format!("/{step}/{op}");
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    p.calls.lock().unwrap().push((path.clone(), key));
+    let b = p
+        .behaviours
+        .lock()
+        .unwrap()
+        .get(&path)
+        .cloned()
+        .unwrap_or_default();
+    let n = {
+        let mut seen = p.seen.lock().unwrap();
+        let n = seen.entry(path).or_insert(0);
+        *n += 1;
+        *n
+    };
+    if b.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(b.delay_ms)).await;
+    }
+    if b.always_fail || n <= b.fail_first {
+        return StatusCode::from_u16(b.fail_status).unwrap();
+    }
+    StatusCode::OK
+}
+
+async fn participant() -> (Arc<Participant>, SocketAddr) {
+    let p = Arc::new(Participant::default());
+    let app = axum::Router::new()
+        .route("/{step}/{op}", post(handle))
+        .with_state(p.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (p, addr)
+}
+
+/// A resolver that knows one service.
+struct Fixed(String, SocketAddr);
+
+impl Resolve for Fixed {
+    fn healthy(&self, service: &str) -> Vec<(String, u32)> {
+        if service == self.0 {
+            vec![(self.1.to_string(), 1)]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+struct Api {
+    base: String,
+    http: reqwest_like::Client,
+}
+
+/// A tiny JSON client on hyper (the test needs status codes and bodies, nothing more).
+mod reqwest_like {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client as HClient;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+
+    #[derive(Clone)]
+    pub struct Client(HClient<HttpConnector, Full<Bytes>>);
+
+    impl Client {
+        pub fn new() -> Client {
+            Client(HClient::builder(TokioExecutor::new()).build_http())
+        }
+
+        pub async fn send(
+            &self,
+            method: &str,
+            url: &str,
+            headers: &[(&str, &str)],
+            body: Option<&serde_json::Value>,
+        ) -> (u16, serde_json::Value) {
+            let mut req = http::Request::builder().method(method).uri(url);
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+            let resp = self
+                .0
+                .request(req.body(Full::new(body)).unwrap())
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+            });
+            (status, v)
+        }
+    }
+}
+
+impl Api {
+    async fn post(&self, def: &Value, key: Option<&str>) -> (u16, Value) {
+        let headers: Vec<(&str, &str)> = key.map(|k| ("idempotency-key", k)).into_iter().collect();
+        self.http
+            .send(
+                "POST",
+                &format!("{}/v1/sagas", self.base),
+                &headers,
+                Some(def),
+            )
+            .await
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.http
+            .send("GET", &format!("{}{path}", self.base), &[], None)
+            .await
+    }
+
+    /// Polls the saga until it reaches a final status.
+    async fn finished(&self, id: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (s, v) = self.get(&format!("/v1/sagas/{id}")).await;
+            assert_eq!(s, 200, "{v}");
+            if ["completed", "compensated", "stuck"].contains(&v["status"].as_str().unwrap()) {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "saga {id} did not finish: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+async fn serve(c: &Coordinator) -> Api {
+    let app = c.router(Arc::new(AllowAll));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    Api {
+        base: format!("http://{addr}"),
+        http: reqwest_like::Client::new(),
+    }
+}
+
+async fn coordinator(dir: &std::path::Path, addr: SocketAddr) -> (Coordinator, Api) {
+    let c = Coordinator::open_sqlite(dir, Some(Arc::new(Fixed("shop".into(), addr))))
+        .await
+        .unwrap();
+    let api = serve(&c).await;
+    (c, api)
+}
+
+/// Three steps a, b, c on the participant (b through the registry resolver), fast retries.
+fn three_steps(addr: SocketAddr, timeout: &str, attempts: u32) -> Value {
+    let step = |name: &str, target: Value| {
+        let mut action = json!({"path": format!("/{name}/do"), "body": {"step": name}});
+        let mut undo = json!({"path": format!("/{name}/undo")});
+        for c in [&mut action, &mut undo] {
+            for (k, v) in target.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+        }
+        json!({
+            "name": name, "action": action, "compensation": undo, "timeout": timeout,
+            "retry": {"max_attempts": attempts, "backoff": "5ms", "max_backoff": "20ms"}
+        })
+    };
+    let url = json!({"url": format!("http://{addr}")});
+    json!({
+        "name": "checkout",
+        "steps": [step("a", url.clone()), step("b", json!({"service": "shop"})), step("c", url)],
+        "compensation_retry": {"max_attempts": 5, "backoff": "5ms", "max_backoff": "20ms"}
+    })
+}
+
+#[tokio::test]
+async fn a_saga_runs_its_steps_once_each_with_idempotency_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, addr) = participant().await;
+    let (_c, api) = coordinator(dir.path(), addr).await;
+    let (s, v) = api.post(&three_steps(addr, "5s", 3), None).await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let v = api.finished(&id).await;
+    assert_eq!(v["status"], "completed", "{v}");
+    assert_eq!(
+        p.calls(),
+        vec![
+            ("/a/do".into(), format!("{id}/a/action")),
+            ("/b/do".into(), format!("{id}/b/action")),
+            ("/c/do".into(), format!("{id}/c/action")),
+        ]
+    );
+    for step in v["steps"].as_array().unwrap() {
+        assert_eq!(step["status"], "succeeded");
+        assert_eq!(step["action_attempts"], 1);
+        assert_eq!(step["attempts"][0]["outcome"], "200");
+    }
+    let (s, list) = api.get("/v1/sagas?status=completed").await;
+    assert_eq!(s, 200);
+    assert_eq!(list[0]["id"], id.as_str());
+}
+
+#[tokio::test]
+async fn a_refused_step_compensates_the_earlier_ones_in_reverse() {
+    for failing in ["a", "b", "c"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, addr) = participant().await;
+        p.set(
+            &format!("/{failing}/do"),
+            Behaviour {
+                always_fail: true,
+                fail_status: 409,
+                ..Default::default()
+            },
+        );
+        let (_c, api) = coordinator(dir.path(), addr).await;
+        let (_, v) = api.post(&three_steps(addr, "5s", 3), None).await;
+        let id = v["id"].as_str().unwrap().to_owned();
+        let v = api.finished(&id).await;
+        assert_eq!(v["status"], "compensated", "{v}");
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("step {failing} failed")),
+            "{v}"
+        );
+        let expected: Vec<String> = match failing {
+            "a" => vec!["/a/do"; 3],
+            "b" => vec!["/a/do", "/b/do", "/b/do", "/b/do", "/a/undo"],
+            _ => vec![
+                "/a/do", "/b/do", "/c/do", "/c/do", "/c/do", "/b/undo", "/a/undo",
+            ],
+        }
+        .into_iter()
+        .map(String::from)
+        .collect();
+        assert_eq!(p.paths(), expected, "failing at {failing}");
+        let failed = v["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == failing)
+            .unwrap();
+        assert_eq!(
+            failed["status"], "not_compensated",
+            "a refused action had no effect"
+        );
+        assert_eq!(failed["action_attempts"], 3);
+        // Every compensation carried its own key.
+        for (path, key) in p.calls() {
+            if let Some(step) = path.strip_suffix("/undo") {
+                assert_eq!(key, format!("{id}{step}/compensation"));
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_step_that_timed_out_is_compensated_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, addr) = participant().await;
+    p.set(
+        "/b/do",
+        Behaviour {
+            delay_ms: 2_000,
+            ..Default::default()
+        },
+    );
+    let (_c, api) = coordinator(dir.path(), addr).await;
+    let (_, v) = api.post(&three_steps(addr, "150ms", 1), None).await;
+    let v = api.finished(v["id"].as_str().unwrap()).await;
+    assert_eq!(v["status"], "compensated", "{v}");
+    assert!(
+        v["steps"][1]["attempts"][0]["outcome"]
+            .as_str()
+            .unwrap()
+            .starts_with("timeout")
+    );
+    // b may have run: its compensation runs before a's.
+    assert_eq!(p.paths(), vec!["/a/do", "/b/do", "/b/undo", "/a/undo"]);
+    assert_eq!(v["steps"][1]["status"], "compensated");
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_and_compensations_retry_until_they_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, addr) = participant().await;
+    // a succeeds on its third try; c is refused; a's compensation fails twice first.
+    p.set(
+        "/a/do",
+        Behaviour {
+            fail_first: 2,
+            fail_status: 503,
+            ..Default::default()
+        },
+    );
+    p.set(
+        "/c/do",
+        Behaviour {
+            always_fail: true,
+            fail_status: 400,
+            ..Default::default()
+        },
+    );
+    p.set(
+        "/a/undo",
+        Behaviour {
+            fail_first: 2,
+            fail_status: 500,
+            ..Default::default()
+        },
+    );
+    let (_c, api) = coordinator(dir.path(), addr).await;
+    let (_, v) = api.post(&three_steps(addr, "5s", 3), None).await;
+    let v = api.finished(v["id"].as_str().unwrap()).await;
+    assert_eq!(v["status"], "compensated", "{v}");
+    assert_eq!(v["steps"][0]["action_attempts"], 3);
+    assert_eq!(v["steps"][0]["compensation_attempts"], 3);
+    assert_eq!(v["steps"][0]["status"], "compensated");
+    assert_eq!(v["steps"][1]["status"], "compensated");
+}
+
+#[tokio::test]
+async fn a_compensation_that_keeps_failing_leaves_the_saga_stuck_and_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, addr) = participant().await;
+    p.set(
+        "/b/do",
+        Behaviour {
+            always_fail: true,
+            fail_status: 422,
+            ..Default::default()
+        },
+    );
+    p.set(
+        "/a/undo",
+        Behaviour {
+            always_fail: true,
+            fail_status: 500,
+            ..Default::default()
+        },
+    );
+    let (_c, api) = coordinator(dir.path(), addr).await;
+    let (_, v) = api.post(&three_steps(addr, "5s", 1), None).await;
+    let id = v["id"].as_str().unwrap().to_owned();
+    let v = api.finished(&id).await;
+    assert_eq!(v["status"], "stuck", "{v}");
+    assert_eq!(v["steps"][0]["compensation_attempts"], 5);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("compensation of step a failed 5 times")
+    );
+    let (_, stuck) = api.get("/v1/sagas?status=stuck").await;
+    assert_eq!(stuck[0]["id"], id.as_str());
+    let (_, metrics) = api.get("/v1/tessera/coordinator/metrics").await;
+    let text = metrics.as_str().unwrap();
+    assert!(text.contains("tessera_sagas{status=\"stuck\"} 1"), "{text}");
+    assert!(text.contains("tessera_sagas_stuck_total 1"), "{text}");
+    assert_eq!(p.paths().iter().filter(|p| *p == "/a/undo").count(), 5);
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_starts_one_saga() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, addr) = participant().await;
+    let (_c, api) = coordinator(dir.path(), addr).await;
+    let def = three_steps(addr, "5s", 3);
+    let (s1, v1) = api.post(&def, Some("order-42")).await;
+    let (s2, v2) = api.post(&def, Some("order-42")).await;
+    assert_eq!((s1, s2), (201, 200));
+    assert_eq!(v1["id"], v2["id"]);
+    api.finished(v1["id"].as_str().unwrap()).await;
+    assert_eq!(p.paths(), vec!["/a/do", "/b/do", "/c/do"]);
+    let (s3, v3) = api.post(&def, Some("order-43")).await;
+    assert_eq!(s3, 201);
+    assert_ne!(v3["id"], v1["id"]);
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_p, addr) = participant().await;
+    let (_c, api) = coordinator(dir.path(), addr).await;
+    let (s, v) = api.post(&json!({"steps": []}), None).await;
+    assert_eq!(s, 400);
+    assert!(v["error"].as_str().unwrap().contains("steps"), "{v}");
+    assert_eq!(v["code"], "bad_definition");
+    let (s, v) = api
+        .post(
+            &json!({"steps": [{"name": "x", "action": {"url": "http://h:1"}, "retries": 3}]}),
+            None,
+        )
+        .await;
+    assert_eq!(s, 400);
+    assert!(v["error"].as_str().unwrap().contains("steps[0]"), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("retries"), "{v}");
+    let (s, v) = api.get("/v1/sagas/nope").await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")));
+    let (s, v) = api.get("/v1/sagas?status=done").await;
+    assert_eq!(s, 400, "{v}");
+    let (s, _) = api
+        .http
+        .send("POST", &format!("{}/v1/sagas", api.base), &[], None)
+        .await;
+    assert_eq!(s, 400);
+}
+
+#[test]
+fn a_saga_interrupted_mid_step_resumes_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    // The participant lives on its own runtime, across the coordinator's "crash".
+    let rt_p = tokio::runtime::Runtime::new().unwrap();
+    let (p, addr) = rt_p.block_on(participant());
+    p.set(
+        "/b/do",
+        Behaviour {
+            delay_ms: 600_000,
+            ..Default::default()
+        },
+    );
+    // First coordinator: starts the saga, which blocks in step b. Dropping its runtime
+    // stops every task mid-flight, as a kill would: no further writes happen.
+    let id = {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let id = rt.block_on(async {
+            let (_c, api) = coordinator(dir.path(), addr).await;
+            let (_, v) = api.post(&three_steps(addr, "30s", 3), None).await;
+            let id = v["id"].as_str().unwrap().to_owned();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while !p.paths().contains(&"/b/do".to_owned()) {
+                assert!(tokio::time::Instant::now() < deadline);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            id
+        });
+        rt.shutdown_background();
+        id
+    };
+    p.set("/b/do", Behaviour::default());
+    // Second coordinator on the same data: resumes and finishes.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (c, api) = coordinator(dir.path(), addr).await;
+        assert_eq!(c.resume().await.unwrap(), 1);
+        let v = api.finished(&id).await;
+        assert_eq!(v["status"], "completed", "{v}");
+    });
+    // b ran twice, both times with the same key; a was not repeated.
+    let calls = p.calls();
+    let b: Vec<_> = calls.iter().filter(|(p, _)| p == "/b/do").collect();
+    assert_eq!(b.len(), 2);
+    assert!(b.iter().all(|(_, k)| *k == format!("{id}/b/action")));
+    assert_eq!(calls.iter().filter(|(p, _)| p == "/a/do").count(), 1);
+    assert_eq!(calls.last().unwrap().0, "/c/do");
+}
