@@ -183,7 +183,7 @@ async fn list(
     let rows = st
         .engine
         .store
-        .list(status, limit)
+        .list(status.map(SagaStatus::as_str), limit)
         .await
         .map_err(internal)?;
     Ok(axum::Json(rows).into_response())
@@ -224,14 +224,14 @@ async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Result<Respo
             &s.stuck,
         ),
         (
-            "tessera_saga_calls_total",
-            "Participant calls made.",
-            &s.calls,
+            "tessera_coordinator_calls_total",
+            "Participant calls made (sagas and TCC).",
+            &st.engine.caller.calls,
         ),
         (
-            "tessera_saga_failed_calls_total",
+            "tessera_coordinator_failed_calls_total",
             "Participant calls that failed.",
-            &s.failed_calls,
+            &st.engine.caller.failed_calls,
         ),
     ] {
         let _ = writeln!(

@@ -13,26 +13,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use tessera_balance::{Balancer, Endpoint, EndpointSet, Policy};
-
-use crate::def::{CallDef, SagaDef, StepDef};
+use crate::call::{Caller, Outcome};
+use crate::def::SagaDef;
 use crate::saga::{Attempt, Saga, SagaStatus, StepStatus, new_id, now_ms};
 use crate::store::{Store, StoreError};
-
-/// Where registry services are found: their healthy instances as (`host:port`, weight).
-pub trait Resolve: Send + Sync + 'static {
-    fn healthy(&self, service: &str) -> Vec<(String, u32)>;
-}
-
-/// Largest participant response body read (the rest is dropped with the connection).
-const MAX_RESPONSE: usize = 64 * 1024;
 
 #[derive(Default)]
 pub struct Stats {
@@ -40,31 +25,14 @@ pub struct Stats {
     pub completed: AtomicU64,
     pub compensated: AtomicU64,
     pub stuck: AtomicU64,
-    pub calls: AtomicU64,
-    pub failed_calls: AtomicU64,
 }
 
 pub struct Engine {
-    pub(crate) store: Store,
-    client: Client<HttpConnector, Full<Bytes>>,
-    resolver: Option<Arc<dyn Resolve>>,
-    balancer: Balancer,
-    /// Per service: the endpoint set calls are balanced over, rebuilt when the registry's
-    /// answer changes (keeping each endpoint's load and latency).
-    sets: Mutex<HashMap<String, Arc<EndpointSet>>>,
+    pub(crate) store: Store<Saga>,
+    pub(crate) caller: Arc<Caller>,
     /// The latest state of sagas in flight, attempts included, for `GET`.
     live: Mutex<HashMap<String, Saga>>,
     pub stats: Stats,
-}
-
-/// How one call ended.
-enum Outcome {
-    Ok,
-    /// The participant answered and refused (a non-success status below 500), or the
-    /// request never left: the action did not take effect.
-    NotApplied,
-    /// Timeout, reset or 5xx: it may have taken effect.
-    Unknown,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,16 +42,10 @@ pub enum StartError {
 }
 
 impl Engine {
-    pub fn new(store: Store, resolver: Option<Arc<dyn Resolve>>) -> Arc<Engine> {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+    pub fn new(store: Store<Saga>, caller: Arc<Caller>) -> Arc<Engine> {
         Arc::new(Engine {
             store,
-            client: Client::builder(TokioExecutor::new()).build(http),
-            resolver,
-            balancer: Balancer::new(Policy::P2cPeakEwma),
-            sets: Mutex::new(HashMap::new()),
+            caller,
             live: Mutex::new(HashMap::new()),
             stats: Stats::default(),
         })
@@ -157,13 +119,24 @@ impl Engine {
     /// durable must not be acted on.
     async fn persist(&self, saga: &mut Saga) {
         saga.updated_ms = now_ms();
-        self.lock_live().insert(saga.id.clone(), saga.clone());
         let mut pause = std::time::Duration::from_millis(50);
         while let Err(e) = self.store.update(saga).await {
             tracing::error!(saga = %saga.id, error = %e, "cannot persist saga; retrying");
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(std::time::Duration::from_secs(5));
         }
+        let counter = match saga.status {
+            SagaStatus::Completed => Some(&self.stats.completed),
+            SagaStatus::Compensated => Some(&self.stats.compensated),
+            SagaStatus::Stuck => Some(&self.stats.stuck),
+            SagaStatus::Running | SagaStatus::Compensating => None,
+        };
+        if let Some(c) = counter {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        // Shown only once durable (and counted): a reader never sees a status a crash
+        // could undo.
+        self.lock_live().insert(saga.id.clone(), saga.clone());
     }
 
     fn note_attempt(&self, saga: &mut Saga, step: usize, compensation: bool, attempt: Attempt) {
@@ -177,16 +150,8 @@ impl Engine {
             match saga.status {
                 SagaStatus::Running => self.forward(&mut saga, &def).await,
                 SagaStatus::Compensating => self.compensate(&mut saga, &def).await,
-                SagaStatus::Completed => {
-                    self.stats.completed.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                SagaStatus::Compensated => {
-                    self.stats.compensated.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
+                SagaStatus::Completed | SagaStatus::Compensated => return,
                 SagaStatus::Stuck => {
-                    self.stats.stuck.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(saga = %saga.id, error = ?saga.error, "saga is stuck");
                     return;
                 }
@@ -218,7 +183,11 @@ impl Engine {
             if attempt > 1 {
                 tokio::time::sleep(step.retry.delay(attempt - 1, fastrand::f64())).await;
             }
-            let (outcome, record) = self.call(&saga.id, step, &step.action, "action").await;
+            let key = format!("{}/{}/action", saga.id, step.name);
+            let (outcome, record) = self
+                .caller
+                .call(&key, &saga.id, step.timeout, &step.action)
+                .await;
             last = record.outcome.clone();
             self.note_attempt(saga, i, false, record);
             match outcome {
@@ -275,7 +244,8 @@ impl Engine {
             if attempt > 1 {
                 tokio::time::sleep(retry.delay(attempt - 1, fastrand::f64())).await;
             }
-            let (outcome, record) = self.call(&saga.id, step, call, "compensation").await;
+            let key = format!("{}/{}/compensation", saga.id, step.name);
+            let (outcome, record) = self.caller.call(&key, &saga.id, step.timeout, call).await;
             last = record.outcome.clone();
             self.note_attempt(saga, j, true, record);
             if matches!(outcome, Outcome::Ok) {
@@ -292,152 +262,5 @@ impl Engine {
             retry.max_attempts
         ));
         self.persist(saga).await;
-    }
-
-    /// One call to a participant, with the step's timeout.
-    async fn call(
-        &self,
-        saga_id: &str,
-        step: &StepDef,
-        call: &CallDef,
-        kind: &str,
-    ) -> (Outcome, Attempt) {
-        self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        let at_ms = now_ms();
-        let started = Instant::now();
-        let (outcome, text) = match self.target(call) {
-            Err(why) => (Outcome::NotApplied, why),
-            Ok((base, load)) => {
-                let in_flight = load.as_ref().map(|l| l.start());
-                let key = format!("{saga_id}/{}/{kind}", step.name);
-                let r =
-                    tokio::time::timeout(step.timeout, self.send(&base, call, &key, saga_id)).await;
-                let r = match r {
-                    Ok(r) => r,
-                    Err(_) => (
-                        Outcome::Unknown,
-                        format!("timeout after {}", tessera_core::GoDuration(step.timeout)),
-                    ),
-                };
-                match (in_flight, &r.0) {
-                    (Some(f), Outcome::Ok | Outcome::NotApplied) => f.finish(),
-                    (Some(f), Outcome::Unknown) => {
-                        if let Some(l) = &load {
-                            l.observe(std::time::Duration::from_secs(1));
-                        }
-                        drop(f);
-                    }
-                    (None, _) => {}
-                }
-                r
-            }
-        };
-        let ok = matches!(outcome, Outcome::Ok);
-        if !ok {
-            self.stats.failed_calls.fetch_add(1, Ordering::Relaxed);
-        }
-        (
-            outcome,
-            Attempt {
-                at_ms,
-                duration_ms: started.elapsed().as_millis() as u64,
-                outcome: text,
-                ok,
-            },
-        )
-    }
-
-    /// The base URL for a call, and the picked endpoint's load for a registry service.
-    fn target(
-        &self,
-        call: &CallDef,
-    ) -> Result<(String, Option<Arc<tessera_balance::Load>>), String> {
-        if let Some(url) = &call.url {
-            return Ok((url.trim_end_matches('/').to_owned(), None));
-        }
-        let service = call.service.as_deref().unwrap_or_default();
-        let Some(resolver) = &self.resolver else {
-            return Err(format!("no registry to resolve service {service}"));
-        };
-        let healthy = resolver.healthy(service);
-        if healthy.is_empty() {
-            return Err(format!("no healthy instance of service {service}"));
-        }
-        let set = {
-            let mut sets = self.sets.lock().unwrap_or_else(|p| p.into_inner());
-            let same = sets.get(service).is_some_and(|s| {
-                s.endpoints.len() == healthy.len()
-                    && s.endpoints
-                        .iter()
-                        .zip(&healthy)
-                        .all(|(e, (a, w))| &e.addr == a && e.weight == (*w).max(1))
-            });
-            if !same {
-                let endpoints: Vec<Endpoint> =
-                    healthy.iter().map(|(a, w)| Endpoint::new(a, *w)).collect();
-                let set = match sets.get(service) {
-                    Some(old) => EndpointSet::inherit(endpoints, old),
-                    None => EndpointSet::new(endpoints),
-                };
-                sets.insert(service.to_owned(), Arc::new(set));
-            }
-            sets.get(service).cloned()
-        };
-        let set = set.ok_or_else(|| format!("no healthy instance of service {service}"))?;
-        let idx = self
-            .balancer
-            .pick(&set, &|_| true, None)
-            .ok_or_else(|| format!("no healthy instance of service {service}"))?;
-        let e = &set.endpoints[idx];
-        Ok((format!("http://{}", e.addr), Some(e.load.clone())))
-    }
-
-    async fn send(
-        &self,
-        base: &str,
-        call: &CallDef,
-        key: &str,
-        saga_id: &str,
-    ) -> (Outcome, String) {
-        let mut req = http::Request::builder()
-            .method(call.method.as_str())
-            .uri(format!("{base}{}", call.path))
-            .header("idempotency-key", key)
-            .header("x-tessera-saga", saga_id);
-        for (k, v) in &call.headers {
-            req = req.header(k.as_str(), v.as_str());
-        }
-        let body = match &call.body {
-            Some(b) => {
-                req = req.header(http::header::CONTENT_TYPE, "application/json");
-                Bytes::from(serde_json::to_vec(b).unwrap_or_default())
-            }
-            None => Bytes::new(),
-        };
-        let req = match req.body(Full::new(body)) {
-            Ok(r) => r,
-            Err(e) => return (Outcome::NotApplied, format!("bad request: {e}")),
-        };
-        let resp = match self.client.request(req).await {
-            Ok(r) => r,
-            Err(e) if e.is_connect() => {
-                return (
-                    Outcome::NotApplied,
-                    format!("connect: {}", tessera_core::error_chain(&e)),
-                );
-            }
-            Err(e) => return (Outcome::Unknown, tessera_core::error_chain(&e)),
-        };
-        let status = resp.status().as_u16();
-        // Read the answer so the connection can be reused; its content is not needed.
-        let _ = Limited::new(resp.into_body(), MAX_RESPONSE).collect().await;
-        let outcome = if call.is_success(status) {
-            Outcome::Ok
-        } else if status >= 500 {
-            Outcome::Unknown
-        } else {
-            Outcome::NotApplied
-        };
-        (outcome, status.to_string())
     }
 }

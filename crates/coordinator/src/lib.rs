@@ -17,6 +17,7 @@
 //! ```
 
 mod api;
+mod call;
 pub mod def;
 mod engine;
 pub mod saga;
@@ -26,13 +27,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use api::{AllowAll, Authorize};
+pub use call::Resolve;
 pub use def::{CallDef, RetryDef, SagaDef, StepDef};
-pub use engine::Resolve;
 pub use saga::{Saga, SagaStatus, StepStatus};
 pub use store::StoreError;
 
 use engine::Engine;
-use store::Store;
+use store::Database;
 
 /// A running coordinator: its store and its sagas in flight.
 #[derive(Clone)]
@@ -46,10 +47,7 @@ impl Coordinator {
         dir: &Path,
         resolver: Option<Arc<dyn Resolve>>,
     ) -> Result<Coordinator, StoreError> {
-        let store = Store::open_sqlite(dir).await?;
-        Ok(Coordinator {
-            engine: Engine::new(store, resolver),
-        })
+        Self::open(Database::open_sqlite(dir).await?, resolver).await
     }
 
     /// Stores sagas in PostgreSQL (`postgres://...`).
@@ -57,9 +55,17 @@ impl Coordinator {
         url: &str,
         resolver: Option<Arc<dyn Resolve>>,
     ) -> Result<Coordinator, StoreError> {
-        let store = Store::open_postgres(url).await?;
+        Self::open(Database::open_postgres(url).await?, resolver).await
+    }
+
+    async fn open(
+        db: Database,
+        resolver: Option<Arc<dyn Resolve>>,
+    ) -> Result<Coordinator, StoreError> {
+        let sagas = db.table("sagas", &["running", "compensating"]).await?;
+        let caller = call::Caller::new(resolver);
         Ok(Coordinator {
-            engine: Engine::new(store, resolver),
+            engine: Engine::new(sagas, caller),
         })
     }
 

@@ -166,6 +166,27 @@ impl Saga {
     }
 }
 
+impl crate::store::Record for Saga {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn idempotency_key(&self) -> Option<&str> {
+        self.idempotency_key.as_deref()
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn status(&self) -> &'static str {
+        self.status.as_str()
+    }
+    fn created_ms(&self) -> u64 {
+        self.created_ms
+    }
+    fn updated_ms(&self) -> u64 {
+        self.updated_ms
+    }
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -1,18 +1,22 @@
-//! Where sagas live: one row per saga (its state as JSON), in SQLite (the default, a file
-//! in the data dir) or PostgreSQL. Writes go through one writer task that commits
-//! whatever has queued up in a single transaction — group commit — so a thousand sagas
-//! in flight cost a few fsyncs per batch instead of one per transition, and nothing is
-//! acknowledged before it is durable.
+//! Where sagas and TCC transactions live: one row per record (its state as JSON) in a
+//! table per kind, in SQLite (the default, a file in the data dir) or PostgreSQL. Writes
+//! to every table go through one writer task that commits whatever has queued up in a
+//! single transaction — group commit — so a thousand transactions in flight cost one
+//! fsync per batch instead of one per transition, and nothing is acknowledged before it
+//! is durable.
 
+use std::marker::PhantomData;
 use std::path::Path;
+use std::sync::Arc;
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use tokio::sync::{mpsc, oneshot};
-
-use crate::saga::{Saga, SagaStatus};
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -21,7 +25,7 @@ const MAX_BATCH: usize = 512;
 pub enum StoreError {
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
-    #[error("stored saga {id} is unreadable: {source}")]
+    #[error("stored record {id} is unreadable: {source}")]
     Corrupt {
         id: String,
         source: serde_json::Error,
@@ -32,22 +36,24 @@ pub enum StoreError {
     Commit(String),
 }
 
+/// What a table row is made of.
+pub trait Record: Serialize + DeserializeOwned + Send + 'static {
+    fn id(&self) -> &str;
+    fn idempotency_key(&self) -> Option<&str>;
+    fn name(&self) -> &str;
+    fn status(&self) -> &'static str;
+    fn created_ms(&self) -> u64;
+    fn updated_ms(&self) -> u64;
+}
+
 #[derive(Clone)]
 enum Db {
     Sqlite(SqlitePool),
     Postgres(PgPool),
 }
 
-/// One write, queued for the next group commit.
-enum Op {
-    /// Inserts unless a saga with the same idempotency key exists; answers whether it
-    /// inserted.
-    Insert(Row7),
-    Update(Row7),
-}
-
-/// The columns of a saga row.
-struct Row7 {
+/// The columns of a row, ready to bind.
+struct Row {
     id: String,
     idempotency_key: Option<String>,
     name: String,
@@ -57,19 +63,27 @@ struct Row7 {
     updated_ms: i64,
 }
 
-impl Row7 {
-    fn of(saga: &Saga) -> Row7 {
-        Row7 {
-            id: saga.id.clone(),
-            idempotency_key: saga.idempotency_key.clone(),
-            name: saga.name.clone(),
-            status: saga.status.as_str(),
-            // A Saga always serializes: plain data, string keys.
-            state: serde_json::to_string(saga).unwrap_or_default(),
-            created_ms: saga.created_ms as i64,
-            updated_ms: saga.updated_ms as i64,
+impl Row {
+    fn of<R: Record>(r: &R) -> Row {
+        Row {
+            id: r.id().to_owned(),
+            idempotency_key: r.idempotency_key().map(str::to_owned),
+            name: r.name().to_owned(),
+            status: r.status(),
+            // Records are plain data with string keys: serializing cannot fail.
+            state: serde_json::to_string(r).unwrap_or_default(),
+            created_ms: r.created_ms() as i64,
+            updated_ms: r.updated_ms() as i64,
         }
     }
+}
+
+/// One write, queued for the next group commit, with its table's statement.
+enum Op {
+    /// Inserts unless a row with the same idempotency key exists; answers whether it
+    /// inserted.
+    Insert(Arc<str>, Row),
+    Update(Arc<str>, Row),
 }
 
 type Reply = oneshot::Sender<Result<bool, String>>;
@@ -84,28 +98,16 @@ pub struct Summary {
     pub updated_ms: u64,
 }
 
+/// An open database and its writer.
 #[derive(Clone)]
-pub struct Store {
+pub struct Database {
     db: Db,
     writes: mpsc::Sender<(Op, Reply)>,
 }
 
-const SCHEMA: [&str; 2] = [
-    "CREATE TABLE IF NOT EXISTS sagas (
-        id TEXT PRIMARY KEY,
-        idempotency_key TEXT UNIQUE,
-        name TEXT NOT NULL,
-        status TEXT NOT NULL,
-        state TEXT NOT NULL,
-        created_ms BIGINT NOT NULL,
-        updated_ms BIGINT NOT NULL
-    )",
-    "CREATE INDEX IF NOT EXISTS sagas_by_status ON sagas (status, created_ms)",
-];
-
-impl Store {
+impl Database {
     /// SQLite in `dir/coordinator.db`, fsynced at every commit (WAL, synchronous=FULL).
-    pub async fn open_sqlite(dir: &Path) -> Result<Store, StoreError> {
+    pub async fn open_sqlite(dir: &Path) -> Result<Database, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
         let opts = SqliteConnectOptions::new()
             .filename(dir.join("coordinator.db"))
@@ -118,30 +120,136 @@ impl Store {
             .max_connections(4)
             .connect_with(opts)
             .await?;
-        Self::start(Db::Sqlite(pool)).await
+        Ok(Self::start(Db::Sqlite(pool)))
     }
 
     /// PostgreSQL at `url` (`postgres://user@host/db`).
-    pub async fn open_postgres(url: &str) -> Result<Store, StoreError> {
+    pub async fn open_postgres(url: &str) -> Result<Database, StoreError> {
         let pool = PgPoolOptions::new().max_connections(4).connect(url).await?;
-        Self::start(Db::Postgres(pool)).await
+        Ok(Self::start(Db::Postgres(pool)))
     }
 
-    async fn start(db: Db) -> Result<Store, StoreError> {
-        for stmt in SCHEMA {
-            match &db {
-                Db::Sqlite(p) => sqlx::query(stmt).execute(p).await?,
-                Db::Postgres(p) => {
-                    sqlx::query(stmt).execute(p).await?;
-                    continue;
-                }
-            };
-        }
+    fn start(db: Db) -> Database {
         let (tx, rx) = mpsc::channel(4096);
         tokio::spawn(writer(db.clone(), rx));
-        Ok(Store { db, writes: tx })
+        Database { db, writes: tx }
     }
 
+    /// The table `name` (created if missing) holding records of type `R`; `unfinished`
+    /// are the statuses a crash can interrupt.
+    pub async fn table<R: Record>(
+        &self,
+        name: &'static str,
+        unfinished: &[&str],
+    ) -> Result<Store<R>, StoreError> {
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {name} (
+                id TEXT PRIMARY KEY,
+                idempotency_key TEXT UNIQUE,
+                name TEXT NOT NULL,
+                status TEXT NOT NULL,
+                state TEXT NOT NULL,
+                created_ms BIGINT NOT NULL,
+                updated_ms BIGINT NOT NULL
+            )"
+        );
+        let index =
+            format!("CREATE INDEX IF NOT EXISTS {name}_by_status ON {name} (status, created_ms)");
+        for stmt in [create, index] {
+            match &self.db {
+                Db::Sqlite(p) => {
+                    sqlx::query(AssertSqlSafe(stmt)).execute(p).await?;
+                }
+                Db::Postgres(p) => {
+                    sqlx::query(AssertSqlSafe(stmt)).execute(p).await?;
+                }
+            }
+        }
+        let pg = matches!(self.db, Db::Postgres(_));
+        // Placeholders: `?` for SQLite, `$n` for PostgreSQL.
+        let ph = |n: usize| -> String { if pg { format!("${n}") } else { "?".into() } };
+        let statuses = unfinished
+            .iter()
+            .map(|s| format!("'{s}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = Sql {
+            insert: format!(
+                "INSERT INTO {name} (id, idempotency_key, name, status, state, created_ms, updated_ms)
+                 VALUES ({}, {}, {}, {}, {}, {}, {}) ON CONFLICT DO NOTHING",
+                ph(1), ph(2), ph(3), ph(4), ph(5), ph(6), ph(7)
+            )
+            .into(),
+            update: format!(
+                "UPDATE {name} SET status = {}, state = {}, updated_ms = {} WHERE id = {}",
+                ph(1), ph(2), ph(3), ph(4)
+            )
+            .into(),
+            get: format!("SELECT id, state FROM {name} WHERE id = {}", ph(1)).into(),
+            by_key: format!("SELECT id, state FROM {name} WHERE idempotency_key = {}", ph(1))
+                .into(),
+            list: if pg {
+                format!(
+                    "SELECT id, name, status, created_ms, updated_ms FROM {name}
+                     WHERE ($1::TEXT IS NULL OR status = $1) ORDER BY created_ms DESC LIMIT $2"
+                )
+            } else {
+                format!(
+                    "SELECT id, name, status, created_ms, updated_ms FROM {name}
+                     WHERE (?1 IS NULL OR status = ?1) ORDER BY created_ms DESC LIMIT ?2"
+                )
+            }
+            .into(),
+            unfinished: format!(
+                "SELECT id, state FROM {name} WHERE status IN ({statuses}) ORDER BY created_ms"
+            )
+            .into(),
+            counts: format!("SELECT status, COUNT(*) FROM {name} GROUP BY status").into(),
+        };
+        Ok(Store {
+            db: self.db.clone(),
+            writes: self.writes.clone(),
+            sql: Arc::new(sql),
+            record: PhantomData,
+        })
+    }
+}
+
+/// A table's statements, built once.
+struct Sql {
+    insert: Arc<str>,
+    update: Arc<str>,
+    get: Arc<str>,
+    by_key: Arc<str>,
+    list: Arc<str>,
+    unfinished: Arc<str>,
+    counts: Arc<str>,
+}
+
+/// One table of records.
+pub struct Store<R> {
+    db: Db,
+    writes: mpsc::Sender<(Op, Reply)>,
+    sql: Arc<Sql>,
+    record: PhantomData<fn() -> R>,
+}
+
+impl<R> Clone for Store<R> {
+    fn clone(&self) -> Self {
+        Store {
+            db: self.db.clone(),
+            writes: self.writes.clone(),
+            sql: self.sql.clone(),
+            record: PhantomData,
+        }
+    }
+}
+
+fn q(s: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
+    AssertSqlSafe(s.clone())
+}
+
+impl<R: Record> Store<R> {
     async fn write(&self, op: Op) -> Result<bool, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.writes
@@ -154,76 +262,53 @@ impl Store {
             .map_err(StoreError::Commit)
     }
 
-    /// Stores a new saga; `false` if one with its idempotency key already exists.
-    pub async fn insert(&self, saga: &Saga) -> Result<bool, StoreError> {
-        self.write(Op::Insert(Row7::of(saga))).await
+    /// Stores a new record; `false` if one with its idempotency key already exists.
+    pub async fn insert(&self, r: &R) -> Result<bool, StoreError> {
+        self.write(Op::Insert(self.sql.insert.clone(), Row::of(r)))
+            .await
     }
 
-    /// Stores a saga's new state; returns once it is durable.
-    pub async fn update(&self, saga: &Saga) -> Result<(), StoreError> {
-        self.write(Op::Update(Row7::of(saga))).await.map(|_| ())
+    /// Stores a record's new state; returns once it is durable.
+    pub async fn update(&self, r: &R) -> Result<(), StoreError> {
+        self.write(Op::Update(self.sql.update.clone(), Row::of(r)))
+            .await
+            .map(|_| ())
     }
 
-    pub async fn get(&self, id: &str) -> Result<Option<Saga>, StoreError> {
-        self.one(
-            "SELECT id, state FROM sagas WHERE id = ?",
-            "SELECT id, state FROM sagas WHERE id = $1",
-            id,
-        )
-        .await
+    pub async fn get(&self, id: &str) -> Result<Option<R>, StoreError> {
+        self.one(&self.sql.get, id).await
     }
 
-    pub async fn by_idempotency_key(&self, key: &str) -> Result<Option<Saga>, StoreError> {
-        self.one(
-            "SELECT id, state FROM sagas WHERE idempotency_key = ?",
-            "SELECT id, state FROM sagas WHERE idempotency_key = $1",
-            key,
-        )
-        .await
+    pub async fn by_idempotency_key(&self, key: &str) -> Result<Option<R>, StoreError> {
+        self.one(&self.sql.by_key, key).await
     }
 
-    /// One saga by a one-parameter query, in each backend's placeholder style.
-    async fn one(
-        &self,
-        sqlite: &'static str,
-        postgres: &'static str,
-        arg: &str,
-    ) -> Result<Option<Saga>, StoreError> {
+    async fn one(&self, sql: &Arc<str>, arg: &str) -> Result<Option<R>, StoreError> {
         let row: Option<(String, String)> = match &self.db {
-            Db::Sqlite(p) => sqlx::query_as(sqlite).bind(arg).fetch_optional(p).await?,
-            Db::Postgres(p) => sqlx::query_as(postgres).bind(arg).fetch_optional(p).await?,
+            Db::Sqlite(p) => sqlx::query_as(q(sql)).bind(arg).fetch_optional(p).await?,
+            Db::Postgres(p) => sqlx::query_as(q(sql)).bind(arg).fetch_optional(p).await?,
         };
         row.map(|(id, state)| decode(id, &state)).transpose()
     }
 
-    /// Newest first.
-    pub async fn list(
-        &self,
-        status: Option<SagaStatus>,
-        limit: u32,
-    ) -> Result<Vec<Summary>, StoreError> {
-        type R = (String, String, String, i64, i64);
-        let status = status.map(|s| s.as_str());
-        let rows: Vec<R> = match &self.db {
+    /// Newest first, optionally only those in `status`.
+    pub async fn list(&self, status: Option<&str>, limit: u32) -> Result<Vec<Summary>, StoreError> {
+        type Cols = (String, String, String, i64, i64);
+        let sql = q(&self.sql.list);
+        let rows: Vec<Cols> = match &self.db {
             Db::Sqlite(p) => {
-                sqlx::query_as(
-                    "SELECT id, name, status, created_ms, updated_ms FROM sagas
-                     WHERE (?1 IS NULL OR status = ?1) ORDER BY created_ms DESC LIMIT ?2",
-                )
-                .bind(status)
-                .bind(i64::from(limit))
-                .fetch_all(p)
-                .await?
+                sqlx::query_as(sql)
+                    .bind(status)
+                    .bind(i64::from(limit))
+                    .fetch_all(p)
+                    .await?
             }
             Db::Postgres(p) => {
-                sqlx::query_as(
-                    "SELECT id, name, status, created_ms, updated_ms FROM sagas
-                     WHERE ($1::TEXT IS NULL OR status = $1) ORDER BY created_ms DESC LIMIT $2",
-                )
-                .bind(status)
-                .bind(i64::from(limit))
-                .fetch_all(p)
-                .await?
+                sqlx::query_as(sql)
+                    .bind(status)
+                    .bind(i64::from(limit))
+                    .fetch_all(p)
+                    .await?
             }
         };
         Ok(rows
@@ -238,30 +323,29 @@ impl Store {
             .collect())
     }
 
-    /// Sagas a crash interrupted: running or compensating.
-    pub async fn unfinished(&self) -> Result<Vec<Saga>, StoreError> {
-        const Q: &str = "SELECT id, state FROM sagas
-             WHERE status IN ('running', 'compensating') ORDER BY created_ms";
+    /// Records a crash interrupted.
+    pub async fn unfinished(&self) -> Result<Vec<R>, StoreError> {
+        let sql = q(&self.sql.unfinished);
         let rows: Vec<(String, String)> = match &self.db {
-            Db::Sqlite(p) => sqlx::query_as(Q).fetch_all(p).await?,
-            Db::Postgres(p) => sqlx::query_as(Q).fetch_all(p).await?,
+            Db::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await?,
+            Db::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await?,
         };
         rows.into_iter()
             .map(|(id, state)| decode(id, &state))
             .collect()
     }
 
-    /// How many sagas are in each status.
+    /// How many records are in each status.
     pub async fn counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        const Q: &str = "SELECT status, COUNT(*) FROM sagas GROUP BY status";
+        let sql = q(&self.sql.counts);
         Ok(match &self.db {
-            Db::Sqlite(p) => sqlx::query_as(Q).fetch_all(p).await?,
-            Db::Postgres(p) => sqlx::query_as(Q).fetch_all(p).await?,
+            Db::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await?,
+            Db::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await?,
         })
     }
 }
 
-fn decode(id: String, state: &str) -> Result<Saga, StoreError> {
+fn decode<R: Record>(id: String, state: &str) -> Result<R, StoreError> {
     serde_json::from_str(state).map_err(|source| StoreError::Corrupt { id, source })
 }
 
@@ -288,7 +372,7 @@ async fn writer(db: Db, mut rx: mpsc::Receiver<(Op, Reply)>) {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, writes = batch.len(), "saga store commit failed");
+                tracing::error!(error = %e, writes = batch.len(), "coordinator store commit failed");
                 let msg = e.to_string();
                 for (_, reply) in batch.drain(..) {
                     let _ = reply.send(Err(msg.clone()));
@@ -298,74 +382,44 @@ async fn writer(db: Db, mut rx: mpsc::Receiver<(Op, Reply)>) {
     }
 }
 
+/// The same loop body for both backends (their executor types differ).
+macro_rules! commit {
+    ($pool:expr, $batch:expr) => {{
+        let mut tx = $pool.begin().await?;
+        let mut out = Vec::with_capacity($batch.len());
+        for (op, _) in $batch {
+            let done = match op {
+                Op::Insert(sql, r) => sqlx::query(q(sql))
+                    .bind(&r.id)
+                    .bind(&r.idempotency_key)
+                    .bind(&r.name)
+                    .bind(r.status)
+                    .bind(&r.state)
+                    .bind(r.created_ms)
+                    .bind(r.updated_ms)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected(),
+                Op::Update(sql, r) => sqlx::query(q(sql))
+                    .bind(r.status)
+                    .bind(&r.state)
+                    .bind(r.updated_ms)
+                    .bind(&r.id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected(),
+            };
+            out.push(done == 1);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }};
+}
+
 async fn commit_sqlite(p: &SqlitePool, batch: &[(Op, Reply)]) -> Result<Vec<bool>, sqlx::Error> {
-    let mut tx = p.begin().await?;
-    let mut out = Vec::with_capacity(batch.len());
-    for (op, _) in batch {
-        let done = match op {
-            Op::Insert(r) => sqlx::query(
-                "INSERT INTO sagas (id, idempotency_key, name, status, state, created_ms, updated_ms)
-                 VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            )
-            .bind(&r.id)
-            .bind(&r.idempotency_key)
-            .bind(&r.name)
-            .bind(r.status)
-            .bind(&r.state)
-            .bind(r.created_ms)
-            .bind(r.updated_ms)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected(),
-            Op::Update(r) => sqlx::query(
-                "UPDATE sagas SET status = ?, state = ?, updated_ms = ? WHERE id = ?",
-            )
-            .bind(r.status)
-            .bind(&r.state)
-            .bind(r.updated_ms)
-            .bind(&r.id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected(),
-        };
-        out.push(done == 1);
-    }
-    tx.commit().await?;
-    Ok(out)
+    commit!(p, batch)
 }
 
 async fn commit_postgres(p: &PgPool, batch: &[(Op, Reply)]) -> Result<Vec<bool>, sqlx::Error> {
-    let mut tx = p.begin().await?;
-    let mut out = Vec::with_capacity(batch.len());
-    for (op, _) in batch {
-        let done = match op {
-            Op::Insert(r) => sqlx::query(
-                "INSERT INTO sagas (id, idempotency_key, name, status, state, created_ms, updated_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-            )
-            .bind(&r.id)
-            .bind(&r.idempotency_key)
-            .bind(&r.name)
-            .bind(r.status)
-            .bind(&r.state)
-            .bind(r.created_ms)
-            .bind(r.updated_ms)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected(),
-            Op::Update(r) => sqlx::query(
-                "UPDATE sagas SET status = $1, state = $2, updated_ms = $3 WHERE id = $4",
-            )
-            .bind(r.status)
-            .bind(&r.state)
-            .bind(r.updated_ms)
-            .bind(&r.id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected(),
-        };
-        out.push(done == 1);
-    }
-    tx.commit().await?;
-    Ok(out)
+    commit!(p, batch)
 }

@@ -1,0 +1,204 @@
+//! Calls to participants, shared by sagas and TCC: registry services resolved to their
+//! healthy instances and balanced with P2C over peak-EWMA latency (the same balancer as
+//! the gateway), a timeout per call, and each outcome classified by whether the call may
+//! have taken effect.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tessera_balance::{Balancer, Endpoint, EndpointSet, Policy};
+
+use crate::def::CallDef;
+use crate::saga::{Attempt, now_ms};
+
+/// Where registry services are found: their healthy instances as (`host:port`, weight).
+pub trait Resolve: Send + Sync + 'static {
+    fn healthy(&self, service: &str) -> Vec<(String, u32)>;
+}
+
+/// Largest participant response body read (the rest is dropped with the connection).
+const MAX_RESPONSE: usize = 64 * 1024;
+
+/// How one call ended.
+pub enum Outcome {
+    Ok,
+    /// The participant answered and refused (a non-success status below 500), or the
+    /// request never left: the action did not take effect.
+    NotApplied,
+    /// Timeout, reset or 5xx: it may have taken effect.
+    Unknown,
+}
+
+pub struct Caller {
+    client: Client<HttpConnector, Full<Bytes>>,
+    resolver: Option<Arc<dyn Resolve>>,
+    balancer: Balancer,
+    /// Per service: the endpoint set calls are balanced over, rebuilt when the registry's
+    /// answer changes (keeping each endpoint's load and latency).
+    sets: Mutex<HashMap<String, Arc<EndpointSet>>>,
+    pub calls: AtomicU64,
+    pub failed_calls: AtomicU64,
+}
+
+impl Caller {
+    pub fn new(resolver: Option<Arc<dyn Resolve>>) -> Arc<Caller> {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        Arc::new(Caller {
+            client: Client::builder(TokioExecutor::new()).build(http),
+            resolver,
+            balancer: Balancer::new(Policy::P2cPeakEwma),
+            sets: Mutex::new(HashMap::new()),
+            calls: AtomicU64::new(0),
+            failed_calls: AtomicU64::new(0),
+        })
+    }
+
+    /// One call to a participant: `key` is its `Idempotency-Key`, `tx` the saga or
+    /// transaction it belongs to.
+    pub async fn call(
+        &self,
+        key: &str,
+        tx: &str,
+        timeout: Duration,
+        call: &CallDef,
+    ) -> (Outcome, Attempt) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let at_ms = now_ms();
+        let started = Instant::now();
+        let (outcome, text) = match self.target(call) {
+            Err(why) => (Outcome::NotApplied, why),
+            Ok((base, load)) => {
+                let in_flight = load.as_ref().map(|l| l.start());
+                let r = tokio::time::timeout(timeout, self.send(&base, call, key, tx)).await;
+                let r = match r {
+                    Ok(r) => r,
+                    Err(_) => (
+                        Outcome::Unknown,
+                        format!("timeout after {}", tessera_core::GoDuration(timeout)),
+                    ),
+                };
+                match (in_flight, &r.0) {
+                    (Some(f), Outcome::Ok | Outcome::NotApplied) => f.finish(),
+                    (Some(f), Outcome::Unknown) => {
+                        if let Some(l) = &load {
+                            l.observe(Duration::from_secs(1));
+                        }
+                        drop(f);
+                    }
+                    (None, _) => {}
+                }
+                r
+            }
+        };
+        let ok = matches!(outcome, Outcome::Ok);
+        if !ok {
+            self.failed_calls.fetch_add(1, Ordering::Relaxed);
+        }
+        (
+            outcome,
+            Attempt {
+                at_ms,
+                duration_ms: started.elapsed().as_millis() as u64,
+                outcome: text,
+                ok,
+            },
+        )
+    }
+
+    /// The base URL for a call, and the picked endpoint's load for a registry service.
+    fn target(
+        &self,
+        call: &CallDef,
+    ) -> Result<(String, Option<Arc<tessera_balance::Load>>), String> {
+        if let Some(url) = &call.url {
+            return Ok((url.trim_end_matches('/').to_owned(), None));
+        }
+        let service = call.service.as_deref().unwrap_or_default();
+        let Some(resolver) = &self.resolver else {
+            return Err(format!("no registry to resolve service {service}"));
+        };
+        let healthy = resolver.healthy(service);
+        if healthy.is_empty() {
+            return Err(format!("no healthy instance of service {service}"));
+        }
+        let set = {
+            let mut sets = self.sets.lock().unwrap_or_else(|p| p.into_inner());
+            let same = sets.get(service).is_some_and(|s| {
+                s.endpoints.len() == healthy.len()
+                    && s.endpoints
+                        .iter()
+                        .zip(&healthy)
+                        .all(|(e, (a, w))| &e.addr == a && e.weight == (*w).max(1))
+            });
+            if !same {
+                let endpoints: Vec<Endpoint> =
+                    healthy.iter().map(|(a, w)| Endpoint::new(a, *w)).collect();
+                let set = match sets.get(service) {
+                    Some(old) => EndpointSet::inherit(endpoints, old),
+                    None => EndpointSet::new(endpoints),
+                };
+                sets.insert(service.to_owned(), Arc::new(set));
+            }
+            sets.get(service).cloned()
+        };
+        let set = set.ok_or_else(|| format!("no healthy instance of service {service}"))?;
+        let idx = self
+            .balancer
+            .pick(&set, &|_| true, None)
+            .ok_or_else(|| format!("no healthy instance of service {service}"))?;
+        let e = &set.endpoints[idx];
+        Ok((format!("http://{}", e.addr), Some(e.load.clone())))
+    }
+
+    async fn send(&self, base: &str, call: &CallDef, key: &str, tx: &str) -> (Outcome, String) {
+        let mut req = http::Request::builder()
+            .method(call.method.as_str())
+            .uri(format!("{base}{}", call.path))
+            .header("idempotency-key", key)
+            .header("x-tessera-transaction", tx);
+        for (k, v) in &call.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let body = match &call.body {
+            Some(b) => {
+                req = req.header(http::header::CONTENT_TYPE, "application/json");
+                Bytes::from(serde_json::to_vec(b).unwrap_or_default())
+            }
+            None => Bytes::new(),
+        };
+        let req = match req.body(Full::new(body)) {
+            Ok(r) => r,
+            Err(e) => return (Outcome::NotApplied, format!("bad request: {e}")),
+        };
+        let resp = match self.client.request(req).await {
+            Ok(r) => r,
+            Err(e) if e.is_connect() => {
+                return (
+                    Outcome::NotApplied,
+                    format!("connect: {}", tessera_core::error_chain(&e)),
+                );
+            }
+            Err(e) => return (Outcome::Unknown, tessera_core::error_chain(&e)),
+        };
+        let status = resp.status().as_u16();
+        // Read the answer so the connection can be reused; its content is not needed.
+        let _ = Limited::new(resp.into_body(), MAX_RESPONSE).collect().await;
+        let outcome = if call.is_success(status) {
+            Outcome::Ok
+        } else if status >= 500 {
+            Outcome::Unknown
+        } else {
+            Outcome::NotApplied
+        };
+        (outcome, status.to_string())
+    }
+}
