@@ -16,6 +16,7 @@ use axum::routing::get;
 use crate::def::SagaDef;
 use crate::engine::Engine;
 use crate::saga::SagaStatus;
+use crate::tcc::{TccDef, TccEngine, TccStatus};
 
 /// Decides whether a request's token may read or start sagas. Starting a saga makes the
 /// server call URLs on the caller's behalf, so it is never open when ACLs are on.
@@ -35,15 +36,18 @@ impl Authorize for AllowAll {
 #[derive(Clone)]
 struct AppState {
     engine: Arc<Engine>,
+    tcc: Arc<TccEngine>,
     auth: Arc<dyn Authorize>,
 }
 
-pub fn router(engine: Arc<Engine>, auth: Arc<dyn Authorize>) -> Router {
+pub fn router(engine: Arc<Engine>, tcc: Arc<TccEngine>, auth: Arc<dyn Authorize>) -> Router {
     Router::new()
         .route("/v1/sagas", get(list).post(start))
         .route("/v1/sagas/{id}", get(one))
+        .route("/v1/tcc", get(tcc_list).post(tcc_start))
+        .route("/v1/tcc/{id}", get(tcc_one))
         .route("/v1/tessera/coordinator/metrics", get(metrics))
-        .with_state(AppState { engine, auth })
+        .with_state(AppState { engine, tcc, auth })
 }
 
 /// An API error: status, message and a stable code, as `{"error","code"}`.
@@ -82,13 +86,9 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
     )
 }
 
-async fn start(
-    State(st): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    authorize(&st, &headers, true)?;
-    let key = match headers.get("idempotency-key") {
+/// The optional `Idempotency-Key` of a start request.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    Ok(match headers.get("idempotency-key") {
         None => None,
         Some(v) => {
             let k = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 256);
@@ -103,32 +103,115 @@ async fn start(
                 .to_owned(),
             )
         }
-    };
-    let de = &mut serde_json::Deserializer::from_slice(&body);
-    let def: SagaDef = serde_path_to_error::deserialize(de).map_err(|e| {
+    })
+}
+
+/// A JSON definition, with errors that say where (`steps[1].action.url: ...`).
+fn parse_def<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let msg = if path == "." {
-            format!("invalid saga definition: {}", e.inner())
+            format!("invalid {what} definition: {}", e.inner())
         } else {
-            format!("invalid saga definition at {path}: {}", e.inner())
+            format!("invalid {what} definition at {path}: {}", e.inner())
         };
         ApiError(StatusCode::BAD_REQUEST, msg, "bad_definition")
-    })?;
-    def.validate().map_err(|e| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("invalid saga definition: {e}"),
-            "bad_definition",
-        )
-    })?;
-    let (saga, created) = st.engine.start(def, key).await.map_err(internal)?;
+    })
+}
+
+fn invalid_def(what: &str, e: crate::def::InvalidDef) -> ApiError {
+    ApiError(
+        StatusCode::BAD_REQUEST,
+        format!("invalid {what} definition: {e}"),
+        "bad_definition",
+    )
+}
+
+fn started<T: serde::Serialize>(created: bool, location: String, body: T) -> Response {
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    let location = format!("/v1/sagas/{}", saga.id);
-    Ok((status, [(header::LOCATION, location)], axum::Json(saga)).into_response())
+    (status, [(header::LOCATION, location)], axum::Json(body)).into_response()
+}
+
+async fn start(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers, true)?;
+    let key = idempotency_key(&headers)?;
+    let def: SagaDef = parse_def(&body, "saga")?;
+    def.validate().map_err(|e| invalid_def("saga", e))?;
+    let (saga, created) = st.engine.start(def, key).await.map_err(internal)?;
+    Ok(started(created, format!("/v1/sagas/{}", saga.id), saga))
+}
+
+async fn tcc_start(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers, true)?;
+    let key = idempotency_key(&headers)?;
+    let def: TccDef = parse_def(&body, "TCC")?;
+    def.validate().map_err(|e| invalid_def("TCC", e))?;
+    let (tx, created) = st.tcc.start(def, key).await.map_err(internal)?;
+    Ok(started(created, format!("/v1/tcc/{}", tx.id), tx))
+}
+
+async fn tcc_one(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers, false)?;
+    match st.tcc.get(&id).await.map_err(internal)? {
+        Some(tx) => Ok(axum::Json(tx).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no TCC transaction {id}"),
+            "not_found",
+        )),
+    }
+}
+
+async fn tcc_list(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers, false)?;
+    let Query(q) = q.map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("bad query: {}", e.body_text()),
+            "bad_query",
+        )
+    })?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(TccStatus::parse(s).ok_or_else(|| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "status must be one of trying, confirming, confirmed, cancelling, cancelled; got {s:?}"
+                ),
+                "bad_query",
+            )
+        })?),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    let rows = st
+        .tcc
+        .store
+        .list(status.map(TccStatus::as_str), limit)
+        .await
+        .map_err(internal)?;
+    Ok(axum::Json(rows).into_response())
 }
 
 async fn one(
@@ -192,6 +275,7 @@ async fn list(
 async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&st, &headers, false)?;
     let counts = st.engine.store.counts().await.map_err(internal)?;
+    let tcc_counts = st.tcc.store.counts().await.map_err(internal)?;
     let s = &st.engine.stats;
     let mut out = String::new();
     out.push_str("# HELP tessera_sagas Sagas stored, by status.\n# TYPE tessera_sagas gauge\n");
@@ -201,6 +285,20 @@ async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Result<Respo
             .find(|(k, _)| k == status.as_str())
             .map_or(0, |(_, n)| *n);
         let _ = writeln!(out, "tessera_sagas{{status=\"{}\"}} {n}", status.as_str());
+    }
+    out.push_str(
+        "# HELP tessera_tcc_transactions TCC transactions stored, by status.\n# TYPE tessera_tcc_transactions gauge\n",
+    );
+    for status in TccStatus::ALL {
+        let n = tcc_counts
+            .iter()
+            .find(|(k, _)| k == status.as_str())
+            .map_or(0, |(_, n)| *n);
+        let _ = writeln!(
+            out,
+            "tessera_tcc_transactions{{status=\"{}\"}} {n}",
+            status.as_str()
+        );
     }
     for (name, help, v) in [
         (

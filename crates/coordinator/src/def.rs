@@ -114,7 +114,7 @@ fn default_path() -> String {
 }
 
 /// Go-style duration strings (`"250ms"`), as everywhere else in Tessera.
-mod duration {
+pub(crate) mod duration {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -135,6 +135,19 @@ mod duration {
 pub struct InvalidDef {
     pub field: String,
     pub problem: String,
+}
+
+/// Step and participant names: part of idempotency keys, so kept to a safe alphabet.
+pub(crate) fn validate_name(field: &str, name: &str) -> Result<(), InvalidDef> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(invalid(field, "1 to 64 characters from A-Z a-z 0-9 - _ ."));
+    }
+    Ok(())
 }
 
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> InvalidDef {
@@ -158,18 +171,7 @@ impl SagaDef {
         self.compensation_retry.validate("compensation_retry")?;
         for (i, step) in self.steps.iter().enumerate() {
             let at = format!("steps[{i}]");
-            if step.name.is_empty()
-                || step.name.len() > 64
-                || !step
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-            {
-                return Err(invalid(
-                    format!("{at}.name"),
-                    "1 to 64 characters from A-Z a-z 0-9 - _ .",
-                ));
-            }
+            validate_name(&format!("{at}.name"), &step.name)?;
             if self.steps[..i].iter().any(|s| s.name == step.name) {
                 return Err(invalid(
                     format!("{at}.name"),
@@ -190,7 +192,7 @@ impl SagaDef {
 }
 
 impl RetryDef {
-    fn validate(&self, at: &str) -> Result<(), InvalidDef> {
+    pub(crate) fn validate(&self, at: &str) -> Result<(), InvalidDef> {
         if !(1..=1000).contains(&self.max_attempts) {
             return Err(invalid(format!("{at}.max_attempts"), "between 1 and 1000"));
         }
@@ -205,7 +207,7 @@ impl RetryDef {
 }
 
 impl CallDef {
-    fn validate(&self, at: &str) -> Result<(), InvalidDef> {
+    pub(crate) fn validate(&self, at: &str) -> Result<(), InvalidDef> {
         if http::Method::from_bytes(self.method.as_bytes()).is_err() {
             return Err(invalid(
                 format!("{at}.method"),

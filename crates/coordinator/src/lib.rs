@@ -22,6 +22,7 @@ pub mod def;
 mod engine;
 pub mod saga;
 mod store;
+pub mod tcc;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use store::Database;
 #[derive(Clone)]
 pub struct Coordinator {
     engine: Arc<Engine>,
+    tcc: Arc<tcc::TccEngine>,
 }
 
 impl Coordinator {
@@ -63,18 +65,23 @@ impl Coordinator {
         resolver: Option<Arc<dyn Resolve>>,
     ) -> Result<Coordinator, StoreError> {
         let sagas = db.table("sagas", &["running", "compensating"]).await?;
+        let tcc = db
+            .table("tcc", &["trying", "confirming", "cancelling"])
+            .await?;
         let caller = call::Caller::new(resolver);
         Ok(Coordinator {
-            engine: Engine::new(sagas, caller),
+            engine: Engine::new(sagas, caller.clone()),
+            tcc: tcc::TccEngine::new(tcc, caller),
         })
     }
 
-    /// Restarts every saga that was running or compensating when the process stopped.
+    /// Restarts every saga and TCC transaction that was in flight when the process
+    /// stopped; returns how many.
     pub async fn resume(&self) -> Result<usize, StoreError> {
-        self.engine.resume().await
+        Ok(self.engine.resume().await? + self.tcc.resume().await?)
     }
 
     pub fn router(&self, auth: Arc<dyn Authorize>) -> axum::Router {
-        api::router(self.engine.clone(), auth)
+        api::router(self.engine.clone(), self.tcc.clone(), auth)
     }
 }
