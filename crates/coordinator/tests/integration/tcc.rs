@@ -3,8 +3,6 @@
 //! out try whose late arrival is refused, phase-two retries, and recovery in both phases
 //! after the coordinator's runtime is torn down.
 
-#![allow(clippy::unwrap_used)]
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -13,13 +11,10 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
-use tessera_coordinator::{AllowAll, Coordinator};
+use tessera_coordinator::Coordinator;
+
+use crate::support::{Api, Backend};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Reservation {
@@ -149,66 +144,15 @@ async fn participants() -> (Arc<Participants>, SocketAddr) {
     (p, addr)
 }
 
-struct Api {
-    base: String,
-    http: Client<HttpConnector, Full<Bytes>>,
-}
-
-impl Api {
-    async fn send(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-        key: Option<&str>,
-    ) -> (u16, Value) {
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base));
-        if let Some(k) = key {
-            req = req.header("idempotency-key", k);
-        }
-        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let resp = self
-            .http
-            .request(req.body(Full::new(body)).unwrap())
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        let b = resp.into_body().collect().await.unwrap().to_bytes();
-        let v = serde_json::from_slice(&b)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&b).into_owned()));
-        (status, v)
-    }
-
-    async fn finished(&self, id: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let (s, v) = self.send("GET", &format!("/v1/tcc/{id}"), None, None).await;
-            assert_eq!(s, 200, "{v}");
-            if ["confirmed", "cancelled"].contains(&v["status"].as_str().unwrap()) {
-                return v;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{id} did not finish: {v}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-async fn coordinator(dir: &std::path::Path) -> (Coordinator, Api) {
-    let c = Coordinator::open_sqlite(dir, None).await.unwrap();
-    let app = c.router(Arc::new(AllowAll));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-    let api = Api {
-        base: format!("http://{addr}"),
-        http: Client::builder(TokioExecutor::new()).build_http(),
-    };
+async fn coordinator(backend: &Backend) -> (Coordinator, Api) {
+    let c = backend.open(None).await;
+    let api = Api::serve(&c).await;
     (c, api)
+}
+
+async fn finished(api: &Api, id: &str) -> Value {
+    api.until(&format!("/v1/tcc/{id}"), &["confirmed", "cancelled"])
+        .await
 }
 
 fn transfer(addr: SocketAddr, timeout: &str, attempts: u32) -> Value {
@@ -230,15 +174,18 @@ fn transfer(addr: SocketAddr, timeout: &str, attempts: u32) -> Value {
 
 #[tokio::test]
 async fn all_tries_succeed_so_all_confirm() {
-    let dir = tempfile::tempdir().unwrap();
+    commits(&Backend::sqlite()).await;
+}
+
+pub async fn commits(backend: &Backend) {
     let (p, addr) = participants().await;
-    let (_c, api) = coordinator(dir.path()).await;
+    let (_c, api) = coordinator(backend).await;
     let (s, v) = api
         .send("POST", "/v1/tcc", Some(&transfer(addr, "5s", 2)), None)
         .await;
     assert_eq!(s, 201, "{v}");
     let id = v["id"].as_str().unwrap().to_owned();
-    let v = api.finished(&id).await;
+    let v = finished(&api, &id).await;
     assert_eq!(v["status"], "confirmed", "{v}");
     for name in ["debit", "credit"] {
         assert_eq!(p.state(name, &id), Some(Reservation::Confirmed));
@@ -252,7 +199,10 @@ async fn all_tries_succeed_so_all_confirm() {
 
 #[tokio::test]
 async fn a_refused_try_cancels_everyone_including_an_empty_rollback() {
-    let dir = tempfile::tempdir().unwrap();
+    refused_try_cancels_everyone(&Backend::sqlite()).await;
+}
+
+pub async fn refused_try_cancels_everyone(backend: &Backend) {
     let (p, addr) = participants().await;
     p.set(
         "credit/try",
@@ -262,12 +212,12 @@ async fn a_refused_try_cancels_everyone_including_an_empty_rollback() {
             ..Default::default()
         },
     );
-    let (_c, api) = coordinator(dir.path()).await;
+    let (_c, api) = coordinator(backend).await;
     let (_, v) = api
         .send("POST", "/v1/tcc", Some(&transfer(addr, "5s", 2)), None)
         .await;
     let id = v["id"].as_str().unwrap().to_owned();
-    let v = api.finished(&id).await;
+    let v = finished(&api, &id).await;
     assert_eq!(v["status"], "cancelled", "{v}");
     assert!(v["error"].as_str().unwrap().contains("credit"), "{v}");
     assert_eq!(p.state("debit", &id), Some(Reservation::Cancelled));
@@ -278,7 +228,7 @@ async fn a_refused_try_cancels_everyone_including_an_empty_rollback() {
 
 #[tokio::test]
 async fn a_try_that_arrives_after_its_cancel_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::sqlite();
     let (p, addr) = participants().await;
     // credit's try is slower than its timeout: the coordinator gives up, cancels, and the
     // participant sees the cancel first, then the stale try.
@@ -289,12 +239,12 @@ async fn a_try_that_arrives_after_its_cancel_is_refused() {
             ..Default::default()
         },
     );
-    let (_c, api) = coordinator(dir.path()).await;
+    let (_c, api) = coordinator(&backend).await;
     let (_, v) = api
         .send("POST", "/v1/tcc", Some(&transfer(addr, "100ms", 1)), None)
         .await;
     let id = v["id"].as_str().unwrap().to_owned();
-    let v = api.finished(&id).await;
+    let v = finished(&api, &id).await;
     assert_eq!(v["status"], "cancelled", "{v}");
     assert_eq!(p.state("debit", &id), Some(Reservation::Cancelled));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -311,7 +261,7 @@ async fn a_try_that_arrives_after_its_cancel_is_refused() {
 
 #[tokio::test]
 async fn phase_two_retries_until_every_participant_answers() {
-    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::sqlite();
     let (p, addr) = participants().await;
     p.set(
         "debit/confirm",
@@ -321,12 +271,12 @@ async fn phase_two_retries_until_every_participant_answers() {
             ..Default::default()
         },
     );
-    let (_c, api) = coordinator(dir.path()).await;
+    let (_c, api) = coordinator(&backend).await;
     let (_, v) = api
         .send("POST", "/v1/tcc", Some(&transfer(addr, "5s", 1)), None)
         .await;
     let id = v["id"].as_str().unwrap().to_owned();
-    let v = api.finished(&id).await;
+    let v = finished(&api, &id).await;
     assert_eq!(v["status"], "confirmed", "{v}");
     assert_eq!(v["participants"][0]["phase_two_attempts"], 4);
     assert_eq!(p.state("debit", &id), Some(Reservation::Confirmed));
@@ -340,15 +290,15 @@ async fn phase_two_retries_until_every_participant_answers() {
 
 #[tokio::test]
 async fn starts_are_idempotent_and_bad_definitions_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::sqlite();
     let (p, addr) = participants().await;
-    let (_c, api) = coordinator(dir.path()).await;
+    let (_c, api) = coordinator(&backend).await;
     let def = transfer(addr, "5s", 1);
     let (s1, v1) = api.send("POST", "/v1/tcc", Some(&def), Some("t-1")).await;
     let (s2, v2) = api.send("POST", "/v1/tcc", Some(&def), Some("t-1")).await;
     assert_eq!((s1, s2), (201, 200));
     assert_eq!(v1["id"], v2["id"]);
-    api.finished(v1["id"].as_str().unwrap()).await;
+    finished(&api, v1["id"].as_str().unwrap()).await;
     assert_eq!(p.log_for("debit/try").len(), 1);
     let (s, v) = api
         .send("POST", "/v1/tcc", Some(&json!({"participants": []})), None)
@@ -387,10 +337,10 @@ async fn starts_are_idempotent_and_bad_definitions_are_refused() {
 
 /// Starts a transaction on a coordinator whose runtime is then dropped (every task
 /// stops, as in a kill) once `until` holds; returns the transaction id.
-fn crash_when(dir: &std::path::Path, addr: SocketAddr, until: impl Fn() -> bool) -> String {
+fn crash_when(backend: &Backend, addr: SocketAddr, until: impl Fn() -> bool) -> String {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let id = rt.block_on(async {
-        let (_c, api) = coordinator(dir).await;
+        let (_c, api) = coordinator(backend).await;
         let (_, v) = api
             .send("POST", "/v1/tcc", Some(&transfer(addr, "30s", 1)), None)
             .await;
@@ -407,6 +357,11 @@ fn crash_when(dir: &std::path::Path, addr: SocketAddr, until: impl Fn() -> bool)
 
 #[test]
 fn recovery_finishes_phase_two_and_cancels_an_interrupted_try() {
+    recovers(&Backend::sqlite(), &Backend::sqlite());
+}
+
+/// `first` sees a crash while confirming, `second` one while trying.
+pub fn recovers(first: &Backend, second: &Backend) {
     let rt_p = tokio::runtime::Runtime::new().unwrap();
     let (p, addr) = rt_p.block_on(participants());
     let slow = Behaviour {
@@ -415,30 +370,30 @@ fn recovery_finishes_phase_two_and_cancels_an_interrupted_try() {
     };
 
     // Crash while confirming: after restart the commit decision is carried out.
-    let dir = tempfile::tempdir().unwrap();
+    let backend = first;
     p.set("debit/confirm", slow.clone());
     let counts = |what: &str| p.counts.lock().unwrap().get(what).copied().unwrap_or(0);
-    let id = crash_when(dir.path(), addr, || counts("debit/confirm") == 1);
+    let id = crash_when(backend, addr, || counts("debit/confirm") == 1);
     p.set("debit/confirm", Behaviour::default());
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let (c, api) = coordinator(dir.path()).await;
+        let (c, api) = coordinator(backend).await;
         assert_eq!(c.resume().await.unwrap(), 1);
-        let v = api.finished(&id).await;
+        let v = finished(&api, &id).await;
         assert_eq!(v["status"], "confirmed", "{v}");
     });
     assert_eq!(p.state("debit", &id), Some(Reservation::Confirmed));
     assert_eq!(p.state("credit", &id), Some(Reservation::Confirmed));
 
     // Crash while trying: no decision was recorded, so everyone is cancelled.
-    let dir = tempfile::tempdir().unwrap();
+    let backend = second;
     p.set("credit/try", slow);
     let before = counts("credit/try");
-    let id = crash_when(dir.path(), addr, || counts("credit/try") == before + 1);
+    let id = crash_when(backend, addr, || counts("credit/try") == before + 1);
     rt.block_on(async {
-        let (c, api) = coordinator(dir.path()).await;
+        let (c, api) = coordinator(backend).await;
         assert_eq!(c.resume().await.unwrap(), 1);
-        let v = api.finished(&id).await;
+        let v = finished(&api, &id).await;
         assert_eq!(v["status"], "cancelled", "{v}");
         assert!(v["error"].as_str().unwrap().contains("interrupted"), "{v}");
     });

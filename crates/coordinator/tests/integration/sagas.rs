@@ -3,8 +3,6 @@
 //! compensation retries, `stuck`, idempotent start, and resuming after the coordinator's
 //! runtime is torn down mid-saga.
 
-#![allow(clippy::unwrap_used)]
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -14,7 +12,9 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use serde_json::{Value, json};
-use tessera_coordinator::{AllowAll, Coordinator, Resolve};
+use tessera_coordinator::{Coordinator, Resolve};
+
+use crate::support::{Api, Backend};
 
 /// How the participant answers one path: fail `fail_first` times with `fail_status`
 /// (then succeed), or fail always; optionally after a delay.
@@ -104,108 +104,24 @@ impl Resolve for Fixed {
     }
 }
 
-struct Api {
-    base: String,
-    http: reqwest_like::Client,
-}
-
-/// A tiny JSON client on hyper (the test needs status codes and bodies, nothing more).
-mod reqwest_like {
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, Full};
-    use hyper_util::client::legacy::Client as HClient;
-    use hyper_util::client::legacy::connect::HttpConnector;
-    use hyper_util::rt::TokioExecutor;
-
-    #[derive(Clone)]
-    pub struct Client(HClient<HttpConnector, Full<Bytes>>);
-
-    impl Client {
-        pub fn new() -> Client {
-            Client(HClient::builder(TokioExecutor::new()).build_http())
-        }
-
-        pub async fn send(
-            &self,
-            method: &str,
-            url: &str,
-            headers: &[(&str, &str)],
-            body: Option<&serde_json::Value>,
-        ) -> (u16, serde_json::Value) {
-            let mut req = http::Request::builder().method(method).uri(url);
-            for (k, v) in headers {
-                req = req.header(*k, *v);
-            }
-            let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-            let resp = self
-                .0
-                .request(req.body(Full::new(body)).unwrap())
-                .await
-                .unwrap();
-            let status = resp.status().as_u16();
-            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-            let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
-            });
-            (status, v)
-        }
-    }
-}
-
-impl Api {
-    async fn post(&self, def: &Value, key: Option<&str>) -> (u16, Value) {
-        let headers: Vec<(&str, &str)> = key.map(|k| ("idempotency-key", k)).into_iter().collect();
-        self.http
-            .send(
-                "POST",
-                &format!("{}/v1/sagas", self.base),
-                &headers,
-                Some(def),
-            )
-            .await
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        self.http
-            .send("GET", &format!("{}{path}", self.base), &[], None)
-            .await
-    }
-
-    /// Polls the saga until it reaches a final status.
-    async fn finished(&self, id: &str) -> Value {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let (s, v) = self.get(&format!("/v1/sagas/{id}")).await;
-            assert_eq!(s, 200, "{v}");
-            if ["completed", "compensated", "stuck"].contains(&v["status"].as_str().unwrap()) {
-                return v;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "saga {id} did not finish: {v}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-async fn serve(c: &Coordinator) -> Api {
-    let app = c.router(Arc::new(AllowAll));
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-    Api {
-        base: format!("http://{addr}"),
-        http: reqwest_like::Client::new(),
-    }
-}
-
-async fn coordinator(dir: &std::path::Path, addr: SocketAddr) -> (Coordinator, Api) {
-    let c = Coordinator::open_sqlite(dir, Some(Arc::new(Fixed("shop".into(), addr))))
-        .await
-        .unwrap();
-    let api = serve(&c).await;
+async fn coordinator(backend: &Backend, addr: SocketAddr) -> (Coordinator, Api) {
+    let c = backend
+        .open(Some(Arc::new(Fixed("shop".into(), addr))))
+        .await;
+    let api = Api::serve(&c).await;
     (c, api)
+}
+
+async fn start(api: &Api, def: &Value, key: Option<&str>) -> (u16, Value) {
+    api.send("POST", "/v1/sagas", Some(def), key).await
+}
+
+async fn finished(api: &Api, id: &str) -> Value {
+    api.until(
+        &format!("/v1/sagas/{id}"),
+        &["completed", "compensated", "stuck"],
+    )
+    .await
 }
 
 /// Three steps a, b, c on the participant (b through the registry resolver), fast retries.
@@ -233,13 +149,16 @@ fn three_steps(addr: SocketAddr, timeout: &str, attempts: u32) -> Value {
 
 #[tokio::test]
 async fn a_saga_runs_its_steps_once_each_with_idempotency_keys() {
-    let dir = tempfile::tempdir().unwrap();
+    runs_its_steps_once(&Backend::sqlite()).await;
+}
+
+pub async fn runs_its_steps_once(backend: &Backend) {
     let (p, addr) = participant().await;
-    let (_c, api) = coordinator(dir.path(), addr).await;
-    let (s, v) = api.post(&three_steps(addr, "5s", 3), None).await;
+    let (_c, api) = coordinator(backend, addr).await;
+    let (s, v) = start(&api, &three_steps(addr, "5s", 3), None).await;
     assert_eq!(s, 201, "{v}");
     let id = v["id"].as_str().unwrap().to_owned();
-    let v = api.finished(&id).await;
+    let v = finished(&api, &id).await;
     assert_eq!(v["status"], "completed", "{v}");
     assert_eq!(
         p.calls(),
@@ -261,8 +180,12 @@ async fn a_saga_runs_its_steps_once_each_with_idempotency_keys() {
 
 #[tokio::test]
 async fn a_refused_step_compensates_the_earlier_ones_in_reverse() {
+    refused_steps_compensate_in_reverse(Backend::sqlite).await;
+}
+
+pub async fn refused_steps_compensate_in_reverse(backend: impl Fn() -> Backend) {
     for failing in ["a", "b", "c"] {
-        let dir = tempfile::tempdir().unwrap();
+        let backend = backend();
         let (p, addr) = participant().await;
         p.set(
             &format!("/{failing}/do"),
@@ -272,10 +195,10 @@ async fn a_refused_step_compensates_the_earlier_ones_in_reverse() {
                 ..Default::default()
             },
         );
-        let (_c, api) = coordinator(dir.path(), addr).await;
-        let (_, v) = api.post(&three_steps(addr, "5s", 3), None).await;
+        let (_c, api) = coordinator(&backend, addr).await;
+        let (_, v) = start(&api, &three_steps(addr, "5s", 3), None).await;
         let id = v["id"].as_str().unwrap().to_owned();
-        let v = api.finished(&id).await;
+        let v = finished(&api, &id).await;
         assert_eq!(v["status"], "compensated", "{v}");
         assert!(
             v["error"]
@@ -317,7 +240,7 @@ async fn a_refused_step_compensates_the_earlier_ones_in_reverse() {
 
 #[tokio::test]
 async fn a_step_that_timed_out_is_compensated_too() {
-    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::sqlite();
     let (p, addr) = participant().await;
     p.set(
         "/b/do",
@@ -326,9 +249,9 @@ async fn a_step_that_timed_out_is_compensated_too() {
             ..Default::default()
         },
     );
-    let (_c, api) = coordinator(dir.path(), addr).await;
-    let (_, v) = api.post(&three_steps(addr, "150ms", 1), None).await;
-    let v = api.finished(v["id"].as_str().unwrap()).await;
+    let (_c, api) = coordinator(&backend, addr).await;
+    let (_, v) = start(&api, &three_steps(addr, "150ms", 1), None).await;
+    let v = finished(&api, v["id"].as_str().unwrap()).await;
     assert_eq!(v["status"], "compensated", "{v}");
     assert!(
         v["steps"][1]["attempts"][0]["outcome"]
@@ -343,7 +266,7 @@ async fn a_step_that_timed_out_is_compensated_too() {
 
 #[tokio::test]
 async fn transient_failures_are_retried_and_compensations_retry_until_they_succeed() {
-    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::sqlite();
     let (p, addr) = participant().await;
     // a succeeds on its third try; c is refused; a's compensation fails twice first.
     p.set(
@@ -370,9 +293,9 @@ async fn transient_failures_are_retried_and_compensations_retry_until_they_succe
             ..Default::default()
         },
     );
-    let (_c, api) = coordinator(dir.path(), addr).await;
-    let (_, v) = api.post(&three_steps(addr, "5s", 3), None).await;
-    let v = api.finished(v["id"].as_str().unwrap()).await;
+    let (_c, api) = coordinator(&backend, addr).await;
+    let (_, v) = start(&api, &three_steps(addr, "5s", 3), None).await;
+    let v = finished(&api, v["id"].as_str().unwrap()).await;
     assert_eq!(v["status"], "compensated", "{v}");
     assert_eq!(v["steps"][0]["action_attempts"], 3);
     assert_eq!(v["steps"][0]["compensation_attempts"], 3);
@@ -382,7 +305,7 @@ async fn transient_failures_are_retried_and_compensations_retry_until_they_succe
 
 #[tokio::test]
 async fn a_compensation_that_keeps_failing_leaves_the_saga_stuck_and_visible() {
-    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::sqlite();
     let (p, addr) = participant().await;
     p.set(
         "/b/do",
@@ -400,10 +323,10 @@ async fn a_compensation_that_keeps_failing_leaves_the_saga_stuck_and_visible() {
             ..Default::default()
         },
     );
-    let (_c, api) = coordinator(dir.path(), addr).await;
-    let (_, v) = api.post(&three_steps(addr, "5s", 1), None).await;
+    let (_c, api) = coordinator(&backend, addr).await;
+    let (_, v) = start(&api, &three_steps(addr, "5s", 1), None).await;
     let id = v["id"].as_str().unwrap().to_owned();
-    let v = api.finished(&id).await;
+    let v = finished(&api, &id).await;
     assert_eq!(v["status"], "stuck", "{v}");
     assert_eq!(v["steps"][0]["compensation_attempts"], 5);
     assert!(
@@ -423,36 +346,36 @@ async fn a_compensation_that_keeps_failing_leaves_the_saga_stuck_and_visible() {
 
 #[tokio::test]
 async fn the_same_idempotency_key_starts_one_saga() {
-    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::sqlite();
     let (p, addr) = participant().await;
-    let (_c, api) = coordinator(dir.path(), addr).await;
+    let (_c, api) = coordinator(&backend, addr).await;
     let def = three_steps(addr, "5s", 3);
-    let (s1, v1) = api.post(&def, Some("order-42")).await;
-    let (s2, v2) = api.post(&def, Some("order-42")).await;
+    let (s1, v1) = start(&api, &def, Some("order-42")).await;
+    let (s2, v2) = start(&api, &def, Some("order-42")).await;
     assert_eq!((s1, s2), (201, 200));
     assert_eq!(v1["id"], v2["id"]);
-    api.finished(v1["id"].as_str().unwrap()).await;
+    finished(&api, v1["id"].as_str().unwrap()).await;
     assert_eq!(p.paths(), vec!["/a/do", "/b/do", "/c/do"]);
-    let (s3, v3) = api.post(&def, Some("order-43")).await;
+    let (s3, v3) = start(&api, &def, Some("order-43")).await;
     assert_eq!(s3, 201);
     assert_ne!(v3["id"], v1["id"]);
 }
 
 #[tokio::test]
 async fn bad_requests_are_refused_with_the_reason() {
-    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::sqlite();
     let (_p, addr) = participant().await;
-    let (_c, api) = coordinator(dir.path(), addr).await;
-    let (s, v) = api.post(&json!({"steps": []}), None).await;
+    let (_c, api) = coordinator(&backend, addr).await;
+    let (s, v) = start(&api, &json!({"steps": []}), None).await;
     assert_eq!(s, 400);
     assert!(v["error"].as_str().unwrap().contains("steps"), "{v}");
     assert_eq!(v["code"], "bad_definition");
-    let (s, v) = api
-        .post(
-            &json!({"steps": [{"name": "x", "action": {"url": "http://h:1"}, "retries": 3}]}),
-            None,
-        )
-        .await;
+    let (s, v) = start(
+        &api,
+        &json!({"steps": [{"name": "x", "action": {"url": "http://h:1"}, "retries": 3}]}),
+        None,
+    )
+    .await;
     assert_eq!(s, 400);
     assert!(v["error"].as_str().unwrap().contains("steps[0]"), "{v}");
     assert!(v["error"].as_str().unwrap().contains("retries"), "{v}");
@@ -460,16 +383,16 @@ async fn bad_requests_are_refused_with_the_reason() {
     assert_eq!((s, v["code"].as_str()), (404, Some("not_found")));
     let (s, v) = api.get("/v1/sagas?status=done").await;
     assert_eq!(s, 400, "{v}");
-    let (s, _) = api
-        .http
-        .send("POST", &format!("{}/v1/sagas", api.base), &[], None)
-        .await;
+    let (s, _) = api.send("POST", "/v1/sagas", None, None).await;
     assert_eq!(s, 400);
 }
 
 #[test]
 fn a_saga_interrupted_mid_step_resumes_after_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
+    resumes_after_a_restart(&Backend::sqlite());
+}
+
+pub fn resumes_after_a_restart(backend: &Backend) {
     // The participant lives on its own runtime, across the coordinator's "crash".
     let rt_p = tokio::runtime::Runtime::new().unwrap();
     let (p, addr) = rt_p.block_on(participant());
@@ -485,8 +408,8 @@ fn a_saga_interrupted_mid_step_resumes_after_a_restart() {
     let id = {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let id = rt.block_on(async {
-            let (_c, api) = coordinator(dir.path(), addr).await;
-            let (_, v) = api.post(&three_steps(addr, "30s", 3), None).await;
+            let (_c, api) = coordinator(backend, addr).await;
+            let (_, v) = start(&api, &three_steps(addr, "30s", 3), None).await;
             let id = v["id"].as_str().unwrap().to_owned();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
             while !p.paths().contains(&"/b/do".to_owned()) {
@@ -502,9 +425,9 @@ fn a_saga_interrupted_mid_step_resumes_after_a_restart() {
     // Second coordinator on the same data: resumes and finishes.
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let (c, api) = coordinator(dir.path(), addr).await;
+        let (c, api) = coordinator(backend, addr).await;
         assert_eq!(c.resume().await.unwrap(), 1);
-        let v = api.finished(&id).await;
+        let v = finished(&api, &id).await;
         assert_eq!(v["status"], "completed", "{v}");
     });
     // b ran twice, both times with the same key; a was not repeated.

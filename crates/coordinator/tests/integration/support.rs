@@ -1,0 +1,182 @@
+//! What the saga and TCC tests share: the store a coordinator runs on (SQLite in a temp
+//! dir, or a fresh PostgreSQL database) and a small JSON client for its API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tessera_coordinator::{AllowAll, Coordinator, Resolve};
+
+/// Where a test's coordinator keeps its state; reopened by a "restarted" coordinator.
+pub enum Backend {
+    Sqlite(tempfile::TempDir),
+    Postgres(PgDatabase),
+}
+
+impl Backend {
+    pub fn sqlite() -> Backend {
+        Backend::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    /// A fresh database on the machine's PostgreSQL, dropped with the backend. Outside
+    /// CI a missing server skips the test (None); in CI it fails it.
+    pub fn postgres() -> Option<Backend> {
+        PgDatabase::create().map(Backend::Postgres)
+    }
+
+    pub async fn open(&self, resolver: Option<Arc<dyn Resolve>>) -> Coordinator {
+        match self {
+            Backend::Sqlite(dir) => Coordinator::open_sqlite(dir.path(), resolver).await,
+            Backend::Postgres(db) => Coordinator::open_postgres(&db.url, resolver).await,
+        }
+        .unwrap()
+    }
+}
+
+const ADMIN_URL: &str = "postgres://root@127.0.0.1:5432/test";
+
+fn admin_url() -> String {
+    std::env::var("TESSERA_TEST_POSTGRES").unwrap_or_else(|_| ADMIN_URL.to_owned())
+}
+
+pub struct PgDatabase {
+    pub url: String,
+    name: String,
+}
+
+impl PgDatabase {
+    fn create() -> Option<PgDatabase> {
+        let name = format!("tessera_test_{:016x}", fastrand_u64());
+        let admin = admin_url();
+        let created = on_own_runtime({
+            let (admin, name) = (admin.clone(), name.clone());
+            async move {
+                use sqlx::Connection;
+                let mut c = sqlx::PgConnection::connect(&admin).await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut c)
+                    .await?;
+                Ok::<_, sqlx::Error>(())
+            }
+        });
+        if let Err(e) = created {
+            assert!(
+                std::env::var("CI").is_err(),
+                "PostgreSQL at {admin} is required in CI: {e}"
+            );
+            eprintln!("skipping: no PostgreSQL at {admin} ({e}); set TESSERA_TEST_POSTGRES");
+            return None;
+        }
+        let (base, _) = admin.rsplit_once('/').unwrap();
+        Some(PgDatabase {
+            url: format!("{base}/{name}"),
+            name,
+        })
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let (admin, name) = (admin_url(), self.name.clone());
+        let _ = on_own_runtime(async move {
+            use sqlx::Connection;
+            let mut c = sqlx::PgConnection::connect(&admin).await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut c)
+            .await?;
+            Ok::<_, sqlx::Error>(())
+        });
+    }
+}
+
+/// Runs `f` on a runtime of its own in a thread of its own (callable from inside or
+/// outside a runtime).
+fn on_own_runtime<T: Send + 'static>(f: impl Future<Output = T> + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    })
+    .join()
+    .unwrap()
+}
+
+fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+/// The coordinator's API on a loopback port.
+pub struct Api {
+    pub base: String,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Api {
+    pub async fn serve(c: &Coordinator) -> Api {
+        let app = c.router(Arc::new(AllowAll));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        Api {
+            base: format!("http://{addr}"),
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        key: Option<&str>,
+    ) -> (u16, Value) {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let resp = self
+            .http
+            .request(req.body(Full::new(body)).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let b = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&b)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&b).into_owned()));
+        (status, v)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.send("GET", path, None, None).await
+    }
+
+    /// Polls `GET {path}` until its status is one of `finals`.
+    pub async fn until(&self, path: &str, finals: &[&str]) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (s, v) = self.get(path).await;
+            assert_eq!(s, 200, "{v}");
+            if finals.contains(&v["status"].as_str().unwrap()) {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{path} did not finish: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
