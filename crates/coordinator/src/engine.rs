@@ -39,6 +39,19 @@ pub struct Engine {
 pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("starting failed: {0}")]
+    Task(String),
+}
+
+/// Runs `f` as its own task and waits for it: the work finishes even if the caller is
+/// dropped (a client that disconnects mid-POST), so a transaction that was stored is
+/// always also started.
+pub(crate) async fn detached<T: Send + 'static>(
+    f: impl Future<Output = Result<T, StartError>> + Send + 'static,
+) -> Result<T, StartError> {
+    tokio::spawn(f)
+        .await
+        .map_err(|e| StartError::Task(e.to_string()))?
 }
 
 impl Engine {
@@ -54,6 +67,15 @@ impl Engine {
     /// Starts a saga, or returns the one already started with the same idempotency key
     /// (`false`). The first state is durable before this returns.
     pub async fn start(
+        self: &Arc<Self>,
+        def: SagaDef,
+        idempotency_key: Option<String>,
+    ) -> Result<(Saga, bool), StartError> {
+        let me = self.clone();
+        detached(async move { me.start_now(def, idempotency_key).await }).await
+    }
+
+    async fn start_now(
         self: &Arc<Self>,
         def: SagaDef,
         idempotency_key: Option<String>,

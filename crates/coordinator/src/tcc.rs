@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::call::{Caller, Outcome};
 use crate::def::{CallDef, InvalidDef, RetryDef};
+use crate::engine::{StartError, detached};
 use crate::saga::{Attempt, new_id, now_ms};
 use crate::store::{Record, Store, StoreError};
 
@@ -230,6 +231,15 @@ impl TccEngine {
 
     /// Starts a transaction, or returns the one started with the same idempotency key.
     pub async fn start(
+        self: &Arc<Self>,
+        definition: TccDef,
+        idempotency_key: Option<String>,
+    ) -> Result<(Tcc, bool), StartError> {
+        let me = self.clone();
+        detached(async move { Ok(me.start_now(definition, idempotency_key).await?) }).await
+    }
+
+    async fn start_now(
         self: &Arc<Self>,
         definition: TccDef,
         idempotency_key: Option<String>,

@@ -438,3 +438,37 @@ pub fn resumes_after_a_restart(backend: &Backend) {
     assert_eq!(calls.iter().filter(|(p, _)| p == "/a/do").count(), 1);
     assert_eq!(calls.last().unwrap().0, "/c/do");
 }
+
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_post_does_not_orphan_its_saga() {
+    use tokio::io::AsyncWriteExt;
+    let backend = Backend::sqlite();
+    let (_p, addr) = participant().await;
+    let (_c, api) = coordinator(&backend, addr).await;
+    let body = three_steps(addr, "5s", 1).to_string();
+    let request = format!(
+        "POST /v1/sagas HTTP/1.1\r\nhost: c\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let server = api.base.trim_start_matches("http://").to_owned();
+    // Each client sends its POST and closes at once, cancelling the request mid-flight.
+    for _ in 0..50 {
+        let mut s = tokio::net::TcpStream::connect(&server).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        drop(s);
+    }
+    // Whatever was stored must finish: nothing is left running.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, running) = api.get("/v1/sagas?status=running").await;
+        let (_, done) = api.get("/v1/sagas?status=completed&limit=1000").await;
+        if running.as_array().unwrap().is_empty() && !done.as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "orphaned sagas: {running}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

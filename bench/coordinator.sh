@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Sagas per second: three HTTP steps each (against `tessera upstream`, which answers 200),
+# posted by wrk for DURATION seconds, counted until every saga has finished; on SQLite
+# (the default store) and on PostgreSQL. Printed beside a reference on the same machine:
+# single-row INSERTs committed one by one (what a store without group commit pays per
+# transition; SQLite via python3's sqlite3 in WAL + synchronous=FULL, PostgreSQL via
+# pgbench), so the ratio shows what the coordinator's store achieves per transition.
+#
+#   bench/coordinator.sh                  # 10 s of posting, wrk -c16
+#   DURATION=5 CONNS=32 bench/coordinator.sh
+#
+# Needs wrk (apt-get installs it if missing), python3, and PostgreSQL on 127.0.0.1:5432
+# (trust auth, user root) for the PostgreSQL half (skipped if absent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-16}
+PG_ADMIN=${PG_ADMIN:-postgres://root@127.0.0.1:5432/test}
+PORT=18500; UP=19401
+command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+cargo build --release --quiet --bin tessera
+BIN=$PWD/target/release/tessera
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS tessera_bench WITH (FORCE)" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+$BIN upstream --bind "127.0.0.1:$UP" --id participant >/dev/null 2>&1 &
+pids+=($!)
+
+step() { # name
+  printf '{"name":"%s","action":{"url":"http://127.0.0.1:%s","path":"/%s/do"},"compensation":{"url":"http://127.0.0.1:%s","path":"/%s/undo"},"timeout":"10s"}' "$1" "$UP" "$1" "$UP" "$1"
+}
+saga="{\"name\":\"bench\",\"steps\":[$(step reserve),$(step charge),$(step confirm)]}"
+cat >"$work/post.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [[$saga]]
+LUA
+
+metric() { # status
+  curl -sf "http://127.0.0.1:$PORT/v1/tessera/coordinator/metrics" |
+    awk -v s="$1" -F' ' '$1 == "tessera_sagas{status=\""s"\"}" {print $2}'
+}
+
+run() { # label [--database-url URL]
+  local label=$1; shift
+  $BIN server --bind "127.0.0.1:$PORT" --data-dir "$work/data-$label" "$@" >/dev/null 2>&1 &
+  local spid=$!
+  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$PORT/v1/status/leader" >/dev/null && break; sleep 0.1; done
+  local t0 t1 done_n left
+  t0=$(date +%s.%N)
+  wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$work/post.lua" "http://127.0.0.1:$PORT/v1/sagas" >"$work/wrk-$label.txt"
+  for _ in $(seq 3000); do
+    r=$(metric running); c=$(metric compensating)
+    left=$(( ${r:-1} + ${c:-0} ))
+    [ "$left" -eq 0 ] && break
+    sleep 0.1
+  done
+  t1=$(date +%s.%N)
+  done_n=$(metric completed)
+  kill "$spid"; wait "$spid" 2>/dev/null || true
+  python3 -c "import sys; n=int(sys.argv[1]); s=float(sys.argv[3])-float(sys.argv[2]); print(f'{n} {s:.2f} {n/s:.0f} {4*n/s:.0f}')" "$done_n" "$t0" "$t1"
+}
+
+sqlite_ref() {
+  python3 - "$work/ref.db" "$DURATION" <<'PY'
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA journal_mode=WAL"); db.execute("PRAGMA synchronous=FULL")
+db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, state TEXT)")
+state = "x" * 1500
+end = time.time() + float(sys.argv[2]); n = 0
+while time.time() < end:
+    db.execute("BEGIN"); db.execute("INSERT INTO t (state) VALUES (?)", (state,)); db.execute("COMMIT"); n += 1
+print(f"{n / float(sys.argv[2]):.0f}")
+PY
+}
+
+pg_ref() {
+  local url=${PG_ADMIN%/*}/tessera_bench
+  psql "$url" -qc "CREATE TABLE IF NOT EXISTS t (id BIGSERIAL PRIMARY KEY, state TEXT)" >/dev/null
+  echo "INSERT INTO t (state) VALUES (repeat('x', 1500));" >"$work/insert.sql"
+  PGBENCH=$(command -v pgbench || ls /usr/lib/postgresql/*/bin/pgbench | head -1)
+  "$PGBENCH" -n -c "$CONNS" -j 1 -T "$DURATION" -f "$work/insert.sql" "$url" 2>/dev/null |
+    awk '/^tps/ {printf "%.0f\n", $3}'
+}
+
+echo "three-step sagas, posted by wrk -t1 -c$CONNS for ${DURATION}s, timed until all finished; 2 cores"
+printf '%-11s %9s %8s %9s %14s %18s %7s\n' store sagas seconds sagas/s transitions/s "reference commits/s" ratio
+read -r n s rate tr < <(run sqlite)
+ref=$(sqlite_ref)
+printf '%-11s %9s %8s %9s %14s %18s %6.1fx\n' sqlite "$n" "$s" "$rate" "$tr" "$ref" "$(python3 -c "print($tr/$ref)")"
+if psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS tessera_bench WITH (FORCE)" >/dev/null 2>&1 &&
+   psql "$PG_ADMIN" -qc "CREATE DATABASE tessera_bench" >/dev/null 2>&1; then
+  read -r n s rate tr < <(run postgres --database-url "${PG_ADMIN%/*}/tessera_bench")
+  ref=$(pg_ref)
+  printf '%-11s %9s %8s %9s %14s %18s %6.1fx\n' postgres "$n" "$s" "$rate" "$tr" "$ref" "$(python3 -c "print($tr/$ref)")"
+else
+  echo "postgres: skipped (no PostgreSQL at $PG_ADMIN)"
+fi
+echo "(transitions = 4 committed writes per three-step saga; reference = one INSERT per commit)"
