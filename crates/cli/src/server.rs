@@ -80,7 +80,11 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
     if resumed > 0 {
         println!("resumed {resumed} unfinished saga(s)");
     }
-    let sagas = coordinator.router(Arc::new(RegistryAcl(registry)));
+    let acl = Arc::new(RegistryAcl(registry));
+    let events = tessera_events::EventStore::open(&data_dir)
+        .await
+        .map_err(|e| format!("cannot open the event store: {e}"))?;
+    let extra = coordinator.router(acl.clone()).merge(events.router(acl));
     let acl = if server.registry().acl_enabled {
         "on"
     } else {
@@ -90,8 +94,13 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
         "tessera server listening on http://{addr} (node {node}, data dir {}, ACLs {acl})",
         data_dir.display()
     );
+    let stopping = async move {
+        shutdown_signal().await;
+        // Live event subscriptions end, so the graceful shutdown does not wait on them.
+        events.shutdown();
+    };
     server
-        .run_with(listener, sagas, shutdown_signal())
+        .run_with(listener, extra, stopping)
         .await
         .map_err(|e| e.to_string())?;
     println!("tessera server stopped");
@@ -107,9 +116,9 @@ impl Resolve for RegistryResolver {
     }
 }
 
-/// The registry's ACLs for the coordinator's API: with ACLs on, reading sagas needs
-/// `operator` read and starting one needs `operator` write (a saga makes the server call
-/// out on the caller's behalf).
+/// The registry's ACLs for the coordinator's and the event store's APIs: with ACLs on,
+/// reading needs `operator` read and writing (starting a saga, appending events) needs
+/// `operator` write — a saga makes the server call out on the caller's behalf.
 struct RegistryAcl(Arc<Registry>);
 
 impl Authorize for RegistryAcl {
@@ -120,7 +129,7 @@ impl Authorize for RegistryAcl {
             Ok(())
         } else {
             Err(format!(
-                "Permission denied: sagas need operator:{} in the token's policy",
+                "Permission denied: this needs operator:{} in the token's policy",
                 if write { "write" } else { "read" }
             ))
         }

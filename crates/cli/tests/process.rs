@@ -318,6 +318,16 @@ async fn cli_commands_against_a_running_server() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(!parked.is_finished());
+    // And with a live event subscription open: it ends instead of holding the shutdown.
+    let sse = {
+        let req = http::Request::builder()
+            .uri(format!("http://{addr}/v1/streams/*/subscribe"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = c.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        tokio::spawn(async move { resp.into_body().collect().await.is_ok() })
+    };
     let pid = child.id().unwrap().to_string();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -329,6 +339,7 @@ async fn cli_commands_against_a_running_server() {
         .unwrap()
         .unwrap();
     assert!(exit.success(), "clean exit on SIGTERM: {exit:?}");
+    assert!(sse.await.unwrap(), "the subscription ended cleanly");
     let answer = parked.await.unwrap();
     assert!(
         matches!(answer, Ok((200, _))),

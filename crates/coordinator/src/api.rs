@@ -18,20 +18,7 @@ use crate::engine::Engine;
 use crate::saga::SagaStatus;
 use crate::tcc::{TccDef, TccEngine, TccStatus};
 
-/// Decides whether a request's token may read or start sagas. Starting a saga makes the
-/// server call URLs on the caller's behalf, so it is never open when ACLs are on.
-pub trait Authorize: Send + Sync + 'static {
-    fn check(&self, token: Option<&str>, write: bool) -> Result<(), String>;
-}
-
-/// Everyone may do everything (ACLs off).
-pub struct AllowAll;
-
-impl Authorize for AllowAll {
-    fn check(&self, _: Option<&str>, _: bool) -> Result<(), String> {
-        Ok(())
-    }
-}
+pub use tessera_core::{AllowAll, Authorize};
 
 #[derive(Clone)]
 struct AppState {

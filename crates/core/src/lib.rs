@@ -8,10 +8,12 @@
 //! assert_eq!("passing".parse::<Health>().unwrap(), Health::Passing);
 //! ```
 
+mod auth;
 mod duration;
 mod health;
 mod names;
 
+pub use auth::{AllowAll, Authorize};
 pub use duration::{GoDuration, InvalidDuration, format_duration, parse_duration, serde_opt};
 pub use health::{Health, InvalidHealth};
 pub use names::{InvalidName, validate_key, validate_service_name};

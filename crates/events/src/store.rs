@@ -1,0 +1,460 @@
+//! The embedded event store: SQLite in the data dir. Appends go through one writer task
+//! that checks each append's expected version and event ids and commits every append
+//! waiting in one transaction (group commit), so global positions are assigned in commit
+//! order and a reader never sees position N+1 before N. After each commit the new head
+//! position is published, which is what live subscriptions wait on.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Most appends committed in one transaction.
+const MAX_BATCH: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("the event store's writer has stopped")]
+    Closed,
+    #[error("commit failed: {0}")]
+    Commit(String),
+}
+
+/// An event as a client posts it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewEvent {
+    /// Unique; appending an event whose id is already stored is a no-op.
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub data: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// A stored event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    /// Global, across all streams: the order of commits.
+    pub position: i64,
+    pub stream: String,
+    /// Within its stream, from 0.
+    pub version: i64,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub data: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
+    pub created_ms: i64,
+}
+
+/// What the stream's current version must be for an append to go ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected {
+    Any,
+    /// The stream has no events yet.
+    NoStream,
+    /// The stream has at least one event.
+    Exists,
+    /// The stream's last event has this version.
+    Version(i64),
+}
+
+/// How an append ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct Appended {
+    pub stream: String,
+    pub first_version: i64,
+    pub last_version: i64,
+    pub last_position: i64,
+    /// Every event id was already stored: nothing was written.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AppendError {
+    #[error("stream {stream} is at version {current}, expected {expected}")]
+    WrongVersion {
+        stream: String,
+        expected: String,
+        current: i64,
+    },
+    #[error("event {id} is already stored in stream {stream} at version {version}")]
+    IdConflict {
+        id: String,
+        stream: String,
+        version: i64,
+    },
+    #[error("{0}")]
+    Store(String),
+}
+
+struct Append {
+    stream: String,
+    expected: Expected,
+    events: Vec<NewEvent>,
+}
+
+type Reply = oneshot::Sender<Result<Appended, AppendError>>;
+
+/// Which events a read or subscription covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// One stream, by version.
+    Stream(String),
+    /// Every stream whose name starts with the prefix (`order-` for `order-*`; empty for
+    /// `*`), by global position.
+    Category(String),
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    writes: mpsc::Sender<(Append, Reply)>,
+    head: watch::Receiver<i64>,
+}
+
+const SCHEMA: [&str; 3] = [
+    "CREATE TABLE IF NOT EXISTS events (
+        position INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        data TEXT NOT NULL,
+        metadata TEXT,
+        created_ms INTEGER NOT NULL,
+        UNIQUE (stream, version)
+    )",
+    "CREATE INDEX IF NOT EXISTS events_by_stream_prefix ON events (stream, position)",
+    "CREATE TABLE IF NOT EXISTS consumer_groups (
+        grp TEXT NOT NULL,
+        stream TEXT NOT NULL,
+        acked INTEGER NOT NULL,
+        PRIMARY KEY (grp, stream)
+    )",
+];
+
+impl Store {
+    /// SQLite in `dir/events.db`, fsynced at every commit.
+    pub async fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
+        let opts = SqliteConnectOptions::new()
+            .filename(dir.join("events.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(std::time::Duration::from_secs(30));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
+        for stmt in SCHEMA {
+            sqlx::query(stmt).execute(&pool).await?;
+        }
+        let last: Option<i64> = sqlx::query_scalar("SELECT MAX(position) FROM events")
+            .fetch_one(&pool)
+            .await?;
+        let (head_tx, head) = watch::channel(last.unwrap_or(0));
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(writer(pool.clone(), rx, head_tx));
+        Ok(Store {
+            pool,
+            writes: tx,
+            head,
+        })
+    }
+
+    /// The global position of the latest committed event (0 when empty), and changes to it.
+    pub fn head(&self) -> watch::Receiver<i64> {
+        self.head.clone()
+    }
+
+    pub async fn append(
+        &self,
+        stream: String,
+        expected: Expected,
+        events: Vec<NewEvent>,
+    ) -> Result<Appended, AppendError> {
+        let (reply, answer) = oneshot::channel();
+        self.writes
+            .send((
+                Append {
+                    stream,
+                    expected,
+                    events,
+                },
+                reply,
+            ))
+            .await
+            .map_err(|_| AppendError::Store(StoreError::Closed.to_string()))?;
+        answer
+            .await
+            .map_err(|_| AppendError::Store(StoreError::Closed.to_string()))?
+    }
+
+    /// Events of `sel` from `from` (a version for a stream, a position for a category),
+    /// in order, at most `limit`.
+    pub async fn read(
+        &self,
+        sel: &Selection,
+        from: i64,
+        limit: u32,
+    ) -> Result<Vec<Event>, StoreError> {
+        const COLS: &str = "position, stream, version, id, type, data, metadata, created_ms";
+        let rows = match sel {
+            Selection::Stream(name) => {
+                sqlx::query_as::<_, EventRow>(sqlx::AssertSqlSafe(format!(
+                    "SELECT {COLS} FROM events WHERE stream = ? AND version >= ? ORDER BY version LIMIT ?"
+                )))
+                .bind(name)
+                .bind(from)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+            }
+            Selection::Category(prefix) if prefix.is_empty() => {
+                sqlx::query_as::<_, EventRow>(sqlx::AssertSqlSafe(format!(
+                    "SELECT {COLS} FROM events WHERE position >= ? ORDER BY position LIMIT ?"
+                )))
+                .bind(from)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+            }
+            Selection::Category(prefix) => {
+                // A range on the name: every stream starting with the prefix.
+                let mut upper = prefix.clone();
+                upper.push(char::MAX);
+                sqlx::query_as::<_, EventRow>(sqlx::AssertSqlSafe(format!(
+                    "SELECT {COLS} FROM events WHERE stream >= ? AND stream < ? AND position >= ?
+                     ORDER BY position LIMIT ?"
+                )))
+                .bind(prefix)
+                .bind(upper)
+                .bind(from)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        Ok(rows.into_iter().map(event).collect())
+    }
+
+    /// The last version of `stream`, or -1 if it has no events.
+    pub async fn version(&self, stream: &str) -> Result<i64, StoreError> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM events WHERE stream = ?")
+            .bind(stream)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(v.unwrap_or(-1))
+    }
+
+    /// A consumer group's acknowledged offset on a selection (`None` before its first ack).
+    pub async fn acked(&self, group: &str, sel: &str) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT acked FROM consumer_groups WHERE grp = ? AND stream = ?")
+                .bind(group)
+                .bind(sel)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Moves a group's offset forward (never back); returns the stored offset. Durable
+    /// when it returns.
+    pub async fn ack(&self, group: &str, sel: &str, offset: i64) -> Result<i64, StoreError> {
+        sqlx::query(
+            "INSERT INTO consumer_groups (grp, stream, acked) VALUES (?, ?, ?)
+             ON CONFLICT (grp, stream) DO UPDATE SET acked = MAX(acked, excluded.acked)",
+        )
+        .bind(group)
+        .bind(sel)
+        .bind(offset)
+        .execute(&self.pool)
+        .await?;
+        Ok(self.acked(group, sel).await?.unwrap_or(offset))
+    }
+}
+
+type EventRow = (
+    i64,
+    String,
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    i64,
+);
+
+fn event(r: EventRow) -> Event {
+    let (position, stream, version, id, kind, data, metadata, created_ms) = r;
+    // Stored by `commit` from JSON values, so they parse back.
+    let json = |s: &str| serde_json::from_str(s).unwrap_or(serde_json::Value::Null);
+    Event {
+        position,
+        stream,
+        version,
+        id,
+        kind,
+        data: json(&data),
+        metadata: metadata.as_deref().map(json),
+        created_ms,
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+async fn writer(
+    pool: SqlitePool,
+    mut rx: mpsc::Receiver<(Append, Reply)>,
+    head: watch::Sender<i64>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(a) => batch.push(a),
+                Err(_) => break,
+            }
+        }
+        match commit(&pool, &batch).await {
+            Ok(results) => {
+                let top = results
+                    .iter()
+                    .filter_map(|r| r.as_ref().ok())
+                    .map(|a| a.last_position)
+                    .max();
+                if let Some(top) = top {
+                    head.send_if_modified(|h| {
+                        let moved = top > *h;
+                        *h = (*h).max(top);
+                        moved
+                    });
+                }
+                for ((_, reply), r) in batch.drain(..).zip(results) {
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, appends = batch.len(), "event store commit failed");
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(AppendError::Store(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+/// One transaction for the whole batch; each append's checks see the appends before it.
+async fn commit(
+    pool: &SqlitePool,
+    batch: &[(Append, Reply)],
+) -> Result<Vec<Result<Appended, AppendError>>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut out = Vec::with_capacity(batch.len());
+    for (a, _) in batch {
+        let current: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM events WHERE stream = ?")
+                .bind(&a.stream)
+                .fetch_one(&mut *tx)
+                .await?;
+        let current = current.unwrap_or(-1);
+        // Idempotency: every id already stored (in this stream) means a repeat.
+        let mut seen = Vec::new();
+        for e in &a.events {
+            let hit: Option<(String, i64, i64)> =
+                sqlx::query_as("SELECT stream, version, position FROM events WHERE id = ?")
+                    .bind(&e.id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some(h) = hit {
+                seen.push((e.id.clone(), h));
+            }
+        }
+        if !seen.is_empty() {
+            let all_here =
+                seen.len() == a.events.len() && seen.iter().all(|(_, h)| h.0 == a.stream);
+            out.push(if all_here {
+                let first = seen.iter().map(|(_, h)| h.1).min().unwrap_or(0);
+                let last = seen.iter().map(|(_, h)| h.1).max().unwrap_or(0);
+                let pos = seen.iter().map(|(_, h)| h.2).max().unwrap_or(0);
+                Ok(Appended {
+                    stream: a.stream.clone(),
+                    first_version: first,
+                    last_version: last,
+                    last_position: pos,
+                    duplicate: true,
+                })
+            } else {
+                let (id, (stream, version, _)) = seen.swap_remove(0);
+                Err(AppendError::IdConflict {
+                    id,
+                    stream,
+                    version,
+                })
+            });
+            continue;
+        }
+        let ok = match a.expected {
+            Expected::Any => true,
+            Expected::NoStream => current == -1,
+            Expected::Exists => current >= 0,
+            Expected::Version(v) => current == v,
+        };
+        if !ok {
+            out.push(Err(AppendError::WrongVersion {
+                stream: a.stream.clone(),
+                expected: match a.expected {
+                    Expected::Any => "any".into(),
+                    Expected::NoStream => "no_stream".into(),
+                    Expected::Exists => "exists".into(),
+                    Expected::Version(v) => v.to_string(),
+                },
+                current,
+            }));
+            continue;
+        }
+        let now = now_ms();
+        let mut last_position = 0;
+        for (i, e) in a.events.iter().enumerate() {
+            let r = sqlx::query(
+                "INSERT INTO events (stream, version, id, type, data, metadata, created_ms)
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&a.stream)
+            .bind(current + 1 + i as i64)
+            .bind(&e.id)
+            .bind(&e.kind)
+            .bind(e.data.to_string())
+            .bind(e.metadata.as_ref().map(|m| m.to_string()))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            last_position = r.last_insert_rowid();
+        }
+        out.push(Ok(Appended {
+            stream: a.stream.clone(),
+            first_version: current + 1,
+            last_version: current + a.events.len() as i64,
+            last_position,
+            duplicate: false,
+        }));
+    }
+    tx.commit().await?;
+    Ok(out)
+}

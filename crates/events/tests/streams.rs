@@ -1,0 +1,393 @@
+//! The event store through its real HTTP API on a loopback port: optimistic concurrency,
+//! idempotent appends, forward and category reads, server-sent-event subscriptions that
+//! catch up, go live and resume across a server restart with no gap and no duplicate,
+//! and consumer-group offsets that survive the restart.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use tessera_events::EventStore;
+
+struct Server {
+    base: String,
+    http: Client<HttpConnector, Full<Bytes>>,
+    events: EventStore,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    async fn start(dir: &Path) -> Server {
+        let events = EventStore::open(dir).await.unwrap();
+        let app = events.router(Arc::new(tessera_core::AllowAll));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        Server {
+            base: format!("http://{addr}"),
+            http: Client::builder(TokioExecutor::new()).build_http(),
+            events,
+            task,
+        }
+    }
+
+    fn stop(self) {
+        self.events.shutdown();
+        self.task.abort();
+    }
+
+    async fn send(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .body(Full::new(body))
+            .unwrap();
+        let resp = self.http.request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let b = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&b)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&b).into_owned()));
+        (status, v)
+    }
+
+    async fn append(&self, stream: &str, expected: Value, events: &[(&str, &str)]) -> (u16, Value) {
+        let events: Vec<Value> = events
+            .iter()
+            .map(|(id, kind)| json!({"id": id, "type": kind, "data": {"id": id}}))
+            .collect();
+        self.send(
+            "POST",
+            &format!("/v1/streams/{stream}"),
+            Some(json!({"expected_version": expected, "events": events})),
+        )
+        .await
+    }
+
+    async fn subscribe(&self, path: &str, last_event_id: Option<i64>) -> Subscription {
+        let mut req = http::Request::builder().uri(format!("{}{path}", self.base));
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id.to_string());
+        }
+        let resp = self
+            .http
+            .request(req.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        Subscription {
+            body: resp.into_body(),
+            buf: String::new(),
+        }
+    }
+}
+
+/// A server-sent-event stream being read.
+struct Subscription {
+    body: hyper::body::Incoming,
+    buf: String,
+}
+
+impl Subscription {
+    /// The next event: (id, event JSON).
+    async fn next(&mut self) -> (i64, Value) {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut id = None;
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().parse().unwrap());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if let Some(id) = id {
+                    return (id, serde_json::from_str(&data).unwrap());
+                }
+                continue; // a keep-alive comment
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(60), self.body.frame())
+                .await
+                .expect("an event in time")
+                .expect("the stream stays open")
+                .unwrap();
+            if let Ok(data) = frame.into_data() {
+                self.buf.push_str(std::str::from_utf8(&data).unwrap());
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_writers_expecting_the_same_version_one_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let (st, v) = s
+        .append("order-1", json!("no_stream"), &[("e0", "OrderPlaced")])
+        .await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(
+        (v["first_version"].as_i64(), v["last_version"].as_i64()),
+        (Some(0), Some(0))
+    );
+    let (a, b) = tokio::join!(
+        s.append("order-1", json!(0), &[("a1", "ItemAdded")]),
+        s.append("order-1", json!(0), &[("b1", "ItemAdded")]),
+    );
+    let mut statuses = [a.0, b.0];
+    statuses.sort();
+    assert_eq!(statuses, [201, 409], "{a:?} {b:?}");
+    let loser = if a.0 == 409 { a.1 } else { b.1 };
+    assert_eq!(loser["code"], "wrong_expected_version");
+    assert!(
+        loser["error"].as_str().unwrap().contains("at version 1"),
+        "{loser}"
+    );
+    // no_stream on an existing stream, and exists on a missing one, are refused.
+    assert_eq!(
+        s.append("order-1", json!("no_stream"), &[("x", "T")])
+            .await
+            .0,
+        409
+    );
+    assert_eq!(
+        s.append("order-9", json!("exists"), &[("y", "T")]).await.0,
+        409
+    );
+    let (_, events) = s.send("GET", "/v1/streams/order-1", None).await;
+    assert_eq!(events.as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn appending_the_same_event_ids_again_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let batch = [("p1", "Paid"), ("p2", "Receipted")];
+    let (st, first) = s.append("payment-7", json!("any"), &batch).await;
+    assert_eq!(st, 201);
+    // A retry after a lost answer: same ids, even with a now-stale expected version.
+    let (st, again) = s.append("payment-7", json!("no_stream"), &batch).await;
+    assert_eq!(st, 200, "{again}");
+    assert_eq!(again["duplicate"], true);
+    assert_eq!(again["last_version"], first["last_version"]);
+    let (_, events) = s.send("GET", "/v1/streams/payment-7", None).await;
+    assert_eq!(events.as_array().unwrap().len(), 2);
+    // The same id in another stream, or mixed with new ids, is a conflict.
+    let (st, v) = s.append("payment-8", json!("any"), &[("p1", "Paid")]).await;
+    assert_eq!((st, v["code"].as_str()), (409, Some("duplicate_event_id")));
+    let (st, _) = s
+        .append(
+            "payment-7",
+            json!("any"),
+            &[("p2", "Receipted"), ("p3", "Refunded")],
+        )
+        .await;
+    assert_eq!(st, 409);
+}
+
+#[tokio::test]
+async fn reads_go_forward_by_stream_and_by_category() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    s.append("order-1", json!("any"), &[("o1a", "Placed")])
+        .await;
+    s.append("cart-1", json!("any"), &[("c1a", "Added")]).await;
+    s.append("order-2", json!("any"), &[("o2a", "Placed")])
+        .await;
+    s.append(
+        "order-1",
+        json!("any"),
+        &[("o1b", "Paid"), ("o1c", "Shipped")],
+    )
+    .await;
+    let (_, v) = s
+        .send("GET", "/v1/streams/order-1?from=1&limit=1", None)
+        .await;
+    let ids: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["o1b"]);
+    assert_eq!(v[0]["version"], 1);
+    assert_eq!(v[0]["data"]["id"], "o1b");
+    // The category feed: every order stream, in commit order, by global position.
+    let (_, v) = s.send("GET", "/v1/streams/order-*", None).await;
+    let ids: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["o1a", "o2a", "o1b", "o1c"]);
+    let positions: Vec<i64> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["position"].as_i64().unwrap())
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]));
+    let (_, all) = s.send("GET", "/v1/streams/*", None).await;
+    assert_eq!(all.as_array().unwrap().len(), 5);
+    let (_, v) = s.send("GET", "/v1/streams/nothing-here", None).await;
+    assert_eq!(v, json!([]));
+}
+
+#[tokio::test]
+async fn subscriptions_catch_up_go_live_and_resume_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    for i in 0..3 {
+        s.append("order-5", json!("any"), &[(&format!("e{i}"), "Step")])
+            .await;
+    }
+    let mut sub = s.subscribe("/v1/streams/order-5/subscribe", None).await;
+    let mut cat = s.subscribe("/v1/streams/order-*/subscribe", None).await;
+    for want in 0..3 {
+        let (id, e) = sub.next().await;
+        assert_eq!(
+            (id, e["id"].as_str().unwrap()),
+            (want, format!("e{want}").as_str())
+        );
+    }
+    // Live: appended after the subscriber caught up.
+    for i in 3..5 {
+        s.append("order-5", json!("any"), &[(&format!("e{i}"), "Step")])
+            .await;
+    }
+    let mut last = 0;
+    for want in 3..5 {
+        let (id, _) = sub.next().await;
+        assert_eq!(id, want);
+        last = id;
+    }
+    for want in 1..=5 {
+        assert_eq!(
+            cat.next().await.0,
+            want,
+            "category ids are global positions"
+        );
+    }
+    // The server restarts (its subscriptions end); events are appended meanwhile.
+    drop((sub, cat));
+    s.stop();
+    let s = Server::start(dir.path()).await;
+    s.append("order-5", json!(4), &[("e5", "Step")]).await;
+    let mut sub = s
+        .subscribe("/v1/streams/order-5/subscribe", Some(last))
+        .await;
+    s.append("order-5", json!(5), &[("e6", "Step")]).await;
+    assert_eq!(
+        sub.next().await.0,
+        5,
+        "resumes right after the last seen event"
+    );
+    assert_eq!(sub.next().await.0, 6);
+}
+
+#[tokio::test]
+async fn consumer_group_offsets_are_durable_and_only_move_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    for i in 0..4 {
+        s.append("cart-3", json!("any"), &[(&format!("c{i}"), "Changed")])
+            .await;
+    }
+    let (st, _) = s
+        .send("GET", "/v1/streams/cart-3/groups/projector", None)
+        .await;
+    assert_eq!(st, 404);
+    let mut sub = s
+        .subscribe("/v1/streams/cart-3/subscribe?group=projector", None)
+        .await;
+    assert_eq!(sub.next().await.0, 0, "a new group starts at the beginning");
+    let (st, v) = s
+        .send(
+            "PUT",
+            "/v1/streams/cart-3/groups/projector",
+            Some(json!({"acked": 1})),
+        )
+        .await;
+    assert_eq!((st, v["acked"].as_i64()), (200, Some(1)));
+    let (_, v) = s
+        .send(
+            "PUT",
+            "/v1/streams/cart-3/groups/projector",
+            Some(json!({"acked": 0})),
+        )
+        .await;
+    assert_eq!(v["acked"], 1, "an older ack does not move the offset back");
+    drop(sub);
+    s.stop();
+    let s = Server::start(dir.path()).await;
+    let (_, v) = s
+        .send("GET", "/v1/streams/cart-3/groups/projector", None)
+        .await;
+    assert_eq!(v["acked"], 1);
+    let mut sub = s
+        .subscribe("/v1/streams/cart-3/subscribe?group=projector", None)
+        .await;
+    assert_eq!(
+        sub.next().await.0,
+        2,
+        "continues after the acknowledged offset"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let cases = [
+        (
+            "/v1/streams/bad%20name",
+            json!({"events": [{"id": "a", "type": "T"}]}),
+            "invalid stream name",
+        ),
+        (
+            "/v1/streams/order-*",
+            json!({"events": [{"id": "a", "type": "T"}]}),
+            "category",
+        ),
+        (
+            "/v1/streams/s",
+            json!({"expected_version": "maybe", "events": [{"id": "a", "type": "T"}]}),
+            "expected_version",
+        ),
+        ("/v1/streams/s", json!({"events": []}), "events"),
+        (
+            "/v1/streams/s",
+            json!({"events": [{"id": "a", "type": "T", "extra": 1}]}),
+            "extra",
+        ),
+        (
+            "/v1/streams/s",
+            json!({"events": [{"id": "a", "type": ""}]}),
+            "events[0].type",
+        ),
+        (
+            "/v1/streams/s",
+            json!({"events": [{"id": "a", "type": "T"}, {"id": "a", "type": "T"}]}),
+            "twice",
+        ),
+    ];
+    for (path, body, needle) in cases {
+        let (st, v) = s.send("POST", path, Some(body)).await;
+        assert_eq!(st, 400, "{path}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(needle), "{path}: {v}");
+    }
+    let (st, _) = s.send("GET", "/v1/streams/s?from=x", None).await;
+    assert_eq!(st, 400);
+}
