@@ -16,6 +16,7 @@
 //! ```
 
 mod api;
+pub mod outbox;
 pub mod store;
 
 use std::path::Path;
