@@ -4,6 +4,7 @@
 //! order and a reader never sees position N+1 before N. After each commit the new head
 //! position is published, which is what live subscriptions wait on.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -318,12 +319,18 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Most stream heads (last versions) the writer remembers; past it the cache starts over.
+const MAX_HEADS: usize = 100_000;
+
 async fn writer(
     pool: SqlitePool,
     mut rx: mpsc::Receiver<(Append, Reply)>,
     head: watch::Sender<i64>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    // The last version of streams written through this writer (the only writer), so an
+    // append needs no query to learn it.
+    let mut heads: HashMap<String, i64> = HashMap::new();
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -332,8 +339,13 @@ async fn writer(
                 Err(_) => break,
             }
         }
-        match commit(&pool, &batch).await {
+        let mut moved = HashMap::new();
+        match commit(&pool, &batch, &heads, &mut moved).await {
             Ok(results) => {
+                if heads.len() > MAX_HEADS {
+                    heads.clear();
+                }
+                heads.extend(moved);
                 let top = results
                     .iter()
                     .filter_map(|r| r.as_ref().ok())
@@ -361,20 +373,79 @@ async fn writer(
 }
 
 /// One transaction for the whole batch; each append's checks see the appends before it.
+/// An append runs inside a savepoint: if one of its ids turns out to be stored already,
+/// its inserts are undone and it is answered as a repeat or a conflict. `moved` collects
+/// the new stream heads, applied to `heads` only once the commit succeeded.
 async fn commit(
     pool: &SqlitePool,
     batch: &[(Append, Reply)],
+    heads: &HashMap<String, i64>,
+    moved: &mut HashMap<String, i64>,
 ) -> Result<Vec<Result<Appended, AppendError>>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let mut out = Vec::with_capacity(batch.len());
     for (a, _) in batch {
-        let current: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(version) FROM events WHERE stream = ?")
+        let current = match moved.get(&a.stream).or_else(|| heads.get(&a.stream)) {
+            Some(v) => *v,
+            None => {
+                let v: Option<i64> =
+                    sqlx::query_scalar("SELECT MAX(version) FROM events WHERE stream = ?")
+                        .bind(&a.stream)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                v.unwrap_or(-1)
+            }
+        };
+        let ok = match a.expected {
+            Expected::Any => true,
+            Expected::NoStream => current == -1,
+            Expected::Exists => current >= 0,
+            Expected::Version(v) => current == v,
+        };
+        if ok {
+            sqlx::query("SAVEPOINT append").execute(&mut *tx).await?;
+            let now = now_ms();
+            let mut last_position = 0;
+            let mut clash = false;
+            for (i, e) in a.events.iter().enumerate() {
+                let r = sqlx::query(
+                    "INSERT INTO events (stream, version, id, type, data, metadata, created_ms)
+                     VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                )
                 .bind(&a.stream)
-                .fetch_one(&mut *tx)
+                .bind(current + 1 + i as i64)
+                .bind(&e.id)
+                .bind(&e.kind)
+                .bind(e.data.to_string())
+                .bind(e.metadata.as_ref().map(|m| m.to_string()))
+                .bind(now)
+                .execute(&mut *tx)
                 .await?;
-        let current = current.unwrap_or(-1);
-        // Idempotency: every id already stored (in this stream) means a repeat.
+                if r.rows_affected() == 0 {
+                    clash = true;
+                    break;
+                }
+                last_position = r.last_insert_rowid();
+            }
+            if !clash {
+                sqlx::query("RELEASE append").execute(&mut *tx).await?;
+                let last = current + a.events.len() as i64;
+                moved.insert(a.stream.clone(), last);
+                out.push(Ok(Appended {
+                    stream: a.stream.clone(),
+                    first_version: current + 1,
+                    last_version: last,
+                    last_position,
+                    duplicate: false,
+                }));
+                continue;
+            }
+            sqlx::query("ROLLBACK TO append; RELEASE append")
+                .execute(&mut *tx)
+                .await?;
+        }
+        // The version did not match, or an id is already stored: a repeat of an earlier
+        // append (every id stored, in this stream) is answered as such.
         let mut seen = Vec::new();
         for e in &a.events {
             let hit: Option<(String, i64, i64)> =
@@ -386,38 +457,25 @@ async fn commit(
                 seen.push((e.id.clone(), h));
             }
         }
-        if !seen.is_empty() {
-            let all_here =
-                seen.len() == a.events.len() && seen.iter().all(|(_, h)| h.0 == a.stream);
-            out.push(if all_here {
-                let first = seen.iter().map(|(_, h)| h.1).min().unwrap_or(0);
-                let last = seen.iter().map(|(_, h)| h.1).max().unwrap_or(0);
-                let pos = seen.iter().map(|(_, h)| h.2).max().unwrap_or(0);
-                Ok(Appended {
-                    stream: a.stream.clone(),
-                    first_version: first,
-                    last_version: last,
-                    last_position: pos,
-                    duplicate: true,
-                })
-            } else {
-                let (id, (stream, version, _)) = seen.swap_remove(0);
-                Err(AppendError::IdConflict {
-                    id,
-                    stream,
-                    version,
-                })
-            });
-            continue;
-        }
-        let ok = match a.expected {
-            Expected::Any => true,
-            Expected::NoStream => current == -1,
-            Expected::Exists => current >= 0,
-            Expected::Version(v) => current == v,
-        };
-        if !ok {
-            out.push(Err(AppendError::WrongVersion {
+        let all_here = !seen.is_empty()
+            && seen.len() == a.events.len()
+            && seen.iter().all(|(_, h)| h.0 == a.stream);
+        out.push(if all_here {
+            Ok(Appended {
+                stream: a.stream.clone(),
+                first_version: seen.iter().map(|(_, h)| h.1).min().unwrap_or(0),
+                last_version: seen.iter().map(|(_, h)| h.1).max().unwrap_or(0),
+                last_position: seen.iter().map(|(_, h)| h.2).max().unwrap_or(0),
+                duplicate: true,
+            })
+        } else if let Some((id, (stream, version, _))) = seen.into_iter().next() {
+            Err(AppendError::IdConflict {
+                id,
+                stream,
+                version,
+            })
+        } else {
+            Err(AppendError::WrongVersion {
                 stream: a.stream.clone(),
                 expected: match a.expected {
                     Expected::Any => "any".into(),
@@ -426,34 +484,8 @@ async fn commit(
                     Expected::Version(v) => v.to_string(),
                 },
                 current,
-            }));
-            continue;
-        }
-        let now = now_ms();
-        let mut last_position = 0;
-        for (i, e) in a.events.iter().enumerate() {
-            let r = sqlx::query(
-                "INSERT INTO events (stream, version, id, type, data, metadata, created_ms)
-                 VALUES (?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&a.stream)
-            .bind(current + 1 + i as i64)
-            .bind(&e.id)
-            .bind(&e.kind)
-            .bind(e.data.to_string())
-            .bind(e.metadata.as_ref().map(|m| m.to_string()))
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            last_position = r.last_insert_rowid();
-        }
-        out.push(Ok(Appended {
-            stream: a.stream.clone(),
-            first_version: current + 1,
-            last_version: current + a.events.len() as i64,
-            last_position,
-            duplicate: false,
-        }));
+            })
+        });
     }
     tx.commit().await?;
     Ok(out)
