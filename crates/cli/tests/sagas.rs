@@ -25,6 +25,10 @@ use tokio::process::{Child, Command};
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 
 async fn spawn_server(data_dir: &Path) -> (Child, String) {
+    spawn_server_with(data_dir, &[]).await
+}
+
+async fn spawn_server_with(data_dir: &Path, extra: &[&str]) -> (Child, String) {
     let mut child = Command::new(BIN)
         .args([
             "server",
@@ -35,6 +39,7 @@ async fn spawn_server(data_dir: &Path) -> (Child, String) {
             "--data-dir",
         ])
         .arg(data_dir)
+        .args(extra)
         .env_remove("TESSERA_DATABASE_URL")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -130,12 +135,22 @@ async fn participant() -> (Arc<Participant>, String) {
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 async fn send(c: &HttpClient, method: &str, url: String, body: Option<Value>) -> (u16, Value) {
+    send_as(c, method, url, body, None).await
+}
+
+async fn send_as(
+    c: &HttpClient,
+    method: &str,
+    url: String,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> (u16, Value) {
     let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-    let req = http::Request::builder()
-        .method(method)
-        .uri(url)
-        .body(Full::new(body))
-        .unwrap();
+    let mut req = http::Request::builder().method(method).uri(url);
+    if let Some(t) = token {
+        req = req.header("x-consul-token", t);
+    }
+    let req = req.body(Full::new(body)).unwrap();
     let resp = c.request(req).await.unwrap();
     let status = resp.status().as_u16();
     let b = resp.into_body().collect().await.unwrap().to_bytes();
@@ -241,4 +256,102 @@ async fn kill_9_mid_saga_then_restart_finishes_every_saga() {
     assert_eq!(count("/s3/c/undo"), 0);
     assert_eq!((count("/s3/b/undo"), count("/s3/a/undo")), (2, 1));
     assert_eq!((count("/s1/a/undo"), count("/s2/a/undo")), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saga_steps_reach_registered_services_and_acls_guard_the_new_apis() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, paddr) = participant().await;
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        "[acl]\nenabled = true\ninitial_management = \"root-secret\"\n",
+    )
+    .unwrap();
+    let (_server, addr) =
+        spawn_server_with(dir.path(), &["--config", config.to_str().unwrap()]).await;
+    let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let root = Some("root-secret");
+    // The participant registers like any service (no check: passing).
+    let (host, port) = paddr.rsplit_once(':').unwrap();
+    let (s, v) = send_as(
+        &c,
+        "PUT",
+        format!("http://{addr}/v1/agent/service/register"),
+        Some(json!({"Name": "ledger", "ID": "ledger-1", "Address": host, "Port": port.parse::<u16>().unwrap()})),
+        root,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let def = json!({"steps": [{"name": "book", "action": {"service": "ledger", "path": "/svc/book/do"}}]});
+    // ACLs on: no token, no saga, no events; the management token may do both.
+    let (s, v) = send(
+        &c,
+        "POST",
+        format!("http://{addr}/v1/sagas"),
+        Some(def.clone()),
+    )
+    .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (403, Some("permission_denied")),
+        "{v}"
+    );
+    let append = json!({"events": [{"id": "e1", "type": "Booked"}]});
+    let (s, _) = send(
+        &c,
+        "POST",
+        format!("http://{addr}/v1/streams/ledger-1"),
+        Some(append.clone()),
+    )
+    .await;
+    assert_eq!(s, 403);
+    let (s, _) = send(
+        &c,
+        "GET",
+        format!("http://{addr}/v1/streams/ledger-1"),
+        None,
+    )
+    .await;
+    assert_eq!(s, 403);
+    let (s, v) = send_as(
+        &c,
+        "POST",
+        format!("http://{addr}/v1/streams/ledger-1"),
+        Some(append),
+        root,
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = send_as(
+        &c,
+        "POST",
+        format!("http://{addr}/v1/sagas"),
+        Some(def),
+        root,
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = send_as(
+            &c,
+            "GET",
+            format!("http://{addr}/v1/sagas/{id}"),
+            None,
+            root,
+        )
+        .await;
+        if v["status"] == "completed" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The step went to the registered instance, resolved in-process from the registry.
+    assert_eq!(
+        p.calls_to("/svc/book/do"),
+        vec![format!("{id}/book/action")]
+    );
 }
