@@ -30,6 +30,13 @@ pub struct ServerArgs {
     /// default SQLite in the data dir (`coordinator.db`).
     #[arg(long, env = "TESSERA_DATABASE_URL")]
     database_url: Option<String>,
+    /// Keep event streams in NATS JetStream (`nats://127.0.0.1:4222`) instead of SQLite
+    /// in the data dir, for several servers sharing them.
+    #[arg(long, env = "TESSERA_EVENTS")]
+    events: Option<String>,
+    /// JetStream stream and subject prefix for `--events` (`tessera` → `TESSERA_EVENTS`).
+    #[arg(long, default_value = "tessera")]
+    events_namespace: String,
 }
 
 pub async fn run(args: ServerArgs) -> Result<(), String> {
@@ -81,9 +88,11 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
         println!("resumed {resumed} unfinished saga(s)");
     }
     let acl = Arc::new(RegistryAcl(registry));
-    let events = tessera_events::EventStore::open(&data_dir)
-        .await
-        .map_err(|e| format!("cannot open the event store: {e}"))?;
+    let events = match &args.events {
+        Some(url) => tessera_events::EventStore::open_nats(url, &args.events_namespace).await,
+        None => tessera_events::EventStore::open(&data_dir).await,
+    }
+    .map_err(|e| format!("cannot open the event store: {e}"))?;
     let extra = coordinator.router(acl.clone()).merge(events.router(acl));
     let acl = if server.registry().acl_enabled {
         "on"

@@ -28,7 +28,8 @@ use tessera_core::Authorize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{AppendError, Expected, NewEvent, Selection, Store};
+use crate::Backend as Store;
+use crate::store::{AppendError, Expected, NewEvent, Selection};
 
 /// Most events in one append, and per read page.
 const MAX_EVENTS: usize = 1000;
@@ -317,6 +318,9 @@ async fn pump(
                 changed = head.changed() => if changed.is_err() { return },
                 _ = stop.cancelled() => return,
                 _ = tx.closed() => return,
+                // A wake-up can precede the event's visibility (NATS: the notification
+                // races the stream's write), so look again now and then regardless.
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
             }
             continue;
         }

@@ -16,6 +16,7 @@
 //! ```
 
 mod api;
+mod nats;
 pub mod outbox;
 pub mod store;
 
@@ -27,10 +28,64 @@ use tokio_util::sync::CancellationToken;
 
 pub use store::{Appended, Event, Expected, NewEvent, StoreError};
 
+/// Where events are kept.
+#[derive(Clone)]
+pub(crate) enum Backend {
+    Sqlite(store::Store),
+    Nats(Box<nats::NatsStore>),
+}
+
+impl Backend {
+    pub(crate) async fn append(
+        &self,
+        stream: String,
+        expected: Expected,
+        events: Vec<NewEvent>,
+    ) -> Result<Appended, store::AppendError> {
+        match self {
+            Backend::Sqlite(s) => s.append(stream, expected, events).await,
+            Backend::Nats(s) => s.append(stream, expected, events).await,
+        }
+    }
+
+    pub(crate) async fn read(
+        &self,
+        sel: &store::Selection,
+        from: i64,
+        limit: u32,
+    ) -> Result<Vec<Event>, StoreError> {
+        match self {
+            Backend::Sqlite(s) => s.read(sel, from, limit).await,
+            Backend::Nats(s) => s.read(sel, from, limit).await,
+        }
+    }
+
+    pub(crate) fn head(&self) -> tokio::sync::watch::Receiver<i64> {
+        match self {
+            Backend::Sqlite(s) => s.head(),
+            Backend::Nats(s) => s.head(),
+        }
+    }
+
+    pub(crate) async fn acked(&self, group: &str, sel: &str) -> Result<Option<i64>, StoreError> {
+        match self {
+            Backend::Sqlite(s) => s.acked(group, sel).await,
+            Backend::Nats(s) => s.acked(group, sel).await,
+        }
+    }
+
+    pub(crate) async fn ack(&self, group: &str, sel: &str, offset: i64) -> Result<i64, StoreError> {
+        match self {
+            Backend::Sqlite(s) => s.ack(group, sel, offset).await,
+            Backend::Nats(s) => s.ack(group, sel, offset).await,
+        }
+    }
+}
+
 /// An open event store.
 #[derive(Clone)]
 pub struct EventStore {
-    store: store::Store,
+    store: Backend,
     stop: CancellationToken,
 }
 
@@ -38,7 +93,16 @@ impl EventStore {
     /// Opens (or creates) `dir/events.db`.
     pub async fn open(dir: &Path) -> Result<EventStore, StoreError> {
         Ok(EventStore {
-            store: store::Store::open(dir).await?,
+            store: Backend::Sqlite(store::Store::open(dir).await?),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    /// Keeps events in NATS JetStream at `url` (`nats://127.0.0.1:4222`), in streams
+    /// named after `namespace` (`tessera` → `TESSERA_EVENTS`, subjects `tessera.ev.>`).
+    pub async fn open_nats(url: &str, namespace: &str) -> Result<EventStore, StoreError> {
+        Ok(EventStore {
+            store: Backend::Nats(Box::new(nats::NatsStore::connect(url, namespace).await?)),
             stop: CancellationToken::new(),
         })
     }

@@ -24,6 +24,8 @@ pub enum StoreError {
     Closed,
     #[error("commit failed: {0}")]
     Commit(String),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// An event as a client posts it.
