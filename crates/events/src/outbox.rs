@@ -376,3 +376,36 @@ impl Publish for HttpPublisher {
         }
     }
 }
+
+/// Publishes straight into the event store's NATS JetStream streams (the same subjects
+/// and headers `tessera server --events nats://...` uses), for services that relay
+/// without going through a server. Repeats are dropped by JetStream's duplicate window.
+#[derive(Clone)]
+pub struct NatsPublisher {
+    store: crate::nats::NatsStore,
+}
+
+impl NatsPublisher {
+    pub async fn connect(url: &str, namespace: &str) -> Result<NatsPublisher, crate::StoreError> {
+        Ok(NatsPublisher {
+            store: crate::nats::NatsStore::connect(url, namespace).await?,
+        })
+    }
+}
+
+impl Publish for NatsPublisher {
+    async fn publish(&self, row: &OutboxRow) -> Result<(), String> {
+        let e = &row.event;
+        let event = crate::NewEvent {
+            id: e.id.clone(),
+            kind: e.kind.clone(),
+            data: e.data.clone(),
+            metadata: e.metadata.clone(),
+        };
+        self.store
+            .append(e.stream.clone(), crate::Expected::Any, vec![event])
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}

@@ -287,3 +287,59 @@ async fn on_postgres_a_transaction_that_commits_late_is_not_skipped() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn the_relay_publishes_straight_to_nats_jetstream() {
+    const URL: &str = "nats://127.0.0.1:4222";
+    if let Err(e) = async_nats::connect(URL).await {
+        assert!(
+            std::env::var("CI").is_err(),
+            "NATS at {URL} is required in CI: {e}"
+        );
+        eprintln!("skipping: no NATS at {URL} ({e})");
+        return;
+    }
+    let ns = format!("relay{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let db = SqlitePoolOptions::new()
+        .connect_with(
+            SqliteConnectOptions::new()
+                .filename(dir.path().join("svc.db"))
+                .create_if_missing(true),
+        )
+        .await
+        .unwrap();
+    outbox::migrate_sqlite(&db).await.unwrap();
+    for i in 0..3 {
+        let mut tx = db.begin().await.unwrap();
+        outbox::enqueue_sqlite(&mut tx, &event(&format!("n{i}"), "order-3"))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let publisher = outbox::NatsPublisher::connect(URL, &ns).await.unwrap();
+    let relay = Relay::new(OutboxDb::Sqlite(db.clone()), publisher);
+    assert_eq!(relay.run_once().await.unwrap(), 3);
+    // A redelivery after a crash before marking is dropped as a repeat.
+    sqlx::query("UPDATE tessera_outbox SET published_ms = NULL")
+        .execute(&db)
+        .await
+        .unwrap();
+    assert_eq!(relay.run_once().await.unwrap(), 3);
+    // A server on the same namespace sees each event once, in order.
+    let store = EventStore::open_nats(URL, &ns).await.unwrap();
+    let app = store.router(Arc::new(tessera_core::AllowAll));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let ids: Vec<String> = all_events(&base)
+        .await
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["n0", "n1", "n2"]);
+    let js = async_nats::jetstream::new(async_nats::connect(URL).await.unwrap());
+    let upper = ns.to_ascii_uppercase();
+    let _ = js.delete_stream(format!("{upper}_EVENTS")).await;
+    let _ = js.delete_stream(format!("{upper}_OFFSETS")).await;
+}
