@@ -1,7 +1,8 @@
 //! Calls to participants, shared by sagas and TCC: registry services resolved to their
 //! healthy instances and balanced with P2C over peak-EWMA latency (the same balancer as
-//! the gateway), a timeout per call, and each outcome classified by whether the call may
-//! have taken effect.
+//! the gateway), an error-rate circuit breaker per participant (the gateway's too), a
+//! timeout per call, and each outcome classified by whether the call may have taken
+//! effect.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tessera_balance::{Balancer, Endpoint, EndpointSet, Policy};
+use tessera_resilience::{BreakerConfig, CircuitBreaker};
 
 use crate::def::CallDef;
 use crate::saga::{Attempt, now_ms};
@@ -34,6 +36,8 @@ pub enum Outcome {
     NotApplied,
     /// Timeout, reset or 5xx: it may have taken effect.
     Unknown,
+    /// Not sent: the participant's breaker is open for this long yet.
+    Rejected(Duration),
 }
 
 pub struct Caller {
@@ -43,6 +47,9 @@ pub struct Caller {
     /// Per service: the endpoint set calls are balanced over, rebuilt when the registry's
     /// answer changes (keeping each endpoint's load and latency).
     sets: Mutex<HashMap<String, Arc<EndpointSet>>>,
+    /// Per service (or URL): an error-rate breaker, so a participant that keeps failing
+    /// is given a rest instead of every saga's retries.
+    breakers: Mutex<HashMap<String, CircuitBreaker>>,
     pub calls: AtomicU64,
     pub failed_calls: AtomicU64,
 }
@@ -57,6 +64,7 @@ impl Caller {
             resolver,
             balancer: Balancer::new(Policy::P2cPeakEwma),
             sets: Mutex::new(HashMap::new()),
+            breakers: Mutex::new(HashMap::new()),
             calls: AtomicU64::new(0),
             failed_calls: AtomicU64::new(0),
         })
@@ -74,6 +82,27 @@ impl Caller {
         self.calls.fetch_add(1, Ordering::Relaxed);
         let at_ms = now_ms();
         let started = Instant::now();
+        let target = call
+            .service
+            .as_deref()
+            .or(call.url.as_deref())
+            .unwrap_or_default();
+        let breaker = self.breaker(target);
+        let permit = match breaker.try_acquire() {
+            Ok(p) => p,
+            Err(open) => {
+                self.failed_calls.fetch_add(1, Ordering::Relaxed);
+                return (
+                    Outcome::Rejected(open.retry_after),
+                    Attempt {
+                        at_ms,
+                        duration_ms: 0,
+                        outcome: format!("circuit breaker open for {target}"),
+                        ok: false,
+                    },
+                );
+            }
+        };
         let (outcome, text) = match self.target(call) {
             Err(why) => (Outcome::NotApplied, why),
             Ok((base, load)) => {
@@ -88,7 +117,7 @@ impl Caller {
                 };
                 match (in_flight, &r.0) {
                     (Some(f), Outcome::Ok | Outcome::NotApplied) => f.finish(),
-                    (Some(f), Outcome::Unknown) => {
+                    (Some(f), Outcome::Unknown | Outcome::Rejected(_)) => {
                         if let Some(l) = &load {
                             l.observe(Duration::from_secs(1));
                         }
@@ -100,6 +129,14 @@ impl Caller {
             }
         };
         let ok = matches!(outcome, Outcome::Ok);
+        // A participant that answers (even "no", a 4xx) is healthy; timeouts, resets,
+        // refused connections and 5xx count against its breaker.
+        let answered = text.parse::<u16>().is_ok_and(|s| s < 500);
+        if ok || answered {
+            permit.success();
+        } else {
+            permit.failure();
+        }
         if !ok {
             self.failed_calls.fetch_add(1, Ordering::Relaxed);
         }
@@ -112,6 +149,13 @@ impl Caller {
                 ok,
             },
         )
+    }
+
+    fn breaker(&self, target: &str) -> CircuitBreaker {
+        let mut b = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        b.entry(target.to_owned())
+            .or_insert_with(|| CircuitBreaker::new(BreakerConfig::default()))
+            .clone()
     }
 
     /// The base URL for a call, and the picked endpoint's load for a registry service.

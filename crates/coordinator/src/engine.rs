@@ -222,7 +222,8 @@ impl Engine {
                     self.persist(saga).await;
                     return;
                 }
-                Outcome::NotApplied => {}
+                // An open breaker fails the attempt fast: nothing was sent.
+                Outcome::NotApplied | Outcome::Rejected(_) => {}
                 Outcome::Unknown => maybe_applied = true,
             }
         }
@@ -262,12 +263,20 @@ impl Engine {
         };
         let retry = &def.compensation_retry;
         let mut last = String::new();
-        for attempt in 1..=retry.max_attempts {
-            if attempt > 1 {
-                tokio::time::sleep(retry.delay(attempt - 1, fastrand::f64())).await;
+        let mut attempt = 0;
+        while attempt < retry.max_attempts {
+            if attempt > 0 {
+                tokio::time::sleep(retry.delay(attempt, fastrand::f64())).await;
             }
             let key = format!("{}/{}/compensation", saga.id, step.name);
             let (outcome, record) = self.caller.call(&key, &saga.id, step.timeout, call).await;
+            if let Outcome::Rejected(open_for) = outcome {
+                // The participant's breaker is open: wait it out. Such a pause is not an
+                // attempt, so a rest the breaker imposes never makes a saga stuck.
+                tokio::time::sleep(open_for.max(std::time::Duration::from_millis(10))).await;
+                continue;
+            }
+            attempt += 1;
             last = record.outcome.clone();
             self.note_attempt(saga, j, true, record);
             if matches!(outcome, Outcome::Ok) {

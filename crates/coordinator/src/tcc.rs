@@ -431,6 +431,11 @@ impl TccEngine {
                     }
                     n += 1;
                     let (outcome, a) = me.caller.call(&key, &id, timeout, &call).await;
+                    if let Outcome::Rejected(open_for) = outcome {
+                        // Phase two waits out an open breaker rather than hammering.
+                        tokio::time::sleep(open_for.max(Duration::from_millis(10))).await;
+                        continue;
+                    }
                     attempts.push(a);
                     if matches!(outcome, Outcome::Ok) {
                         return (i, attempts);

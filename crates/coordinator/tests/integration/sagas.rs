@@ -472,3 +472,40 @@ async fn a_client_that_hangs_up_mid_post_does_not_orphan_its_saga() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_participant_that_keeps_failing_trips_its_breaker() {
+    let backend = Backend::sqlite();
+    let (p, addr) = participant().await;
+    p.set(
+        "/a/do",
+        Behaviour {
+            always_fail: true,
+            fail_status: 503,
+            ..Default::default()
+        },
+    );
+    let (_c, api) = coordinator(&backend, addr).await;
+    // Many quick attempts against a participant that always fails: after enough errors
+    // the breaker opens and the rest are refused without reaching it.
+    let mut def = three_steps(addr, "5s", 60);
+    def["steps"][0]["retry"] = json!({"max_attempts": 60, "backoff": "1ms", "max_backoff": "2ms"});
+    let (_, v) = start(&api, &def, None).await;
+    let v = finished(&api, v["id"].as_str().unwrap()).await;
+    assert_eq!(v["status"], "compensated", "{v}");
+    assert_eq!(v["steps"][0]["action_attempts"], 60);
+    let reached = p.paths().iter().filter(|p| *p == "/a/do").count();
+    assert!(
+        reached < 60,
+        "the breaker held back some attempts ({reached} reached)"
+    );
+    let last = &v["steps"][0]["attempts"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()["outcome"];
+    assert!(
+        last.as_str().unwrap().starts_with("circuit breaker open"),
+        "{last}"
+    );
+}
