@@ -25,9 +25,12 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-$BIN server --bind "127.0.0.1:$PORT" --data-dir "$work/data" >/dev/null 2>&1 &
-pids+=($!)
-for _ in $(seq 300); do curl -sf "http://127.0.0.1:$PORT/v1/status/leader" >/dev/null && break; sleep 0.1; done
+start_server() { # port [extra args...]
+  local port=$1; shift
+  $BIN server --bind "127.0.0.1:$port" --data-dir "$work/data-$port" "$@" >/dev/null 2>&1 &
+  pids+=($!)
+  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/v1/status/leader" >/dev/null && break; sleep 0.1; done
+}
 
 cat >"$work/append.lua" <<'LUA'
 local n = 0
@@ -37,10 +40,15 @@ request = function()
   return wrk.format("POST", "/v1/streams/bench-" .. (n % 100), {["Content-Type"] = "application/json"}, body)
 end
 LUA
-out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$work/append.lua" "http://127.0.0.1:$PORT/")
-rate=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
-p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+
+append_rate() { # port → "rate p99 non2xx"
+  local out
+  out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -s "$work/append.lua" "http://127.0.0.1:$1/")
+  echo "$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out") $(awk '$1 == "99%" {print $2}' <<<"$out") $(awk '/Non-2xx/ {print $NF}' <<<"$out" | grep . || echo 0)"
+}
+
+start_server "$PORT"
+read -r rate p99 non2xx < <(append_rate "$PORT")
 
 ref=$(python3 - "$work/ref.db" "$DURATION" <<'PY'
 import sqlite3, sys, time
@@ -55,7 +63,7 @@ print(f"{n / float(sys.argv[2]):.0f}")
 PY
 )
 
-fanout=$(python3 - "$PORT" "$SUBS" "$ROUNDS" <<'PY'
+fanout() { python3 - "$1" "$SUBS" "$ROUNDS" <<'PY'
 import asyncio, json, sys, time
 port, subs, rounds = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 received = {}  # event id -> list of receive times
@@ -107,7 +115,7 @@ async def main():
     for t in tasks: t.cancel()
 asyncio.run(main())
 PY
-)
+}
 
 echo "tessera event store; 2 cores; wrk -t1 -c$CONNS -d${DURATION}s, one-event appends (~300 B) to 100 streams"
 printf '%-34s %10s\n' "appends/s (each fsynced)" "$rate"
@@ -115,4 +123,62 @@ printf '%-34s %10s\n' "append p99" "$p99"
 printf '%-34s %10s\n' "non-2xx answers" "${non2xx:-0}"
 printf '%-34s %10s\n' "reference: SQLite commits/s" "$ref"
 printf '%-34s %9.1fx\n' "ratio" "$(python3 -c "print($rate/$ref)")"
-echo "fan-out to $SUBS subscribers on fanout-*, $ROUNDS events: $fanout"
+echo "fan-out to $SUBS subscribers on fanout-*, $ROUNDS events: $(fanout "$PORT")"
+
+# The same on NATS JetStream (`--events nats://...`), beside JetStream publishes/s from
+# nats-py (16 concurrent publishers awaiting their acks) as the reference.
+NATS=${NATS:-nats://127.0.0.1:4222}
+if (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
+  python3 -m venv "$work/venv" && "$work/venv/bin/pip" install -q nats-py==2.9.0 >/dev/null
+  ns="bench$$"
+  start_server $((PORT + 1)) --events "$NATS" --events-namespace "$ns"
+  read -r nrate np99 nnon2xx < <(append_rate $((PORT + 1)))
+  nref=$("$work/venv/bin/python" - "$NATS" "$DURATION" "$CONNS" "$ns" <<'PY'
+import asyncio, sys, time
+import nats
+async def main():
+    url, duration, conns, ns = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    name = f"{ns.upper()}_REF"
+    await js.add_stream(name=name, subjects=[f"{ns}.ref.>"], storage="file")
+    end = time.time() + duration
+    count = 0
+    async def publisher(k):
+        nonlocal count
+        i = 0
+        while time.time() < end:
+            i += 1
+            await js.publish(f"{ns}.ref.s{(k * 7 + i) % 100}", b"x" * 300, headers={"Nats-Msg-Id": f"{k}-{i}"})
+            count += 1
+    await asyncio.gather(*(publisher(k) for k in range(conns)))
+    print(f"{count / duration:.0f}")
+    await js.delete_stream(name)
+    await nc.close()
+asyncio.run(main())
+PY
+)
+  echo "on NATS JetStream (tessera server --events $NATS):"
+  printf '%-34s %10s\n' "appends/s" "$nrate"
+  printf '%-34s %10s\n' "append p99" "$np99"
+  printf '%-34s %10s\n' "non-2xx answers" "${nnon2xx:-0}"
+  printf '%-34s %10s\n' "reference: nats-py publishes/s" "$nref"
+  printf '%-34s %9.1fx\n' "ratio" "$(python3 -c "print($nrate/$nref)")"
+  echo "fan-out to $SUBS subscribers on fanout-*, $ROUNDS events: $(fanout $((PORT + 1)))"
+  "$work/venv/bin/python" - "$NATS" "$ns" <<'PY'
+import asyncio, sys
+import nats
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    js = nc.jetstream()
+    for s in ("EVENTS", "OFFSETS"):
+        try:
+            await js.delete_stream(f"{sys.argv[2].upper()}_{s}")
+        except Exception:
+            pass
+    await nc.close()
+asyncio.run(main())
+PY
+else
+  echo "NATS: skipped (nothing on 127.0.0.1:4222)"
+fi

@@ -35,6 +35,10 @@ pub struct NatsStore {
     /// Bumped on every event seen on the subjects: what live subscriptions wait on.
     head: watch::Receiver<i64>,
     bump: std::sync::Arc<watch::Sender<i64>>,
+    /// Per subject, the last (sequence, version) this server wrote or read: an append
+    /// normally needs no read first. A stale entry (another server wrote since) fails
+    /// JetStream's sequence check and is refreshed.
+    lasts: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, i64)>>>,
 }
 
 fn nats_err(e: impl std::fmt::Display) -> StoreError {
@@ -108,6 +112,7 @@ impl NatsStore {
             ns: lower,
             head,
             bump,
+            lasts: Default::default(),
         })
     }
 
@@ -115,8 +120,38 @@ impl NatsStore {
         self.head.clone()
     }
 
+    /// `{ns}.ev.{category}.{stream}`: the category (the name up to its first `-`, as in
+    /// `order-42`) is a token of its own, so a category feed is one subject filter.
     fn subject(&self, stream: &str) -> String {
-        format!("{}.ev.{}", self.ns, encode(stream))
+        let category = stream.split('-').next().unwrap_or(stream);
+        format!("{}.ev.{}.{}", self.ns, encode(category), encode(stream))
+    }
+
+    /// The subject filter for a category prefix: exact for `name-*`, else every event
+    /// (the prefix is then checked on each).
+    fn category_filter(&self, prefix: &str) -> String {
+        match prefix.strip_suffix('-') {
+            Some(cat) if !cat.is_empty() && !cat.contains('-') => {
+                format!("{}.ev.{}.>", self.ns, encode(cat))
+            }
+            _ => format!("{}.ev.>", self.ns),
+        }
+    }
+
+    fn cached(&self, subject: &str) -> Option<(u64, i64)> {
+        self.lasts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(subject)
+            .copied()
+    }
+
+    fn remember(&self, subject: &str, last: (u64, i64)) {
+        let mut m = self.lasts.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() > 100_000 {
+            m.clear();
+        }
+        m.insert(subject.to_owned(), last);
     }
 
     /// The subject's last (sequence, version), or (0, -1) for a new stream.
@@ -149,9 +184,19 @@ impl NatsStore {
         events: Vec<NewEvent>,
     ) -> Result<Appended, AppendError> {
         let subject = self.subject(&stream);
-        // With `any`, a lost race is retried against the new last event.
+        // With `any`, a lost race is retried against the new last event; a stale cached
+        // last event is refreshed the same way.
+        let mut fresh = false;
         for _ in 0..16 {
-            let (mut last_seq, current) = self.last(&subject).await?;
+            let (mut last_seq, current) = match self.cached(&subject) {
+                Some(l) if !fresh => l,
+                _ => {
+                    fresh = true;
+                    let l = self.last(&subject).await?;
+                    self.remember(&subject, l);
+                    l
+                }
+            };
             let ok = match expected {
                 Expected::Any => true,
                 Expected::NoStream => current == -1,
@@ -194,7 +239,14 @@ impl NatsStore {
                         last_seq = a.sequence;
                     }
                     Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => {
-                        if i == 0 && ok && expected == Expected::Any {
+                        if i == 0 && (!fresh || (ok && expected == Expected::Any)) {
+                            // Decided on a cached last event, or lost a race under `any`:
+                            // read the stream's real end and decide again.
+                            fresh = false;
+                            self.lasts
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .remove(&subject);
                             raced = true;
                             break;
                         }
@@ -219,6 +271,9 @@ impl NatsStore {
             }
             if raced {
                 continue;
+            }
+            if duplicates == 0 {
+                self.remember(&subject, (last_seq, current + events.len() as i64));
             }
             self.bump.send_modify(|h| *h += 1);
             if duplicates == events.len() {
@@ -268,7 +323,7 @@ impl NatsStore {
     ) -> Result<Vec<Event>, StoreError> {
         let (filter, prefix) = match sel {
             Selection::Stream(s) => (self.subject(s), None),
-            Selection::Category(p) => (format!("{}.ev.>", self.ns), Some(p.clone())),
+            Selection::Category(p) => (self.category_filter(p), Some(p.clone())),
         };
         let mut seq = match sel {
             Selection::Stream(_) => 1,
@@ -307,7 +362,8 @@ impl NatsStore {
     }
 
     fn event(&self, m: &jetstream::message::StreamMessage) -> Option<Event> {
-        let stream = decode(m.subject.strip_prefix(&format!("{}.ev.", self.ns))?);
+        let rest = m.subject.strip_prefix(&format!("{}.ev.", self.ns))?;
+        let stream = decode(rest.split_once('.')?.1);
         let header = |k: &str| m.headers.get(k).map(|v| v.as_str().to_owned());
         let body: serde_json::Value = serde_json::from_slice(&m.payload).ok()?;
         Some(Event {

@@ -472,3 +472,45 @@ on_both!(
     subscriptions_catch_up_go_live_and_resume_after_a_restart,
     consumer_group_offsets_are_durable_and_only_move_forward,
 );
+
+#[tokio::test]
+async fn two_servers_sharing_jetstream_see_each_others_appends() {
+    let Some(kind) = Kind::nats().await else {
+        return;
+    };
+    let a = Server::start(&kind).await;
+    let b = Server::start(&kind).await;
+    assert_eq!(
+        a.append("acct-1", json!("no_stream"), &[("x0", "Opened")])
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        b.append("acct-1", json!(0), &[("x1", "Credited")]).await.0,
+        201
+    );
+    // `a` last saw version 0: its stale view is corrected, not trusted.
+    let (st, v) = a.append("acct-1", json!(0), &[("x2", "Debited")]).await;
+    assert_eq!(st, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("at version 1"), "{v}");
+    assert_eq!(
+        a.append("acct-1", json!(1), &[("x2", "Debited")]).await.0,
+        201
+    );
+    let (_, events) = b.send("GET", "/v1/streams/acct-1", None).await;
+    let versions: Vec<i64> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["version"].as_i64().unwrap())
+        .collect();
+    assert_eq!(versions, [0, 1, 2]);
+    // A live subscriber on one server sees an append made through the other.
+    let mut sub = a.subscribe("/v1/streams/acct-*/subscribe", None).await;
+    for _ in 0..3 {
+        sub.next().await;
+    }
+    b.append("acct-1", json!(2), &[("x3", "Closed")]).await;
+    assert_eq!(sub.next().await.1["id"], "x3");
+}
