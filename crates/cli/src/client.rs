@@ -51,6 +51,35 @@ enum Command {
     Register { file: PathBuf },
     /// Deregister a service instance by ID.
     Deregister { id: String },
+    /// Start, inspect and list sagas on the coordinator.
+    Saga {
+        #[command(subcommand)]
+        op: SagaOp,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SagaOp {
+    /// Start a saga from a JSON definition file (the body of POST /v1/sagas).
+    Start {
+        file: PathBuf,
+        /// Starting twice with the same key returns the first saga.
+        #[arg(long)]
+        key: Option<String>,
+        /// Wait until it ends; exit 1 unless it completed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Print a saga: status, each step's attempts and outcomes.
+    Get { id: String },
+    /// List sagas, newest first.
+    List {
+        /// running, compensating, completed, compensated or stuck.
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,6 +191,86 @@ impl Cli {
                 println!("deregistered {id}");
                 Ok(())
             }
+            Command::Saga { op } => saga(&api, op).await,
+        }
+    }
+}
+
+async fn saga(api: &Api, op: SagaOp) -> Result<(), String> {
+    match op {
+        SagaOp::Start { file, key, wait } => {
+            let body =
+                std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            serde_json::from_slice::<Value>(&body)
+                .map_err(|e| format!("{} is not valid JSON: {e}", file.display()))?;
+            let headers: Vec<(&str, &str)> = key
+                .as_deref()
+                .map(|k| ("idempotency-key", k))
+                .into_iter()
+                .collect();
+            let (status, text) = api.call_with("POST", "/v1/sagas", body, &headers).await?;
+            if status != 201 && status != 200 {
+                return Err(format!("server answered {status}: {}", text.trim()));
+            }
+            let saga: Value =
+                serde_json::from_str(&text).map_err(|e| format!("bad JSON from server: {e}"))?;
+            let id = saga["id"].as_str().unwrap_or_default().to_owned();
+            println!(
+                "saga {id} {}",
+                if status == 201 {
+                    "started"
+                } else {
+                    "already started with this key"
+                }
+            );
+            if !wait {
+                return Ok(());
+            }
+            let path = format!("/v1/sagas/{}", encode_path(&id));
+            loop {
+                let Some(s) = api.get_json(&path).await? else {
+                    return Err(format!("saga {id} disappeared"));
+                };
+                let st = s["status"].as_str().unwrap_or_default();
+                if matches!(st, "completed" | "compensated" | "stuck") {
+                    println!("saga {id} {st}");
+                    if let Some(e) = s["error"].as_str() {
+                        println!("  {e}");
+                    }
+                    return if st == "completed" {
+                        Ok(())
+                    } else {
+                        Err(format!("saga {id} ended {st}"))
+                    };
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+        SagaOp::Get { id } => {
+            let path = format!("/v1/sagas/{}", encode_path(&id));
+            match api.get_json(&path).await? {
+                Some(s) => {
+                    println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                    Ok(())
+                }
+                None => Err(format!("no saga {id}")),
+            }
+        }
+        SagaOp::List { status, limit } => {
+            let mut path = format!("/v1/sagas?limit={limit}");
+            if let Some(s) = &status {
+                path.push_str(&format!("&status={}", encode_path(s)));
+            }
+            let list = api.get_json(&path).await?.unwrap_or(Value::Null);
+            for s in list.as_array().into_iter().flatten() {
+                println!(
+                    "{:<36}  {:<12}  {}",
+                    s["id"].as_str().unwrap_or_default(),
+                    s["status"].as_str().unwrap_or_default(),
+                    s["name"].as_str().unwrap_or_default()
+                );
+            }
+            Ok(())
         }
     }
 }
@@ -271,10 +380,23 @@ impl Api {
     }
 
     async fn call(&self, method: &str, path: &str, body: Vec<u8>) -> Result<(u16, String), String> {
+        self.call_with(method, path, body, &[]).await
+    }
+
+    async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, String), String> {
         let url = format!("{}{path}", self.base);
         let mut req = http::Request::builder().method(method).uri(&url);
         if let Some(t) = &self.token {
             req = req.header("X-Consul-Token", t);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
         }
         let req = req
             .body(Full::new(Bytes::from(body)))

@@ -355,3 +355,80 @@ async fn saga_steps_reach_registered_services_and_acls_guard_the_new_apis() {
         vec![format!("{id}/book/action")]
     );
 }
+
+async fn tessera(addr: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .arg("--http-addr")
+        .arg(addr)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_saga_commands_start_wait_list_and_show() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, paddr) = participant().await;
+    p.refused.lock().unwrap().insert("/bad/x/do".into());
+    let (_server, addr) = spawn_server(dir.path()).await;
+    let ok = dir.path().join("ok.json");
+    std::fs::write(&ok, saga("good", &paddr).to_string()).unwrap();
+    let (success, out, err) = tessera(
+        &addr,
+        &[
+            "saga",
+            "start",
+            ok.to_str().unwrap(),
+            "--key",
+            "k1",
+            "--wait",
+        ],
+    )
+    .await;
+    assert!(success, "{out}{err}");
+    assert!(
+        out.contains("started") && out.contains("completed"),
+        "{out}"
+    );
+    let id = out.split_whitespace().nth(1).unwrap().to_owned();
+    // The same key again: the first saga, not a second one.
+    let (success, out, _) = tessera(
+        &addr,
+        &["saga", "start", ok.to_str().unwrap(), "--key", "k1"],
+    )
+    .await;
+    assert!(
+        success && out.contains(&id) && out.contains("already started"),
+        "{out}"
+    );
+    // A saga whose step is refused ends compensated, and the command says so (exit 1).
+    let bad = dir.path().join("bad.json");
+    let def = json!({"name": "bad", "steps": [{"name": "x",
+        "action": {"url": format!("http://{paddr}"), "path": "/bad/x/do"},
+        "retry": {"max_attempts": 1, "backoff": "1ms", "max_backoff": "1ms"}}]});
+    std::fs::write(&bad, def.to_string()).unwrap();
+    let (success, out, err) =
+        tessera(&addr, &["saga", "start", bad.to_str().unwrap(), "--wait"]).await;
+    assert!(!success, "{out}");
+    assert!(
+        out.contains("compensated") && err.contains("ended compensated"),
+        "{out}{err}"
+    );
+    let (_, out, _) = tessera(&addr, &["saga", "list", "--status", "completed"]).await;
+    assert!(out.contains(&id) && out.contains("good"), "{out}");
+    let (success, out, _) = tessera(&addr, &["saga", "get", &id]).await;
+    assert!(success, "{out}");
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["steps"].as_array().unwrap().len(), 3);
+    let (success, _, err) = tessera(&addr, &["saga", "get", "nope"]).await;
+    assert!(!success && err.contains("no saga nope"), "{err}");
+    let missing = dir.path().join("missing.json");
+    let (success, _, err) = tessera(&addr, &["saga", "start", missing.to_str().unwrap()]).await;
+    assert!(!success && err.contains("cannot read"), "{err}");
+}
