@@ -19,6 +19,55 @@ pub enum Body {
     /// A response read off our own HTTP/1.1 upstream connection, which goes back to its
     /// pool when the body has been read to the end.
     Upstream(Box<UpstreamBody>),
+    /// A whole upstream response whose header fields are still the upstream's raw lines
+    /// (the response's `HeaderMap` is empty): our HTTP/1.1 server writes them through,
+    /// filtered, without building a map. Anything else that needs the fields calls
+    /// [`materialize`] first.
+    Raw(Box<RawResponse>),
+}
+
+/// Most fields a raw response carries; a head with more gets a header map.
+pub const RAW_FIELDS: usize = 32;
+
+/// The upstream's response head and where httparse found each field in it, and the body.
+pub struct RawResponse {
+    pub head: Bytes,
+    /// (name start, name end, value start, value end) per field.
+    pub spans: [(u16, u16, u16, u16); RAW_FIELDS],
+    pub len: usize,
+    pub body: Option<Bytes>,
+}
+
+impl RawResponse {
+    /// Each field as (name, value) slices of the head.
+    pub fn lines(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.spans[..self.len].iter().map(|&(ns, ne, vs, ve)| {
+            (
+                &self.head[ns as usize..ne as usize],
+                &self.head[vs as usize..ve as usize],
+            )
+        })
+    }
+}
+
+/// Turns a raw response's field lines into its `HeaderMap` (for route edits, hyper's
+/// server, HTTP/2 clients). Lines that do not form a valid field are dropped.
+pub fn materialize(resp: &mut http::Response<Body>) {
+    let Body::Raw(raw) = resp.body_mut() else {
+        return;
+    };
+    let body = raw.body.take();
+    let mut map = http::HeaderMap::with_capacity(raw.len + 2);
+    for (name, value) in raw.lines() {
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::from_bytes(name),
+            http::HeaderValue::from_maybe_shared(raw.head.slice_ref(value)),
+        ) {
+            map.append(n, v);
+        }
+    }
+    *resp.headers_mut() = map;
+    *resp.body_mut() = Body::Full(body);
 }
 
 /// Why a body could not be read to the end.
@@ -36,6 +85,7 @@ impl std::fmt::Debug for Body {
             Body::Full(_) => f.write_str("Body::Full"),
             Body::Stream(_) => f.write_str("Body::Stream"),
             Body::Upstream(_) => f.write_str("Body::Upstream"),
+            Body::Raw(_) => f.write_str("Body::Raw"),
         }
     }
 }
@@ -67,6 +117,7 @@ impl HttpBody for Body {
             Body::Upstream(b) => b
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(BodyError::Upstream))),
+            Body::Raw(r) => Poll::Ready(r.body.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
@@ -75,6 +126,7 @@ impl HttpBody for Body {
             Body::Full(b) => b.is_none(),
             Body::Stream(b) => b.is_end_stream(),
             Body::Upstream(b) => b.is_end_stream(),
+            Body::Raw(r) => r.body.is_none(),
         }
     }
 
@@ -83,6 +135,40 @@ impl HttpBody for Body {
             Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Stream(b) => b.size_hint(),
             Body::Upstream(b) => b.size_hint(),
+            Body::Raw(r) => SizeHint::with_exact(r.body.as_ref().map_or(0, |b| b.len() as u64)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_fields_become_a_header_map_on_demand() {
+        let head = Bytes::from_static(b"X-A: 1\nx-b:two\nSet-Cookie: a=1\nSet-Cookie: b=2\n");
+        let mut spans = [(0, 0, 0, 0); RAW_FIELDS];
+        spans[..4].copy_from_slice(&[
+            (0, 3, 5, 6),
+            (7, 10, 11, 14),
+            (15, 25, 27, 30),
+            (31, 41, 43, 46),
+        ]);
+        let raw = RawResponse {
+            head,
+            spans,
+            len: 4,
+            body: Some(Bytes::from_static(b"body")),
+        };
+        let lines: Vec<_> = raw.lines().collect();
+        assert_eq!(lines[0], (&b"X-A"[..], &b"1"[..]));
+        assert_eq!(lines[1], (&b"x-b"[..], &b"two"[..]));
+        let mut resp = http::Response::new(Body::Raw(Box::new(raw)));
+        materialize(&mut resp);
+        let h = resp.headers();
+        assert_eq!(h["x-a"], "1");
+        assert_eq!(h["x-b"], "two");
+        assert_eq!(h.get_all("set-cookie").iter().count(), 2);
+        assert!(matches!(resp.body(), Body::Full(Some(b)) if b == "body"));
     }
 }

@@ -137,6 +137,9 @@ pub async fn handle(
             }
         }
     };
+    if !route.remove_response.is_empty() || !route.add_response.is_empty() {
+        crate::body::materialize(&mut resp);
+    }
     let h = resp.headers_mut();
     for name in &route.remove_response {
         h.remove(name);

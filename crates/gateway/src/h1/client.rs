@@ -17,7 +17,7 @@ use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::body::Body;
+use crate::body::{Body, RAW_FIELDS, RawResponse};
 use crate::pool::Conns;
 
 /// Response heads larger than this are refused (nginx's default buffers are far smaller).
@@ -144,6 +144,44 @@ pub async fn send(
         let mut response = Response::new(Body::empty());
         *response.status_mut() = info.status;
         *response.version_mut() = Version::HTTP_11;
+        // The common answer: whole in the buffer, CRLF-terminated lines. Its fields go
+        // through as raw lines; no header map is built unless something needs one.
+        let whole = matches!(info.framing, Framing::Length(n) if conn.buf.len() as u64 >= n);
+        if whole
+            && info.status != StatusCode::SWITCHING_PROTOCOLS
+            && conn.fields.len() <= RAW_FIELDS
+            && head.len() < usize::from(u16::MAX)
+        {
+            let mut spans = [(0u16, 0u16, 0u16, 0u16); RAW_FIELDS];
+            for (span, (name, value)) in spans.iter_mut().zip(&conn.fields) {
+                // In range: the head is shorter than u16::MAX.
+                *span = (
+                    name.start as u16,
+                    name.end as u16,
+                    value.start as u16,
+                    value.end as u16,
+                );
+            }
+            let len = conn.fields.len();
+            let n = match info.framing {
+                Framing::Length(n) => n as usize,
+                _ => 0,
+            };
+            let body = take_body(&mut conn.buf, n);
+            if info.reusable && conn.buf.is_empty() {
+                home.checkin(conn, since);
+            }
+            *response.body_mut() = Body::Raw(Box::new(RawResponse {
+                head,
+                spans,
+                len,
+                body: (!body.is_empty()).then_some(body),
+            }));
+            return Ok(Exchange {
+                response,
+                upgraded: None,
+            });
+        }
         *response.headers_mut() = header_map(&head, &conn.fields)?;
         if info.status == StatusCode::SWITCHING_PROTOCOLS {
             let read_ahead = conn.buf.split().freeze();
@@ -157,14 +195,7 @@ pub async fn send(
         }
         *response.body_mut() = match info.framing {
             Framing::Length(n) if conn.buf.len() as u64 >= n => {
-                let n = n as usize;
-                let body = if n <= COPY_BODY {
-                    let b = Bytes::copy_from_slice(&conn.buf[..n]);
-                    conn.buf.advance(n);
-                    b
-                } else {
-                    conn.buf.split_to(n).freeze()
-                };
+                let body = take_body(&mut conn.buf, n as usize);
                 // Anything after the body is a protocol error: such a connection is closed.
                 if info.reusable && conn.buf.is_empty() {
                     home.checkin(conn, since);
@@ -187,6 +218,18 @@ pub async fn send(
             response,
             upgraded: None,
         });
+    }
+}
+
+/// The first `n` buffered bytes as a body: copied when small, so the buffer stays the
+/// connection's own for the next response.
+fn take_body(buf: &mut BytesMut, n: usize) -> Bytes {
+    if n <= COPY_BODY {
+        let b = Bytes::copy_from_slice(&buf[..n]);
+        buf.advance(n);
+        b
+    } else {
+        buf.split_to(n).freeze()
     }
 }
 

@@ -79,10 +79,12 @@ pub async fn serve(io: TcpStream, ctx: Ctx, watcher: Watcher) {
             let shared = shared.clone();
             let peer = peer.clone();
             async move {
-                Ok::<_, std::convert::Infallible>(
+                let mut resp =
                     proxy::handle(&shared, req.map(Body::Stream), &peer, Instant::now(), None)
-                        .await,
-                )
+                        .await;
+                // hyper writes the header map, so raw upstream fields become one here.
+                crate::body::materialize(&mut resp);
+                Ok::<_, std::convert::Infallible>(resp)
             }
         });
         let io = TokioIo::new(Prefixed {
@@ -273,6 +275,20 @@ impl Conn {
             w.extend_from_slice(value.as_bytes());
             w.extend_from_slice(b"\r\n");
         }
+        if let Body::Raw(raw) = &body {
+            // The upstream's own lines, minus hop-by-hop fields and (unless the answer
+            // has no body) its framing, which is ours to write.
+            for (name, value) in raw.lines() {
+                if skip_raw_field(name, no_body) {
+                    continue;
+                }
+                has_date |= name.eq_ignore_ascii_case(b"date");
+                w.extend_from_slice(name);
+                w.extend_from_slice(b": ");
+                w.extend_from_slice(value);
+                w.extend_from_slice(b"\r\n");
+            }
+        }
         if !no_body {
             match body.size_hint().exact() {
                 Some(n) => write_length(w, n),
@@ -294,8 +310,13 @@ impl Conn {
         if no_body {
             return self.io.write_all(&self.out).await;
         }
-        if let Body::Full(b) = &mut body {
-            return match b.take() {
+        let whole = match &mut body {
+            Body::Full(b) => Some(b.take()),
+            Body::Raw(raw) => Some(raw.body.take()),
+            _ => None,
+        };
+        if let Some(b) = whole {
+            return match b {
                 Some(b) if b.len() <= INLINE_BODY => {
                     self.out.extend_from_slice(&b);
                     self.io.write_all(&self.out).await
@@ -351,6 +372,26 @@ fn bad_request(why: &str) -> Vec<u8> {
         body.len()
     )
     .into_bytes()
+}
+
+/// Whether a raw upstream field stays out of the client's response: hop-by-hop fields
+/// always, framing fields when the gateway frames the body itself.
+fn skip_raw_field(name: &[u8], no_body: bool) -> bool {
+    const HOP: [&[u8]; 6] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"trailer",
+        b"upgrade",
+    ];
+    if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        return true;
+    }
+    if !no_body && name.eq_ignore_ascii_case(b"content-length") {
+        return true;
+    }
+    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
 const REQUEST_TIMEOUT: &[u8] =

@@ -54,6 +54,10 @@ fn script(method: &str, path: &str) -> Script {
             b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\ncontent-type: text/plain\r\n\r\n",
         ]),
         (_, "/nocontent") => keep(vec![b"HTTP/1.1 204 No Content\r\nx-a: 1\r\n\r\n"]),
+        (_, "/hop") => keep(vec![
+            b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nConnection: keep-alive\r\nX-Odd-Case:  v1 \r\nDate: Tue, 01 Jan 2030 00:00:00 GMT\r\nContent-Length: 2\r\nUpgrade: h2c\r\n\r\nhi",
+        ]),
+        (_, "/lf") => keep(vec![b"HTTP/1.1 200 OK\nx-lf: 1\ncontent-length: 2\n\nlf"]),
         _ => keep(vec![b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"]),
     }
 }
@@ -206,6 +210,30 @@ async fn every_upstream_framing_reaches_the_client_and_keep_alive_survives() {
             let got = resp.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(got, body, "{method} {path}");
         }
+        // Hop-by-hop fields stay behind; the rest pass as sent (value trimmed), the
+        // upstream's Date included; bare-LF heads are re-encoded.
+        let req = Request::builder()
+            .uri("/hop")
+            .header("host", "gw")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = client.send_request(req).await.unwrap();
+        let h = resp.headers().clone();
+        assert_eq!(h["x-odd-case"], "v1");
+        assert_eq!(h["date"], "Tue, 01 Jan 2030 00:00:00 GMT");
+        assert_eq!(h.get_all("date").iter().count(), 1);
+        for gone in ["keep-alive", "upgrade"] {
+            assert!(!h.contains_key(gone), "{gone} was forwarded: {h:?}");
+        }
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "hi");
+        let req = Request::builder()
+            .uri("/lf")
+            .header("host", "gw")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = client.send_request(req).await.unwrap();
+        assert_eq!(resp.headers()["x-lf"], "1");
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "lf");
         // Trailers from a chunked upstream response reach an HTTP/1.1 client.
         let req = Request::builder()
             .uri("/trailers")
