@@ -17,41 +17,12 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+mod common;
 
-/// Starts `tessera server` on an ephemeral port and returns it with its address.
+use common::{BIN, run_cli};
+
 async fn spawn_server(data_dir: &Path) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args([
-            "server",
-            "--bind",
-            "127.0.0.1:0",
-            "--node",
-            "proc-node",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn tessera server");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-        .await
-        .expect("server printed its address in time")
-        .unwrap()
-        .expect("a first line");
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    // Keep draining stdout so the server never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
+    common::spawn_server(data_dir, &["--node", "proc-node"]).await
 }
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -220,21 +191,6 @@ async fn kill_9_during_write_burst_loses_no_acknowledged_write() {
     );
     child.start_kill().unwrap();
     child.wait().await.unwrap();
-}
-
-async fn run_cli(addr: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("TESSERA_HTTP_ADDR", addr)
-        .env_remove("CONSUL_HTTP_ADDR")
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

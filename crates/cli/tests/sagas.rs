@@ -8,7 +8,6 @@
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,46 +18,20 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+mod common;
+
+use common::run_cli;
 
 async fn spawn_server(data_dir: &Path) -> (Child, String) {
-    spawn_server_with(data_dir, &[]).await
+    common::spawn_server(data_dir, &["--node", "n1"]).await
 }
 
 async fn spawn_server_with(data_dir: &Path, extra: &[&str]) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args([
-            "server",
-            "--bind",
-            "127.0.0.1:0",
-            "--node",
-            "n1",
-            "--data-dir",
-        ])
-        .arg(data_dir)
-        .args(extra)
-        .env_remove("TESSERA_DATABASE_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("server started in time")
-            .unwrap()
-            .expect("server output");
-        if let Some(rest) = line.split("http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
+    let mut args = vec!["--node", "n1"];
+    args.extend_from_slice(extra);
+    common::spawn_server(data_dir, &args).await
 }
 
 /// A participant whose calls are logged; a gated path holds its caller until released;
@@ -356,21 +329,6 @@ async fn saga_steps_reach_registered_services_and_acls_guard_the_new_apis() {
     );
 }
 
-async fn tessera(addr: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .arg("--http-addr")
-        .arg(addr)
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_saga_commands_start_wait_list_and_show() {
     let dir = tempfile::tempdir().unwrap();
@@ -379,7 +337,7 @@ async fn the_saga_commands_start_wait_list_and_show() {
     let (_server, addr) = spawn_server(dir.path()).await;
     let ok = dir.path().join("ok.json");
     std::fs::write(&ok, saga("good", &paddr).to_string()).unwrap();
-    let (success, out, err) = tessera(
+    let (success, out, err) = run_cli(
         &addr,
         &[
             "saga",
@@ -398,7 +356,7 @@ async fn the_saga_commands_start_wait_list_and_show() {
     );
     let id = out.split_whitespace().nth(1).unwrap().to_owned();
     // The same key again: the first saga, not a second one.
-    let (success, out, _) = tessera(
+    let (success, out, _) = run_cli(
         &addr,
         &["saga", "start", ok.to_str().unwrap(), "--key", "k1"],
     )
@@ -414,21 +372,21 @@ async fn the_saga_commands_start_wait_list_and_show() {
         "retry": {"max_attempts": 1, "backoff": "1ms", "max_backoff": "1ms"}}]});
     std::fs::write(&bad, def.to_string()).unwrap();
     let (success, out, err) =
-        tessera(&addr, &["saga", "start", bad.to_str().unwrap(), "--wait"]).await;
+        run_cli(&addr, &["saga", "start", bad.to_str().unwrap(), "--wait"]).await;
     assert!(!success, "{out}");
     assert!(
         out.contains("compensated") && err.contains("ended compensated"),
         "{out}{err}"
     );
-    let (_, out, _) = tessera(&addr, &["saga", "list", "--status", "completed"]).await;
+    let (_, out, _) = run_cli(&addr, &["saga", "list", "--status", "completed"]).await;
     assert!(out.contains(&id) && out.contains("good"), "{out}");
-    let (success, out, _) = tessera(&addr, &["saga", "get", &id]).await;
+    let (success, out, _) = run_cli(&addr, &["saga", "get", &id]).await;
     assert!(success, "{out}");
     let shown: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(shown["steps"].as_array().unwrap().len(), 3);
-    let (success, _, err) = tessera(&addr, &["saga", "get", "nope"]).await;
+    let (success, _, err) = run_cli(&addr, &["saga", "get", "nope"]).await;
     assert!(!success && err.contains("no saga nope"), "{err}");
     let missing = dir.path().join("missing.json");
-    let (success, _, err) = tessera(&addr, &["saga", "start", missing.to_str().unwrap()]).await;
+    let (success, _, err) = run_cli(&addr, &["saga", "start", missing.to_str().unwrap()]).await;
     assert!(!success && err.contains("cannot read"), "{err}");
 }

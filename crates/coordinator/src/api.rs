@@ -166,48 +166,13 @@ async fn tcc_one(
     }
 }
 
-async fn tcc_list(
-    State(st): State<AppState>,
-    headers: HeaderMap,
-    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, ApiError> {
-    authorize(&st, &headers, false)?;
-    let Query(q) = q.map_err(|e| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("bad query: {}", e.body_text()),
-            "bad_query",
-        )
-    })?;
-    let status = match q.status.as_deref() {
-        None => None,
-        Some(s) => Some(TccStatus::parse(s).ok_or_else(|| {
-            ApiError(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "status must be one of trying, confirming, confirmed, cancelling, cancelled; got {s:?}"
-                ),
-                "bad_query",
-            )
-        })?),
-    };
-    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-    let rows = st
-        .tcc
-        .store
-        .list(status.map(TccStatus::as_str), limit)
-        .await
-        .map_err(internal)?;
-    Ok(axum::Json(rows).into_response())
-}
-
 async fn one(
     State(st): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     authorize(&st, &headers, false)?;
-    match st.engine.get(Some(&id), "").await.map_err(internal)? {
+    match st.engine.get(&id).await.map_err(internal)? {
         Some(saga) => Ok(axum::Json(saga).into_response()),
         None => Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -224,12 +189,11 @@ struct ListQuery {
     limit: Option<u32>,
 }
 
-async fn list(
-    State(st): State<AppState>,
-    headers: HeaderMap,
+/// A listing's status filter (one of `statuses`) and limit, or a 400 naming the problem.
+fn listing(
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, ApiError> {
-    authorize(&st, &headers, false)?;
+    statuses: &[&'static str],
+) -> Result<(Option<&'static str>, u32), ApiError> {
     let Query(q) = q.map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,
@@ -239,24 +203,56 @@ async fn list(
     })?;
     let status = match q.status.as_deref() {
         None => None,
-        Some(s) => Some(SagaStatus::parse(s).ok_or_else(|| {
+        Some(s) => Some(*statuses.iter().find(|k| **k == s).ok_or_else(|| {
             ApiError(
                 StatusCode::BAD_REQUEST,
-                format!(
-                    "status must be one of running, compensating, completed, compensated, stuck; got {s:?}"
-                ),
+                format!("status must be one of {}; got {s:?}", statuses.join(", ")),
                 "bad_query",
             )
         })?),
     };
-    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    Ok((status, q.limit.unwrap_or(100).clamp(1, 10_000)))
+}
+
+type ListQueryResult = Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>;
+
+async fn list(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    q: ListQueryResult,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers, false)?;
+    let (status, limit) = listing(q, &SagaStatus::ALL.map(SagaStatus::as_str))?;
     let rows = st
         .engine
         .store
-        .list(status.map(SagaStatus::as_str), limit)
+        .list(status, limit)
         .await
         .map_err(internal)?;
     Ok(axum::Json(rows).into_response())
+}
+
+async fn tcc_list(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    q: ListQueryResult,
+) -> Result<Response, ApiError> {
+    authorize(&st, &headers, false)?;
+    let (status, limit) = listing(q, &TccStatus::ALL.map(TccStatus::as_str))?;
+    let rows = st.tcc.store.list(status, limit).await.map_err(internal)?;
+    Ok(axum::Json(rows).into_response())
+}
+
+/// One gauge per status, from a store's counts.
+fn gauges(out: &mut String, name: &str, help: &str, counts: &[(String, i64)], statuses: &[&str]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for status in statuses {
+        let n = counts
+            .iter()
+            .find(|(k, _)| k == status)
+            .map_or(0, |(_, n)| *n);
+        let _ = writeln!(out, "{name}{{status=\"{status}\"}} {n}");
+    }
 }
 
 async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -265,28 +261,20 @@ async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Result<Respo
     let tcc_counts = st.tcc.store.counts().await.map_err(internal)?;
     let s = &st.engine.stats;
     let mut out = String::new();
-    out.push_str("# HELP tessera_sagas Sagas stored, by status.\n# TYPE tessera_sagas gauge\n");
-    for status in SagaStatus::ALL {
-        let n = counts
-            .iter()
-            .find(|(k, _)| k == status.as_str())
-            .map_or(0, |(_, n)| *n);
-        let _ = writeln!(out, "tessera_sagas{{status=\"{}\"}} {n}", status.as_str());
-    }
-    out.push_str(
-        "# HELP tessera_tcc_transactions TCC transactions stored, by status.\n# TYPE tessera_tcc_transactions gauge\n",
+    gauges(
+        &mut out,
+        "tessera_sagas",
+        "Sagas stored, by status.",
+        &counts,
+        &SagaStatus::ALL.map(SagaStatus::as_str),
     );
-    for status in TccStatus::ALL {
-        let n = tcc_counts
-            .iter()
-            .find(|(k, _)| k == status.as_str())
-            .map_or(0, |(_, n)| *n);
-        let _ = writeln!(
-            out,
-            "tessera_tcc_transactions{{status=\"{}\"}} {n}",
-            status.as_str()
-        );
-    }
+    gauges(
+        &mut out,
+        "tessera_tcc_transactions",
+        "TCC transactions stored, by status.",
+        &tcc_counts,
+        &TccStatus::ALL.map(TccStatus::as_str),
+    );
     for (name, help, v) in [
         (
             "tessera_sagas_started_total",

@@ -81,7 +81,7 @@ impl Engine {
         idempotency_key: Option<String>,
     ) -> Result<(Saga, bool), StartError> {
         if let Some(key) = &idempotency_key
-            && let Some(existing) = self.get(None, key).await?
+            && let Some(existing) = self.store.by_idempotency_key(key).await?
         {
             return Ok((existing, false));
         }
@@ -89,7 +89,7 @@ impl Engine {
         if !self.store.insert(&saga).await? {
             // Another request with the same key won the race.
             let key = idempotency_key.unwrap_or_default();
-            if let Some(existing) = self.get(None, &key).await? {
+            if let Some(existing) = self.store.by_idempotency_key(&key).await? {
                 return Ok((existing, false));
             }
         }
@@ -98,18 +98,12 @@ impl Engine {
         Ok((saga, true))
     }
 
-    /// By id, or (with `id` None) by idempotency key; in-flight sagas show their latest
-    /// attempts.
-    pub async fn get(&self, id: Option<&str>, key: &str) -> Result<Option<Saga>, StoreError> {
-        match id {
-            Some(id) => {
-                if let Some(s) = self.lock_live().get(id) {
-                    return Ok(Some(s.clone()));
-                }
-                self.store.get(id).await
-            }
-            None => self.store.by_idempotency_key(key).await,
+    /// By id; an in-flight saga shows its latest attempts.
+    pub async fn get(&self, id: &str) -> Result<Option<Saga>, StoreError> {
+        if let Some(s) = self.lock_live().get(id) {
+            return Ok(Some(s.clone()));
         }
+        self.store.get(id).await
     }
 
     /// Resumes every saga a crash or restart interrupted.

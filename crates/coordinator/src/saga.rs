@@ -34,24 +34,6 @@ impl SagaStatus {
         }
     }
 
-    pub fn parse(s: &str) -> Option<SagaStatus> {
-        Some(match s {
-            "running" => SagaStatus::Running,
-            "compensating" => SagaStatus::Compensating,
-            "completed" => SagaStatus::Completed,
-            "compensated" => SagaStatus::Compensated,
-            "stuck" => SagaStatus::Stuck,
-            _ => return None,
-        })
-    }
-
-    pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Stuck
-        )
-    }
-
     pub const ALL: [SagaStatus; 5] = [
         SagaStatus::Running,
         SagaStatus::Compensating,
@@ -166,26 +148,7 @@ impl Saga {
     }
 }
 
-impl crate::store::Record for Saga {
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn idempotency_key(&self) -> Option<&str> {
-        self.idempotency_key.as_deref()
-    }
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn status(&self) -> &'static str {
-        self.status.as_str()
-    }
-    fn created_ms(&self) -> u64 {
-        self.created_ms
-    }
-    fn updated_ms(&self) -> u64 {
-        self.updated_ms
-    }
-}
+crate::store::record!(Saga);
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -46,6 +46,34 @@ pub trait Record: Serialize + DeserializeOwned + Send + 'static {
     fn updated_ms(&self) -> u64;
 }
 
+/// `Record` for a struct with the fields every coordinator record has: `id`,
+/// `idempotency_key`, `name`, `status` (with `as_str`), `created_ms`, `updated_ms`.
+macro_rules! record {
+    ($t:ty) => {
+        impl $crate::store::Record for $t {
+            fn id(&self) -> &str {
+                &self.id
+            }
+            fn idempotency_key(&self) -> Option<&str> {
+                self.idempotency_key.as_deref()
+            }
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn status(&self) -> &'static str {
+                self.status.as_str()
+            }
+            fn created_ms(&self) -> u64 {
+                self.created_ms
+            }
+            fn updated_ms(&self) -> u64 {
+                self.updated_ms
+            }
+        }
+    };
+}
+pub(crate) use record;
+
 #[derive(Clone)]
 enum Db {
     Sqlite(SqlitePool),

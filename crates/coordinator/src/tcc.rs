@@ -22,7 +22,7 @@ use crate::call::{Caller, Outcome};
 use crate::def::{CallDef, InvalidDef, RetryDef};
 use crate::engine::{StartError, detached};
 use crate::saga::{Attempt, new_id, now_ms};
-use crate::store::{Record, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// Most participants in one transaction.
 pub const MAX_PARTICIPANTS: usize = 32;
@@ -123,10 +123,6 @@ impl TccStatus {
         }
     }
 
-    pub fn parse(s: &str) -> Option<TccStatus> {
-        TccStatus::ALL.into_iter().find(|t| t.as_str() == s)
-    }
-
     pub const ALL: [TccStatus; 5] = [
         TccStatus::Trying,
         TccStatus::Confirming,
@@ -164,26 +160,7 @@ pub struct Tcc {
     pub definition: TccDef,
 }
 
-impl Record for Tcc {
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn idempotency_key(&self) -> Option<&str> {
-        self.idempotency_key.as_deref()
-    }
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn status(&self) -> &'static str {
-        self.status.as_str()
-    }
-    fn created_ms(&self) -> u64 {
-        self.created_ms
-    }
-    fn updated_ms(&self) -> u64 {
-        self.updated_ms
-    }
-}
+crate::store::record!(Tcc);
 
 const KEEP_ATTEMPTS: usize = 10;
 

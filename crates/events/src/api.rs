@@ -229,10 +229,7 @@ async fn read(
         return Err(bad("group applies to /subscribe"));
     }
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_EVENTS as u32);
-    let from = q.from.unwrap_or(match sel {
-        Selection::Stream(_) => 0,
-        Selection::Category(_) => 1,
-    });
+    let from = q.from.unwrap_or(sel.first());
     let events = st
         .store
         .read(&sel, from, limit)
@@ -269,10 +266,7 @@ async fn subscribe(
                 .ok_or_else(|| bad("Last-Event-ID must be the id of an event"))
         })
         .transpose()?;
-    let first = match sel {
-        Selection::Stream(_) => 0,
-        Selection::Category(_) => 1,
-    };
+    let first = sel.first();
     let from = match (last_event_id, &q.group, q.from) {
         (Some(id), _, _) => id + 1,
         (None, Some(group), _) => {
@@ -325,10 +319,7 @@ async fn pump(
             continue;
         }
         for e in page {
-            let id = match sel {
-                Selection::Stream(_) => e.version,
-                Selection::Category(_) => e.position,
-            };
+            let id = sel.id_of(&e);
             next = id + 1;
             let data = serde_json::to_string(&e).unwrap_or_default();
             let ev = SseEvent::default().id(id.to_string()).data(data);

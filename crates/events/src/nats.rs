@@ -197,12 +197,7 @@ impl NatsStore {
                     l
                 }
             };
-            let ok = match expected {
-                Expected::Any => true,
-                Expected::NoStream => current == -1,
-                Expected::Exists => current >= 0,
-                Expected::Version(v) => current == v,
-            };
+            let ok = expected.allows(current);
             let mut first = None;
             let mut duplicates = 0;
             let mut raced = false;
@@ -254,12 +249,7 @@ impl NatsStore {
                         let (_, now_at) = self.last(&subject).await?;
                         return Err(AppendError::WrongVersion {
                             stream,
-                            expected: match expected {
-                                Expected::Any => "any".into(),
-                                Expected::NoStream => "no_stream".into(),
-                                Expected::Exists => "exists".into(),
-                                Expected::Version(v) => v.to_string(),
-                            },
+                            expected,
                             current: now_at,
                         });
                     }
@@ -325,6 +315,7 @@ impl NatsStore {
             Selection::Stream(s) => (self.subject(s), None),
             Selection::Category(p) => (self.category_filter(p), Some(p.clone())),
         };
+        // A stream's versions are headers, so its read starts at the beginning.
         let mut seq = match sel {
             Selection::Stream(_) => 1,
             Selection::Category(_) => from.max(1) as u64,

@@ -40,47 +40,42 @@ pub struct OutboxRow {
     pub event: OutboxEvent,
 }
 
-const SQLITE_SCHEMA: [&str; 3] = [
-    "CREATE TABLE IF NOT EXISTS tessera_outbox (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        stream TEXT NOT NULL,
-        id TEXT NOT NULL UNIQUE,
-        type TEXT NOT NULL,
-        data TEXT NOT NULL,
-        metadata TEXT,
-        created_ms BIGINT NOT NULL,
-        published_ms BIGINT
-    )",
-    "CREATE INDEX IF NOT EXISTS tessera_outbox_unpublished ON tessera_outbox (seq)
-        WHERE published_ms IS NULL",
-    "CREATE TABLE IF NOT EXISTS tessera_inbox (
-        consumer TEXT NOT NULL,
-        event_id TEXT NOT NULL,
-        processed_ms BIGINT NOT NULL,
-        PRIMARY KEY (consumer, event_id)
-    )",
-];
+/// The tables, for `seq_type` (SQLite `INTEGER PRIMARY KEY AUTOINCREMENT`, PostgreSQL
+/// `BIGSERIAL PRIMARY KEY`). Statements use `$n` placeholders, which both databases read.
+fn schema(seq_type: &str) -> [String; 3] {
+    [
+        format!(
+            "CREATE TABLE IF NOT EXISTS tessera_outbox (
+                seq {seq_type},
+                stream TEXT NOT NULL,
+                id TEXT NOT NULL UNIQUE,
+                type TEXT NOT NULL,
+                data TEXT NOT NULL,
+                metadata TEXT,
+                created_ms BIGINT NOT NULL,
+                published_ms BIGINT
+            )"
+        ),
+        "CREATE INDEX IF NOT EXISTS tessera_outbox_unpublished ON tessera_outbox (seq)
+            WHERE published_ms IS NULL"
+            .into(),
+        "CREATE TABLE IF NOT EXISTS tessera_inbox (
+            consumer TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            processed_ms BIGINT NOT NULL,
+            PRIMARY KEY (consumer, event_id)
+        )"
+        .into(),
+    ]
+}
 
-const POSTGRES_SCHEMA: [&str; 3] = [
-    "CREATE TABLE IF NOT EXISTS tessera_outbox (
-        seq BIGSERIAL PRIMARY KEY,
-        stream TEXT NOT NULL,
-        id TEXT NOT NULL UNIQUE,
-        type TEXT NOT NULL,
-        data TEXT NOT NULL,
-        metadata TEXT,
-        created_ms BIGINT NOT NULL,
-        published_ms BIGINT
-    )",
-    "CREATE INDEX IF NOT EXISTS tessera_outbox_unpublished ON tessera_outbox (seq)
-        WHERE published_ms IS NULL",
-    "CREATE TABLE IF NOT EXISTS tessera_inbox (
-        consumer TEXT NOT NULL,
-        event_id TEXT NOT NULL,
-        processed_ms BIGINT NOT NULL,
-        PRIMARY KEY (consumer, event_id)
-    )",
-];
+const ENQUEUE: &str = "INSERT INTO tessera_outbox (stream, id, type, data, metadata, created_ms)
+     VALUES ($1, $2, $3, $4, $5, $6)";
+const INBOX: &str = "INSERT INTO tessera_inbox (consumer, event_id, processed_ms)
+     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+const UNPUBLISHED: &str = "SELECT seq, stream, id, type, data, metadata FROM tessera_outbox
+     WHERE published_ms IS NULL ORDER BY seq LIMIT $1";
+const MARK: &str = "UPDATE tessera_outbox SET published_ms = $1 WHERE seq = $2";
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -88,92 +83,62 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Defines the same function for SQLite and for PostgreSQL: `$conn` is the caller's
+/// connection (or pool) type in each, and the body is written once.
+macro_rules! per_backend {
+    ($(#[$doc:meta])* $sqlite:ident, $pg:ident, $conn:ident,
+     ($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
+        $(#[$doc])*
+        pub async fn $sqlite($conn: &mut SqliteConnection, $($arg: $ty),*) -> $ret $body
+        $(#[$doc])*
+        pub async fn $pg($conn: &mut PgConnection, $($arg: $ty),*) -> $ret $body
+    };
+}
+
 /// Creates the outbox and inbox tables if missing.
 pub async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), sqlx::Error> {
-    for stmt in SQLITE_SCHEMA {
-        sqlx::query(stmt).execute(pool).await?;
+    for stmt in schema("INTEGER PRIMARY KEY AUTOINCREMENT") {
+        sqlx::query(sqlx::AssertSqlSafe(stmt)).execute(pool).await?;
     }
     Ok(())
 }
 
 /// Creates the outbox and inbox tables if missing.
 pub async fn migrate_postgres(pool: &PgPool) -> Result<(), sqlx::Error> {
-    for stmt in POSTGRES_SCHEMA {
-        sqlx::query(stmt).execute(pool).await?;
+    for stmt in schema("BIGSERIAL PRIMARY KEY") {
+        sqlx::query(sqlx::AssertSqlSafe(stmt)).execute(pool).await?;
     }
     Ok(())
 }
 
-/// Adds `e` to the outbox inside the caller's transaction.
-pub async fn enqueue_sqlite(tx: &mut SqliteConnection, e: &OutboxEvent) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO tessera_outbox (stream, id, type, data, metadata, created_ms)
-         VALUES (?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&e.stream)
-    .bind(&e.id)
-    .bind(&e.kind)
-    .bind(e.data.to_string())
-    .bind(e.metadata.as_ref().map(|m| m.to_string()))
-    .bind(now_ms())
-    .execute(tx)
-    .await?;
-    Ok(())
+per_backend! {
+    /// Adds `e` to the outbox inside the caller's transaction.
+    enqueue_sqlite, enqueue_postgres, tx, (e: &OutboxEvent) -> Result<(), sqlx::Error> {
+        sqlx::query(ENQUEUE)
+            .bind(&e.stream)
+            .bind(&e.id)
+            .bind(&e.kind)
+            .bind(e.data.to_string())
+            .bind(e.metadata.as_ref().map(|m| m.to_string()))
+            .bind(now_ms())
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
 }
 
-/// Adds `e` to the outbox inside the caller's transaction.
-pub async fn enqueue_postgres(tx: &mut PgConnection, e: &OutboxEvent) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO tessera_outbox (stream, id, type, data, metadata, created_ms)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(&e.stream)
-    .bind(&e.id)
-    .bind(&e.kind)
-    .bind(e.data.to_string())
-    .bind(e.metadata.as_ref().map(|m| m.to_string()))
-    .bind(now_ms())
-    .execute(tx)
-    .await?;
-    Ok(())
-}
-
-/// Records that `consumer` handles `event_id`, inside the caller's transaction; `false`
-/// if it already did (skip the effect).
-pub async fn inbox_sqlite(
-    tx: &mut SqliteConnection,
-    consumer: &str,
-    event_id: &str,
-) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query(
-        "INSERT INTO tessera_inbox (consumer, event_id, processed_ms) VALUES (?, ?, ?)
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(consumer)
-    .bind(event_id)
-    .bind(now_ms())
-    .execute(tx)
-    .await?;
-    Ok(r.rows_affected() == 1)
-}
-
-/// Records that `consumer` handles `event_id`, inside the caller's transaction; `false`
-/// if it already did (skip the effect).
-pub async fn inbox_postgres(
-    tx: &mut PgConnection,
-    consumer: &str,
-    event_id: &str,
-) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query(
-        "INSERT INTO tessera_inbox (consumer, event_id, processed_ms) VALUES ($1, $2, $3)
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(consumer)
-    .bind(event_id)
-    .bind(now_ms())
-    .execute(tx)
-    .await?;
-    Ok(r.rows_affected() == 1)
+per_backend! {
+    /// Records that `consumer` handles `event_id`, inside the caller's transaction;
+    /// `false` if it already did (skip the effect).
+    inbox_sqlite, inbox_postgres, tx, (consumer: &str, event_id: &str) -> Result<bool, sqlx::Error> {
+        let r = sqlx::query(INBOX)
+            .bind(consumer)
+            .bind(event_id)
+            .bind(now_ms())
+            .execute(tx)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
 }
 
 /// Where a relay sends events.
@@ -219,25 +184,10 @@ impl<P: Publish> Relay<P> {
     /// Publishes what is unpublished now; returns how many. Stops at the first failure
     /// (reported after marking what went out before it).
     pub async fn run_once(&self) -> Result<usize, RelayError> {
+        let batch = i64::from(self.batch);
         let rows: Vec<RawRow> = match &self.db {
-            OutboxDb::Sqlite(p) => {
-                sqlx::query_as(
-                    "SELECT seq, stream, id, type, data, metadata FROM tessera_outbox
-                     WHERE published_ms IS NULL ORDER BY seq LIMIT ?",
-                )
-                .bind(i64::from(self.batch))
-                .fetch_all(p)
-                .await?
-            }
-            OutboxDb::Postgres(p) => {
-                sqlx::query_as(
-                    "SELECT seq, stream, id, type, data, metadata FROM tessera_outbox
-                     WHERE published_ms IS NULL ORDER BY seq LIMIT $1",
-                )
-                .bind(i64::from(self.batch))
-                .fetch_all(p)
-                .await?
-            }
+            OutboxDb::Sqlite(p) => sqlx::query_as(UNPUBLISHED).bind(batch).fetch_all(p).await?,
+            OutboxDb::Postgres(p) => sqlx::query_as(UNPUBLISHED).bind(batch).fetch_all(p).await?,
         };
         let mut done = Vec::new();
         let mut failure = None;
@@ -274,18 +224,10 @@ impl<P: Publish> Relay<P> {
         for seq in seqs {
             match &self.db {
                 OutboxDb::Sqlite(p) => {
-                    sqlx::query("UPDATE tessera_outbox SET published_ms = ? WHERE seq = ?")
-                        .bind(now)
-                        .bind(seq)
-                        .execute(p)
-                        .await?;
+                    sqlx::query(MARK).bind(now).bind(seq).execute(p).await?;
                 }
                 OutboxDb::Postgres(p) => {
-                    sqlx::query("UPDATE tessera_outbox SET published_ms = $1 WHERE seq = $2")
-                        .bind(now)
-                        .bind(seq)
-                        .execute(p)
-                        .await?;
+                    sqlx::query(MARK).bind(now).bind(seq).execute(p).await?;
                 }
             }
         }

@@ -71,6 +71,29 @@ pub enum Expected {
     Version(i64),
 }
 
+impl Expected {
+    /// Whether a stream whose last version is `current` (-1: none) satisfies it.
+    pub fn allows(self, current: i64) -> bool {
+        match self {
+            Expected::Any => true,
+            Expected::NoStream => current == -1,
+            Expected::Exists => current >= 0,
+            Expected::Version(v) => current == v,
+        }
+    }
+}
+
+impl std::fmt::Display for Expected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Expected::Any => f.write_str("any"),
+            Expected::NoStream => f.write_str("no_stream"),
+            Expected::Exists => f.write_str("exists"),
+            Expected::Version(v) => write!(f, "{v}"),
+        }
+    }
+}
+
 /// How an append ended.
 #[derive(Debug, Clone, Serialize)]
 pub struct Appended {
@@ -87,7 +110,7 @@ pub enum AppendError {
     #[error("stream {stream} is at version {current}, expected {expected}")]
     WrongVersion {
         stream: String,
-        expected: String,
+        expected: Expected,
         current: i64,
     },
     #[error("event {id} is already stored in stream {stream} at version {version}")]
@@ -116,6 +139,24 @@ pub enum Selection {
     /// Every stream whose name starts with the prefix (`order-` for `order-*`; empty for
     /// `*`), by global position.
     Category(String),
+}
+
+impl Selection {
+    /// Where reading from the beginning starts: version 0, or global position 1.
+    pub fn first(&self) -> i64 {
+        match self {
+            Selection::Stream(_) => 0,
+            Selection::Category(_) => 1,
+        }
+    }
+
+    /// A read event's place in this selection: its version, or its global position.
+    pub fn id_of(&self, e: &Event) -> i64 {
+        match self {
+            Selection::Stream(_) => e.version,
+            Selection::Category(_) => e.position,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -250,15 +291,6 @@ impl Store {
             }
         };
         Ok(rows.into_iter().map(event).collect())
-    }
-
-    /// The last version of `stream`, or -1 if it has no events.
-    pub async fn version(&self, stream: &str) -> Result<i64, StoreError> {
-        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM events WHERE stream = ?")
-            .bind(stream)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(v.unwrap_or(-1))
     }
 
     /// A consumer group's acknowledged offset on a selection (`None` before its first ack).
@@ -398,12 +430,7 @@ async fn commit(
                 v.unwrap_or(-1)
             }
         };
-        let ok = match a.expected {
-            Expected::Any => true,
-            Expected::NoStream => current == -1,
-            Expected::Exists => current >= 0,
-            Expected::Version(v) => current == v,
-        };
+        let ok = a.expected.allows(current);
         if ok {
             sqlx::query("SAVEPOINT append").execute(&mut *tx).await?;
             let now = now_ms();
@@ -479,12 +506,7 @@ async fn commit(
         } else {
             Err(AppendError::WrongVersion {
                 stream: a.stream.clone(),
-                expected: match a.expected {
-                    Expected::Any => "any".into(),
-                    Expected::NoStream => "no_stream".into(),
-                    Expected::Exists => "exists".into(),
-                    Expected::Version(v) => v.to_string(),
-                },
+                expected: a.expected,
                 current,
             })
         });

@@ -48,6 +48,20 @@ async fn all_events(base: &str) -> Vec<Value> {
         .clone()
 }
 
+/// A service's own SQLite database file, with the outbox and inbox tables.
+async fn sqlite(path: std::path::PathBuf) -> sqlx::SqlitePool {
+    let pool = SqlitePoolOptions::new()
+        .connect_with(
+            SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true),
+        )
+        .await
+        .unwrap();
+    outbox::migrate_sqlite(&pool).await.unwrap();
+    pool
+}
+
 fn event(id: &str, stream: &str) -> OutboxEvent {
     OutboxEvent {
         stream: stream.into(),
@@ -62,15 +76,7 @@ fn event(id: &str, stream: &str) -> OutboxEvent {
 async fn committed_events_are_published_after_a_crash_and_take_effect_once() {
     let dir = tempfile::tempdir().unwrap();
     let (base, _store, _task) = event_store(&dir.path().join("es")).await;
-    let db = SqlitePoolOptions::new()
-        .connect_with(
-            SqliteConnectOptions::new()
-                .filename(dir.path().join("orders.db"))
-                .create_if_missing(true),
-        )
-        .await
-        .unwrap();
-    outbox::migrate_sqlite(&db).await.unwrap();
+    let db = sqlite(dir.path().join("orders.db")).await;
     sqlx::query("CREATE TABLE orders (id TEXT PRIMARY KEY, status TEXT)")
         .execute(&db)
         .await
@@ -121,15 +127,7 @@ async fn committed_events_are_published_after_a_crash_and_take_effect_once() {
     assert_eq!(events[0]["id"], "evt-o1");
 
     // The consumer sees the event twice (redelivery); the inbox lets one effect through.
-    let consumer = SqlitePoolOptions::new()
-        .connect_with(
-            SqliteConnectOptions::new()
-                .filename(dir.path().join("cart.db"))
-                .create_if_missing(true),
-        )
-        .await
-        .unwrap();
-    outbox::migrate_sqlite(&consumer).await.unwrap();
+    let consumer = sqlite(dir.path().join("cart.db")).await;
     sqlx::query("CREATE TABLE effects (n INTEGER)")
         .execute(&consumer)
         .await
@@ -157,15 +155,7 @@ async fn committed_events_are_published_after_a_crash_and_take_effect_once() {
 #[tokio::test]
 async fn the_relay_keeps_order_and_waits_out_an_unreachable_store() {
     let dir = tempfile::tempdir().unwrap();
-    let db = SqlitePoolOptions::new()
-        .connect_with(
-            SqliteConnectOptions::new()
-                .filename(dir.path().join("svc.db"))
-                .create_if_missing(true),
-        )
-        .await
-        .unwrap();
-    outbox::migrate_sqlite(&db).await.unwrap();
+    let db = sqlite(dir.path().join("svc.db")).await;
     for i in 0..5 {
         let mut tx = db.begin().await.unwrap();
         outbox::enqueue_sqlite(&mut tx, &event(&format!("e{i}"), "order-7"))
@@ -301,15 +291,7 @@ async fn the_relay_publishes_straight_to_nats_jetstream() {
     }
     let ns = format!("relay{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
-    let db = SqlitePoolOptions::new()
-        .connect_with(
-            SqliteConnectOptions::new()
-                .filename(dir.path().join("svc.db"))
-                .create_if_missing(true),
-        )
-        .await
-        .unwrap();
-    outbox::migrate_sqlite(&db).await.unwrap();
+    let db = sqlite(dir.path().join("svc.db")).await;
     for i in 0..3 {
         let mut tx = db.begin().await.unwrap();
         outbox::enqueue_sqlite(&mut tx, &event(&format!("n{i}"), "order-3"))
