@@ -47,21 +47,12 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn token(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get("x-consul-token")
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| {
-            headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-        })
-}
-
 fn authorize(st: &AppState, headers: &HeaderMap, write: bool) -> Result<(), ApiError> {
     st.auth
-        .check(token(headers), write)
+        .check(
+            tessera_core::request_token(|n| headers.get(n).and_then(|v| v.to_str().ok())),
+            write,
+        )
         .map_err(|e| ApiError(StatusCode::FORBIDDEN, e, "permission_denied"))
 }
 

@@ -13,7 +13,7 @@ mod duration;
 mod health;
 mod names;
 
-pub use auth::{AllowAll, Authorize};
+pub use auth::{AllowAll, Authorize, request_token};
 pub use duration::{GoDuration, InvalidDuration, format_duration, parse_duration, serde_opt};
 pub use health::{Health, InvalidHealth};
 pub use names::{InvalidName, validate_key, validate_service_name};

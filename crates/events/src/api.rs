@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
@@ -74,15 +74,7 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
 }
 
 fn authorize(st: &AppState, headers: &HeaderMap, write: bool) -> Result<(), ApiError> {
-    let token = headers
-        .get("x-consul-token")
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| {
-            headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-        });
+    let token = tessera_core::request_token(|n| headers.get(n).and_then(|v| v.to_str().ok()));
     st.auth
         .check(token, write)
         .map_err(|e| ApiError(StatusCode::FORBIDDEN, e, "permission_denied"))
