@@ -107,6 +107,7 @@ pub fn format_duration(d: Duration) -> String {
 }
 
 /// Display adapter with Go's formatting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GoDuration(pub Duration);
 
 impl fmt::Display for GoDuration {

@@ -1,0 +1,367 @@
+//! Service-to-service calls by service name, protected the way the gateway protects its
+//! upstreams and with the same code: P2C over peak-EWMA latency (`tessera-balance`),
+//! retries drawn from a budget (20% of calls + 10/s) so an outage is not multiplied by the
+//! callers, a timeout per try and overall, and an error-rate circuit breaker
+//! (`tessera-resilience`).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+use http_body_util::Full;
+use tessera_balance::{Balancer, Endpoint, EndpointSet, Policy};
+use tessera_resilience::{
+    BreakerConfig, BudgetConfig, CircuitBreaker, Outlier, OutlierConfig, RetryBudget,
+};
+
+use crate::http::{Error, Http, Response, send};
+use crate::registry::{Registry, Watch};
+
+/// How calls through a [`ServiceClient`] are retried and timed out.
+#[derive(Debug, Clone)]
+pub struct CallPolicy {
+    /// Attempts per call, the first included.
+    pub attempts: u32,
+    /// Each attempt's limit.
+    pub per_try_timeout: Duration,
+    /// The whole call's limit, retries included.
+    pub timeout: Duration,
+}
+
+impl Default for CallPolicy {
+    fn default() -> Self {
+        CallPolicy {
+            attempts: 3,
+            per_try_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Calls one service by name, balanced over its healthy instances.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), tessera::Error> {
+/// let registry = tessera::Registry::new("127.0.0.1:8500");
+/// let catalog = tessera::ServiceClient::new(&registry, "catalog");
+/// let products: serde_json::Value = catalog
+///     .get("/catalog/products")
+///     .send()
+///     .await?
+///     .error_for_status()?
+///     .json()?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct ServiceClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    service: String,
+    /// Keeps the discovery loop behind `watch` running.
+    _registry: Registry,
+    watch: Watch,
+    http: Http,
+    policy: CallPolicy,
+    balancer: Balancer,
+    /// The endpoint set for the latest discovery answer, rebuilt when it changes
+    /// (keeping each endpoint's load, latency and outlier state).
+    snapshot: Mutex<Arc<Snapshot>>,
+    outlier: OutlierConfig,
+    budget: RetryBudget,
+    breaker: CircuitBreaker,
+}
+
+impl ServiceClient {
+    pub fn new(registry: &Registry, service: &str) -> ServiceClient {
+        ServiceClient::with_policy(registry, service, CallPolicy::default())
+    }
+
+    pub fn with_policy(registry: &Registry, service: &str, policy: CallPolicy) -> ServiceClient {
+        ServiceClient {
+            inner: Arc::new(Inner {
+                service: service.to_owned(),
+                _registry: registry.clone(),
+                watch: registry.watch(service),
+                http: registry.http().clone(),
+                policy,
+                balancer: Balancer::new(Policy::P2cPeakEwma),
+                snapshot: Mutex::new(Arc::new(Snapshot {
+                    index: 0,
+                    set: EndpointSet::new(Vec::new()),
+                    outliers: Vec::new(),
+                })),
+                outlier: OutlierConfig::default(),
+                budget: RetryBudget::new(BudgetConfig::default()),
+                breaker: CircuitBreaker::new(BreakerConfig::default()),
+            }),
+        }
+    }
+
+    pub fn service(&self) -> &str {
+        &self.inner.service
+    }
+
+    /// The discovery view this client balances over.
+    pub fn watch(&self) -> &Watch {
+        &self.inner.watch
+    }
+
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        RequestBuilder {
+            client: self.clone(),
+            method,
+            path: path.to_owned(),
+            headers: Vec::new(),
+            body: Bytes::new(),
+            idempotent: None,
+            error: None,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> RequestBuilder {
+        self.request(Method::GET, path)
+    }
+
+    pub fn post(&self, path: &str) -> RequestBuilder {
+        self.request(Method::POST, path)
+    }
+
+    pub fn put(&self, path: &str) -> RequestBuilder {
+        self.request(Method::PUT, path)
+    }
+
+    pub fn delete(&self, path: &str) -> RequestBuilder {
+        self.request(Method::DELETE, path)
+    }
+
+    fn snapshot(&self) -> Arc<Snapshot> {
+        let current = self.inner.watch.current();
+        let mut snap = self
+            .inner
+            .snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if snap.index != current.index || snap.set.len() != current.instances.len() {
+            let endpoints: Vec<Endpoint> = current
+                .instances
+                .iter()
+                .map(|i| Endpoint::new(i.authority(), i.weight))
+                .collect();
+            let set = EndpointSet::inherit(endpoints, &snap.set);
+            let outliers = set
+                .endpoints
+                .iter()
+                .map(|e| {
+                    snap.set
+                        .endpoints
+                        .iter()
+                        .position(|o| o.addr == e.addr)
+                        .map_or_else(Arc::default, |i| snap.outliers[i].clone())
+                })
+                .collect();
+            *snap = Arc::new(Snapshot {
+                index: current.index,
+                set,
+                outliers,
+            });
+        }
+        snap.clone()
+    }
+}
+
+struct Snapshot {
+    index: u64,
+    set: EndpointSet,
+    /// Passive outlier state per endpoint, aligned with `set.endpoints`.
+    outliers: Vec<Arc<Outlier>>,
+}
+
+/// One request being put together; [`RequestBuilder::send`] runs it.
+pub struct RequestBuilder {
+    client: ServiceClient,
+    method: Method,
+    path: String,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    body: Bytes,
+    idempotent: Option<bool>,
+    error: Option<Error>,
+}
+
+impl RequestBuilder {
+    pub fn header(mut self, name: &str, value: &str) -> RequestBuilder {
+        match (
+            HeaderName::try_from(name),
+            HeaderValue::try_from(value.to_owned()),
+        ) {
+            (Ok(n), Ok(v)) => self.headers.push((n, v)),
+            _ => self.error = Some(Error::Invalid(format!("bad header {name}"))),
+        }
+        self
+    }
+
+    pub fn bearer(self, token: &str) -> RequestBuilder {
+        self.header("authorization", &format!("Bearer {token}"))
+    }
+
+    /// Sets `Idempotency-Key`, which also makes the request safe to retry after a
+    /// timeout or a 5xx.
+    pub fn idempotency_key(mut self, key: &str) -> RequestBuilder {
+        self.idempotent = Some(true);
+        self.header("idempotency-key", key)
+    }
+
+    /// Overrides whether a request that may have reached the service is retried (by
+    /// default: GET, HEAD, PUT, DELETE, OPTIONS and requests with an idempotency key).
+    pub fn idempotent(mut self, yes: bool) -> RequestBuilder {
+        self.idempotent = Some(yes);
+        self
+    }
+
+    pub fn json<T: serde::Serialize>(mut self, body: &T) -> RequestBuilder {
+        match serde_json::to_vec(body) {
+            Ok(b) => {
+                self.body = Bytes::from(b);
+                self.header("content-type", "application/json")
+            }
+            Err(e) => {
+                self.error = Some(Error::Invalid(format!("body: {e}")));
+                self
+            }
+        }
+    }
+
+    pub fn body(mut self, body: impl Into<Bytes>) -> RequestBuilder {
+        self.body = body.into();
+        self
+    }
+
+    /// Sends the request: retried on connection failures always, and on timeouts,
+    /// resets and 502/503/504 when idempotent, while the retry budget allows; a different
+    /// instance is preferred for each retry.
+    pub async fn send(self) -> Result<Response, Error> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let inner = self.client.inner.clone();
+        let timeout = inner.policy.timeout;
+        match tokio::time::timeout(timeout, self.run(&inner)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout(
+                inner.service.clone(),
+                tessera_core::GoDuration(timeout),
+            )),
+        }
+    }
+
+    async fn run(self, inner: &Inner) -> Result<Response, Error> {
+        let idempotent = self.idempotent.unwrap_or(matches!(
+            self.method,
+            Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
+        ));
+        inner.budget.deposit();
+        // The breaker judges calls as the caller sees them (after retries): one bad
+        // instance that retries route around does not open it for the whole service.
+        let permit = inner
+            .breaker
+            .try_acquire()
+            .map_err(|_| Error::BreakerOpen(inner.service.clone()))?;
+        let mut tried: Vec<String> = Vec::new();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let last = attempt >= inner.policy.attempts.max(1);
+            let snap = self.client.snapshot();
+            let set = &snap.set;
+            let total = set.len();
+            let ejected = snap.outliers.iter().filter(|o| o.is_ejected()).count();
+            // Fewer than half healthy: ejection is ignored rather than overloading the rest.
+            let panic = (total - ejected) * 2 < total;
+            let fresh_left = set.endpoints.iter().any(|e| !tried.contains(&e.addr));
+            let usable = |i: usize| {
+                (panic || !snap.outliers[i].is_ejected())
+                    && (!fresh_left || !tried.contains(&set.endpoints[i].addr))
+            };
+            let idx = inner
+                .balancer
+                .pick(set, &usable, None)
+                .ok_or_else(|| Error::NoInstance(inner.service.clone()))?;
+            let endpoint = &set.endpoints[idx];
+            let outlier = &snap.outliers[idx];
+            let req = self.build(&endpoint.addr)?;
+            let started = Instant::now();
+            let in_flight = endpoint.load.start();
+            let result = match tokio::time::timeout(
+                inner.policy.per_try_timeout,
+                send(&inner.http, &inner.service, req),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(Error::Timeout(
+                    inner.service.clone(),
+                    tessera_core::GoDuration(inner.policy.per_try_timeout),
+                )),
+            };
+            tried.push(endpoint.addr.clone());
+            let failed = match &result {
+                Ok(r) => r.status.is_server_error(),
+                Err(_) => true,
+            };
+            if failed {
+                if outlier.failure(&inner.outlier, ejected, total).is_some() {
+                    tracing::info!(service = %inner.service, endpoint = %endpoint.addr,
+                        "instance ejected after consecutive failures");
+                }
+            } else {
+                outlier.success();
+            }
+            let retry = match &result {
+                Ok(r) if r.status.is_server_error() => {
+                    in_flight.finish();
+                    idempotent
+                        && matches!(
+                            r.status,
+                            StatusCode::BAD_GATEWAY
+                                | StatusCode::SERVICE_UNAVAILABLE
+                                | StatusCode::GATEWAY_TIMEOUT
+                        )
+                }
+                Ok(_) => {
+                    in_flight.finish();
+                    false
+                }
+                Err(e) => {
+                    // A failed endpoint looks slow to the balancer for a while.
+                    endpoint
+                        .load
+                        .observe(started.elapsed().max(Duration::from_secs(1)));
+                    drop(in_flight);
+                    matches!(e, Error::Transport { connect: true, .. }) || idempotent
+                }
+            };
+            if !retry || last || !inner.budget.try_withdraw() {
+                if failed {
+                    permit.failure();
+                } else {
+                    permit.success();
+                }
+                return result;
+            }
+            tracing::debug!(service = %inner.service, attempt, "retrying");
+        }
+    }
+
+    fn build(&self, authority: &str) -> Result<http::Request<Full<Bytes>>, Error> {
+        let mut req = http::Request::builder()
+            .method(self.method.clone())
+            .uri(format!("http://{authority}{}", self.path));
+        for (k, v) in &self.headers {
+            req = req.header(k, v);
+        }
+        req.body(Full::new(self.body.clone()))
+            .map_err(|e| Error::Invalid(e.to_string()))
+    }
+}

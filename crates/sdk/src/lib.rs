@@ -1,0 +1,57 @@
+//! The Tessera SDK: what a service embeds to live on a Tessera platform (or on Consul).
+//!
+//! - [`Registration`] registers an instance with an HTTP or TTL check, keeps the TTL
+//!   alive, and [`Registered::deregister`] takes it out before the process stops serving.
+//! - [`Registry::watch`] is a cached view of a service's healthy instances, kept current
+//!   by blocking queries and usable from the cache while the registry is away.
+//! - [`ServiceClient`] calls a service by name with the gateway's balancing and
+//!   protection (P2C peak-EWMA, retries within a budget, timeouts, circuit breaker).
+//! - [`Saga`], [`Tcc`] and [`Coordinator`] hand distributed transactions to the
+//!   coordinator in `tessera server`.
+//! - [`outbox`] writes events in the service's own transaction and relays them to the
+//!   event store; its inbox makes consumers idempotent.
+//! - [`JwksVerifier`] checks bearer tokens against a JWKS from a URL or a service;
+//!   [`jwt`] signs them.
+//!
+//! Everything speaks the Consul HTTP API to the registry, nothing else.
+
+mod client;
+mod http;
+mod jwks;
+mod registry;
+mod saga;
+
+pub use client::{CallPolicy, RequestBuilder, ServiceClient};
+pub use http::{Error, MAX_BODY, Response};
+pub use jwks::{Alg, AuthError, Claims, JwksVerifier, JwtError, KeySet, Validation};
+pub use registry::{Check, Instance, Instances, Registered, Registration, Registry, Watch};
+pub use saga::{Call, Coordinator, Participant, Retry, Run, Saga, Step, Tcc};
+/// The transactional outbox and inbox (SQLite or PostgreSQL), and the relay that
+/// publishes outbox rows to the event store.
+pub use tessera_events::outbox;
+/// Token signing and the JWT building blocks.
+pub use tessera_jwt as jwt;
+
+/// Resolves on SIGTERM or Ctrl-C: the moment to [`Registered::deregister`], then stop
+/// accepting.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = term => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,612 @@
+//! The registry as a service sees it, over the Consul HTTP API only (so the same code runs
+//! against `tessera server` or a real Consul agent): register with a health check, keep a
+//! TTL check alive, deregister before going away, and watch other services' healthy
+//! instances through blocking queries into a cache that outlives registry outages.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::{Error, Http, Response, client, send};
+
+/// A connection to the registry (tessera server or Consul), cheap to clone.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), tessera::Error> {
+/// let registry = tessera::Registry::new("127.0.0.1:8500");
+/// let catalog = registry.watch("catalog");
+/// catalog.ready(std::time::Duration::from_secs(5)).await;
+/// for i in &catalog.current().instances {
+///     println!("{} at {}", i.id, i.authority());
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    address: String,
+    token: Option<String>,
+    http: Http,
+    /// How long a blocking query waits for a change.
+    wait: Duration,
+    watches: Mutex<HashMap<String, Watch>>,
+    /// Stops every watch loop when the last `Registry` clone is dropped.
+    stop: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Registry {
+    /// `address` is `host:port` of the registry's HTTP API. The ACL token, if any, comes
+    /// from `TESSERA_REGISTRY_TOKEN` (or `CONSUL_HTTP_TOKEN`); see [`Registry::with_token`].
+    pub fn new(address: impl Into<String>) -> Registry {
+        let token = ["TESSERA_REGISTRY_TOKEN", "CONSUL_HTTP_TOKEN"]
+            .iter()
+            .find_map(|k| std::env::var(k).ok().filter(|t| !t.is_empty()));
+        Registry::build(address.into(), token, Duration::from_secs(300))
+    }
+
+    fn build(address: String, token: Option<String>, wait: Duration) -> Registry {
+        Registry {
+            inner: Arc::new(Inner {
+                address,
+                token,
+                http: client(),
+                wait,
+                watches: Mutex::new(HashMap::new()),
+                stop: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The same registry with this ACL token on every request.
+    pub fn with_token(&self, token: impl Into<String>) -> Registry {
+        Registry::build(
+            self.inner.address.clone(),
+            Some(token.into()),
+            self.inner.wait,
+        )
+    }
+
+    /// The same registry with blocking queries that wait at most `wait` (default 5 min).
+    pub fn with_wait(&self, wait: Duration) -> Registry {
+        Registry::build(
+            self.inner.address.clone(),
+            self.inner.token.clone(),
+            wait.max(Duration::from_secs(1)),
+        )
+    }
+
+    pub fn address(&self) -> &str {
+        &self.inner.address
+    }
+
+    pub(crate) fn http(&self) -> &Http {
+        &self.inner.http
+    }
+
+    /// A request to the registry's API (`path` starts with `/v1/`).
+    pub(crate) async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        headers: &[(&str, &str)],
+    ) -> Result<Response, Error> {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.inner.address));
+        if let Some(t) = &self.inner.token {
+            req = req.header("x-consul-token", t.as_str());
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let body = match body {
+            Some(b) => {
+                req = req.header(http::header::CONTENT_TYPE, "application/json");
+                Bytes::from(b.to_string())
+            }
+            None => Bytes::new(),
+        };
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        send(&self.inner.http, "registry", req).await
+    }
+
+    /// The cached, watched set of `service`'s healthy instances; the first call starts a
+    /// blocking-query loop that keeps it current for as long as this registry lives.
+    pub fn watch(&self, service: &str) -> Watch {
+        let mut watches = self.inner.watches.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = watches.get(service) {
+            return w.clone();
+        }
+        let (tx, rx) = watch::channel(Arc::new(Instances::default()));
+        let w = Watch {
+            service: service.to_owned(),
+            rx,
+        };
+        tokio::spawn(watch_loop(
+            service.to_owned(),
+            self.inner.http.clone(),
+            self.inner.address.clone(),
+            self.inner.token.clone(),
+            self.inner.wait,
+            tx,
+            self.inner.stop.clone(),
+        ));
+        watches.insert(service.to_owned(), w.clone());
+        w
+    }
+
+    /// One instance's registration: `PUT /v1/agent/service/register`.
+    async fn register(&self, def: &serde_json::Value) -> Result<(), Error> {
+        self.call(
+            http::Method::PUT,
+            "/v1/agent/service/register",
+            Some(def),
+            &[],
+        )
+        .await?
+        .error_for_status()
+        .map(drop)
+    }
+}
+
+/// A service instance as discovery reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub id: String,
+    /// The service's address, or its node's when the service has none.
+    pub address: String,
+    pub port: u16,
+    pub tags: Vec<String>,
+    pub meta: BTreeMap<String, String>,
+    /// `Weights.Passing`.
+    pub weight: u32,
+}
+
+impl Instance {
+    /// `host:port` (IPv6 hosts bracketed), as an HTTP authority.
+    pub fn authority(&self) -> String {
+        if self.address.contains(':') {
+            format!("[{}]:{}", self.address, self.port)
+        } else {
+            format!("{}:{}", self.address, self.port)
+        }
+    }
+}
+
+/// One answer of discovery.
+#[derive(Debug, Clone, Default)]
+pub struct Instances {
+    pub instances: Vec<Instance>,
+    /// The registry's index for this answer (0 before the first one).
+    pub index: u64,
+    /// Whether the registry answered the last query; when it did not, `instances` is the
+    /// last known set, kept so callers go on working through a registry outage.
+    pub registry_ok: bool,
+}
+
+/// A watched service: [`Watch::current`] is always the latest answer, without I/O. It
+/// is kept current while the [`Registry`] it came from (or a clone of it) is alive.
+#[derive(Clone)]
+pub struct Watch {
+    service: String,
+    rx: watch::Receiver<Arc<Instances>>,
+}
+
+impl Watch {
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    pub fn current(&self) -> Arc<Instances> {
+        self.rx.borrow().clone()
+    }
+
+    /// Waits for the next answer that differs from the one last seen through this handle.
+    pub async fn changed(&mut self) -> Arc<Instances> {
+        // The sender lives as long as the registry; if it is gone, the cache is final.
+        let _ = self.rx.changed().await;
+        self.rx.borrow_and_update().clone()
+    }
+
+    /// Waits up to `timeout` for the first answer from the registry; `false` if none came.
+    pub async fn ready(&self, timeout: Duration) -> bool {
+        let mut rx = self.rx.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|i| i.index > 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+#[derive(Deserialize)]
+struct HealthEntry {
+    #[serde(rename = "Node")]
+    node: NodePart,
+    #[serde(rename = "Service")]
+    service: ServicePart,
+}
+
+#[derive(Deserialize)]
+struct NodePart {
+    #[serde(rename = "Address", default)]
+    address: String,
+}
+
+#[derive(Deserialize)]
+struct ServicePart {
+    #[serde(rename = "ID", default)]
+    id: String,
+    #[serde(rename = "Address", default)]
+    address: String,
+    #[serde(rename = "Port", default)]
+    port: u16,
+    #[serde(rename = "Tags", default)]
+    tags: Option<Vec<String>>,
+    #[serde(rename = "Meta", default)]
+    meta: Option<BTreeMap<String, String>>,
+    #[serde(rename = "Weights", default)]
+    weights: Option<WeightsPart>,
+}
+
+#[derive(Deserialize)]
+struct WeightsPart {
+    #[serde(rename = "Passing", default)]
+    passing: u32,
+}
+
+/// Blocking queries for one service, forever: each answer that changes the set is
+/// published; errors keep the last set (marked `registry_ok: false`) and retry with
+/// jittered backoff.
+async fn watch_loop(
+    service: String,
+    http: Http,
+    address: String,
+    token: Option<String>,
+    wait: Duration,
+    tx: watch::Sender<Arc<Instances>>,
+    stop: CancellationToken,
+) {
+    let mut index = 0u64;
+    let mut backoff = Duration::from_millis(100);
+    let path = format!("/v1/health/service/{}", encode(&service));
+    loop {
+        let mut req = http::Request::get(format!(
+            "http://{address}{path}?passing&index={index}&wait={}s",
+            wait.as_secs().max(1)
+        ));
+        if let Some(t) = &token {
+            req = req.header("x-consul-token", t.as_str());
+        }
+        let Ok(req) = req.body(Full::new(Bytes::new())) else {
+            tracing::error!(%service, "invalid discovery request");
+            return;
+        };
+        let deadline = wait + wait / 16 + Duration::from_secs(10);
+        let answer = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(deadline, send(&http, "registry", req)) => r,
+        };
+        let parsed = match answer {
+            Err(_) => Err("discovery query timed out".to_owned()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(r)) if !r.status.is_success() => Err(format!(
+                "registry answered {}: {}",
+                r.status,
+                r.text().trim()
+            )),
+            Ok(Ok(r)) => {
+                let new_index = r
+                    .headers
+                    .get("x-consul-index")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(1)
+                    .max(1);
+                r.json::<Vec<HealthEntry>>()
+                    .map(|entries| (new_index, entries))
+                    .map_err(|e| e.to_string())
+            }
+        };
+        match parsed {
+            Ok((new_index, entries)) => {
+                backoff = Duration::from_millis(100);
+                // An index going backwards means the registry restarted: start over.
+                index = if new_index < index { 0 } else { new_index };
+                let instances: Vec<Instance> = entries
+                    .into_iter()
+                    .filter(|e| e.service.port != 0)
+                    .map(|e| Instance {
+                        id: e.service.id,
+                        address: if e.service.address.is_empty() {
+                            e.node.address
+                        } else {
+                            e.service.address
+                        },
+                        port: e.service.port,
+                        tags: e.service.tags.unwrap_or_default(),
+                        meta: e.service.meta.unwrap_or_default(),
+                        weight: e.service.weights.map_or(1, |w| w.passing).max(1),
+                    })
+                    .collect();
+                tx.send_if_modified(|cur| {
+                    let changed = cur.instances != instances || !cur.registry_ok;
+                    if changed || cur.index == 0 {
+                        *cur = Arc::new(Instances {
+                            instances,
+                            index: new_index,
+                            registry_ok: true,
+                        });
+                        return true;
+                    }
+                    false
+                });
+            }
+            Err(e) => {
+                tx.send_if_modified(|cur| {
+                    if !cur.registry_ok && cur.index > 0 {
+                        return false;
+                    }
+                    tracing::warn!(%service, error = %e,
+                        "registry unreachable; keeping the last known instances");
+                    let mut next = (**cur).clone();
+                    next.registry_ok = false;
+                    *cur = Arc::new(next);
+                    // Readers waiting for a first answer are not woken by a failure.
+                    cur.index > 0
+                });
+                let jitter =
+                    Duration::from_millis(fastrand::u64(..=backoff.as_millis() as u64 / 2 + 1));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff + jitter) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Percent-encodes a path segment.
+pub(crate) fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// How the registry decides whether an instance gets traffic.
+#[derive(Debug, Clone)]
+pub enum Check {
+    /// The service reports in itself: [`Registered`] passes the check every third of the
+    /// TTL from a background task; a process that hangs or dies goes critical after `ttl`.
+    Ttl(Duration),
+    /// The registry polls `http://address:port{path}` every `interval`.
+    Http { path: String, interval: Duration },
+}
+
+/// What a service instance registers as.
+///
+/// ```no_run
+/// # async fn demo(listener: std::net::TcpListener) -> Result<(), tessera::Error> {
+/// use std::time::Duration;
+/// use tessera::{Check, Registration, Registry};
+/// let registry = Registry::new("127.0.0.1:8500");
+/// let me = Registration::new("catalog", listener.local_addr().unwrap())
+///     .tag("v1")
+///     .meta("version", "1.0.0")
+///     .check(Check::Ttl(Duration::from_secs(5)))
+///     .register(&registry)
+///     .await?;
+/// // ... serve; on SIGTERM, first:
+/// me.deregister().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Registration {
+    name: String,
+    id: String,
+    addr: SocketAddr,
+    tags: Vec<String>,
+    meta: BTreeMap<String, String>,
+    weight: u32,
+    check: Check,
+    deregister_after: Duration,
+}
+
+impl Registration {
+    /// `addr` is where other services reach this instance. The id defaults to
+    /// `{name}-{ip}-{port}`; the check to a 10 s TTL.
+    pub fn new(name: impl Into<String>, addr: SocketAddr) -> Registration {
+        let name = name.into();
+        Registration {
+            id: format!("{name}-{}-{}", addr.ip(), addr.port()),
+            name,
+            addr,
+            tags: Vec::new(),
+            meta: BTreeMap::new(),
+            weight: 1,
+            check: Check::Ttl(Duration::from_secs(10)),
+            deregister_after: Duration::from_secs(60),
+        }
+    }
+
+    pub fn id(mut self, id: impl Into<String>) -> Registration {
+        self.id = id.into();
+        self
+    }
+
+    pub fn tag(mut self, tag: impl Into<String>) -> Registration {
+        self.tags.push(tag.into());
+        self
+    }
+
+    pub fn meta(mut self, key: impl Into<String>, value: impl Into<String>) -> Registration {
+        self.meta.insert(key.into(), value.into());
+        self
+    }
+
+    /// The share of traffic relative to other instances (`Weights.Passing`).
+    pub fn weight(mut self, weight: u32) -> Registration {
+        self.weight = weight.max(1);
+        self
+    }
+
+    pub fn check(mut self, check: Check) -> Registration {
+        self.check = check;
+        self
+    }
+
+    /// How long the check may stay critical before the registry removes the instance.
+    pub fn deregister_after(mut self, after: Duration) -> Registration {
+        self.deregister_after = after;
+        self
+    }
+
+    fn definition(&self) -> serde_json::Value {
+        let go = |d: Duration| tessera_core::format_duration(d);
+        let check = match &self.check {
+            Check::Ttl(ttl) => json!({
+                "CheckID": self.check_id(),
+                "TTL": go(*ttl),
+                // Healthy from the start: the process registers once it is serving.
+                "Status": "passing",
+                "DeregisterCriticalServiceAfter": go(self.deregister_after),
+            }),
+            Check::Http { path, interval } => json!({
+                "CheckID": self.check_id(),
+                "HTTP": format!("http://{}{path}", self.authority()),
+                "Interval": go(*interval),
+                "Timeout": go((*interval).clamp(Duration::from_millis(500), Duration::from_secs(5))),
+                "DeregisterCriticalServiceAfter": go(self.deregister_after),
+            }),
+        };
+        json!({
+            "ID": self.id,
+            "Name": self.name,
+            "Address": self.addr.ip().to_string(),
+            "Port": self.addr.port(),
+            "Tags": self.tags,
+            "Meta": self.meta,
+            "Weights": {"Passing": self.weight, "Warning": 1},
+            "Check": check,
+        })
+    }
+
+    fn check_id(&self) -> String {
+        format!("service:{}", self.id)
+    }
+
+    fn authority(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Registers the instance and, for a TTL check, starts the task that keeps it
+    /// passing (and registers again if the registry forgot the instance).
+    pub async fn register(self, registry: &Registry) -> Result<Registered, Error> {
+        let def = self.definition();
+        registry.register(&def).await?;
+        let stop = CancellationToken::new();
+        if let Check::Ttl(ttl) = self.check {
+            tokio::spawn(heartbeat(
+                registry.clone(),
+                self.check_id(),
+                def,
+                ttl,
+                stop.clone(),
+            ));
+        }
+        Ok(Registered {
+            id: self.id,
+            registry: registry.clone(),
+            stop,
+        })
+    }
+}
+
+async fn heartbeat(
+    registry: Registry,
+    check_id: String,
+    def: serde_json::Value,
+    ttl: Duration,
+    stop: CancellationToken,
+) {
+    let every = (ttl / 3).max(Duration::from_millis(100));
+    let path = format!("/v1/agent/check/pass/{}", encode(&check_id));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match registry.call(http::Method::PUT, &path, None, &[]).await {
+            Ok(r) if r.status.is_success() => {}
+            // The registry no longer knows the check (deregistered after a long pause,
+            // or a registry without persistence restarted): register again.
+            Ok(r) if r.status == http::StatusCode::NOT_FOUND => {
+                if let Err(e) = registry.register(&def).await {
+                    tracing::warn!(check = %check_id, error = %e, "re-registration failed");
+                }
+            }
+            Ok(r) => {
+                tracing::warn!(check = %check_id, status = %r.status, "TTL pass refused")
+            }
+            Err(e) => tracing::warn!(check = %check_id, error = %e, "TTL pass failed"),
+        }
+    }
+}
+
+/// A registered instance. Call [`Registered::deregister`] when shutting down, *before*
+/// the server stops accepting, so callers stop picking this instance first.
+pub struct Registered {
+    id: String,
+    registry: Registry,
+    stop: CancellationToken,
+}
+
+impl Registered {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Stops the TTL heartbeat and removes the instance from the registry.
+    pub async fn deregister(self) -> Result<(), Error> {
+        self.stop.cancel();
+        let path = format!("/v1/agent/service/deregister/{}", encode(&self.id));
+        self.registry
+            .call(http::Method::PUT, &path, None, &[])
+            .await?
+            .error_for_status()
+            .map(drop)
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        // Without an explicit deregister the TTL lapses and the registry marks the
+        // instance critical, which is what a crashed process looks like too.
+        self.stop.cancel();
+    }
+}

@@ -1,0 +1,505 @@
+//! The SDK against a real registry + coordinator (the same crates `tessera server` runs),
+//! on loopback ports chosen by the OS, with real axum services.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tessera::{
+    Alg, AuthError, Call, Check, Coordinator, Error, JwksVerifier, JwtError, Registration,
+    Registry, Saga, ServiceClient, Step, Validation,
+};
+use tokio::sync::oneshot;
+
+/// Polls `cond` until it holds; a loaded machine makes this slower, never failing.
+async fn wait_for<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+struct Resolver(Arc<tessera_registry::Registry>);
+impl tessera_coordinator::Resolve for Resolver {
+    fn healthy(&self, service: &str) -> Vec<(String, u32)> {
+        self.0.healthy_instances(service)
+    }
+}
+
+impl Server {
+    async fn start() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tessera_registry::Server::build(
+            tessera_registry::Config {
+                data_dir: dir.path().into(),
+                node_name: "sdk-test".into(),
+                ..Default::default()
+            },
+            &listener,
+        )
+        .unwrap();
+        let resolver = Arc::new(Resolver(server.registry().clone()));
+        let coordinator = tessera_coordinator::Coordinator::open_sqlite(dir.path(), Some(resolver))
+            .await
+            .unwrap();
+        let routes = coordinator.router(Arc::new(tessera_coordinator::AllowAll));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = server
+                .run_with(listener, routes, async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Server {
+            addr,
+            stop: Some(stop),
+            task,
+            _dir: dir,
+        }
+    }
+
+    fn registry(&self) -> Registry {
+        Registry::new(self.addr.to_string()).with_wait(Duration::from_secs(5))
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// An axum app on a loopback port, stopped by dropping the handle.
+struct App {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl App {
+    async fn start(router: axum::Router) -> App {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        App {
+            addr,
+            stop: Some(stop),
+        }
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// `(id, status)` of every check of `service` as the registry reports them.
+async fn checks(server: &Server, service: &str) -> Vec<(String, String)> {
+    let url = format!("http://{}/v1/health/checks/{service}", server.addr);
+    let body = http_get(&url).await;
+    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    (
+                        c["ServiceID"].as_str().unwrap_or("").to_owned(),
+                        c["Status"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn http_get(url: &str) -> String {
+    let client = hyper_util_client();
+    let req = http::Request::get(url)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    match client.request(req).await {
+        Ok(resp) => {
+            use http_body_util::BodyExt;
+            let b = resp.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8_lossy(&b).into_owned()
+        }
+        Err(_) => String::new(),
+    }
+}
+
+fn hyper_util_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+#[tokio::test]
+async fn ttl_registration_stays_passing_and_deregisters_on_shutdown() {
+    let server = Server::start().await;
+    let registry = server.registry();
+    let addr: SocketAddr = "127.0.0.1:40001".parse().unwrap();
+    let me = Registration::new("orders", addr)
+        .tag("v1")
+        .meta("zone", "a")
+        .weight(3)
+        .check(Check::Ttl(Duration::from_secs(2)))
+        .register(&registry)
+        .await
+        .unwrap();
+    let watch = registry.watch("orders");
+    assert!(watch.ready(Duration::from_secs(30)).await);
+    let now = watch.current();
+    assert_eq!(now.instances.len(), 1, "passing from the first moment");
+    let i = &now.instances[0];
+    assert_eq!((i.id.as_str(), i.port, i.weight), (me.id(), 40001, 3));
+    assert_eq!(i.tags, vec!["v1".to_owned()]);
+    assert_eq!(i.meta.get("zone").map(String::as_str), Some("a"));
+
+    // Three TTLs later the heartbeat has kept it passing.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        checks(&server, "orders").await,
+        vec![(me.id().to_owned(), "passing".to_owned())]
+    );
+
+    me.deregister().await.unwrap();
+    assert!(checks(&server, "orders").await.is_empty());
+    wait_for("the watch to see the instance go", || {
+        let w = watch.clone();
+        async move { w.current().instances.is_empty() }
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_process_that_stops_heartbeating_goes_critical() {
+    let server = Server::start().await;
+    let registry = server.registry();
+    let me = Registration::new("cart", "127.0.0.1:40002".parse().unwrap())
+        .check(Check::Ttl(Duration::from_secs(1)))
+        .register(&registry)
+        .await
+        .unwrap();
+    let id = me.id().to_owned();
+    drop(me); // what a crash looks like: no deregistration, no more passes
+    wait_for("the TTL check to lapse", || async {
+        checks(&server, "cart").await == vec![(id.clone(), "critical".to_owned())]
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn http_checks_are_polled_by_the_registry() {
+    let server = Server::start().await;
+    let app = App::start(axum::Router::new().route("/health", get(|| async { "ok" }))).await;
+    let me = Registration::new("users", app.addr)
+        .check(Check::Http {
+            path: "/health".into(),
+            interval: Duration::from_millis(200),
+        })
+        .register(&server.registry())
+        .await
+        .unwrap();
+    wait_for("the HTTP check to pass", || async {
+        checks(&server, "users").await == vec![(me.id().to_owned(), "passing".to_owned())]
+    })
+    .await;
+    drop(app);
+    wait_for("the HTTP check to fail", || async {
+        checks(&server, "users").await == vec![(me.id().to_owned(), "critical".to_owned())]
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn discovery_follows_changes_and_serves_from_cache_when_the_registry_is_gone() {
+    let server = Server::start().await;
+    let registry = server.registry();
+    let a = Registration::new("web", "127.0.0.1:40010".parse().unwrap())
+        .register(&registry)
+        .await
+        .unwrap();
+    let _b = Registration::new("web", "127.0.0.1:40011".parse().unwrap())
+        .register(&registry)
+        .await
+        .unwrap();
+    let mut watch = registry.watch("web");
+    assert!(watch.ready(Duration::from_secs(30)).await);
+    wait_for("both instances", || {
+        let w = watch.clone();
+        async move { w.current().instances.len() == 2 }
+    })
+    .await;
+    // A change reaches the blocked query without waiting for its timeout.
+    let started = tokio::time::Instant::now();
+    a.deregister().await.unwrap();
+    let seen = loop {
+        let now = watch.changed().await;
+        if now.instances.len() == 1 {
+            break now;
+        }
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "blocking query woke up"
+    );
+    assert_eq!(seen.instances[0].port, 40011);
+    assert!(seen.registry_ok);
+
+    server.stop().await;
+    wait_for("the watch to notice the registry is gone", || {
+        let w = watch.clone();
+        async move { !w.current().registry_ok }
+    })
+    .await;
+    let cached = watch.current();
+    assert_eq!(cached.instances.len(), 1, "last known instances kept");
+    assert_eq!(cached.instances[0].port, 40011);
+}
+
+#[tokio::test]
+async fn the_client_balances_retries_idempotent_calls_and_survives_a_dead_instance() {
+    let server = Server::start().await;
+    let registry = server.registry();
+    let hits = Arc::new(AtomicU32::new(0));
+    let ok = |name: &'static str, hits: Arc<AtomicU32>| {
+        axum::Router::new()
+            .route(
+                "/who",
+                get(move || {
+                    hits.fetch_add(1, Ordering::Relaxed);
+                    async move { name }
+                }),
+            )
+            .route("/write", post(move || async move { name }))
+    };
+    let failing = axum::Router::new()
+        .route(
+            "/who",
+            get(|| async { (http::StatusCode::SERVICE_UNAVAILABLE, "busy") }),
+        )
+        .route(
+            "/write",
+            post(|| async { (http::StatusCode::SERVICE_UNAVAILABLE, "busy") }),
+        );
+    let good = App::start(ok("good", hits.clone())).await;
+    let bad = App::start(failing).await;
+    let dead = App::start(ok("dead", hits.clone())).await;
+    for app in [&good, &bad, &dead] {
+        Registration::new("api", app.addr)
+            .register(&registry)
+            .await
+            .unwrap();
+    }
+    let client = ServiceClient::new(&registry, "api");
+    assert!(client.watch().ready(Duration::from_secs(30)).await);
+    wait_for("three instances", || {
+        let c = client.clone();
+        async move { c.watch().current().instances.len() == 3 }
+    })
+    .await;
+    drop(dead); // still registered and passing (TTL), but refusing connections
+
+    for _ in 0..60 {
+        let r = client.get("/who").send().await.unwrap();
+        assert_eq!(r.status, http::StatusCode::OK, "{}", r.text());
+        assert_eq!(r.text(), "good");
+    }
+    // A POST without an idempotency key that reached a 503 is not repeated (a fresh
+    // client: the first one has ejected the failing instance by now)...
+    let fresh = ServiceClient::new(&registry, "api");
+    assert!(fresh.watch().ready(Duration::from_secs(30)).await);
+    let mut saw_503 = false;
+    for _ in 0..40 {
+        let r = fresh.post("/write").send().await.unwrap();
+        saw_503 |= r.status == http::StatusCode::SERVICE_UNAVAILABLE;
+    }
+    assert!(saw_503, "non-idempotent POSTs are not retried after a 503");
+    // ...but with one it is.
+    for i in 0..40 {
+        let r = client
+            .post("/write")
+            .idempotency_key(&format!("k{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status, http::StatusCode::OK);
+    }
+    assert!(hits.load(Ordering::Relaxed) >= 60);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_for_an_unknown_service_says_so() {
+    let server = Server::start().await;
+    let client = ServiceClient::new(&server.registry(), "nowhere");
+    let ready = client.watch().ready(Duration::from_secs(30)).await;
+    assert!(ready, "{:?}", client.watch().current());
+    let err = client.get("/").send().await.unwrap_err();
+    assert!(
+        matches!(err, Error::NoInstance(ref s) if s == "nowhere"),
+        "{err}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn sagas_built_in_code_complete_or_compensate() {
+    let server = Server::start().await;
+    let registry = server.registry();
+    let released = Arc::new(AtomicU32::new(0));
+    let r2 = released.clone();
+    let app = App::start(
+        axum::Router::new()
+            .route("/reserve", post(|| async { "reserved" }))
+            .route(
+                "/release",
+                post(move || {
+                    r2.fetch_add(1, Ordering::Relaxed);
+                    async { "released" }
+                }),
+            )
+            .route(
+                "/charge",
+                post(|body: axum::Json<Value>| async move {
+                    if body["amount"].as_u64().unwrap_or(0) > 100 {
+                        (http::StatusCode::PAYMENT_REQUIRED, "insufficient funds")
+                    } else {
+                        (http::StatusCode::OK, "charged")
+                    }
+                }),
+            ),
+    )
+    .await;
+    let _me = Registration::new("shop", app.addr)
+        .register(&registry)
+        .await
+        .unwrap();
+    let coordinator = Coordinator::new(&registry);
+    let saga = |amount: u64| {
+        Saga::new("checkout")
+            .step(
+                Step::new("reserve", Call::post("shop", "/reserve"))
+                    .compensate(Call::post("shop", "/release"))
+                    .timeout(Duration::from_secs(5)),
+            )
+            .step(Step::new(
+                "charge",
+                Call::post("shop", "/charge").json(json!({"amount": amount})),
+            ))
+    };
+    let ok = coordinator
+        .start_saga(&saga(50), Some("order-1"))
+        .await
+        .unwrap();
+    let again = coordinator
+        .start_saga(&saga(50), Some("order-1"))
+        .await
+        .unwrap();
+    assert_eq!(ok.id, again.id, "same idempotency key, same saga");
+    let done = coordinator
+        .wait_saga(&ok.id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(done.status, "completed");
+
+    let bad = coordinator.start_saga(&saga(500), None).await.unwrap();
+    let done = coordinator
+        .wait_saga(&bad.id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(done.status, "compensated", "{:?}", done.error);
+    assert!(done.error.unwrap_or_default().contains("charge"));
+    assert_eq!(released.load(Ordering::Relaxed), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn jwks_keys_rotate_and_survive_an_outage() {
+    use tessera::jwt::Signer;
+    let first = Arc::new(Signer::ed25519(&Signer::generate_pkcs8().unwrap()).unwrap());
+    let second = Arc::new(Signer::ed25519(&Signer::generate_pkcs8().unwrap()).unwrap());
+    let published = Arc::new(std::sync::Mutex::new(vec![first.jwk()]));
+    let p = published.clone();
+    let app = App::start(axum::Router::new().route(
+        "/jwks.json",
+        get(move || {
+            let keys = p.lock().unwrap().clone();
+            async move { axum::Json(json!({ "keys": keys })) }
+        }),
+    ))
+    .await;
+    let mut verifier = JwksVerifier::from_url(
+        &format!("http://{}/jwks.json", app.addr),
+        Validation::new(&[Alg::EdDSA]),
+    );
+    verifier.min_refresh_gap = Duration::ZERO;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 300;
+    let t1 = first.sign(&json!({"sub": "ada", "exp": exp}));
+    let claims = verifier
+        .verify_header(Some(&format!("Bearer {t1}")))
+        .await
+        .unwrap();
+    assert_eq!(claims.sub(), Some("ada"));
+    assert!(matches!(
+        verifier.verify_header(None).await,
+        Err(AuthError::Missing)
+    ));
+
+    // The issuer rotates: a token with the new kid makes the verifier fetch again.
+    published.lock().unwrap().push(second.jwk());
+    let t2 = second.sign(&json!({"sub": "bob", "exp": exp}));
+    assert_eq!(verifier.verify(&t2).await.unwrap().sub(), Some("bob"));
+
+    // The JWKS endpoint goes away: known keys keep working, unknown ones do not.
+    drop(app);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(verifier.verify(&t1).await.unwrap().sub(), Some("ada"));
+    let third = Signer::ed25519(&Signer::generate_pkcs8().unwrap()).unwrap();
+    let t3 = third.sign(&json!({"sub": "eve", "exp": exp}));
+    assert!(matches!(
+        verifier.verify(&t3).await,
+        Err(AuthError::Invalid(JwtError::UnknownKid(_)))
+    ));
+}
