@@ -37,6 +37,17 @@ enum Command {
     Server(ServerArgs),
     /// Run the L7 gateway.
     Gateway(crate::gateway::GatewayArgs),
+    /// Run the demo shop on the whole platform: server, gateway, two replicas of each
+    /// shop service; `--load` drives traffic, `--chaos` kills replicas, `--verify`
+    /// checks the data.
+    Demo(Box<crate::demo::DemoArgs>),
+    /// Run one demo-shop service (what `tessera demo` starts).
+    Shop {
+        #[arg(value_enum)]
+        service: tessera_shop::Service,
+        #[command(flatten)]
+        args: tessera_shop::ShopArgs,
+    },
     /// Run a tiny HTTP upstream (for benchmarks and demos).
     #[command(hide = true)]
     Upstream(crate::upstream::UpstreamArgs),
@@ -111,6 +122,10 @@ impl Cli {
             Command::Server(args) => server::run(args).await,
             Command::Gateway(args) => crate::gateway::run(args).await,
             Command::Upstream(args) => crate::upstream::run(args).await,
+            Command::Demo(args) => crate::demo::run(*args).await,
+            Command::Shop { service, args } => {
+                tessera_shop::run(service, args, tokio_util::sync::CancellationToken::new()).await
+            }
             Command::Services { name: None } => {
                 let v = api
                     .get_json("/v1/catalog/services")

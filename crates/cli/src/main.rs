@@ -1,7 +1,9 @@
-//! The `tessera` binary. Run with: `cargo run --release -- server`.
+//! The `tessera` binary. Run with: `cargo run --release -- demo`.
 
 mod client;
+mod demo;
 mod gateway;
+mod load;
 mod server;
 mod upstream;
 

@@ -153,25 +153,7 @@ fn hostname() -> String {
         .unwrap_or_else(|| "tessera".into())
 }
 
+/// SIGTERM, Ctrl-C, or (under `tessera demo`) the supervisor closing stdin.
 pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+    tessera::shutdown_signal().await
 }

@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool, SqliteConnection, SqlitePool};
+use sqlx::{AnyConnection, AnyPool, PgConnection, PgPool, SqliteConnection, SqlitePool};
 use tokio_util::sync::CancellationToken;
 
 /// An event to publish once the surrounding transaction commits.
@@ -83,21 +83,42 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Defines the same function for SQLite and for PostgreSQL: `$conn` is the caller's
-/// connection (or pool) type in each, and the body is written once.
+/// Defines the same function for SQLite, PostgreSQL and sqlx's `Any` driver (either of
+/// the two, chosen by URL at run time): `$conn` is the caller's connection in each, and
+/// the body is written once.
 macro_rules! per_backend {
-    ($(#[$doc:meta])* $sqlite:ident, $pg:ident, $conn:ident,
+    ($(#[$doc:meta])* $sqlite:ident, $pg:ident, $any:ident, $conn:ident,
      ($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
         $(#[$doc])*
         pub async fn $sqlite($conn: &mut SqliteConnection, $($arg: $ty),*) -> $ret $body
         $(#[$doc])*
         pub async fn $pg($conn: &mut PgConnection, $($arg: $ty),*) -> $ret $body
+        $(#[$doc])*
+        pub async fn $any($conn: &mut AnyConnection, $($arg: $ty),*) -> $ret $body
     };
 }
 
 /// Creates the outbox and inbox tables if missing.
 pub async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), sqlx::Error> {
     for stmt in schema("INTEGER PRIMARY KEY AUTOINCREMENT") {
+        sqlx::query(sqlx::AssertSqlSafe(stmt)).execute(pool).await?;
+    }
+    Ok(())
+}
+
+/// Creates the outbox and inbox tables if missing, in whichever database `pool` is.
+pub async fn migrate_any(pool: &AnyPool) -> Result<(), sqlx::Error> {
+    let seq = if pool
+        .connect_options()
+        .database_url
+        .scheme()
+        .starts_with("postgres")
+    {
+        "BIGSERIAL PRIMARY KEY"
+    } else {
+        "INTEGER PRIMARY KEY AUTOINCREMENT"
+    };
+    for stmt in schema(seq) {
         sqlx::query(sqlx::AssertSqlSafe(stmt)).execute(pool).await?;
     }
     Ok(())
@@ -113,7 +134,7 @@ pub async fn migrate_postgres(pool: &PgPool) -> Result<(), sqlx::Error> {
 
 per_backend! {
     /// Adds `e` to the outbox inside the caller's transaction.
-    enqueue_sqlite, enqueue_postgres, tx, (e: &OutboxEvent) -> Result<(), sqlx::Error> {
+    enqueue_sqlite, enqueue_postgres, enqueue_any, tx, (e: &OutboxEvent) -> Result<(), sqlx::Error> {
         sqlx::query(ENQUEUE)
             .bind(&e.stream)
             .bind(&e.id)
@@ -130,7 +151,7 @@ per_backend! {
 per_backend! {
     /// Records that `consumer` handles `event_id`, inside the caller's transaction;
     /// `false` if it already did (skip the effect).
-    inbox_sqlite, inbox_postgres, tx, (consumer: &str, event_id: &str) -> Result<bool, sqlx::Error> {
+    inbox_sqlite, inbox_postgres, inbox_any, tx, (consumer: &str, event_id: &str) -> Result<bool, sqlx::Error> {
         let r = sqlx::query(INBOX)
             .bind(consumer)
             .bind(event_id)
@@ -153,6 +174,7 @@ pub trait Publish: Send + Sync {
 pub enum OutboxDb {
     Sqlite(SqlitePool),
     Postgres(PgPool),
+    Any(AnyPool),
 }
 
 type RawRow = (i64, String, String, String, String, Option<String>);
@@ -188,6 +210,7 @@ impl<P: Publish> Relay<P> {
         let rows: Vec<RawRow> = match &self.db {
             OutboxDb::Sqlite(p) => sqlx::query_as(UNPUBLISHED).bind(batch).fetch_all(p).await?,
             OutboxDb::Postgres(p) => sqlx::query_as(UNPUBLISHED).bind(batch).fetch_all(p).await?,
+            OutboxDb::Any(p) => sqlx::query_as(UNPUBLISHED).bind(batch).fetch_all(p).await?,
         };
         let mut done = Vec::new();
         let mut failure = None;
@@ -227,6 +250,9 @@ impl<P: Publish> Relay<P> {
                     sqlx::query(MARK).bind(now).bind(seq).execute(p).await?;
                 }
                 OutboxDb::Postgres(p) => {
+                    sqlx::query(MARK).bind(now).bind(seq).execute(p).await?;
+                }
+                OutboxDb::Any(p) => {
                     sqlx::query(MARK).bind(now).bind(seq).execute(p).await?;
                 }
             }

@@ -8,7 +8,8 @@
 //!   protection (P2C peak-EWMA, retries within a budget, timeouts, circuit breaker).
 //! - [`Saga`], [`Tcc`] and [`Coordinator`] hand distributed transactions to the
 //!   coordinator in `tessera server`.
-//! - [`outbox`] writes events in the service's own transaction and relays them to the
+//! - [`Events`] subscribes to the event store (catch-up then live, resuming after
+//!   reconnects) and keeps consumer-group offsets; [`outbox`] writes events in the service's own transaction and relays them to the
 //!   event store; its inbox makes consumers idempotent.
 //! - [`JwksVerifier`] checks bearer tokens against a JWKS from a URL or a service;
 //!   [`jwt`] signs them.
@@ -16,12 +17,14 @@
 //! Everything speaks the Consul HTTP API to the registry, nothing else.
 
 mod client;
+mod events;
 mod http;
 mod jwks;
 mod registry;
 mod saga;
 
 pub use client::{CallPolicy, RequestBuilder, ServiceClient};
+pub use events::{Event, Events, Subscription};
 pub use http::{Error, MAX_BODY, Response};
 pub use jwks::{Alg, AuthError, Claims, JwksVerifier, JwtError, KeySet, Validation};
 pub use registry::{Check, Instance, Instances, Registered, Registration, Registry, Watch};
@@ -33,25 +36,34 @@ pub use tessera_events::outbox;
 pub use tessera_jwt as jwt;
 
 /// Resolves on SIGTERM or Ctrl-C: the moment to [`Registered::deregister`], then stop
-/// accepting.
+/// accepting. With `TESSERA_STOP_ON_STDIN_EOF=1` in the environment it also resolves
+/// when stdin reaches end of file: a supervisor (such as `tessera demo`) holds the pipe,
+/// so its children stop cleanly when it closes it and cannot outlive it if it dies.
 pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = term => {}
-            _ = tokio::signal::ctrl_c() => {}
+    let eof = async {
+        if std::env::var("TESSERA_STOP_ON_STDIN_EOF").is_ok_and(|v| v == "1") {
+            use tokio::io::AsyncReadExt;
+            let mut stdin = tokio::io::stdin();
+            let mut buf = [0u8; 64];
+            while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+        } else {
+            std::future::pending::<()>().await;
         }
-    }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
     #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = term => {}
+        _ = eof => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }

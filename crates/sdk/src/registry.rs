@@ -96,6 +96,10 @@ impl Registry {
         &self.inner.address
     }
 
+    pub(crate) fn token(&self) -> Option<&str> {
+        self.inner.token.as_deref()
+    }
+
     pub(crate) fn http(&self) -> &Http {
         &self.inner.http
     }

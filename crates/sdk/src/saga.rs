@@ -315,14 +315,14 @@ impl Coordinator {
     /// it is).
     pub async fn wait_saga(&self, id: &str, timeout: Duration) -> Result<Run, Error> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut pause = Duration::from_millis(10);
+        let mut pause = Duration::from_millis(5);
         loop {
             let run = self.saga(id).await?;
             if run.is_final() || tokio::time::Instant::now() + pause > deadline {
                 return Ok(run);
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(250));
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
     }
 }

@@ -1,1 +1,244 @@
-//! stub
+//! The demo shop: five services built only on the Tessera SDK. Each registers itself
+//! with an HTTP health check, finds the others through the registry, keeps its data in
+//! its own database (SQLite in the data dir, shared by its replicas, or PostgreSQL), and
+//! exposes `/health` and Prometheus `/metrics`.
+//!
+//! - `users`: register, login → EdDSA JWT, JWKS;
+//! - `catalog`: products, stock reservations (saga step);
+//! - `cart`: carts, emptied by `OrderPlaced` events (inbox);
+//! - `orders`: checkout saga, order events through the outbox;
+//! - `payments`: balances, charges and refunds (saga step).
+
+mod cart;
+mod catalog;
+mod db;
+mod orders;
+mod payments;
+mod users;
+mod web;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tessera::{Check, Coordinator, Events, JwksVerifier, Registration, Registry, ServiceClient};
+use tokio_util::sync::CancellationToken;
+
+pub use users::{AUDIENCE, ISSUER};
+
+/// Which service to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Service {
+    Users,
+    Catalog,
+    Cart,
+    Orders,
+    Payments,
+}
+
+impl Service {
+    pub const ALL: [Service; 5] = [
+        Service::Users,
+        Service::Catalog,
+        Service::Cart,
+        Service::Orders,
+        Service::Payments,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Users => "users",
+            Service::Catalog => "catalog",
+            Service::Cart => "cart",
+            Service::Orders => "orders",
+            Service::Payments => "payments",
+        }
+    }
+
+    fn schema(self) -> Vec<&'static str> {
+        match self {
+            Service::Users => users::SCHEMA.to_vec(),
+            Service::Catalog => catalog::SCHEMA.to_vec(),
+            Service::Cart => cart::SCHEMA.to_vec(),
+            Service::Orders => orders::SCHEMA.to_vec(),
+            Service::Payments => payments::SCHEMA.to_vec(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ShopArgs {
+    /// Address to serve on; port 0 picks a free one (the registration carries the real
+    /// port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// The registry's HTTP API (tessera server or Consul).
+    #[arg(long, default_value = "127.0.0.1:8500")]
+    pub registry: String,
+    /// Where the service's SQLite database (and the users' signing key) live; replicas of
+    /// one service share it.
+    #[arg(long, default_value = "shop-data")]
+    pub data_dir: PathBuf,
+    /// PostgreSQL instead of SQLite (`postgres://user@host/db`).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// users: make sure this admin account exists (with `--admin-password`).
+    #[arg(long)]
+    pub admin_email: Option<String>,
+    #[arg(long, env = "SHOP_ADMIN_PASSWORD")]
+    pub admin_password: Option<String>,
+    /// payments: what a new account starts with.
+    #[arg(long, default_value_t = 20_000)]
+    pub initial_balance_cents: i64,
+}
+
+/// Runs one service until SIGTERM/Ctrl-C (or `stop`): deregisters first, then stops
+/// accepting and finishes in-flight requests.
+pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> Result<(), String> {
+    let name = service.name();
+    let db = db::Db::open(
+        args.database_url.as_deref(),
+        &args.data_dir,
+        name,
+        &service.schema(),
+        matches!(service, Service::Orders | Service::Cart),
+    )
+    .await?;
+    let registry = Registry::new(args.registry.clone());
+    let verifier = || {
+        Arc::new(JwksVerifier::from_service(
+            ServiceClient::new(&registry, "users"),
+            "/.well-known/jwks.json",
+            users::validation(),
+        ))
+    };
+    let background = CancellationToken::new();
+    let routes = match service {
+        Service::Users => {
+            let admin = args.admin_email.clone().zip(args.admin_password.clone());
+            users::router(db.clone(), &args.data_dir, admin).await?
+        }
+        Service::Catalog => catalog::router(db.clone(), verifier()),
+        Service::Payments => payments::router(db.clone(), verifier(), args.initial_balance_cents),
+        Service::Cart => {
+            tokio::spawn(cart::consume(
+                db.clone(),
+                Events::new(&registry),
+                background.clone(),
+            ));
+            cart::router(db.clone(), verifier())
+        }
+        Service::Orders => {
+            let st = orders::St::new(
+                db.clone(),
+                verifier(),
+                ServiceClient::new(&registry, "cart"),
+                ServiceClient::new(&registry, "catalog"),
+                Coordinator::new(&registry),
+            );
+            let publisher = tessera::outbox::HttpPublisher::new(
+                format!("http://{}", args.registry),
+                std::env::var("TESSERA_REGISTRY_TOKEN").ok(),
+            );
+            let relay = tessera::outbox::Relay::new(
+                tessera::outbox::OutboxDb::Any(db.pool.clone()),
+                publisher,
+            );
+            tokio::spawn(relay.run(Duration::from_millis(100), background.clone()));
+            tokio::spawn(orders::reconcile(st.clone(), background.clone()));
+            orders::router(st)
+        }
+    };
+    let metrics = Arc::new(web::Metrics::default());
+    let app = routes
+        .merge(
+            Router::new()
+                .route("/health", get(health))
+                .with_state(db.clone()),
+        )
+        .merge(
+            Router::new()
+                .route("/metrics", get(render_metrics))
+                .with_state((metrics.clone(), name)),
+        )
+        .layer(axum::middleware::from_fn_with_state(metrics, web::track));
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("listener address: {e}"))?;
+    let registration = Registration::new(name, addr)
+        .meta("version", env!("CARGO_PKG_VERSION"))
+        .check(Check::Http {
+            path: "/health".into(),
+            interval: Duration::from_secs(1),
+        })
+        .deregister_after(Duration::from_secs(30));
+    let registered = register(registration, &registry).await?;
+    println!(
+        "{name} listening on http://{addr} (registered as {})",
+        registered.id()
+    );
+    let shutdown = async move {
+        tokio::select! {
+            _ = tessera::shutdown_signal() => {}
+            _ = stop.cancelled() => {}
+        }
+        // Out of the registry first, so callers stop choosing this instance; then a
+        // moment for their discovery to hear it before the listener closes.
+        if let Err(e) = registered.deregister().await {
+            tracing::warn!(error = %e, "deregistration failed");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        background.cancel();
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| format!("server: {e}"))?;
+    db.pool.close().await;
+    println!("{name} stopped");
+    Ok(())
+}
+
+/// Registers, retrying while the registry is not up yet (services may start first).
+async fn register(r: Registration, registry: &Registry) -> Result<tessera::Registered, String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match r.clone().register(registry).await {
+            Ok(done) => return Ok(done),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "registry not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(format!("cannot register with {}: {e}", registry.address())),
+        }
+    }
+}
+
+async fn health(State(db): State<db::Db>) -> impl IntoResponse {
+    match sqlx::query("SELECT 1").execute(&db.pool).await {
+        Ok(_) => (StatusCode::OK, "ok"),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unavailable"),
+    }
+}
+
+async fn render_metrics(
+    State((m, name)): State<(Arc<web::Metrics>, &'static str)>,
+) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        m.render(name),
+    )
+}

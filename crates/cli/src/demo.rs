@@ -1,0 +1,488 @@
+//! `tessera demo`: the whole platform on one machine — `tessera server`, `tessera gateway`
+//! and two replicas of each shop service as child processes — seeded and explained, and
+//! optionally driven with load (and chaos) and checked for consistency.
+//!
+//! Children get a pipe as stdin and `TESSERA_STOP_ON_STDIN_EOF=1`: closing the pipe is
+//! how they are asked to stop, and if this process dies the pipe closes anyway, so no
+//! child outlives the demo.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::json;
+use tessera_shop::Service;
+use tokio::process::{Child, ChildStdin, Command};
+
+use crate::load::{self, Http, LoadArgs};
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Where the gateway listens (port 0: any free port). Its admin API takes the next
+    /// port.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    gateway: SocketAddr,
+    /// Where `tessera server` listens (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:8500")]
+    registry: SocketAddr,
+    /// State of every process (databases, logs, configs); kept between runs.
+    #[arg(long, default_value = "tessera-demo")]
+    data_dir: PathBuf,
+    /// Start from empty databases.
+    #[arg(long)]
+    fresh: bool,
+    /// Replicas of each shop service.
+    #[arg(long, default_value_t = 2)]
+    replicas: u32,
+    /// Drive shop traffic through the gateway, then check consistency and stop.
+    #[arg(long)]
+    load: bool,
+    #[command(flatten)]
+    load_args: LoadArgs,
+    /// With --load: kill a random replica every few seconds (and restart it).
+    #[arg(long)]
+    chaos: bool,
+    /// Only check a running demo's orders, stock and balances against each other
+    /// (`--registry` names its server), and exit 1 on any mismatch.
+    #[arg(long)]
+    verify: bool,
+}
+
+/// One supervised child process.
+pub struct Proc {
+    pub name: String,
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+    log: PathBuf,
+    child: Option<Child>,
+    stdin: Option<ChildStdin>,
+    pub restarts: u32,
+}
+
+impl Proc {
+    fn new(name: &str, args: Vec<String>, logs: &Path) -> Proc {
+        Proc {
+            name: name.to_owned(),
+            args,
+            env: Vec::new(),
+            log: logs.join(format!("{name}.log")),
+            child: None,
+            stdin: None,
+            restarts: 0,
+        }
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find tessera: {e}"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| format!("cannot open {}: {e}", self.log.display()))?;
+        let err = log
+            .try_clone()
+            .map_err(|e| format!("cannot open {}: {e}", self.log.display()))?;
+        let mut child = Command::new(exe)
+            .args(&self.args)
+            .env("TESSERA_STOP_ON_STDIN_EOF", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(log)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.name))?;
+        self.stdin = child.stdin.take();
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Whether the process has exited (and how), without waiting.
+    fn exited(&mut self) -> Option<String> {
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(Some(status))) => Some(status.to_string()),
+            Some(Err(e)) => Some(e.to_string()),
+            None => Some("not started".into()),
+            Some(Ok(None)) => None,
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+        self.stdin = None;
+    }
+
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.restarts += 1;
+        self.spawn()
+    }
+
+    /// Asks the process to stop: closes its stdin.
+    fn signal(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Asks the process to stop and kills it if it has not after `grace`.
+    async fn stop(&mut self, grace: Duration) {
+        self.signal();
+        if let Some(mut c) = self.child.take()
+            && tokio::time::timeout(grace, c.wait()).await.is_err()
+        {
+            let _ = c.kill().await;
+        }
+    }
+}
+
+/// Every process of a running demo.
+pub struct Fleet {
+    pub infra: Vec<Proc>,
+    pub services: Vec<Proc>,
+}
+
+impl Fleet {
+    async fn stop(&mut self) {
+        // Services first (they deregister), then the gateway, then the server.
+        let grace = Duration::from_secs(10);
+        for p in &mut self.services {
+            p.signal();
+        }
+        for p in &mut self.services {
+            p.stop(grace).await;
+        }
+        while let Some(mut p) = self.infra.pop() {
+            p.stop(grace).await;
+        }
+    }
+}
+
+fn free_port(addr: SocketAddr) -> Result<SocketAddr, String> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    let l = std::net::TcpListener::bind(addr).map_err(|e| format!("cannot bind {addr}: {e}"))?;
+    l.local_addr().map_err(|e| e.to_string())
+}
+
+const PRODUCTS: &[(&str, &str, i64, i64)] = &[
+    ("espresso", "Espresso beans, 1 kg", 1850, 500),
+    ("filter", "Paper filters, 100", 450, 2000),
+    ("mug", "Ceramic mug", 990, 1000),
+    ("scale", "Coffee scale", 2900, 200),
+    ("tamper", "Steel tamper", 2400, 120),
+    ("kettle", "Gooseneck kettle", 4500, 150),
+    ("grinder", "Burr grinder", 8900, 100),
+    ("machine", "Espresso machine", 64900, 20),
+];
+
+pub const DEMO_EMAIL: &str = "demo@shop.test";
+pub const DEMO_PASSWORD: &str = "demo-password-1";
+const ADMIN_EMAIL: &str = "admin@shop.test";
+
+pub async fn run(args: DemoArgs) -> Result<(), String> {
+    if args.verify {
+        let report = crate::load::verify(&args.registry.to_string()).await?;
+        println!("{report}");
+        return if report.ok() {
+            Ok(())
+        } else {
+            Err("the shop's data is inconsistent".into())
+        };
+    }
+    if args.replicas == 0 || args.replicas > 8 {
+        return Err("--replicas: 1 to 8".into());
+    }
+    let dir = &args.data_dir;
+    if args.fresh && dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+    }
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
+    let registry = free_port(args.registry)?;
+    let gateway = free_port(args.gateway)?;
+    let admin = free_port(SocketAddr::new(gateway.ip(), 0))?;
+    let admin_password = admin_password(dir)?;
+
+    let mut fleet = Fleet {
+        infra: Vec::new(),
+        services: Vec::new(),
+    };
+    let result = async {
+        let mut server = Proc::new(
+            "server",
+            vec![
+                "server".into(),
+                "--bind".into(),
+                registry.to_string(),
+                "--data-dir".into(),
+                path(&dir.join("server")),
+                "--node".into(),
+                "demo".into(),
+            ],
+            &logs,
+        );
+        server.spawn()?;
+        fleet.infra.push(server);
+        let http = Http::new();
+        wait(&mut fleet, "the registry", || async {
+            http.get(&format!("http://{registry}/v1/status/leader"), None)
+                .await
+                .is_ok_and(|(s, _)| s == 200)
+        })
+        .await?;
+
+        let config = dir.join("gateway.toml");
+        std::fs::write(&config, gateway_config(gateway, admin, registry))
+            .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+        let mut gw = Proc::new(
+            "gateway",
+            vec!["gateway".into(), "--config".into(), path(&config)],
+            &logs,
+        );
+        gw.spawn()?;
+        fleet.infra.push(gw);
+
+        for service in Service::ALL {
+            for n in 1..=args.replicas {
+                let mut a = vec![
+                    "shop".into(),
+                    service.name().into(),
+                    "--registry".into(),
+                    registry.to_string(),
+                    "--data-dir".into(),
+                    path(&dir.join(service.name())),
+                ];
+                if service == Service::Users {
+                    a.extend(["--admin-email".into(), ADMIN_EMAIL.into()]);
+                }
+                let mut p = Proc::new(&format!("{}-{n}", service.name()), a, &logs);
+                if service == Service::Users {
+                    // In the environment, not on the command line (`ps` shows those).
+                    p.env.push(("SHOP_ADMIN_PASSWORD", admin_password.clone()));
+                }
+                p.spawn()?;
+                fleet.services.push(p);
+            }
+        }
+        for service in Service::ALL {
+            let url = format!(
+                "http://{registry}/v1/health/service/{}?passing",
+                service.name()
+            );
+            let want = args.replicas as usize;
+            wait(
+                &mut fleet,
+                &format!("{} replicas of {}", want, service.name()),
+                || async {
+                    http.get(&url, None)
+                        .await
+                        .is_ok_and(|(_, v)| v.as_array().is_some_and(|a| a.len() >= want))
+                },
+            )
+            .await?;
+        }
+        let gw_url = format!("http://{gateway}");
+        wait(&mut fleet, "the gateway's catalog route", || async {
+            http.get(&format!("{gw_url}/api/catalog/products"), None)
+                .await
+                .is_ok_and(|(s, _)| s == 200)
+        })
+        .await?;
+        let admin_token = seed(&http, &gw_url, &admin_password).await?;
+        walkthrough(gateway, registry, admin, dir, &admin_password);
+
+        if args.load {
+            let chaos = args.chaos.then_some(&mut fleet);
+            let registry = registry.to_string();
+            let outcome = load::run(
+                &http,
+                &gw_url,
+                &registry,
+                &args.load_args,
+                &admin_token,
+                chaos,
+            )
+            .await?;
+            if !outcome {
+                return Err("the load run ended with inconsistent data".to_owned());
+            }
+            return Ok(());
+        }
+        println!("Press Ctrl-C to stop everything.");
+        tokio::select! {
+            _ = crate::server::shutdown_signal() => Ok(()),
+            e = watch_children(&mut fleet) => Err(e),
+        }
+    }
+    .await;
+    println!("stopping the demo ...");
+    fleet.stop().await;
+    println!("demo stopped");
+    result
+}
+
+/// Returns when a child process exits on its own (it should not).
+async fn watch_children(fleet: &mut Fleet) -> String {
+    loop {
+        for p in fleet.infra.iter_mut().chain(fleet.services.iter_mut()) {
+            if let Some(how) = p.exited() {
+                return format!("{} exited ({how}); see {}", p.name, p.log.display());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Polls `cond` for up to 60 s, failing early (with the log to read) if a child died.
+async fn wait<F, Fut>(fleet: &mut Fleet, what: &str, mut cond: F) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if cond().await {
+            return Ok(());
+        }
+        for p in fleet.infra.iter_mut().chain(fleet.services.iter_mut()) {
+            if let Some(how) = p.exited() {
+                return Err(format!(
+                    "{} exited ({how}) while waiting for {what}; see {}",
+                    p.name,
+                    p.log.display()
+                ));
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// The admin password for this data dir: made up on first run and kept.
+fn admin_password(dir: &Path) -> Result<String, String> {
+    let file = dir.join("admin-password");
+    if let Ok(p) = std::fs::read_to_string(&file) {
+        let p = p.trim().to_owned();
+        if p.len() >= 12 {
+            return Ok(p);
+        }
+    }
+    let p: String = (0..20).map(|_| fastrand::alphanumeric()).collect();
+    std::fs::write(&file, &p).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    Ok(p)
+}
+
+fn gateway_config(gateway: SocketAddr, admin: SocketAddr, registry: SocketAddr) -> String {
+    let mut c = format!(
+        "# Written by `tessera demo`.\nlisten = \"{gateway}\"\nadmin = \"{admin}\"\n\n[registry]\naddress = \"{registry}\"\nwait = \"30s\"\n\n"
+    );
+    c.push_str(
+        "[[routes]]\nname = \"jwks\"\npath = { exact = \"/.well-known/jwks.json\" }\nupstream = \"users\"\n\n",
+    );
+    for s in Service::ALL {
+        let n = s.name();
+        c.push_str(&format!(
+            "[[routes]]\nname = \"{n}\"\npath = {{ prefix = \"/api/{n}\" }}\nupstream = \"{n}\"\nrewrite_prefix = \"/{n}\"\ntimeout = \"20s\"\n\n"
+        ));
+    }
+    for s in Service::ALL {
+        let n = s.name();
+        c.push_str(&format!("[upstreams.{n}]\nservice = \"{n}\"\n\n"));
+    }
+    c
+}
+
+/// Creates the products and the demo user if missing; returns an admin token.
+async fn seed(http: &Http, gw: &str, admin_password: &str) -> Result<String, String> {
+    let (s, v) = http
+        .post(
+            &format!("{gw}/api/users/login"),
+            None,
+            &json!({"email": ADMIN_EMAIL, "password": admin_password}),
+            None,
+        )
+        .await?;
+    if s != 200 {
+        return Err(format!("admin login failed: {s} {v}"));
+    }
+    let token = v["token"].as_str().unwrap_or_default().to_owned();
+    for (id, name, price, stock) in PRODUCTS {
+        let body = json!({"id": id, "name": name, "price_cents": price, "stock": stock});
+        let (s, v) = http
+            .post(
+                &format!("{gw}/api/catalog/products"),
+                Some(&token),
+                &body,
+                None,
+            )
+            .await?;
+        if s != 201 && s != 409 {
+            return Err(format!("cannot create product {id}: {s} {v}"));
+        }
+    }
+    let (s, v) = http
+        .post(
+            &format!("{gw}/api/users/register"),
+            None,
+            &json!({"email": DEMO_EMAIL, "password": DEMO_PASSWORD, "name": "Demo"}),
+            None,
+        )
+        .await?;
+    if s != 201 && s != 409 {
+        return Err(format!("cannot register the demo user: {s} {v}"));
+    }
+    Ok(token)
+}
+
+fn walkthrough(
+    gateway: SocketAddr,
+    registry: SocketAddr,
+    admin: SocketAddr,
+    dir: &Path,
+    admin_password: &str,
+) {
+    let gw = format!("http://{gateway}");
+    println!(
+        r#"
+Tessera demo shop is up.
+  gateway:   {gw}
+  registry:  http://{registry}   (Consul API, sagas at /v1/sagas, events at /v1/streams)
+  admin:     http://{admin}/admin/upstreams   http://{admin}/metrics
+  logs:      {logs}
+  shop admin {ADMIN_EMAIL} / {admin_password}
+
+Try it (copy and paste):
+  GW={gw}
+  # browse (public)
+  curl -s $GW/api/catalog/products
+  # log in as the demo user (or register your own at /api/users/register)
+  TOKEN=$(curl -s -X POST $GW/api/users/login -H 'content-type: application/json' \
+    -d '{{"email":"{DEMO_EMAIL}","password":"{DEMO_PASSWORD}"}}' | sed -E 's/.*"token":"([^"]+)".*/\1/')
+  # add to the cart, check out (a saga: reserve stock -> charge -> confirm)
+  curl -s -X POST $GW/api/cart/items -H "authorization: Bearer $TOKEN" \
+    -H 'content-type: application/json' -d '{{"product_id":"mug","quantity":2}}'
+  curl -s -X POST $GW/api/orders/checkout -H "authorization: Bearer $TOKEN" -H 'Idempotency-Key: my-first-order'
+  # your orders, your balance (every account starts with $200.00)
+  curl -s $GW/api/orders -H "authorization: Bearer $TOKEN"
+  curl -s $GW/api/payments/accounts/me -H "authorization: Bearer $TOKEN"
+  # an order that cannot be paid: stock is reserved, the charge fails, the saga
+  # releases the stock and the order ends cancelled with the reason
+  curl -s -X POST $GW/api/orders/checkout -H "authorization: Bearer $TOKEN" \
+    -H 'content-type: application/json' -d '{{"items":[{{"product_id":"machine","quantity":1}}]}}'
+  # the sagas behind them, and the order events
+  curl -s 'http://{registry}/v1/sagas?limit=5'
+  curl -s 'http://{registry}/v1/streams/order-*'
+"#,
+        logs = dir.join("logs").display()
+    );
+}

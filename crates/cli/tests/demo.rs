@@ -1,0 +1,578 @@
+//! `tessera demo` end to end, as a newcomer runs it: real processes (server, gateway, two
+//! replicas of each shop service), real HTTP through the gateway, and a clean stop.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[allow(dead_code)] // each test crate uses a part of it
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+
+use common::BIN;
+
+struct Demo {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    gateway: String,
+    registry: String,
+    admin_password: String,
+}
+
+impl Demo {
+    async fn start(dir: &Path) -> Demo {
+        let mut child = Command::new(BIN)
+            .args([
+                "demo",
+                "--gateway",
+                "127.0.0.1:0",
+                "--registry",
+                "127.0.0.1:0",
+                "--fresh",
+            ])
+            .arg("--data-dir")
+            .arg(dir)
+            .env("TESSERA_STOP_ON_STDIN_EOF", "1")
+            .env_remove("DATABASE_URL")
+            .env_remove("TESSERA_DATABASE_URL")
+            .env_remove("TESSERA_EVENTS")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn tessera demo");
+        let stdin = child.stdin.take();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut gateway, mut registry, mut admin_password) = (None, None, None);
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(180), lines.next_line())
+                .await
+                .expect("the demo came up in time")
+                .unwrap()
+                .unwrap_or_else(|| {
+                    panic!(
+                        "the demo exited before it was up; logs in {}",
+                        dir.display()
+                    )
+                });
+            let word = |prefix: &str| {
+                line.trim()
+                    .strip_prefix(prefix)
+                    .and_then(|r| r.split_whitespace().next())
+                    .map(str::to_owned)
+            };
+            gateway =
+                gateway.or(word("gateway:").map(|u| u.trim_start_matches("http://").to_owned()));
+            registry =
+                registry.or(word("registry:").map(|u| u.trim_start_matches("http://").to_owned()));
+            if let Some(rest) = line.trim().strip_prefix("shop admin admin@shop.test / ") {
+                admin_password = Some(rest.trim().to_owned());
+            }
+            if line.contains("Press Ctrl-C") {
+                break;
+            }
+        }
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Demo {
+            child,
+            stdin,
+            gateway: gateway.unwrap(),
+            registry: registry.unwrap(),
+            admin_password: admin_password.unwrap(),
+        }
+    }
+
+    /// Stops the demo as its supervisor would (stdin closed) and waits for it.
+    async fn stop(mut self) {
+        self.stdin = None;
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("the demo stopped in time")
+            .unwrap();
+        assert!(status.success(), "demo exit status {status}");
+    }
+}
+
+type Http = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> Http {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn call(
+    c: &Http,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = http::Request::builder().method(method).uri(url);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let body = match body {
+        Some(b) => {
+            req = req.header("content-type", "application/json");
+            Bytes::from(b.to_string())
+        }
+        None => Bytes::new(),
+    };
+    let resp = c.request(req.body(Full::new(body)).unwrap()).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+async fn wait_for<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Process ids whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmd).contains(needle)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = Demo::start(dir.path()).await;
+    let c = client();
+    let gw = format!("http://{}", demo.gateway);
+
+    // Browse without a token; writes to the catalog need an admin.
+    let (s, products) = call(&c, "GET", &format!("{gw}/api/catalog/products"), None, None).await;
+    assert_eq!(s, 200);
+    let stock_of = |products: &Value, id: &str| {
+        products
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == id)
+            .unwrap()["stock"]
+            .as_i64()
+            .unwrap()
+    };
+    let machine_stock = stock_of(&products, "machine");
+    let mug_stock = stock_of(&products, "mug");
+    let new_product = json!({"id": "spoon", "name": "Spoon", "price_cents": 100, "stock": 5});
+    let (s, v) = call(
+        &c,
+        "POST",
+        &format!("{gw}/api/catalog/products"),
+        None,
+        Some(new_product.clone()),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (401, Some("unauthorized")));
+
+    // Register, log in.
+    let creds = json!({"email": "ada@example.com", "password": "correct-horse"});
+    let (s, _) = call(
+        &c,
+        "POST",
+        &format!("{gw}/api/users/register"),
+        None,
+        Some(creds.clone()),
+    )
+    .await;
+    assert_eq!(s, 201);
+    let (s, _) = call(
+        &c,
+        "POST",
+        &format!("{gw}/api/users/register"),
+        None,
+        Some(creds.clone()),
+    )
+    .await;
+    assert_eq!(s, 409, "the same email twice");
+    let (s, v) = call(
+        &c,
+        "POST",
+        &format!("{gw}/api/users/login"),
+        None,
+        Some(json!({"email": "ada@example.com", "password": "wrong-horse"})),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (401, Some("bad_credentials")));
+    let (s, v) = call(
+        &c,
+        "POST",
+        &format!("{gw}/api/users/login"),
+        None,
+        Some(creds),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let token = v["token"].as_str().unwrap().to_owned();
+    let t = Some(token.as_str());
+    let (s, _) = call(
+        &c,
+        "POST",
+        &format!("{gw}/api/catalog/products"),
+        t,
+        Some(new_product),
+    )
+    .await;
+    assert_eq!(s, 403, "customers cannot write the catalog");
+    let (s, v) = call(
+        &c,
+        "GET",
+        &format!("{gw}/api/cart"),
+        Some("not-a-token"),
+        None,
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (401, Some("unauthorized")));
+
+    // Cart, checkout (saga), order, balance, cart emptied by the OrderPlaced event.
+    let (s, _) = call(
+        &c,
+        "POST",
+        &format!("{gw}/api/cart/items"),
+        t,
+        Some(json!({"product_id": "mug", "quantity": 2})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (s, order) = call(&c, "POST", &format!("{gw}/api/orders/checkout"), t, None).await;
+    assert_eq!(s, 201, "{order}");
+    assert_eq!(order["status"], "confirmed", "{order}");
+    assert_eq!(order["total_cents"], 1980);
+    let (_, me) = call(
+        &c,
+        "GET",
+        &format!("{gw}/api/payments/accounts/me"),
+        t,
+        None,
+    )
+    .await;
+    assert_eq!(me["balance_cents"], 20_000 - 1980);
+    let (_, orders) = call(&c, "GET", &format!("{gw}/api/orders"), t, None).await;
+    assert_eq!(orders.as_array().unwrap().len(), 1);
+    wait_for("the cart to be emptied by OrderPlaced", || {
+        let (c, url) = (c.clone(), format!("{gw}/api/cart"));
+        async move {
+            call(&c, "GET", &url, t, None).await.1["items"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+        }
+    })
+    .await;
+    let (s, v) = call(&c, "POST", &format!("{gw}/api/orders/checkout"), t, None).await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("the cart is empty")));
+
+    // Short of funds: the saga compensates, the order is cancelled with the reason, and
+    // the stock taken by the first step is back.
+    let body = json!({"items": [{"product_id": "machine", "quantity": 1}]});
+    let (s, order) = call(
+        &c,
+        "POST",
+        &format!("{gw}/api/orders/checkout"),
+        t,
+        Some(body),
+    )
+    .await;
+    assert_eq!(s, 201, "{order}");
+    assert_eq!(order["status"], "cancelled");
+    assert_eq!(order["reason"], "insufficient funds");
+    let (_, products) = call(&c, "GET", &format!("{gw}/api/catalog/products"), None, None).await;
+    assert_eq!(stock_of(&products, "machine"), machine_stock);
+    assert_eq!(stock_of(&products, "mug"), mug_stock - 2);
+    let (_, me) = call(
+        &c,
+        "GET",
+        &format!("{gw}/api/payments/accounts/me"),
+        t,
+        None,
+    )
+    .await;
+    assert_eq!(
+        me["balance_cents"],
+        20_000 - 1980,
+        "nothing charged for the cancelled order"
+    );
+
+    // An order id only its owner (or an admin) can see.
+    let other = json!({"email": "bob@example.com", "password": "battery-staple"});
+    call(
+        &c,
+        "POST",
+        &format!("{gw}/api/users/register"),
+        None,
+        Some(other.clone()),
+    )
+    .await;
+    let (_, v) = call(
+        &c,
+        "POST",
+        &format!("{gw}/api/users/login"),
+        None,
+        Some(other),
+    )
+    .await;
+    let bob = v["token"].as_str().unwrap().to_owned();
+    let url = format!("{gw}/api/orders/{}", order["id"].as_str().unwrap());
+    assert_eq!(call(&c, "GET", &url, Some(&bob), None).await.0, 404);
+    assert_eq!(call(&c, "GET", &url, t, None).await.0, 200);
+
+    // The events: one OrderPlaced and one OrderCancelled in the order category.
+    wait_for("both order events in the event store", || {
+        let (c, url) = (
+            c.clone(),
+            format!("http://{}/v1/streams/order-*", demo.registry),
+        );
+        async move {
+            let (_, v) = call(&c, "GET", &url, None, None).await;
+            let kinds: Vec<&str> = v
+                .as_array()
+                .map(|a| a.iter().filter_map(|e| e["type"].as_str()).collect())
+                .unwrap_or_default();
+            kinds.contains(&"OrderPlaced") && kinds.contains(&"OrderCancelled")
+        }
+    })
+    .await;
+
+    // The admin seeded by the demo can write the catalog.
+    let (_, v) = call(
+        &c,
+        "POST",
+        &format!("{gw}/api/users/login"),
+        None,
+        Some(json!({"email": "admin@shop.test", "password": demo.admin_password})),
+    )
+    .await;
+    let admin = v["token"].as_str().unwrap().to_owned();
+    let (s, _) = call(
+        &c,
+        "POST",
+        &format!("{gw}/api/catalog/products"),
+        Some(&admin),
+        Some(json!({"id": "spoon", "name": "Spoon", "price_cents": 100, "stock": 5})),
+    )
+    .await;
+    assert_eq!(s, 201);
+
+    // The data adds up.
+    let (ok, out, err) = common::run_cli(
+        &demo.registry,
+        &["demo", "--verify", "--registry", &demo.registry],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("consistent"), "{out}");
+
+    // Every service instance's port, to check they are all closed after the stop.
+    let mut ports = vec![demo.gateway.clone(), demo.registry.clone()];
+    for svc in ["users", "catalog", "cart", "orders", "payments"] {
+        let (_, v) = call(
+            &c,
+            "GET",
+            &format!("http://{}/v1/health/service/{svc}?passing", demo.registry),
+            None,
+            None,
+        )
+        .await;
+        let entries = v.as_array().unwrap();
+        assert_eq!(entries.len(), 2, "two replicas of {svc}");
+        for e in entries {
+            ports.push(format!("127.0.0.1:{}", e["Service"]["Port"]));
+        }
+    }
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    assert!(
+        processes_mentioning(&data_dir).len() >= 12,
+        "server, gateway and 10 services run"
+    );
+    demo.stop().await;
+    wait_for("every child process to be gone", || {
+        let d = data_dir.clone();
+        async move { processes_mentioning(&d).is_empty() }
+    })
+    .await;
+    for p in ports {
+        assert!(
+            tokio::net::TcpStream::connect(&p).await.is_err(),
+            "{p} still accepts connections"
+        );
+    }
+}
+
+/// `tessera demo --load --chaos` with every shop service on SQLite, or on PostgreSQL
+/// when `database_url` is given.
+async fn chaos_run(database_url: Option<&str>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "demo",
+        "--gateway",
+        "127.0.0.1:0",
+        "--registry",
+        "127.0.0.1:0",
+        "--fresh",
+    ])
+    .args([
+        "--load",
+        "--chaos",
+        "--duration",
+        "12s",
+        "--concurrency",
+        "8",
+        "--shoppers",
+        "8",
+    ])
+    .arg("--data-dir")
+    .arg(dir.path())
+    .env_remove("DATABASE_URL")
+    .env_remove("TESSERA_DATABASE_URL")
+    .env_remove("TESSERA_EVENTS")
+    .stdin(Stdio::null())
+    .kill_on_drop(true);
+    if let Some(url) = database_url {
+        cmd.env("DATABASE_URL", url);
+    }
+    let out = cmd.output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("chaos: killed"), "{stdout}");
+    assert!(
+        stdout.contains("consistent: every confirmed order"),
+        "{stdout}"
+    );
+    // Zero failed requests: idempotent ones are retried by the gateway, checkouts by the
+    // client with the same Idempotency-Key.
+    let total = stdout
+        .lines()
+        .find(|l| l.starts_with("total "))
+        .expect("summary table");
+    let errors: u64 = total.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert_eq!(errors, 0, "{stdout}");
+    let confirmed = stdout
+        .lines()
+        .find(|l| l.starts_with("orders: "))
+        .expect("report");
+    assert!(!confirmed.starts_with("orders: 0 confirmed"), "{stdout}");
+    let data_dir = dir.path().to_string_lossy().into_owned();
+    wait_for("every child process to be gone", || {
+        let d = data_dir.clone();
+        async move { processes_mentioning(&d).is_empty() }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_burst_with_replicas_killed_leaves_no_inconsistent_order() {
+    chaos_run(None).await;
+}
+
+/// A fresh database on the machine's PostgreSQL (via `psql`), dropped at the end. Outside
+/// CI a missing server skips the test; in CI it fails it.
+struct PgDatabase {
+    url: String,
+    name: String,
+}
+
+fn psql(sql: &str) -> Result<(), String> {
+    let out = std::process::Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "root",
+            "-d",
+            "test",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .output()
+        .map_err(|e| format!("psql: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+impl PgDatabase {
+    fn create() -> Option<PgDatabase> {
+        let name = format!("tessera_shop_{:08x}", std::process::id() ^ fastrand_u32());
+        match psql(&format!("CREATE DATABASE {name}")) {
+            Ok(()) => Some(PgDatabase {
+                url: format!("postgres://root@127.0.0.1:5432/{name}"),
+                name,
+            }),
+            Err(e) => {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "PostgreSQL is required in CI: {e}"
+                );
+                eprintln!("skipping: no PostgreSQL at 127.0.0.1:5432 ({e})");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let _ = psql(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+fn fastrand_u32() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(16)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shop_runs_on_postgresql_too() {
+    let Some(db) = PgDatabase::create() else {
+        return;
+    };
+    chaos_run(Some(&db.url)).await;
+}
