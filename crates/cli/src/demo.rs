@@ -382,17 +382,70 @@ fn admin_password(dir: &Path) -> Result<String, String> {
     Ok(p)
 }
 
+/// Routes `/api/{service}` to each shop service. Tokens are checked here, at the edge,
+/// except on registration, login and catalog reads; catalog writes need role `admin`.
+/// The gateway fetches the users service's JWKS through its own public route.
 fn gateway_config(gateway: SocketAddr, admin: SocketAddr, registry: SocketAddr) -> String {
+    let issuer = tessera_shop::ISSUER;
+    let audience = tessera_shop::AUDIENCE;
     let mut c = format!(
-        "# Written by `tessera demo`.\nlisten = \"{gateway}\"\nadmin = \"{admin}\"\n\n[registry]\naddress = \"{registry}\"\nwait = \"30s\"\n\n"
+        r#"# Written by `tessera demo`.
+listen = "{gateway}"
+admin = "{admin}"
+
+[registry]
+address = "{registry}"
+wait = "30s"
+
+[jwt.shop]
+jwks_url = "http://{gateway}/.well-known/jwks.json"
+issuer = "{issuer}"
+audience = "{audience}"
+algorithms = ["EdDSA"]
+forward = {{ "x-user-id" = "sub" }}
+
+[[routes]]
+name = "jwks"
+path = {{ exact = "/.well-known/jwks.json" }}
+upstream = "users"
+
+[[routes]]
+name = "register"
+path = {{ prefix = "/api/users/register" }}
+upstream = "users"
+rewrite_prefix = "/users/register"
+
+[[routes]]
+name = "login"
+path = {{ prefix = "/api/users/login" }}
+upstream = "users"
+rewrite_prefix = "/users/login"
+
+[[routes]]
+name = "catalog-read"
+path = {{ prefix = "/api/catalog" }}
+methods = ["GET", "HEAD"]
+upstream = "catalog"
+rewrite_prefix = "/catalog"
+
+[[routes]]
+name = "catalog-write"
+path = {{ prefix = "/api/catalog" }}
+upstream = "catalog"
+rewrite_prefix = "/catalog"
+auth = {{ jwt = "shop", roles = ["admin"] }}
+
+"#
     );
-    c.push_str(
-        "[[routes]]\nname = \"jwks\"\npath = { exact = \"/.well-known/jwks.json\" }\nupstream = \"users\"\n\n",
-    );
-    for s in Service::ALL {
+    for s in [
+        Service::Users,
+        Service::Cart,
+        Service::Orders,
+        Service::Payments,
+    ] {
         let n = s.name();
         c.push_str(&format!(
-            "[[routes]]\nname = \"{n}\"\npath = {{ prefix = \"/api/{n}\" }}\nupstream = \"{n}\"\nrewrite_prefix = \"/{n}\"\ntimeout = \"20s\"\n\n"
+            "[[routes]]\nname = \"{n}\"\npath = {{ prefix = \"/api/{n}\" }}\nupstream = \"{n}\"\nrewrite_prefix = \"/{n}\"\ntimeout = \"20s\"\nauth = {{ jwt = \"shop\" }}\n\n"
         ));
     }
     for s in Service::ALL {

@@ -133,6 +133,12 @@ impl Action {
         }
     }
 
+    /// Safe to repeat: reads, and checkouts (sent with an `Idempotency-Key`). Adding to
+    /// the cart is a plain POST: a replica killed while handling it fails it.
+    fn idempotent(self) -> bool {
+        self != Action::AddToCart
+    }
+
     fn pick() -> Action {
         match fastrand::u32(0..100) {
             0..35 => Action::Browse,
@@ -379,6 +385,15 @@ pub async fn run(
             s.total() as f64 / elapsed.as_secs_f64(),
             tessera_core::GoDuration(Duration::from_secs(elapsed.as_secs()))
         );
+        let (mut safe, mut other) = (0, 0);
+        for (a, n) in &s.errors {
+            if a.idempotent() {
+                safe += n;
+            } else {
+                other += n;
+            }
+        }
+        println!("failed idempotent requests: {safe} (target 0); failed other requests: {other}");
         let orders: Vec<String> = s.orders.iter().map(|(k, v)| format!("{v} {k}")).collect();
         let reasons: Vec<String> = s.reasons.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         println!(

@@ -71,6 +71,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// JWT issuers routes can require (`auth = { jwt = "NAME" }`), by name.
+    #[serde(default)]
+    pub jwt: BTreeMap<String, JwtConfig>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -162,6 +165,64 @@ pub struct RouteConfig {
     pub response_headers: HeaderEdits,
     /// A static answer when no upstream answer can be had.
     pub fallback: Option<Fallback>,
+    /// Who may use the route: checked before anything is forwarded.
+    #[serde(default)]
+    pub auth: Option<RouteAuth>,
+}
+
+/// A route's access rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteAuth {
+    /// Name of a `[jwt.NAME]` issuer whose valid bearer token the request must carry
+    /// (401 otherwise).
+    pub jwt: String,
+    /// The token's `roles` claim must hold one of these (403 otherwise); empty: any
+    /// valid token.
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+/// A JWT issuer: where its keys come from and what its tokens must say.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// JWKS over HTTP (`http://host:port/.well-known/jwks.json`), refreshed every
+    /// `refresh` and when a token names an unknown key id; the last good set is kept
+    /// when a fetch fails.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// Or a JWKS file, read again every `refresh`.
+    #[serde(default)]
+    pub jwks_file: Option<String>,
+    /// Accepted algorithms, pinned here and never taken from the token: RS256, ES256,
+    /// EdDSA, HS256 (default EdDSA, RS256, ES256).
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Required `iss`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Required `aud`.
+    #[serde(default)]
+    pub audience: Option<String>,
+    #[serde(default = "default_skew", deserialize_with = "duration")]
+    pub clock_skew: Duration,
+    #[serde(default = "default_refresh", deserialize_with = "duration")]
+    pub refresh: Duration,
+    /// Request header → claim: the verified identity passed to the upstream. Any copy the
+    /// client sent of these headers is removed first, on every route.
+    #[serde(default)]
+    pub forward: BTreeMap<String, String>,
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["EdDSA".into(), "RS256".into(), "ES256".into()]
+}
+fn default_skew() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_refresh() -> Duration {
+    Duration::from_secs(300)
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -396,6 +457,49 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        for (name, j) in &self.jwt {
+            let key = format!("jwt.{name}");
+            match (&j.jwks_url, &j.jwks_file) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(invalid(key, "set one of jwks_url, jwks_file"));
+                }
+                (Some(u), None) if !u.starts_with("http://") => {
+                    return Err(invalid(
+                        format!("{key}.jwks_url"),
+                        format!("{u:?}: only http:// URLs are fetched"),
+                    ));
+                }
+                _ => {}
+            }
+            if j.algorithms.is_empty() {
+                return Err(invalid(format!("{key}.algorithms"), "name at least one"));
+            }
+            for a in &j.algorithms {
+                a.parse::<tessera_jwt::Alg>().map_err(|_| {
+                    invalid(
+                        format!("{key}.algorithms"),
+                        format!("{a:?}: one of RS256, ES256, EdDSA, HS256"),
+                    )
+                })?;
+            }
+            if j.algorithms.iter().any(|a| a == "HS256") {
+                return Err(invalid(
+                    format!("{key}.algorithms"),
+                    "HS256 needs a shared secret, which a JWKS does not carry; use an asymmetric algorithm",
+                ));
+            }
+            if j.refresh < Duration::from_secs(1) {
+                return Err(invalid(format!("{key}.refresh"), "at least 1s"));
+            }
+            for h in j.forward.keys() {
+                http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                    invalid(
+                        format!("{key}.forward"),
+                        format!("{h:?} is not a valid header name"),
+                    )
+                })?;
+            }
+        }
         for (i, r) in self.routes.iter().enumerate() {
             let key = match &r.name {
                 Some(n) => format!("routes[{i}] ({n})"),
@@ -458,6 +562,14 @@ impl Config {
                         format!("header {name}: {value:?} is not a valid value"),
                     )
                 })?;
+            }
+            if let Some(a) = &r.auth
+                && !self.jwt.contains_key(&a.jwt)
+            {
+                return Err(invalid(
+                    format!("{key}.auth.jwt"),
+                    format!("no [jwt.{}] section", a.jwt),
+                ));
             }
             match (&r.upstream, &r.fallback) {
                 (None, None) => {

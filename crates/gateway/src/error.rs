@@ -29,6 +29,10 @@ pub enum GatewayError {
     Timeout { upstream: String, timeout: Duration },
     #[error("request body too large or unreadable: {0}")]
     Body(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl GatewayError {
@@ -41,6 +45,8 @@ impl GatewayError {
             GatewayError::Connect { .. } | GatewayError::Io { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Body(_) => StatusCode::BAD_REQUEST,
+            GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -54,6 +60,8 @@ impl GatewayError {
             GatewayError::Io { .. } => "upstream_io",
             GatewayError::Timeout { .. } => "deadline_exceeded",
             GatewayError::Body(_) => "bad_request_body",
+            GatewayError::Unauthorized(_) => "unauthorized",
+            GatewayError::Forbidden(_) => "forbidden",
         }
     }
 
@@ -76,6 +84,16 @@ impl GatewayError {
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let GatewayError::Unauthorized(why) = &self {
+            let v = format!(
+                "Bearer error=\"invalid_token\", error_description=\"{}\"",
+                why.replace('"', "'")
+            );
+            h.insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static("Bearer")),
+            );
+        }
         if let Some(d) = self.retry_after() {
             h.insert(
                 http::header::RETRY_AFTER,

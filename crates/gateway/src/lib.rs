@@ -22,6 +22,7 @@
 //! ```
 
 mod admin;
+mod auth;
 mod body;
 pub mod config;
 mod error;

@@ -112,6 +112,27 @@ pub async fn handle(
         }
         .into_response();
     };
+    let mut req = req;
+    // Identity headers come only from verified tokens: a client's copy never passes.
+    for h in &table.issuers.identity_headers {
+        req.headers_mut().remove(h);
+    }
+    if let Some(rule) = &route.auth {
+        match table.issuers.check(rule, req.headers()).await {
+            Ok(identity) => {
+                let h = req.headers_mut();
+                for (k, v) in identity {
+                    h.insert(k, v);
+                }
+            }
+            Err(e) => {
+                let resp = e.into_response();
+                let elapsed = Instant::now().saturating_duration_since(start);
+                route.metrics.record(resp.status().as_u16(), elapsed);
+                return resp;
+            }
+        }
+    }
     let path_for_log = if gw.access_sample > 0.0 {
         Some(req.uri().path().to_owned())
     } else {

@@ -71,6 +71,7 @@ pub struct Route {
     pub add_response: Vec<(HeaderName, HeaderValue)>,
     pub remove_response: Vec<HeaderName>,
     pub fallback: Option<Fallback>,
+    pub auth: Option<crate::config::RouteAuth>,
     pub metrics: RouteMetrics,
     /// What `/admin/routes` shows.
     pub describe: serde_json::Value,
@@ -153,6 +154,7 @@ impl Route {
 pub struct Table {
     pub routes: Vec<Route>,
     pub upstreams: HashMap<String, Arc<Upstream>>,
+    pub issuers: crate::auth::Issuers,
 }
 
 impl Table {
@@ -180,6 +182,7 @@ impl Table {
         Table {
             routes: ranked.into_iter().map(|(_, r)| r).collect(),
             upstreams,
+            issuers: crate::auth::Issuers::build(&cfg.jwt),
         }
     }
 
@@ -283,6 +286,7 @@ fn compile(i: usize, r: &RouteConfig, upstreams: &HashMap<String, Arc<Upstream>>
             content_type: HeaderValue::from_str(&f.content_type)
                 .unwrap_or(HeaderValue::from_static("text/plain")),
         }),
+        auth: r.auth.clone(),
         metrics: RouteMetrics::default(),
         describe,
     }

@@ -261,6 +261,11 @@ impl RequestBuilder {
             self.method,
             Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
         ));
+        // A client made a moment ago has no discovery answer yet: wait for the first
+        // one rather than failing with "no healthy instance".
+        if inner.watch.current().index == 0 {
+            inner.watch.ready(inner.policy.per_try_timeout).await;
+        }
         inner.budget.deposit();
         // The breaker judges calls as the caller sees them (after retries): one bad
         // instance that retries route around does not open it for the whole service.

@@ -126,27 +126,34 @@ impl JwksVerifier {
         let keys = self.keys();
         match tessera_jwt::verify(token, &keys, &self.validation, unix_now()) {
             Err(JwtError::UnknownKid(kid)) => {
-                if self.refresh(false).await && self.keys().has_kid(&kid) {
+                self.refresh(false).await;
+                let keys = self.keys();
+                if keys.has_kid(&kid) {
                     Ok(tessera_jwt::verify(
                         token,
-                        &self.keys(),
+                        &keys,
                         &self.validation,
                         unix_now(),
                     )?)
+                } else if keys.is_empty() {
+                    Err(self.no_keys())
                 } else {
                     Err(JwtError::UnknownKid(kid).into())
                 }
             }
-            Err(JwtError::NoKey(_)) if keys.is_empty() => {
-                let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                Err(AuthError::NoKeys(
-                    st.last_error
-                        .clone()
-                        .unwrap_or_else(|| "empty key set".into()),
-                ))
-            }
+            Err(JwtError::NoKey(_)) if keys.is_empty() => Err(self.no_keys()),
             r => Ok(r?),
         }
+    }
+
+    /// The error for "no key set could be fetched yet": the caller's token may be fine.
+    fn no_keys(&self) -> AuthError {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        AuthError::NoKeys(
+            st.last_error
+                .clone()
+                .unwrap_or_else(|| "empty key set".into()),
+        )
     }
 
     /// Fetches the key set unless one was fetched within `min_refresh_gap` (unless
@@ -155,11 +162,14 @@ impl JwksVerifier {
         let _one = self.fetching.lock().await;
         {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if !force
-                && st
-                    .last_attempt
-                    .is_some_and(|t| t.elapsed() < self.min_refresh_gap)
-            {
+            // The gap protects the issuer from a flood of unknown key ids; after a failed
+            // fetch (the issuer not up yet) a retry comes sooner.
+            let gap = if st.last_error.is_some() {
+                self.min_refresh_gap.min(Duration::from_millis(200))
+            } else {
+                self.min_refresh_gap
+            };
+            if !force && st.last_attempt.is_some_and(|t| t.elapsed() < gap) {
                 return false;
             }
             st.last_attempt = Some(Instant::now());

@@ -40,8 +40,23 @@ pub use tessera_jwt as jwt;
 /// when stdin reaches end of file: a supervisor (such as `tessera demo`) holds the pipe,
 /// so its children stop cleanly when it closes it and cannot outlive it if it dies.
 pub async fn shutdown_signal() {
+    let supervised = std::env::var("TESSERA_STOP_ON_STDIN_EOF").is_ok_and(|v| v == "1");
+    // Under a supervisor, Ctrl-C in the terminal reaches every process of the group at
+    // once; the supervisor then stops its children in order (services before the
+    // registry they deregister from), so they keep SIGINT from killing them and ignore it.
+    #[cfg(unix)]
+    let _swallow_sigint = supervised
+        .then(|| tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok())
+        .flatten();
+    let interrupt = async {
+        if supervised {
+            std::future::pending::<()>().await;
+        } else {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    };
     let eof = async {
-        if std::env::var("TESSERA_STOP_ON_STDIN_EOF").is_ok_and(|v| v == "1") {
+        if supervised {
             use tokio::io::AsyncReadExt;
             let mut stdin = tokio::io::stdin();
             let mut buf = [0u8; 64];
@@ -64,6 +79,6 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term => {}
         _ = eof => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = interrupt => {}
     }
 }

@@ -1,0 +1,261 @@
+//! JWT authentication and role checks per route, before anything reaches an upstream.
+//!
+//! Each `[jwt.NAME]` issuer keeps its key set in memory. The set is fetched at start and
+//! every `refresh`, and again (at most once a second) when a token names a key id it does
+//! not hold yet, which is how key rotation reaches the gateway without a restart; a failed
+//! fetch keeps the last good set. The verified identity goes upstream in the configured
+//! headers, and any copy of those headers a client sent is removed on every route, so a
+//! client can never name itself.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tessera_jwt::{Alg, JwtError, KeySet, Validation};
+
+use crate::config::{JwtConfig, RouteAuth};
+use crate::error::GatewayError;
+
+/// Largest JWKS document read.
+const MAX_JWKS: usize = 1024 * 1024;
+
+enum Source {
+    Url(String),
+    File(String),
+}
+
+pub struct Issuer {
+    name: String,
+    source: Source,
+    validation: Validation,
+    refresh: Duration,
+    keys: ArcSwap<KeySet>,
+    /// When the last fetch started, and whether it succeeded.
+    last_fetch: Mutex<Option<(Instant, bool)>>,
+    fetching: tokio::sync::Mutex<()>,
+    pub forward: Vec<(HeaderName, String)>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// Every issuer of one config, by name.
+#[derive(Default)]
+pub struct Issuers {
+    by_name: HashMap<String, Arc<Issuer>>,
+    /// Headers the gateway sets from claims: stripped from every client request.
+    pub identity_headers: Vec<HeaderName>,
+}
+
+impl Issuers {
+    /// Builds the issuers and starts their refresh tasks (which end when the issuers are
+    /// dropped, i.e. when a reload replaces them).
+    pub fn build(cfg: &std::collections::BTreeMap<String, JwtConfig>) -> Issuers {
+        let mut out = Issuers::default();
+        for (name, j) in cfg {
+            let mut v = Validation::new(
+                &j.algorithms
+                    .iter()
+                    .filter_map(|a| a.parse::<Alg>().ok())
+                    .collect::<Vec<_>>(),
+            );
+            v.issuer = j.issuer.clone();
+            v.audience = j.audience.clone();
+            v.leeway_secs = j.clock_skew.as_secs();
+            let forward: Vec<(HeaderName, String)> = j
+                .forward
+                .iter()
+                .filter_map(|(h, claim)| {
+                    HeaderName::from_bytes(h.as_bytes())
+                        .ok()
+                        .map(|h| (h, claim.clone()))
+                })
+                .collect();
+            out.identity_headers
+                .extend(forward.iter().map(|(h, _)| h.clone()));
+            let issuer = Arc::new(Issuer {
+                name: name.clone(),
+                source: match (&j.jwks_url, &j.jwks_file) {
+                    (Some(u), _) => Source::Url(u.clone()),
+                    (None, Some(f)) => Source::File(f.clone()),
+                    (None, None) => Source::File(String::new()),
+                },
+                validation: v,
+                refresh: j.refresh,
+                keys: ArcSwap::from_pointee(KeySet::default()),
+                last_fetch: Mutex::new(None),
+                fetching: tokio::sync::Mutex::new(()),
+                forward,
+                client: Client::builder(TokioExecutor::new()).build_http(),
+            });
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(refresh_loop(Arc::downgrade(&issuer)));
+            }
+            out.by_name.insert(name.clone(), issuer);
+        }
+        out
+    }
+
+    /// Checks `headers` against the route's rule; on success returns the identity
+    /// headers to add.
+    pub async fn check(
+        &self,
+        rule: &RouteAuth,
+        headers: &HeaderMap,
+    ) -> Result<Vec<(HeaderName, HeaderValue)>, GatewayError> {
+        let Some(issuer) = self.by_name.get(&rule.jwt) else {
+            return Err(GatewayError::Unauthorized(format!(
+                "issuer {} is not configured",
+                rule.jwt
+            )));
+        };
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| GatewayError::Unauthorized("missing bearer token".into()))?;
+        let claims = issuer.verify(token).await?;
+        if !rule.roles.is_empty() && !rule.roles.iter().any(|r| claims.has_role(r)) {
+            return Err(GatewayError::Forbidden(format!(
+                "this route needs one of the roles {}",
+                rule.roles.join(", ")
+            )));
+        }
+        let mut out = Vec::with_capacity(issuer.forward.len());
+        for (h, claim) in &issuer.forward {
+            let value = match claims.get(claim) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(serde_json::Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                Some(serde_json::Value::Null) | None => continue,
+                Some(other) => other.to_string(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                out.push((h.clone(), v));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Issuer {
+    async fn verify(&self, token: &str) -> Result<tessera_jwt::Claims, GatewayError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let keys = self.keys.load_full();
+        let result = match tessera_jwt::verify(token, &keys, &self.validation, now) {
+            // A new key id (rotation) or no keys yet: fetch once more, then decide.
+            Err(JwtError::UnknownKid(_) | JwtError::NoKey(_)) if self.fetch_now(&keys).await => {
+                tessera_jwt::verify(token, &self.keys.load(), &self.validation, now)
+            }
+            r => r,
+        };
+        result.map_err(|e| GatewayError::Unauthorized(format!("invalid token: {e}")))
+    }
+
+    /// Fetches unless a fetch happened within the last second; `true` if the key set is
+    /// not `seen` any more (this fetch or one that finished while waiting replaced it).
+    async fn fetch_now(&self, seen: &Arc<KeySet>) -> bool {
+        let _one = self.fetching.lock().await;
+        if !Arc::ptr_eq(&self.keys.load_full(), seen) {
+            return true;
+        }
+        {
+            // At most one fetch a second after a success; after a failure (the issuer
+            // not up yet) sooner.
+            let mut last = self.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
+            let gap = |ok: bool| Duration::from_millis(if ok { 1000 } else { 100 });
+            if last.is_some_and(|(t, ok)| t.elapsed() < gap(ok)) {
+                return false;
+            }
+            *last = Some((Instant::now(), true));
+        }
+        match self.fetch().await {
+            Ok(set) => {
+                self.keys.store(Arc::new(set));
+                true
+            }
+            Err(e) => {
+                self.mark_failed();
+                tracing::warn!(issuer = %self.name, error = %e, "JWKS fetch failed; keeping the last key set");
+                false
+            }
+        }
+    }
+
+    fn mark_failed(&self) {
+        if let Some((_, ok)) = self
+            .last_fetch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            *ok = false;
+        }
+    }
+
+    async fn fetch(&self) -> Result<KeySet, String> {
+        let body = match &self.source {
+            Source::File(path) => tokio::fs::read(path)
+                .await
+                .map_err(|e| format!("cannot read {path}: {e}"))?,
+            Source::Url(url) => {
+                let req = http::Request::get(url.as_str())
+                    .body(Full::new(Bytes::new()))
+                    .map_err(|e| e.to_string())?;
+                let resp = tokio::time::timeout(Duration::from_secs(5), self.client.request(req))
+                    .await
+                    .map_err(|_| format!("{url}: no answer within 5s"))?
+                    .map_err(|e| format!("{url}: {}", tessera_core::error_chain(&e)))?;
+                let status = resp.status();
+                let body = Limited::new(resp.into_body(), MAX_JWKS)
+                    .collect()
+                    .await
+                    .map_err(|e| format!("{url}: {e}"))?
+                    .to_bytes();
+                if !status.is_success() {
+                    return Err(format!("{url} answered {status}"));
+                }
+                body.to_vec()
+            }
+        };
+        KeySet::from_jwks(&body).map_err(|e| e.to_string())
+    }
+}
+
+async fn refresh_loop(issuer: Weak<Issuer>) {
+    loop {
+        let Some(i) = issuer.upgrade() else {
+            return;
+        };
+        let every = i.refresh;
+        {
+            // The periodic fetch ignores the one-second guard.
+            let _one = i.fetching.lock().await;
+            *i.last_fetch.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), true));
+            match i.fetch().await {
+                Ok(set) => i.keys.store(Arc::new(set)),
+                Err(e) => {
+                    i.mark_failed();
+                    tracing::warn!(issuer = %i.name, error = %e, "JWKS refresh failed; keeping the last key set")
+                }
+            }
+        }
+        drop(i);
+        tokio::time::sleep(every).await;
+    }
+}

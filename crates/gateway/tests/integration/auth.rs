@@ -1,0 +1,264 @@
+//! JWT per route: keys from a JWKS served over HTTP (rotated and taken away during the
+//! test), roles, identity headers only from verified tokens, and nothing forwarded for
+//! refused requests.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use tessera_jwt::Signer;
+
+use crate::support::{TestGateway, Upstream};
+
+/// Serves `{"keys": [...]}` from a shared list; dropping it stops the server.
+struct Jwks {
+    addr: std::net::SocketAddr,
+    keys: Arc<Mutex<Vec<serde_json::Value>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Jwks {
+    async fn start(keys: Vec<serde_json::Value>) -> Jwks {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let keys = Arc::new(Mutex::new(keys));
+        let shared = keys.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                        let body = json!({"keys": *shared.lock().unwrap()}).to_string();
+                        async move {
+                            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(body))))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Jwks { addr, keys, task }
+    }
+}
+
+impl Drop for Jwks {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn signer() -> Signer {
+    Signer::ed25519(&Signer::generate_pkcs8().unwrap()).unwrap()
+}
+
+fn token(s: &Signer, sub: &str, roles: &[&str]) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    s.sign(&json!({"sub": sub, "roles": roles, "iss": "shop", "aud": "api", "exp": now + 300}))
+}
+
+fn config(up: &Upstream, jwks: &Jwks) -> String {
+    format!(
+        r#"
+[jwt.shop]
+jwks_url = "http://{jwks}/jwks.json"
+issuer = "shop"
+audience = "api"
+algorithms = ["EdDSA"]
+forward = {{ "x-user-id" = "sub", "x-user-roles" = "roles" }}
+
+[[routes]]
+name = "public"
+path = {{ prefix = "/public" }}
+upstream = "app"
+
+[[routes]]
+name = "admin"
+path = {{ prefix = "/admin" }}
+upstream = "app"
+auth = {{ jwt = "shop", roles = ["admin"] }}
+
+[[routes]]
+name = "private"
+path = {{ prefix = "/" }}
+upstream = "app"
+auth = {{ jwt = "shop" }}
+
+[upstreams.app]
+endpoints = ["{up}"]
+"#,
+        jwks = jwks.addr,
+        up = up.addr
+    )
+}
+
+#[tokio::test]
+async fn routes_need_a_valid_token_and_the_right_role() {
+    let up = Upstream::start("app").await;
+    let key = signer();
+    let jwks = Jwks::start(vec![key.jwk()]).await;
+    let gw = TestGateway::start(&config(&up, &jwks)).await;
+    let bearer = |t: &str| format!("Bearer {t}");
+
+    // No token, a garbage token, a token from another key: 401, nothing forwarded.
+    let (s, h, body) = gw.http.get("/orders").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(
+        h["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
+    assert_eq!(body["code"], "unauthorized");
+    let (s, _, _) = gw
+        .http
+        .send(
+            Method::GET,
+            "/orders",
+            &[("authorization", "Bearer x.y.z")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let stranger = token(&signer(), "eve", &["admin"]);
+    let (s, _, _) = gw
+        .http
+        .send(
+            Method::GET,
+            "/orders",
+            &[("authorization", &bearer(&stranger))],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(up.hits(), 0, "refused requests never reach the upstream");
+
+    // A valid token: forwarded, with the identity from the token, not from the client.
+    let ada = token(&key, "ada", &["customer"]);
+    let (s, _, body) = gw
+        .http
+        .send(
+            Method::GET,
+            "/orders",
+            &[("authorization", &bearer(&ada)), ("x-user-id", "root")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["headers"]["x-user-id"], "ada");
+    assert_eq!(body["headers"]["x-user-roles"], "customer");
+
+    // Public routes pass without a token, but a client-supplied identity is still removed.
+    let (s, _, body) = gw
+        .http
+        .send(
+            Method::GET,
+            "/public/x",
+            &[("x-user-id", "root")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(body["headers"].get("x-user-id").is_none(), "{body}");
+
+    // Roles: 403 for a valid token without the role, 200 with it.
+    let (s, _, body) = gw
+        .http
+        .send(
+            Method::POST,
+            "/admin/products",
+            &[("authorization", &bearer(&ada))],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+    let boss = token(&key, "boss", &["admin"]);
+    let (s, _, _) = gw
+        .http
+        .send(
+            Method::POST,
+            "/admin/products",
+            &[("authorization", &bearer(&boss))],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn rotated_keys_are_fetched_and_an_outage_keeps_the_last_set() {
+    let up = Upstream::start("app").await;
+    let first = signer();
+    let jwks = Jwks::start(vec![first.jwk()]).await;
+    let gw = TestGateway::start(&config(&up, &jwks)).await;
+    let get = |t: String| {
+        let http = gw.http.clone();
+        async move {
+            http.send(
+                Method::GET,
+                "/x",
+                &[("authorization", &format!("Bearer {t}"))],
+                Bytes::new(),
+            )
+            .await
+            .0
+        }
+    };
+    assert_eq!(get(token(&first, "a", &[])).await, StatusCode::OK);
+
+    // The issuer adds a key and signs with it: the unknown kid makes the gateway fetch.
+    let second = signer();
+    jwks.keys.lock().unwrap().push(second.jwk());
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await; // past the 1 s fetch guard
+    assert_eq!(get(token(&second, "b", &[])).await, StatusCode::OK);
+
+    // The JWKS server goes away: known keys still verify.
+    drop(jwks);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(get(token(&first, "a", &[])).await, StatusCode::OK);
+    assert_eq!(get(token(&second, "b", &[])).await, StatusCode::OK);
+    assert_eq!(
+        get(token(&signer(), "c", &[])).await,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[test]
+fn auth_config_errors_name_the_key() {
+    let base = |extra: &str| {
+        format!(
+            "{extra}\n[[routes]]\npath = {{ prefix = \"/\" }}\nupstream = \"a\"\nauth = {{ jwt = \"shop\" }}\n[upstreams.a]\nendpoints = [\"127.0.0.1:1\"]\n"
+        )
+    };
+    let err = |t: String| tessera_gateway::Config::parse(&t).unwrap_err().to_string();
+    assert!(err(base("")).contains("routes[0].auth.jwt: no [jwt.shop] section"));
+    assert!(err(base("[jwt.shop]\n")).contains("jwt.shop: set one of jwks_url, jwks_file"));
+    assert!(
+        err(base(
+            "[jwt.shop]\njwks_url = \"http://x/j\"\nalgorithms = [\"none\"]\n"
+        ))
+        .contains("jwt.shop.algorithms")
+    );
+    assert!(
+        err(base(
+            "[jwt.shop]\njwks_url = \"http://x/j\"\nalgorithms = [\"HS256\"]\n"
+        ))
+        .contains("HS256")
+    );
+    assert!(err(base("[jwt.shop]\njwks_url = \"http://x/j\"\nbogus = 1\n")).contains("bogus"));
+}
