@@ -151,6 +151,15 @@ async fn www_authenticate(c: &Http, method: &str, url: &str) -> String {
         .unwrap_or_default()
 }
 
+async fn http_text(c: &Http, url: &str) -> String {
+    let req = http::Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&b).into_owned()
+}
+
 async fn wait_for<F, Fut>(what: &str, mut cond: F)
 where
     F: FnMut() -> Fut,
@@ -435,7 +444,20 @@ async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
         let entries = v.as_array().unwrap();
         assert_eq!(entries.len(), 2, "two replicas of {svc}");
         for e in entries {
-            ports.push(format!("127.0.0.1:{}", e["Service"]["Port"]));
+            let at = format!("127.0.0.1:{}", e["Service"]["Port"]);
+            // Every instance serves its health and Prometheus metrics.
+            assert_eq!(
+                call(&c, "GET", &format!("http://{at}/health"), None, None)
+                    .await
+                    .0,
+                200
+            );
+            let metrics = http_text(&c, &format!("http://{at}/metrics")).await;
+            assert!(
+                metrics.contains(&format!("shop_requests_total{{service=\"{svc}\"")),
+                "{svc} metrics: {metrics}"
+            );
+            ports.push(at);
         }
     }
     let data_dir = dir.path().to_string_lossy().into_owned();

@@ -31,9 +31,12 @@ const MAX_RESPONSE: usize = 64 * 1024;
 /// How one call ended.
 pub enum Outcome {
     Ok,
-    /// The participant answered and refused (a non-success status below 500), or the
-    /// request never left: the action did not take effect.
+    /// The request never left, or the participant answered "not now" (408, 425, 429):
+    /// the action did not take effect and trying again may work.
     NotApplied,
+    /// The participant answered and refused (any other status below 500, such as 402 or
+    /// 409): the action did not take effect and retrying it would be refused again.
+    Refused,
     /// Timeout, reset or 5xx: it may have taken effect.
     Unknown,
     /// Not sent: the participant's breaker is open for this long yet.
@@ -116,7 +119,7 @@ impl Caller {
                     ),
                 };
                 match (in_flight, &r.0) {
-                    (Some(f), Outcome::Ok | Outcome::NotApplied) => f.finish(),
+                    (Some(f), Outcome::Ok | Outcome::NotApplied | Outcome::Refused) => f.finish(),
                     (Some(f), Outcome::Unknown | Outcome::Rejected(_)) => {
                         if let Some(l) = &load {
                             l.observe(Duration::from_secs(1));
@@ -240,8 +243,10 @@ impl Caller {
             Outcome::Ok
         } else if status >= 500 {
             Outcome::Unknown
-        } else {
+        } else if matches!(status, 408 | 425 | 429) {
             Outcome::NotApplied
+        } else {
+            Outcome::Refused
         };
         (outcome, status.to_string())
     }

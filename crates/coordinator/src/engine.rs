@@ -195,7 +195,9 @@ impl Engine {
         let step = &def.steps[i];
         let mut maybe_applied = saga.steps[i].maybe_applied;
         let mut last = String::new();
+        let mut attempts = 0;
         for attempt in 1..=step.retry.max_attempts {
+            attempts = attempt;
             if attempt > 1 {
                 tokio::time::sleep(step.retry.delay(attempt - 1, fastrand::f64())).await;
             }
@@ -218,6 +220,8 @@ impl Engine {
                 }
                 // An open breaker fails the attempt fast: nothing was sent.
                 Outcome::NotApplied | Outcome::Rejected(_) => {}
+                // A definite "no" (402, 409, ...): asking again gets the same answer.
+                Outcome::Refused => break,
                 Outcome::Unknown => maybe_applied = true,
             }
         }
@@ -225,8 +229,9 @@ impl Engine {
         saga.steps[i].maybe_applied = maybe_applied;
         saga.status = SagaStatus::Compensating;
         saga.error = Some(format!(
-            "step {} failed after {} attempts: {last}",
-            step.name, step.retry.max_attempts
+            "step {} failed after {attempts} attempt{}: {last}",
+            step.name,
+            if attempts == 1 { "" } else { "s" }
         ));
         self.persist(saga).await;
     }

@@ -346,8 +346,10 @@ impl TccEngine {
                     }
                     let (outcome, a) = me.caller.call(&key, &id, p.timeout, &p.try_call).await;
                     attempts.push(a);
-                    if matches!(outcome, Outcome::Ok) {
-                        return (i, true, attempts);
+                    match outcome {
+                        Outcome::Ok => return (i, true, attempts),
+                        Outcome::Refused => break,
+                        _ => {}
                     }
                 }
                 (i, false, attempts)

@@ -412,7 +412,17 @@ pub enum Check {
     Http { path: String, interval: Duration },
 }
 
-/// What a service instance registers as.
+/// What a service instance registers as: ID `{name}-{ip}-{port}` by default, a 10 s TTL
+/// check kept passing by [`Registered`], and 60 s before a critical instance is removed.
+///
+/// ```
+/// use std::time::Duration;
+/// use tessera::{Check, Registration};
+/// let r = Registration::new("catalog", "10.0.0.5:8080".parse().unwrap())
+///     .weight(2)
+///     .check(Check::Http { path: "/health".into(), interval: Duration::from_secs(1) });
+/// assert!(format!("{r:?}").contains("catalog-10.0.0.5-8080"));
+/// ```
 ///
 /// ```no_run
 /// # async fn demo(listener: std::net::TcpListener) -> Result<(), tessera::Error> {

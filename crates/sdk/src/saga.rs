@@ -135,23 +135,22 @@ impl Step {
     }
 }
 
-/// A saga definition.
+/// A saga definition: what `POST /v1/sagas` takes.
 ///
-/// ```no_run
-/// # async fn demo() -> Result<(), tessera::Error> {
+/// ```
 /// use serde_json::json;
-/// use tessera::{Call, Coordinator, Registry, Saga, Step};
+/// use tessera::{Call, Saga, Step};
 /// let saga = Saga::new("checkout")
 ///     .step(Step::new("reserve", Call::post("catalog", "/internal/reservations")
-///             .json(json!({"order": "o1", "items": [{"product": "p1", "quantity": 1}]})))
-///         .compensate(Call::post("catalog", "/internal/reservations/o1/release")))
+///             .json(json!({"order_id": "o1", "items": [{"product_id": "mug", "quantity": 1}]})))
+///         .compensate(Call::post("catalog", "/internal/reservations/o1/release"))
+///         .timeout(std::time::Duration::from_secs(5)))
 ///     .step(Step::new("charge", Call::post("payments", "/internal/charges")
-///             .json(json!({"order": "o1", "amount_cents": 1299}))));
-/// let coordinator = Coordinator::new(&Registry::new("127.0.0.1:8500"));
-/// let started = coordinator.start_saga(&saga, Some("order-o1")).await?;
-/// let done = coordinator.wait_saga(&started.id, std::time::Duration::from_secs(30)).await?;
-/// println!("{} ended {}", done.id, done.status);
-/// # Ok(()) }
+///             .json(json!({"order_id": "o1", "amount_cents": 990}))));
+/// let body = serde_json::to_value(&saga).unwrap();
+/// assert_eq!(body["steps"][0]["compensation"]["service"], "catalog");
+/// assert_eq!(body["steps"][0]["timeout"], "5s");
+/// assert_eq!(body["steps"][1]["action"]["method"], "POST");
 /// ```
 #[derive(Debug, Clone, Serialize)]
 pub struct Saga {
@@ -258,6 +257,17 @@ impl Run {
 }
 
 /// The coordinator's API, on the registry's address (it runs in `tessera server`).
+///
+/// ```no_run
+/// # async fn demo(saga: tessera::Saga) -> Result<(), tessera::Error> {
+/// use tessera::{Coordinator, Registry};
+/// let coordinator = Coordinator::new(&Registry::new("127.0.0.1:8500"));
+/// // The same key twice starts one saga: safe to retry after a timeout.
+/// let started = coordinator.start_saga(&saga, Some("order-o1")).await?;
+/// let done = coordinator.wait_saga(&started.id, std::time::Duration::from_secs(30)).await?;
+/// println!("{} ended {}: {:?}", done.id, done.status, done.error);
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Coordinator {
     registry: Registry,

@@ -11,8 +11,8 @@ use std::time::Duration;
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tessera::{
-    Alg, AuthError, Call, Check, Coordinator, Error, JwksVerifier, JwtError, Registration,
-    Registry, Saga, ServiceClient, Step, Validation,
+    Alg, AuthError, Call, Check, Coordinator, Error, Events, JwksVerifier, JwtError, Participant,
+    Registration, Registry, Saga, ServiceClient, Step, Tcc, Validation,
 };
 use tokio::sync::oneshot;
 
@@ -64,12 +64,16 @@ impl Server {
         let coordinator = tessera_coordinator::Coordinator::open_sqlite(dir.path(), Some(resolver))
             .await
             .unwrap();
-        let routes = coordinator.router(Arc::new(tessera_coordinator::AllowAll));
+        let events = tessera_events::EventStore::open(dir.path()).await.unwrap();
+        let routes = coordinator
+            .router(Arc::new(tessera_coordinator::AllowAll))
+            .merge(events.router(Arc::new(tessera_coordinator::AllowAll)));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let _ = server
                 .run_with(listener, routes, async move {
                     let _ = stopped.await;
+                    events.shutdown();
                 })
                 .await;
         });
@@ -502,4 +506,111 @@ async fn jwks_keys_rotate_and_survive_an_outage() {
         verifier.verify(&t3).await,
         Err(AuthError::Invalid(JwtError::UnknownKid(_)))
     ));
+}
+
+#[tokio::test]
+async fn tcc_built_in_code_confirms_or_cancels() {
+    let server = Server::start().await;
+    let registry = server.registry();
+    let confirmed = Arc::new(AtomicU32::new(0));
+    let cancelled = Arc::new(AtomicU32::new(0));
+    let (c2, x2) = (confirmed.clone(), cancelled.clone());
+    let app = App::start(
+        axum::Router::new()
+            .route(
+                "/try",
+                post(|body: axum::Json<Value>| async move {
+                    if body["seats"].as_u64().unwrap_or(0) > 2 {
+                        (http::StatusCode::CONFLICT, "sold out")
+                    } else {
+                        (http::StatusCode::OK, "held")
+                    }
+                }),
+            )
+            .route(
+                "/confirm",
+                post(move || {
+                    c2.fetch_add(1, Ordering::Relaxed);
+                    async { "ok" }
+                }),
+            )
+            .route(
+                "/cancel",
+                post(move || {
+                    x2.fetch_add(1, Ordering::Relaxed);
+                    async { "ok" }
+                }),
+            ),
+    )
+    .await;
+    let _me = Registration::new("seats", app.addr)
+        .register(&registry)
+        .await
+        .unwrap();
+    let coordinator = Coordinator::new(&registry);
+    let tcc = |seats: u64| {
+        Tcc::new("booking").participant(Participant::new(
+            "seats",
+            Call::post("seats", "/try").json(json!({"seats": seats})),
+            Call::post("seats", "/confirm"),
+            Call::post("seats", "/cancel"),
+        ))
+    };
+    let wait = |id: String| {
+        let c = coordinator.clone();
+        async move {
+            let mut run = c.tcc(&id).await.unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while !run.is_final() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                run = c.tcc(&id).await.unwrap();
+            }
+            run
+        }
+    };
+    let ok = coordinator.start_tcc(&tcc(2), None).await.unwrap();
+    assert_eq!(wait(ok.id).await.status, "confirmed");
+    let refused = coordinator.start_tcc(&tcc(5), None).await.unwrap();
+    assert_eq!(wait(refused.id).await.status, "cancelled");
+    assert_eq!(confirmed.load(Ordering::Relaxed), 1);
+    assert_eq!(cancelled.load(Ordering::Relaxed), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn subscriptions_deliver_catch_up_then_live_and_resume_after_the_acked_offset() {
+    let server = Server::start().await;
+    let registry = server.registry();
+    let append = |stream: &'static str, id: &'static str| {
+        let url = format!("http://{}/v1/streams/{stream}", server.addr);
+        async move {
+            let body = json!({"events": [{"id": id, "type": "Placed", "data": {"n": id}}]});
+            let req = http::Request::post(url)
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(
+                    body.to_string(),
+                )))
+                .unwrap();
+            let status = hyper_util_client().request(req).await.unwrap().status();
+            assert!(status.is_success(), "{status}");
+        }
+    };
+    append("order-1", "e1").await;
+    append("order-2", "e2").await;
+    let events = Events::new(&registry);
+    let mut sub = events.subscribe("order-*", "billing");
+    let first = sub.next().await.unwrap();
+    assert_eq!((first.event_id(), first.kind()), ("e1", "Placed"));
+    assert_eq!(first.stream(), "order-1");
+    assert_eq!(sub.next().await.unwrap().event_id(), "e2");
+    append("order-3", "e3").await; // live
+    let third = sub.next().await.unwrap();
+    assert_eq!(third.event_id(), "e3");
+    assert_eq!(third.data()["n"], "e3");
+    events.ack("order-*", "billing", first.id).await.unwrap();
+    drop(sub);
+    // A new subscription of the same group starts after what the group acknowledged.
+    let mut again = events.subscribe("order-*", "billing");
+    assert_eq!(again.next().await.unwrap().event_id(), "e2");
+    server.stop().await;
 }

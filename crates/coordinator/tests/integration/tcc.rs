@@ -222,7 +222,10 @@ pub async fn refused_try_cancels_everyone(backend: &Backend) {
     assert!(v["error"].as_str().unwrap().contains("credit"), "{v}");
     assert_eq!(p.state("debit", &id), Some(Reservation::Cancelled));
     assert_eq!(p.state("credit", &id), Some(Reservation::CancelledEmpty));
-    assert_eq!(v["participants"][1]["try_attempts"], 2);
+    assert_eq!(
+        v["participants"][1]["try_attempts"], 1,
+        "a 422 is final: not retried"
+    );
     assert!(p.log_for("debit/confirm").is_empty());
 }
 
