@@ -22,7 +22,7 @@ use common::BIN;
 
 struct Demo {
     child: Child,
-    stdin: Option<ChildStdin>,
+    _stdin: Option<ChildStdin>,
     gateway: String,
     registry: String,
     admin_password: String,
@@ -41,7 +41,7 @@ impl Demo {
             ])
             .arg("--data-dir")
             .arg(dir)
-            .env("TESSERA_STOP_ON_STDIN_EOF", "1")
+            .env_remove("TESSERA_STOP_ON_STDIN_EOF")
             .env_remove("DATABASE_URL")
             .env_remove("TESSERA_DATABASE_URL")
             .env_remove("TESSERA_EVENTS")
@@ -85,16 +85,21 @@ impl Demo {
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Demo {
             child,
-            stdin,
+            _stdin: stdin,
             gateway: gateway.unwrap(),
             registry: registry.unwrap(),
             admin_password: admin_password.unwrap(),
         }
     }
 
-    /// Stops the demo as its supervisor would (stdin closed) and waits for it.
+    /// Stops the demo the way Ctrl-C does (SIGINT) and waits for it.
     async fn stop(mut self) {
-        self.stdin = None;
+        let pid = self.child.id().unwrap().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
         let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
             .await
             .expect("the demo stopped in time")
