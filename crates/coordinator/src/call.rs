@@ -106,30 +106,44 @@ impl Caller {
                 );
             }
         };
-        let (outcome, text) = match self.target(call) {
-            Err(why) => (Outcome::NotApplied, why),
-            Ok((base, load)) => {
-                let in_flight = load.as_ref().map(|l| l.start());
-                let r = tokio::time::timeout(timeout, self.send(&base, call, key, tx)).await;
-                let r = match r {
-                    Ok(r) => r,
-                    Err(_) => (
-                        Outcome::Unknown,
-                        format!("timeout after {}", tessera_core::GoDuration(timeout)),
-                    ),
-                };
-                match (in_flight, &r.0) {
-                    (Some(f), Outcome::Ok | Outcome::NotApplied | Outcome::Refused) => f.finish(),
-                    (Some(f), Outcome::Unknown | Outcome::Rejected(_)) => {
-                        if let Some(l) = &load {
-                            l.observe(Duration::from_secs(1));
-                        }
-                        drop(f);
+        // A refused connection means the request never left: another instance of the
+        // service is tried at once (an instance killed a moment ago is still listed as
+        // passing until its health check notices).
+        let mut tried: Vec<String> = Vec::new();
+        let mut last: Option<(Outcome, String)> = None;
+        let (outcome, text) = loop {
+            let (base, load) = match self.target(call, &tried) {
+                Ok(t) => t,
+                Err(why) => break last.unwrap_or((Outcome::NotApplied, why)),
+            };
+            let in_flight = load.as_ref().map(|l| l.start());
+            let r = tokio::time::timeout(timeout, self.send(&base, call, key, tx)).await;
+            let r = match r {
+                Ok(r) => r,
+                Err(_) => (
+                    Outcome::Unknown,
+                    format!("timeout after {}", tessera_core::GoDuration(timeout)),
+                ),
+            };
+            let refused = matches!(r.0, Outcome::NotApplied) && r.1.starts_with("connect:");
+            match (in_flight, &r.0) {
+                (Some(f), Outcome::Ok | Outcome::Refused) => f.finish(),
+                (Some(f), Outcome::NotApplied) if !refused => f.finish(),
+                (Some(f), _) => {
+                    // Failed: the balancer sees this instance as slow for a while.
+                    if let Some(l) = &load {
+                        l.observe(Duration::from_secs(1));
                     }
-                    (None, _) => {}
+                    drop(f);
                 }
-                r
+                (None, _) => {}
             }
+            if refused && load.is_some() && tried.len() < 3 {
+                tried.push(base);
+                last = Some(r);
+                continue;
+            }
+            break r;
         };
         let ok = matches!(outcome, Outcome::Ok);
         // A participant that answers (even "no", a 4xx) is healthy; timeouts, resets,
@@ -161,10 +175,12 @@ impl Caller {
             .clone()
     }
 
-    /// The base URL for a call, and the picked endpoint's load for a registry service.
+    /// The base URL for a call (not one of `tried`), and the picked endpoint's load for a
+    /// registry service.
     fn target(
         &self,
         call: &CallDef,
+        tried: &[String],
     ) -> Result<(String, Option<Arc<tessera_balance::Load>>), String> {
         if let Some(url) = &call.url {
             return Ok((url.trim_end_matches('/').to_owned(), None));
@@ -198,10 +214,15 @@ impl Caller {
             sets.get(service).cloned()
         };
         let set = set.ok_or_else(|| format!("no healthy instance of service {service}"))?;
+        let fresh = |i: usize| {
+            !tried
+                .iter()
+                .any(|t| t.strip_prefix("http://") == Some(set.endpoints[i].addr.as_str()))
+        };
         let idx = self
             .balancer
-            .pick(&set, &|_| true, None)
-            .ok_or_else(|| format!("no healthy instance of service {service}"))?;
+            .pick(&set, &fresh, None)
+            .ok_or_else(|| format!("no other healthy instance of service {service}"))?;
         let e = &set.endpoints[idx];
         Ok((format!("http://{}", e.addr), Some(e.load.clone())))
     }

@@ -520,3 +520,37 @@ async fn a_participant_that_keeps_failing_trips_its_breaker() {
         "{last}"
     );
 }
+
+/// A resolver that lists a dead instance next to the live one, as the registry does for
+/// a moment after a replica is killed (until its health check fails).
+struct WithDead(SocketAddr, SocketAddr);
+
+impl Resolve for WithDead {
+    fn healthy(&self, service: &str) -> Vec<(String, u32)> {
+        if service == "shop" {
+            vec![(self.0.to_string(), 1), (self.1.to_string(), 1)]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_refused_connection_moves_the_call_to_another_instance() {
+    let (p, addr) = participant().await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }; // closed again: connections to it are refused
+    let backend = Backend::sqlite();
+    let c = backend.open(Some(Arc::new(WithDead(dead, addr)))).await;
+    let api = Api::serve(&c).await;
+    // One attempt per step: the failover happens inside the attempt.
+    for _ in 0..10 {
+        let (_, v) = start(&api, &three_steps(addr, "5s", 1), None).await;
+        let v = finished(&api, v["id"].as_str().unwrap()).await;
+        assert_eq!(v["status"], "completed", "{v}");
+        assert_eq!(v["steps"][1]["action_attempts"], 1);
+    }
+    assert_eq!(p.paths().iter().filter(|p| *p == "/b/do").count(), 10);
+}
