@@ -465,6 +465,92 @@ async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
             ports.push(at);
         }
     }
+    // A compensation that arrives before its action (the action's request was slow)
+    // leaves a tombstone: the late action is refused instead of taking effect.
+    let instance = |svc: &str| {
+        let reg = demo.registry.clone();
+        let c = c.clone();
+        let svc = svc.to_owned();
+        async move {
+            let url = format!("http://{reg}/v1/health/service/{svc}?passing");
+            let (_, v) = call(&c, "GET", &url, None, None).await;
+            format!("http://127.0.0.1:{}", v[0]["Service"]["Port"])
+        }
+    };
+    let catalog = instance("catalog").await;
+    let (s, _) = call(
+        &c,
+        "POST",
+        &format!("{catalog}/internal/reservations/late-1/release"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let reserve = json!({"order_id": "late-1", "items": [{"product_id": "mug", "quantity": 1}]});
+    let (s, v) = call(
+        &c,
+        "POST",
+        &format!("{catalog}/internal/reservations"),
+        None,
+        Some(reserve),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("released")), "{v}");
+    let payments = instance("payments").await;
+    let (s, _) = call(
+        &c,
+        "POST",
+        &format!("{payments}/internal/charges/late-2/refund"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let charge = json!({"order_id": "late-2", "user_id": "someone", "amount_cents": 100});
+    let (s, v) = call(
+        &c,
+        "POST",
+        &format!("{payments}/internal/charges"),
+        None,
+        Some(charge.clone()),
+    )
+    .await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("refunded")), "{v}");
+    // And a repeated action is answered again without a second effect.
+    let charge = json!({"order_id": "late-3", "user_id": "someone", "amount_cents": 100});
+    for _ in 0..2 {
+        let (s, _) = call(
+            &c,
+            "POST",
+            &format!("{payments}/internal/charges"),
+            None,
+            Some(charge.clone()),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    // --verify notices a payment taken for no order (exit 1, naming it) ...
+    let verify_args = ["demo", "--verify", "--registry", demo.registry.as_str()];
+    let verify = || common::run_cli(&demo.registry, &verify_args);
+    let (ok, out, _) = verify().await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("payment was taken for order late-3, which does not exist"),
+        "{out}"
+    );
+    // ... and is satisfied once it is refunded.
+    let (s, _) = call(
+        &c,
+        "POST",
+        &format!("{payments}/internal/charges/late-3/refund"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (ok, out, err) = verify().await;
+    assert!(ok, "{out}{err}");
     let data_dir = dir.path().to_string_lossy().into_owned();
     assert!(
         processes_mentioning(&data_dir).len() >= 12,

@@ -9,6 +9,7 @@
 //! ```
 
 mod auth;
+pub mod consul;
 mod duration;
 mod health;
 mod names;

@@ -13,7 +13,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde::Deserialize;
 use tessera_balance::{Balancer, Endpoint, EndpointSet};
 use tessera_resilience::{
     BreakerConfig, BudgetConfig, Bulkhead, CircuitBreaker, Outlier, OutlierConfig, RetryBudget,
@@ -238,36 +237,6 @@ impl Discovery {
     }
 }
 
-#[derive(Deserialize)]
-struct HealthEntry {
-    #[serde(rename = "Node")]
-    node: NodePart,
-    #[serde(rename = "Service")]
-    service: ServicePart,
-}
-
-#[derive(Deserialize)]
-struct NodePart {
-    #[serde(rename = "Address", default)]
-    address: String,
-}
-
-#[derive(Deserialize)]
-struct ServicePart {
-    #[serde(rename = "Address", default)]
-    address: String,
-    #[serde(rename = "Port", default)]
-    port: u16,
-    #[serde(rename = "Weights", default)]
-    weights: Option<WeightsPart>,
-}
-
-#[derive(Deserialize)]
-struct WeightsPart {
-    #[serde(rename = "Passing", default)]
-    passing: u32,
-}
-
 /// The blocking-query loop for one service: each answer replaces the endpoint snapshot;
 /// errors keep the last snapshot and retry with backoff.
 async fn watch(
@@ -283,7 +252,7 @@ async fn watch(
         let url = format!(
             "http://{}/v1/health/service/{}?passing&index={index}&wait={}s",
             registry.address,
-            encode(&feed.service),
+            tessera_core::consul::encode_segment(&feed.service),
             registry.wait.as_secs().max(1)
         );
         let mut req = http::Request::get(url);
@@ -312,22 +281,9 @@ async fn watch(
                 // An index going backwards means the registry restarted: start over.
                 index = if new_index < index { 0 } else { new_index };
                 let endpoints: Vec<Endpoint> = entries
-                    .into_iter()
+                    .iter()
                     .filter(|e| e.service.port != 0)
-                    .map(|e| {
-                        let host = if e.service.address.is_empty() {
-                            e.node.address
-                        } else {
-                            e.service.address
-                        };
-                        let weight = e.service.weights.map(|w| w.passing).unwrap_or(1).max(1);
-                        let authority = if host.contains(':') {
-                            format!("[{host}]:{}", e.service.port)
-                        } else {
-                            format!("{host}:{}", e.service.port)
-                        };
-                        Endpoint::new(authority, weight)
-                    })
+                    .map(|e| Endpoint::new(e.authority(), e.weight()))
                     .collect();
                 let old = feed.snapshot.load();
                 let changed = old.set.endpoints.len() != endpoints.len()
@@ -367,7 +323,7 @@ async fn watch(
 async fn fetch(
     client: &Client<HttpConnector, Full<Bytes>>,
     req: http::Request<Full<Bytes>>,
-) -> Result<(u64, Vec<HealthEntry>), String> {
+) -> Result<(u64, Vec<tessera_core::consul::HealthEntry>), String> {
     let resp = client
         .request(req)
         .await
@@ -393,16 +349,4 @@ async fn fetch(
     }
     let entries = serde_json::from_slice(&body).map_err(|e| format!("bad registry JSON: {e}"))?;
     Ok((index, entries))
-}
-
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }

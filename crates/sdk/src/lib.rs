@@ -29,6 +29,8 @@ pub use http::{Error, MAX_BODY, Response};
 pub use jwks::{Alg, AuthError, Claims, JwksVerifier, JwtError, KeySet, Validation};
 pub use registry::{Check, Instance, Instances, Registered, Registration, Registry, Watch};
 pub use saga::{Call, Coordinator, Participant, Retry, Run, Saga, Step, Tcc};
+/// Percent-encodes one URL path segment (a product id, an order id).
+pub use tessera_core::consul::encode_segment;
 /// The transactional outbox and inbox (SQLite or PostgreSQL), and the relay that
 /// publishes outbox rows to the event store.
 pub use tessera_events::outbox;

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -241,42 +240,6 @@ impl Watch {
     }
 }
 
-#[derive(Deserialize)]
-struct HealthEntry {
-    #[serde(rename = "Node")]
-    node: NodePart,
-    #[serde(rename = "Service")]
-    service: ServicePart,
-}
-
-#[derive(Deserialize)]
-struct NodePart {
-    #[serde(rename = "Address", default)]
-    address: String,
-}
-
-#[derive(Deserialize)]
-struct ServicePart {
-    #[serde(rename = "ID", default)]
-    id: String,
-    #[serde(rename = "Address", default)]
-    address: String,
-    #[serde(rename = "Port", default)]
-    port: u16,
-    #[serde(rename = "Tags", default)]
-    tags: Option<Vec<String>>,
-    #[serde(rename = "Meta", default)]
-    meta: Option<BTreeMap<String, String>>,
-    #[serde(rename = "Weights", default)]
-    weights: Option<WeightsPart>,
-}
-
-#[derive(Deserialize)]
-struct WeightsPart {
-    #[serde(rename = "Passing", default)]
-    passing: u32,
-}
-
 /// Blocking queries for one service, forever: each answer that changes the set is
 /// published; errors keep the last set (marked `registry_ok: false`) and retry with
 /// jittered backoff.
@@ -325,7 +288,7 @@ async fn watch_loop(
                     .and_then(|v| v.parse::<u64>().ok())
                     .unwrap_or(1)
                     .max(1);
-                r.json::<Vec<HealthEntry>>()
+                r.json::<Vec<tessera_core::consul::HealthEntry>>()
                     .map(|entries| (new_index, entries))
                     .map_err(|e| e.to_string())
             }
@@ -339,16 +302,12 @@ async fn watch_loop(
                     .into_iter()
                     .filter(|e| e.service.port != 0)
                     .map(|e| Instance {
+                        address: e.address().to_owned(),
+                        weight: e.weight(),
                         id: e.service.id,
-                        address: if e.service.address.is_empty() {
-                            e.node.address
-                        } else {
-                            e.service.address
-                        },
                         port: e.service.port,
                         tags: e.service.tags.unwrap_or_default(),
                         meta: e.service.meta.unwrap_or_default(),
-                        weight: e.service.weights.map_or(1, |w| w.passing).max(1),
                     })
                     .collect();
                 tx.send_if_modified(|cur| {
@@ -389,18 +348,7 @@ async fn watch_loop(
     }
 }
 
-/// Percent-encodes a path segment.
-pub(crate) fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+pub(crate) use tessera_core::consul::encode_segment as encode;
 
 /// How the registry decides whether an instance gets traffic.
 #[derive(Debug, Clone)]

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use sqlx::Row;
 use tessera::JwksVerifier;
 
-use crate::db::{Db, new_id, now_ms};
+use crate::db::{Db, new_id, now_ms, repeated_step};
 use crate::web::{ApiError, ApiResult, caller, parse};
 
 pub const SCHEMA: &[&str] = &[
@@ -244,25 +244,7 @@ async fn reserve(State(st): State<St>, body: Bytes) -> ApiResult<axum::Json<Valu
     .execute(&mut *tx)
     .await?;
     if claimed.rows_affected() == 0 {
-        let status: String = sqlx::query("SELECT status FROM reservations WHERE order_id = $1")
-            .bind(&r.order_id)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
-        return if status == "reserved" {
-            Ok(axum::Json(
-                json!({"order_id": r.order_id, "status": "reserved", "repeat": true}),
-            ))
-        } else {
-            Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "released",
-                format!(
-                    "the reservation for order {} was already released",
-                    r.order_id
-                ),
-            ))
-        };
+        return repeated_step(&mut tx, "reservations", &r.order_id, "reserved", "released").await;
     }
     for item in &r.items {
         let took = sqlx::query(

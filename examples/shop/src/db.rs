@@ -118,3 +118,35 @@ pub fn new_id() -> String {
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// The answer to a saga step whose row for `order` already existed (in `table`, keyed
+/// by `order_id`): a repeat of the step itself (its `done` status) succeeds again; a step
+/// whose compensation came first (status `undone`) is refused with 409, so it can never
+/// take effect after its undo.
+pub async fn repeated_step(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    table: &str,
+    order: &str,
+    done: &str,
+    undone: &'static str,
+) -> Result<axum::Json<serde_json::Value>, crate::web::ApiError> {
+    use sqlx::Row;
+    let status: String = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT status FROM {table} WHERE order_id = $1"
+    )))
+    .bind(order)
+    .fetch_one(&mut **tx)
+    .await?
+    .try_get(0)?;
+    if status == done {
+        Ok(axum::Json(
+            serde_json::json!({"order_id": order, "status": done, "repeat": true}),
+        ))
+    } else {
+        Err(crate::web::ApiError::new(
+            http::StatusCode::CONFLICT,
+            undone,
+            format!("order {order} was already {status}; the step cannot run after its undo"),
+        ))
+    }
+}

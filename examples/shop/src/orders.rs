@@ -155,7 +155,10 @@ async fn checkout(
     for item in &items {
         let resp = st
             .catalog
-            .get(&format!("/catalog/products/{}", encode(&item.product_id)))
+            .get(&format!(
+                "/catalog/products/{}",
+                tessera::encode_segment(&item.product_id)
+            ))
             .send()
             .await?;
         if resp.status == StatusCode::NOT_FOUND {
@@ -489,16 +492,4 @@ async fn reconcile_once(st: &St) -> Result<(), String> {
         settle(&st.db, &id, &run).await.map_err(|e| e.to_string())?;
     }
     Ok(())
-}
-
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }

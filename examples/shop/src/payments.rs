@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use sqlx::Row;
 use tessera::JwksVerifier;
 
-use crate::db::{Db, now_ms};
+use crate::db::{Db, now_ms, repeated_step};
 use crate::web::{ApiError, ApiResult, caller, parse};
 
 pub const SCHEMA: &[&str] = &[
@@ -144,22 +144,7 @@ async fn charge(State(st): State<St>, body: Bytes) -> ApiResult<axum::Json<Value
     .execute(&mut *tx)
     .await?;
     if claimed.rows_affected() == 0 {
-        let status: String = sqlx::query("SELECT status FROM charges WHERE order_id = $1")
-            .bind(&c.order_id)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
-        return if status == "charged" {
-            Ok(axum::Json(
-                json!({"order_id": c.order_id, "status": "charged", "repeat": true}),
-            ))
-        } else {
-            Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "refunded",
-                format!("order {} was already refunded", c.order_id),
-            ))
-        };
+        return repeated_step(&mut tx, "charges", &c.order_id, "charged", "refunded").await;
     }
     let paid = sqlx::query(
         "UPDATE accounts SET balance_cents = balance_cents - $1
