@@ -61,6 +61,10 @@ pub struct Config {
     /// Largest request body buffered so the request can be retried.
     #[serde(default = "default_replay_cap")]
     pub max_replay_body_bytes: usize,
+    /// Largest request body accepted: a larger `Content-Length` gets 413 before anything
+    /// is forwarded.
+    #[serde(default = "default_max_body")]
+    pub max_request_body_bytes: u64,
     #[serde(default)]
     pub access_log: AccessLog,
     /// Reload when the config file changes (checked every second). SIGHUP and
@@ -104,6 +108,10 @@ pub struct RegistryConfig {
     /// Blocking-query wait.
     #[serde(default = "default_wait", deserialize_with = "duration")]
     pub wait: Duration,
+}
+
+fn default_max_body() -> u64 {
+    64 * 1024 * 1024
 }
 
 fn default_registry() -> String {

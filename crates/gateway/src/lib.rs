@@ -58,6 +58,7 @@ pub struct Shared {
     discovery: Discovery,
     config_path: Option<PathBuf>,
     replay_cap: usize,
+    max_body: u64,
     access_sample: f64,
     reloads: AtomicU64,
     reload_lock: std::sync::Mutex<()>,
@@ -99,6 +100,7 @@ impl Gateway {
                 discovery,
                 config_path,
                 replay_cap: config.max_replay_body_bytes,
+                max_body: config.max_request_body_bytes,
                 access_sample: config.access_log.sample,
                 reloads: AtomicU64::new(0),
                 reload_lock: std::sync::Mutex::new(()),
@@ -146,6 +148,9 @@ impl Gateway {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(self.header_read_timeout)
+            // The same head limits as the gateway's own parser (h1/server.rs).
+            .max_buf_size(h1::MAX_HEAD)
+            .max_headers(h1::MAX_HEADERS)
             .keep_alive(true)
             .writev(false);
         builder

@@ -32,6 +32,8 @@ const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
+
 static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -113,6 +115,18 @@ pub async fn handle(
         .into_response();
     };
     let mut req = req;
+    // `Upgrade: h2c` asks the gateway itself to switch protocols mid-request, which it
+    // does not do (and an upstream that did would then talk HTTP/2 past every check
+    // here): the request goes on as plain HTTP/1.1.
+    if req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"h2c"))
+    {
+        let h = req.headers_mut();
+        h.remove(header::UPGRADE);
+        h.remove(&HTTP2_SETTINGS);
+    }
     // Identity headers come only from verified tokens: a client's copy never passes.
     for h in &table.issuers.identity_headers {
         req.headers_mut().remove(h);

@@ -5,3 +5,4 @@
 pub mod client;
 pub mod date;
 pub mod server;
+pub use server::{MAX_HEAD, MAX_HEADERS};

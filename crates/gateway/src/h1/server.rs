@@ -37,8 +37,13 @@ use crate::proxy::{self, Peer};
 use crate::timer::LazyTimer;
 
 /// Request heads larger than this go to hyper, which answers 431.
-const MAX_HEAD: usize = 64 * 1024;
-const MAX_HEADERS: usize = 100;
+/// Largest request head (request line and fields): more is 431, or 414 while the request
+/// line itself has not ended.
+pub const MAX_HEAD: usize = 32 * 1024;
+/// Most header fields in one request (431 beyond).
+pub const MAX_HEADERS: usize = 100;
+/// Longest request target (414 beyond), as nginx's default buffers allow.
+const MAX_TARGET: usize = 8 * 1024;
 /// Response bodies up to this size are written in one `write` with their head.
 const INLINE_BODY: usize = 64 * 1024;
 
@@ -124,8 +129,8 @@ enum Parsed {
     Fast(Head),
     /// Valid or not, this is hyper's to handle.
     Other,
-    /// Refused here, with this reason, and the connection closed.
-    Reject(&'static str),
+    /// Refused here with this status and reason, and the connection closed.
+    Reject(u16, &'static str),
 }
 
 enum Fill {
@@ -144,15 +149,22 @@ impl Conn {
             // Waiting for a request: between requests and while its head arrives.
             let deadline = idle_since + ctx.header_timeout;
             let head = loop {
-                match parse(&self.buf, ctx.shared.replay_cap, &mut self.fields) {
+                let limits = (ctx.shared.replay_cap, ctx.shared.max_body);
+                match parse(&self.buf, limits, &mut self.fields) {
                     Parsed::Fast(h) => break h,
                     Parsed::Other => return Next::HandOff(std::mem::take(&mut self.buf)),
-                    Parsed::Reject(why) => {
-                        let _ = self.io.write_all(&bad_request(why)).await;
+                    Parsed::Reject(status, why) => {
+                        let _ = self.io.write_all(&refusal(status, why)).await;
                         return Next::Close;
                     }
                     Parsed::Partial if self.buf.len() > MAX_HEAD => {
-                        return Next::HandOff(std::mem::take(&mut self.buf));
+                        let (status, why) = if self.buf.contains(&b'\n') {
+                            (431, "request head larger than 32 KiB")
+                        } else {
+                            (414, "request line longer than 32 KiB")
+                        };
+                        let _ = self.io.write_all(&refusal(status, why)).await;
+                        return Next::Close;
                     }
                     Parsed::Partial => {}
                 }
@@ -363,15 +375,37 @@ impl Conn {
     }
 }
 
-/// A 400 answer in the gateway's JSON error shape, closing the connection.
-fn bad_request(why: &str) -> Vec<u8> {
-    let body = serde_json::json!({"error": format!("bad request: {why}"), "code": "bad_request"})
-        .to_string();
+/// A refusal (400, 413, 414, 431) in the gateway's JSON error shape, closing the
+/// connection: after a head that cannot be trusted, nothing more on it can be either.
+fn refusal(status: u16, why: &str) -> Vec<u8> {
+    let (phrase, code) = match status {
+        413 => ("Content Too Large", "body_too_large"),
+        414 => ("URI Too Long", "target_too_long"),
+        431 => ("Request Header Fields Too Large", "head_too_large"),
+        _ => ("Bad Request", "bad_request"),
+    };
+    let body =
+        serde_json::json!({"error": format!("{}: {why}", phrase.to_lowercase()), "code": code})
+            .to_string();
     format!(
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
+}
+
+/// Whether a line in `head` ends in a bare LF. Parsers disagree on those (httparse and
+/// hyper accept them, some servers do not), which is what request smuggling feeds on.
+fn has_bare_lf(head: &[u8]) -> bool {
+    let mut from = 0;
+    while let Some(i) = head[from..].iter().position(|&b| b == b'\n') {
+        let at = from + i;
+        if at == 0 || head[at - 1] != b'\r' {
+            return true;
+        }
+        from = at + 1;
+    }
+    false
 }
 
 /// Whether a raw upstream field stays out of the client's response: hop-by-hop fields
@@ -398,8 +432,10 @@ const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// Decides whether the head at the start of `buf` is complete and takes the fast path;
-/// the field positions go to `ranges`.
-fn parse(buf: &[u8], body_cap: usize, ranges: &mut FieldRanges) -> Parsed {
+/// the field positions go to `ranges`. `limits` are the replay cap (bodies up to it are
+/// read here) and the largest body accepted at all.
+fn parse(buf: &[u8], limits: (usize, u64), ranges: &mut FieldRanges) -> Parsed {
+    let (body_cap, max_body) = limits;
     if buf.is_empty() {
         return Parsed::Partial;
     }
@@ -408,11 +444,25 @@ fn parse(buf: &[u8], body_cap: usize, ranges: &mut FieldRanges) -> Parsed {
     let len = match req.parse_with_uninit_headers(buf, &mut fields) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(_) => return Parsed::Other,
+        // Not HTTP/1.x: an HTTP/2 preface (h2c with prior knowledge) is hyper's.
+        Err(httparse::Error::Version) => return Parsed::Other,
+        Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::Reject(431, "more than 100 header fields");
+        }
+        Err(e) => return Parsed::Reject(400, malformed(e)),
     };
+    if len > MAX_HEAD {
+        return Parsed::Reject(431, "request head larger than 32 KiB");
+    }
+    if has_bare_lf(&buf[..len]) {
+        return Parsed::Reject(400, "a line ends in a bare LF (CRLF required)");
+    }
     let (Some(method), Some(path)) = (req.method, req.path) else {
         return Parsed::Other;
     };
+    if path.len() > MAX_TARGET {
+        return Parsed::Reject(414, "request target longer than 8 KiB");
+    }
     let unusual = req.version != Some(1) || !path.starts_with('/');
     let base = buf.as_ptr() as usize;
     let path_at = path.as_ptr() as usize - base;
@@ -439,6 +489,9 @@ fn parse(buf: &[u8], body_cap: usize, ranges: &mut FieldRanges) -> Parsed {
                     .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
                     .and_then(|v| v.parse::<u64>().ok())
                 {
+                    Some(n) if n > max_body => {
+                        return Parsed::Reject(413, "Content-Length above the gateway's limit");
+                    }
                     Some(n) if n as usize <= body_cap => body_len = Some(n),
                     _ => other = true,
                 }
@@ -460,9 +513,14 @@ fn parse(buf: &[u8], body_cap: usize, ranges: &mut FieldRanges) -> Parsed {
     // and an upstream that reads the other: refused outright (RFC 9112 section 6.1 allows
     // it), never guessed at.
     if transfer_coded && lengths > 0 {
-        return Parsed::Reject("both Content-Length and Transfer-Encoding");
+        return Parsed::Reject(400, "both Content-Length and Transfer-Encoding");
     }
-    if unusual || other || transfer_coded || lengths > 1 {
+    // Repeated (even equal) lengths are refused, as nginx does: which one a later hop
+    // reads is not for a client to pick.
+    if lengths > 1 {
+        return Parsed::Reject(400, "Content-Length appears more than once");
+    }
+    if unusual || other || transfer_coded {
         return Parsed::Other;
     }
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
@@ -475,6 +533,17 @@ fn parse(buf: &[u8], body_cap: usize, ranges: &mut FieldRanges) -> Parsed {
         method,
         path: path_at..path_at + path.len(),
     })
+}
+
+/// What is wrong with a head httparse refused, in words for the 400.
+fn malformed(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::HeaderName => "invalid header field name (space before the colon?)",
+        httparse::Error::HeaderValue => "invalid header field value (control character?)",
+        httparse::Error::NewLine => "invalid line ending",
+        httparse::Error::Token => "invalid method or request target",
+        _ => "malformed request head",
+    }
 }
 
 /// The request from a head that `parse` accepted; its header values share `head`.
@@ -545,7 +614,7 @@ mod tests {
     use super::*;
 
     fn fast(wire: &[u8]) -> Option<(usize, u64, bool)> {
-        match parse(wire, 1024, &mut Vec::new()) {
+        match parse(wire, (1024, 1 << 20), &mut Vec::new()) {
             Parsed::Fast(h) => Some((h.len, h.body_len, h.close)),
             _ => None,
         }
@@ -558,7 +627,7 @@ mod tests {
         let post = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: keep-alive, close\r\n\r\nhello";
         assert_eq!(fast(post), Some((post.len() - 5, 5, true)));
         assert!(matches!(
-            parse(b"GET /a HTTP/1.1\r\nhost", 1024, &mut Vec::new()),
+            parse(b"GET /a HTTP/1.1\r\nhost", (1024, 1 << 20), &mut Vec::new()),
             Parsed::Partial
         ));
     }
@@ -571,16 +640,13 @@ mod tests {
             b"GET http://x/a HTTP/1.1\r\nhost: x\r\n\r\n",
             b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
             b"GET / HTTP/1.0\r\ncontent-length: 0\r\n\r\n",
-            b"POST /a HTTP/1.1\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n",
             b"POST /a HTTP/1.1\r\ncontent-length: +5\r\n\r\n",
             b"POST /a HTTP/1.1\r\ncontent-length: 2048\r\n\r\n",
             b"GET /ws HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
             b"POST /a HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n",
-            b"GET /a HTTP/1.1\r\nbad header\r\n\r\n",
-            b"GET /a HTTP/1.1\r\nname : v\r\n\r\n",
         ] {
             assert!(
-                matches!(parse(wire, 1024, &mut Vec::new()), Parsed::Other),
+                matches!(parse(wire, (1024, 1 << 20), &mut Vec::new()), Parsed::Other),
                 "{:?}",
                 String::from_utf8_lossy(wire)
             );
@@ -595,9 +661,45 @@ mod tests {
             b"POST / HTTP/1.0\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
         ] {
             assert!(matches!(
-                parse(wire, 1024, &mut Vec::new()),
-                Parsed::Reject(_)
+                parse(wire, (1024, 1 << 20), &mut Vec::new()),
+                Parsed::Reject(400, _)
             ));
+        }
+    }
+
+    #[test]
+    fn hostile_heads_are_refused_with_the_right_status() {
+        let many: Vec<u8> = [&b"GET / HTTP/1.1\r\n"[..]]
+            .into_iter()
+            .chain(std::iter::repeat_n(&b"x: y\r\n"[..], 101))
+            .chain([&b"\r\n"[..]])
+            .flatten()
+            .copied()
+            .collect();
+        let long_target = [b"GET /".as_slice(), &[b'a'; 9000], b" HTTP/1.1\r\n\r\n"].concat();
+        let cases: Vec<(&[u8], u16)> = vec![
+            (b"GET / HTTP/1.1\nhost: a\n\n", 400),
+            (b"GET / HTTP/1.1\r\nhost: a\nx: b\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nbad header\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nname : v\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nx: a\x00b\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nx: a\r\n  folded\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nhost: a\rx: b\r\n\r\n", 400),
+            (&many, 431),
+            (&long_target, 414),
+            (b"POST / HTTP/1.1\r\ncontent-length: 2000000\r\n\r\n", 413),
+            (
+                b"POST / HTTP/1.1\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n",
+                400,
+            ),
+        ];
+        for (wire, status) in cases {
+            match parse(wire, (1024, 1 << 20), &mut Vec::new()) {
+                Parsed::Reject(s, _) => {
+                    assert_eq!(s, status, "{:?}", String::from_utf8_lossy(wire))
+                }
+                _ => panic!("not refused: {:?}", String::from_utf8_lossy(wire)),
+            }
         }
     }
 
@@ -606,7 +708,7 @@ mod tests {
         let head =
             Bytes::from_static(b"PUT /x%20y?q=1 HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nX-A: 2\r\n\r\n");
         let mut fields = Vec::new();
-        let Parsed::Fast(parsed) = parse(&head, 1024, &mut fields) else {
+        let Parsed::Fast(parsed) = parse(&head, (1024, 1 << 20), &mut fields) else {
             panic!("not a fast-path head");
         };
         let req = build_request(&head, parsed, &fields, Body::empty()).unwrap();

@@ -391,6 +391,95 @@ async fn client_side_requests_fast_and_handed_off() {
     }
 }
 
+/// Hostile and oversized heads, each on its own connection: the status, a closed
+/// connection, and an upstream that saw nothing.
+#[tokio::test]
+async fn a_negative_corpus_is_refused_before_the_upstream() {
+    let up = Upstream::start("echo").await;
+    let gw = gateway_to(up.addr, "max_request_body_bytes = 1000").await;
+    let headers = |n: usize| -> Vec<u8> {
+        let mut v = b"GET / HTTP/1.1\r\nhost: a\r\n".to_vec();
+        for i in 0..n {
+            v.extend_from_slice(format!("x-{i}: y\r\n").as_bytes());
+        }
+        v.extend_from_slice(b"\r\n");
+        v
+    };
+    let long = |n: usize| {
+        [
+            b"GET /".as_slice(),
+            &vec![b'a'; n],
+            b" HTTP/1.1\r\nhost: a\r\n\r\n",
+        ]
+        .concat()
+    };
+    let big_field = [
+        b"GET / HTTP/1.1\r\nhost: a\r\nx: ".as_slice(),
+        &vec![b'a'; 40_000],
+        b"\r\n\r\n",
+    ]
+    .concat();
+    let corpus: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("bare LF", b"GET / HTTP/1.1\nhost: a\n\n".to_vec(), "400"),
+        ("one bare LF", b"GET / HTTP/1.1\r\nhost: a\nx: b\r\n\r\n".to_vec(), "400"),
+        ("bare CR", b"GET / HTTP/1.1\r\nhost: a\rx: b\r\n\r\n".to_vec(), "400"),
+        ("NUL in a value", b"GET / HTTP/1.1\r\nhost: a\r\nx: a\x00b\r\n\r\n".to_vec(), "400"),
+        ("obs-fold", b"GET / HTTP/1.1\r\nhost: a\r\nx: a\r\n folded\r\n\r\n".to_vec(), "400"),
+        ("space before colon", b"GET / HTTP/1.1\r\nhost : a\r\n\r\n".to_vec(), "400"),
+        ("CL and TE", b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(), "400"),
+        ("two lengths", b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab".to_vec(), "400"),
+        ("target over 8 KiB", long(9_000), "414"),
+        ("request line over 32 KiB, unfinished", long(40_000)[..35_000].to_vec(), "414"),
+        ("101 fields", headers(101), "431"),
+        ("head over 32 KiB", big_field, "431"),
+        ("body over the limit", b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 1001\r\n\r\n".to_vec(), "413"),
+    ];
+    for (what, wire, status) in corpus {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(&wire).await.unwrap();
+        let all: String = String::from_utf8_lossy(&read_to_end(&mut s).await)
+            .chars()
+            .take(400)
+            .collect();
+        assert!(
+            all.starts_with(&format!("HTTP/1.1 {status}")),
+            "{what}: {all}"
+        );
+        assert!(
+            all.contains("\"code\""),
+            "{what}: the reason is named: {all}"
+        );
+    }
+    assert_eq!(up.hits(), 0, "nothing reached the upstream");
+    // Within the limits, the same gateway serves.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut pending = Vec::new();
+    let (h, _) = exchange(&mut s, &headers(90), &mut pending).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert_eq!(up.hits(), 1);
+}
+
+/// `Upgrade: h2c` is not acted on: the request reaches the upstream as plain HTTP/1.1,
+/// without the upgrade fields.
+#[tokio::test]
+async fn an_h2c_upgrade_is_stripped() {
+    let up = Upstream::start("echo").await;
+    let gw = gateway_to(up.addr, "").await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut pending = Vec::new();
+    let (h, b) = exchange(
+        &mut s,
+        b"GET /x HTTP/1.1\r\nhost: a\r\nconnection: upgrade, http2-settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAAP__\r\n\r\n",
+        &mut pending,
+    )
+    .await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    let seen = &json(&b)["headers"];
+    assert!(seen.get("upgrade").is_none(), "{seen}");
+    assert!(seen.get("http2-settings").is_none(), "{seen}");
+    assert!(seen.get("connection").is_none(), "{seen}");
+}
+
 #[tokio::test]
 async fn slow_and_idle_clients_are_timed_out() {
     let up = Upstream::start("echo").await;
