@@ -115,18 +115,6 @@ pub async fn handle(
         .into_response();
     };
     let mut req = req;
-    // `Upgrade: h2c` asks the gateway itself to switch protocols mid-request, which it
-    // does not do (and an upstream that did would then talk HTTP/2 past every check
-    // here): the request goes on as plain HTTP/1.1.
-    if req
-        .headers()
-        .get(header::UPGRADE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"h2c"))
-    {
-        let h = req.headers_mut();
-        h.remove(header::UPGRADE);
-        h.remove(&HTTP2_SETTINGS);
-    }
     // Identity headers come only from verified tokens: a client's copy never passes.
     for h in &table.issuers.identity_headers {
         req.headers_mut().remove(h);
@@ -257,7 +245,21 @@ async fn forward(
     up.budget.deposit_at(start);
 
     let mut req = req;
-    let upgrade = wants_upgrade(&req);
+    let mut upgrade = wants_upgrade(&req);
+    // `Upgrade: h2c` asks the gateway itself to switch protocols mid-request, which it
+    // does not do (and an upstream that did would then talk HTTP/2 past every check
+    // here): the request goes on as plain HTTP/1.1.
+    if upgrade
+        && req
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"h2c"))
+    {
+        let h = req.headers_mut();
+        h.remove(header::UPGRADE);
+        h.remove(&HTTP2_SETTINGS);
+        upgrade = false;
+    }
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let retry_allowed = is_idempotent(&parts.method) || route.retry_non_idempotent;

@@ -394,18 +394,21 @@ fn refusal(status: u16, why: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Whether a line in `head` ends in a bare LF. Parsers disagree on those (httparse and
-/// hyper accept them, some servers do not), which is what request smuggling feeds on.
-fn has_bare_lf(head: &[u8]) -> bool {
-    let mut from = 0;
-    while let Some(i) = head[from..].iter().position(|&b| b == b'\n') {
-        let at = from + i;
-        if at == 0 || head[at - 1] != b'\r' {
-            return true;
+/// Whether every line of a parsed head ends in CRLF. Parsers disagree on bare LF
+/// (httparse and hyper accept it, some servers do not), which is what request smuggling
+/// feeds on. A head's lines end right after the request line's ` HTTP/1.x` (`path_end` +
+/// 9), after each field value (past optional blanks), and at its end, so those are the
+/// only places to look: no scan of the whole head.
+fn crlf_lines(head: &[u8], path_end: usize, fields: &FieldRanges) -> bool {
+    let ends_line = |mut i: usize| {
+        while head.get(i).is_some_and(|b| *b == b' ' || *b == b'\t') {
+            i += 1;
         }
-        from = at + 1;
-    }
-    false
+        head.get(i..i + 2) == Some(b"\r\n")
+    };
+    ends_line(path_end + 9)
+        && fields.iter().all(|(_, value)| ends_line(value.end))
+        && head.ends_with(b"\r\n\r\n")
 }
 
 /// Whether a raw upstream field stays out of the client's response: hop-by-hop fields
@@ -453,9 +456,6 @@ fn parse(buf: &[u8], limits: (usize, u64), ranges: &mut FieldRanges) -> Parsed {
     };
     if len > MAX_HEAD {
         return Parsed::Reject(431, "request head larger than 32 KiB");
-    }
-    if has_bare_lf(&buf[..len]) {
-        return Parsed::Reject(400, "a line ends in a bare LF (CRLF required)");
     }
     let (Some(method), Some(path)) = (req.method, req.path) else {
         return Parsed::Other;
@@ -508,6 +508,9 @@ fn parse(buf: &[u8], limits: (usize, u64), ranges: &mut FieldRanges) -> Parsed {
             }
             _ => {}
         }
+    }
+    if !crlf_lines(&buf[..len], path_at + path.len(), ranges) {
+        return Parsed::Reject(400, "a line ends in a bare LF (CRLF required)");
     }
     // Two framings at once is how requests are smuggled past a proxy that reads one
     // and an upstream that reads the other: refused outright (RFC 9112 section 6.1 allows
@@ -624,6 +627,8 @@ mod tests {
     fn plain_requests_take_the_fast_path() {
         let get = b"GET /a?b=c HTTP/1.1\r\nhost: x\r\n\r\n";
         assert_eq!(fast(get), Some((get.len(), 0, false)));
+        let blanks = b"GET / HTTP/1.1\r\nhost: x  \r\nempty:\r\nx-tab:\tv\t\r\n\r\n";
+        assert_eq!(fast(blanks), Some((blanks.len(), 0, false)));
         let post = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: keep-alive, close\r\n\r\nhello";
         assert_eq!(fast(post), Some((post.len() - 5, 5, true)));
         assert!(matches!(
@@ -678,6 +683,7 @@ mod tests {
             .collect();
         let long_target = [b"GET /".as_slice(), &[b'a'; 9000], b" HTTP/1.1\r\n\r\n"].concat();
         let cases: Vec<(&[u8], u16)> = vec![
+            (b"GET / HTTP/1.1\r\nhost: a\r\n\n", 400),
             (b"GET / HTTP/1.1\nhost: a\n\n", 400),
             (b"GET / HTTP/1.1\r\nhost: a\nx: b\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\nbad header\r\n\r\n", 400),
