@@ -102,12 +102,12 @@ impl Issuers {
     }
 
     /// Checks `headers` against the route's rule; on success returns the identity
-    /// headers to add.
+    /// headers to add and the token's subject.
     pub async fn check(
         &self,
         rule: &RouteAuth,
         headers: &HeaderMap,
-    ) -> Result<Vec<(HeaderName, HeaderValue)>, GatewayError> {
+    ) -> Result<(Vec<(HeaderName, HeaderValue)>, Option<String>), GatewayError> {
         let Some(issuer) = self.by_name.get(&rule.jwt) else {
             return Err(GatewayError::Unauthorized(format!(
                 "issuer {} is not configured",
@@ -147,7 +147,7 @@ impl Issuers {
                 out.push((h.clone(), v));
             }
         }
-        Ok(out)
+        Ok((out, claims.sub().map(str::to_owned)))
     }
 }
 

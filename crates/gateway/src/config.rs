@@ -176,6 +176,32 @@ pub struct RouteConfig {
     /// Who may use the route: checked before anything is forwarded.
     #[serde(default)]
     pub auth: Option<RouteAuth>,
+    /// Requests per client allowed through (429 beyond), checked after `auth`.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitRoute>,
+}
+
+/// A route's rate limit: `burst` requests at once, then `rate` per second, per key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitRoute {
+    pub rate: f64,
+    pub burst: u32,
+    /// Whose budget a request spends: `ip` (the client address, the default),
+    /// `header:NAME` (e.g. an API key; the address when absent) or `jwt_sub` (the
+    /// verified token's subject; needs `auth`).
+    #[serde(default = "default_rate_key")]
+    pub key: String,
+    /// Keys tracked at most (memory stays bounded; expired keys are pruned).
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+}
+
+fn default_rate_key() -> String {
+    "ip".into()
+}
+fn default_max_keys() -> usize {
+    1_000_000
 }
 
 /// A route's access rule.
@@ -570,6 +596,40 @@ impl Config {
                         format!("header {name}: {value:?} is not a valid value"),
                     )
                 })?;
+            }
+            if let Some(l) = &r.rate_limit {
+                let k = format!("{key}.rate_limit");
+                if !(l.rate.is_finite() && l.rate > 0.0) {
+                    return Err(invalid(
+                        format!("{k}.rate"),
+                        "must be a positive number of requests per second",
+                    ));
+                }
+                if l.burst == 0 {
+                    return Err(invalid(format!("{k}.burst"), "at least 1"));
+                }
+                if l.max_keys == 0 {
+                    return Err(invalid(format!("{k}.max_keys"), "at least 1"));
+                }
+                match l.key.as_str() {
+                    "ip" => {}
+                    "jwt_sub" if r.auth.is_none() => {
+                        return Err(invalid(
+                            format!("{k}.key"),
+                            "jwt_sub needs the route's auth",
+                        ));
+                    }
+                    "jwt_sub" => {}
+                    h if h
+                        .strip_prefix("header:")
+                        .is_some_and(|n| http::HeaderName::from_bytes(n.as_bytes()).is_ok()) => {}
+                    other => {
+                        return Err(invalid(
+                            format!("{k}.key"),
+                            format!("{other:?}: one of ip, header:NAME, jwt_sub"),
+                        ));
+                    }
+                }
             }
             if let Some(a) = &r.auth
                 && !self.jwt.contains_key(&a.jwt)

@@ -33,6 +33,8 @@ pub enum GatewayError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error("rate limit of {limit} requests exceeded; retry in {}", tessera_core::GoDuration(*.retry_after))]
+    RateLimited { limit: u32, retry_after: Duration },
 }
 
 impl GatewayError {
@@ -47,6 +49,7 @@ impl GatewayError {
             GatewayError::Body(_) => StatusCode::BAD_REQUEST,
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
+            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -62,6 +65,7 @@ impl GatewayError {
             GatewayError::Body(_) => "bad_request_body",
             GatewayError::Unauthorized(_) => "unauthorized",
             GatewayError::Forbidden(_) => "forbidden",
+            GatewayError::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -71,6 +75,7 @@ impl GatewayError {
             GatewayError::BulkheadFull { .. } | GatewayError::NoEndpoint(_) => {
                 Some(Duration::from_secs(1))
             }
+            GatewayError::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -95,10 +100,14 @@ impl GatewayError {
             );
         }
         if let Some(d) = self.retry_after() {
-            h.insert(
-                http::header::RETRY_AFTER,
-                HeaderValue::from(d.as_secs().max(1)),
-            );
+            // Whole seconds, rounded up: retrying at a rounded-down time would be refused.
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            if let GatewayError::RateLimited { limit, .. } = &self {
+                h.insert("ratelimit-limit", HeaderValue::from(*limit));
+                h.insert("ratelimit-remaining", HeaderValue::from(0));
+                h.insert("ratelimit-reset", HeaderValue::from(secs.max(1)));
+            }
         }
         resp
     }

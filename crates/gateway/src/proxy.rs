@@ -13,6 +13,7 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Body as _;
+use tessera_resilience::Decision;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
@@ -21,7 +22,7 @@ use crate::body::Body;
 use crate::config::HashOn;
 use crate::error::GatewayError;
 use crate::h1::client::{Exchange, SendError as ClientError, Upgraded};
-use crate::routes::{Rewrite, Route};
+use crate::routes::{RateKey, Rewrite, Route};
 use crate::timer::LazyTimer;
 use crate::upstream::Upstream;
 
@@ -119,19 +120,33 @@ pub async fn handle(
     for h in &table.issuers.identity_headers {
         req.headers_mut().remove(h);
     }
+    let mut subject = None;
     if let Some(rule) = &route.auth {
         match table.issuers.check(rule, req.headers()).await {
-            Ok(identity) => {
+            Ok((identity, sub)) => {
                 let h = req.headers_mut();
                 for (k, v) in identity {
                     h.insert(k, v);
                 }
+                subject = sub;
             }
-            Err(e) => {
-                let resp = e.into_response();
-                let elapsed = Instant::now().saturating_duration_since(start);
-                route.metrics.record(resp.status().as_u16(), elapsed);
-                return resp;
+            Err(e) => return refuse(route, e, start),
+        }
+    }
+    let mut quota = None;
+    if let Some(rl) = &route.rate_limit {
+        let key: Vec<u8> = match &rl.key {
+            RateKey::Header(name) => req.headers().get(name).map(|v| v.as_bytes().to_vec()),
+            RateKey::JwtSub => subject.map(String::into_bytes),
+            RateKey::Ip => None,
+        }
+        .unwrap_or_else(|| peer.ip.as_bytes().to_vec());
+        let limit = rl.limiter.config().burst;
+        match rl.limiter.check_at(&key, start) {
+            Decision::Allow { remaining } => quota = Some((limit, remaining)),
+            Decision::Deny { retry_after } => {
+                let e = GatewayError::RateLimited { limit, retry_after };
+                return refuse(route, e, start);
             }
         }
     }
@@ -160,10 +175,14 @@ pub async fn handle(
             }
         }
     };
-    if !route.remove_response.is_empty() || !route.add_response.is_empty() {
+    if !route.remove_response.is_empty() || !route.add_response.is_empty() || quota.is_some() {
         crate::body::materialize(&mut resp);
     }
     let h = resp.headers_mut();
+    if let Some((limit, remaining)) = quota {
+        h.insert("ratelimit-limit", HeaderValue::from(limit));
+        h.insert("ratelimit-remaining", HeaderValue::from(remaining));
+    }
     for name in &route.remove_response {
         h.remove(name);
     }
@@ -187,6 +206,14 @@ pub async fn handle(
         });
         println!("{line}");
     }
+    resp
+}
+
+/// Answers a request refused before forwarding (auth, rate limit), counted on its route.
+fn refuse(route: &Route, e: GatewayError, start: Instant) -> Response<Body> {
+    let resp = e.into_response();
+    let elapsed = Instant::now().saturating_duration_since(start);
+    route.metrics.record(resp.status().as_u16(), elapsed);
     resp
 }
 

@@ -48,6 +48,18 @@ pub enum Rewrite {
     Replace(String, String),
 }
 
+/// Whose budget a request spends.
+pub enum RateKey {
+    Ip,
+    Header(HeaderName),
+    JwtSub,
+}
+
+pub struct RateLimit {
+    pub key: RateKey,
+    pub limiter: tessera_resilience::RateLimiter<Vec<u8>>,
+}
+
 pub struct Fallback {
     pub status: StatusCode,
     pub body: Bytes,
@@ -72,6 +84,7 @@ pub struct Route {
     pub remove_response: Vec<HeaderName>,
     pub fallback: Option<Fallback>,
     pub auth: Option<crate::config::RouteAuth>,
+    pub rate_limit: Option<RateLimit>,
     pub metrics: RouteMetrics,
     /// What `/admin/routes` shows.
     pub describe: serde_json::Value,
@@ -287,6 +300,23 @@ fn compile(i: usize, r: &RouteConfig, upstreams: &HashMap<String, Arc<Upstream>>
                 .unwrap_or(HeaderValue::from_static("text/plain")),
         }),
         auth: r.auth.clone(),
+        rate_limit: r.rate_limit.as_ref().map(|l| RateLimit {
+            key: match l.key.as_str() {
+                "jwt_sub" => RateKey::JwtSub,
+                k => match k
+                    .strip_prefix("header:")
+                    .map(|n| HeaderName::from_bytes(n.as_bytes()))
+                {
+                    Some(Ok(h)) => RateKey::Header(h),
+                    _ => RateKey::Ip,
+                },
+            },
+            limiter: tessera_resilience::RateLimiter::new(tessera_resilience::RateLimitConfig {
+                rate: l.rate,
+                burst: l.burst,
+                max_keys: l.max_keys,
+            }),
+        }),
         metrics: RouteMetrics::default(),
         describe,
     }

@@ -10,6 +10,8 @@
 //! - [`Outlier`]: passive outlier ejection: consecutive gateway errors eject an endpoint for
 //!   a growing time (base × times ejected), never more than a share of the set at once.
 //! - [`Bulkhead`]: a cap on requests in flight per upstream.
+//! - [`RateLimiter`]: a keyed GCRA limiter (burst, then a steady rate) whose memory stays
+//!   bounded under millions of keys.
 //!
 //! Time comes from `tokio::time::Instant`, so tests run on a paused clock.
 //!
@@ -29,9 +31,11 @@ mod budget;
 mod bulkhead;
 mod layer;
 mod outlier;
+mod ratelimit;
 
 pub use breaker::{BreakerConfig, BreakerOpen, CircuitBreaker, Permit, State};
 pub use budget::{BudgetConfig, RetryBudget};
 pub use bulkhead::{Bulkhead, BulkheadFull, BulkheadPermit};
 pub use layer::{Breaker, BreakerLayer, BudgetedRetry, BulkheadLayer, BulkheadService, Classify};
 pub use outlier::{Outlier, OutlierConfig};
+pub use ratelimit::{Decision, RateLimitConfig, RateLimiter};

@@ -85,6 +85,13 @@ path = {{ prefix = "/public" }}
 upstream = "app"
 
 [[routes]]
+name = "limited"
+path = {{ prefix = "/limited" }}
+upstream = "app"
+auth = {{ jwt = "shop" }}
+rate_limit = {{ rate = 0.001, burst = 2, key = "jwt_sub" }}
+
+[[routes]]
 name = "admin"
 path = {{ prefix = "/admin" }}
 upstream = "app"
@@ -187,6 +194,26 @@ async fn routes_need_a_valid_token_and_the_right_role() {
         (s, body["code"].as_str()),
         (StatusCode::FORBIDDEN, Some("forbidden"))
     );
+    // A limit keyed by the token's subject: each user has their own budget.
+    let bob = token(&key, "bob", &[]);
+    let mut passed = (0, 0);
+    for _ in 0..4 {
+        for (t, n) in [(&ada, &mut passed.0), (&bob, &mut passed.1)] {
+            let (s, _, _) = gw
+                .http
+                .send(
+                    Method::GET,
+                    "/limited",
+                    &[("authorization", &bearer(t))],
+                    Bytes::new(),
+                )
+                .await;
+            if s == StatusCode::OK {
+                *n += 1;
+            }
+        }
+    }
+    assert_eq!(passed, (2, 2));
     let boss = token(&key, "boss", &["admin"]);
     let (s, _, _) = gw
         .http

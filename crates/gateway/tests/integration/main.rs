@@ -8,5 +8,6 @@ mod config;
 mod discovery;
 mod http1;
 mod proxying;
+mod ratelimit;
 mod resilience;
 mod support;
