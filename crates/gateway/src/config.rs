@@ -61,6 +61,10 @@ pub struct Config {
     /// Largest request body buffered so the request can be retried.
     #[serde(default = "default_replay_cap")]
     pub max_replay_body_bytes: usize,
+    /// `reject` (default): a path with `%2F` or `%5C` gets 400; `keep`: they pass but stay
+    /// encoded, never decoded into a separator.
+    #[serde(default)]
+    pub encoded_slashes: EncodedSlashes,
     /// Largest request body accepted: a larger `Content-Length` gets 413 before anything
     /// is forwarded.
     #[serde(default = "default_max_body")]
@@ -202,6 +206,14 @@ fn default_rate_key() -> String {
 }
 fn default_max_keys() -> usize {
     1_000_000
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncodedSlashes {
+    #[default]
+    Reject,
+    Keep,
 }
 
 /// A route's access rule.

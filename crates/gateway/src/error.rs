@@ -29,6 +29,8 @@ pub enum GatewayError {
     Timeout { upstream: String, timeout: Duration },
     #[error("request body too large or unreadable: {0}")]
     Body(String),
+    #[error("bad path: {0}")]
+    BadPath(&'static str),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -46,7 +48,7 @@ impl GatewayError {
             | GatewayError::BulkheadFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Connect { .. } | GatewayError::Io { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::Body(_) => StatusCode::BAD_REQUEST,
+            GatewayError::Body(_) | GatewayError::BadPath(_) => StatusCode::BAD_REQUEST,
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -63,6 +65,7 @@ impl GatewayError {
             GatewayError::Io { .. } => "upstream_io",
             GatewayError::Timeout { .. } => "deadline_exceeded",
             GatewayError::Body(_) => "bad_request_body",
+            GatewayError::BadPath(_) => "bad_path",
             GatewayError::Unauthorized(_) => "unauthorized",
             GatewayError::Forbidden(_) => "forbidden",
             GatewayError::RateLimited { .. } => "rate_limited",

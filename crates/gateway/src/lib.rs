@@ -28,6 +28,7 @@ pub mod config;
 mod error;
 mod h1;
 mod metrics;
+mod path;
 mod pool;
 mod proxy;
 mod routes;
@@ -59,6 +60,7 @@ pub struct Shared {
     config_path: Option<PathBuf>,
     replay_cap: usize,
     max_body: u64,
+    keep_encoded_slashes: bool,
     access_sample: f64,
     reloads: AtomicU64,
     reload_lock: std::sync::Mutex<()>,
@@ -101,6 +103,7 @@ impl Gateway {
                 config_path,
                 replay_cap: config.max_replay_body_bytes,
                 max_body: config.max_request_body_bytes,
+                keep_encoded_slashes: config.encoded_slashes == config::EncodedSlashes::Keep,
                 access_sample: config.access_log.sample,
                 reloads: AtomicU64::new(0),
                 reload_lock: std::sync::Mutex::new(()),

@@ -106,6 +106,24 @@ pub async fn handle(
     start: Instant,
     timer: Option<&mut LazyTimer>,
 ) -> Response<Body> {
+    let mut req = req;
+    // Routing, auth and the upstream all see one canonical path.
+    match crate::path::canonical(req.uri().path(), gw.keep_encoded_slashes) {
+        Ok(None) => {}
+        Ok(Some(path)) => {
+            let pq = match req.uri().query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            let mut parts = req.uri().clone().into_parts();
+            parts.path_and_query = PathAndQuery::try_from(pq).ok();
+            match Uri::from_parts(parts) {
+                Ok(uri) => *req.uri_mut() = uri,
+                Err(_) => return GatewayError::BadPath("not a valid URI").into_response(),
+            }
+        }
+        Err(why) => return GatewayError::BadPath(why).into_response(),
+    }
     let table = gw.table.load_full();
     let method = req.method().clone();
     let Some(route) = table.find(&method, host_of(&req), req.uri().path(), req.headers()) else {
@@ -115,7 +133,6 @@ pub async fn handle(
         }
         .into_response();
     };
-    let mut req = req;
     // Identity headers come only from verified tokens: a client's copy never passes.
     for h in &table.issuers.identity_headers {
         req.headers_mut().remove(h);

@@ -289,3 +289,35 @@ fn auth_config_errors_name_the_key() {
     );
     assert!(err(base("[jwt.shop]\njwks_url = \"http://x/j\"\nbogus = 1\n")).contains("bogus"));
 }
+
+/// Spelling `/admin` another way must not skip its rule: every variant is routed (and
+/// refused) as `/admin`, or refused outright, and the upstream gets the canonical path.
+#[tokio::test]
+async fn path_tricks_do_not_bypass_an_admin_route() {
+    let up = Upstream::start("app").await;
+    let key = signer();
+    let jwks = Jwks::start(vec![key.jwk()]).await;
+    let gw = TestGateway::start(&config(&up, &jwks)).await;
+    for (path, want) in [
+        ("/admin/x", StatusCode::UNAUTHORIZED),
+        ("//admin/x", StatusCode::UNAUTHORIZED),
+        ("/public/../admin/x", StatusCode::UNAUTHORIZED),
+        ("/public/%2e%2e/admin/x", StatusCode::UNAUTHORIZED),
+        ("/public/%2E%2E//admin", StatusCode::UNAUTHORIZED),
+        ("/./admin", StatusCode::UNAUTHORIZED),
+        ("/%61dmin/x", StatusCode::UNAUTHORIZED),
+        ("/public%2f..%2fadmin/x", StatusCode::BAD_REQUEST),
+        ("/public/..%2Fadmin/x", StatusCode::BAD_REQUEST),
+        ("/public/..%5cadmin/x", StatusCode::BAD_REQUEST),
+        ("/public/../../admin/x", StatusCode::BAD_REQUEST),
+        ("/public/%00/x", StatusCode::BAD_REQUEST),
+    ] {
+        let (s, _, body) = gw.http.get(path).await;
+        assert_eq!(s, want, "{path}: {body}");
+    }
+    assert_eq!(up.hits(), 0, "no spelling of /admin got through");
+    // A path that leaves /admin for /public is public, and the upstream sees it canonical.
+    let (s, _, body) = gw.http.get("/admin/..//public/./a%2Db?q=%2e").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["path"], "/public/a-b?q=%2e");
+}
