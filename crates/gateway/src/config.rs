@@ -61,6 +61,11 @@ pub struct Config {
     /// Largest request body buffered so the request can be retried.
     #[serde(default = "default_replay_cap")]
     pub max_replay_body_bytes: usize,
+    /// Clients (CIDRs, `10.0.0.0/8`, `::1/128`) whose `X-Forwarded-For` is extended;
+    /// from anyone else `X-Forwarded-*` and `Forwarded` are replaced, so a client cannot
+    /// pose as another address to the upstream.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     /// `reject` (default): a path with `%2F` or `%5C` gets 400; `keep`: they pass but stay
     /// encoded, never decoded into a separator.
     #[serde(default)]
@@ -503,6 +508,9 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        for c in &self.trusted_proxies {
+            crate::proxy::Cidr::parse(c).map_err(|e| invalid("trusted_proxies", e))?;
+        }
         for (name, j) in &self.jwt {
             let key = format!("jwt.{name}");
             match (&j.jwks_url, &j.jwks_file) {

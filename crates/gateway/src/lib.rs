@@ -88,6 +88,8 @@ pub struct Gateway {
     drain_timeout: Duration,
     header_read_timeout: Duration,
     watch_config: bool,
+    /// Checked once per connection (a reload does not change it: restart to).
+    trusted_proxies: Vec<proxy::Cidr>,
 }
 
 impl Gateway {
@@ -111,6 +113,11 @@ impl Gateway {
             drain_timeout: config.drain_timeout,
             header_read_timeout: config.header_read_timeout,
             watch_config: config.watch_config,
+            trusted_proxies: config
+                .trusted_proxies
+                .iter()
+                .filter_map(|c| proxy::Cidr::parse(c).ok())
+                .collect(),
         }
     }
 
@@ -179,7 +186,7 @@ impl Gateway {
             let _ = stream.set_nodelay(true);
             let ctx = h1::server::Ctx {
                 shared: self.shared.clone(),
-                peer: proxy::Peer::new(peer),
+                peer: proxy::Peer::new(peer, &self.trusted_proxies),
                 stop: stop.clone(),
                 header_timeout: self.header_read_timeout,
                 hyper: builder.clone(),

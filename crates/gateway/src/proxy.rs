@@ -32,6 +32,7 @@ const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
@@ -86,13 +87,74 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// The client IP as a header value, for `X-Forwarded-For`.
     pub ip: HeaderValue,
+    /// A trusted proxy: its `X-Forwarded-*` fields are kept (and extended).
+    pub trusted: bool,
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr) -> Peer {
+    pub fn new(addr: SocketAddr, trusted: &[Cidr]) -> Peer {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .unwrap_or(HeaderValue::from_static("unknown"));
-        Peer { addr, ip }
+        let trusted = trusted.iter().any(|c| c.contains(addr.ip()));
+        Peer { addr, ip, trusted }
+    }
+}
+
+/// An address block (`10.0.0.0/8`, `::1/128`; a bare address is a block of one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: u128,
+    mask: u128,
+    v4: bool,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let ip: std::net::IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not an address or CIDR block"))?;
+        let (bits, v4, max) = match ip {
+            std::net::IpAddr::V4(a) => (u128::from(u32::from(a)), true, 32),
+            std::net::IpAddr::V6(a) => (u128::from(a), false, 128),
+        };
+        let len: u32 = match len {
+            Some(l) => l
+                .trim()
+                .parse()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length 0 to {max}"))?,
+            None => max,
+        };
+        let mask = if len == 0 {
+            0
+        } else {
+            (!0u128 >> (128 - max)) & !((1u128 << (max - len)) - 1)
+        };
+        Ok(Cidr {
+            net: bits & mask,
+            mask,
+            v4,
+        })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(a) => a
+                .to_ipv4_mapped()
+                .map_or(std::net::IpAddr::V6(a), std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        match ip {
+            std::net::IpAddr::V4(a) if self.v4 => u128::from(u32::from(a)) & self.mask == self.net,
+            std::net::IpAddr::V6(a) if !self.v4 => u128::from(a) & self.mask == self.net,
+            _ => false,
+        }
     }
 }
 
@@ -615,6 +677,13 @@ fn record_failure(
 fn upstream_headers(mut h: HeaderMap, uri: &Uri, route: &Route, peer: &Peer) -> HeaderMap {
     // Most requests carry no hop-by-hop header at all: one scan instead of a removal
     // (a hash and a probe) per name.
+    if !peer.trusted
+        && h.keys()
+            .any(|k| k.as_str().starts_with("x-forwarded-") || k == header::FORWARDED)
+    {
+        h.remove(X_FORWARDED_HOST);
+        h.remove(header::FORWARDED);
+    }
     if h.keys().any(|k| is_hop_by_hop(k) || k == header::TE) {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
@@ -649,6 +718,10 @@ fn upstream_headers(mut h: HeaderMap, uri: &Uri, route: &Route, peer: &Peer) -> 
     }
     match h.entry(X_FORWARDED_FOR) {
         header::Entry::Vacant(e) => {
+            e.insert(peer.ip.clone());
+        }
+        // A client that is not a trusted proxy does not get to name earlier hops.
+        header::Entry::Occupied(mut e) if !peer.trusted => {
             e.insert(peer.ip.clone());
         }
         header::Entry::Occupied(mut e) => {
@@ -747,7 +820,8 @@ fn hash_of(on: &HashOn, headers: &HeaderMap, peer: SocketAddr) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{HOP_BY_HOP, is_hop_by_hop, strip_port};
+    #![allow(clippy::unwrap_used)]
+    use super::{Cidr, HOP_BY_HOP, is_hop_by_hop, strip_port};
 
     #[test]
     fn hop_by_hop_names_are_recognised() {
@@ -765,6 +839,22 @@ mod tests {
                 !is_hop_by_hop(&http::HeaderName::from_static(other)),
                 "{other}"
             );
+        }
+    }
+
+    #[test]
+    fn cidr_blocks_match_their_addresses() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let c = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(c.contains(ip("10.1.255.3")));
+        assert!(!c.contains(ip("10.2.0.1")));
+        assert!(c.contains(ip("::ffff:10.1.0.9")), "IPv4-mapped IPv6");
+        assert!(!c.contains(ip("::1")));
+        assert!(Cidr::parse("::1").unwrap().contains(ip("::1")));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("8.8.8.8")));
+        assert!(Cidr::parse("fd00::/8").unwrap().contains(ip("fd12::1")));
+        for bad in ["10.0.0.0/33", "x", "::/129", "1.2.3.4/-1"] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
         }
     }
 

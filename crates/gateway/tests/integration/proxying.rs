@@ -506,3 +506,39 @@ idle_timeout = "0s"
         "an idle connection past the timeout is not reused"
     );
 }
+
+/// `X-Forwarded-*` and `Forwarded` from a client are replaced unless the client is a
+/// trusted proxy, whose `X-Forwarded-For` is extended.
+#[tokio::test]
+async fn forwarded_headers_are_only_believed_from_trusted_proxies() {
+    let up = Upstream::start("a").await;
+    let spoof: &[(&str, &str)] = &[
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-proto", "https"),
+        ("forwarded", "for=6.6.6.6"),
+    ];
+    for (trusted, want_xff) in [
+        ("", "127.0.0.1"),
+        ("trusted_proxies = [\"127.0.0.0/8\"]", "6.6.6.6, 127.0.0.1"),
+    ] {
+        let gw = TestGateway::start(&format!(
+            "{trusted}\n[[routes]]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{}\"]\n",
+            up.addr
+        ))
+        .await;
+        let (s, _, v) = gw.http.send(Method::GET, "/", spoof, Bytes::new()).await;
+        assert_eq!(s, StatusCode::OK);
+        let h = &v["headers"];
+        assert_eq!(h["x-forwarded-for"], want_xff, "{trusted}");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        if trusted.is_empty() {
+            assert!(h.get("x-forwarded-host").is_none(), "{h}");
+            assert!(h.get("forwarded").is_none(), "{h}");
+        } else {
+            assert_eq!(h["x-forwarded-host"], "evil.example");
+        }
+    }
+    let err = tessera_gateway::Config::parse("trusted_proxies = [\"10.0.0.0/33\"]\n").unwrap_err();
+    assert!(err.to_string().contains("trusted_proxies"), "{err}");
+}
