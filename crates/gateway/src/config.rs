@@ -61,6 +61,14 @@ pub struct Config {
     /// Largest request body buffered so the request can be retried.
     #[serde(default = "default_replay_cap")]
     pub max_replay_body_bytes: usize,
+    /// Requests being proxied at once, over all routes; more get 503 at once instead of
+    /// queueing without bound (0: no limit).
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Open client connections per client address; more are answered 503 and closed
+    /// (0: no limit).
+    #[serde(default = "default_conns_per_ip")]
+    pub max_connections_per_ip: u32,
     /// Clients (CIDRs, `10.0.0.0/8`, `::1/128`) whose `X-Forwarded-For` is extended;
     /// from anyone else `X-Forwarded-*` and `Forwarded` are replaced, so a client cannot
     /// pose as another address to the upstream.
@@ -119,6 +127,12 @@ pub struct RegistryConfig {
     pub wait: Duration,
 }
 
+fn default_max_in_flight() -> usize {
+    10_000
+}
+fn default_conns_per_ip() -> u32 {
+    1024
+}
 fn default_max_body() -> u64 {
     64 * 1024 * 1024
 }

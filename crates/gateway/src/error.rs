@@ -31,6 +31,8 @@ pub enum GatewayError {
     Body(String),
     #[error("bad path: {0}")]
     BadPath(&'static str),
+    #[error("the gateway has {0} requests in flight; try again")]
+    Overloaded(usize),
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -44,6 +46,7 @@ impl GatewayError {
         match self {
             GatewayError::NoRoute { .. } => StatusCode::NOT_FOUND,
             GatewayError::NoEndpoint(_)
+            | GatewayError::Overloaded(_)
             | GatewayError::BreakerOpen { .. }
             | GatewayError::BulkheadFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Connect { .. } | GatewayError::Io { .. } => StatusCode::BAD_GATEWAY,
@@ -66,6 +69,7 @@ impl GatewayError {
             GatewayError::Timeout { .. } => "deadline_exceeded",
             GatewayError::Body(_) => "bad_request_body",
             GatewayError::BadPath(_) => "bad_path",
+            GatewayError::Overloaded(_) => "overloaded",
             GatewayError::Unauthorized(_) => "unauthorized",
             GatewayError::Forbidden(_) => "forbidden",
             GatewayError::RateLimited { .. } => "rate_limited",
@@ -75,9 +79,9 @@ impl GatewayError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             GatewayError::BreakerOpen { retry_after, .. } => Some(*retry_after),
-            GatewayError::BulkheadFull { .. } | GatewayError::NoEndpoint(_) => {
-                Some(Duration::from_secs(1))
-            }
+            GatewayError::BulkheadFull { .. }
+            | GatewayError::NoEndpoint(_)
+            | GatewayError::Overloaded(_) => Some(Duration::from_secs(1)),
             GatewayError::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         }

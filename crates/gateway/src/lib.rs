@@ -61,6 +61,9 @@ pub struct Shared {
     replay_cap: usize,
     max_body: u64,
     keep_encoded_slashes: bool,
+    /// Requests being proxied now, and the most allowed (0: any).
+    in_flight: std::sync::atomic::AtomicUsize,
+    max_in_flight: usize,
     access_sample: f64,
     reloads: AtomicU64,
     reload_lock: std::sync::Mutex<()>,
@@ -90,6 +93,7 @@ pub struct Gateway {
     watch_config: bool,
     /// Checked once per connection (a reload does not change it: restart to).
     trusted_proxies: Vec<proxy::Cidr>,
+    max_connections_per_ip: u32,
 }
 
 impl Gateway {
@@ -106,6 +110,8 @@ impl Gateway {
                 replay_cap: config.max_replay_body_bytes,
                 max_body: config.max_request_body_bytes,
                 keep_encoded_slashes: config.encoded_slashes == config::EncodedSlashes::Keep,
+                in_flight: std::sync::atomic::AtomicUsize::new(0),
+                max_in_flight: config.max_in_flight,
                 access_sample: config.access_log.sample,
                 reloads: AtomicU64::new(0),
                 reload_lock: std::sync::Mutex::new(()),
@@ -113,6 +119,7 @@ impl Gateway {
             drain_timeout: config.drain_timeout,
             header_read_timeout: config.header_read_timeout,
             watch_config: config.watch_config,
+            max_connections_per_ip: config.max_connections_per_ip,
             trusted_proxies: config
                 .trusted_proxies
                 .iter()
@@ -163,12 +170,20 @@ impl Gateway {
             .max_headers(h1::MAX_HEADERS)
             .keep_alive(true)
             .writev(false);
+        // HTTP/2 limits against hostile clients: 1024 streams per connection; a decoded
+        // header list (HPACK, CONTINUATION frames) of at most the HTTP/1.1 head limit; a
+        // client that resets streams faster than they are accepted (rapid reset,
+        // CVE-2023-44487) or keeps provoking stream errors gets the connection closed.
         builder
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(1024)
+            .max_header_list_size(h1::MAX_HEAD as u32)
+            .max_pending_accept_reset_streams(Some(20))
+            .max_local_error_reset_streams(Some(256))
             .keep_alive_interval(Some(Duration::from_secs(30)));
         let builder = Arc::new(builder);
+        let per_ip = Arc::new(ConnsPerIp::default());
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -183,6 +198,14 @@ impl Gateway {
                     }
                 },
             };
+            let slot = match per_ip.clone().admit(peer.ip(), self.max_connections_per_ip) {
+                Some(slot) => slot,
+                None => {
+                    // Told why, not just reset; never read from.
+                    let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
             let ctx = h1::server::Ctx {
                 shared: self.shared.clone(),
@@ -191,7 +214,11 @@ impl Gateway {
                 header_timeout: self.header_read_timeout,
                 hyper: builder.clone(),
             };
-            tokio::spawn(h1::server::serve(stream, ctx, graceful.watcher()));
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                h1::server::serve(stream, ctx, watcher).await;
+                drop(slot);
+            });
         }
         drop(listener);
         stop.cancel();
@@ -273,6 +300,40 @@ async fn on_sighup(
         }
         if let Err(e) = shared.reload() {
             tracing::error!(error = %e, "SIGHUP reload refused; keeping the running config");
+        }
+    }
+}
+
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 80\r\nretry-after: 1\r\nconnection: close\r\n\r\n{\"error\":\"too many connections from this address\",\"code\":\"too_many_connections\"}";
+
+/// Open connections per client address, so one client cannot hold every socket.
+#[derive(Default)]
+struct ConnsPerIp(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>);
+
+/// One admitted connection; gives its place back when dropped.
+struct ConnSlot(Arc<ConnsPerIp>, std::net::IpAddr);
+
+impl ConnsPerIp {
+    fn admit(self: Arc<Self>, ip: std::net::IpAddr, max: u32) -> Option<ConnSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if max > 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        drop(m);
+        Some(ConnSlot(self, ip))
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut m = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
         }
     }
 }

@@ -168,6 +168,11 @@ pub async fn handle(
     start: Instant,
     timer: Option<&mut LazyTimer>,
 ) -> Response<Body> {
+    // Shed load beyond the global limit at once, before any work.
+    let _in_flight = match InFlight::enter(gw) {
+        Some(guard) => guard,
+        None => return GatewayError::Overloaded(gw.max_in_flight).into_response(),
+    };
     let mut req = req;
     // Routing, auth and the upstream all see one canonical path.
     match crate::path::canonical(req.uri().path(), gw.keep_encoded_slashes) {
@@ -286,6 +291,26 @@ pub async fn handle(
         println!("{line}");
     }
     resp
+}
+
+/// A request counted in `Shared::in_flight` until dropped.
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn enter(gw: &'a Shared) -> Option<InFlight<'a>> {
+        let n = gw.in_flight.fetch_add(1, Ordering::Relaxed);
+        if gw.max_in_flight > 0 && n >= gw.max_in_flight {
+            gw.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(InFlight(gw))
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Answers a request refused before forwarding (auth, rate limit), counted on its route.

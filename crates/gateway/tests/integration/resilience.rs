@@ -254,3 +254,93 @@ outlier = {{ consecutive_errors = 1, base_ejection = "60s", max_ejected_percent 
     );
     assert!(good.hits() >= 10);
 }
+
+/// Beyond `max_in_flight` the gateway sheds at once with 503 instead of queueing: every
+/// refusal comes back while the admitted requests are still waiting on their upstream.
+#[tokio::test]
+async fn requests_beyond_the_global_limit_are_shed_with_503() {
+    let up = Upstream::start("slow").await;
+    up.delay_ms.store(3000, Ordering::SeqCst);
+    let gw = TestGateway::start(&format!(
+        "max_in_flight = 2\n[[routes]]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{}\"]\n",
+        up.addr
+    ))
+    .await;
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut admitted = Vec::new();
+    for _ in 0..2 {
+        let (http, order) = (gw.http.clone(), order.clone());
+        admitted.push(tokio::spawn(async move {
+            let s = http.get("/").await.0;
+            order.lock().unwrap().push(s);
+        }));
+    }
+    crate::support::wait_for("both slow requests to reach the upstream", || async {
+        up.hits() == 2
+    })
+    .await;
+    for _ in 0..4 {
+        let (s, h, body) = gw.http.get("/").await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["code"], "overloaded");
+        assert!(h.get("retry-after").is_some());
+        order.lock().unwrap().push(s);
+    }
+    for t in admitted {
+        t.await.unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    assert_eq!(
+        order,
+        [
+            [StatusCode::SERVICE_UNAVAILABLE; 4].as_slice(),
+            &[StatusCode::OK; 2]
+        ]
+        .concat(),
+        "shed at once, not queued behind the admitted ones"
+    );
+    assert_eq!(up.hits(), 2);
+}
+
+/// A client address with `max_connections_per_ip` connections open gets 503 on the next.
+#[tokio::test]
+async fn connections_per_client_address_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start("u").await;
+    let gw = TestGateway::start(&format!(
+        "max_connections_per_ip = 2\n[[routes]]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{}\"]\n",
+        up.addr
+    ))
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        held.push(s);
+    }
+    let mut third = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut all = Vec::new();
+    third.read_to_end(&mut all).await.unwrap();
+    let all = String::from_utf8_lossy(&all);
+    assert!(all.starts_with("HTTP/1.1 503"), "{all}");
+    assert!(all.contains("too_many_connections"), "{all}");
+    // Closing one frees its place.
+    drop(held.pop());
+    crate::support::wait_for("a freed connection slot", || async {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        if s.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await.is_ok() && &buf == b"HTTP/1.1 200"
+    })
+    .await;
+}
