@@ -131,6 +131,13 @@ impl Issuers {
                 rule.roles.join(", ")
             )));
         }
+        for (name, want) in &rule.claims {
+            if !claim_holds(claims.get(name), want) {
+                return Err(GatewayError::Forbidden(format!(
+                    "this route needs claim {name} to hold {want:?}"
+                )));
+            }
+        }
         let mut out = Vec::with_capacity(issuer.forward.len());
         for (h, claim) in &issuer.forward {
             let value = match claims.get(claim) {
@@ -257,5 +264,48 @@ async fn refresh_loop(issuer: Weak<Issuer>) {
         }
         drop(i);
         tokio::time::sleep(every).await;
+    }
+}
+
+/// Whether a claim equals `want` (a string), contains it (an array of strings), or holds
+/// it as one of its space-separated words (`scope`).
+fn claim_holds(claim: Option<&serde_json::Value>, want: &str) -> bool {
+    match claim {
+        Some(serde_json::Value::String(s)) => s == want || s.split(' ').any(|w| w == want),
+        Some(serde_json::Value::Array(a)) => a.iter().any(|x| x.as_str() == Some(want)),
+        Some(serde_json::Value::Bool(b)) => b.to_string() == want,
+        Some(serde_json::Value::Number(n)) => n.to_string() == want,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::claim_holds;
+
+    #[test]
+    fn claims_hold_by_equality_or_membership() {
+        let yes = [
+            (json!("acme"), "acme"),
+            (json!("orders:read orders:write"), "orders:write"),
+            (json!(["a", "b"]), "b"),
+            (json!(true), "true"),
+            (json!(3), "3"),
+        ];
+        for (claim, want) in yes {
+            assert!(claim_holds(Some(&claim), want), "{claim} {want}");
+        }
+        let no = [
+            (json!("acme-corp"), "acme"),
+            (json!("orders:readwrite"), "orders:write"),
+            (json!(["ab"]), "a"),
+            (json!({"a": 1}), "a"),
+        ];
+        for (claim, want) in no {
+            assert!(!claim_holds(Some(&claim), want), "{claim} {want}");
+        }
+        assert!(!claim_holds(None, "x"));
     }
 }

@@ -246,6 +246,11 @@ pub struct RouteAuth {
     /// valid token.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// Claims the token must carry, all of them (403 otherwise): a string claim must
+    /// equal the value; an array claim, or a space-separated string such as `scope`,
+    /// must contain it (`claims = { scope = "orders:write", tenant = "acme" }`).
+    #[serde(default)]
+    pub claims: BTreeMap<String, String>,
 }
 
 /// A JWT issuer: where its keys come from and what its tokens must say.

@@ -92,6 +92,12 @@ auth = {{ jwt = "shop" }}
 rate_limit = {{ rate = 0.001, burst = 2, key = "jwt_sub" }}
 
 [[routes]]
+name = "scoped"
+path = {{ prefix = "/scoped" }}
+upstream = "app"
+auth = {{ jwt = "shop", claims = {{ scope = "orders:write", tenant = "acme" }} }}
+
+[[routes]]
 name = "admin"
 path = {{ prefix = "/admin" }}
 upstream = "app"
@@ -194,6 +200,45 @@ async fn routes_need_a_valid_token_and_the_right_role() {
         (s, body["code"].as_str()),
         (StatusCode::FORBIDDEN, Some("forbidden"))
     );
+    // Claims: every listed one must hold (scope as a space-separated list).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let with = |claims: serde_json::Value| {
+        let mut c = json!({"sub": "svc", "iss": "shop", "aud": "api", "exp": now + 300});
+        for (k, v) in claims.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        key.sign(&c)
+    };
+    for (claims, want) in [
+        (
+            json!({"scope": "orders:read orders:write", "tenant": "acme"}),
+            StatusCode::OK,
+        ),
+        (
+            json!({"scope": "orders:read", "tenant": "acme"}),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            json!({"scope": "orders:write", "tenant": "other"}),
+            StatusCode::FORBIDDEN,
+        ),
+        (json!({"scope": "orders:write"}), StatusCode::FORBIDDEN),
+    ] {
+        let t = with(claims.clone());
+        let (s, _, _) = gw
+            .http
+            .send(
+                Method::GET,
+                "/scoped",
+                &[("authorization", &bearer(&t))],
+                Bytes::new(),
+            )
+            .await;
+        assert_eq!(s, want, "{claims}");
+    }
     // A limit keyed by the token's subject: each user has their own budget.
     let bob = token(&key, "bob", &[]);
     let mut passed = (0, 0);
