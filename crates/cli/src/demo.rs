@@ -57,7 +57,6 @@ pub struct Proc {
     log: PathBuf,
     child: Option<Child>,
     stdin: Option<ChildStdin>,
-    pub restarts: u32,
 }
 
 impl Proc {
@@ -69,11 +68,11 @@ impl Proc {
             log: logs.join(format!("{name}.log")),
             child: None,
             stdin: None,
-            restarts: 0,
         }
     }
 
-    fn spawn(&mut self) -> Result<(), String> {
+    /// Starts the process (again, after a kill).
+    pub fn spawn(&mut self) -> Result<(), String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find tessera: {e}"))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -114,11 +113,6 @@ impl Proc {
             let _ = c.kill().await;
         }
         self.stdin = None;
-    }
-
-    pub fn restart(&mut self) -> Result<(), String> {
-        self.restarts += 1;
-        self.spawn()
     }
 
     /// Asks the process to stop: closes its stdin.

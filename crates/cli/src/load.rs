@@ -306,7 +306,7 @@ pub async fn run(
             if let Some((i, at)) = killed
                 && at.elapsed() >= Duration::from_secs(1)
             {
-                fleet.services[i].restart()?;
+                fleet.services[i].spawn()?;
                 killed = None;
             }
             if killed.is_none() && Instant::now() >= chaos_at && !fleet.services.is_empty() {
@@ -344,7 +344,7 @@ pub async fn run(
         let _ = w.await;
     }
     if let (Some(fleet), Some((i, _))) = (chaos, killed) {
-        fleet.services[i].restart()?;
+        fleet.services[i].spawn()?;
     }
     let elapsed = started.elapsed();
     println!();

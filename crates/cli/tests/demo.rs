@@ -477,58 +477,37 @@ async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
             format!("http://127.0.0.1:{}", v[0]["Service"]["Port"])
         }
     };
+    let post = |url: String, body: Option<Value>| {
+        let c = c.clone();
+        async move { call(&c, "POST", &url, None, body).await }
+    };
     let catalog = instance("catalog").await;
-    let (s, _) = call(
-        &c,
-        "POST",
-        &format!("{catalog}/internal/reservations/late-1/release"),
-        None,
-        None,
-    )
-    .await;
-    assert_eq!(s, 200);
-    let reserve = json!({"order_id": "late-1", "items": [{"product_id": "mug", "quantity": 1}]});
-    let (s, v) = call(
-        &c,
-        "POST",
-        &format!("{catalog}/internal/reservations"),
-        None,
-        Some(reserve),
-    )
-    .await;
-    assert_eq!((s, v["code"].as_str()), (409, Some("released")), "{v}");
     let payments = instance("payments").await;
-    let (s, _) = call(
-        &c,
-        "POST",
-        &format!("{payments}/internal/charges/late-2/refund"),
-        None,
-        None,
-    )
-    .await;
-    assert_eq!(s, 200);
+    let reserve = json!({"order_id": "late-1", "items": [{"product_id": "mug", "quantity": 1}]});
     let charge = json!({"order_id": "late-2", "user_id": "someone", "amount_cents": 100});
-    let (s, v) = call(
-        &c,
-        "POST",
-        &format!("{payments}/internal/charges"),
-        None,
-        Some(charge.clone()),
-    )
-    .await;
-    assert_eq!((s, v["code"].as_str()), (409, Some("refunded")), "{v}");
+    for (undo, action, body, code) in [
+        (
+            format!("{catalog}/internal/reservations/late-1/release"),
+            format!("{catalog}/internal/reservations"),
+            reserve,
+            "released",
+        ),
+        (
+            format!("{payments}/internal/charges/late-2/refund"),
+            format!("{payments}/internal/charges"),
+            charge,
+            "refunded",
+        ),
+    ] {
+        assert_eq!(post(undo, None).await.0, 200);
+        let (s, v) = post(action, Some(body)).await;
+        assert_eq!((s, v["code"].as_str()), (409, Some(code)), "{v}");
+    }
     // And a repeated action is answered again without a second effect.
     let charge = json!({"order_id": "late-3", "user_id": "someone", "amount_cents": 100});
     for _ in 0..2 {
-        let (s, _) = call(
-            &c,
-            "POST",
-            &format!("{payments}/internal/charges"),
-            None,
-            Some(charge.clone()),
-        )
-        .await;
-        assert_eq!(s, 200);
+        let url = format!("{payments}/internal/charges");
+        assert_eq!(post(url, Some(charge.clone())).await.0, 200);
     }
     // --verify notices a payment taken for no order (exit 1, naming it) ...
     let verify_args = ["demo", "--verify", "--registry", demo.registry.as_str()];
