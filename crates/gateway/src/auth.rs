@@ -20,7 +20,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tessera_jwt::{Alg, JwtError, KeySet, Validation};
 
-use crate::config::{JwtConfig, RouteAuth};
+use crate::config::{ApiKeyConfig, JwtConfig, RouteAuth};
 use crate::error::GatewayError;
 
 /// Largest JWKS document read.
@@ -44,19 +44,47 @@ pub struct Issuer {
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
-/// Every issuer of one config, by name.
+/// Every issuer and API key of one config.
 #[derive(Default)]
 pub struct Issuers {
     by_name: HashMap<String, Arc<Issuer>>,
-    /// Headers the gateway sets from claims: stripped from every client request.
+    /// (name, SHA-256 of the key, roles).
+    api_keys: Vec<(String, Vec<u8>, Vec<String>)>,
+    /// Headers the gateway sets from claims or API keys: stripped from every client
+    /// request.
     pub identity_headers: Vec<HeaderName>,
 }
+
+/// Who a request turned out to be.
+pub struct Identity {
+    /// Headers to add for the upstream.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The token's `sub`, or the API key's name.
+    pub subject: Option<String>,
+    /// A credential header not to pass on.
+    pub remove: Option<HeaderName>,
+}
+
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+static X_API_KEY_NAME: HeaderName = HeaderName::from_static("x-api-key-name");
 
 impl Issuers {
     /// Builds the issuers and starts their refresh tasks (which end when the issuers are
     /// dropped, i.e. when a reload replaces them).
-    pub fn build(cfg: &std::collections::BTreeMap<String, JwtConfig>) -> Issuers {
+    pub fn build(
+        cfg: &std::collections::BTreeMap<String, JwtConfig>,
+        keys: &std::collections::BTreeMap<String, ApiKeyConfig>,
+    ) -> Issuers {
         let mut out = Issuers::default();
+        for (name, k) in keys {
+            let digest: Vec<u8> = (0..k.sha256.len() / 2)
+                .filter_map(|i| u8::from_str_radix(&k.sha256[2 * i..2 * i + 2], 16).ok())
+                .collect();
+            out.api_keys.push((name.clone(), digest, k.roles.clone()));
+        }
+        if !out.api_keys.is_empty() {
+            out.identity_headers.push(X_API_KEY_NAME.clone());
+        }
         for (name, j) in cfg {
             let mut v = Validation::new(
                 &j.algorithms
@@ -101,17 +129,26 @@ impl Issuers {
         out
     }
 
-    /// Checks `headers` against the route's rule; on success returns the identity
-    /// headers to add and the token's subject.
+    /// Checks `headers` against the route's rule: an API key (when the route takes
+    /// them and the request carries one), else a bearer token.
     pub async fn check(
         &self,
         rule: &RouteAuth,
         headers: &HeaderMap,
-    ) -> Result<(Vec<(HeaderName, HeaderValue)>, Option<String>), GatewayError> {
-        let Some(issuer) = self.by_name.get(&rule.jwt) else {
+    ) -> Result<Identity, GatewayError> {
+        if rule.api_keys
+            && let Some(key) = headers.get(&X_API_KEY)
+        {
+            return self.check_api_key(rule, key.as_bytes());
+        }
+        let Some(jwt) = &rule.jwt else {
+            return Err(GatewayError::Unauthorized(
+                "missing API key (X-Api-Key)".into(),
+            ));
+        };
+        let Some(issuer) = self.by_name.get(jwt) else {
             return Err(GatewayError::Unauthorized(format!(
-                "issuer {} is not configured",
-                rule.jwt
+                "issuer {jwt} is not configured"
             )));
         };
         let token = headers
@@ -154,7 +191,46 @@ impl Issuers {
                 out.push((h.clone(), v));
             }
         }
-        Ok((out, claims.sub().map(str::to_owned)))
+        Ok(Identity {
+            headers: out,
+            subject: claims.sub().map(str::to_owned),
+            remove: None,
+        })
+    }
+
+    fn check_api_key(&self, rule: &RouteAuth, key: &[u8]) -> Result<Identity, GatewayError> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, key);
+        // Every configured key is compared, in constant time, whatever matches first.
+        let mut found = None;
+        for (name, want, roles) in &self.api_keys {
+            let d = digest.as_ref();
+            let differ = d.iter().zip(want).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+            if d.len() == want.len() && differ == 0 {
+                found = Some((name, roles));
+            }
+        }
+        let Some((name, roles)) = found else {
+            return Err(GatewayError::Unauthorized("invalid API key".into()));
+        };
+        if !rule.roles.is_empty() && !rule.roles.iter().any(|r| roles.contains(r)) {
+            return Err(GatewayError::Forbidden(format!(
+                "this route needs one of the roles {}",
+                rule.roles.join(", ")
+            )));
+        }
+        if !rule.claims.is_empty() {
+            return Err(GatewayError::Forbidden(
+                "this route needs a token with claims, not an API key".into(),
+            ));
+        }
+        let headers = HeaderValue::from_str(name)
+            .map(|v| vec![(X_API_KEY_NAME.clone(), v)])
+            .unwrap_or_default();
+        Ok(Identity {
+            headers,
+            subject: Some(name.clone()),
+            remove: Some(X_API_KEY.clone()),
+        })
     }
 }
 

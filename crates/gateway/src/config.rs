@@ -95,6 +95,10 @@ pub struct Config {
     /// JWT issuers routes can require (`auth = { jwt = "NAME" }`), by name.
     #[serde(default)]
     pub jwt: BTreeMap<String, JwtConfig>,
+    /// API keys for machine clients (`auth = { api_keys = true }`), by name; only their
+    /// SHA-256 is kept in the config.
+    #[serde(default)]
+    pub api_keys: BTreeMap<String, ApiKeyConfig>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -241,7 +245,13 @@ pub enum EncodedSlashes {
 pub struct RouteAuth {
     /// Name of a `[jwt.NAME]` issuer whose valid bearer token the request must carry
     /// (401 otherwise).
-    pub jwt: String,
+    #[serde(default)]
+    pub jwt: Option<String>,
+    /// Also (or only) accept a configured API key in `X-Api-Key`; its name goes upstream
+    /// in `X-Api-Key-Name` (and is the subject for `rate_limit` key `jwt_sub`), the key
+    /// itself does not.
+    #[serde(default)]
+    pub api_keys: bool,
     /// The token's `roles` claim must hold one of these (403 otherwise); empty: any
     /// valid token.
     #[serde(default)]
@@ -251,6 +261,16 @@ pub struct RouteAuth {
     /// must contain it (`claims = { scope = "orders:write", tenant = "acme" }`).
     #[serde(default)]
     pub claims: BTreeMap<String, String>,
+}
+
+/// One API key: `sha256` is the hex SHA-256 of the key (`printf %s KEY | sha256sum`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub sha256: String,
+    /// Roles the key holds, for routes with `roles`.
+    #[serde(default)]
+    pub roles: Vec<String>,
 }
 
 /// A JWT issuer: where its keys come from and what its tokens must say.
@@ -527,6 +547,14 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        for (name, k) in &self.api_keys {
+            if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    format!("api_keys.{name}.sha256"),
+                    "64 hex digits: the SHA-256 of the key, never the key itself",
+                ));
+            }
+        }
         for c in &self.trusted_proxies {
             crate::proxy::Cidr::parse(c).map_err(|e| invalid("trusted_proxies", e))?;
         }
@@ -670,13 +698,28 @@ impl Config {
                     }
                 }
             }
-            if let Some(a) = &r.auth
-                && !self.jwt.contains_key(&a.jwt)
-            {
-                return Err(invalid(
-                    format!("{key}.auth.jwt"),
-                    format!("no [jwt.{}] section", a.jwt),
-                ));
+            if let Some(a) = &r.auth {
+                match &a.jwt {
+                    Some(j) if !self.jwt.contains_key(j) => {
+                        return Err(invalid(
+                            format!("{key}.auth.jwt"),
+                            format!("no [jwt.{j}] section"),
+                        ));
+                    }
+                    None if !a.api_keys => {
+                        return Err(invalid(
+                            format!("{key}.auth"),
+                            "name a jwt issuer, set api_keys = true, or both",
+                        ));
+                    }
+                    _ => {}
+                }
+                if a.api_keys && self.api_keys.is_empty() {
+                    return Err(invalid(
+                        format!("{key}.auth.api_keys"),
+                        "no [api_keys.NAME] section",
+                    ));
+                }
             }
             match (&r.upstream, &r.fallback) {
                 (None, None) => {

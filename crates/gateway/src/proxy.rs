@@ -207,12 +207,15 @@ pub async fn handle(
     let mut subject = None;
     if let Some(rule) = &route.auth {
         match table.issuers.check(rule, req.headers()).await {
-            Ok((identity, sub)) => {
+            Ok(identity) => {
                 let h = req.headers_mut();
-                for (k, v) in identity {
+                if let Some(secret) = &identity.remove {
+                    h.remove(secret);
+                }
+                for (k, v) in identity.headers {
                     h.insert(k, v);
                 }
-                subject = sub;
+                subject = identity.subject;
             }
             Err(e) => return refuse(route, e, start),
         }

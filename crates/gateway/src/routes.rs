@@ -195,7 +195,7 @@ impl Table {
         Table {
             routes: ranked.into_iter().map(|(_, r)| r).collect(),
             upstreams,
-            issuers: crate::auth::Issuers::build(&cfg.jwt),
+            issuers: crate::auth::Issuers::build(&cfg.jwt, &cfg.api_keys),
         }
     }
 

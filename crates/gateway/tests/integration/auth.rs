@@ -366,3 +366,104 @@ async fn path_tricks_do_not_bypass_an_admin_route() {
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["path"], "/public/a-b?q=%2e");
 }
+
+/// API keys for machine clients: only the SHA-256 is configured; the key's name goes
+/// upstream, the key does not; roles apply; a JWT still works on a route taking both.
+#[tokio::test]
+async fn api_keys_authenticate_machine_clients() {
+    let up = Upstream::start("app").await;
+    let key = signer();
+    let jwks = Jwks::start(vec![key.jwk()]).await;
+    let sha = |k: &str| {
+        ring::digest::digest(&ring::digest::SHA256, k.as_bytes())
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let gw = TestGateway::start(&format!(
+        r#"
+[jwt.shop]
+jwks_url = "http://{jwks}/jwks.json"
+algorithms = ["EdDSA"]
+
+[api_keys.billing]
+sha256 = "{billing}"
+roles = ["machine"]
+
+[api_keys.reporting]
+sha256 = "{reporting}"
+
+[[routes]]
+name = "machines"
+path = {{ prefix = "/m" }}
+upstream = "app"
+auth = {{ api_keys = true, roles = ["machine"] }}
+
+[[routes]]
+name = "either"
+path = {{ prefix = "/" }}
+upstream = "app"
+auth = {{ jwt = "shop", api_keys = true }}
+
+[upstreams.app]
+endpoints = ["{up}"]
+"#,
+        jwks = jwks.addr,
+        billing = sha("k-billing-123"),
+        reporting = sha("k-reporting-456"),
+        up = up.addr
+    ))
+    .await;
+    let get = |path: &'static str, headers: Vec<(&'static str, String)>| {
+        let http = gw.http.clone();
+        async move {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            http.send(Method::GET, path, &h, Bytes::new()).await
+        }
+    };
+    let (s, _, body) = get(
+        "/m/x",
+        vec![
+            ("x-api-key", "k-billing-123".into()),
+            ("x-api-key-name", "root".into()),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["headers"]["x-api-key-name"], "billing");
+    assert!(
+        body["headers"].get("x-api-key").is_none(),
+        "the key is not passed on"
+    );
+    let (s, _, _) = get("/m/x", vec![("x-api-key", "k-reporting-456".into())]).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "reporting lacks role machine");
+    let (s, _, body) = get("/m/x", vec![("x-api-key", "guess".into())]).await;
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid API key"))
+    );
+    let (s, _, _) = get("/m/x", vec![]).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // A route taking both: an API key or a token.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let t = key.sign(&json!({"sub": "ada", "exp": now + 60}));
+    assert_eq!(
+        get("/x", vec![("authorization", format!("Bearer {t}"))])
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get("/x", vec![("x-api-key", "k-reporting-456".into())])
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let err =
+        tessera_gateway::Config::parse("[api_keys.a]\nsha256 = \"plain-text-key\"\n").unwrap_err();
+    assert!(err.to_string().contains("api_keys.a.sha256"), "{err}");
+}
