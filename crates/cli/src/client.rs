@@ -6,10 +6,6 @@ use std::path::PathBuf;
 use base64::Engine;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
 use crate::server::{self, ServerArgs};
@@ -368,7 +364,7 @@ fn encode_path(s: &str) -> String {
 struct Api {
     base: String,
     token: Option<String>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: crate::http::Http,
 }
 
 impl Api {
@@ -390,7 +386,7 @@ impl Api {
         Api {
             base,
             token,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: crate::http::Http::new(),
         }
     }
 
@@ -406,28 +402,15 @@ impl Api {
         headers: &[(&str, &str)],
     ) -> Result<(u16, String), String> {
         let url = format!("{}{path}", self.base);
-        let mut req = http::Request::builder().method(method).uri(&url);
+        let mut all: Vec<(&str, &str)> = headers.to_vec();
         if let Some(t) = &self.token {
-            req = req.header("X-Consul-Token", t);
+            all.push(("X-Consul-Token", t));
         }
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| format!("bad request to {url}: {e}"))?;
-        let resp = self
+        let (status, body) = self
             .client
-            .request(req)
+            .raw(method, &url, &all, Bytes::from(body))
             .await
             .map_err(|e| format!("cannot reach {}: {e}", self.base))?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("reading response from {url}: {e}"))?
-            .to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
 

@@ -15,7 +15,8 @@ use serde_json::json;
 use tessera_shop::Service;
 use tokio::process::{Child, ChildStdin, Command};
 
-use crate::load::{self, Http, LoadArgs};
+use crate::http::Http;
+use crate::load::{self, LoadArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {

@@ -10,86 +10,10 @@ use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
 use crate::demo::Fleet;
-
-/// A small JSON-over-HTTP client for the demo and the load it drives.
-#[derive(Clone)]
-pub struct Http {
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-impl Http {
-    pub fn new() -> Http {
-        let mut c = HttpConnector::new();
-        c.set_nodelay(true);
-        c.set_connect_timeout(Some(Duration::from_secs(2)));
-        Http {
-            client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(c),
-        }
-    }
-
-    async fn send(
-        &self,
-        method: &str,
-        url: &str,
-        token: Option<&str>,
-        body: Option<&Value>,
-        key: Option<&str>,
-    ) -> Result<(u16, Value), String> {
-        let mut req = http::Request::builder().method(method).uri(url);
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        if let Some(k) = key {
-            req = req.header("idempotency-key", k);
-        }
-        let body = match body {
-            Some(b) => {
-                req = req.header("content-type", "application/json");
-                Bytes::from(b.to_string())
-            }
-            None => Bytes::new(),
-        };
-        let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
-        let resp = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
-            .await
-            .map_err(|_| format!("{url}: no answer within 30s"))?
-            .map_err(|e| format!("{url}: {}", tessera_core::error_chain(&e)))?;
-        let status = resp.status().as_u16();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("{url}: {e}"))?
-            .to_bytes();
-        let v = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        Ok((status, v))
-    }
-
-    pub async fn get(&self, url: &str, token: Option<&str>) -> Result<(u16, Value), String> {
-        self.send("GET", url, token, None, None).await
-    }
-
-    pub async fn post(
-        &self,
-        url: &str,
-        token: Option<&str>,
-        body: &Value,
-        key: Option<&str>,
-    ) -> Result<(u16, Value), String> {
-        self.send("POST", url, token, Some(body), key).await
-    }
-}
+use crate::http::Http;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {

@@ -3,6 +3,7 @@
 mod client;
 mod demo;
 mod gateway;
+mod http;
 mod load;
 mod server;
 mod upstream;
