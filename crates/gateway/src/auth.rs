@@ -1,7 +1,8 @@
 //! JWT authentication and role checks per route, before anything reaches an upstream.
 //!
 //! Each `[jwt.NAME]` issuer keeps its key set in memory. The set is fetched at start and
-//! every `refresh`, and again (at most once a second) when a token names a key id it does
+//! every `refresh`, and again (at most once a second, sooner after a failed fetch:
+//! `tessera_jwt::FetchState`, shared with the SDK) when a token names a key id it does
 //! not hold yet, which is how key rotation reaches the gateway without a restart; a failed
 //! fetch keeps the last good set. The verified identity goes upstream in the configured
 //! headers, and any copy of those headers a client sent is removed on every route, so a
@@ -18,7 +19,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tessera_jwt::{Alg, JwtError, KeySet, Validation};
+use tessera_jwt::{Alg, FetchState, JwtError, KeySet, Validation};
 
 use crate::config::{ApiKeyConfig, JwtConfig, RouteAuth};
 use crate::error::GatewayError;
@@ -37,8 +38,7 @@ pub struct Issuer {
     validation: Validation,
     refresh: Duration,
     keys: ArcSwap<KeySet>,
-    /// When the last fetch started, and whether it succeeded.
-    last_fetch: Mutex<Option<(Instant, bool)>>,
+    schedule: Mutex<FetchState>,
     fetching: tokio::sync::Mutex<()>,
     pub forward: Vec<(HeaderName, String)>,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -116,7 +116,7 @@ impl Issuers {
                 validation: v,
                 refresh: j.refresh,
                 keys: ArcSwap::from_pointee(KeySet::default()),
-                last_fetch: Mutex::new(None),
+                schedule: Mutex::new(FetchState::default()),
                 fetching: tokio::sync::Mutex::new(()),
                 forward,
                 client: Client::builder(TokioExecutor::new()).build_http(),
@@ -242,7 +242,9 @@ impl Issuer {
         let keys = self.keys.load_full();
         let result = match tessera_jwt::verify(token, &keys, &self.validation, now) {
             // A new key id (rotation) or no keys yet: fetch once more, then decide.
-            Err(JwtError::UnknownKid(_) | JwtError::NoKey(_)) if self.fetch_now(&keys).await => {
+            Err(JwtError::UnknownKid(_) | JwtError::NoKey(_))
+                if self.fetch_now(&keys, Duration::from_secs(1)).await =>
+            {
                 tessera_jwt::verify(token, &self.keys.load(), &self.validation, now)
             }
             r => r,
@@ -250,44 +252,29 @@ impl Issuer {
         result.map_err(|e| GatewayError::Unauthorized(format!("invalid token: {e}")))
     }
 
-    /// Fetches unless a fetch happened within the last second; `true` if the key set is
-    /// not `seen` any more (this fetch or one that finished while waiting replaced it).
-    async fn fetch_now(&self, seen: &Arc<KeySet>) -> bool {
+    /// Fetches unless the schedule says it is too soon (`gap` after the last attempt;
+    /// zero for the periodic refresh); `true` if the key set is not `seen` any more (this
+    /// fetch or one that finished while waiting replaced it).
+    async fn fetch_now(&self, seen: &Arc<KeySet>, gap: Duration) -> bool {
         let _one = self.fetching.lock().await;
         if !Arc::ptr_eq(&self.keys.load_full(), seen) {
             return true;
         }
-        {
-            // At most one fetch a second after a success; after a failure (the issuer
-            // not up yet) sooner.
-            let mut last = self.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
-            let gap = |ok: bool| Duration::from_millis(if ok { 1000 } else { 100 });
-            if last.is_some_and(|(t, ok)| t.elapsed() < gap(ok)) {
-                return false;
-            }
-            *last = Some((Instant::now(), true));
+        let lock = || self.schedule.lock().unwrap_or_else(|p| p.into_inner());
+        if !lock().begin(Instant::now(), gap) {
+            return false;
         }
         match self.fetch().await {
             Ok(set) => {
                 self.keys.store(Arc::new(set));
+                lock().succeeded(Instant::now());
                 true
             }
             Err(e) => {
-                self.mark_failed();
                 tracing::warn!(issuer = %self.name, error = %e, "JWKS fetch failed; keeping the last key set");
+                lock().failed(e);
                 false
             }
-        }
-    }
-
-    fn mark_failed(&self) {
-        if let Some((_, ok)) = self
-            .last_fetch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-        {
-            *ok = false;
         }
     }
 
@@ -326,18 +313,7 @@ async fn refresh_loop(issuer: Weak<Issuer>) {
             return;
         };
         let every = i.refresh;
-        {
-            // The periodic fetch ignores the one-second guard.
-            let _one = i.fetching.lock().await;
-            *i.last_fetch.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), true));
-            match i.fetch().await {
-                Ok(set) => i.keys.store(Arc::new(set)),
-                Err(e) => {
-                    i.mark_failed();
-                    tracing::warn!(issuer = %i.name, error = %e, "JWKS refresh failed; keeping the last key set")
-                }
-            }
-        }
+        i.fetch_now(&i.keys.load_full(), Duration::ZERO).await;
         drop(i);
         tokio::time::sleep(every).await;
     }

@@ -451,6 +451,65 @@ fn check_claims(claims: &Map<String, Value>, v: &Validation, now: u64) -> Result
     Ok(())
 }
 
+/// When a cached key set may be fetched again, for a verifier that fetches its JWKS
+/// itself: on demand (a token names an unknown key id) at most once per `gap` after a
+/// success — so a flood of made-up key ids cannot flood the issuer — but sooner (200 ms)
+/// after a failure, when the issuer was merely not up yet; periodically once the last
+/// success is `every` old. The caller keeps it under its lock and does the I/O.
+#[derive(Debug, Clone, Default)]
+pub struct FetchState {
+    last_attempt: Option<std::time::Instant>,
+    last_success: Option<std::time::Instant>,
+    last_error: Option<String>,
+}
+
+impl FetchState {
+    /// Shortest pause after a failed fetch.
+    pub const RETRY_GAP: std::time::Duration = std::time::Duration::from_millis(200);
+
+    /// Whether the periodic fetch is due.
+    pub fn stale(&self, now: std::time::Instant, every: std::time::Duration) -> bool {
+        self.last_success
+            .is_none_or(|t| now.saturating_duration_since(t) >= every)
+    }
+
+    /// Whether nothing was ever fetched or tried.
+    pub fn never_tried(&self) -> bool {
+        self.last_attempt.is_none()
+    }
+
+    /// Whether an on-demand fetch may start now; when it may, the attempt is recorded.
+    pub fn begin(&mut self, now: std::time::Instant, gap: std::time::Duration) -> bool {
+        let gap = if self.last_error.is_some() {
+            gap.min(Self::RETRY_GAP)
+        } else {
+            gap
+        };
+        if self
+            .last_attempt
+            .is_some_and(|t| now.saturating_duration_since(t) < gap)
+        {
+            return false;
+        }
+        self.last_attempt = Some(now);
+        true
+    }
+
+    pub fn succeeded(&mut self, now: std::time::Instant) {
+        self.last_success = Some(now);
+        self.last_error = None;
+    }
+
+    pub fn failed(&mut self, why: String) {
+        self.last_error = Some(why);
+    }
+
+    /// Why the last fetch failed, if it did.
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+}
+
 /// Signs tokens with an Ed25519 key (EdDSA), as an identity service does.
 pub struct Signer {
     kid: String,
@@ -531,6 +590,31 @@ mod tests {
             B64.encode(claims.to_string()),
             B64.encode(sig)
         )
+    }
+
+    #[test]
+    fn fetches_are_spaced_more_after_a_success_than_after_a_failure() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let gap = Duration::from_secs(5);
+        let mut f = FetchState::default();
+        assert!(f.never_tried() && f.stale(t0, gap));
+        assert!(f.begin(t0, gap));
+        f.failed("refused".into());
+        assert!(!f.begin(t0 + Duration::from_millis(100), gap));
+        assert!(
+            f.begin(t0 + Duration::from_millis(300), gap),
+            "retried soon after a failure"
+        );
+        f.succeeded(t0 + Duration::from_millis(300));
+        assert_eq!(f.last_error(), None);
+        assert!(
+            !f.begin(t0 + Duration::from_secs(2), gap),
+            "spaced after a success"
+        );
+        assert!(f.begin(t0 + Duration::from_secs(6), gap));
+        assert!(!f.stale(t0 + Duration::from_secs(6), Duration::from_secs(60)));
+        assert!(f.stale(t0 + Duration::from_secs(61), Duration::from_secs(60)));
     }
 
     #[test]

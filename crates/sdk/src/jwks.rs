@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::Full;
+use tessera_jwt::FetchState;
 pub use tessera_jwt::{Alg, Claims, JwtError, KeySet, Validation};
 
 use crate::client::ServiceClient;
@@ -49,19 +50,13 @@ pub struct JwksVerifier {
     source: Source,
     validation: Validation,
     keys: RwLock<Arc<KeySet>>,
-    state: Mutex<Refresh>,
+    state: Mutex<FetchState>,
     /// Serializes fetches so a burst of tokens with a new kid causes one fetch.
     fetching: tokio::sync::Mutex<()>,
     /// Fetch again after this long even if nothing asked.
     pub refresh_every: Duration,
     /// Fetches caused by unknown key ids are at least this far apart.
     pub min_refresh_gap: Duration,
-}
-
-struct Refresh {
-    last_attempt: Option<Instant>,
-    last_success: Option<Instant>,
-    last_error: Option<String>,
 }
 
 impl JwksVerifier {
@@ -82,11 +77,7 @@ impl JwksVerifier {
             source,
             validation,
             keys: RwLock::new(Arc::new(KeySet::default())),
-            state: Mutex::new(Refresh {
-                last_attempt: None,
-                last_success: None,
-                last_error: None,
-            }),
+            state: Mutex::new(FetchState::default()),
             fetching: tokio::sync::Mutex::new(()),
             refresh_every: Duration::from_secs(300),
             min_refresh_gap: Duration::from_secs(5),
@@ -114,9 +105,8 @@ impl JwksVerifier {
         let (stale, never) = {
             let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             (
-                st.last_success
-                    .is_none_or(|t| t.elapsed() >= self.refresh_every),
-                st.last_attempt.is_none(),
+                st.stale(Instant::now(), self.refresh_every),
+                st.never_tried(),
             )
         };
         if stale {
@@ -149,11 +139,7 @@ impl JwksVerifier {
     /// The error for "no key set could be fetched yet": the caller's token may be fine.
     fn no_keys(&self) -> AuthError {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        AuthError::NoKeys(
-            st.last_error
-                .clone()
-                .unwrap_or_else(|| "empty key set".into()),
-        )
+        AuthError::NoKeys(st.last_error().unwrap_or("empty key set").to_owned())
     }
 
     /// Fetches the key set unless one was fetched within `min_refresh_gap` (unless
@@ -162,17 +148,14 @@ impl JwksVerifier {
         let _one = self.fetching.lock().await;
         {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            // The gap protects the issuer from a flood of unknown key ids; after a failed
-            // fetch (the issuer not up yet) a retry comes sooner.
-            let gap = if st.last_error.is_some() {
-                self.min_refresh_gap.min(Duration::from_millis(200))
+            let gap = if force {
+                Duration::ZERO
             } else {
                 self.min_refresh_gap
             };
-            if !force && st.last_attempt.is_some_and(|t| t.elapsed() < gap) {
+            if !st.begin(Instant::now(), gap) {
                 return false;
             }
-            st.last_attempt = Some(Instant::now());
         }
         let fetched = self.fetch().await.and_then(|body| {
             KeySet::from_jwks(&body).map_err(|e| Error::Decode("JWKS".into(), e.to_string()))
@@ -181,13 +164,12 @@ impl JwksVerifier {
         match fetched {
             Ok(set) => {
                 *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
-                st.last_success = Some(Instant::now());
-                st.last_error = None;
+                st.succeeded(Instant::now());
                 true
             }
             Err(e) => {
                 tracing::warn!(error = %e, "JWKS refresh failed; keeping the last key set");
-                st.last_error = Some(e.to_string());
+                st.failed(e.to_string());
                 false
             }
         }
