@@ -16,6 +16,9 @@ pub struct GatewayArgs {
     /// Override `admin` from the config.
     #[arg(long)]
     admin: Option<SocketAddr>,
+    /// Override `tls.listen` from the config.
+    #[arg(long)]
+    tls_listen: Option<SocketAddr>,
 }
 
 pub async fn run(args: GatewayArgs) -> Result<(), String> {
@@ -26,16 +29,33 @@ pub async fn run(args: GatewayArgs) -> Result<(), String> {
     if let Some(a) = args.admin {
         config.admin = a;
     }
+    if let (Some(l), Some(tls)) = (args.tls_listen, config.tls.as_mut()) {
+        tls.listen = l;
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let admin = tokio::net::TcpListener::bind(config.admin)
         .await
         .map_err(|e| format!("cannot listen on {} (admin): {e}", config.admin))?;
+    let tls_listener = match &config.tls {
+        Some(tls) => Some(
+            std::net::TcpListener::bind(tls.listen)
+                .map_err(|e| format!("cannot listen on {} (tls): {e}", tls.listen))?,
+        ),
+        None => None,
+    };
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
+    let tls_note = match &tls_listener {
+        Some(l) => format!(
+            " and https://{}",
+            l.local_addr().map_err(|e| e.to_string())?
+        ),
+        None => String::new(),
+    };
     println!(
-        "tessera gateway listening on http://{addr} (admin http://{admin_addr}, config {})",
+        "tessera gateway listening on http://{addr}{tls_note} (admin http://{admin_addr}, config {})",
         args.config.display()
     );
     // The data path runs on one single-threaded runtime, like an nginx worker: no
@@ -55,7 +75,12 @@ pub async fn run(args: GatewayArgs) -> Result<(), String> {
                 let listener =
                     tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
                 let admin = tokio::net::TcpListener::from_std(admin).map_err(|e| e.to_string())?;
-                let gateway = Gateway::build(config, Some(path));
+                let mut gateway = Gateway::build(config, Some(path)).map_err(|e| e.to_string())?;
+                if let Some(l) = tls_listener {
+                    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+                    let l = tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string())?;
+                    gateway = gateway.with_tls_listener(l).map_err(|e| e.to_string())?;
+                }
                 gateway
                     .run(listener, admin, crate::server::shutdown_signal())
                     .await;

@@ -57,6 +57,13 @@ pub async fn handle(gw: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             json_resp(StatusCode::OK, json!(routes))
         }
         (&Method::GET, "/admin/upstreams") => json_resp(StatusCode::OK, upstreams(&gw)),
+        (&Method::GET, "/admin/tls") => match &gw.certs {
+            Some(certs) => json_resp(StatusCode::OK, certs.describe()),
+            None => json_resp(
+                StatusCode::NOT_FOUND,
+                json!({"error": "TLS is not configured", "code": "not_found"}),
+            ),
+        },
         (&Method::POST, "/admin/reload") => match gw.reload() {
             Ok(()) => json_resp(StatusCode::OK, json!({"reloaded": true})),
             Err(e) => json_resp(

@@ -99,6 +99,44 @@ pub struct Config {
     /// SHA-256 is kept in the config.
     #[serde(default)]
     pub api_keys: BTreeMap<String, ApiKeyConfig>,
+    /// TLS termination on a second listener (`listen` keeps serving plain HTTP).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[tls]`: certificates are chosen by SNI and re-read when their files change; a reload
+/// may name other files. `listen` and `min_version` take a restart to change.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    #[serde(default = "default_tls_listen")]
+    pub listen: SocketAddr,
+    /// `"1.2"` (default) or `"1.3"`.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// PEM files: `cert` holds the chain, leaf first; `key` its PKCS#8, PKCS#1 or SEC1
+    /// private key. The first is served to clients whose SNI matches none.
+    pub certificates: Vec<CertFiles>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+fn default_tls_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
 }
 
 fn default_listen() -> SocketAddr {
@@ -547,6 +585,14 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(tls) = &self.tls
+            && tls.certificates.is_empty()
+        {
+            return Err(invalid(
+                "tls.certificates",
+                "at least one certificate is needed",
+            ));
+        }
         for (name, k) in &self.api_keys {
             if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(invalid(

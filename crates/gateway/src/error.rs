@@ -39,6 +39,10 @@ pub enum GatewayError {
     Forbidden(String),
     #[error("rate limit of {limit} requests exceeded; retry in {}", tessera_core::GoDuration(*.retry_after))]
     RateLimited { limit: u32, retry_after: Duration },
+    #[error(
+        "this connection's certificate does not cover host {0:?}; open a new connection for it"
+    )]
+    Misdirected(String),
 }
 
 impl GatewayError {
@@ -55,6 +59,7 @@ impl GatewayError {
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
         }
     }
 
@@ -73,6 +78,7 @@ impl GatewayError {
             GatewayError::Unauthorized(_) => "unauthorized",
             GatewayError::Forbidden(_) => "forbidden",
             GatewayError::RateLimited { .. } => "rate_limited",
+            GatewayError::Misdirected(_) => "misdirected_request",
         }
     }
 

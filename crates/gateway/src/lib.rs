@@ -16,7 +16,7 @@
 //! "#)?;
 //! let listener = tokio::net::TcpListener::bind(config.listen).await?;
 //! let admin = tokio::net::TcpListener::bind(config.admin).await?;
-//! let gateway = Gateway::build(config, None);
+//! let gateway = Gateway::build(config, None)?;
 //! gateway.run(listener, admin, std::future::pending()).await;
 //! # Ok(()) }
 //! ```
@@ -33,6 +33,7 @@ mod pool;
 mod proxy;
 mod routes;
 mod timer;
+mod tls;
 mod upstream;
 
 use std::future::Future;
@@ -67,6 +68,8 @@ pub struct Shared {
     access_sample: f64,
     reloads: AtomicU64,
     reload_lock: std::sync::Mutex<()>,
+    /// The certificates TLS connections are served with, when `[tls]` is configured.
+    certs: Option<Arc<tls::Certs>>,
 }
 
 impl Shared {
@@ -78,6 +81,11 @@ impl Shared {
             return Err(ConfigError::Parse("no config file to reload from".into()));
         };
         let cfg = Config::load(path)?;
+        match (&self.certs, &cfg.tls) {
+            (Some(certs), Some(tls)) => certs.replace(&tls.certificates)?,
+            (None, None) => {}
+            _ => tracing::warn!("adding or removing [tls] takes a restart; reloading the rest"),
+        }
         let table = Table::build(&cfg, &self.discovery);
         self.table.store(Arc::new(table));
         self.reloads.fetch_add(1, Ordering::Relaxed);
@@ -94,15 +102,23 @@ pub struct Gateway {
     /// Checked once per connection (a reload does not change it: restart to).
     trusted_proxies: Vec<proxy::Cidr>,
     max_connections_per_ip: u32,
+    tls: Option<tls::Terminator>,
+    tls_listener: Option<TcpListener>,
 }
 
 impl Gateway {
-    /// Builds the route table and starts discovery. Call inside a Tokio runtime.
-    /// `config_path` is where reloads read from.
-    pub fn build(config: Config, config_path: Option<PathBuf>) -> Gateway {
+    /// Builds the route table, loads the TLS certificates and starts discovery. Call
+    /// inside a Tokio runtime. `config_path` is where reloads read from. Fails when a
+    /// certificate or key file does not load.
+    pub fn build(config: Config, config_path: Option<PathBuf>) -> Result<Gateway, ConfigError> {
+        let tls = config
+            .tls
+            .as_ref()
+            .map(tls::Terminator::build)
+            .transpose()?;
         let discovery = Discovery::new(config.registry.clone());
         let table = Table::build(&config, &discovery);
-        Gateway {
+        Ok(Gateway {
             shared: Arc::new(Shared {
                 table: ArcSwap::from_pointee(table),
                 discovery,
@@ -115,6 +131,7 @@ impl Gateway {
                 access_sample: config.access_log.sample,
                 reloads: AtomicU64::new(0),
                 reload_lock: std::sync::Mutex::new(()),
+                certs: tls.as_ref().map(|t| t.certs.clone()),
             }),
             drain_timeout: config.drain_timeout,
             header_read_timeout: config.header_read_timeout,
@@ -125,7 +142,21 @@ impl Gateway {
                 .iter()
                 .filter_map(|c| proxy::Cidr::parse(c).ok())
                 .collect(),
+            tls,
+            tls_listener: None,
+        })
+    }
+
+    /// Also serves TLS on `listener` (bound to the config's `tls.listen` by the caller).
+    /// Without `[tls]` in the config there is nothing to serve it with: it is refused.
+    pub fn with_tls_listener(mut self, listener: TcpListener) -> Result<Gateway, ConfigError> {
+        if self.tls.is_none() {
+            return Err(ConfigError::Parse(
+                "a TLS listener needs a [tls] section with certificates".into(),
+            ));
         }
+        self.tls_listener = Some(listener);
+        Ok(self)
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -184,30 +215,41 @@ impl Gateway {
             .keep_alive_interval(Some(Duration::from_secs(30)));
         let builder = Arc::new(builder);
         let per_ip = Arc::new(ConnsPerIp::default());
+        let tls = self.tls.map(|t| (t, self.tls_listener));
+        if let Some(certs) = &self.shared.certs {
+            tokio::spawn(tls::watch(
+                certs.clone(),
+                Duration::from_secs(1),
+                stop.clone(),
+            ));
+        }
         tokio::pin!(shutdown);
         loop {
-            let (stream, peer) = tokio::select! {
+            let (accepted, secure) = tokio::select! {
                 _ = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                a = listener.accept() => (a, false),
+                a = accept_tls(&tls) => (a, true),
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             };
             let slot = match per_ip.clone().admit(peer.ip(), self.max_connections_per_ip) {
                 Some(slot) => slot,
                 None => {
-                    // Told why, not just reset; never read from.
+                    // Told why, not just reset; never read from. (On the TLS port the
+                    // client sees a failed handshake: there is no session to answer in.)
                     let _ = stream.try_write(TOO_MANY_CONNECTIONS);
                     continue;
                 }
             };
             let _ = stream.set_nodelay(true);
-            let ctx = h1::server::Ctx {
+            let mut ctx = h1::server::Ctx {
                 shared: self.shared.clone(),
                 peer: proxy::Peer::new(peer, &self.trusted_proxies),
                 stop: stop.clone(),
@@ -215,10 +257,32 @@ impl Gateway {
                 hyper: builder.clone(),
             };
             let watcher = graceful.watcher();
-            tokio::spawn(async move {
-                h1::server::serve(stream, ctx, watcher).await;
-                drop(slot);
-            });
+            match (&tls, secure) {
+                (Some((t, _)), true) => {
+                    let acceptor = t.acceptor.clone();
+                    let certs = t.certs.clone();
+                    tokio::spawn(async move {
+                        // The handshake is part of the head: a client that stalls in it is
+                        // cut off at the same deadline.
+                        let Ok(Ok(stream)) =
+                            tokio::time::timeout(ctx.header_timeout, acceptor.accept(stream)).await
+                        else {
+                            return;
+                        };
+                        let conn = stream.get_ref().1;
+                        let h2 = conn.alpn_protocol() == Some(b"h2");
+                        ctx.peer.tls = Some(certs.pick(conn.server_name()));
+                        h1::server::serve(stream, ctx, watcher, h2).await;
+                        drop(slot);
+                    });
+                }
+                _ => {
+                    tokio::spawn(async move {
+                        h1::server::serve(stream, ctx, watcher, false).await;
+                        drop(slot);
+                    });
+                }
+            }
         }
         drop(listener);
         stop.cancel();
@@ -301,6 +365,16 @@ async fn on_sighup(
         if let Err(e) = shared.reload() {
             tracing::error!(error = %e, "SIGHUP reload refused; keeping the running config");
         }
+    }
+}
+
+/// The next connection on the TLS listener; never, without one.
+async fn accept_tls(
+    tls: &Option<(tls::Terminator, Option<TcpListener>)>,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match tls {
+        Some((_, Some(l))) => l.accept().await,
+        _ => std::future::pending().await,
     }
 }
 

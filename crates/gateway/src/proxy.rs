@@ -89,6 +89,8 @@ pub struct Peer {
     pub ip: HeaderValue,
     /// A trusted proxy: its `X-Forwarded-*` fields are kept (and extended).
     pub trusted: bool,
+    /// The certificate a TLS connection was served with; requests must be for its names.
+    pub tls: Option<Arc<crate::tls::Cert>>,
 }
 
 impl Peer {
@@ -96,7 +98,12 @@ impl Peer {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .unwrap_or(HeaderValue::from_static("unknown"));
         let trusted = trusted.iter().any(|c| c.contains(addr.ip()));
-        Peer { addr, ip, trusted }
+        Peer {
+            addr,
+            ip,
+            trusted,
+            tls: None,
+        }
     }
 }
 
@@ -190,6 +197,13 @@ pub async fn handle(
             }
         }
         Err(why) => return GatewayError::BadPath(why).into_response(),
+    }
+    if let Some(cert) = &peer.tls {
+        let host = host_of(&req);
+        // No host at all (HTTP/1.0) can only mean the name the connection was opened for.
+        if !host.is_empty() && !cert.covers(host) {
+            return GatewayError::Misdirected(host.to_owned()).into_response();
+        }
     }
     let table = gw.table.load_full();
     let method = req.method().clone();
@@ -764,7 +778,11 @@ fn upstream_headers(mut h: HeaderMap, uri: &Uri, route: &Route, peer: &Peer) -> 
             }
         }
     }
-    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    // A trusted proxy in front (one that terminated TLS itself) says what the client used.
+    if !(peer.trusted && h.contains_key(X_FORWARDED_PROTO)) {
+        let proto = if peer.tls.is_some() { "https" } else { "http" };
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
     h
 }
 

@@ -26,7 +26,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -62,8 +61,12 @@ enum Next {
     HandOff(BytesMut),
 }
 
-/// Serves one client connection until it closes, the server stops, or it is handed off.
-pub async fn serve(io: TcpStream, ctx: Ctx, watcher: Watcher) {
+/// Serves one client connection (TCP, or TLS over it) until it closes, the server stops,
+/// or it is handed off. `h2` says ALPN chose HTTP/2: hyper's from the first byte.
+pub async fn serve<IO>(io: IO, ctx: Ctx, watcher: Watcher, h2: bool)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut conn = Conn {
         io,
         buf: BytesMut::with_capacity(8 * 1024),
@@ -72,7 +75,17 @@ pub async fn serve(io: TcpStream, ctx: Ctx, watcher: Watcher) {
         upstream_timer: LazyTimer::default(),
         fields: Vec::with_capacity(16),
     };
-    let next = conn.run(&ctx).await;
+    let next = if h2 {
+        Next::HandOff(BytesMut::new())
+    } else {
+        conn.run(&ctx).await
+    };
+    if let Next::Close = next {
+        // Sends what TLS still buffers, then its close_notify (a FIN on plain TCP); a
+        // client that stops reading does not hold the task past the header timeout.
+        let _ = tokio::time::timeout(ctx.header_timeout, conn.io.shutdown()).await;
+        return;
+    }
     if let Next::HandOff(read) = next {
         let Ctx {
             shared,
@@ -103,8 +116,8 @@ pub async fn serve(io: TcpStream, ctx: Ctx, watcher: Watcher) {
     }
 }
 
-struct Conn {
-    io: TcpStream,
+struct Conn<IO> {
+    io: IO,
     buf: BytesMut,
     out: Vec<u8>,
     /// For the header deadline; re-armed lazily, so a keep-alive request costs no timer
@@ -140,7 +153,7 @@ enum Fill {
     Stopped,
 }
 
-impl Conn {
+impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
     async fn run(&mut self, ctx: &Ctx) -> Next {
         let cancelled = ctx.stop.cancelled();
         tokio::pin!(cancelled);
@@ -255,6 +268,17 @@ impl Conn {
     }
 
     async fn respond(
+        &mut self,
+        resp: Response<Body>,
+        head_request: bool,
+        close: bool,
+    ) -> io::Result<()> {
+        self.write_response(resp, head_request, close).await?;
+        // A no-op on TCP; TLS holds the last record until flushed.
+        self.io.flush().await
+    }
+
+    async fn write_response(
         &mut self,
         resp: Response<Body>,
         head_request: bool,
@@ -573,12 +597,12 @@ fn build_request(
 }
 
 /// A socket with bytes already read from it in front, for the hand-off to hyper.
-struct Prefixed {
+struct Prefixed<IO> {
     read: Bytes,
-    io: TcpStream,
+    io: IO,
 }
 
-impl AsyncRead for Prefixed {
+impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -594,7 +618,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -11,3 +11,4 @@ mod proxying;
 mod ratelimit;
 mod resilience;
 mod support;
+mod tls;

@@ -136,6 +136,8 @@ impl Drop for Upstream {
 
 pub struct TestGateway {
     pub addr: SocketAddr,
+    /// The TLS listener, when the config has `[tls]`.
+    pub tls_addr: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub config_path: PathBuf,
     _dir: tempfile::TempDir,
@@ -154,7 +156,14 @@ impl TestGateway {
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admin_addr = admin.local_addr().unwrap();
-        let gw = Gateway::build(config, Some(config_path.clone()));
+        let mut gw = Gateway::build(config.clone(), Some(config_path.clone()))
+            .unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        let mut tls_addr = None;
+        if config.tls.is_some() {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tls_addr = Some(l.local_addr().unwrap());
+            gw = gw.with_tls_listener(l).unwrap();
+        }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             gw.run(listener, admin, async move {
@@ -164,6 +173,7 @@ impl TestGateway {
         });
         TestGateway {
             addr,
+            tls_addr,
             admin: admin_addr,
             config_path,
             _dir: dir,
