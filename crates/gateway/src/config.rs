@@ -433,6 +433,21 @@ pub struct UpstreamConfig {
     pub outlier: OutlierSettings,
     #[serde(default)]
     pub retry_budget: BudgetSettings,
+    /// Connect to the endpoints over TLS.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// `tls = { ca, server_name, cert, key }` on an upstream: certificates are verified
+/// against `ca` (PEM; the system roots when absent) for `server_name` (each endpoint's
+/// host when absent, an IP address included); `cert` and `key` (PEM) are the client
+/// certificate for mutual TLS. With `protocol = "h2c"` HTTP/2 is asked for by ALPN.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    pub ca: Option<std::path::PathBuf>,
+    pub server_name: Option<String>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
 }
 
 fn default_connect() -> Duration {
@@ -453,6 +468,8 @@ fn default_panic() -> u32 {
 pub enum Protocol {
     #[default]
     Http1,
+    /// HTTP/2: prior knowledge on plain TCP, ALPN `h2` over TLS (`"h2"` means the same).
+    #[serde(alias = "h2")]
     H2c,
 }
 

@@ -34,6 +34,7 @@ mod proxy;
 mod routes;
 mod timer;
 mod tls;
+mod transport;
 mod upstream;
 
 use std::future::Future;
@@ -81,12 +82,12 @@ impl Shared {
             return Err(ConfigError::Parse("no config file to reload from".into()));
         };
         let cfg = Config::load(path)?;
+        let table = Table::build(&cfg, &self.discovery)?;
         match (&self.certs, &cfg.tls) {
             (Some(certs), Some(tls)) => certs.replace(&tls.certificates)?,
             (None, None) => {}
             _ => tracing::warn!("adding or removing [tls] takes a restart; reloading the rest"),
         }
-        let table = Table::build(&cfg, &self.discovery);
         self.table.store(Arc::new(table));
         self.reloads.fetch_add(1, Ordering::Relaxed);
         tracing::info!(path = %path.display(), "config reloaded");
@@ -117,7 +118,7 @@ impl Gateway {
             .map(tls::Terminator::build)
             .transpose()?;
         let discovery = Discovery::new(config.registry.clone());
-        let table = Table::build(&config, &discovery);
+        let table = Table::build(&config, &discovery)?;
         Ok(Gateway {
             shared: Arc::new(Shared {
                 table: ArcSwap::from_pointee(table),

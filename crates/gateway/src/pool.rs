@@ -12,21 +12,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use crate::body::Body;
 use crate::config::Protocol;
 use crate::h1::client::H1Conn;
+use crate::transport::{ConnectError, Connector};
 
 /// Most idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE: usize = 256;
-
-/// Why a connection could not be had; the request was not sent, so any request may be
-/// retried elsewhere.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConnectError(pub String);
 
 #[derive(Default)]
 pub struct Conns {
     /// Idle HTTP/1.1 connections and when each went idle (most recent last).
     idle: Mutex<Vec<(H1Conn, Instant)>>,
-    h2: Mutex<Option<http2::SendRequest<Body>>>,
+    /// The shared HTTP/2 connection and the connector (`Connector::id`) that opened it.
+    h2: Mutex<Option<(u64, http2::SendRequest<Body>)>>,
 }
 
 impl std::fmt::Debug for Conns {
@@ -42,11 +38,13 @@ pub enum Conn {
 }
 
 impl Conns {
-    /// An open connection to `addr`: a pooled one when available, else a new one.
+    /// An open connection to `addr`: a pooled one `connector` opened when available,
+    /// else a new one.
     pub async fn checkout(
         &self,
         addr: &str,
         protocol: Protocol,
+        connector: &Connector,
         connect_timeout: Duration,
         idle_timeout: Duration,
         now: Instant,
@@ -66,40 +64,45 @@ impl Conns {
                         v.pop()
                     });
                     match next {
-                        Some((c, _)) if c.is_reusable() => return Ok(Conn::H1(c)),
-                        Some(_) => continue, // closed while idle
+                        Some((mut c, _)) => {
+                            // Else closed while idle, or opened under other settings.
+                            if c.transport == connector.id() && c.io.is_reusable() {
+                                return Ok(Conn::H1(c));
+                            }
+                        }
                         None => break,
                     }
                 }
                 // Boxed: the connect path is rare, and unboxed it would make every
                 // request's future (which is moved around) as large as itself.
                 Box::pin(async move {
-                    let io = connect(addr, connect_timeout).await?;
-                    Ok(Conn::H1(H1Conn::new(io)))
+                    let io = connector.connect(addr, connect_timeout).await?;
+                    Ok(Conn::H1(H1Conn::new(io, connector.id())))
                 })
                 .await
             }
             Protocol::H2c => {
-                if let Some(s) = self.h2.lock().ok().and_then(|g| g.clone())
+                if let Some((id, s)) = self.h2.lock().ok().and_then(|g| g.clone())
+                    && id == connector.id()
                     && !s.is_closed()
                 {
                     return Ok(Conn::H2(s));
                 }
                 let (sender, conn) = Box::pin(async move {
-                    let io = connect(addr, connect_timeout).await?;
+                    let io = connector.connect(addr, connect_timeout).await?;
                     http2::Builder::new(TokioExecutor::new())
                         .timer(TokioTimer::new())
                         .keep_alive_interval(Some(Duration::from_secs(30)))
                         .handshake(TokioIo::new(io))
                         .await
-                        .map_err(|e| ConnectError(format!("h2c handshake with {addr}: {e}")))
+                        .map_err(|e| ConnectError(format!("HTTP/2 handshake with {addr}: {e}")))
                 })
                 .await?;
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
                 if let Ok(mut g) = self.h2.lock() {
-                    *g = Some(sender.clone());
+                    *g = Some((connector.id(), sender.clone()));
                 }
                 Ok(Conn::H2(sender))
             }
@@ -116,13 +119,4 @@ impl Conns {
             idle.push((conn, since));
         }
     }
-}
-
-async fn connect(addr: &str, timeout: Duration) -> Result<tokio::net::TcpStream, ConnectError> {
-    let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
-        .await
-        .map_err(|_| ConnectError(format!("connect to {addr} timed out")))?
-        .map_err(|e| ConnectError(format!("connect to {addr}: {e}")))?;
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
 }

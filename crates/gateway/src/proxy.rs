@@ -604,7 +604,7 @@ async fn forward(
 }
 
 enum SendError {
-    Connect(crate::pool::ConnectError),
+    Connect(crate::transport::ConnectError),
     /// Nothing reached the upstream.
     Unsent(String),
     /// The upstream may have seen the request.
@@ -632,6 +632,7 @@ async fn send(
         .checkout(
             addr,
             up.protocol,
+            &up.connector,
             up.connect_timeout,
             up.idle_timeout,
             now.into_std(),
@@ -656,7 +657,11 @@ async fn send(
         crate::pool::Conn::H2(mut s) => {
             // HTTP/2 needs scheme and authority for its pseudo-headers.
             let mut uri_parts = http::uri::Parts::default();
-            uri_parts.scheme = Some(Scheme::HTTP);
+            uri_parts.scheme = Some(if up.connector.is_tls() {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            });
             uri_parts.authority = Some(target.authority);
             uri_parts.path_and_query = Some(target.path_and_query.clone());
             let uri = Uri::from_parts(uri_parts)

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use regex::Regex;
 
-use crate::config::{Config, RouteConfig};
+use crate::config::{Config, ConfigError, RouteConfig};
 use crate::metrics::RouteMetrics;
 use crate::upstream::{Discovery, Upstream};
 
@@ -173,12 +173,13 @@ pub struct Table {
 impl Table {
     /// Compiles a validated config. Upstreams for registry services share discovery feeds
     /// with the previous generation, so a reload never empties an endpoint set.
-    pub fn build(cfg: &Config, discovery: &Discovery) -> Table {
+    /// Fails when an upstream's TLS files do not load.
+    pub fn build(cfg: &Config, discovery: &Discovery) -> Result<Table, ConfigError> {
         let upstreams: HashMap<String, Arc<Upstream>> = cfg
             .upstreams
             .iter()
-            .map(|(name, u)| (name.clone(), Arc::new(Upstream::build(name, u, discovery))))
-            .collect();
+            .map(|(name, u)| Ok((name.clone(), Arc::new(Upstream::build(name, u, discovery)?))))
+            .collect::<Result<_, ConfigError>>()?;
         let services: Vec<String> = cfg
             .upstreams
             .values()
@@ -192,11 +193,11 @@ impl Table {
             .map(|(i, r)| (i, compile(i, r, &upstreams)))
             .collect();
         ranked.sort_by_key(|(i, r)| r.rank(*i));
-        Table {
+        Ok(Table {
             routes: ranked.into_iter().map(|(_, r)| r).collect(),
             upstreams,
             issuers: crate::auth::Issuers::build(&cfg.jwt, &cfg.api_keys),
-        }
+        })
     }
 
     pub fn find(

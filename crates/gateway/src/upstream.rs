@@ -19,8 +19,11 @@ use tessera_resilience::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{HashOn, Protocol, RegistryConfig, UpstreamConfig, parse_endpoint};
+use crate::config::{
+    ConfigError, HashOn, Protocol, RegistryConfig, UpstreamConfig, parse_endpoint,
+};
 use crate::pool::Conns;
+use crate::transport::Connector;
 
 /// Endpoints plus their outlier state, swapped as one.
 #[derive(Debug)]
@@ -106,11 +109,22 @@ pub struct Upstream {
     pub outlier: Option<OutlierConfig>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    pub connector: Connector,
     pub metrics: UpstreamMetrics,
 }
 
 impl Upstream {
-    pub fn build(name: &str, cfg: &UpstreamConfig, discovery: &Discovery) -> Upstream {
+    /// Fails when the upstream's TLS files do not load.
+    pub fn build(
+        name: &str,
+        cfg: &UpstreamConfig,
+        discovery: &Discovery,
+    ) -> Result<Upstream, ConfigError> {
+        let connector = Connector::build(
+            &format!("upstreams.{name}.tls"),
+            cfg.tls.as_ref(),
+            cfg.protocol,
+        )?;
         let feed = match &cfg.service {
             Some(service) => discovery.feed(service),
             None => {
@@ -130,7 +144,7 @@ impl Upstream {
             }
         };
         let b = &cfg.breaker;
-        Upstream {
+        Ok(Upstream {
             name: name.to_owned(),
             feed,
             balancer: Balancer::new(cfg.policy),
@@ -160,8 +174,9 @@ impl Upstream {
             }),
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.idle_timeout,
+            connector,
             metrics: UpstreamMetrics::default(),
-        }
+        })
     }
 }
 

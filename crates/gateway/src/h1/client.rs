@@ -9,13 +9,13 @@ use std::io;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use crate::transport::Io;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::body::{Body, RAW_FIELDS, RawResponse};
 use crate::pool::Conns;
@@ -35,7 +35,9 @@ const MAX_TRAILERS: usize = 16 * 1024;
 
 /// An open HTTP/1.1 connection to one upstream endpoint.
 pub struct H1Conn {
-    io: TcpStream,
+    pub io: Io,
+    /// The `Connector::id` that opened it.
+    pub transport: u64,
     /// Bytes read but not yet consumed.
     buf: BytesMut,
     /// The outgoing head (and small body), reused between requests.
@@ -61,32 +63,18 @@ pub struct Exchange {
 
 /// A connection that switched protocols, with any bytes the upstream already sent.
 pub struct Upgraded {
-    pub io: TcpStream,
+    pub io: Io,
     pub read_ahead: Bytes,
 }
 
 impl H1Conn {
-    pub fn new(io: TcpStream) -> H1Conn {
+    pub fn new(io: Io, transport: u64) -> H1Conn {
         H1Conn {
             io,
+            transport,
             buf: BytesMut::with_capacity(8 * 1024),
             wbuf: Vec::with_capacity(1024),
             fields: Vec::with_capacity(16),
-        }
-    }
-
-    /// Whether a pooled connection can carry another request: it must not have been
-    /// closed (or have sent anything) while idle. Asks the runtime's readiness state
-    /// first, so the usual answer costs no system call.
-    pub fn is_reusable(&self) -> bool {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
         }
     }
 
@@ -325,7 +313,8 @@ async fn write_request(
             }
         }
     }
-    Ok(())
+    // A no-op on TCP; TLS holds the last record until flushed.
+    conn.io.flush().await.map_err(unsent)
 }
 
 pub fn write_length(w: &mut Vec<u8>, n: u64) {

@@ -56,6 +56,10 @@ impl Ca {
         }
     }
 
+    pub fn pem(&self) -> String {
+        self.0.pem()
+    }
+
     pub fn roots(&self) -> RootCertStore {
         let mut roots = RootCertStore::empty();
         roots.add(self.0.der().clone()).unwrap();
@@ -424,4 +428,185 @@ async fn certificate_errors_refuse_to_start_and_name_the_key() {
     }
     let err = Config::parse(&config(&up, dir.path(), &[], "")).unwrap_err();
     assert!(err.to_string().contains("tls.certificates"), "{err}");
+}
+
+/// An HTTPS upstream answering `{"version", "client_cert", "sni"}`; with `client_ca` it
+/// requires a client certificate issued by it. Counts accepted TCP connections.
+async fn tls_upstream(
+    leaf: &Leaf,
+    client_ca: Option<&Ca>,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use rustls::server::WebPkiClientVerifier;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        Some(ca) => builder.with_client_cert_verifier(
+            WebPkiClientVerifier::builder_with_provider(Arc::new(ca.roots()), provider)
+                .build()
+                .unwrap(),
+        ),
+        None => builder.with_no_client_auth(),
+    };
+    let key = rustls_pki_types::PrivateKeyDer::try_from(
+        rustls_pki_types::pem::PemObject::from_pem_slice(leaf.key_pem.as_bytes())
+            .map(|k: rustls_pki_types::PrivatePkcs8KeyDer<'static>| k.secret_pkcs8_der().to_vec())
+            .unwrap(),
+    )
+    .unwrap();
+    let mut config = builder
+        .with_single_cert(vec![leaf.der.clone()], key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepts.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let conn = tls.get_ref().1;
+                let client_cert = conn.peer_certificates().is_some_and(|c| !c.is_empty());
+                let sni = conn.server_name().map(str::to_owned);
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let sni = sni.clone();
+                    async move {
+                        let body = serde_json::json!({
+                            "version": format!("{:?}", req.version()),
+                            "client_cert": client_cert,
+                            "sni": sni,
+                        });
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from(body.to_string()),
+                        )))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, accepts)
+}
+
+#[tokio::test]
+async fn upstream_tls_verifies_the_server_and_presents_the_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new();
+    let client_ca = Ca::new();
+    let d = dir.path();
+    std::fs::write(d.join("server-ca.pem"), server_ca.pem()).unwrap();
+    std::fs::write(d.join("client-ca.pem"), client_ca.pem()).unwrap();
+    client_ca.issue(&["gateway.internal"]).write(d, "client");
+    let (mtls_addr, mtls_accepts) =
+        tls_upstream(&server_ca.issue(&["api.internal"]), Some(&client_ca)).await;
+    let (ip_addr, _) = tls_upstream(&server_ca.issue(&["127.0.0.1"]), None).await;
+
+    let p = |name: &str| format!("{:?}", d.join(name));
+    let upstream = |name: &str, addr: std::net::SocketAddr, tls: String, extra: &str| {
+        format!(
+            "[[routes]]\npath = {{ prefix = \"/{name}\" }}\nupstream = \"{name}\"\n\
+             [upstreams.{name}]\nendpoints = [\"{addr}\"]\ntls = {{ {tls} }}\n{extra}\n"
+        )
+    };
+    let full = format!(
+        "ca = {}, server_name = \"api.internal\", cert = {}, key = {}",
+        p("server-ca.pem"),
+        p("client.pem"),
+        p("client.key")
+    );
+    let toml = [
+        upstream("mtls", mtls_addr, full.clone(), ""),
+        upstream("h2", mtls_addr, full.clone(), "protocol = \"h2\""),
+        upstream(
+            "nocert",
+            mtls_addr,
+            format!(
+                "ca = {}, server_name = \"api.internal\"",
+                p("server-ca.pem")
+            ),
+            "",
+        ),
+        upstream(
+            "wrongca",
+            mtls_addr,
+            full.replace("server-ca.pem", "client-ca.pem"),
+            "",
+        ),
+        upstream(
+            "wrongname",
+            mtls_addr,
+            full.replace("api.internal", "other.internal"),
+            "",
+        ),
+        upstream("byip", ip_addr, format!("ca = {}", p("server-ca.pem")), ""),
+    ]
+    .concat();
+    let gw = TestGateway::start(&toml).await;
+
+    for i in 0..5 {
+        let (status, _, body) = gw.http.get("/mtls").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["client_cert"], true, "{i}: {body}");
+        assert_eq!(body["sni"], "api.internal");
+        assert_eq!(body["version"], "HTTP/1.1");
+    }
+    assert_eq!(
+        mtls_accepts.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the TLS connection is pooled and reused"
+    );
+    let (status, _, body) = gw.http.get("/h2").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["version"], "HTTP/2.0");
+    // The endpoint's own address is the name checked when none is configured.
+    let (status, _, body) = gw.http.get("/byip").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["client_cert"], false);
+
+    for (path, why) in [
+        ("/nocert", "certificate"),
+        ("/wrongca", "certificate"),
+        ("/wrongname", "certificate"),
+    ] {
+        let (status, _, body) = gw.http.get(path).await;
+        assert_eq!(status, 502, "{path}: {body}");
+        let error = body["error"].as_str().unwrap_or_default().to_lowercase();
+        assert!(error.contains(why), "{path}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn upstream_tls_file_errors_refuse_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    ca.issue(&["client"]).write(dir.path(), "client");
+    let base = |tls: &str| {
+        format!(
+            "[[routes]]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"127.0.0.1:1\"]\ntls = {{ {tls} }}\n"
+        )
+    };
+    let missing = format!("ca = {:?}", dir.path().join("nope.pem"));
+    let half = format!("cert = {:?}", dir.path().join("client.pem"));
+    let bad_name = "server_name = \"not a name\"".to_owned();
+    for (tls, expect) in [
+        (missing, "upstreams.u.tls.ca"),
+        (half, "upstreams.u.tls.cert"),
+        (bad_name, "upstreams.u.tls.server_name"),
+    ] {
+        let config = Config::parse(&base(&tls)).unwrap();
+        let err = Gateway::build(config, None).err().expect("built anyway");
+        assert!(err.to_string().contains(expect), "{tls}: {err}");
+    }
 }
