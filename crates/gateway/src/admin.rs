@@ -148,6 +148,17 @@ fn render_metrics(gw: &Shared) -> String {
             &format!("route=\"{}\"", label(&r.name)),
         );
     }
+    if let Some((_, redis)) = &table.redis {
+        let _ = write!(
+            o,
+            "# HELP tessera_gateway_redis_up Whether shared rate limits reach Redis (else they are decided locally).\n\
+             # TYPE tessera_gateway_redis_up gauge\ntessera_gateway_redis_up {}\n\
+             # HELP tessera_gateway_redis_failures_total Rate-limit calls Redis did not answer, decided locally.\n\
+             # TYPE tessera_gateway_redis_failures_total counter\ntessera_gateway_redis_failures_total {}\n",
+            u8::from(redis.is_up()),
+            redis.failures.load(Ordering::Relaxed)
+        );
+    }
     let mut names: Vec<&String> = table.upstreams.keys().collect();
     names.sort();
     let counters: [(&str, &str, CounterFn); 6] = [

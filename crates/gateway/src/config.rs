@@ -102,6 +102,36 @@ pub struct Config {
     /// TLS termination on a second listener (`listen` keeps serving plain HTTP).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Where rate limits with `shared = true` keep their state.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+}
+
+/// `[redis]`: one pipelined connection per gateway, re-established in the background.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `host:port`.
+    pub address: String,
+    /// How long a rate-limit decision may wait for Redis before the local limiter
+    /// decides instead.
+    #[serde(default = "default_redis_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Prepended to every key (`{prefix}{route}:{client key}`).
+    #[serde(default = "default_redis_prefix")]
+    pub prefix: String,
+    /// ACL user for `AUTH` (Redis 6+); the password alone uses the default user.
+    pub username: Option<String>,
+    /// `TESSERA_REDIS_PASSWORD` in the environment wins. Never logged.
+    pub password: Option<String>,
+}
+
+fn default_redis_timeout() -> Duration {
+    Duration::from_millis(50)
+}
+
+fn default_redis_prefix() -> String {
+    "tessera:rl:".into()
 }
 
 /// `[tls]`: certificates are chosen by SNI and re-read when their files change; a reload
@@ -260,6 +290,10 @@ pub struct RateLimitRoute {
     /// Keys tracked at most (memory stays bounded; expired keys are pruned).
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
+    /// Spend one budget across every gateway using the same `[redis]` (exact while Redis
+    /// answers; each gateway limits on its own while it does not).
+    #[serde(default)]
+    pub shared: bool,
 }
 
 fn default_rate_key() -> String {
@@ -740,6 +774,12 @@ impl Config {
                 }
                 if l.max_keys == 0 {
                     return Err(invalid(format!("{k}.max_keys"), "at least 1"));
+                }
+                if l.shared && self.redis.is_none() {
+                    return Err(invalid(
+                        format!("{k}.shared"),
+                        "needs a [redis] section to share the limit through",
+                    ));
                 }
                 match l.key.as_str() {
                     "ip" => {}

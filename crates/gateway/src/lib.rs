@@ -31,6 +31,8 @@ mod metrics;
 mod path;
 mod pool;
 mod proxy;
+mod ratelimit;
+mod redis;
 mod routes;
 mod timer;
 mod tls;
@@ -82,7 +84,7 @@ impl Shared {
             return Err(ConfigError::Parse("no config file to reload from".into()));
         };
         let cfg = Config::load(path)?;
-        let table = Table::build(&cfg, &self.discovery)?;
+        let table = Table::build(&cfg, &self.discovery, Some(&self.table.load()))?;
         match (&self.certs, &cfg.tls) {
             (Some(certs), Some(tls)) => certs.replace(&tls.certificates)?,
             (None, None) => {}
@@ -118,7 +120,7 @@ impl Gateway {
             .map(tls::Terminator::build)
             .transpose()?;
         let discovery = Discovery::new(config.registry.clone());
-        let table = Table::build(&config, &discovery)?;
+        let table = Table::build(&config, &discovery, None)?;
         Ok(Gateway {
             shared: Arc::new(Shared {
                 table: ArcSwap::from_pointee(table),

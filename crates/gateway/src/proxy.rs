@@ -243,7 +243,11 @@ pub async fn handle(
         }
         .unwrap_or_else(|| peer.ip.as_bytes().to_vec());
         let limit = rl.limiter.config().burst;
-        match rl.limiter.check_at(&key, start) {
+        let shared = match &rl.cluster {
+            Some(cluster) => cluster.check(&key).await,
+            None => None,
+        };
+        match shared.unwrap_or_else(|| rl.limiter.check_at(&key, start)) {
             Decision::Allow { remaining } => quota = Some((limit, remaining)),
             Decision::Deny { retry_after } => {
                 let e = GatewayError::RateLimited { limit, retry_after };

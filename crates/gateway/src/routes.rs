@@ -18,8 +18,9 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use regex::Regex;
 
-use crate::config::{Config, ConfigError, RouteConfig};
+use crate::config::{Config, ConfigError, RedisConfig, RouteConfig};
 use crate::metrics::RouteMetrics;
+use crate::redis::Redis;
 use crate::upstream::{Discovery, Upstream};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -57,7 +58,11 @@ pub enum RateKey {
 
 pub struct RateLimit {
     pub key: RateKey,
-    pub limiter: tessera_resilience::RateLimiter<Vec<u8>>,
+    /// Kept across reloads while the route's name and limit stay the same, so a reload
+    /// does not hand every client a fresh burst.
+    pub limiter: Arc<tessera_resilience::RateLimiter<Vec<u8>>>,
+    /// The shared budget (`shared = true`); `limiter` decides when Redis cannot.
+    pub cluster: Option<crate::ratelimit::ClusterLimit>,
 }
 
 pub struct Fallback {
@@ -168,13 +173,20 @@ pub struct Table {
     pub routes: Vec<Route>,
     pub upstreams: HashMap<String, Arc<Upstream>>,
     pub issuers: crate::auth::Issuers,
+    /// The Redis client for shared limits, kept across reloads while `[redis]` is unchanged.
+    pub redis: Option<(RedisConfig, Arc<Redis>)>,
 }
 
 impl Table {
     /// Compiles a validated config. Upstreams for registry services share discovery feeds
     /// with the previous generation, so a reload never empties an endpoint set.
-    /// Fails when an upstream's TLS files do not load.
-    pub fn build(cfg: &Config, discovery: &Discovery) -> Result<Table, ConfigError> {
+    /// Fails when an upstream's TLS files do not load. `previous` is the table being
+    /// replaced: rate-limit state and the Redis connection carry over from it.
+    pub fn build(
+        cfg: &Config,
+        discovery: &Discovery,
+        previous: Option<&Table>,
+    ) -> Result<Table, ConfigError> {
         let upstreams: HashMap<String, Arc<Upstream>> = cfg
             .upstreams
             .iter()
@@ -186,17 +198,27 @@ impl Table {
             .filter_map(|u| u.service.clone())
             .collect();
         discovery.retain(&services);
+        let redis = cfg.redis.as_ref().map(|rc| {
+            match previous
+                .and_then(|p| p.redis.as_ref())
+                .filter(|(c, _)| c == rc)
+            {
+                Some(kept) => kept.clone(),
+                None => (rc.clone(), Arc::new(start_redis(rc))),
+            }
+        });
         let mut ranked: Vec<(usize, Route)> = cfg
             .routes
             .iter()
             .enumerate()
-            .map(|(i, r)| (i, compile(i, r, &upstreams)))
+            .map(|(i, r)| (i, compile(i, r, &upstreams, previous, redis.as_ref())))
             .collect();
         ranked.sort_by_key(|(i, r)| r.rank(*i));
         Ok(Table {
             routes: ranked.into_iter().map(|(_, r)| r).collect(),
             upstreams,
             issuers: crate::auth::Issuers::build(&cfg.jwt, &cfg.api_keys),
+            redis,
         })
     }
 
@@ -233,7 +255,25 @@ fn header_names(list: &[String]) -> Vec<HeaderName> {
         .collect()
 }
 
-fn compile(i: usize, r: &RouteConfig, upstreams: &HashMap<String, Arc<Upstream>>) -> Route {
+fn start_redis(rc: &RedisConfig) -> Redis {
+    let password = std::env::var("TESSERA_REDIS_PASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .or_else(|| rc.password.clone());
+    Redis::start(
+        rc.address.clone(),
+        rc.timeout,
+        crate::ratelimit::on_connect(rc.username.as_deref(), password.as_deref()),
+    )
+}
+
+fn compile(
+    i: usize,
+    r: &RouteConfig,
+    upstreams: &HashMap<String, Arc<Upstream>>,
+    previous: Option<&Table>,
+    redis: Option<&(RedisConfig, Arc<Redis>)>,
+) -> Route {
     let host = match r.host.as_deref() {
         None | Some("") | Some("*") => HostMatch::Any,
         Some(h) => match h.strip_prefix('*') {
@@ -270,6 +310,41 @@ fn compile(i: usize, r: &RouteConfig, upstreams: &HashMap<String, Arc<Upstream>>
         "timeout": tessera_core::format_duration(timeout),
         "retries": r.retries.as_ref().map(|x| x.attempts).unwrap_or(DEFAULT_RETRIES),
     });
+    let rate_limit = r.rate_limit.as_ref().map(|l| RateLimit {
+        key: match l.key.as_str() {
+            "jwt_sub" => RateKey::JwtSub,
+            k => match k
+                .strip_prefix("header:")
+                .map(|n| HeaderName::from_bytes(n.as_bytes()))
+            {
+                Some(Ok(h)) => RateKey::Header(h),
+                _ => RateKey::Ip,
+            },
+        },
+        limiter: {
+            let config = tessera_resilience::RateLimitConfig {
+                rate: l.rate,
+                burst: l.burst,
+                max_keys: l.max_keys,
+            };
+            previous
+                .and_then(|p| p.routes.iter().find(|old| old.name == name))
+                .and_then(|old| old.rate_limit.as_ref())
+                .filter(|old| *old.limiter.config() == config)
+                .map(|old| old.limiter.clone())
+                .unwrap_or_else(|| Arc::new(tessera_resilience::RateLimiter::new(config)))
+        },
+        cluster: match (l.shared, redis) {
+            (true, Some((rc, client))) => Some(crate::ratelimit::ClusterLimit::new(
+                client.clone(),
+                &rc.prefix,
+                &name,
+                l.rate,
+                l.burst,
+            )),
+            _ => None,
+        },
+    });
     Route {
         name,
         host,
@@ -301,23 +376,7 @@ fn compile(i: usize, r: &RouteConfig, upstreams: &HashMap<String, Arc<Upstream>>
                 .unwrap_or(HeaderValue::from_static("text/plain")),
         }),
         auth: r.auth.clone(),
-        rate_limit: r.rate_limit.as_ref().map(|l| RateLimit {
-            key: match l.key.as_str() {
-                "jwt_sub" => RateKey::JwtSub,
-                k => match k
-                    .strip_prefix("header:")
-                    .map(|n| HeaderName::from_bytes(n.as_bytes()))
-                {
-                    Some(Ok(h)) => RateKey::Header(h),
-                    _ => RateKey::Ip,
-                },
-            },
-            limiter: tessera_resilience::RateLimiter::new(tessera_resilience::RateLimitConfig {
-                rate: l.rate,
-                burst: l.burst,
-                max_keys: l.max_keys,
-            }),
-        }),
+        rate_limit,
         metrics: RouteMetrics::default(),
         describe,
     }
