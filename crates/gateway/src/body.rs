@@ -5,6 +5,7 @@
 //! hot path free of allocations.
 
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -24,6 +25,51 @@ pub enum Body {
     /// filtered, without building a map. Anything else that needs the fields calls
     /// [`materialize`] first.
     Raw(Box<RawResponse>),
+    /// A client's request body too large to hold for retries, streamed to the upstream.
+    Upload(Box<Upload>),
+}
+
+/// What went wrong with a client's streamed body: answered as the client's fault (400,
+/// 413), never counted against the upstream it was being sent to.
+#[derive(Debug, Clone)]
+pub enum ClientFault {
+    TooLarge(u64),
+    Broken(String),
+}
+
+/// A streamed request body: what was read ahead first, then the rest off the client
+/// connection, counted against the size limit.
+pub struct Upload {
+    pub ahead: Option<Bytes>,
+    pub rest: Incoming,
+    pub seen: u64,
+    pub max: u64,
+    /// Set when the body fails; the proxy reads it after a failed exchange.
+    pub fault: Arc<OnceLock<ClientFault>>,
+}
+
+impl Upload {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if let Some(b) = self.ahead.take() {
+            return Poll::Ready(Some(Ok(Frame::data(b))));
+        }
+        let fault = match std::task::ready!(Pin::new(&mut self.rest).poll_frame(cx)) {
+            None => return Poll::Ready(None),
+            Some(Err(e)) => ClientFault::Broken(e.to_string()),
+            Some(Ok(frame)) => {
+                self.seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if self.seen <= self.max {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                ClientFault::TooLarge(self.max)
+            }
+        };
+        let _ = self.fault.set(fault.clone());
+        Poll::Ready(Some(Err(BodyError::Client(fault))))
+    }
 }
 
 /// Most fields a raw response carries; a head with more gets a header map.
@@ -77,6 +123,8 @@ pub enum BodyError {
     Hyper(#[from] hyper::Error),
     #[error("upstream body: {0}")]
     Upstream(String),
+    #[error("client body: {0:?}")]
+    Client(ClientFault),
 }
 
 impl std::fmt::Debug for Body {
@@ -86,6 +134,7 @@ impl std::fmt::Debug for Body {
             Body::Stream(_) => f.write_str("Body::Stream"),
             Body::Upstream(_) => f.write_str("Body::Upstream"),
             Body::Raw(_) => f.write_str("Body::Raw"),
+            Body::Upload(_) => f.write_str("Body::Upload"),
         }
     }
 }
@@ -118,6 +167,7 @@ impl HttpBody for Body {
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(BodyError::Upstream))),
             Body::Raw(r) => Poll::Ready(r.body.take().map(|b| Ok(Frame::data(b)))),
+            Body::Upload(u) => u.poll_frame(cx),
         }
     }
 
@@ -127,6 +177,7 @@ impl HttpBody for Body {
             Body::Stream(b) => b.is_end_stream(),
             Body::Upstream(b) => b.is_end_stream(),
             Body::Raw(r) => r.body.is_none(),
+            Body::Upload(u) => u.ahead.is_none() && u.rest.is_end_stream(),
         }
     }
 
@@ -136,6 +187,18 @@ impl HttpBody for Body {
             Body::Stream(b) => b.size_hint(),
             Body::Upstream(b) => b.size_hint(),
             Body::Raw(r) => SizeHint::with_exact(r.body.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Upload(u) => {
+                let ahead = u.ahead.as_ref().map_or(0, |b| b.len() as u64);
+                let rest = u.rest.size_hint();
+                match rest.exact() {
+                    Some(n) => SizeHint::with_exact(ahead + n),
+                    None => {
+                        let mut h = SizeHint::new();
+                        h.set_lower(ahead + rest.lower());
+                        h
+                    }
+                }
+            }
         }
     }
 }

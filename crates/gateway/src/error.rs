@@ -43,6 +43,10 @@ pub enum GatewayError {
         "this connection's certificate does not cover host {0:?}; open a new connection for it"
     )]
     Misdirected(String),
+    #[error("request body larger than the gateway's limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
 }
 
 impl GatewayError {
@@ -60,6 +64,8 @@ impl GatewayError {
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
+            GatewayError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -79,6 +85,8 @@ impl GatewayError {
             GatewayError::Forbidden(_) => "forbidden",
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::Misdirected(_) => "misdirected_request",
+            GatewayError::TooLarge(_) => "body_too_large",
+            GatewayError::BodyTimeout => "body_timeout",
         }
     }
 
@@ -111,6 +119,13 @@ impl GatewayError {
                 http::header::WWW_AUTHENTICATE,
                 HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static("Bearer")),
             );
+        }
+        if matches!(
+            self,
+            GatewayError::Body(_) | GatewayError::TooLarge(_) | GatewayError::BodyTimeout
+        ) {
+            // What is left of a body that failed cannot be trusted to frame the next request.
+            h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some(d) = self.retry_after() {
             // Whole seconds, rounded up: retrying at a rounded-down time would be refused.

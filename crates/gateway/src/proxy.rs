@@ -11,14 +11,14 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use tessera_resilience::Decision;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 use crate::Shared;
-use crate::body::Body;
+use crate::body::{Body, ClientFault};
 use crate::config::HashOn;
 use crate::error::GatewayError;
 use crate::h1::client::{Exchange, SendError as ClientError, Upgraded};
@@ -350,8 +350,20 @@ enum Payload {
     Stream(Option<Body>),
 }
 
-async fn read_payload(body: Body, cap: usize) -> Result<Payload, GatewayError> {
-    let body = match body {
+/// Reads the request body as far as the retry loop needs: whole when it fits in `cap`
+/// (then it can be sent again). An HTTP/1.x body of unknown length (chunked) is read
+/// ahead up to `cap` too, like nginx's request buffering: a small one is then checked
+/// whole before anything goes upstream. HTTP/2 bodies of unknown length stream at once
+/// (gRPC streams must not wait for their end). Whatever streams is counted against
+/// `max`. Reading ahead must finish by `deadline` (408 otherwise).
+async fn read_payload(
+    body: Body,
+    limits: (usize, u64),
+    read_ahead: bool,
+    deadline: Instant,
+) -> Result<Payload, GatewayError> {
+    let (cap, max) = limits;
+    let mut body = match body {
         Body::Full(b) => return Ok(Payload::Replayable(b.unwrap_or_default())),
         Body::Stream(b) => b,
         other => return Ok(Payload::Stream(Some(other))),
@@ -359,16 +371,45 @@ async fn read_payload(body: Body, cap: usize) -> Result<Payload, GatewayError> {
     if body.is_end_stream() {
         return Ok(Payload::Replayable(Bytes::new()));
     }
-    match body.size_hint().exact() {
-        Some(n) if n as usize <= cap => {
-            let collected = Limited::new(body, cap)
-                .collect()
-                .await
-                .map_err(|e| GatewayError::Body(e.to_string()))?;
-            Ok(Payload::Replayable(collected.to_bytes()))
-        }
-        _ => Ok(Payload::Stream(Some(Body::Stream(body)))),
+    let exact = body.size_hint().exact();
+    if exact.is_some_and(|n| n > max) {
+        return Err(GatewayError::TooLarge(max));
     }
+    let mut ahead = bytes::BytesMut::new();
+    if exact.is_some_and(|n| n as usize <= cap) || (exact.is_none() && read_ahead) {
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => return Err(GatewayError::BodyTimeout),
+                Ok(None) => return Ok(Payload::Replayable(ahead.freeze())),
+                Ok(Some(Err(e))) => return Err(GatewayError::Body(e.to_string())),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    ahead.extend_from_slice(&data);
+                    if ahead.len() as u64 > max {
+                        return Err(GatewayError::TooLarge(max));
+                    }
+                    if ahead.len() > cap {
+                        break;
+                    }
+                }
+                // Trailers end the body; they are dropped with it held (HTTP/1.1
+                // request trailers carry nothing an upstream may rely on).
+                Err(_) => return Ok(Payload::Replayable(ahead.freeze())),
+            }
+        }
+    }
+    let seen = ahead.len() as u64;
+    Ok(Payload::Stream(Some(Body::Upload(Box::new(
+        crate::body::Upload {
+            ahead: (!ahead.is_empty()).then(|| ahead.freeze()),
+            rest: body,
+            seen,
+            max,
+            fault: Default::default(),
+        },
+    )))))
 }
 
 async fn forward(
@@ -415,7 +456,15 @@ async fn forward(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let retry_allowed = is_idempotent(&parts.method) || route.retry_non_idempotent;
-    let mut payload = read_payload(body, gw.replay_cap).await?;
+    let read_ahead = parts.version < http::Version::HTTP_2;
+    let limits = (gw.replay_cap, gw.max_body);
+    let mut payload = read_payload(body, limits, read_ahead, start + route.timeout).await?;
+    // Set if the client's streamed body fails mid-exchange: then the failure is the
+    // client's, answered 400/413, and not held against the endpoint.
+    let client_fault = match &payload {
+        Payload::Stream(Some(Body::Upload(u))) => Some(u.fault.clone()),
+        _ => None,
+    };
     let hash = up
         .hash
         .as_ref()
@@ -504,6 +553,16 @@ async fn forward(
             None => tokio::time::timeout_at(try_deadline, exchange).await.ok(),
         };
         let replayable = matches!(payload, Payload::Replayable(_));
+        if !matches!(outcome, Some(Ok(_)))
+            && let Some(fault) = client_fault.as_ref().and_then(|f| f.get())
+        {
+            drop(in_flight);
+            // The endpoint did nothing wrong: its breaker permit is dropped unrecorded.
+            return Err(match fault {
+                ClientFault::TooLarge(max) => GatewayError::TooLarge(*max),
+                ClientFault::Broken(why) => GatewayError::Body(why.clone()),
+            });
+        }
         let (err, retryable): (GatewayError, bool) = match outcome {
             Some(Ok(exchange)) => {
                 let done = Instant::now();

@@ -232,7 +232,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                 Some(&mut self.upstream_timer),
             )
             .await;
-            let close = close || ctx.stop.is_cancelled();
+            // The gateway's own refusals of a request body ask for the connection to end.
+            let close = close
+                || ctx.stop.is_cancelled()
+                || (resp.status().is_client_error()
+                    && resp
+                        .headers()
+                        .get(header::CONNECTION)
+                        .is_some_and(|v| v == "close"));
             if self.respond(resp, head_request, close).await.is_err() || close {
                 return Next::Close;
             }
@@ -303,6 +310,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             // A HEAD or 304 answer keeps the upstream's Content-Length: it describes the
             // representation, not this (empty) message. Otherwise framing is ours.
             if !no_body && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING) {
+                continue;
+            }
+            // `close` decides this one.
+            if name == header::CONNECTION {
                 continue;
             }
             has_date |= name == header::DATE;

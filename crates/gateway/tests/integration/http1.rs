@@ -419,6 +419,13 @@ async fn a_negative_corpus_is_refused_before_the_upstream() {
         b"\r\n\r\n",
     ]
     .concat();
+    let chunked = |body: &[u8]| {
+        [
+            b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n".as_slice(),
+            body,
+        ]
+        .concat()
+    };
     let corpus: Vec<(&str, Vec<u8>, &str)> = vec![
         ("bare LF", b"GET / HTTP/1.1\nhost: a\n\n".to_vec(), "400"),
         ("one bare LF", b"GET / HTTP/1.1\r\nhost: a\nx: b\r\n\r\n".to_vec(), "400"),
@@ -433,6 +440,11 @@ async fn a_negative_corpus_is_refused_before_the_upstream() {
         ("101 fields", headers(101), "431"),
         ("head over 32 KiB", big_field, "431"),
         ("body over the limit", b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 1001\r\n\r\n".to_vec(), "413"),
+        ("chunk size not hex", chunked(b"zz\r\nhello\r\n0\r\n\r\n"), "400"),
+        ("chunk size overflows", chunked(b"fffffffffffffffffffff\r\nhello\r\n0\r\n\r\n"), "400"),
+        ("chunk longer than its size", chunked(b"3\r\nhello\r\n0\r\n\r\n"), "400"),
+        ("chunk size with a bare LF", chunked(b"5\nhello\r\n0\r\n\r\n"), "400"),
+        ("chunked body over the limit", chunked(&[b"3e8\r\n".as_slice(), &[b'x'; 1000], b"\r\n1\r\nx\r\n0\r\n\r\n"].concat()), "413"),
     ];
     for (what, wire, status) in corpus {
         let mut s = TcpStream::connect(gw.addr).await.unwrap();
@@ -495,6 +507,31 @@ async fn slow_and_idle_clients_are_timed_out() {
     let (h, _) = exchange(&mut s, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n", &mut pending).await;
     assert!(h.starts_with("HTTP/1.1 200"), "{h}");
     assert!(read_to_end(&mut s).await.is_empty());
+    // A body that stops arriving: the fast path's body shares the head's deadline.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\nabc")
+        .await
+        .unwrap();
+    let all = String::from_utf8_lossy(&read_to_end(&mut s).await).into_owned();
+    assert!(all.starts_with("HTTP/1.1 408"), "{all}");
+    // A chunked one is read ahead within the route's deadline.
+    let gw = TestGateway::start(&format!(
+        "[[routes]]\nupstream = \"u\"\ntimeout = \"300ms\"\n[upstreams.u]\nendpoints = [\"{}\"]\n",
+        up.addr
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel")
+        .await
+        .unwrap();
+    let all = String::from_utf8_lossy(&read_to_end(&mut s).await).into_owned();
+    assert!(all.starts_with("HTTP/1.1 408"), "{all}");
+    assert!(all.contains("body_timeout"), "{all}");
+    assert_eq!(
+        up.hits(),
+        1,
+        "only the complete request reached the upstream"
+    );
 }
 
 #[tokio::test]
@@ -513,4 +550,46 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used() {
         .await;
     }
     assert_eq!(up.accepts.load(Ordering::SeqCst), 3);
+}
+
+/// A chunked upload too large to hold is streamed; when its framing breaks halfway the
+/// client gets 400 and the connection closes, and the upstream is not blamed for it.
+#[tokio::test]
+async fn a_broken_streamed_upload_is_the_clients_fault() {
+    let up = Upstream::start("echo").await;
+    let gw = gateway_to(
+        up.addr,
+        "max_replay_body_bytes = 64\nmax_request_body_bytes = 4000",
+    )
+    .await;
+    let good = [b"c8\r\n".as_slice(), &[b'x'; 200], b"\r\n"].concat();
+    let head = b"POST /up HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n";
+    for _ in 0..8 {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        let wire = [head.as_slice(), &good, b"zz\r\n"].concat();
+        s.write_all(&wire).await.unwrap();
+        let all = String::from_utf8_lossy(&read_to_end(&mut s).await).into_owned();
+        assert!(all.starts_with("HTTP/1.1 400"), "{all}");
+        assert!(all.contains("bad_request_body"), "{all}");
+    }
+    // Past the limit while streaming: 413.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut wire = head.to_vec();
+    for _ in 0..25 {
+        wire.extend_from_slice(&good);
+    }
+    wire.extend_from_slice(b"0\r\n\r\n");
+    let _ = s.write_all(&wire).await;
+    let all = String::from_utf8_lossy(&read_to_end(&mut s).await).into_owned();
+    assert!(all.starts_with("HTTP/1.1 413"), "{all}");
+    // The endpoint was not ejected or tripped: it still serves, and a whole streamed
+    // upload arrives intact.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut pending = Vec::new();
+    let wire = [head.as_slice(), &good, &good, b"0\r\n\r\n"].concat();
+    let (h, b) = exchange(&mut s, &wire, &mut pending).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert_eq!(json(&b)["body"].as_str().unwrap().len(), 400);
+    let ups = gw.upstreams().await;
+    assert_eq!(ups["u"]["endpoints"][0]["ejected"], false, "{ups}");
 }
