@@ -19,9 +19,9 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tessera_jwt::{Alg, FetchState, JwtError, KeySet, Validation};
+use tessera_jwt::{Alg, FetchState, JwtError, Key, KeySet, Validation};
 
-use crate::config::{ApiKeyConfig, JwtConfig, RouteAuth};
+use crate::config::{ApiKeyConfig, ConfigError, JwtConfig, RouteAuth};
 use crate::error::GatewayError;
 
 /// Largest JWKS document read.
@@ -30,6 +30,8 @@ const MAX_JWKS: usize = 1024 * 1024;
 enum Source {
     Url(String),
     File(String),
+    /// A public key or HS256 secret read once when the config is loaded.
+    Static,
 }
 
 pub struct Issuer {
@@ -70,11 +72,12 @@ static X_API_KEY_NAME: HeaderName = HeaderName::from_static("x-api-key-name");
 
 impl Issuers {
     /// Builds the issuers and starts their refresh tasks (which end when the issuers are
-    /// dropped, i.e. when a reload replaces them).
+    /// dropped, i.e. when a reload replaces them). Fails when a static key or secret
+    /// cannot be read.
     pub fn build(
         cfg: &std::collections::BTreeMap<String, JwtConfig>,
         keys: &std::collections::BTreeMap<String, ApiKeyConfig>,
-    ) -> Issuers {
+    ) -> Result<Issuers, ConfigError> {
         let mut out = Issuers::default();
         for (name, k) in keys {
             let digest: Vec<u8> = (0..k.sha256.len() / 2)
@@ -106,27 +109,30 @@ impl Issuers {
                 .collect();
             out.identity_headers
                 .extend(forward.iter().map(|(h, _)| h.clone()));
+            let fixed = static_key(name, j)?;
             let issuer = Arc::new(Issuer {
                 name: name.clone(),
-                source: match (&j.jwks_url, &j.jwks_file) {
-                    (Some(u), _) => Source::Url(u.clone()),
-                    (None, Some(f)) => Source::File(f.clone()),
-                    (None, None) => Source::File(String::new()),
+                source: match (&j.jwks_url, &j.jwks_file, &fixed) {
+                    (Some(u), _, _) => Source::Url(u.clone()),
+                    (None, Some(f), _) => Source::File(f.clone()),
+                    _ => Source::Static,
                 },
                 validation: v,
                 refresh: j.refresh,
-                keys: ArcSwap::from_pointee(KeySet::default()),
+                keys: ArcSwap::from_pointee(KeySet::new(fixed.into_iter().collect())),
                 schedule: Mutex::new(FetchState::default()),
                 fetching: tokio::sync::Mutex::new(()),
                 forward,
                 client: Client::builder(TokioExecutor::new()).build_http(),
             });
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            if !matches!(issuer.source, Source::Static)
+                && let Ok(rt) = tokio::runtime::Handle::try_current()
+            {
                 rt.spawn(refresh_loop(Arc::downgrade(&issuer)));
             }
             out.by_name.insert(name.clone(), issuer);
         }
-        out
+        Ok(out)
     }
 
     /// Checks `headers` against the route's rule: an API key (when the route takes
@@ -256,6 +262,9 @@ impl Issuer {
     /// zero for the periodic refresh); `true` if the key set is not `seen` any more (this
     /// fetch or one that finished while waiting replaced it).
     async fn fetch_now(&self, seen: &Arc<KeySet>, gap: Duration) -> bool {
+        if matches!(self.source, Source::Static) {
+            return false;
+        }
         let _one = self.fetching.lock().await;
         if !Arc::ptr_eq(&self.keys.load_full(), seen) {
             return true;
@@ -280,6 +289,7 @@ impl Issuer {
 
     async fn fetch(&self) -> Result<KeySet, String> {
         let body = match &self.source {
+            Source::Static => return Err("a static key is not fetched".into()),
             Source::File(path) => tokio::fs::read(path)
                 .await
                 .map_err(|e| format!("cannot read {path}: {e}"))?,
@@ -329,6 +339,65 @@ fn claim_holds(claim: Option<&serde_json::Value>, want: &str) -> bool {
         Some(serde_json::Value::Number(n)) => n.to_string() == want,
         _ => false,
     }
+}
+
+/// The issuer's static key (`public_key_file`, `hs256_secret_env`, `hs256_secret_file`),
+/// if it has one.
+fn static_key(name: &str, j: &JwtConfig) -> Result<Option<Key>, ConfigError> {
+    let invalid = |field: &str, problem: String| ConfigError::Invalid {
+        key: format!("jwt.{name}.{field}"),
+        problem,
+    };
+    if let Some(path) = &j.public_key_file {
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| invalid("public_key_file", format!("{path}: {e}")))?;
+        let key = Key::from_public_pem(None, &pem)
+            .map_err(|e| invalid("public_key_file", format!("{path}: {e}")))?;
+        if !j
+            .algorithms
+            .iter()
+            .any(|a| a.parse::<Alg>().ok() == Some(key.alg))
+        {
+            return Err(invalid(
+                "public_key_file",
+                format!(
+                    "{path} is a {:?} key, which algorithms does not list",
+                    key.alg
+                ),
+            ));
+        }
+        return Ok(Some(key));
+    }
+    let secret = match (&j.hs256_secret_env, &j.hs256_secret_file) {
+        (Some(var), _) => std::env::var(var)
+            .map_err(|_| invalid("hs256_secret_env", format!("{var} is not set")))?
+            .into_bytes(),
+        (None, Some(path)) => {
+            let mut b = std::fs::read(path)
+                .map_err(|e| invalid("hs256_secret_file", format!("{path}: {e}")))?;
+            while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+                b.pop();
+            }
+            b
+        }
+        (None, None) => return Ok(None),
+    };
+    // RFC 7518 §3.2: the key must be at least as long as the hash output.
+    if secret.len() < 32 {
+        let field = if j.hs256_secret_env.is_some() {
+            "hs256_secret_env"
+        } else {
+            "hs256_secret_file"
+        };
+        return Err(invalid(
+            field,
+            format!(
+                "the secret is {} bytes; HS256 needs at least 32",
+                secret.len()
+            ),
+        ));
+    }
+    Ok(Some(Key::hmac(None, &secret)))
 }
 
 #[cfg(test)]

@@ -357,6 +357,18 @@ pub struct JwtConfig {
     /// Or a JWKS file, read again every `refresh`.
     #[serde(default)]
     pub jwks_file: Option<String>,
+    /// Or one static public key: a PEM `PUBLIC KEY` file (Ed25519, P-256 or RSA ≥ 2048
+    /// bits; the key type decides its algorithm, which must be in `algorithms`). A static
+    /// key (this or a secret) has no key id: tokens for it must not name one.
+    #[serde(default)]
+    pub public_key_file: Option<String>,
+    /// Or a shared HS256 secret (at least 32 bytes) in this environment variable, so it
+    /// is never in the config file; needs `algorithms = ["HS256"]`.
+    #[serde(default)]
+    pub hs256_secret_env: Option<String>,
+    /// Or the HS256 secret in a file (its bytes, trailing newline removed).
+    #[serde(default)]
+    pub hs256_secret_file: Option<String>,
     /// Accepted algorithms, pinned here and never taken from the token: RS256, ES256,
     /// EdDSA, HS256 (default EdDSA, RS256, ES256).
     #[serde(default = "default_algorithms")]
@@ -657,17 +669,26 @@ impl Config {
         }
         for (name, j) in &self.jwt {
             let key = format!("jwt.{name}");
-            match (&j.jwks_url, &j.jwks_file) {
-                (Some(_), Some(_)) | (None, None) => {
-                    return Err(invalid(key, "set one of jwks_url, jwks_file"));
-                }
-                (Some(u), None) if !u.starts_with("http://") => {
-                    return Err(invalid(
-                        format!("{key}.jwks_url"),
-                        format!("{u:?}: only http:// URLs are fetched"),
-                    ));
-                }
-                _ => {}
+            let sources = [
+                j.jwks_url.is_some(),
+                j.jwks_file.is_some(),
+                j.public_key_file.is_some(),
+                j.hs256_secret_env.is_some(),
+                j.hs256_secret_file.is_some(),
+            ];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                return Err(invalid(
+                    key,
+                    "set one of jwks_url, jwks_file, public_key_file, hs256_secret_env, hs256_secret_file",
+                ));
+            }
+            if let Some(u) = &j.jwks_url
+                && !u.starts_with("http://")
+            {
+                return Err(invalid(
+                    format!("{key}.jwks_url"),
+                    format!("{u:?}: only http:// URLs are fetched"),
+                ));
             }
             if j.algorithms.is_empty() {
                 return Err(invalid(format!("{key}.algorithms"), "name at least one"));
@@ -680,10 +701,17 @@ impl Config {
                     )
                 })?;
             }
-            if j.algorithms.iter().any(|a| a == "HS256") {
+            let secret = j.hs256_secret_env.is_some() || j.hs256_secret_file.is_some();
+            if secret && j.algorithms != ["HS256"] {
                 return Err(invalid(
                     format!("{key}.algorithms"),
-                    "HS256 needs a shared secret, which a JWKS does not carry; use an asymmetric algorithm",
+                    "a shared secret checks HS256 only: set algorithms = [\"HS256\"]",
+                ));
+            }
+            if !secret && j.algorithms.iter().any(|a| a == "HS256") {
+                return Err(invalid(
+                    format!("{key}.algorithms"),
+                    "HS256 needs a shared secret (hs256_secret_env or hs256_secret_file); a JWKS or public key does not carry one",
                 ));
             }
             if j.refresh < Duration::from_secs(1) {

@@ -217,7 +217,7 @@ impl Table {
         Ok(Table {
             routes: ranked.into_iter().map(|(_, r)| r).collect(),
             upstreams,
-            issuers: crate::auth::Issuers::build(&cfg.jwt, &cfg.api_keys),
+            issuers: crate::auth::Issuers::build(&cfg.jwt, &cfg.api_keys)?,
             redis,
         })
     }

@@ -16,6 +16,8 @@
 //! assert_eq!(claims.sub(), Some("ada"));
 //! ```
 
+mod spki;
+
 use std::fmt;
 use std::str::FromStr;
 

@@ -333,6 +333,57 @@ fn auth_config_errors_name_the_key() {
         .contains("HS256")
     );
     assert!(err(base("[jwt.shop]\njwks_url = \"http://x/j\"\nbogus = 1\n")).contains("bogus"));
+    assert!(
+        err(base(
+            "[jwt.shop]\nhs256_secret_env = \"X\"\njwks_file = \"j.json\"\nalgorithms = [\"HS256\"]\n"
+        ))
+        .contains("jwt.shop: set one of")
+    );
+    assert!(
+        err(base("[jwt.shop]\nhs256_secret_env = \"X\"\n"))
+            .contains("jwt.shop.algorithms: a shared secret checks HS256 only")
+    );
+
+    // Static keys are read when the gateway is built; a problem names the key.
+    let dir = tempfile::tempdir().unwrap();
+    let short = dir.path().join("short");
+    std::fs::write(&short, "too short\n").unwrap();
+    let pem = dir.path().join("ed.pem");
+    std::fs::write(
+        &pem,
+        "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n",
+    )
+    .unwrap();
+    let build_err = |extra: String| {
+        let cfg = tessera_gateway::Config::parse(&base(&extra)).unwrap();
+        tessera_gateway::Gateway::build(cfg, None)
+            .err()
+            .expect("built anyway")
+            .to_string()
+    };
+    assert!(
+        build_err(format!(
+            "[jwt.shop]\nhs256_secret_file = {short:?}\nalgorithms = [\"HS256\"]\n"
+        ))
+        .contains("jwt.shop.hs256_secret_file: the secret is 9 bytes; HS256 needs at least 32")
+    );
+    assert!(
+        build_err(
+            "[jwt.shop]\nhs256_secret_env = \"TESSERA_TEST_UNSET_SECRET\"\nalgorithms = [\"HS256\"]\n"
+                .into()
+        )
+        .contains("TESSERA_TEST_UNSET_SECRET is not set")
+    );
+    assert!(
+        build_err(format!(
+            "[jwt.shop]\npublic_key_file = {pem:?}\nalgorithms = [\"RS256\"]\n"
+        ))
+        .contains("holds a key for EdDSA, which algorithms does not list")
+    );
+    assert!(
+        build_err(format!("[jwt.shop]\npublic_key_file = {short:?}\n"))
+            .contains("jwt.shop.public_key_file")
+    );
 }
 
 /// Spelling `/admin` another way must not skip its rule: every variant is routed (and
