@@ -361,7 +361,7 @@ fn static_key(name: &str, j: &JwtConfig) -> Result<Option<Key>, ConfigError> {
             return Err(invalid(
                 "public_key_file",
                 format!(
-                    "{path} is a {:?} key, which algorithms does not list",
+                    "{path} holds a key for {:?}, which algorithms does not list",
                     key.alg
                 ),
             ));
