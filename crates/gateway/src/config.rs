@@ -108,7 +108,7 @@ pub struct Config {
 }
 
 /// `[redis]`: one pipelined connection per gateway, re-established in the background.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `host:port`.
@@ -124,6 +124,29 @@ pub struct RedisConfig {
     pub username: Option<String>,
     /// `TESSERA_REDIS_PASSWORD` in the environment wins. Never logged.
     pub password: Option<String>,
+}
+
+// Secrets stay out of debug output (and so out of any log line that prints a config).
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("address", &self.address)
+            .field("timeout", &self.timeout)
+            .field("prefix", &self.prefix)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "(redacted)"))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RegistryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryConfig")
+            .field("address", &self.address)
+            .field("token", &self.token.as_ref().map(|_| "(redacted)"))
+            .field("wait", &self.wait)
+            .finish()
+    }
 }
 
 fn default_redis_timeout() -> Duration {
@@ -185,7 +208,7 @@ fn default_replay_cap() -> usize {
     64 * 1024
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     /// `host:port` of tessera server or Consul.

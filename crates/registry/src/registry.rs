@@ -935,15 +935,28 @@ impl Registry {
         }
         self.commit(|st, _| {
             let mut ops = Vec::new();
+            // Checked before anything is looked up, so a token without rights cannot tell
+            // what exists by the answer: deregistering something absent needs node:write.
+            let node_write = || {
+                if authz.allows(crate::acl::Resource::Node, &d.node, Level::Write) {
+                    Ok(())
+                } else {
+                    Err(Error::denied(format!(
+                        "token lacks node:write on {:?}",
+                        d.node
+                    )))
+                }
+            };
             if !st.nodes.contains_key(&d.node) {
+                node_write()?;
                 return Ok((ops, ()));
             }
             match (
                 d.service_id.as_deref().filter(|s| !s.is_empty()),
                 d.check_id.as_deref().filter(|s| !s.is_empty()),
             ) {
-                (Some(sid), _) => {
-                    if let Some(svc) = st.services.get(&(d.node.clone(), sid.to_owned())) {
+                (Some(sid), _) => match st.services.get(&(d.node.clone(), sid.to_owned())) {
+                    Some(svc) => {
                         if !authz.allows(crate::acl::Resource::Service, &svc.service, Level::Write)
                         {
                             return Err(Error::denied(format!(
@@ -956,23 +969,20 @@ impl Registry {
                             id: sid.to_owned(),
                         });
                     }
-                }
-                (None, Some(cid)) => {
-                    if let Some(check) = st.checks.get(&(d.node.clone(), cid.to_owned())) {
+                    None => node_write()?,
+                },
+                (None, Some(cid)) => match st.checks.get(&(d.node.clone(), cid.to_owned())) {
+                    Some(check) => {
                         self.check_write_allowed(st, check, authz)?;
                         ops.push(Op::DeleteCheck {
                             node: d.node.clone(),
                             id: cid.to_owned(),
                         });
                     }
-                }
+                    None => node_write()?,
+                },
                 (None, None) => {
-                    if !authz.allows(crate::acl::Resource::Node, &d.node, Level::Write) {
-                        return Err(Error::denied(format!(
-                            "token lacks node:write on {:?}",
-                            d.node
-                        )));
-                    }
+                    node_write()?;
                     ops.push(Op::DeleteNode(d.node.clone()));
                 }
             }

@@ -14,6 +14,10 @@ struct Registry {
 
 impl Registry {
     async fn start() -> Registry {
+        Self::start_with(Default::default()).await
+    }
+
+    async fn start_with(acl: tessera_registry::AclConfig) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -21,6 +25,7 @@ impl Registry {
             tessera_registry::Config {
                 data_dir: dir.path().into(),
                 node_name: "gw-test".into(),
+                acl,
                 ..Default::default()
             },
             &listener,
@@ -164,4 +169,47 @@ async fn no_instances_is_a_503_with_retry_after() {
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(v["code"], "no_endpoint");
     assert_eq!(hd["retry-after"], "1");
+}
+
+/// With the registry's ACLs on, the gateway discovers only with the token from its config
+/// (or `TESSERA_REGISTRY_TOKEN`), and the token is not in the config's debug output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_uses_the_configured_registry_token() {
+    let reg = Registry::start_with(tessera_registry::AclConfig {
+        enabled: Some(true),
+        initial_management: Some("root-secret".into()),
+        ..Default::default()
+    })
+    .await;
+    let up = Upstream::start("a").await;
+    let body = json!({"Name": "web", "ID": "w1", "Address": "127.0.0.1", "Port": up.addr.port()});
+    let (s, _, _) = reg
+        .http
+        .send(
+            http::Method::PUT,
+            "/v1/agent/service/register",
+            &[("x-consul-token", "root-secret")],
+            body.to_string(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let config = |token: &str| {
+        format!(
+            "[registry]\naddress = \"{}\"\nwait = \"1s\"\n{token}\n[[routes]]\nupstream = \"web\"\n[upstreams.web]\nservice = \"web\"\n",
+            reg.addr
+        )
+    };
+    let with = config("token = \"root-secret\"");
+    assert!(
+        !format!("{:?}", tessera_gateway::Config::parse(&with).unwrap()).contains("root-secret")
+    );
+    let gw = TestGateway::start(&with).await;
+    wait_for("discovery with the token", || async {
+        gw.http.get("/").await.0 == StatusCode::OK
+    })
+    .await;
+    // Without a token the registry shows nothing: no endpoints, 503.
+    let anon = TestGateway::start(&config("")).await;
+    let (s, _, body) = anon.http.get("/").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
 }

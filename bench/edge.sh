@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# What the edge-security features cost: tessera gateway and nginx in front of the same
+# three upstreams, plain HTTP and then each feature on, same wrk load, runs interleaved,
+# medians printed as req/s, p99 and requests per proxy CPU-second, each as a ratio to
+# the same proxy's plain run and to nginx doing the same thing where nginx can:
+#
+#   plain        HTTP/1.1 keep-alive, round robin
+#   tls          HTTPS termination (ECDSA P-256 certificate, TLS 1.3, keep-alive)
+#   jwt          RS256 token verified on every request (nginx OSS has no JWT check)
+#   ratelimit    per-client-IP GCRA, limit high enough that all pass (nginx: limit_req)
+#   shared       the same limit kept in Redis at 127.0.0.1:6379 (tessera only)
+#
+#   bench/edge.sh                      # 10 s runs, 3 rounds, wrk -t1 -c64
+#   DURATION=5 ROUNDS=3 bench/edge.sh
+#
+# Needs wrk, nginx, openssl, redis-server (Debian packages; installed if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+CONNS=${CONNS:-64}
+UP=(19201 19202 19203)
+TPORT=18180; TTLS=18181; TADMIN=18190; NPORT=18182; NTLS=18183
+REDIS=${REDIS:-127.0.0.1:6379}
+
+need=()
+for c in wrk nginx openssl redis-server; do command -v $c >/dev/null || need+=($c); done
+if [ ${#need[@]} -gt 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null; fi
+cargo build --release --quiet --bin tessera
+BIN=$PWD/target/release/tessera
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+if ! redis-cli -u "redis://$REDIS" ping >/dev/null 2>&1; then
+  redis-server --port "${REDIS##*:}" --bind 127.0.0.1 --save "" --appendonly no --daemonize no >/dev/null 2>&1 &
+  pids+=($!)
+  for _ in $(seq 50); do redis-cli -u "redis://$REDIS" ping >/dev/null 2>&1 && break; sleep 0.1; done
+fi
+for i in 0 1 2; do $BIN upstream --bind "127.0.0.1:${UP[$i]}" --id "u$i" >/dev/null 2>&1 & pids+=($!); done
+
+# A certificate for 127.0.0.1 (what wrk's requests name) and an RS256 key with a token.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=127.0.0.1 -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" \
+  -keyout "$work/tls.key" -out "$work/tls.pem" 2>/dev/null
+openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$work/jwt.key" 2>/dev/null
+openssl pkey -in "$work/jwt.key" -pubout -out "$work/jwt.pem"
+TOKEN=$(python3 - "$work/jwt.key" <<'PY'
+import base64, json, subprocess, sys, time
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+head = b64(json.dumps({"alg": "RS256", "typ": "JWT"}).encode())
+body = b64(json.dumps({"sub": "bench", "iss": "bench", "aud": "edge", "exp": int(time.time()) + 86400}).encode())
+sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", sys.argv[1]],
+                     input=f"{head}.{body}".encode(), capture_output=True, check=True).stdout
+print(f"{head}.{body}.{b64(sig)}")
+PY
+)
+
+cat >"$work/gateway.toml" <<CONF
+listen = "127.0.0.1:$TPORT"
+admin = "127.0.0.1:$TADMIN"
+[tls]
+listen = "127.0.0.1:$TTLS"
+certificates = [{ cert = "$work/tls.pem", key = "$work/tls.key" }]
+[redis]
+address = "$REDIS"
+[jwt.bench]
+public_key_file = "$work/jwt.pem"
+algorithms = ["RS256"]
+issuer = "bench"
+audience = "edge"
+[[routes]]
+path = { prefix = "/jwt" }
+upstream = "u"
+auth = { jwt = "bench" }
+[[routes]]
+path = { prefix = "/ratelimit" }
+upstream = "u"
+rate_limit = { rate = 1000000.0, burst = 1000000 }
+[[routes]]
+path = { prefix = "/shared" }
+upstream = "u"
+rate_limit = { rate = 1000000.0, burst = 1000000, shared = true }
+[[routes]]
+upstream = "u"
+[upstreams.u]
+endpoints = ["127.0.0.1:${UP[0]}", "127.0.0.1:${UP[1]}", "127.0.0.1:${UP[2]}"]
+policy = "round_robin"
+CONF
+$BIN gateway --config "$work/gateway.toml" >/dev/null 2>&1 &
+tpid=$!; pids+=("$tpid")
+
+cat >"$work/nginx.conf" <<CONF
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  limit_req_zone \$binary_remote_addr zone=perip:10m rate=1000000r/s;
+  upstream u {
+    server 127.0.0.1:${UP[0]}; server 127.0.0.1:${UP[1]}; server 127.0.0.1:${UP[2]};
+    keepalive 64;
+  }
+  server {
+    listen 127.0.0.1:$NPORT;
+    listen 127.0.0.1:$NTLS ssl;
+    ssl_certificate $work/tls.pem;
+    ssl_certificate_key $work/tls.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    location / { proxy_pass http://u; }
+    location /ratelimit { limit_req zone=perip burst=1000000 nodelay; proxy_pass http://u; }
+  }
+}
+CONF
+nginx -c "$work/nginx.conf" -p "$work" -g "daemon off;" >/dev/null 2>&1 &
+npid=$!; pids+=("$npid")
+
+for url in "http://127.0.0.1:$TPORT/" "https://127.0.0.1:$TTLS/" "http://127.0.0.1:$NPORT/" "https://127.0.0.1:$NTLS/"; do
+  for _ in $(seq 100); do curl -skf "$url" >/dev/null && break; sleep 0.1; done
+done
+curl -sf -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$TPORT/jwt" >/dev/null || { echo "the JWT route refused the bench token" >&2; exit 1; }
+curl -sf "http://127.0.0.1:$TPORT/shared" >/dev/null || { echo "the shared-limit route failed" >&2; exit 1; }
+nworker=$(pgrep -P "$npid" | head -1 || echo "$npid")
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+run() { # pid url [header] → "rps p99_ms req_per_cpu_s"
+  local pid=$1 url=$2 before after out
+  before=$(cpu_ticks "$pid")
+  if [ $# -gt 2 ]; then
+    out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "$3" "$url")
+  else
+    out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$url")
+  fi
+  after=$(cpu_ticks "$pid")
+  if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "errors during the run on $url" >&2; echo "$out" >&2; fi
+  python3 - "$(awk '/Requests\/sec/ {print $2}' <<<"$out")" "$(awk '$1=="99%" {print $2}' <<<"$out")" \
+    "$(( after - before ))" "$hz" "$DURATION" <<'PY'
+import sys
+def ms(s):
+    for unit, f in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+        if s.endswith(unit): return float(s[:-len(unit)]) * f
+    return float(s)
+rps, p99, ticks, hz, dur = float(sys.argv[1]), ms(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+cpu = ticks / hz
+print(f"{rps:.0f} {p99:.3f} {rps*dur/cpu if cpu > 0 else 0:.0f}")
+PY
+}
+
+declare -A res
+for r in $(seq "$ROUNDS"); do
+  res[t_plain]+="$(run "$tpid" "http://127.0.0.1:$TPORT/");"
+  res[n_plain]+="$(run "$nworker" "http://127.0.0.1:$NPORT/");"
+  res[t_tls]+="$(run "$tpid" "https://127.0.0.1:$TTLS/");"
+  res[n_tls]+="$(run "$nworker" "https://127.0.0.1:$NTLS/");"
+  res[t_jwt]+="$(run "$tpid" "http://127.0.0.1:$TPORT/jwt" "Authorization: Bearer $TOKEN");"
+  res[t_ratelimit]+="$(run "$tpid" "http://127.0.0.1:$TPORT/ratelimit");"
+  res[n_ratelimit]+="$(run "$nworker" "http://127.0.0.1:$NPORT/ratelimit");"
+  res[t_shared]+="$(run "$tpid" "http://127.0.0.1:$TPORT/shared");"
+done
+
+echo "wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS interleaved rounds, medians; 3 upstreams; $(nproc) cores"
+echo "nginx $(nginx -v 2>&1 | sed 's/.*\///') (1 worker), tessera $($BIN --version | awk '{print $2}'), redis $(redis-server --version | awk '{print $3}' | cut -d= -f2)"
+args=()
+for k in t_plain n_plain t_tls n_tls t_jwt t_ratelimit n_ratelimit t_shared; do args+=("$k=${res[$k]}"); done
+python3 - "${args[@]}" <<'PY'
+import statistics, sys
+rows = {}
+for arg in sys.argv[1:]:
+    key, raw = arg.split("=", 1)
+    runs = [list(map(float, r.split())) for r in raw.strip(";").split(";")]
+    rows[key] = [statistics.median(col) for col in zip(*runs)]
+print(f"{'feature':10} {'proxy':8} {'req/s':>8} {'p99 ms':>8} {'req/CPU-s':>10}  {'vs own plain':>14}  {'vs nginx same':>14}")
+for feat in ["plain", "tls", "jwt", "ratelimit", "shared"]:
+    for who, tag in (("tessera", "t"), ("nginx", "n")):
+        r = rows.get(f"{tag}_{feat}")
+        if r is None:
+            continue
+        base = rows[f"{tag}_plain"]
+        own = f"{r[0]/base[0]:.2f}x {r[2]/base[2]:.2f}x"
+        n = rows.get(f"n_{feat}")
+        vs = f"{r[0]/n[0]:.2f}x {r[2]/n[2]:.2f}x" if (n and who == "tessera") else "-"
+        print(f"{feat:10} {who:8} {r[0]:8.0f} {r[1]:8.3f} {r[2]:10.0f}  {own:>14}  {vs:>14}")
+print("ratios: req/s and req/CPU-s; 'vs own plain' is the feature's cost for that proxy")
+PY
