@@ -9,6 +9,7 @@
 //! client can never name itself.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,7 +20,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tessera_jwt::{Alg, FetchState, JwtError, Key, KeySet, Validation};
+use tessera_jwt::{Alg, Claims, FetchState, JwtError, Key, KeySet, Validation};
 
 use crate::config::{ApiKeyConfig, ConfigError, JwtConfig, RouteAuth};
 use crate::error::GatewayError;
@@ -40,6 +41,9 @@ pub struct Issuer {
     validation: Validation,
     refresh: Duration,
     keys: ArcSwap<KeySet>,
+    /// Bumped whenever `keys` is replaced: cached verifications of older sets lapse.
+    generation: AtomicU64,
+    verified: Mutex<Verified>,
     schedule: Mutex<FetchState>,
     fetching: tokio::sync::Mutex<()>,
     pub forward: Vec<(HeaderName, String)>,
@@ -66,6 +70,12 @@ pub struct Identity {
     /// A credential header not to pass on.
     pub remove: Option<HeaderName>,
 }
+
+/// Verified tokens remembered per issuer.
+const MAX_VERIFIED: usize = 10_000;
+
+/// Token → (key-set generation it was checked against, its claims).
+type Verified = HashMap<Box<str>, (u64, Arc<Claims>)>;
 
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 static X_API_KEY_NAME: HeaderName = HeaderName::from_static("x-api-key-name");
@@ -120,6 +130,8 @@ impl Issuers {
                 validation: v,
                 refresh: j.refresh,
                 keys: ArcSwap::from_pointee(KeySet::new(fixed.into_iter().collect())),
+                generation: AtomicU64::new(0),
+                verified: Mutex::new(HashMap::new()),
                 schedule: Mutex::new(FetchState::default()),
                 fetching: tokio::sync::Mutex::new(()),
                 forward,
@@ -241,10 +253,45 @@ impl Issuers {
 }
 
 impl Issuer {
-    async fn verify(&self, token: &str) -> Result<tessera_jwt::Claims, GatewayError> {
+    /// A token's claims once its signature and claims check out. Signatures already
+    /// checked against the current key set are remembered (an RS256 check costs about
+    /// as much as proxying the request), so a client sending the same token on every
+    /// request pays for it once; the claims are checked again every time, since `exp`
+    /// and `nbf` move with the clock.
+    async fn verify(&self, token: &str) -> Result<Arc<Claims>, GatewayError> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        let generation = self.generation.load(Ordering::Acquire);
+        let cached = {
+            let map = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+            map.get(token)
+                .filter(|(g, _)| *g == generation)
+                .map(|(_, c)| c.clone())
+        };
+        if let Some(claims) = cached {
+            claims
+                .check(&self.validation, now)
+                .map_err(|e| GatewayError::Unauthorized(format!("invalid token: {e}")))?;
+            return Ok(claims);
+        }
+        let claims = Arc::new(self.verify_uncached(token, now).await?);
+        let mut map = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_VERIFIED {
+            // Expired tokens go first; if that frees nothing, start over (bounded memory
+            // matters more than the hit rate under a flood of distinct tokens).
+            map.retain(|_, (g, c)| *g == generation && c.check(&self.validation, now).is_ok());
+            if map.len() >= MAX_VERIFIED {
+                map.clear();
+            }
+        }
+        // Tagged with the generation from before the check: if the key set changed
+        // meanwhile, the entry is already stale rather than vouched for by new keys.
+        map.insert(token.into(), (generation, claims.clone()));
+        Ok(claims)
+    }
+
+    async fn verify_uncached(&self, token: &str, now: u64) -> Result<Claims, GatewayError> {
         let keys = self.keys.load_full();
         let result = match tessera_jwt::verify(token, &keys, &self.validation, now) {
             // A new key id (rotation) or no keys yet: fetch once more, then decide.
@@ -276,6 +323,7 @@ impl Issuer {
         match self.fetch().await {
             Ok(set) => {
                 self.keys.store(Arc::new(set));
+                self.generation.fetch_add(1, Ordering::Release);
                 lock().succeeded(Instant::now());
                 true
             }

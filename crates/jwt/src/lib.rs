@@ -321,6 +321,14 @@ impl Validation {
 pub struct Claims(pub Map<String, Value>);
 
 impl Claims {
+    /// Checks `exp`, `nbf`, `iss` and `aud` again at `now`, for a caller that keeps
+    /// verified tokens and must not keep honouring one past its expiry.
+    pub fn check(&self, v: &Validation, now: u64) -> Result<(), JwtError> {
+        check_claims(&self.0, v, now)
+    }
+}
+
+impl Claims {
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.0.get(name)
     }

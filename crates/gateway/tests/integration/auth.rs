@@ -310,6 +310,55 @@ async fn rotated_keys_are_fetched_and_an_outage_keeps_the_last_set() {
     );
 }
 
+/// A token whose signature was checked once is remembered, but not past its `exp` and
+/// not once its key leaves the issuer's key set.
+#[tokio::test]
+async fn a_remembered_token_still_expires_and_lapses_with_its_key() {
+    let up = Upstream::start("app").await;
+    let first = signer();
+    let jwks = Jwks::start(vec![first.jwk()]).await;
+    let toml = config(&up, &jwks).replace(
+        "algorithms = [\"EdDSA\"]",
+        "algorithms = [\"EdDSA\"]\nrefresh = \"1s\"\nclock_skew = \"0s\"",
+    );
+    let gw = TestGateway::start(&toml).await;
+    let get = |t: String| {
+        let http = gw.http.clone();
+        async move {
+            http.send(
+                Method::GET,
+                "/x",
+                &[("authorization", &format!("Bearer {t}"))],
+                Bytes::new(),
+            )
+            .await
+            .0
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let short = first.sign(&json!({"sub": "s", "iss": "shop", "aud": "api", "exp": now + 2}));
+    let long = token(&first, "l", &[]);
+    for _ in 0..3 {
+        assert_eq!(get(long.clone()).await, StatusCode::OK);
+    }
+    assert_eq!(get(short.clone()).await, StatusCode::OK);
+    crate::support::wait_for("the short token to expire", || async {
+        get(short.clone()).await == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    assert_eq!(get(long.clone()).await, StatusCode::OK);
+
+    // The issuer rotates the key out: the remembered token goes with it.
+    *jwks.keys.lock().unwrap() = vec![signer().jwk()];
+    crate::support::wait_for("the rotated-out key's token to be refused", || async {
+        get(long.clone()).await == StatusCode::UNAUTHORIZED
+    })
+    .await;
+}
+
 #[test]
 fn auth_config_errors_name_the_key() {
     let base = |extra: &str| {
