@@ -30,7 +30,14 @@ pub struct Cert {
     names: Vec<String>,
     /// SHA-256 of the leaf certificate, hex: what `/admin/tls` shows to tell versions apart.
     fingerprint: String,
+    /// Hosts already found covered, so the usual request (the same host again) skips
+    /// parsing the certificate. Only positive answers, and only a few: a wildcard covers
+    /// endless names, and a client choosing them must not grow this.
+    covered: std::sync::Mutex<Vec<Box<str>>>,
 }
+
+/// Most hosts remembered per certificate.
+const MAX_COVERED: usize = 16;
 
 impl Cert {
     fn load(files: &CertFiles, index: usize) -> Result<Cert, ConfigError> {
@@ -68,23 +75,35 @@ impl Cert {
             key: Arc::new(certified),
             names,
             fingerprint,
+            covered: std::sync::Mutex::new(Vec::new()),
         })
     }
 
     /// Whether a TLS client would accept this certificate for `host` (a `Host` value
     /// without its port): the same name rules, IP addresses included.
     pub fn covers(&self, host: &str) -> bool {
-        let host = host
+        let lock = || self.covered.lock().unwrap_or_else(|p| p.into_inner());
+        if lock().iter().any(|h| **h == *host) {
+            return true;
+        }
+        let bare = host
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host);
-        let Ok(name) = ServerName::try_from(host) else {
+        let Ok(name) = ServerName::try_from(bare) else {
             return false;
         };
-        match webpki::EndEntityCert::try_from(&self.key.cert[0]) {
+        let ok = match webpki::EndEntityCert::try_from(&self.key.cert[0]) {
             Ok(leaf) => leaf.verify_is_valid_for_subject_name(&name).is_ok(),
             Err(_) => false,
+        };
+        if ok {
+            let mut covered = lock();
+            if covered.len() < MAX_COVERED {
+                covered.push(host.into());
+            }
         }
+        ok
     }
 
     fn matches_exactly(&self, sni: &str) -> bool {
