@@ -262,7 +262,8 @@ pub async fn handle(
     };
     // Boxed: the forwarding future is large, and an unboxed one would be copied along
     // with every move of the connection's request future.
-    let mut resp = match Box::pin(forward(gw, route, req, peer, start, timer)).await {
+    let identity = &table.issuers.identity_headers;
+    let mut resp = match Box::pin(forward(gw, route, req, peer, identity, start, timer)).await {
         Ok(resp) => resp,
         Err(e) => {
             if !matches!(e, GatewayError::NoRoute { .. }) {
@@ -417,6 +418,7 @@ async fn forward(
     route: &Route,
     req: Request<Body>,
     peer: &Peer,
+    identity: &[HeaderName],
     start: Instant,
     mut timer: Option<&mut LazyTimer>,
 ) -> Result<Response<Body>, GatewayError> {
@@ -475,7 +477,13 @@ async fn forward(
         None
     };
     // Built once: every try sends this same map (HTTP/1.1 writes it by reference).
-    let mut headers = upstream_headers(std::mem::take(&mut parts.headers), &parts.uri, route, peer);
+    let mut headers = upstream_headers(
+        std::mem::take(&mut parts.headers),
+        &parts.uri,
+        route,
+        peer,
+        identity,
+    );
     if let Some(proto) = upgrade_to {
         // An upgrade (WebSocket) is the one case where these hop-by-hop headers pass.
         headers.insert(header::UPGRADE, proto);
@@ -784,7 +792,13 @@ fn record_failure(
 /// Headers for the upstream request: hop-by-hop ones removed (and any the client named in
 /// `Connection`), the route's edits applied, `X-Forwarded-*` set, and the client's host
 /// kept (HTTP/2 clients send it as `:authority`).
-fn upstream_headers(mut h: HeaderMap, uri: &Uri, route: &Route, peer: &Peer) -> HeaderMap {
+fn upstream_headers(
+    mut h: HeaderMap,
+    uri: &Uri,
+    route: &Route,
+    peer: &Peer,
+    identity: &[HeaderName],
+) -> HeaderMap {
     // Most requests carry no hop-by-hop header at all: one scan instead of a removal
     // (a hash and a probe) per name.
     if !peer.trusted
@@ -801,6 +815,9 @@ fn upstream_headers(mut h: HeaderMap, uri: &Uri, route: &Route, peer: &Peer) -> 
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            // A client may not nominate what the gateway vouches for: the verified
+            // identity, or the framing and addressing of the request.
+            .filter(|n| !identity.contains(n) && *n != header::HOST && *n != header::CONTENT_LENGTH)
             .collect();
         // `te: trailers` is the one TE value that must pass (gRPC needs it).
         let keep_te = h

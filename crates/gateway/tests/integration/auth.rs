@@ -172,6 +172,33 @@ async fn routes_need_a_valid_token_and_the_right_role() {
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["headers"]["x-user-id"], "ada");
     assert_eq!(body["headers"]["x-user-roles"], "customer");
+    // Hop-by-hop nomination cannot remove what the gateway vouches for.
+    let (s, _, body) = gw
+        .http
+        .send(
+            Method::GET,
+            "/orders",
+            &[
+                ("authorization", &bearer(&ada)),
+                (
+                    "connection",
+                    "x-user-id, x-user-roles, x-forwarded-for, host, x-extra",
+                ),
+                ("x-extra", "gone"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let h = &body["headers"];
+    assert_eq!(h["x-user-id"], "ada", "{h}");
+    assert_eq!(h["x-user-roles"], "customer", "{h}");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1", "{h}");
+    assert!(h.get("host").is_some(), "{h}");
+    assert!(
+        h.get("x-extra").is_none(),
+        "an ordinary nominated header is removed: {h}"
+    );
 
     // Public routes pass without a token, but a client-supplied identity is still removed.
     let (s, _, body) = gw
