@@ -17,13 +17,12 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
 use tessera_jwt::{Alg, Claims, FetchState, JwtError, Key, KeySet, Validation};
 
-use crate::config::{ApiKeyConfig, ConfigError, JwtConfig, RouteAuth};
+use crate::config::{ApiKeyConfig, ConfigError, JwtConfig, Protocol, RouteAuth, UpstreamTls};
 use crate::error::GatewayError;
+use crate::transport::Connector;
 
 /// Largest JWKS document read.
 const MAX_JWKS: usize = 1024 * 1024;
@@ -47,7 +46,8 @@ pub struct Issuer {
     schedule: Mutex<FetchState>,
     fetching: tokio::sync::Mutex<()>,
     pub forward: Vec<(HeaderName, String)>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// How `Source::Url` is reached (TLS for `https://`).
+    connector: Connector,
 }
 
 /// Every issuer and API key of one config.
@@ -120,6 +120,19 @@ impl Issuers {
             out.identity_headers
                 .extend(forward.iter().map(|(h, _)| h.clone()));
             let fixed = static_key(name, j)?;
+            let tls = j
+                .jwks_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
+                .then(|| UpstreamTls {
+                    ca: j.jwks_ca.clone(),
+                    ..Default::default()
+                });
+            let connector = Connector::build(
+                &format!("jwt.{name}.jwks_ca"),
+                tls.as_ref(),
+                Protocol::Http1,
+            )?;
             let issuer = Arc::new(Issuer {
                 name: name.clone(),
                 source: match (&j.jwks_url, &j.jwks_file, &fixed) {
@@ -135,7 +148,7 @@ impl Issuers {
                 schedule: Mutex::new(FetchState::default()),
                 fetching: tokio::sync::Mutex::new(()),
                 forward,
-                client: Client::builder(TokioExecutor::new()).build_http(),
+                connector,
             });
             if !matches!(issuer.source, Source::Static)
                 && let Ok(rt) = tokio::runtime::Handle::try_current()
@@ -341,27 +354,58 @@ impl Issuer {
             Source::File(path) => tokio::fs::read(path)
                 .await
                 .map_err(|e| format!("cannot read {path}: {e}"))?,
-            Source::Url(url) => {
-                let req = http::Request::get(url.as_str())
-                    .body(Full::new(Bytes::new()))
-                    .map_err(|e| e.to_string())?;
-                let resp = tokio::time::timeout(Duration::from_secs(5), self.client.request(req))
-                    .await
-                    .map_err(|_| format!("{url}: no answer within 5s"))?
-                    .map_err(|e| format!("{url}: {}", tessera_core::error_chain(&e)))?;
-                let status = resp.status();
-                let body = Limited::new(resp.into_body(), MAX_JWKS)
-                    .collect()
-                    .await
-                    .map_err(|e| format!("{url}: {e}"))?
-                    .to_bytes();
-                if !status.is_success() {
-                    return Err(format!("{url} answered {status}"));
-                }
-                body.to_vec()
-            }
+            Source::Url(url) => tokio::time::timeout(Duration::from_secs(5), self.get(url))
+                .await
+                .map_err(|_| format!("{url}: no answer within 5s"))?
+                .map_err(|e| format!("{url}: {e}"))?,
         };
         KeySet::from_jwks(&body).map_err(|e| e.to_string())
+    }
+}
+
+impl Issuer {
+    /// One GET on a fresh connection (a JWKS is fetched every few minutes at most).
+    async fn get(&self, url: &str) -> Result<Vec<u8>, String> {
+        let uri: http::Uri = url.parse().map_err(|e| format!("{e}"))?;
+        let authority = uri.authority().ok_or("no host")?.clone();
+        let default_port = if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        };
+        let addr = format!(
+            "{}:{}",
+            authority.host(),
+            uri.port_u16().unwrap_or(default_port)
+        );
+        let io = self
+            .connector
+            .connect(&addr, Duration::from_secs(5))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| tessera_core::error_chain(&e))?;
+        tokio::spawn(conn);
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let req = http::Request::get(path)
+            .header(header::HOST, authority.as_str())
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| tessera_core::error_chain(&e))?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_JWKS)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("answered {status}"));
+        }
+        Ok(body.to_vec())
     }
 }
 

@@ -372,11 +372,15 @@ pub struct ApiKeyConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
-    /// JWKS over HTTP (`http://host:port/.well-known/jwks.json`), refreshed every
+    /// JWKS over HTTP or HTTPS (`https://host/.well-known/jwks.json`), refreshed every
     /// `refresh` and when a token names an unknown key id; the last good set is kept
     /// when a fetch fails.
     #[serde(default)]
     pub jwks_url: Option<String>,
+    /// PEM CA certificates that verify an `https://` `jwks_url` (the system roots when
+    /// absent).
+    #[serde(default)]
+    pub jwks_ca: Option<std::path::PathBuf>,
     /// Or a JWKS file, read again every `refresh`.
     #[serde(default)]
     pub jwks_file: Option<String>,
@@ -705,12 +709,26 @@ impl Config {
                     "set one of jwks_url, jwks_file, public_key_file, hs256_secret_env, hs256_secret_file",
                 ));
             }
-            if let Some(u) = &j.jwks_url
-                && !u.starts_with("http://")
+            if let Some(u) = &j.jwks_url {
+                let parsed = u.parse::<http::Uri>().ok().filter(|p| {
+                    matches!(p.scheme_str(), Some("http" | "https")) && p.authority().is_some()
+                });
+                if parsed.is_none() {
+                    return Err(invalid(
+                        format!("{key}.jwks_url"),
+                        format!("{u:?}: an http:// or https:// URL with a host"),
+                    ));
+                }
+            }
+            if j.jwks_ca.is_some()
+                && !j
+                    .jwks_url
+                    .as_deref()
+                    .is_some_and(|u| u.starts_with("https://"))
             {
                 return Err(invalid(
-                    format!("{key}.jwks_url"),
-                    format!("{u:?}: only http:// URLs are fetched"),
+                    format!("{key}.jwks_ca"),
+                    "only verifies an https:// jwks_url",
                 ));
             }
             if j.algorithms.is_empty() {

@@ -435,6 +435,7 @@ async fn certificate_errors_refuse_to_start_and_name_the_key() {
 async fn tls_upstream(
     leaf: &Leaf,
     client_ca: Option<&Ca>,
+    fixed: Option<String>,
 ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     use rustls::server::WebPkiClientVerifier;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -471,6 +472,7 @@ async fn tls_upstream(
             };
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let acceptor = acceptor.clone();
+            let fixed = fixed.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
@@ -480,14 +482,18 @@ async fn tls_upstream(
                 let sni = conn.server_name().map(str::to_owned);
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                     let sni = sni.clone();
+                    let fixed = fixed.clone();
                     async move {
-                        let body = serde_json::json!({
-                            "version": format!("{:?}", req.version()),
-                            "client_cert": client_cert,
-                            "sni": sni,
+                        let body = fixed.unwrap_or_else(|| {
+                            serde_json::json!({
+                                "version": format!("{:?}", req.version()),
+                                "client_cert": client_cert,
+                                "sni": sni,
+                            })
+                            .to_string()
                         });
                         Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                            Bytes::from(body.to_string()),
+                            Bytes::from(body),
                         )))
                     }
                 });
@@ -510,8 +516,8 @@ async fn upstream_tls_verifies_the_server_and_presents_the_client_certificate() 
     std::fs::write(d.join("client-ca.pem"), client_ca.pem()).unwrap();
     client_ca.issue(&["gateway.internal"]).write(d, "client");
     let (mtls_addr, mtls_accepts) =
-        tls_upstream(&server_ca.issue(&["api.internal"]), Some(&client_ca)).await;
-    let (ip_addr, _) = tls_upstream(&server_ca.issue(&["127.0.0.1"]), None).await;
+        tls_upstream(&server_ca.issue(&["api.internal"]), Some(&client_ca), None).await;
+    let (ip_addr, _) = tls_upstream(&server_ca.issue(&["127.0.0.1"]), None, None).await;
 
     let p = |name: &str| format!("{:?}", d.join(name));
     let upstream = |name: &str, addr: std::net::SocketAddr, tls: String, extra: &str| {
@@ -609,4 +615,63 @@ async fn upstream_tls_file_errors_refuse_the_config() {
         let err = Gateway::build(config, None).err().expect("built anyway");
         assert!(err.to_string().contains(expect), "{tls}: {err}");
     }
+}
+
+/// A JWKS served over HTTPS: fetched when its server's certificate checks out against
+/// `jwks_ca`, and not trusted (every token refused) when it does not.
+#[tokio::test]
+async fn a_jwks_url_over_https_is_verified() {
+    let up = Upstream::start("u").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let other = Ca::new();
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.path().join("other.pem"), other.pem()).unwrap();
+    let signer =
+        tessera_jwt::Signer::ed25519(&tessera_jwt::Signer::generate_pkcs8().unwrap()).unwrap();
+    let jwks = serde_json::json!({"keys": [signer.jwk()]}).to_string();
+    let (addr, _) = tls_upstream(&ca.issue(&["127.0.0.1"]), None, Some(jwks)).await;
+    let config = |ca_file: &str| {
+        format!(
+            r#"
+[jwt.idp]
+jwks_url = "https://{addr}/.well-known/jwks.json"
+jwks_ca = {:?}
+[[routes]]
+upstream = "u"
+auth = {{ jwt = "idp" }}
+[upstreams.u]
+endpoints = ["{}"]
+"#,
+            dir.path().join(ca_file),
+            up.addr
+        )
+    };
+    let token = signer.sign(&serde_json::json!({"sub": "ada", "exp": 4_000_000_000u64}));
+    let bearer = format!("Bearer {token}");
+    let gw = TestGateway::start(&config("ca.pem")).await;
+    wait_for("the JWKS to be fetched over HTTPS", || async {
+        gw.http
+            .send(
+                http::Method::GET,
+                "/",
+                &[("authorization", &bearer)],
+                Bytes::new(),
+            )
+            .await
+            .0
+            == StatusCode::OK
+    })
+    .await;
+    let untrusted = TestGateway::start(&config("other.pem")).await;
+    let (status, _, body) = untrusted
+        .http
+        .send(
+            http::Method::GET,
+            "/",
+            &[("authorization", &bearer)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
 }
