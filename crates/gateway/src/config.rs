@@ -117,7 +117,8 @@ pub struct RedisConfig {
     /// decides instead.
     #[serde(default = "default_redis_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
-    /// Prepended to every key (`{prefix}{route}:{client key}`).
+    /// Prepended to every key (`{prefix}{route}:{SHA-256 of the client key}`: a client key
+    /// may be a secret, such as an API key).
     #[serde(default = "default_redis_prefix")]
     pub prefix: String,
     /// ACL user for `AUTH` (Redis 6+); the password alone uses the default user.

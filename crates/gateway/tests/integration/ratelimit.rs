@@ -311,6 +311,14 @@ async fn a_shared_limit_is_exact_across_two_gateways() {
         }
     }
     assert_eq!(ok, 10);
+    // The client keys (here standing in for API keys) are not readable in Redis.
+    let keys = redis_keys(&redis).await;
+    assert!(!keys.is_empty());
+    assert!(
+        keys.iter()
+            .all(|k| k.starts_with("tessera:rl:shared:") && !k.contains("two")),
+        "{keys:?}"
+    );
     let (_, _, metrics) = a.admin_http().get("/metrics").await;
     assert!(
         metrics
@@ -379,4 +387,33 @@ async fn without_redis_each_gateway_limits_locally_until_it_is_back() {
         }
     }
     assert_eq!(ok, 10, "shared again");
+}
+
+/// Every key in the test's Redis (`KEYS *`, fine for a handful).
+async fn redis_keys(redis: &RedisServer) -> Vec<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(redis.address())
+        .await
+        .unwrap();
+    s.write_all(b"KEYS *\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // The reply is small; read until it parses as a complete array.
+    loop {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "redis closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        let mut lines = text.split("\r\n");
+        let count: usize = lines
+            .next()
+            .unwrap()
+            .trim_start_matches('*')
+            .parse()
+            .unwrap();
+        let items: Vec<&str> = lines.skip(1).step_by(2).take(count).collect();
+        if items.len() == count && text.ends_with("\r\n") {
+            return items.into_iter().map(str::to_owned).collect();
+        }
+    }
 }
