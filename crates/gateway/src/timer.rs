@@ -4,7 +4,7 @@
 //! fires before the current deadline, moved on to it.
 
 use std::future::Future;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use tokio::time::{Instant, Sleep};
@@ -35,8 +35,14 @@ impl LazyTimer {
     }
 
     /// Runs `fut` until `deadline`; `None` if the deadline came first.
-    pub async fn timeout_at<F: Future>(&mut self, deadline: Instant, fut: F) -> Option<F::Output> {
-        let mut fut = pin!(fut);
+    /// `fut` comes pinned by the caller: taken by value and pinned here, it would be
+    /// stored twice in this future (argument and pinned local), and a proxied request's
+    /// exchange future is kilobytes.
+    pub async fn timeout_at<F: Future>(
+        &mut self,
+        deadline: Instant,
+        mut fut: Pin<&mut F>,
+    ) -> Option<F::Output> {
         std::future::poll_fn(|cx| {
             if let Poll::Ready(v) = fut.as_mut().poll(cx) {
                 return Poll::Ready(Some(v));
@@ -51,6 +57,8 @@ impl LazyTimer {
 mod tests {
     use std::time::Duration;
 
+    use std::pin::pin;
+
     use super::*;
 
     #[tokio::test(start_paused = true)]
@@ -61,7 +69,7 @@ mod tests {
         // First deadline: fires on time.
         assert!(
             timer
-                .timeout_at(start + Duration::from_secs(10), never)
+                .timeout_at(start + Duration::from_secs(10), pin!(never))
                 .await
                 .is_none()
         );
@@ -70,7 +78,10 @@ mod tests {
         let t = Instant::now();
         assert!(
             timer
-                .timeout_at(t + Duration::from_secs(5), std::future::pending::<()>())
+                .timeout_at(
+                    t + Duration::from_secs(5),
+                    pin!(std::future::pending::<()>())
+                )
                 .await
                 .is_none()
         );
@@ -80,10 +91,13 @@ mod tests {
         let quick = tokio::time::sleep(Duration::from_secs(1));
         assert_eq!(
             timer
-                .timeout_at(t + Duration::from_secs(30), async {
-                    quick.await;
-                    7
-                })
+                .timeout_at(
+                    t + Duration::from_secs(30),
+                    pin!(async {
+                        quick.await;
+                        7
+                    })
+                )
                 .await,
             Some(7)
         );
@@ -92,7 +106,10 @@ mod tests {
         let t = Instant::now();
         assert!(
             timer
-                .timeout_at(t + Duration::from_secs(45), std::future::pending::<()>())
+                .timeout_at(
+                    t + Duration::from_secs(45),
+                    pin!(std::future::pending::<()>())
+                )
                 .await
                 .is_none()
         );
@@ -100,12 +117,15 @@ mod tests {
         // A shorter deadline than the armed one is honoured.
         let t = Instant::now();
         let armed_far = timer
-            .timeout_at(t + Duration::from_secs(100), async {})
+            .timeout_at(t + Duration::from_secs(100), pin!(async {}))
             .await;
         assert_eq!(armed_far, Some(()));
         assert!(
             timer
-                .timeout_at(t + Duration::from_secs(2), std::future::pending::<()>())
+                .timeout_at(
+                    t + Duration::from_secs(2),
+                    pin!(std::future::pending::<()>())
+                )
                 .await
                 .is_none()
         );
