@@ -480,7 +480,7 @@ async fn forward(
         None
     };
     // Built once: every try sends this same map (HTTP/1.1 writes it by reference).
-    let mut headers = upstream_headers(
+    let (mut headers, forwarded) = upstream_headers(
         std::mem::take(&mut parts.headers),
         &parts.uri,
         route,
@@ -553,6 +553,7 @@ async fn forward(
             path_and_query: &path_and_query,
             authority,
             headers: &headers,
+            forwarded: &forwarded,
         };
         let try_deadline = (now + route.per_try_timeout).min(deadline);
         let per_try = try_deadline.saturating_duration_since(now);
@@ -692,6 +693,32 @@ struct Target<'a> {
     path_and_query: &'a PathAndQuery,
     authority: http::uri::Authority,
     headers: &'a HeaderMap,
+    forwarded: &'a Forwarded,
+}
+
+/// `X-Forwarded-For` and `X-Forwarded-Proto` for the upstream, written after the header
+/// map rather than inserted into it: two hash-map inserts per request saved. `None`: the
+/// map already has what goes upstream (a trusted proxy's, or the route's own edit).
+struct Forwarded {
+    xff: Option<HeaderValue>,
+    proto: Option<&'static str>,
+}
+
+impl Forwarded {
+    /// As (name, value) pairs for the HTTP/1.1 writer.
+    fn fields(&self) -> ([(&'static str, &[u8]); 2], usize) {
+        let mut out: [(&'static str, &[u8]); 2] = [("", b""), ("", b"")];
+        let mut n = 0;
+        if let Some(v) = &self.xff {
+            out[n] = ("x-forwarded-for", v.as_bytes());
+            n += 1;
+        }
+        if let Some(p) = self.proto {
+            out[n] = ("x-forwarded-proto", p.as_bytes());
+            n += 1;
+        }
+        (out, n)
+    }
 }
 
 /// One exchange on a pooled connection.
@@ -717,9 +744,12 @@ async fn send(
     {
         crate::pool::Conn::H1(c) => crate::h1::client::send(
             c,
-            target.method,
-            target.path_and_query.as_str(),
-            target.headers,
+            crate::h1::client::RequestHead {
+                method: target.method,
+                target: target.path_and_query.as_str(),
+                headers: target.headers,
+                extra: target.forwarded.fields(),
+            },
             body,
             conns,
             now.into_std(),
@@ -745,7 +775,14 @@ async fn send(
             *req.method_mut() = target.method.clone();
             *req.uri_mut() = uri;
             *req.version_mut() = Version::HTTP_2;
-            *req.headers_mut() = target.headers.clone();
+            let mut headers = target.headers.clone();
+            if let Some(v) = &target.forwarded.xff {
+                headers.insert(X_FORWARDED_FOR, v.clone());
+            }
+            if let Some(p) = target.forwarded.proto {
+                headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(p));
+            }
+            *req.headers_mut() = headers;
             let resp = s.send_request(req).await.map_err(|e| {
                 let detail = tessera_core::error_chain(&e);
                 if e.is_canceled() {
@@ -802,15 +839,38 @@ fn upstream_headers(
     route: &Route,
     peer: &Peer,
     identity: &[HeaderName],
-) -> HeaderMap {
-    // Most requests carry no hop-by-hop header at all: one scan instead of a removal
-    // (a hash and a probe) per name.
-    if !peer.trusted
-        && h.keys()
-            .any(|k| k.as_str().starts_with("x-forwarded-") || k == header::FORWARDED)
+) -> (HeaderMap, Forwarded) {
+    let mut fwd = Forwarded {
+        xff: Some(peer.ip.clone()),
+        proto: Some(if peer.tls.is_some() { "https" } else { "http" }),
+    };
+    // Most requests carry no forwarding or hop-by-hop header at all: one scan instead of
+    // a removal (a hash and a probe) per name.
+    if h.keys()
+        .any(|k| k.as_str().starts_with("x-forwarded-") || k == header::FORWARDED)
     {
-        h.remove(X_FORWARDED_HOST);
-        h.remove(header::FORWARDED);
+        if peer.trusted {
+            // Earlier hops, extended with this one.
+            if let Some(prev) = h.remove(X_FORWARDED_FOR) {
+                fwd.xff = prev
+                    .to_str()
+                    .ok()
+                    .zip(peer.ip.to_str().ok())
+                    .and_then(|(prev, ip)| HeaderValue::from_str(&format!("{prev}, {ip}")).ok())
+                    .or(fwd.xff);
+            }
+            // A trusted proxy in front (one that terminated TLS itself) says what the
+            // client used.
+            if h.contains_key(X_FORWARDED_PROTO) {
+                fwd.proto = None;
+            }
+        } else {
+            // A client that is not a trusted proxy does not get to name earlier hops.
+            for name in [&X_FORWARDED_FOR, &X_FORWARDED_PROTO, &X_FORWARDED_HOST] {
+                h.remove(name);
+            }
+            h.remove(header::FORWARDED);
+        }
     }
     if h.keys().any(|k| is_hop_by_hop(k) || k == header::TE) {
         let named: Vec<HeaderName> = h
@@ -841,38 +901,25 @@ fn upstream_headers(
     {
         h.insert(header::HOST, v);
     }
+    // The route's own edits win over the forwarding fields.
+    for name in route
+        .remove_request
+        .iter()
+        .chain(route.add_request.iter().map(|(k, _)| k))
+    {
+        if name == X_FORWARDED_FOR {
+            fwd.xff = None;
+        } else if name == X_FORWARDED_PROTO {
+            fwd.proto = None;
+        }
+    }
     for name in &route.remove_request {
         h.remove(name);
     }
     for (k, v) in &route.add_request {
         h.insert(k.clone(), v.clone());
     }
-    match h.entry(X_FORWARDED_FOR) {
-        header::Entry::Vacant(e) => {
-            e.insert(peer.ip.clone());
-        }
-        // A client that is not a trusted proxy does not get to name earlier hops.
-        header::Entry::Occupied(mut e) if !peer.trusted => {
-            e.insert(peer.ip.clone());
-        }
-        header::Entry::Occupied(mut e) => {
-            let joined = e
-                .get()
-                .to_str()
-                .ok()
-                .zip(peer.ip.to_str().ok())
-                .and_then(|(prev, ip)| HeaderValue::from_str(&format!("{prev}, {ip}")).ok());
-            if let Some(v) = joined {
-                e.insert(v);
-            }
-        }
-    }
-    // A trusted proxy in front (one that terminated TLS itself) says what the client used.
-    if !(peer.trusted && h.contains_key(X_FORWARDED_PROTO)) {
-        let proto = if peer.tls.is_some() { "https" } else { "http" };
-        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    }
-    h
+    (h, fwd)
 }
 
 fn wants_upgrade<B>(req: &Request<B>) -> bool {

@@ -94,19 +94,28 @@ impl H1Conn {
     }
 }
 
-/// Sends `req` on `conn` and reads the response head. `home` takes the connection back
-/// when the exchange is complete.
+/// What goes in the request head.
+pub struct RequestHead<'a> {
+    pub method: &'a Method,
+    /// Origin-form target (`/path?query`).
+    pub target: &'a str,
+    pub headers: &'a HeaderMap,
+    /// Fields written after `headers` (the proxy's `X-Forwarded-*`), the first `.1` of them.
+    pub extra: ([(&'static str, &'a [u8]); 2], usize),
+}
+
+/// Sends the request on `conn` and reads the response head. `home` takes the connection
+/// back when the exchange is complete.
 pub async fn send(
     mut conn: H1Conn,
-    method: &Method,
-    target: &str,
-    headers: &HeaderMap,
+    head: RequestHead<'_>,
     body: Body,
     home: &Arc<Conns>,
     since: std::time::Instant,
 ) -> Result<Exchange, SendError> {
+    let method = head.method;
     let head_only = *method == Method::HEAD;
-    write_request(&mut conn, method, target, headers, body).await?;
+    write_request(&mut conn, &head, body).await?;
 
     loop {
         let Some((head_len, info)) = parse_head(&conn.buf, head_only, &mut conn.fields)? else {
@@ -227,11 +236,10 @@ fn needs_length(method: &Method) -> bool {
 
 async fn write_request(
     conn: &mut H1Conn,
-    method: &Method,
-    target: &str,
-    headers: &HeaderMap,
+    head: &RequestHead<'_>,
     body: Body,
 ) -> Result<(), SendError> {
+    let (method, target, headers) = (head.method, head.target, head.headers);
     let w = &mut conn.wbuf;
     w.clear();
     w.extend_from_slice(method.as_str().as_bytes());
@@ -251,6 +259,13 @@ async fn write_request(
         w.extend_from_slice(name.as_str().as_bytes());
         w.extend_from_slice(b": ");
         w.extend_from_slice(value.as_bytes());
+        w.extend_from_slice(b"\r\n");
+    }
+    let (fields, n) = &head.extra;
+    for (name, value) in &fields[..(*n).min(fields.len())] {
+        w.extend_from_slice(name.as_bytes());
+        w.extend_from_slice(b": ");
+        w.extend_from_slice(value);
         w.extend_from_slice(b"\r\n");
     }
     let unsent = |e: io::Error| SendError::Unsent(format!("writing the request: {e}"));
