@@ -28,6 +28,17 @@ async fn spawn_server(data_dir: &Path) -> (Child, String) {
     common::spawn_server(data_dir, &["--node", "n1"]).await
 }
 
+/// A server with ACLs on (default deny) and the management token `root-secret`.
+async fn spawn_server_with_acls(data_dir: &Path) -> (Child, String) {
+    let config = data_dir.join("server.toml");
+    std::fs::write(
+        &config,
+        "[acl]\nenabled = true\ninitial_management = \"root-secret\"\n",
+    )
+    .unwrap();
+    spawn_server_with(data_dir, &["--config", config.to_str().unwrap()]).await
+}
+
 async fn spawn_server_with(data_dir: &Path, extra: &[&str]) -> (Child, String) {
     let mut args = vec!["--node", "n1"];
     args.extend_from_slice(extra);
@@ -237,14 +248,7 @@ async fn kill_9_mid_saga_then_restart_finishes_every_saga() {
 async fn saga_steps_reach_registered_services_and_acls_guard_the_new_apis() {
     let dir = tempfile::tempdir().unwrap();
     let (p, paddr) = participant().await;
-    let config = dir.path().join("server.toml");
-    std::fs::write(
-        &config,
-        "[acl]\nenabled = true\ninitial_management = \"root-secret\"\n",
-    )
-    .unwrap();
-    let (_server, addr) =
-        spawn_server_with(dir.path(), &["--config", config.to_str().unwrap()]).await;
+    let (_server, addr) = spawn_server_with_acls(dir.path()).await;
     let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let root = Some("root-secret");
     // The participant registers like any service (no check: passing).
@@ -399,14 +403,7 @@ async fn the_saga_commands_start_wait_list_and_show() {
 #[tokio::test]
 async fn with_acls_on_every_write_needs_a_token() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("server.toml");
-    std::fs::write(
-        &config,
-        "[acl]\nenabled = true\ninitial_management = \"root-secret\"\n",
-    )
-    .unwrap();
-    let (_server, addr) =
-        spawn_server_with(dir.path(), &["--config", config.to_str().unwrap()]).await;
+    let (_server, addr) = spawn_server_with_acls(dir.path()).await;
     let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let url = |p: &str| format!("http://{addr}{p}");
     let root = Some("root-secret");

@@ -69,6 +69,19 @@ fn token(s: &Signer, sub: &str, roles: &[&str]) -> String {
     s.sign(&json!({"sub": sub, "roles": roles, "iss": "shop", "aud": "api", "exp": now + 300}))
 }
 
+/// `GET /x` with the token as a bearer credential: the status.
+async fn get_with_token(gw: &TestGateway, token: String) -> StatusCode {
+    gw.http
+        .send(
+            Method::GET,
+            "/x",
+            &[("authorization", &format!("Bearer {token}"))],
+            Bytes::new(),
+        )
+        .await
+        .0
+}
+
 fn config(up: &Upstream, jwks: &Jwks) -> String {
     format!(
         r#"
@@ -305,19 +318,7 @@ async fn rotated_keys_are_fetched_and_an_outage_keeps_the_last_set() {
     let first = signer();
     let jwks = Jwks::start(vec![first.jwk()]).await;
     let gw = TestGateway::start(&config(&up, &jwks)).await;
-    let get = |t: String| {
-        let http = gw.http.clone();
-        async move {
-            http.send(
-                Method::GET,
-                "/x",
-                &[("authorization", &format!("Bearer {t}"))],
-                Bytes::new(),
-            )
-            .await
-            .0
-        }
-    };
+    let get = |t: String| get_with_token(&gw, t);
     assert_eq!(get(token(&first, "a", &[])).await, StatusCode::OK);
 
     // The issuer adds a key and signs with it: the unknown kid makes the gateway fetch.
@@ -349,19 +350,7 @@ async fn a_remembered_token_still_expires_and_lapses_with_its_key() {
         "algorithms = [\"EdDSA\"]\nrefresh = \"1s\"\nclock_skew = \"0s\"",
     );
     let gw = TestGateway::start(&toml).await;
-    let get = |t: String| {
-        let http = gw.http.clone();
-        async move {
-            http.send(
-                Method::GET,
-                "/x",
-                &[("authorization", &format!("Bearer {t}"))],
-                Bytes::new(),
-            )
-            .await
-            .0
-        }
-    };
+    let get = |t: String| get_with_token(&gw, t);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
