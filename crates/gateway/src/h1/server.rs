@@ -592,8 +592,9 @@ fn build_request(
     body: Body,
 ) -> Option<Request<Body>> {
     let uri = Uri::from_maybe_shared(head.slice(parsed.path)).ok()?;
-    // Room for the fields the proxy adds (X-Forwarded-*), so the map does not grow.
-    let mut headers = HeaderMap::with_capacity(fields.len() + 4);
+    // Room for a field or two the proxy may add (identity headers, a route's edits);
+    // X-Forwarded-* are written after the map, not put in it.
+    let mut headers = HeaderMap::with_capacity(fields.len() + 2);
     for (name, value) in fields {
         let name = HeaderName::from_bytes(&head[name.clone()]).ok()?;
         let value = HeaderValue::from_maybe_shared(head.slice(value.clone())).ok()?;
