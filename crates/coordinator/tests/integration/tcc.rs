@@ -391,8 +391,12 @@ pub fn recovers(first: &Backend, second: &Backend) {
     // Crash while trying: no decision was recorded, so everyone is cancelled.
     let backend = second;
     p.set("credit/try", slow);
-    let before = counts("credit/try");
-    let id = crash_when(backend, addr, || counts("credit/try") == before + 1);
+    let before = (counts("debit/try"), counts("credit/try"));
+    // Tries go out together: the crash waits for both, so debit's reservation exists
+    // (counted and recorded in the same step) and must be rolled back, not found empty.
+    let id = crash_when(backend, addr, || {
+        (counts("debit/try"), counts("credit/try")) == (before.0 + 1, before.1 + 1)
+    });
     rt.block_on(async {
         let (c, api) = coordinator(backend).await;
         assert_eq!(c.resume().await.unwrap(), 1);
