@@ -27,16 +27,16 @@ use crate::transport::Connector;
 /// Largest JWKS document read.
 const MAX_JWKS: usize = 1024 * 1024;
 
+/// Where a JWKS is fetched from.
 enum Source {
     Url(String),
     File(String),
-    /// A public key or HS256 secret read once when the config is loaded.
-    Static,
 }
 
 pub struct Issuer {
     name: String,
-    source: Source,
+    /// `None`: a static key (public key or HS256 secret), read once at load.
+    source: Option<Source>,
     validation: Validation,
     refresh: Duration,
     keys: ArcSwap<KeySet>,
@@ -135,10 +135,10 @@ impl Issuers {
             )?;
             let issuer = Arc::new(Issuer {
                 name: name.clone(),
-                source: match (&j.jwks_url, &j.jwks_file, &fixed) {
-                    (Some(u), _, _) => Source::Url(u.clone()),
-                    (None, Some(f), _) => Source::File(f.clone()),
-                    _ => Source::Static,
+                source: match (&j.jwks_url, &j.jwks_file) {
+                    (Some(u), _) => Some(Source::Url(u.clone())),
+                    (None, Some(f)) => Some(Source::File(f.clone())),
+                    (None, None) => None,
                 },
                 validation: v,
                 refresh: j.refresh,
@@ -150,7 +150,7 @@ impl Issuers {
                 forward,
                 connector,
             });
-            if !matches!(issuer.source, Source::Static)
+            if issuer.source.is_some()
                 && let Ok(rt) = tokio::runtime::Handle::try_current()
             {
                 rt.spawn(refresh_loop(Arc::downgrade(&issuer)));
@@ -322,9 +322,9 @@ impl Issuer {
     /// zero for the periodic refresh); `true` if the key set is not `seen` any more (this
     /// fetch or one that finished while waiting replaced it).
     async fn fetch_now(&self, seen: &Arc<KeySet>, gap: Duration) -> bool {
-        if matches!(self.source, Source::Static) {
+        let Some(source) = &self.source else {
             return false;
-        }
+        };
         let _one = self.fetching.lock().await;
         if !Arc::ptr_eq(&self.keys.load_full(), seen) {
             return true;
@@ -333,7 +333,7 @@ impl Issuer {
         if !lock().begin(Instant::now(), gap) {
             return false;
         }
-        match self.fetch().await {
+        match self.fetch(source).await {
             Ok(set) => {
                 self.keys.store(Arc::new(set));
                 self.generation.fetch_add(1, Ordering::Release);
@@ -348,9 +348,8 @@ impl Issuer {
         }
     }
 
-    async fn fetch(&self) -> Result<KeySet, String> {
-        let body = match &self.source {
-            Source::Static => return Err("a static key is not fetched".into()),
+    async fn fetch(&self, source: &Source) -> Result<KeySet, String> {
+        let body = match source {
             Source::File(path) => tokio::fs::read(path)
                 .await
                 .map_err(|e| format!("cannot read {path}: {e}"))?,

@@ -328,23 +328,37 @@ async fn serve_admin(
     }
 }
 
+/// A file's modification time and size: what tells the watchers (config, certificates)
+/// that it changed.
+fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Lower-case hex, for digests shown or used as keys.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
 /// Reloads when the config file's modification time or size changes (checked every
 /// second: cheap, and works on every filesystem, unlike inotify on some mounts).
 async fn watch_config(shared: Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
     let Some(path) = shared.config_path.clone() else {
         return;
     };
-    let stamp = |p: &PathBuf| -> Option<(SystemTime, u64)> {
-        let m = std::fs::metadata(p).ok()?;
-        Some((m.modified().ok()?, m.len()))
-    };
-    let mut last = stamp(&path);
+    let mut last = file_stamp(&path);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        let now = stamp(&path);
+        let now = file_stamp(&path);
         if now != last {
             last = now;
             if let Err(e) = shared.reload() {

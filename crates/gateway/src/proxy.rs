@@ -69,8 +69,15 @@ fn host_of<B>(req: &Request<B>) -> &str {
     strip_port(raw)
 }
 
+/// `[v6]` → `v6`; anything else as it is.
+pub(crate) fn unbracket(host: &str) -> &str {
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
 /// `host:port` → `host`; `[v6]:port` keeps its brackets; a bare v6 address has no port.
-fn strip_port(raw: &str) -> &str {
+pub(crate) fn strip_port(raw: &str) -> &str {
     match raw.rsplit_once(':') {
         Some((h, p))
             if p.bytes().all(|b| b.is_ascii_digit()) && (h.ends_with(']') || !h.contains(':')) =>
@@ -1003,7 +1010,7 @@ fn hash_of(on: &HashOn, headers: &HeaderMap, peer: SocketAddr) -> u64 {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use super::{Cidr, HOP_BY_HOP, is_hop_by_hop, strip_port};
+    use super::{Cidr, HOP_BY_HOP, is_hop_by_hop, strip_port, unbracket};
 
     #[test]
     fn hop_by_hop_names_are_recognised() {
@@ -1048,5 +1055,9 @@ mod tests {
         assert_eq!(strip_port("[::1]"), "[::1]");
         assert_eq!(strip_port("::1"), "::1");
         assert_eq!(strip_port("host:abc"), "host:abc");
+        // Endpoint addresses become TLS server names this way.
+        assert_eq!(unbracket(strip_port("[::1]:443")), "::1");
+        assert_eq!(unbracket(strip_port("10.0.0.1:80")), "10.0.0.1");
+        assert_eq!(unbracket(strip_port("api.internal:8443")), "api.internal");
     }
 }

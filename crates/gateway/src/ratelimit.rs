@@ -42,7 +42,7 @@ pub struct ClusterLimit {
 /// The script's SHA-1, as `EVALSHA` wants it.
 fn script_sha() -> String {
     let d = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, SCRIPT.as_bytes());
-    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex(d.as_ref())
 }
 
 /// Commands each new Redis connection runs before serving: `AUTH` when configured, then
@@ -78,11 +78,7 @@ impl ClusterLimit {
         // of reach.
         let digest = ring::digest::digest(&ring::digest::SHA256, key);
         let mut full = self.prefix.clone();
-        full.extend(
-            digest.as_ref()[..16]
-                .iter()
-                .flat_map(|b| format!("{b:02x}").into_bytes()),
-        );
+        full.extend_from_slice(crate::hex(&digest.as_ref()[..16]).as_bytes());
         let (interval, tolerance) = (self.interval_us.as_bytes(), self.tolerance_us.as_bytes());
         let mut reply = self
             .redis

@@ -86,7 +86,7 @@ impl Redis {
     }
 }
 
-pub fn encode(args: &[&[u8]]) -> Vec<u8> {
+fn encode(args: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
     out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
     for a in args {
@@ -98,7 +98,7 @@ pub fn encode(args: &[&[u8]]) -> Vec<u8> {
 }
 
 /// One reply from the front of `buf` and its length; `Ok(None)` if it is not all there.
-pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
+fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, String> {
     fn line(buf: &[u8], from: usize) -> Option<(&[u8], usize)> {
         let end = buf[from..].windows(2).position(|w| w == b"\r\n")?;
         Some((&buf[from..from + end], from + end + 2))

@@ -8,7 +8,7 @@
 //! suites: TLS 1.3 AES-GCM and ChaCha20-Poly1305, TLS 1.2 ECDHE with AES-GCM or
 //! ChaCha20-Poly1305; no CBC, no RSA key exchange, no SHA-1 suites.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -42,9 +42,8 @@ const MAX_COVERED: usize = 16;
 impl Cert {
     fn load(files: &CertFiles, index: usize) -> Result<Cert, ConfigError> {
         let key_name = format!("tls.certificates[{index}]");
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-            .and_then(|it| it.collect::<Result<_, _>>())
-            .map_err(|e| pem_error(&key_name, "cert", &files.cert, e))?;
+        let chain =
+            read_certs(&files.cert).map_err(|e| pem_error(&key_name, "cert", &files.cert, e))?;
         if chain.is_empty() {
             return Err(ConfigError::Invalid {
                 key: format!("{key_name}.cert"),
@@ -70,7 +69,7 @@ impl Cert {
             .map(|n| n.to_ascii_lowercase())
             .collect();
         let digest = ring::digest::digest(&ring::digest::SHA256, &certified.cert[0]);
-        let fingerprint = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let fingerprint = crate::hex(digest.as_ref());
         Ok(Cert {
             key: Arc::new(certified),
             names,
@@ -86,11 +85,7 @@ impl Cert {
         if lock().iter().any(|h| **h == *host) {
             return true;
         }
-        let bare = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        let Ok(name) = ServerName::try_from(bare) else {
+        let Ok(name) = ServerName::try_from(crate::proxy::unbracket(host)) else {
             return false;
         };
         let ok = match webpki::EndEntityCert::try_from(&self.key.cert[0]) {
@@ -118,6 +113,13 @@ impl Cert {
             .iter()
             .any(|n| n.strip_prefix("*.").is_some_and(|p| p == parent))
     }
+}
+
+/// Every certificate in a PEM file, in order.
+pub fn read_certs(
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, rustls_pki_types::pem::Error> {
+    CertificateDer::pem_file_iter(path)?.collect()
 }
 
 fn pem_error(key: &str, field: &str, path: &Path, e: rustls_pki_types::pem::Error) -> ConfigError {
@@ -251,13 +253,9 @@ fn load_all(files: &[CertFiles]) -> Result<Vec<Arc<Cert>>, ConfigError> {
 }
 
 fn stamps(files: &[CertFiles]) -> Stamps {
-    let stamp = |p: &PathBuf| {
-        let m = std::fs::metadata(p).ok()?;
-        Some((m.modified().ok()?, m.len()))
-    };
     files
         .iter()
-        .flat_map(|f| [stamp(&f.cert), stamp(&f.key)])
+        .flat_map(|f| [crate::file_stamp(&f.cert), crate::file_stamp(&f.key)])
         .collect()
 }
 

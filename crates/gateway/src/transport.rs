@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rustls::client::ClientConfig;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -148,8 +148,7 @@ impl Connector {
         let mut roots = rustls::RootCertStore::empty();
         match &cfg.ca {
             Some(path) => {
-                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                    .and_then(|it| it.collect::<Result<_, _>>())
+                let certs = crate::tls::read_certs(path)
                     .map_err(|e| invalid("ca", format!("{}: {e}", path.display())))?;
                 let (added, _) = roots.add_parsable_certificates(certs);
                 if added == 0 {
@@ -177,8 +176,7 @@ impl Connector {
             .with_root_certificates(roots);
         let mut config = match (&cfg.cert, &cfg.key) {
             (Some(cert), Some(key)) => {
-                let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-                    .and_then(|it| it.collect::<Result<_, _>>())
+                let chain = crate::tls::read_certs(cert)
                     .map_err(|e| invalid("cert", format!("{}: {e}", cert.display())))?;
                 let key_der = PrivateKeyDer::from_pem_file(key)
                     .map_err(|e| invalid("key", format!("{}: {e}", key.display())))?;
@@ -235,8 +233,10 @@ impl Connector {
             };
             let name = match &tls.server_name {
                 Some(n) => n.clone(),
-                None => ServerName::try_from(host_of(addr).to_owned())
-                    .map_err(|e| ConnectError(format!("{addr}: no TLS server name: {e}")))?,
+                None => ServerName::try_from(
+                    crate::proxy::unbracket(crate::proxy::strip_port(addr)).to_owned(),
+                )
+                .map_err(|e| ConnectError(format!("{addr}: no TLS server name: {e}")))?,
             };
             let stream = tls
                 .connector
@@ -248,27 +248,5 @@ impl Connector {
         tokio::time::timeout(timeout, work)
             .await
             .map_err(|_| ConnectError(format!("connect to {addr} timed out")))?
-    }
-}
-
-/// `host:port` → `host`, `[v6]:port` → `v6`.
-fn host_of(addr: &str) -> &str {
-    let host = match addr.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => addr,
-    };
-    host.strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn host_of_strips_ports_and_brackets() {
-        assert_eq!(super::host_of("api.internal:8443"), "api.internal");
-        assert_eq!(super::host_of("10.0.0.1:80"), "10.0.0.1");
-        assert_eq!(super::host_of("[::1]:443"), "::1");
-        assert_eq!(super::host_of("api.internal"), "api.internal");
     }
 }
