@@ -101,7 +101,11 @@ http {
   limit_req_zone \$binary_remote_addr zone=perip:10m rate=1000000r/s;
   upstream u {
     server 127.0.0.1:${UP[0]}; server 127.0.0.1:${UP[1]}; server 127.0.0.1:${UP[2]};
-    keepalive 64;
+    # Sized like tessera's pool (idle connections per endpoint, no request cap): with
+    # keepalive 64 shared by three servers nginx reopened an upstream connection every
+    # ~40 requests, a cost that is the config's, not nginx's.
+    keepalive 256;
+    keepalive_requests 1000000;
   }
   server {
     listen 127.0.0.1:$NPORT;

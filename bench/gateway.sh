@@ -3,14 +3,14 @@
 # runs interleaved (T N H T N H ...), medians printed; then a failover run per proxy
 # (SIGKILL one upstream at 3 s, restart it at 6 s of a 10 s run) counting client errors.
 #
-#   bench/gateway.sh                        # 10 s runs, 3 rounds, wrk -t1 -c64
+#   bench/gateway.sh                        # 10 s runs, 5 rounds, wrk -t1 -c64
 #   DURATION=5 ROUNDS=3 CONNS=64 bench/gateway.sh
 #
 # Needs wrk, nginx, haproxy (Debian packages; installed with apt-get if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 CONNS=${CONNS:-64}
 UP=(19101 19102 19103)
 TPORT=18080; NPORT=18081; HPORT=18082; TADMIN=18090; NPORT2=18083; HPORT2=18084
@@ -62,7 +62,11 @@ http {
   access_log off;
   upstream u {
     server 127.0.0.1:${UP[0]}; server 127.0.0.1:${UP[1]}; server 127.0.0.1:${UP[2]};
-    keepalive 64;
+    # Sized like tessera's pool (idle connections per endpoint, no request cap): with
+    # keepalive 64 shared by three servers nginx reopened an upstream connection every
+    # ~40 requests, a cost that is the config's, not nginx's.
+    keepalive 256;
+    keepalive_requests 1000000;
   }
   server {
     listen 127.0.0.1:$NPORT;

@@ -38,7 +38,7 @@ error_log $work/nginx-error.log;
 events { worker_connections 4096; }
 http {
   access_log off;
-  upstream u { server 127.0.0.1:${UP[0]}; server 127.0.0.1:${UP[1]}; server 127.0.0.1:${UP[2]}; keepalive 64; }
+  upstream u { server 127.0.0.1:${UP[0]}; server 127.0.0.1:${UP[1]}; server 127.0.0.1:${UP[2]}; keepalive 256; keepalive_requests 1000000; }
   server { listen 127.0.0.1:$NPORT; location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; } }
 }
 CONF

@@ -737,7 +737,7 @@ async fn send(
     body: Body,
     now: Instant,
 ) -> Result<Exchange, SendError> {
-    match conns
+    let conn = conns
         .checkout(
             addr,
             up.protocol,
@@ -747,8 +747,8 @@ async fn send(
             now.into_std(),
         )
         .await
-        .map_err(SendError::Connect)?
-    {
+        .map_err(SendError::Connect)?;
+    match conn {
         crate::pool::Conn::H1(c) => crate::h1::client::send(
             c,
             crate::h1::client::RequestHead {
@@ -766,44 +766,54 @@ async fn send(
             ClientError::Unsent(d) => SendError::Unsent(d),
             ClientError::Io(d) => SendError::Io(d),
         }),
-        crate::pool::Conn::H2(mut s) => {
-            // HTTP/2 needs scheme and authority for its pseudo-headers.
-            let mut uri_parts = http::uri::Parts::default();
-            uri_parts.scheme = Some(if up.connector.is_tls() {
-                Scheme::HTTPS
-            } else {
-                Scheme::HTTP
-            });
-            uri_parts.authority = Some(target.authority);
-            uri_parts.path_and_query = Some(target.path_and_query.clone());
-            let uri = Uri::from_parts(uri_parts)
-                .map_err(|e| SendError::Unsent(format!("bad upstream URI: {e}")))?;
-            let mut req = Request::new(body);
-            *req.method_mut() = target.method.clone();
-            *req.uri_mut() = uri;
-            *req.version_mut() = Version::HTTP_2;
-            let mut headers = target.headers.clone();
-            if let Some(v) = &target.forwarded.xff {
-                headers.insert(X_FORWARDED_FOR, v.clone());
-            }
-            if let Some(p) = target.forwarded.proto {
-                headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(p));
-            }
-            *req.headers_mut() = headers;
-            let resp = s.send_request(req).await.map_err(|e| {
-                let detail = tessera_core::error_chain(&e);
-                if e.is_canceled() {
-                    SendError::Unsent(detail)
-                } else {
-                    SendError::Io(detail)
-                }
-            })?;
-            Ok(Exchange {
-                response: resp.map(Body::Stream),
-                upgraded: None,
-            })
-        }
+        // Boxed: its request and hyper's send future would otherwise sit in every
+        // HTTP/1.1 request's future too.
+        crate::pool::Conn::H2(s) => Box::pin(send_h2(s, up, target, body)).await,
     }
+}
+
+/// One exchange on the shared HTTP/2 connection.
+async fn send_h2(
+    mut s: hyper::client::conn::http2::SendRequest<Body>,
+    up: &Upstream,
+    target: Target<'_>,
+    body: Body,
+) -> Result<Exchange, SendError> {
+    // HTTP/2 needs scheme and authority for its pseudo-headers.
+    let mut uri_parts = http::uri::Parts::default();
+    uri_parts.scheme = Some(if up.connector.is_tls() {
+        Scheme::HTTPS
+    } else {
+        Scheme::HTTP
+    });
+    uri_parts.authority = Some(target.authority);
+    uri_parts.path_and_query = Some(target.path_and_query.clone());
+    let uri = Uri::from_parts(uri_parts)
+        .map_err(|e| SendError::Unsent(format!("bad upstream URI: {e}")))?;
+    let mut req = Request::new(body);
+    *req.method_mut() = target.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_2;
+    let mut headers = target.headers.clone();
+    if let Some(v) = &target.forwarded.xff {
+        headers.insert(X_FORWARDED_FOR, v.clone());
+    }
+    if let Some(p) = target.forwarded.proto {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(p));
+    }
+    *req.headers_mut() = headers;
+    let resp = s.send_request(req).await.map_err(|e| {
+        let detail = tessera_core::error_chain(&e);
+        if e.is_canceled() {
+            SendError::Unsent(detail)
+        } else {
+            SendError::Io(detail)
+        }
+    })?;
+    Ok(Exchange {
+        response: resp.map(Body::Stream),
+        upgraded: None,
+    })
 }
 
 fn should_retry(up: &Upstream, route: &Route, attempt: u32, deadline: Instant) -> bool {

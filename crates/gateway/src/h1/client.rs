@@ -234,13 +234,44 @@ fn needs_length(method: &Method) -> bool {
     matches!(*method, Method::POST | Method::PUT | Method::PATCH)
 }
 
+/// Writes the request head, and the body when it is held whole. The streamed-body path is
+/// boxed: it is rare, and inline its state (frames, chunk sizes, trailers) would make
+/// every request's future several hundred bytes larger, all of it copied on each await.
 async fn write_request(
     conn: &mut H1Conn,
     head: &RequestHead<'_>,
     body: Body,
 ) -> Result<(), SendError> {
+    let unsent = |e: io::Error| SendError::Unsent(format!("writing the request: {e}"));
+    let b = match body {
+        Body::Full(b) => b,
+        body => return Box::pin(write_streamed(conn, head, body)).await,
+    };
+    let len = b.as_ref().map_or(0, |b| b.len());
+    let had_length = encode_head(&mut conn.wbuf, head);
+    if len > 0 || had_length || needs_length(head.method) {
+        write_length(&mut conn.wbuf, len as u64);
+    }
+    conn.wbuf.extend_from_slice(b"\r\n");
+    match b {
+        Some(b) if b.len() <= INLINE_BODY => {
+            conn.wbuf.extend_from_slice(&b);
+            conn.io.write_all(&conn.wbuf).await.map_err(unsent)?;
+        }
+        Some(b) => {
+            conn.io.write_all(&conn.wbuf).await.map_err(unsent)?;
+            conn.io.write_all(&b).await.map_err(unsent)?;
+        }
+        None => conn.io.write_all(&conn.wbuf).await.map_err(unsent)?,
+    }
+    // A no-op on TCP; TLS holds the last record until flushed.
+    conn.io.flush().await.map_err(unsent)
+}
+
+/// The request line and fields into `w` (cleared first), without the framing fields and
+/// the blank line: those depend on the body. Says whether the client sent a length.
+fn encode_head(w: &mut Vec<u8>, head: &RequestHead<'_>) -> bool {
     let (method, target, headers) = (head.method, head.target, head.headers);
-    let w = &mut conn.wbuf;
     w.clear();
     w.extend_from_slice(method.as_str().as_bytes());
     w.push(b' ');
@@ -268,67 +299,55 @@ async fn write_request(
         w.extend_from_slice(value);
         w.extend_from_slice(b"\r\n");
     }
+    had_length
+}
+
+/// A request whose body streams: its length when known, else chunked (with trailers).
+async fn write_streamed(
+    conn: &mut H1Conn,
+    head: &RequestHead<'_>,
+    mut body: Body,
+) -> Result<(), SendError> {
     let unsent = |e: io::Error| SendError::Unsent(format!("writing the request: {e}"));
-    match body {
-        Body::Full(b) => {
-            let len = b.as_ref().map_or(0, |b| b.len());
-            if len > 0 || had_length || needs_length(method) {
-                write_length(w, len as u64);
+    encode_head(&mut conn.wbuf, head);
+    let w = &mut conn.wbuf;
+    let exact = body.size_hint().exact();
+    match exact {
+        Some(n) => write_length(w, n),
+        None => w.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    w.extend_from_slice(b"\r\n");
+    conn.io.write_all(&conn.wbuf).await.map_err(unsent)?;
+    // The head went out: from here on the upstream may act on the request.
+    let io_err = |e: io::Error| SendError::Io(format!("writing the request body: {e}"));
+    let mut trailers_sent = false;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| SendError::Io(format!("request body: {e}")))?;
+        match frame.into_data() {
+            Ok(data) if exact.is_some() => {
+                conn.io.write_all(&data).await.map_err(io_err)?;
             }
-            w.extend_from_slice(b"\r\n");
-            match b {
-                Some(b) if b.len() <= INLINE_BODY => {
-                    w.extend_from_slice(&b);
-                    conn.io.write_all(&conn.wbuf).await.map_err(unsent)?;
+            Ok(data) if !data.is_empty() => {
+                let size = format!("{:x}\r\n", data.len());
+                conn.io.write_all(size.as_bytes()).await.map_err(io_err)?;
+                conn.io.write_all(&data).await.map_err(io_err)?;
+                conn.io.write_all(b"\r\n").await.map_err(io_err)?;
+            }
+            Ok(_) => {}
+            Err(frame) => {
+                if let (Ok(trailers), None) = (frame.into_trailers(), exact) {
+                    let mut t = b"0\r\n".to_vec();
+                    write_fields(&mut t, &trailers);
+                    t.extend_from_slice(b"\r\n");
+                    conn.io.write_all(&t).await.map_err(io_err)?;
+                    trailers_sent = true;
                 }
-                Some(b) => {
-                    conn.io.write_all(&conn.wbuf).await.map_err(unsent)?;
-                    conn.io.write_all(&b).await.map_err(unsent)?;
-                }
-                None => conn.io.write_all(&conn.wbuf).await.map_err(unsent)?,
-            }
-        }
-        mut body => {
-            let exact = body.size_hint().exact();
-            match exact {
-                Some(n) => write_length(w, n),
-                None => w.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-            }
-            w.extend_from_slice(b"\r\n");
-            conn.io.write_all(&conn.wbuf).await.map_err(unsent)?;
-            // The head went out: from here on the upstream may act on the request.
-            let io_err = |e: io::Error| SendError::Io(format!("writing the request body: {e}"));
-            let mut trailers_sent = false;
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| SendError::Io(format!("request body: {e}")))?;
-                match frame.into_data() {
-                    Ok(data) if exact.is_some() => {
-                        conn.io.write_all(&data).await.map_err(io_err)?;
-                    }
-                    Ok(data) if !data.is_empty() => {
-                        let size = format!("{:x}\r\n", data.len());
-                        conn.io.write_all(size.as_bytes()).await.map_err(io_err)?;
-                        conn.io.write_all(&data).await.map_err(io_err)?;
-                        conn.io.write_all(b"\r\n").await.map_err(io_err)?;
-                    }
-                    Ok(_) => {}
-                    Err(frame) => {
-                        if let (Ok(trailers), None) = (frame.into_trailers(), exact) {
-                            let mut t = b"0\r\n".to_vec();
-                            write_fields(&mut t, &trailers);
-                            t.extend_from_slice(b"\r\n");
-                            conn.io.write_all(&t).await.map_err(io_err)?;
-                            trailers_sent = true;
-                        }
-                    }
-                }
-            }
-            if exact.is_none() && !trailers_sent {
-                conn.io.write_all(b"0\r\n\r\n").await.map_err(io_err)?;
             }
         }
     }
-    // A no-op on TCP; TLS holds the last record until flushed.
+    if exact.is_none() && !trailers_sent {
+        conn.io.write_all(b"0\r\n\r\n").await.map_err(io_err)?;
+    }
     conn.io.flush().await.map_err(unsent)
 }
 
