@@ -53,6 +53,10 @@ struct Inner {
     /// Index of the bucket `bucket_start` belongs to.
     head: usize,
     bucket_start: Instant,
+    /// When the head bucket ends (`bucket_start` + the bucket width), `None` for a
+    /// zero-width window: every call compares the clock with this one instant instead of
+    /// working out the time since `bucket_start`.
+    bucket_end: Option<Instant>,
     opened_at: Instant,
     probes_out: u32,
     probes_ok: u32,
@@ -69,6 +73,7 @@ pub struct CircuitBreaker {
 impl CircuitBreaker {
     pub fn new(config: BreakerConfig) -> CircuitBreaker {
         let now = Instant::now();
+        let width = config.window / BUCKETS as u32;
         CircuitBreaker {
             config,
             inner: Arc::new(Mutex::new(Inner {
@@ -76,6 +81,7 @@ impl CircuitBreaker {
                 buckets: [(0, 0); BUCKETS],
                 head: 0,
                 bucket_start: now,
+                bucket_end: (width > Duration::ZERO).then(|| now + width),
                 opened_at: now,
                 probes_out: 0,
                 probes_ok: 0,
@@ -96,8 +102,8 @@ impl CircuitBreaker {
 
     /// Rotates buckets and moves Open → HalfOpen when the open period is over.
     fn advance(&self, g: &mut Inner, now: Instant) {
-        let width = self.config.window / BUCKETS as u32;
-        if width > Duration::ZERO {
+        if g.bucket_end.is_some_and(|end| now >= end) {
+            let width = self.config.window / BUCKETS as u32;
             let mut steps = 0;
             while now.saturating_duration_since(g.bucket_start) >= width && steps <= BUCKETS {
                 g.head = (g.head + 1) % BUCKETS;
@@ -108,6 +114,7 @@ impl CircuitBreaker {
             if steps > BUCKETS {
                 g.bucket_start = now;
             }
+            g.bucket_end = Some(g.bucket_start + width);
         }
         if g.state == State::Open
             && now.saturating_duration_since(g.opened_at) >= self.config.open_for

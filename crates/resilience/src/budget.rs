@@ -29,6 +29,9 @@ struct Inner {
     buckets: [(u64, u64); BUCKETS],
     head: usize,
     bucket_start: Instant,
+    /// When the head bucket ends; `None` for a zero-width window. Most calls only
+    /// compare the clock with it.
+    bucket_end: Option<Instant>,
 }
 
 /// Every request deposits; every retry withdraws. A retry is allowed while
@@ -41,32 +44,35 @@ pub struct RetryBudget {
 
 impl RetryBudget {
     pub fn new(config: BudgetConfig) -> RetryBudget {
+        let now = Instant::now();
+        let width = config.window / BUCKETS as u32;
         RetryBudget {
             config,
             inner: Mutex::new(Inner {
                 buckets: [(0, 0); BUCKETS],
                 head: 0,
-                bucket_start: Instant::now(),
+                bucket_start: now,
+                bucket_end: (width > Duration::ZERO).then(|| now + width),
             }),
         }
     }
 
     fn with<T>(&self, now: Instant, f: impl FnOnce(&mut Inner) -> T) -> T {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let width = self.config.window / BUCKETS as u32;
-        let mut steps = 0;
-        while width > Duration::ZERO
-            && now.saturating_duration_since(g.bucket_start) >= width
-            && steps <= BUCKETS
-        {
-            g.head = (g.head + 1) % BUCKETS;
-            let head = g.head;
-            g.buckets[head] = (0, 0);
-            g.bucket_start += width;
-            steps += 1;
-        }
-        if steps > BUCKETS {
-            g.bucket_start = now;
+        if g.bucket_end.is_some_and(|end| now >= end) {
+            let width = self.config.window / BUCKETS as u32;
+            let mut steps = 0;
+            while now.saturating_duration_since(g.bucket_start) >= width && steps <= BUCKETS {
+                g.head = (g.head + 1) % BUCKETS;
+                let head = g.head;
+                g.buckets[head] = (0, 0);
+                g.bucket_start += width;
+                steps += 1;
+            }
+            if steps > BUCKETS {
+                g.bucket_start = now;
+            }
+            g.bucket_end = Some(g.bucket_start + width);
         }
         f(&mut g)
     }
@@ -126,5 +132,27 @@ mod tests {
         // The window moves on: budget comes back.
         tokio::time::advance(Duration::from_secs(11)).await;
         assert!(b.try_withdraw());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_and_retries_leave_the_window_bucket_by_bucket() {
+        let b = RetryBudget::new(BudgetConfig::default());
+        let drain = |b: &RetryBudget| (0..10_000).take_while(|_| b.try_withdraw()).count();
+        for _ in 0..1000 {
+            b.deposit();
+        }
+        assert_eq!(drain(&b), 300); // 20% of 1000 + the 100 floor
+        tokio::time::advance(Duration::from_secs(5)).await;
+        for _ in 0..500 {
+            b.deposit();
+        }
+        assert_eq!(drain(&b), 100); // 20% of 1500 + 100, minus the 300 taken
+        // Still inside the first bucket's window: nothing has left it.
+        tokio::time::advance(Duration::from_millis(4_900)).await;
+        assert_eq!(drain(&b), 0);
+        // The first one-second bucket (1000 requests, 300 retries) has left; the second
+        // (500 requests, 100 retries) remains: 20% of 500 + 100 - 100.
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert_eq!(drain(&b), 100);
     }
 }
