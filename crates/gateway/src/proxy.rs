@@ -227,9 +227,8 @@ pub async fn handle(
     }
     let mut subject = None;
     if let Some(rule) = &route.auth {
-        // Boxed, like `forward`: with a key fetch inside, this future is larger than the
-        // rest of `handle` (2.7 KB of it in a debug build, 0.75 KB without), and every
-        // request's `handle` future would be that size, and copied, otherwise.
+        // Boxed: with a key fetch inside, this future is 2 KB (in a release build), paid
+        // for only by routes that check tokens.
         match Box::pin(table.issuers.check(rule, req.headers())).await {
             Ok(identity) => {
                 let h = req.headers_mut();
@@ -270,10 +269,12 @@ pub async fn handle(
     } else {
         None
     };
-    // Boxed: the forwarding future is large, and an unboxed one would be copied along
-    // with every move of the connection's request future.
+    // Not boxed: the request future lives in the connection task and is not moved while
+    // it runs, and boxing this one cost an allocation of its ~3 KB plus a copy of all of
+    // it per request (555 instructions of 14.3k, measured). The cold paths inside it (a
+    // new connection, a streamed body, HTTP/2) are boxed instead, to keep it small.
     let identity = &table.issuers.identity_headers;
-    let mut resp = match Box::pin(forward(gw, route, req, peer, identity, start, timer)).await {
+    let mut resp = match forward(gw, route, req, peer, identity, start, timer).await {
         Ok(resp) => resp,
         Err(e) => {
             if !matches!(e, GatewayError::NoRoute { .. }) {
