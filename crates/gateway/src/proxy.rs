@@ -52,6 +52,14 @@ fn is_hop_by_hop(k: &HeaderName) -> bool {
     matches!(k.as_str().len(), 7 | 10 | 16 | 17 | 18) && HOP_BY_HOP.contains(k)
 }
 
+/// `is_hop_by_hop` for a name as an upstream wrote it (any case), in a raw response head.
+pub(crate) fn is_hop_by_hop_raw(name: &[u8]) -> bool {
+    matches!(name.len(), 7 | 10 | 16 | 17 | 18)
+        && HOP_BY_HOP
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h.as_str().as_bytes()))
+}
+
 fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,

@@ -4,6 +4,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::window::Window;
+
 /// The three breaker states (see the crate docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum State {
@@ -43,20 +45,11 @@ pub struct BreakerOpen {
     pub retry_after: Duration,
 }
 
-const BUCKETS: usize = 10;
-
 #[derive(Debug)]
 struct Inner {
     state: State,
-    /// Per-bucket (calls, errors), a ring over the window.
-    buckets: [(u32, u32); BUCKETS],
-    /// Index of the bucket `bucket_start` belongs to.
-    head: usize,
-    bucket_start: Instant,
-    /// When the head bucket ends (`bucket_start` + the bucket width), `None` for a
-    /// zero-width window: every call compares the clock with this one instant instead of
-    /// working out the time since `bucket_start`.
-    bucket_end: Option<Instant>,
+    /// (calls, errors) over the window.
+    window: Window,
     opened_at: Instant,
     probes_out: u32,
     probes_ok: u32,
@@ -73,20 +66,16 @@ pub struct CircuitBreaker {
 impl CircuitBreaker {
     pub fn new(config: BreakerConfig) -> CircuitBreaker {
         let now = Instant::now();
-        let width = config.window / BUCKETS as u32;
         CircuitBreaker {
-            config,
             inner: Arc::new(Mutex::new(Inner {
                 state: State::Closed,
-                buckets: [(0, 0); BUCKETS],
-                head: 0,
-                bucket_start: now,
-                bucket_end: (width > Duration::ZERO).then(|| now + width),
+                window: Window::new(config.window, now),
                 opened_at: now,
                 probes_out: 0,
                 probes_ok: 0,
                 generation: 0,
             })),
+            config,
         }
     }
 
@@ -102,20 +91,7 @@ impl CircuitBreaker {
 
     /// Rotates buckets and moves Open → HalfOpen when the open period is over.
     fn advance(&self, g: &mut Inner, now: Instant) {
-        if g.bucket_end.is_some_and(|end| now >= end) {
-            let width = self.config.window / BUCKETS as u32;
-            let mut steps = 0;
-            while now.saturating_duration_since(g.bucket_start) >= width && steps <= BUCKETS {
-                g.head = (g.head + 1) % BUCKETS;
-                g.buckets[g.head] = (0, 0);
-                g.bucket_start += width;
-                steps += 1;
-            }
-            if steps > BUCKETS {
-                g.bucket_start = now;
-            }
-            g.bucket_end = Some(g.bucket_start + width);
-        }
+        g.window.advance(now);
         if g.state == State::Open
             && now.saturating_duration_since(g.opened_at) >= self.config.open_for
         {
@@ -179,22 +155,15 @@ impl CircuitBreaker {
             g.probes_ok += 1;
             if g.probes_ok >= self.config.half_open_probes {
                 g.state = State::Closed;
-                g.buckets = [(0, 0); BUCKETS];
+                g.window.clear();
                 g.generation += 1;
             }
             return;
         }
-        let head = g.head;
-        g.buckets[head].0 += 1;
-        if !ok {
-            g.buckets[head].1 += 1;
-        }
-        let (calls, errors) = g
-            .buckets
-            .iter()
-            .fold((0u32, 0u32), |(c, e), (bc, be)| (c + bc, e + be));
-        if calls >= self.config.min_calls
-            && f64::from(errors) >= self.config.error_rate * f64::from(calls)
+        g.window.add(1, u64::from(!ok));
+        let (calls, errors) = g.window.totals();
+        if calls >= u64::from(self.config.min_calls)
+            && errors as f64 >= self.config.error_rate * calls as f64
         {
             self.open(&mut g, now);
         }
@@ -214,7 +183,7 @@ impl CircuitBreaker {
         g.state = State::Open;
         g.opened_at = now;
         g.generation += 1;
-        g.buckets = [(0, 0); BUCKETS];
+        g.window.clear();
     }
 }
 

@@ -3,6 +3,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::window::Window;
+
 /// Retry budget settings (DESIGN.md: 20% of requests + 10 retries/s, over 10 s).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BudgetConfig {
@@ -21,59 +23,26 @@ impl Default for BudgetConfig {
     }
 }
 
-const BUCKETS: usize = 10;
-
-#[derive(Debug)]
-struct Inner {
-    /// Per-bucket (requests, retries).
-    buckets: [(u64, u64); BUCKETS],
-    head: usize,
-    bucket_start: Instant,
-    /// When the head bucket ends; `None` for a zero-width window. Most calls only
-    /// compare the clock with it.
-    bucket_end: Option<Instant>,
-}
-
 /// Every request deposits; every retry withdraws. A retry is allowed while
 /// `retries < ratio × requests + min_per_sec × window` over the window.
 #[derive(Debug)]
 pub struct RetryBudget {
     config: BudgetConfig,
-    inner: Mutex<Inner>,
+    /// (requests, retries) over the window.
+    inner: Mutex<Window>,
 }
 
 impl RetryBudget {
     pub fn new(config: BudgetConfig) -> RetryBudget {
-        let now = Instant::now();
-        let width = config.window / BUCKETS as u32;
         RetryBudget {
+            inner: Mutex::new(Window::new(config.window, Instant::now())),
             config,
-            inner: Mutex::new(Inner {
-                buckets: [(0, 0); BUCKETS],
-                head: 0,
-                bucket_start: now,
-                bucket_end: (width > Duration::ZERO).then(|| now + width),
-            }),
         }
     }
 
-    fn with<T>(&self, now: Instant, f: impl FnOnce(&mut Inner) -> T) -> T {
+    fn with<T>(&self, now: Instant, f: impl FnOnce(&mut Window) -> T) -> T {
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if g.bucket_end.is_some_and(|end| now >= end) {
-            let width = self.config.window / BUCKETS as u32;
-            let mut steps = 0;
-            while now.saturating_duration_since(g.bucket_start) >= width && steps <= BUCKETS {
-                g.head = (g.head + 1) % BUCKETS;
-                let head = g.head;
-                g.buckets[head] = (0, 0);
-                g.bucket_start += width;
-                steps += 1;
-            }
-            if steps > BUCKETS {
-                g.bucket_start = now;
-            }
-            g.bucket_end = Some(g.bucket_start + width);
-        }
+        g.advance(now);
         f(&mut g)
     }
 
@@ -84,26 +53,19 @@ impl RetryBudget {
 
     /// `deposit` with the caller's reading of the clock.
     pub fn deposit_at(&self, now: Instant) {
-        self.with(now, |g| {
-            let h = g.head;
-            g.buckets[h].0 += 1;
-        });
+        self.with(now, |w| w.add(1, 0));
     }
 
     /// Takes one retry from the budget; false when it is spent.
     pub fn try_withdraw(&self) -> bool {
         let floor = f64::from(self.config.min_per_sec) * self.config.window.as_secs_f64();
         let ratio = self.config.ratio;
-        self.with(Instant::now(), |g| {
-            let (reqs, retries) = g
-                .buckets
-                .iter()
-                .fold((0u64, 0u64), |(a, b), (r, t)| (a + r, b + t));
+        self.with(Instant::now(), |w| {
+            let (reqs, retries) = w.totals();
             if (retries as f64) + 1.0 > ratio * reqs as f64 + floor {
                 return false;
             }
-            let h = g.head;
-            g.buckets[h].1 += 1;
+            w.add(0, 1);
             true
         })
     }

@@ -32,6 +32,7 @@ mod bulkhead;
 mod layer;
 mod outlier;
 mod ratelimit;
+mod window;
 
 pub use breaker::{BreakerConfig, BreakerOpen, CircuitBreaker, Permit, State};
 pub use budget::{BudgetConfig, RetryBudget};

@@ -447,19 +447,9 @@ fn crlf_lines(head: &[u8], path_end: usize, fields: &FieldRanges) -> bool {
 }
 
 /// Whether a raw upstream field stays out of the client's response: hop-by-hop fields
-/// always, framing fields when the gateway frames the body itself. Decided on the name's
-/// length first: a response's usual fields (date, content-type, ...) cost one comparison.
+/// always, the length when the gateway frames the body itself.
 fn skip_raw_field(name: &[u8], no_body: bool) -> bool {
-    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
-    match name.len() {
-        7 => is(b"trailer") || is(b"upgrade"),
-        10 => is(b"connection") || is(b"keep-alive"),
-        14 => !no_body && is(b"content-length"),
-        16 => is(b"proxy-connection"),
-        17 => is(b"transfer-encoding"),
-        18 => is(b"proxy-authenticate"),
-        _ => false,
-    }
+    proxy::is_hop_by_hop_raw(name) || (!no_body && name.eq_ignore_ascii_case(b"content-length"))
 }
 
 const REQUEST_TIMEOUT: &[u8] =
