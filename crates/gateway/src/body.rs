@@ -81,6 +81,12 @@ pub struct RawResponse {
     /// (name start, name end, value start, value end) per field.
     pub spans: [(u16, u16, u16, u16); RAW_FIELDS],
     pub len: usize,
+    /// Where the field lines start and end in `head` (CRLFs included) when they can go to
+    /// an HTTP/1.1 client as they are: CRLF line ends, no hop-by-hop field, one
+    /// `Content-Length` (which then is the held body's length).
+    pub verbatim: Option<(u16, u16)>,
+    /// The upstream sent a `Date`.
+    pub has_date: bool,
     pub body: Option<Bytes>,
 }
 
@@ -221,6 +227,8 @@ mod tests {
             head,
             spans,
             len: 4,
+            verbatim: None,
+            has_date: false,
             body: Some(Bytes::from_static(b"body")),
         };
         let lines: Vec<_> = raw.lines().collect();

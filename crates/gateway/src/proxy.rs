@@ -22,6 +22,7 @@ use crate::body::{Body, ClientFault};
 use crate::config::HashOn;
 use crate::error::GatewayError;
 use crate::h1::client::{Exchange, SendError as ClientError, Upgraded};
+use crate::h1::fields::RawFields;
 use crate::routes::{RateKey, Rewrite, Route};
 use crate::timer::LazyTimer;
 use crate::upstream::Upstream;
@@ -67,14 +68,22 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-fn host_of<B>(req: &Request<B>) -> &str {
-    let raw = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
+/// The host the request is for, from its fields (the map's or `raw`) or its URI.
+fn host_of<'a, B>(req: &'a Request<B>, raw: Option<RawFields<'a>>) -> &'a str {
+    let field = match raw {
+        Some(raw) => raw
+            .get("host")
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .filter(|h| h.is_ascii()),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok()),
+    };
+    let host = field
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .unwrap_or("");
-    strip_port(raw)
+    strip_port(host)
 }
 
 /// `[v6]` → `v6`; anything else as it is.
@@ -180,12 +189,15 @@ impl Cidr {
     }
 }
 
-/// Proxies one request. `start` is when it arrived (the caller's clock reading, shared by
-/// everything that needs one); `timer`, when the connection has one, is reused for the
-/// per-try timeouts instead of arming a timer per request.
+/// Proxies one request. `raw`, when given, holds the request's header fields as the
+/// client wrote them (its map is then empty), for routes that only pass them on; the
+/// others get a map built from it. `start` is when it arrived (the caller's clock
+/// reading, shared by everything that needs one); `timer`, when the connection has one,
+/// is reused for the per-try timeouts instead of arming a timer per request.
 pub async fn handle(
     gw: &Shared,
     req: Request<Body>,
+    raw: Option<RawFields<'_>>,
     peer: &Peer,
     start: Instant,
     timer: Option<&mut LazyTimer>,
@@ -196,6 +208,7 @@ pub async fn handle(
         None => return GatewayError::Overloaded(gw.max_in_flight).into_response(),
     };
     let mut req = req;
+    let mut raw = raw;
     // Routing, auth and the upstream all see one canonical path.
     match crate::path::canonical(req.uri().path(), gw.keep_encoded_slashes) {
         Ok(None) => {}
@@ -214,21 +227,39 @@ pub async fn handle(
         Err(why) => return GatewayError::BadPath(why).into_response(),
     }
     if let Some(cert) = &peer.tls {
-        let host = host_of(&req);
+        let host = host_of(&req, raw);
         // No host at all (HTTP/1.0) can only mean the name the connection was opened for.
         if !host.is_empty() && !cert.covers(host) {
             return GatewayError::Misdirected(host.to_owned()).into_response();
         }
     }
     let table = gw.table.load_full();
+    // Routes that match on fields, and identity fields to strip, need the map.
+    if let Some(r) = raw
+        && (table.header_rules || !table.issuers.identity_headers.is_empty())
+    {
+        *req.headers_mut() = r.to_map();
+        raw = None;
+    }
     let method = req.method().clone();
-    let Some(route) = table.find(&method, host_of(&req), req.uri().path(), req.headers()) else {
+    let host = if table.host_rules {
+        host_of(&req, raw)
+    } else {
+        ""
+    };
+    let Some(route) = table.find(&method, host, req.uri().path(), req.headers()) else {
         return GatewayError::NoRoute {
             method: method.to_string(),
             path: req.uri().path().to_owned(),
         }
         .into_response();
     };
+    if let Some(r) = raw
+        && !route.plain
+    {
+        *req.headers_mut() = r.to_map();
+        raw = None;
+    }
     // Identity headers come only from verified tokens: a client's copy never passes.
     for h in &table.issuers.identity_headers {
         req.headers_mut().remove(h);
@@ -282,7 +313,7 @@ pub async fn handle(
     // it per request (555 instructions of 14.3k, measured). The cold paths inside it (a
     // new connection, a streamed body, HTTP/2) are boxed instead, to keep it small.
     let identity = &table.issuers.identity_headers;
-    let mut resp = match forward(gw, route, req, peer, identity, start, timer).await {
+    let mut resp = match forward(gw, route, req, raw, peer, identity, start, timer).await {
         Ok(resp) => resp,
         Err(e) => {
             if !matches!(e, GatewayError::NoRoute { .. }) {
@@ -432,10 +463,12 @@ async fn read_payload(
     )))))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     gw: &Shared,
     route: &Route,
     req: Request<Body>,
+    raw: Option<RawFields<'_>>,
     peer: &Peer,
     identity: &[HeaderName],
     start: Instant,
@@ -495,7 +528,10 @@ async fn forward(
     } else {
         None
     };
-    // Built once: every try sends this same map (HTTP/1.1 writes it by reference).
+    // Built once: every try sends this same map (HTTP/1.1 writes it by reference). With
+    // `raw` the map is empty and this only sets the forwarding fields: the route is
+    // plain (no edits) and the request carries no field this would remove but the
+    // hop-by-hop ones `RawFields::write` drops.
     let (mut headers, forwarded) = upstream_headers(
         std::mem::take(&mut parts.headers),
         &parts.uri,
@@ -569,6 +605,7 @@ async fn forward(
             path_and_query: &path_and_query,
             authority,
             headers: &headers,
+            raw,
             forwarded: &forwarded,
         };
         let try_deadline = (now + route.per_try_timeout).min(deadline);
@@ -709,6 +746,8 @@ struct Target<'a> {
     path_and_query: &'a PathAndQuery,
     authority: http::uri::Authority,
     headers: &'a HeaderMap,
+    /// The client's fields, written after `headers` (then empty).
+    raw: Option<RawFields<'a>>,
     forwarded: &'a Forwarded,
 }
 
@@ -764,6 +803,7 @@ async fn send(
                 method: target.method,
                 target: target.path_and_query.as_str(),
                 headers: target.headers,
+                raw: target.raw,
                 extra: target.forwarded.fields(),
             },
             body,
@@ -803,7 +843,10 @@ async fn send_h2(
     *req.method_mut() = target.method.clone();
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_2;
-    let mut headers = target.headers.clone();
+    let mut headers = match target.raw {
+        Some(raw) => raw.to_map(),
+        None => target.headers.clone(),
+    };
     if let Some(v) = &target.forwarded.xff {
         headers.insert(X_FORWARDED_FOR, v.clone());
     }

@@ -90,6 +90,9 @@ pub struct Route {
     pub fallback: Option<Fallback>,
     pub auth: Option<crate::config::RouteAuth>,
     pub rate_limit: Option<RateLimit>,
+    /// Nothing on this route reads or edits the request's fields (no auth, no limit or
+    /// hash keyed on a field, no request header edits): they can go upstream raw.
+    pub plain: bool,
     pub metrics: RouteMetrics,
     /// What `/admin/routes` shows.
     pub describe: serde_json::Value,
@@ -173,6 +176,10 @@ pub struct Table {
     pub routes: Vec<Route>,
     pub upstreams: HashMap<String, Arc<Upstream>>,
     pub issuers: crate::auth::Issuers,
+    /// Some route matches on header fields, so every request needs its header map.
+    pub header_rules: bool,
+    /// Some route matches on the host, so every request needs its host looked up.
+    pub host_rules: bool,
     /// The Redis client for shared limits, kept across reloads while `[redis]` is unchanged.
     pub redis: Option<(RedisConfig, Arc<Redis>)>,
 }
@@ -215,6 +222,10 @@ impl Table {
             .collect();
         ranked.sort_by_key(|(i, r)| r.rank(*i));
         Ok(Table {
+            header_rules: ranked.iter().any(|(_, r)| !r.headers.is_empty()),
+            host_rules: ranked
+                .iter()
+                .any(|(_, r)| !matches!(r.host, HostMatch::Any)),
             routes: ranked.into_iter().map(|(_, r)| r).collect(),
             upstreams,
             issuers: crate::auth::Issuers::build(&cfg.jwt, &cfg.api_keys)?,
@@ -345,6 +356,21 @@ fn compile(
             _ => None,
         },
     });
+    let upstream = r.upstream.as_ref().and_then(|u| upstreams.get(u).cloned());
+    let add_request = header_pairs(&r.request_headers.add);
+    let remove_request = header_names(&r.request_headers.remove);
+    let plain = r.auth.is_none()
+        && add_request.is_empty()
+        && remove_request.is_empty()
+        && !rate_limit
+            .as_ref()
+            .is_some_and(|l| matches!(l.key, RateKey::Header(_)))
+        && !upstream.as_ref().is_some_and(|u| {
+            matches!(
+                u.hash,
+                Some(crate::config::HashOn::Header(_) | crate::config::HashOn::Cookie(_))
+            )
+        });
     Route {
         name,
         host,
@@ -355,7 +381,7 @@ fn compile(
             .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
             .collect(),
         headers: header_pairs(&r.headers),
-        upstream: r.upstream.as_ref().and_then(|u| upstreams.get(u).cloned()),
+        upstream,
         rewrite,
         timeout,
         per_try_timeout: r.per_try_timeout.unwrap_or(timeout).min(timeout),
@@ -365,8 +391,8 @@ fn compile(
             .map(|x| x.attempts)
             .unwrap_or(DEFAULT_RETRIES),
         retry_non_idempotent: r.retries.as_ref().is_some_and(|x| x.retry_non_idempotent),
-        add_request: header_pairs(&r.request_headers.add),
-        remove_request: header_names(&r.request_headers.remove),
+        add_request,
+        remove_request,
         add_response: header_pairs(&r.response_headers.add),
         remove_response: header_names(&r.response_headers.remove),
         fallback: r.fallback.as_ref().map(|f| Fallback {
@@ -377,6 +403,7 @@ fn compile(
         }),
         auth: r.auth.clone(),
         rate_limit,
+        plain,
         metrics: RouteMetrics::default(),
         describe,
     }

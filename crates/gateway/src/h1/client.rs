@@ -100,6 +100,8 @@ pub struct RequestHead<'a> {
     /// Origin-form target (`/path?query`).
     pub target: &'a str,
     pub headers: &'a HeaderMap,
+    /// The client's own field lines, written after `headers`, filtered.
+    pub raw: Option<crate::h1::fields::RawFields<'a>>,
     /// Fields written after `headers` (the proxy's `X-Forwarded-*`), the first `.1` of them.
     pub extra: ([(&'static str, &'a [u8]); 2], usize),
 }
@@ -160,6 +162,14 @@ pub async fn send(
                 );
             }
             let len = conn.fields.len();
+            let verbatim = match (info.verbatim, conn.fields.first(), conn.fields.last()) {
+                (true, Some(first), Some(last)) => {
+                    // The CRLF after the last value (blanks may come first).
+                    let crlf = head[last.1.end..].iter().position(|&b| b == b'\n');
+                    crlf.map(|i| (first.0.start as u16, (last.1.end + i + 1) as u16))
+                }
+                _ => None,
+            };
             let n = match info.framing {
                 Framing::Length(n) => n as usize,
                 _ => 0,
@@ -172,6 +182,8 @@ pub async fn send(
                 head,
                 spans,
                 len,
+                verbatim,
+                has_date: info.has_date,
                 body: (!body.is_empty()).then_some(body),
             }));
             return Ok(Exchange {
@@ -292,6 +304,9 @@ fn encode_head(w: &mut Vec<u8>, head: &RequestHead<'_>) -> bool {
         w.extend_from_slice(value.as_bytes());
         w.extend_from_slice(b"\r\n");
     }
+    if let Some(raw) = &head.raw {
+        had_length |= raw.write(w);
+    }
     let (fields, n) = &head.extra;
     for (name, value) in &fields[..(*n).min(fields.len())] {
         w.extend_from_slice(name.as_bytes());
@@ -393,6 +408,9 @@ struct HeadInfo {
     status: StatusCode,
     framing: Framing,
     reusable: bool,
+    /// The field lines can be copied to a client as they are (see `RawResponse`).
+    verbatim: bool,
+    has_date: bool,
 }
 
 /// (name, value) byte ranges of header fields in a head.
@@ -424,6 +442,9 @@ fn parse_head(
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut transfer_coded = false;
+    let mut lengths = 0;
+    let mut verbatim = true;
+    let mut has_date = false;
     ranges.clear();
     for f in resp.headers.iter() {
         let name_at = f.name.as_ptr() as usize - base;
@@ -432,7 +453,17 @@ fn parse_head(
             name_at..name_at + f.name.len(),
             value_at..value_at + f.value.len(),
         ));
+        if verbatim {
+            let mut end = value_at + f.value.len();
+            while buf.get(end).is_some_and(|b| *b == b' ' || *b == b'\t') {
+                end += 1;
+            }
+            verbatim = buf.get(end..end + 2) == Some(b"\r\n")
+                && !crate::proxy::is_hop_by_hop_raw(f.name.as_bytes());
+        }
+        has_date |= f.name.len() == 4 && f.name.eq_ignore_ascii_case("date");
         if f.name.eq_ignore_ascii_case("content-length") {
+            lengths += 1;
             let n = std::str::from_utf8(f.value)
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
@@ -492,6 +523,8 @@ fn parse_head(
             status,
             framing,
             reusable,
+            verbatim: verbatim && lengths == 1,
+            has_date,
         },
     )))
 }

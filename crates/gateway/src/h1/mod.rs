@@ -4,5 +4,6 @@
 
 pub mod client;
 pub mod date;
+pub mod fields;
 pub mod server;
 pub use server::{MAX_HEAD, MAX_HEADERS};

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Shared;
 use crate::body::Body;
 use crate::h1::client::{FieldRanges, write_fields, write_length};
+use crate::h1::fields::{Plain, RawFields};
 use crate::proxy::{self, Peer};
 use crate::timer::LazyTimer;
 
@@ -97,9 +98,15 @@ where
             let shared = shared.clone();
             let peer = peer.clone();
             async move {
-                let mut resp =
-                    proxy::handle(&shared, req.map(Body::Stream), &peer, Instant::now(), None)
-                        .await;
+                let mut resp = proxy::handle(
+                    &shared,
+                    req.map(Body::Stream),
+                    None,
+                    &peer,
+                    Instant::now(),
+                    None,
+                )
+                .await;
                 // hyper writes the header map, so raw upstream fields become one here.
                 crate::body::materialize(&mut resp);
                 Ok::<_, std::convert::Infallible>(resp)
@@ -135,6 +142,7 @@ struct Head {
     close: bool,
     method: Method,
     path: Range<usize>,
+    plain: Plain,
 }
 
 enum Parsed {
@@ -217,7 +225,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             };
             let head_request = head.method == Method::HEAD;
             let close = head.close;
-            let Some(req) = build_request(&head_bytes, head, &self.fields, body) else {
+            // Plain fields go upstream as written, without a header map.
+            let raw = (head.plain != Plain::No).then_some(RawFields {
+                head: &head_bytes,
+                ranges: &self.fields,
+                verbatim: head.plain == Plain::Verbatim,
+            });
+            let map_from = raw.is_none().then_some(&self.fields);
+            let Some(req) = build_request(&head_bytes, head, map_from, body) else {
                 // Parsed once already, so this does not happen; hyper gets the bytes.
                 let mut all = BytesMut::from(&head_bytes[..]);
                 all.extend_from_slice(&self.buf);
@@ -227,6 +242,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             let resp = proxy::handle(
                 &ctx.shared,
                 req,
+                raw,
                 &ctx.peer,
                 start,
                 Some(&mut self.upstream_timer),
@@ -322,7 +338,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             w.extend_from_slice(value.as_bytes());
             w.extend_from_slice(b"\r\n");
         }
-        if let Body::Raw(raw) = &body {
+        // The upstream's lines as they came, its length (that of the body it sent, held
+        // whole) included.
+        let verbatim = match &body {
+            Body::Raw(raw) => raw.verbatim,
+            _ => None,
+        };
+        if let (Some((from, to)), Body::Raw(raw)) = (verbatim, &body) {
+            w.extend_from_slice(&raw.head[from as usize..to as usize]);
+            has_date |= raw.has_date;
+        } else if let Body::Raw(raw) = &body {
             // The upstream's own lines, minus hop-by-hop fields and (unless the answer
             // has no body) its framing, which is ours to write.
             for (name, value) in raw.lines() {
@@ -336,7 +361,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                 w.extend_from_slice(b"\r\n");
             }
         }
-        if !no_body {
+        if !no_body && verbatim.is_none() {
             match body.size_hint().exact() {
                 Some(n) => write_length(w, n),
                 None => {
@@ -492,6 +517,7 @@ fn parse(buf: &[u8], limits: (usize, u64), ranges: &mut FieldRanges) -> Parsed {
     let mut other = false;
     let mut transfer_coded = false;
     let mut close = false;
+    let mut plain = Plain::Verbatim;
     ranges.clear();
     for f in req.headers.iter() {
         let name = f.name.as_bytes();
@@ -501,6 +527,7 @@ fn parse(buf: &[u8], limits: (usize, u64), ranges: &mut FieldRanges) -> Parsed {
             name_at..name_at + name.len(),
             value_at..value_at + f.value.len(),
         ));
+        plain = plain.with(name, f.value);
         // Only the names that change framing or connection handling are looked at.
         match name.len() {
             14 if name.eq_ignore_ascii_case(b"content-length") => {
@@ -556,6 +583,7 @@ fn parse(buf: &[u8], limits: (usize, u64), ranges: &mut FieldRanges) -> Parsed {
         close,
         method,
         path: path_at..path_at + path.len(),
+        plain,
     })
 }
 
@@ -571,20 +599,24 @@ fn malformed(e: httparse::Error) -> &'static str {
 }
 
 /// The request from a head that `parse` accepted; its header values share `head`.
+/// Without `fields` its header map stays empty (and unallocated): the fields travel raw.
 fn build_request(
     head: &Bytes,
     parsed: Head,
-    fields: &FieldRanges,
+    fields: Option<&FieldRanges>,
     body: Body,
 ) -> Option<Request<Body>> {
     let uri = Uri::from_maybe_shared(head.slice(parsed.path)).ok()?;
-    // Room for a field or two the proxy may add (identity headers, a route's edits);
-    // X-Forwarded-* are written after the map, not put in it.
-    let mut headers = HeaderMap::with_capacity(fields.len() + 2);
-    for (name, value) in fields {
-        let name = HeaderName::from_bytes(&head[name.clone()]).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value.clone())).ok()?;
-        headers.append(name, value);
+    let mut headers = HeaderMap::new();
+    if let Some(fields) = fields {
+        // Room for a field or two the proxy may add (identity headers, a route's edits);
+        // X-Forwarded-* are written after the map, not put in it.
+        headers = HeaderMap::with_capacity(fields.len() + 2);
+        for (name, value) in fields {
+            let name = HeaderName::from_bytes(&head[name.clone()]).ok()?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value.clone())).ok()?;
+            headers.append(name, value);
+        }
     }
     let mut request = Request::new(body);
     *request.method_mut() = parsed.method;
@@ -768,7 +800,7 @@ mod tests {
         let Parsed::Fast(parsed) = parse(&head, (1024, 1 << 20), &mut fields) else {
             panic!("not a fast-path head");
         };
-        let req = build_request(&head, parsed, &fields, Body::empty()).unwrap();
+        let req = build_request(&head, parsed, Some(&fields), Body::empty()).unwrap();
         assert_eq!(req.method(), Method::PUT);
         assert_eq!(req.uri().path(), "/x%20y");
         assert_eq!(req.uri().query(), Some("q=1"));

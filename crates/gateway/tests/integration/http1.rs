@@ -58,6 +58,12 @@ fn script(method: &str, path: &str) -> Script {
             b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nConnection: keep-alive\r\nX-Odd-Case:  v1 \r\nDate: Tue, 01 Jan 2030 00:00:00 GMT\r\nContent-Length: 2\r\nUpgrade: h2c\r\n\r\nhi",
         ]),
         (_, "/lf") => keep(vec![b"HTTP/1.1 200 OK\nx-lf: 1\ncontent-length: 2\n\nlf"]),
+        (_, "/verbatim") => keep(vec![
+            b"HTTP/1.1 200 OK\r\nX-Odd-Case:  v1 \r\nContent-Length: 2\r\nDate: Tue, 01 Jan 2030 00:00:00 GMT\r\n\r\nhi",
+        ]),
+        (_, "/twolengths") => keep(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\ncontent-length: 2\r\n\r\nhi",
+        ]),
         _ => keep(vec![b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"]),
     }
 }
@@ -592,4 +598,167 @@ async fn a_broken_streamed_upload_is_the_clients_fault() {
     assert_eq!(json(&b)["body"].as_str().unwrap().len(), 400);
     let ups = gw.upstreams().await;
     assert_eq!(ups["u"]["endpoints"][0]["ejected"], false, "{ups}");
+}
+
+/// An upstream that records each request head (through its blank line) and body as it
+/// arrived, and answers `ok`.
+async fn recording() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (n, v) = l.split_once(':')?;
+                            n.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + len {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body = buf[end + 4..end + 4 + len].to_vec();
+                    buf.drain(..end + 4 + len);
+                    let _ = tx.send((head, body));
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx, task)
+}
+
+/// Requests whose fields need nothing but passing on go upstream as the client wrote
+/// them (case, spacing, order), minus hop-by-hop fields and with the gateway's framing
+/// and forwarding fields; the others still get every rule of the general path.
+#[tokio::test]
+async fn plain_request_fields_go_upstream_as_written() {
+    let (addr, mut seen, task) = recording().await;
+    let gw = TestGateway::start(&format!(
+        r#"
+[[routes]]
+path = {{ exact = "/edit" }}
+upstream = "u"
+request_headers = {{ add = {{ "x-added" = "1" }} }}
+[[routes]]
+upstream = "u"
+[upstreams.u]
+endpoints = ["{addr}"]
+"#
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut pending = Vec::new();
+    let mut pass = async |req: &[u8]| {
+        let (head, body) = exchange(&mut s, req, &mut pending).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(body, b"ok");
+        seen.recv().await.unwrap()
+    };
+
+    // Every field passes: one copy of the lines as sent.
+    let (head, _) = pass(b"GET /v?q=1 HTTP/1.1\r\nHost: gw\r\nX-Odd-Case:  v1 \r\nAccept: */*\r\nx-a: 1\r\nX-A: 2\r\n\r\n").await;
+    assert_eq!(
+        head,
+        "GET /v?q=1 HTTP/1.1\r\nHost: gw\r\nX-Odd-Case:  v1 \r\nAccept: */*\r\nx-a: 1\r\nX-A: 2\r\n\
+         x-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\n\r\n"
+    );
+    // No fields at all.
+    let (head, _) = pass(b"GET / HTTP/1.1\r\n\r\n").await;
+    assert_eq!(
+        head,
+        "GET / HTTP/1.1\r\nx-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\n\r\n"
+    );
+    // Hop-by-hop fields stay behind; the length is the gateway's, from the body it sends.
+    let (head, body) = pass(b"POST /f HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive\r\nKeep-Alive: 5\r\nProxy-Connection: x\r\nContent-Length: 2\r\nA: b\r\n\r\nhi").await;
+    assert_eq!(
+        head,
+        "POST /f HTTP/1.1\r\nHost: gw\r\nA: b\r\nx-forwarded-for: 127.0.0.1\r\n\
+         x-forwarded-proto: http\r\ncontent-length: 2\r\n\r\n"
+    );
+    assert_eq!(body, b"hi");
+    // A zero length the client sent is kept on a GET, as on the general path.
+    let (head, _) = pass(b"GET /z HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\n\r\n").await;
+    assert!(head.ends_with("content-length: 0\r\n\r\n"), "{head}");
+    // A field the client names in Connection, and forwarding fields from an untrusted
+    // client, take the general path: removed and replaced.
+    let (head, _) = pass(b"GET /g HTTP/1.1\r\nHost: gw\r\nConnection: x-secret\r\nX-Secret: s\r\nX-Forwarded-For: 6.6.6.6\r\nX-Keep: k\r\n\r\n").await;
+    let lower = head.to_ascii_lowercase();
+    assert!(!lower.contains("x-secret"), "{head}");
+    assert!(!lower.contains("connection"), "{head}");
+    assert!(!lower.contains("6.6.6.6"), "{head}");
+    assert!(lower.contains("x-forwarded-for: 127.0.0.1\r\n"), "{head}");
+    assert!(lower.contains("x-keep: k\r\n"), "{head}");
+    // A route that edits the request's fields gets a header map.
+    let (head, _) = pass(b"GET /edit HTTP/1.1\r\nHost: gw\r\nX-Mine: m\r\n\r\n").await;
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("x-added: 1\r\n"), "{head}");
+    assert!(lower.contains("x-mine: m\r\n"), "{head}");
+    assert!(lower.contains("host: gw\r\n"), "{head}");
+    task.abort();
+}
+
+/// An upstream's response fields that need nothing from the gateway reach the client as
+/// the upstream wrote them, in one copy; repeated lengths, hop-by-hop fields and bare-LF
+/// lines are rewritten field by field.
+#[tokio::test]
+async fn plain_response_fields_reach_the_client_as_written() {
+    let up = scripted(None).await;
+    let gw = gateway_to(up.addr, "").await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut pending = Vec::new();
+    let (head, body) = exchange(
+        &mut s,
+        b"GET /verbatim HTTP/1.1\r\nhost: gw\r\n\r\n",
+        &mut pending,
+    )
+    .await;
+    assert_eq!(
+        head,
+        "HTTP/1.1 200 OK\r\nX-Odd-Case:  v1 \r\nContent-Length: 2\r\nDate: Tue, 01 Jan 2030 00:00:00 GMT"
+    );
+    assert_eq!(body, b"hi");
+    let (head, body) = exchange(
+        &mut s,
+        b"GET /twolengths HTTP/1.1\r\nhost: gw\r\n\r\n",
+        &mut pending,
+    )
+    .await;
+    assert_eq!(
+        head.to_ascii_lowercase().matches("content-length").count(),
+        1,
+        "{head}"
+    );
+    assert!(head.contains("X-A: 1\r\n"), "{head}");
+    assert!(head.contains("date: "), "the gateway's own Date: {head}");
+    assert_eq!(body, b"hi");
 }
