@@ -274,7 +274,7 @@ impl Gateway {
                         };
                         let conn = stream.get_ref().1;
                         let h2 = conn.alpn_protocol() == Some(b"h2");
-                        ctx.peer.tls = Some(certs.pick(conn.server_name()));
+                        ctx.peer.set_tls(certs.pick(conn.server_name()));
                         h1::server::serve(stream, ctx, watcher, h2).await;
                         drop(slot);
                     });

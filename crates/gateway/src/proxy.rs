@@ -114,7 +114,11 @@ pub struct Peer {
     /// A trusted proxy: its `X-Forwarded-*` fields are kept (and extended).
     pub trusted: bool,
     /// The certificate a TLS connection was served with; requests must be for its names.
+    /// Set with `set_tls`.
     pub tls: Option<Arc<crate::tls::Cert>>,
+    /// `X-Forwarded-For` and `X-Forwarded-Proto` lines as this connection's requests
+    /// send them unless they carry their own: written in one piece.
+    forwarded: Bytes,
 }
 
 impl Peer {
@@ -122,13 +126,31 @@ impl Peer {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .unwrap_or(HeaderValue::from_static("unknown"));
         let trusted = trusted.iter().any(|c| c.contains(addr.ip()));
+        let forwarded = forwarded_lines(&ip, "http");
         Peer {
             addr,
             ip,
             trusted,
             tls: None,
+            forwarded,
         }
     }
+
+    /// Marks the connection as TLS, served with `cert`.
+    pub fn set_tls(&mut self, cert: Arc<crate::tls::Cert>) {
+        self.tls = Some(cert);
+        self.forwarded = forwarded_lines(&self.ip, "https");
+    }
+}
+
+fn forwarded_lines(ip: &HeaderValue, proto: &str) -> Bytes {
+    let mut w = Vec::with_capacity(64);
+    w.extend_from_slice(b"x-forwarded-for: ");
+    w.extend_from_slice(ip.as_bytes());
+    w.extend_from_slice(b"\r\nx-forwarded-proto: ");
+    w.extend_from_slice(proto.as_bytes());
+    w.extend_from_slice(b"\r\n");
+    Bytes::from(w)
 }
 
 /// An address block (`10.0.0.0/8`, `::1/128`; a bare address is a block of one).
@@ -556,6 +578,7 @@ async fn forward(
                 .map_err(|e| GatewayError::Body(format!("bad path: {e}")))?
         }
     };
+    let extra = forwarded.lines(peer);
     let deadline = start + route.timeout;
     let mut tried: Vec<usize> = Vec::new();
     let mut attempt = 0u32;
@@ -607,9 +630,9 @@ async fn forward(
             headers: &headers,
             raw,
             forwarded: &forwarded,
+            extra: &extra,
         };
         let try_deadline = (now + route.per_try_timeout).min(deadline);
-        let per_try = try_deadline.saturating_duration_since(now);
         let in_flight = endpoint.load.start_at(now.into_std());
         let conns = &snapshot.conns[idx];
         // Pinned where it lives; the timeouts hold a reference, not a second copy.
@@ -708,6 +731,7 @@ async fn forward(
                 )
             }
             None => {
+                let per_try = try_deadline.saturating_duration_since(now);
                 endpoint.load.observe(per_try);
                 drop(in_flight);
                 record_failure(up, &snapshot, idx, ejected, permit);
@@ -749,6 +773,8 @@ struct Target<'a> {
     /// The client's fields, written after `headers` (then empty).
     raw: Option<RawFields<'a>>,
     forwarded: &'a Forwarded,
+    /// `forwarded` as field lines.
+    extra: &'a [u8],
 }
 
 /// `X-Forwarded-For` and `X-Forwarded-Proto` for the upstream, written after the header
@@ -757,22 +783,28 @@ struct Target<'a> {
 struct Forwarded {
     xff: Option<HeaderValue>,
     proto: Option<&'static str>,
+    /// Both are still the connection's own (`Peer::forwarded`).
+    own: bool,
 }
 
 impl Forwarded {
-    /// As (name, value) pairs for the HTTP/1.1 writer.
-    fn fields(&self) -> ([(&'static str, &[u8]); 2], usize) {
-        let mut out: [(&'static str, &[u8]); 2] = [("", b""), ("", b"")];
-        let mut n = 0;
+    /// As field lines for the HTTP/1.1 writer.
+    fn lines<'a>(&self, peer: &'a Peer) -> std::borrow::Cow<'a, [u8]> {
+        if self.own {
+            return std::borrow::Cow::Borrowed(&peer.forwarded);
+        }
+        let mut w = Vec::new();
         if let Some(v) = &self.xff {
-            out[n] = ("x-forwarded-for", v.as_bytes());
-            n += 1;
+            w.extend_from_slice(b"x-forwarded-for: ");
+            w.extend_from_slice(v.as_bytes());
+            w.extend_from_slice(b"\r\n");
         }
         if let Some(p) = self.proto {
-            out[n] = ("x-forwarded-proto", p.as_bytes());
-            n += 1;
+            w.extend_from_slice(b"x-forwarded-proto: ");
+            w.extend_from_slice(p.as_bytes());
+            w.extend_from_slice(b"\r\n");
         }
-        (out, n)
+        std::borrow::Cow::Owned(w)
     }
 }
 
@@ -804,7 +836,7 @@ async fn send(
                 target: target.path_and_query.as_str(),
                 headers: target.headers,
                 raw: target.raw,
-                extra: target.forwarded.fields(),
+                extra: target.extra,
             },
             body,
             conns,
@@ -912,6 +944,7 @@ fn upstream_headers(
     let mut fwd = Forwarded {
         xff: Some(peer.ip.clone()),
         proto: Some(if peer.tls.is_some() { "https" } else { "http" }),
+        own: true,
     };
     // Most requests carry no forwarding or hop-by-hop header at all: one scan instead of
     // a removal (a hash and a probe) per name.
@@ -921,6 +954,7 @@ fn upstream_headers(
         if peer.trusted {
             // Earlier hops, extended with this one.
             if let Some(prev) = h.remove(X_FORWARDED_FOR) {
+                fwd.own = false;
                 fwd.xff = prev
                     .to_str()
                     .ok()
@@ -931,6 +965,7 @@ fn upstream_headers(
             // A trusted proxy in front (one that terminated TLS itself) says what the
             // client used.
             if h.contains_key(X_FORWARDED_PROTO) {
+                fwd.own = false;
                 fwd.proto = None;
             }
         } else {
@@ -977,8 +1012,10 @@ fn upstream_headers(
         .chain(route.add_request.iter().map(|(k, _)| k))
     {
         if name == X_FORWARDED_FOR {
+            fwd.own = false;
             fwd.xff = None;
         } else if name == X_FORWARDED_PROTO {
+            fwd.own = false;
             fwd.proto = None;
         }
     }

@@ -102,8 +102,9 @@ pub struct RequestHead<'a> {
     pub headers: &'a HeaderMap,
     /// The client's own field lines, written after `headers`, filtered.
     pub raw: Option<crate::h1::fields::RawFields<'a>>,
-    /// Fields written after `headers` (the proxy's `X-Forwarded-*`), the first `.1` of them.
-    pub extra: ([(&'static str, &'a [u8]); 2], usize),
+    /// Field lines (CRLF-terminated) written after the others: the proxy's
+    /// `X-Forwarded-*`.
+    pub extra: &'a [u8],
 }
 
 /// Sends the request on `conn` and reads the response head. `home` takes the connection
@@ -307,13 +308,7 @@ fn encode_head(w: &mut Vec<u8>, head: &RequestHead<'_>) -> bool {
     if let Some(raw) = &head.raw {
         had_length |= raw.write(w);
     }
-    let (fields, n) = &head.extra;
-    for (name, value) in &fields[..(*n).min(fields.len())] {
-        w.extend_from_slice(name.as_bytes());
-        w.extend_from_slice(b": ");
-        w.extend_from_slice(value);
-        w.extend_from_slice(b"\r\n");
-    }
+    w.extend_from_slice(head.extra);
     had_length
 }
 
@@ -370,6 +365,22 @@ pub fn write_length(w: &mut Vec<u8>, n: u64) {
     w.extend_from_slice(b"content-length: ");
     push_decimal(w, n);
     w.extend_from_slice(b"\r\n");
+}
+
+/// A `Content-Length` value: one or more ASCII digits and nothing else (no sign, no
+/// blanks), `None` beyond `u64`. `str::parse` would take a `+` and cost more than the
+/// rest of the field's handling.
+pub fn parse_decimal(v: &[u8]) -> Option<u64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, &b| {
+        if b.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        } else {
+            None
+        }
+    })
 }
 
 /// Appends `n` in decimal (what `write!` does, without the formatting machinery).
@@ -464,9 +475,7 @@ fn parse_head(
         has_date |= f.name.len() == 4 && f.name.eq_ignore_ascii_case("date");
         if f.name.eq_ignore_ascii_case("content-length") {
             lengths += 1;
-            let n = std::str::from_utf8(f.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
+            let n = parse_decimal(f.value.trim_ascii())
                 .ok_or_else(|| SendError::Io("invalid Content-Length in the response".into()))?;
             if length.is_some_and(|l| l != n) {
                 return Err(SendError::Io(
@@ -785,6 +794,31 @@ mod tests {
             let mut w = Vec::new();
             push_decimal(&mut w, n);
             assert_eq!(w, n.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn lengths_are_digits_only() {
+        for n in [0, 7, 10, 1234, u64::MAX] {
+            assert_eq!(parse_decimal(n.to_string().as_bytes()), Some(n));
+        }
+        assert_eq!(parse_decimal(b"007"), Some(7));
+        for bad in [
+            &b""[..],
+            b"+5",
+            b"-1",
+            b" 5",
+            b"5 ",
+            b"1_000",
+            b"0x10",
+            b"18446744073709551616",
+        ] {
+            assert_eq!(
+                parse_decimal(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

@@ -507,11 +507,14 @@ async fn slow_and_idle_clients_are_timed_out() {
     s.write_all(b"GET / HTTP/1.1\r\nhos").await.unwrap();
     let all = String::from_utf8_lossy(&read_to_end(&mut s).await).into_owned();
     assert!(all.starts_with("HTTP/1.1 408"), "{all}");
-    // An idle keep-alive connection is closed quietly after its request.
+    // An idle keep-alive connection is closed quietly after its requests (the timer
+    // armed for the first is the one that fires after the last).
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     let mut pending = Vec::new();
-    let (h, _) = exchange(&mut s, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n", &mut pending).await;
-    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    for _ in 0..3 {
+        let (h, _) = exchange(&mut s, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n", &mut pending).await;
+        assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    }
     assert!(read_to_end(&mut s).await.is_empty());
     // A body that stops arriving: the fast path's body shares the head's deadline.
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
@@ -535,8 +538,8 @@ async fn slow_and_idle_clients_are_timed_out() {
     assert!(all.contains("body_timeout"), "{all}");
     assert_eq!(
         up.hits(),
-        1,
-        "only the complete request reached the upstream"
+        3,
+        "only the complete requests reached the upstream"
     );
 }
 
@@ -761,4 +764,22 @@ async fn plain_response_fields_reach_the_client_as_written() {
     assert!(head.contains("X-A: 1\r\n"), "{head}");
     assert!(head.contains("date: "), "the gateway's own Date: {head}");
     assert_eq!(body, b"hi");
+}
+
+/// A keep-alive connection waiting for its next request is closed when the gateway
+/// stops, however long its idle timeout: the wait for shutdown is registered once per
+/// connection and still wakes it after many requests.
+#[tokio::test]
+async fn idle_keep_alive_connections_close_at_shutdown() {
+    let up = Upstream::start("echo").await;
+    let mut gw = gateway_to(up.addr, r#"header_read_timeout = "1h""#).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut pending = Vec::new();
+    for _ in 0..3 {
+        let (h, _) = exchange(&mut s, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n", &mut pending).await;
+        assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    }
+    let stopping = tokio::spawn(async move { gw.stop().await });
+    assert!(read_to_end(&mut s).await.is_empty());
+    stopping.await.unwrap();
 }
