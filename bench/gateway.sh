@@ -125,26 +125,35 @@ done
 nworker=$(pgrep -P "$npid" | head -1 || echo "$npid")
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+user_sys() { awk '{print $14, $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 
-run() { # name pid port → "rps p50_ms p99_ms req_per_cpu_s"
-  local name=$1 pid=$2 port=$3 before after out rps p50 p99 cpu
+# → "rps p50_ms p99_ms req_per_cpu_s user_us_per_req sys_us_per_req": the user/system
+# split shows how much of a proxy's CPU is its own code and how much the kernel's
+# TCP work, which no proxy on the same sockets can avoid.
+run() { # name pid port
+  local name=$1 pid=$2 port=$3 before after out rps p50 p99 cpu us0 us1
   before=$(cpu_ticks "$pid")
+  us0=$(user_sys "$pid")
   out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$port/")
   after=$(cpu_ticks "$pid")
+  us1=$(user_sys "$pid")
   if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "$name: errors during the run" >&2; echo "$out" >&2; fi
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
   cpu=$(python3 -c "print(($after-$before)/$hz)")
-  python3 - "$rps" "$p50" "$p99" "$cpu" "$DURATION" <<'PY'
+  python3 - "$rps" "$p50" "$p99" "$cpu" "$DURATION" "$us0" "$us1" "$hz" <<'PY'
 import sys
 def ms(s):
     for unit, f in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
         if s.endswith(unit): return float(s[:-len(unit)]) * f
     return float(s)
 rps, p50, p99, cpu, dur = float(sys.argv[1]), ms(sys.argv[2]), ms(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
-print(f"{rps:.0f} {p50:.3f} {p99:.3f} {rps*dur/cpu if cpu > 0 else 0:.0f}")
+(u0, s0), (u1, s1), hz = map(int, sys.argv[6].split()), map(int, sys.argv[7].split()), int(sys.argv[8])
+n = rps * dur
+user, system = ((u1 - u0) / hz * 1e6 / n, (s1 - s0) / hz * 1e6 / n) if n else (0, 0)
+print(f"{rps:.0f} {p50:.3f} {p99:.3f} {rps*dur/cpu if cpu > 0 else 0:.0f} {user:.2f} {system:.2f}")
 PY
 }
 
@@ -166,11 +175,12 @@ for name, raw in zip(names, sys.argv[1:4]):
     runs = [list(map(float, r.split())) for r in raw.strip(";").split(";")]
     rows[name] = [statistics.median(col) for col in zip(*runs)]
 d = list(map(float, sys.argv[4].split()))
-print(f"{'proxy':10} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'req/CPU-s':>10}   vs nginx (req/s, req/CPU-s)")
+print(f"{'proxy':10} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'req/CPU-s':>10} {'user us':>8} {'sys us':>7}   vs nginx (req/s, req/CPU-s)")
 for name in names:
     r = rows[name]
     n = rows["nginx"]
-    print(f"{name:10} {r[0]:10.0f} {r[1]:8.3f} {r[2]:8.3f} {r[3]:10.0f}   {r[0]/n[0]:.2f}x {r[3]/n[3]:.2f}x")
+    print(f"{name:10} {r[0]:10.0f} {r[1]:8.3f} {r[2]:8.3f} {r[3]:10.0f} {r[4]:8.2f} {r[5]:7.2f}   {r[0]/n[0]:.2f}x {r[3]/n[3]:.2f}x")
+print("(user us, sys us: the proxy's CPU per request in its own code and in the kernel)")
 print(f"{'direct':10} {d[0]:10.0f} {d[1]:8.3f} {d[2]:8.3f}   (one upstream, no proxy)")
 PY
 

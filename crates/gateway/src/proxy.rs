@@ -218,7 +218,7 @@ impl Cidr {
 /// is reused for the per-try timeouts instead of arming a timer per request.
 pub async fn handle(
     gw: &Shared,
-    req: Request<Body>,
+    req: &mut Request<Body>,
     raw: Option<RawFields<'_>>,
     peer: &Peer,
     start: Instant,
@@ -229,7 +229,6 @@ pub async fn handle(
         Some(guard) => guard,
         None => return GatewayError::Overloaded(gw.max_in_flight).into_response(),
     };
-    let mut req = req;
     let mut raw = raw;
     // Routing, auth and the upstream all see one canonical path.
     match crate::path::canonical(req.uri().path(), gw.keep_encoded_slashes) {
@@ -249,7 +248,7 @@ pub async fn handle(
         Err(why) => return GatewayError::BadPath(why).into_response(),
     }
     if let Some(cert) = &peer.tls {
-        let host = host_of(&req, raw);
+        let host = host_of(req, raw);
         // No host at all (HTTP/1.0) can only mean the name the connection was opened for.
         if !host.is_empty() && !cert.covers(host) {
             return GatewayError::Misdirected(host.to_owned()).into_response();
@@ -265,7 +264,7 @@ pub async fn handle(
     }
     let method = req.method().clone();
     let host = if table.host_rules {
-        host_of(&req, raw)
+        host_of(req, raw)
     } else {
         ""
     };
@@ -489,7 +488,7 @@ async fn read_payload(
 async fn forward(
     gw: &Shared,
     route: &Route,
-    req: Request<Body>,
+    req: &mut Request<Body>,
     raw: Option<RawFields<'_>>,
     peer: &Peer,
     identity: &[HeaderName],
@@ -513,8 +512,7 @@ async fn forward(
     up.metrics.requests.fetch_add(1, Ordering::Relaxed);
     up.budget.deposit_at(start);
 
-    let mut req = req;
-    let mut upgrade = wants_upgrade(&req);
+    let mut upgrade = wants_upgrade(req);
     // `Upgrade: h2c` asks the gateway itself to switch protocols mid-request, which it
     // does not do (and an upstream that did would then talk HTTP/2 past every check
     // here): the request goes on as plain HTTP/1.1.
@@ -529,10 +527,14 @@ async fn forward(
         h.remove(&HTTP2_SETTINGS);
         upgrade = false;
     }
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
-    let retry_allowed = is_idempotent(&parts.method) || route.retry_non_idempotent;
-    let read_ahead = parts.version < http::Version::HTTP_2;
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *req));
+    // Taken, not moved out of the request: the request stays where the connection task
+    // put it, and is not copied into this future (it is a few hundred bytes).
+    let body = std::mem::replace(req.body_mut(), Body::empty());
+    let mut req_headers = std::mem::take(req.headers_mut());
+    let req: &Request<Body> = req;
+    let retry_allowed = is_idempotent(req.method()) || route.retry_non_idempotent;
+    let read_ahead = req.version() < http::Version::HTTP_2;
     let limits = (gw.replay_cap, gw.max_body);
     let mut payload = read_payload(body, limits, read_ahead, start + route.timeout).await?;
     // Set if the client's streamed body fails mid-exchange: then the failure is the
@@ -544,9 +546,9 @@ async fn forward(
     let hash = up
         .hash
         .as_ref()
-        .map(|h| hash_of(h, &parts.headers, peer.addr));
+        .map(|h| hash_of(h, &req_headers, peer.addr));
     let upgrade_to = if upgrade {
-        parts.headers.get(header::UPGRADE).cloned()
+        req_headers.get(header::UPGRADE).cloned()
     } else {
         None
     };
@@ -555,8 +557,8 @@ async fn forward(
     // plain (no edits) and the request carries no field this would remove but the
     // hop-by-hop ones `RawFields::write` drops.
     let (mut headers, forwarded) = upstream_headers(
-        std::mem::take(&mut parts.headers),
-        &parts.uri,
+        std::mem::take(&mut req_headers),
+        req.uri(),
         route,
         peer,
         identity,
@@ -566,11 +568,11 @@ async fn forward(
         headers.insert(header::UPGRADE, proto);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    let path_and_query: PathAndQuery = match (&route.rewrite, parts.uri.path_and_query()) {
+    let path_and_query: PathAndQuery = match (&route.rewrite, req.uri().path_and_query()) {
         (Rewrite::None, Some(pq)) => pq.clone(),
         _ => {
-            let path = route.rewrite_path(parts.uri.path());
-            let joined = match parts.uri.query() {
+            let path = route.rewrite_path(req.uri().path());
+            let joined = match req.uri().query() {
                 Some(q) => format!("{path}?{q}"),
                 None => path.into_owned(),
             };
@@ -624,7 +626,7 @@ async fn forward(
             });
         };
         let target = Target {
-            method: &parts.method,
+            method: req.method(),
             path_and_query: &path_and_query,
             authority,
             headers: &headers,
@@ -1071,14 +1073,16 @@ fn tunnel(
     resp
 }
 
-fn downstream_response(resp: Response<Body>) -> Response<Body> {
-    let (mut parts, body) = resp.into_parts();
-    if parts.headers.keys().any(is_hop_by_hop) {
+/// Drops hop-by-hop fields from an upstream's response, in place (taking it apart and
+/// back together costs two copies of the whole response).
+fn downstream_response(mut resp: Response<Body>) -> Response<Body> {
+    let h = resp.headers_mut();
+    if h.keys().any(is_hop_by_hop) {
         for name in &HOP_BY_HOP {
-            parts.headers.remove(name);
+            h.remove(name);
         }
     }
-    Response::from_parts(parts, body)
+    resp
 }
 
 fn hash_of(on: &HashOn, headers: &HeaderMap, peer: SocketAddr) -> u64 {

@@ -98,15 +98,9 @@ where
             let shared = shared.clone();
             let peer = peer.clone();
             async move {
-                let mut resp = proxy::handle(
-                    &shared,
-                    req.map(Body::Stream),
-                    None,
-                    &peer,
-                    Instant::now(),
-                    None,
-                )
-                .await;
+                let mut req = req.map(Body::Stream);
+                let mut resp =
+                    proxy::handle(&shared, &mut req, None, &peer, Instant::now(), None).await;
                 // hyper writes the header map, so raw upstream fields become one here.
                 crate::body::materialize(&mut resp);
                 Ok::<_, std::convert::Infallible>(resp)
@@ -259,7 +253,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
                 verbatim: head.plain == Plain::Verbatim,
             });
             let map_from = raw.is_none().then_some(&self.fields);
-            let Some(req) = build_request(&head_bytes, head, map_from, body) else {
+            let Some(mut req) = build_request(&head_bytes, head, map_from, body) else {
                 // Parsed once already, so this does not happen; hyper gets the bytes.
                 let mut all = BytesMut::from(&head_bytes[..]);
                 all.extend_from_slice(&self.buf);
@@ -268,7 +262,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             let start = Instant::now();
             let resp = proxy::handle(
                 &ctx.shared,
-                req,
+                &mut req,
                 raw,
                 &ctx.peer,
                 start,
