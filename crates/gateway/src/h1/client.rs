@@ -804,21 +804,16 @@ mod tests {
         }
         assert_eq!(parse_decimal(b"007"), Some(7));
         for bad in [
-            &b""[..],
-            b"+5",
-            b"-1",
-            b" 5",
-            b"5 ",
-            b"1_000",
-            b"0x10",
-            b"18446744073709551616",
+            "",
+            "+5",
+            "-1",
+            " 5",
+            "5 ",
+            "1_000",
+            "0x10",
+            "18446744073709551616",
         ] {
-            assert_eq!(
-                parse_decimal(bad),
-                None,
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
+            assert_eq!(parse_decimal(bad.as_bytes()), None, "{bad:?}");
         }
     }
 

@@ -84,6 +84,21 @@ impl Drop for Scripted {
     }
 }
 
+/// Reads until `buf` holds a whole request head; where its blank line starts, or `None`
+/// when the connection ends first.
+async fn next_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(end);
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 async fn scripted(linger: Option<Duration>) -> Scripted {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -98,13 +113,8 @@ async fn scripted(linger: Option<Duration>) -> Scripted {
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        let mut chunk = [0u8; 4096];
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
+                    let Some(end) = next_head(&mut s, &mut buf).await else {
+                        return;
                     };
                     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                     buf.drain(..end + 4);
@@ -620,13 +630,8 @@ async fn recording() -> (
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        let mut chunk = [0u8; 4096];
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
+                    let Some(end) = next_head(&mut s, &mut buf).await else {
+                        return;
                     };
                     let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
                     let len: usize = head
