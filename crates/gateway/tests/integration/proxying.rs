@@ -325,8 +325,14 @@ protocol = "h2c"
     );
     let (_, _, v) = h2.get("/h1/x").await;
     assert_eq!(v["version"], "HTTP/1.1", "h2c client → HTTP/1.1 upstream");
-    let (_, _, v) = gw.http.get("/h2/x").await;
+    // A plain HTTP/1.1 request's raw fields become HTTP/2 fields upstream.
+    let (_, _, v) = gw
+        .http
+        .send(Method::GET, "/h2/x", &[("x-probe", "p1")], Bytes::new())
+        .await;
     assert_eq!(v["version"], "HTTP/2.0", "HTTP/1.1 client → h2c upstream");
+    assert_eq!(v["headers"]["x-probe"], "p1", "{v}");
+    assert_eq!(v["headers"]["x-forwarded-for"], "127.0.0.1", "{v}");
 }
 
 #[tokio::test]
