@@ -114,8 +114,8 @@ pub struct Peer {
     /// A trusted proxy: its `X-Forwarded-*` fields are kept (and extended).
     pub trusted: bool,
     /// The certificate a TLS connection was served with; requests must be for its names.
-    /// Set with `set_tls`.
-    pub tls: Option<Arc<crate::tls::Cert>>,
+    /// Private: `set_tls` keeps `forwarded` in step with it.
+    tls: Option<Arc<crate::tls::Cert>>,
     /// `X-Forwarded-For` and `X-Forwarded-Proto` lines as this connection's requests
     /// send them unless they carry their own: written in one piece.
     forwarded: Bytes,
@@ -139,7 +139,12 @@ impl Peer {
     /// Marks the connection as TLS, served with `cert`.
     pub fn set_tls(&mut self, cert: Arc<crate::tls::Cert>) {
         self.tls = Some(cert);
-        self.forwarded = forwarded_lines(&self.ip, "https");
+        self.forwarded = forwarded_lines(&self.ip, self.proto());
+    }
+
+    /// The scheme the client used, for `X-Forwarded-Proto`.
+    fn proto(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 }
 
@@ -785,14 +790,13 @@ struct Target<'a> {
 struct Forwarded {
     xff: Option<HeaderValue>,
     proto: Option<&'static str>,
-    /// Both are still the connection's own (`Peer::forwarded`).
-    own: bool,
 }
 
 impl Forwarded {
     /// As field lines for the HTTP/1.1 writer.
     fn lines<'a>(&self, peer: &'a Peer) -> std::borrow::Cow<'a, [u8]> {
-        if self.own {
+        // Unchanged from the connection's own: its prebuilt lines.
+        if self.xff.as_ref() == Some(&peer.ip) && self.proto == Some(peer.proto()) {
             return std::borrow::Cow::Borrowed(&peer.forwarded);
         }
         let mut w = Vec::new();
@@ -945,8 +949,7 @@ fn upstream_headers(
 ) -> (HeaderMap, Forwarded) {
     let mut fwd = Forwarded {
         xff: Some(peer.ip.clone()),
-        proto: Some(if peer.tls.is_some() { "https" } else { "http" }),
-        own: true,
+        proto: Some(peer.proto()),
     };
     // Most requests carry no forwarding or hop-by-hop header at all: one scan instead of
     // a removal (a hash and a probe) per name.
@@ -956,7 +959,6 @@ fn upstream_headers(
         if peer.trusted {
             // Earlier hops, extended with this one.
             if let Some(prev) = h.remove(X_FORWARDED_FOR) {
-                fwd.own = false;
                 fwd.xff = prev
                     .to_str()
                     .ok()
@@ -967,7 +969,6 @@ fn upstream_headers(
             // A trusted proxy in front (one that terminated TLS itself) says what the
             // client used.
             if h.contains_key(X_FORWARDED_PROTO) {
-                fwd.own = false;
                 fwd.proto = None;
             }
         } else {
@@ -1014,10 +1015,8 @@ fn upstream_headers(
         .chain(route.add_request.iter().map(|(k, _)| k))
     {
         if name == X_FORWARDED_FOR {
-            fwd.own = false;
             fwd.xff = None;
         } else if name == X_FORWARDED_PROTO {
-            fwd.own = false;
             fwd.proto = None;
         }
     }

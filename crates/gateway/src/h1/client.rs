@@ -368,8 +368,8 @@ pub fn write_length(w: &mut Vec<u8>, n: u64) {
 }
 
 /// A `Content-Length` value: one or more ASCII digits and nothing else (no sign, no
-/// blanks), `None` beyond `u64`. `str::parse` would take a `+` and cost more than the
-/// rest of the field's handling.
+/// blanks), `None` beyond `u64`. Not `str::parse`, which takes a `+` and needs UTF-8
+/// checked first.
 pub fn parse_decimal(v: &[u8]) -> Option<u64> {
     if v.is_empty() {
         return None;

@@ -159,7 +159,7 @@ struct Stop<'a, 'b> {
 impl Stop<'_, '_> {
     /// Whether the server is stopping. The wait registers the task's waker once per
     /// connection, not once per request: re-polling it locks the token's waiter list
-    /// each time (about 150 instructions a request, measured), and the waker of the
+    /// each time (callgrind: about 150 instructions a request), and the waker of the
     /// connection's task does not change.
     fn poll(&mut self, cx: &mut Context<'_>) -> bool {
         if self.armed {
