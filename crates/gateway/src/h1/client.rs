@@ -164,11 +164,8 @@ pub async fn send(
             }
             let len = conn.fields.len();
             let verbatim = match (info.verbatim, conn.fields.first(), conn.fields.last()) {
-                (true, Some(first), Some(last)) => {
-                    // The CRLF after the last value (blanks may come first).
-                    let crlf = head[last.1.end..].iter().position(|&b| b == b'\n');
-                    crlf.map(|i| (first.0.start as u16, (last.1.end + i + 1) as u16))
-                }
+                (true, Some(first), Some(last)) => crate::h1::crlf_after(&head, last.1.end)
+                    .map(|end| (first.0.start as u16, end as u16)),
                 _ => None,
             };
             let n = match info.framing {
@@ -464,14 +461,9 @@ fn parse_head(
             name_at..name_at + f.name.len(),
             value_at..value_at + f.value.len(),
         ));
-        if verbatim {
-            let mut end = value_at + f.value.len();
-            while buf.get(end).is_some_and(|b| *b == b' ' || *b == b'\t') {
-                end += 1;
-            }
-            verbatim = buf.get(end..end + 2) == Some(b"\r\n")
-                && !crate::proxy::is_hop_by_hop_raw(f.name.as_bytes());
-        }
+        verbatim = verbatim
+            && crate::h1::crlf_after(buf, value_at + f.value.len()).is_some()
+            && !crate::proxy::is_hop_by_hop_raw(f.name.as_bytes());
         has_date |= f.name.len() == 4 && f.name.eq_ignore_ascii_case("date");
         if f.name.eq_ignore_ascii_case("content-length") {
             lengths += 1;

@@ -102,13 +102,11 @@ impl<'a> RawFields<'a> {
         let (Some(first), Some(last)) = (self.ranges.first(), self.ranges.last()) else {
             return false;
         };
-        if self.verbatim {
-            // From the first name to the CRLF after the last value: the parser checked
-            // that every line ends in CRLF, and only blanks may sit before it.
-            let end = self.head[last.1.end..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(self.head.len(), |i| last.1.end + i + 1);
+        // From the first name through the CRLF after the last value (the parser checked
+        // that every line ends in CRLF).
+        if self.verbatim
+            && let Some(end) = crate::h1::crlf_after(self.head, last.1.end)
+        {
             w.extend_from_slice(&self.head[first.0.start..end]);
             return false;
         }

@@ -481,12 +481,7 @@ fn refusal(status: u16, why: &str) -> Vec<u8> {
 /// 9), after each field value (past optional blanks), and at its end, so those are the
 /// only places to look: no scan of the whole head.
 fn crlf_lines(head: &[u8], path_end: usize, fields: &FieldRanges) -> bool {
-    let ends_line = |mut i: usize| {
-        while head.get(i).is_some_and(|b| *b == b' ' || *b == b'\t') {
-            i += 1;
-        }
-        head.get(i..i + 2) == Some(b"\r\n")
-    };
+    let ends_line = |i: usize| crate::h1::crlf_after(head, i).is_some();
     ends_line(path_end + 9)
         && fields.iter().all(|(_, value)| ends_line(value.end))
         && head.ends_with(b"\r\n\r\n")
@@ -495,7 +490,11 @@ fn crlf_lines(head: &[u8], path_end: usize, fields: &FieldRanges) -> bool {
 /// Whether a raw upstream field stays out of the client's response: hop-by-hop fields
 /// always, the length when the gateway frames the body itself.
 fn skip_raw_field(name: &[u8], no_body: bool) -> bool {
-    proxy::is_hop_by_hop_raw(name) || (!no_body && name.eq_ignore_ascii_case(b"content-length"))
+    if no_body {
+        proxy::is_hop_by_hop_raw(name)
+    } else {
+        crate::h1::fields::dropped(name)
+    }
 }
 
 const REQUEST_TIMEOUT: &[u8] =
