@@ -26,6 +26,7 @@ mod auth;
 mod body;
 pub mod config;
 mod error;
+mod grouped;
 mod h1;
 mod metrics;
 mod path;

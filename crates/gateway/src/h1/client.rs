@@ -118,7 +118,7 @@ pub async fn send(
 ) -> Result<Exchange, SendError> {
     let method = head.method;
     let head_only = *method == Method::HEAD;
-    write_request(&mut conn, &head, body).await?;
+    write_request(&mut conn, &head, body, Arc::as_ptr(home) as usize).await?;
 
     loop {
         let Some((head_len, info)) = parse_head(&conn.buf, head_only, &mut conn.fields)? else {
@@ -244,13 +244,15 @@ fn needs_length(method: &Method) -> bool {
     matches!(*method, Method::POST | Method::PUT | Method::PATCH)
 }
 
-/// Writes the request head, and the body when it is held whole. The streamed-body path is
-/// boxed: it is rare, and inline its state (frames, chunk sizes, trailers) would make
-/// every request's future several hundred bytes larger, all of it copied on each await.
+/// Writes the request head, and the body when it is held whole, in this turn's order of
+/// writes to `upstream` ([`crate::grouped`]). The streamed-body path is boxed: it is
+/// rare, and inline its state (frames, chunk sizes, trailers) would make every request's
+/// future several hundred bytes larger, all of it copied on each await.
 async fn write_request(
     conn: &mut H1Conn,
     head: &RequestHead<'_>,
     body: Body,
+    upstream: usize,
 ) -> Result<(), SendError> {
     let unsent = |e: io::Error| SendError::Unsent(format!("writing the request: {e}"));
     let b = match body {
@@ -263,6 +265,7 @@ async fn write_request(
         write_length(&mut conn.wbuf, len as u64);
     }
     conn.wbuf.extend_from_slice(b"\r\n");
+    crate::grouped::wait(upstream).await;
     match b {
         Some(b) if b.len() <= INLINE_BODY => {
             conn.wbuf.extend_from_slice(&b);
