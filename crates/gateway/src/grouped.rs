@@ -178,6 +178,34 @@ mod tests {
         );
     }
 
+    /// On a multi-threaded runtime tasks join turns on either worker and may be polled
+    /// next on the other; every one of them still gets its turn.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_task_gets_its_turn_across_threads() {
+        let done = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..2000usize)
+            .map(|i| {
+                let done = done.clone();
+                tokio::spawn(async move {
+                    wait(i % 3).await;
+                    tokio::task::yield_now().await;
+                    wait(i % 5).await;
+                    done.fetch_add(1, Ordering::Relaxed);
+                })
+            })
+            .collect();
+        let all = async {
+            for t in tasks {
+                t.await.unwrap();
+            }
+        };
+        // Generous: a lost wake-up hangs forever, a slow machine takes milliseconds.
+        tokio::time::timeout(std::time::Duration::from_secs(60), all)
+            .await
+            .expect("every task finishes");
+        assert_eq!(done.load(Ordering::Relaxed), 2000);
+    }
+
     /// A leader dropped before its turn ended releases the tasks waiting in it.
     #[tokio::test]
     async fn a_dropped_leader_releases_the_others() {
