@@ -1,9 +1,9 @@
 //! Request writes grouped by upstream within one turn of the event loop.
 //!
 //! An upstream on the same host (a sidecar's app, the services on a gateway's node)
-//! sleeps between requests, and the write that wakes it costs the writer a scheduler
-//! wake-up, often an inter-processor interrupt: on this 2-core VM that was the largest
-//! single item of the proxy's kernel time (`bench/README.md`). Round-robin over three
+//! sleeps between requests, and the write that wakes it pays for the scheduler's
+//! wake-up inside the writer's system call: on the 2-core bench VM that was the largest
+//! single item of the proxy's kernel time (`bench/README.md`, session 7). Round-robin over three
 //! upstreams sends each turn's requests u1 u2 u3 u1 u2 u3, waking each upstream again
 //! for every request it gets. Here the tasks that reach their write in the same turn
 //! write in upstream order instead, u1 u1 u2 u2 u3 u3: the second write to an upstream
