@@ -22,8 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 thread_local! {
-    /// The tasks waiting in this thread's current turn. A task holds on to the turn it
-    /// joined: on a multi-threaded runtime it may be polled next on another thread.
+    /// The tasks waiting in this thread's current turn.
     static TURN: Arc<Mutex<Turn>> = Arc::new(Mutex::new(Turn {
         number: 0,
         waiting: Vec::new(),
@@ -66,24 +65,23 @@ fn lock(turn: &Mutex<Turn>) -> MutexGuard<'_, Turn> {
 pub fn wait(key: usize) -> Wait {
     Wait {
         key,
-        turn: None,
         state: State::New,
     }
 }
 
 pub struct Wait {
     key: usize,
-    /// The turn joined, once joined.
-    turn: Option<Arc<Mutex<Turn>>>,
     state: State,
 }
 
+/// Each joined state holds the turn it joined: on a multi-threaded runtime the task may
+/// be polled next on another thread.
 enum State {
     New,
-    /// Leads turn `n`; has woken itself to run after the turn's other tasks.
-    Leading(u64),
+    /// Leads the open turn; has woken itself to run after the turn's other tasks.
+    Leading(Arc<Mutex<Turn>>),
     /// Waits in turn `n` at index `i` of the waiting list.
-    Waiting(u64, usize),
+    Waiting(Arc<Mutex<Turn>>, u64, usize),
     Done,
 }
 
@@ -91,31 +89,32 @@ impl Future for Wait {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = &mut *self;
-        let turn = this.turn.get_or_insert_with(|| TURN.with(Arc::clone));
-        let mut t = lock(turn);
-        match this.state {
+        let key = self.key;
+        match std::mem::replace(&mut self.state, State::Done) {
             State::New => {
-                if t.led {
+                let turn = TURN.with(Arc::clone);
+                let mut t = lock(&turn);
+                let next = if t.led {
                     let i = t.waiting.len();
-                    t.waiting.push((this.key, cx.waker().clone()));
-                    this.state = State::Waiting(t.number, i);
+                    t.waiting.push((key, cx.waker().clone()));
+                    State::Waiting(turn.clone(), t.number, i)
                 } else {
                     t.led = true;
-                    this.state = State::Leading(t.number);
                     cx.waker().wake_by_ref();
-                }
+                    State::Leading(turn.clone())
+                };
+                drop(t);
+                self.state = next;
                 Poll::Pending
             }
-            State::Leading(n) => {
-                debug_assert_eq!(n, t.number, "only the leader ends its turn");
-                t.release(this.key);
-                this.state = State::Done;
+            // Only the leader ends its turn.
+            State::Leading(turn) => {
+                lock(&turn).release(key);
                 Poll::Ready(())
             }
-            State::Waiting(n, i) => {
+            State::Waiting(turn, n, i) => {
+                let mut t = lock(&turn);
                 if t.number > n {
-                    this.state = State::Done;
                     return Poll::Ready(());
                 }
                 // Polled before its turn ended (woken by something else): keep the
@@ -125,6 +124,8 @@ impl Future for Wait {
                 {
                     w.clone_from(cx.waker());
                 }
+                drop(t);
+                self.state = State::Waiting(turn, n, i);
                 Poll::Pending
             }
             State::Done => Poll::Ready(()),
@@ -136,11 +137,8 @@ impl Drop for Wait {
     fn drop(&mut self) {
         // A waiting task that goes away leaves a waker behind; waking it later is a
         // harmless spurious wake. A leader that goes away must release the others.
-        if let (State::Leading(n), Some(turn)) = (&self.state, &self.turn) {
-            let mut t = lock(turn);
-            if t.number == *n {
-                t.release(self.key);
-            }
+        if let State::Leading(turn) = &self.state {
+            lock(turn).release(self.key);
         }
     }
 }
