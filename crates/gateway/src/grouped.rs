@@ -1,71 +1,188 @@
-//! Request writes grouped by upstream within one turn of the event loop.
+//! Writes grouped by upstream within one turn of the event loop, and sent together.
 //!
 //! An upstream on the same host (a sidecar's app, the services on a gateway's node)
 //! sleeps between requests, and the write that wakes it pays for the scheduler's
 //! wake-up inside the writer's system call: on the 2-core bench VM that was the largest
-//! single item of the proxy's kernel time (`bench/README.md`, session 7). Round-robin over three
-//! upstreams sends each turn's requests u1 u2 u3 u1 u2 u3, waking each upstream again
-//! for every request it gets. Here the tasks that reach their write in the same turn
-//! write in upstream order instead, u1 u1 u2 u2 u3 u3: the second write to an upstream
-//! finds it awake. Which upstream serves which request does not change, only the order
-//! of writes inside one turn.
+//! single item of the proxy's kernel time (`bench/README.md`, session 7). Round-robin
+//! over three upstreams sends each turn's requests u1 u2 u3 u1 u2 u3, waking each
+//! upstream again for every request it gets. Here the tasks that reach their write in
+//! the same turn write in upstream order instead, u1 u1 u2 u2 u3 u3. Which upstream
+//! serves which request does not change, only the order of writes inside one turn.
+//!
+//! Order alone is not enough when the upstream shares the writer's CPU: the wake-up
+//! preempts the writer on its way out of `send(2)`, the upstream handles its one request
+//! and sleeps, and the next write wakes it again (`bench/README.md`, session 8). So where
+//! the kernel has io_uring, the leader makes the turn's plain-TCP sends itself, in that
+//! order, in one system call ([`tessera_uring`]): each upstream is woken once and finds
+//! all of its requests. Responses to clients join the same turns ([`CLIENTS`]).
 //!
 //! The first task to arrive leads the turn: it wakes itself, so it runs again after the
-//! tasks already queued in this turn, which meanwhile register; then it wakes them in
-//! upstream order (its own first) and writes. The others wait at most that one pass
-//! through the run queue. A leader dropped before it released the others releases them
-//! as it goes.
+//! tasks already queued in this turn, which meanwhile register; then it sends for all of
+//! them (or, without a ring, wakes them in that order to write themselves). The others
+//! wait at most that one pass through the run queue. A task gets its buffer back with
+//! what the kernel took and writes any rest itself. A leader dropped before it released
+//! the others releases them to write themselves; a waiting task dropped takes its send
+//! out of the turn, so its socket is never written after it is gone.
 
+use std::cell::RefCell;
 use std::future::Future;
+use std::io;
+use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
+use tessera_uring::{Ring, Send};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
 thread_local! {
-    /// The tasks waiting in this thread's current turn.
-    static TURN: Arc<Mutex<Turn>> = Arc::new(Mutex::new(Turn {
-        number: 0,
-        waiting: Vec::new(),
-        led: false,
-    }));
+    /// The turn a leader opened on this thread and has not released yet.
+    static OPEN: RefCell<Option<Arc<Mutex<Turn>>>> = const { RefCell::new(None) };
+    /// This thread's ring for the turns its leaders release.
+    static RING: RefCell<Rings> = const { RefCell::new(Rings::Untried) };
 }
 
+/// Whether this thread has a ring, made on the first turn that has sends.
+enum Rings {
+    Untried,
+    Ready(Box<Ring>),
+    Unavailable,
+}
+
+impl Rings {
+    /// `TESSERA_IO_URING=off` keeps every write one system call, for comparing the two
+    /// or working around a kernel's io_uring.
+    fn new() -> Rings {
+        if std::env::var_os("TESSERA_IO_URING").is_some_and(|v| v == "off") {
+            return Rings::Unavailable;
+        }
+        match Ring::new() {
+            Ok(r) => Rings::Ready(Box::new(r)),
+            Err(e) => {
+                tracing::info!(error = %e, "io_uring unavailable; writes go one system call each");
+                Rings::Unavailable
+            }
+        }
+    }
+}
+
+/// The tasks that reached their write in one turn.
 struct Turn {
-    /// Counts released turns: a task registered in turn `n` may go once it is past `n`.
-    number: u64,
-    /// (upstream key, waker), in arrival order.
-    waiting: Vec<(usize, Waker)>,
-    /// Whether some task leads the open turn.
-    led: bool,
+    /// Set by the leader's release; a task arriving later opens a new turn.
+    released: bool,
+    /// In arrival order; the leader's is the first.
+    entries: Vec<Entry>,
+}
+
+struct Entry {
+    key: usize,
+    waker: Option<Waker>,
+    /// The send the leader may make for this task; after the release, what came of it.
+    send: Option<Send>,
 }
 
 impl Turn {
-    /// Ends the open turn: wakes the waiting tasks grouped by key, `first`'s group first,
-    /// arrival order kept within a group.
-    fn release(&mut self, first: usize) {
-        self.number += 1;
-        self.led = false;
-        let mut waiting = std::mem::take(&mut self.waiting);
-        waiting.sort_by_key(|&(key, _)| (key != first, key));
-        for (_, waker) in waiting.drain(..) {
-            waker.wake();
+    /// Ends the turn: makes its sends through this thread's ring (`ring`), then wakes the
+    /// waiting tasks, both grouped by key, `first`'s group first, arrival order kept
+    /// within a group.
+    fn release(&mut self, first: usize, ring: bool) {
+        self.released = true;
+        let mut order: Vec<usize> = (0..self.entries.len()).collect();
+        order.sort_by_key(|&i| (self.entries[i].key != first, self.entries[i].key));
+        if ring {
+            self.send_all(&order);
         }
-        // Keep the allocation for the next turn.
-        self.waiting = waiting;
+        for &i in &order {
+            if let Some(waker) = self.entries[i].waker.take() {
+                waker.wake();
+            }
+        }
     }
+
+    /// Makes the turn's sends, in `order`, in one system call where the ring allows.
+    fn send_all(&mut self, order: &[usize]) {
+        let (mut batch, mut owners) = (Vec::new(), Vec::new());
+        for &i in order {
+            if let Some(s) = self.entries[i].send.take() {
+                batch.push(s);
+                owners.push(i);
+            }
+        }
+        if !batch.is_empty() {
+            RING.with(|ring| {
+                let mut ring = ring.borrow_mut();
+                if let Rings::Untried = *ring {
+                    *ring = Rings::new();
+                }
+                if let Rings::Ready(r) = &mut *ring
+                    && let Err(e) = r.send(&mut batch)
+                {
+                    tracing::warn!(error = %e, "io_uring failed; writes go one system call each from now on");
+                    *ring = Rings::Unavailable;
+                }
+            });
+        }
+        // Sends without a result were not made: their tasks write them.
+        for (s, i) in batch.into_iter().zip(owners) {
+            self.entries[i].send = Some(s);
+        }
+    }
+}
+
+/// The leader's thread stops handing out `turn` to new arrivals. (When the leader runs
+/// on another thread now, its old thread finds the turn released and opens a new one.)
+fn close(turn: &Arc<Mutex<Turn>>) {
+    // Fails only while the thread's locals are being destroyed, when nothing joins turns.
+    let _ = OPEN.try_with(|open| {
+        let mut open = open.borrow_mut();
+        if open.as_ref().is_some_and(|o| Arc::ptr_eq(o, turn)) {
+            *open = None;
+        }
+    });
 }
 
 fn lock(turn: &Mutex<Turn>) -> MutexGuard<'_, Turn> {
     // A panic while holding the lock leaves the turn consistent: every step is a plain
-    // field update or a wake.
+    // field update, a send, or a wake.
     turn.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Completes when it is this task's turn to write to the upstream `key`.
-pub fn wait(key: usize) -> Wait {
+/// The key under which client connections' responses join the turn: pool keys are
+/// addresses, never 0, so responses sort before the requests of the same turn.
+pub const CLIENTS: usize = 0;
+
+/// Writes `buf` to `io` in this turn's order of writes for `key`, through the leader's
+/// batch when `fd`, the plain socket under `io`, is given. `buf` is the caller's again
+/// afterwards (its allocation is reused).
+pub async fn write_all<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    fd: Option<RawFd>,
+    key: usize,
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
+    let mut from = 0;
+    if let Some(sent) = wait(key, fd.map(|fd| Send::new(fd, std::mem::take(buf)))).await {
+        *buf = sent.buf;
+        match sent.result {
+            Some(Ok(n)) => from = n,
+            Some(Err(e)) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+            // Not sent, or the socket's buffer was full: all of it the ordinary way.
+            Some(Err(_)) | None => {}
+        }
+    }
+    if from < buf.len() {
+        io.write_all(&buf[from..]).await?;
+    }
+    Ok(())
+}
+
+/// Completes when it is this task's turn to write to the upstream `key`. A `send` given
+/// here comes back: with a result when the turn's leader made it (all of it or a part;
+/// the task writes the rest), without one when the task is to write it itself.
+pub fn wait(key: usize, send: Option<Send>) -> Wait {
     Wait {
         key,
-        state: State::New,
+        state: State::New(send),
     }
 }
 
@@ -77,76 +194,113 @@ pub struct Wait {
 /// Each joined state holds the turn it joined: on a multi-threaded runtime the task may
 /// be polled next on another thread.
 enum State {
-    New,
-    /// Leads the open turn; has woken itself to run after the turn's other tasks.
+    New(Option<Send>),
+    /// Leads the turn (its entry is the first); has woken itself to run after the turn's
+    /// other tasks.
     Leading(Arc<Mutex<Turn>>),
-    /// Waits in turn `n` at index `i` of the waiting list.
-    Waiting(Arc<Mutex<Turn>>, u64, usize),
+    /// Waits at index `i` of the turn's entries.
+    Waiting(Arc<Mutex<Turn>>, usize),
     Done,
 }
 
 impl Future for Wait {
-    type Output = ();
+    type Output = Option<Send>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Send>> {
         let key = self.key;
         match std::mem::replace(&mut self.state, State::Done) {
-            State::New => {
-                let turn = TURN.with(Arc::clone);
-                let mut t = lock(&turn);
-                let next = if t.led {
-                    let i = t.waiting.len();
-                    t.waiting.push((key, cx.waker().clone()));
-                    State::Waiting(turn.clone(), t.number, i)
-                } else {
-                    t.led = true;
+            State::New(send) => {
+                self.state = OPEN.with(|open| {
+                    let mut open = open.borrow_mut();
+                    if let Some(turn) = open.as_ref() {
+                        let mut t = lock(turn);
+                        if !t.released {
+                            t.entries.push(Entry {
+                                key,
+                                waker: Some(cx.waker().clone()),
+                                send,
+                            });
+                            let i = t.entries.len() - 1;
+                            drop(t);
+                            return State::Waiting(turn.clone(), i);
+                        }
+                    }
+                    let turn = Arc::new(Mutex::new(Turn {
+                        released: false,
+                        entries: vec![Entry {
+                            key,
+                            waker: None,
+                            send,
+                        }],
+                    }));
+                    *open = Some(turn.clone());
                     cx.waker().wake_by_ref();
-                    State::Leading(turn.clone())
-                };
-                drop(t);
-                self.state = next;
+                    State::Leading(turn)
+                });
                 Poll::Pending
             }
             // Only the leader ends its turn.
             State::Leading(turn) => {
-                lock(&turn).release(key);
-                Poll::Ready(())
-            }
-            State::Waiting(turn, n, i) => {
+                close(&turn);
                 let mut t = lock(&turn);
-                if t.number > n {
-                    return Poll::Ready(());
+                t.release(key, true);
+                Poll::Ready(t.entries[0].send.take())
+            }
+            State::Waiting(turn, i) => {
+                let mut t = lock(&turn);
+                if t.released {
+                    return Poll::Ready(t.entries[i].send.take());
                 }
                 // Polled before its turn ended (woken by something else): keep the
                 // newest waker.
-                if let Some((_, w)) = t.waiting.get_mut(i)
-                    && !w.will_wake(cx.waker())
-                {
-                    w.clone_from(cx.waker());
+                match &mut t.entries[i].waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    w => *w = Some(cx.waker().clone()),
                 }
                 drop(t);
-                self.state = State::Waiting(turn, n, i);
+                self.state = State::Waiting(turn, i);
                 Poll::Pending
             }
-            State::Done => Poll::Ready(()),
+            State::Done => Poll::Ready(None),
         }
     }
 }
 
 impl Drop for Wait {
     fn drop(&mut self) {
-        // A waiting task that goes away leaves a waker behind; waking it later is a
-        // harmless spurious wake. A leader that goes away must release the others.
-        if let State::Leading(turn) = &self.state {
-            lock(turn).release(self.key);
+        match &self.state {
+            // A leader that goes away must release the others; they make their own
+            // sends.
+            State::Leading(turn) => {
+                close(turn);
+                let mut t = lock(turn);
+                t.entries[0].send = None;
+                t.release(self.key, false);
+            }
+            // A waiting task that goes away takes its send with it: its socket may be
+            // closed, and the descriptor reused, before the turn ends.
+            State::Waiting(turn, i) => {
+                let mut t = lock(turn);
+                if !t.released {
+                    t.entries[*i] = Entry {
+                        key: t.entries[*i].key,
+                        waker: None,
+                        send: None,
+                    };
+                }
+            }
+            State::New(_) | State::Done => {}
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::AsyncReadExt;
 
     use super::*;
 
@@ -162,7 +316,7 @@ mod tests {
             .map(|(i, &k)| {
                 let order = order.clone();
                 tokio::spawn(async move {
-                    wait(k).await;
+                    wait(k, None).await;
                     order.lock().unwrap().push((k, i));
                 })
             })
@@ -185,9 +339,9 @@ mod tests {
             .map(|i| {
                 let done = done.clone();
                 tokio::spawn(async move {
-                    wait(i % 3).await;
+                    wait(i % 3, None).await;
                     tokio::task::yield_now().await;
-                    wait(i % 5).await;
+                    wait(i % 5, None).await;
                     done.fetch_add(1, Ordering::Relaxed);
                 })
             })
@@ -204,11 +358,132 @@ mod tests {
         assert_eq!(done.load(Ordering::Relaxed), 2000);
     }
 
+    /// Connected loopback pairs: (ours, the peer's).
+    async fn pairs(n: usize) -> Vec<(tokio::net::TcpStream, tokio::net::TcpStream)> {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let ours = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+                .await
+                .unwrap();
+            out.push((ours, l.accept().await.unwrap().0));
+        }
+        out
+    }
+
+    /// Tasks writing in one turn, three per socket: every peer reads its bytes in each
+    /// task's order, and each task has its buffer back.
+    async fn one_turn_of_writes() {
+        let mut peers = Vec::new();
+        let mut tasks = Vec::new();
+        for (i, (mut ours, peer)) in pairs(4).await.into_iter().enumerate() {
+            peers.push(peer);
+            tasks.push(tokio::spawn(async move {
+                let fd = ours.as_raw_fd();
+                let mut bufs = Vec::new();
+                for part in 0..3 {
+                    let mut buf = format!("socket {i} part {part};").into_bytes();
+                    write_all(&mut ours, Some(fd), i % 2, &mut buf)
+                        .await
+                        .unwrap();
+                    bufs.push(buf);
+                }
+                (ours, bufs)
+            }));
+        }
+        for (i, (t, mut peer)) in tasks.into_iter().zip(peers).enumerate() {
+            let (_ours, bufs) = t.await.unwrap();
+            let want = format!("socket {i} part 0;socket {i} part 1;socket {i} part 2;");
+            assert_eq!(bufs[2], format!("socket {i} part 2;").as_bytes());
+            let mut got = vec![0; want.len()];
+            peer.read_exact(&mut got).await.unwrap();
+            assert_eq!(String::from_utf8(got).unwrap(), want);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_leader_sends_the_turns_writes() {
+        one_turn_of_writes().await;
+        assert!(
+            RING.with(|r| matches!(*r.borrow(), Rings::Ready(_))),
+            "the writes went through this thread's ring"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_ring_each_task_writes_its_own() {
+        RING.with(|r| *r.borrow_mut() = Rings::Unavailable);
+        one_turn_of_writes().await;
+    }
+
+    /// Tasks on two workers, polled on either, all send through whichever leader's ring:
+    /// every byte arrives, in each task's order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sends_across_threads_all_arrive() {
+        let mut readers = Vec::new();
+        let mut writers = Vec::new();
+        for (i, (mut ours, mut peer)) in pairs(100).await.into_iter().enumerate() {
+            writers.push(tokio::spawn(async move {
+                let fd = ours.as_raw_fd();
+                for n in 0..20u32 {
+                    let mut buf = n.to_be_bytes().to_vec();
+                    write_all(&mut ours, Some(fd), i % 3, &mut buf)
+                        .await
+                        .unwrap();
+                    tokio::task::yield_now().await;
+                }
+                ours
+            }));
+            readers.push(tokio::spawn(async move {
+                let mut got = vec![0; 80];
+                peer.read_exact(&mut got).await.unwrap();
+                got
+            }));
+        }
+        let want: Vec<u8> = (0..20u32).flat_map(|n| n.to_be_bytes()).collect();
+        let all = async {
+            for (w, r) in writers.into_iter().zip(readers) {
+                let _ours = w.await.unwrap();
+                assert_eq!(r.await.unwrap(), want);
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(60), all)
+            .await
+            .expect("every write finishes");
+    }
+
+    /// A task that goes away while waiting for its turn takes its send with it: nothing
+    /// it had queued reaches its socket.
+    #[tokio::test]
+    async fn a_dropped_waiter_sends_nothing() {
+        let mut p = pairs(2).await;
+        let (mut a, mut a_peer) = p.remove(0);
+        let (mut b, mut b_peer) = p.remove(0);
+        let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
+        let (mut abuf, mut bbuf) = (b"from a".to_vec(), b"dropped".to_vec());
+        let mut leader = Box::pin(write_all(&mut a, Some(fa), 1, &mut abuf));
+        let mut waiter = Box::pin(write_all(&mut b, Some(fb), 1, &mut bbuf));
+        std::future::poll_fn(|cx| {
+            assert!(leader.as_mut().poll(cx).is_pending());
+            assert!(waiter.as_mut().poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        drop(waiter);
+        leader.await.unwrap();
+        b.write_all(b"marker").await.unwrap();
+        let mut got = [0u8; 6];
+        a_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"from a");
+        b_peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"marker", "the dropped task's bytes were not sent");
+    }
+
     /// A leader dropped before its turn ended releases the tasks waiting in it.
     #[tokio::test]
     async fn a_dropped_leader_releases_the_others() {
         let done = Arc::new(AtomicUsize::new(0));
-        let mut leader = Box::pin(wait(7));
+        let mut leader = Box::pin(wait(7, None));
         std::future::poll_fn(|cx| {
             assert!(leader.as_mut().poll(cx).is_pending());
             Poll::Ready(())
@@ -218,7 +493,7 @@ mod tests {
             .map(|k| {
                 let done = done.clone();
                 tokio::spawn(async move {
-                    wait(k).await;
+                    wait(k, None).await;
                     done.fetch_add(1, Ordering::Relaxed);
                 })
             })

@@ -6,6 +6,7 @@
 //! to its pool at once, a larger one streams and returns the connection at its end.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
@@ -265,17 +266,23 @@ async fn write_request(
         write_length(&mut conn.wbuf, len as u64);
     }
     conn.wbuf.extend_from_slice(b"\r\n");
-    crate::grouped::wait(upstream).await;
-    match b {
+    let rest = match b {
         Some(b) if b.len() <= INLINE_BODY => {
             conn.wbuf.extend_from_slice(&b);
-            conn.io.write_all(&conn.wbuf).await.map_err(unsent)?;
+            None
         }
-        Some(b) => {
-            conn.io.write_all(&conn.wbuf).await.map_err(unsent)?;
-            conn.io.write_all(&b).await.map_err(unsent)?;
-        }
-        None => conn.io.write_all(&conn.wbuf).await.map_err(unsent)?,
+        b => b,
+    };
+    // Plain TCP can be sent by the turn's leader; TLS has records to seal first.
+    let fd = match &conn.io {
+        Io::Plain(s) => Some(s.as_raw_fd()),
+        Io::Tls(_) => None,
+    };
+    crate::grouped::write_all(&mut conn.io, fd, upstream, &mut conn.wbuf)
+        .await
+        .map_err(unsent)?;
+    if let Some(b) = rest {
+        conn.io.write_all(&b).await.map_err(unsent)?;
     }
     // A no-op on TCP; TLS holds the last record until flushed.
     conn.io.flush().await.map_err(unsent)

@@ -11,6 +11,7 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::ops::Range;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -66,7 +67,7 @@ enum Next {
 /// or it is handed off. `h2` says ALPN chose HTTP/2: hyper's from the first byte.
 pub async fn serve<IO>(io: IO, ctx: Ctx, watcher: Watcher, h2: bool)
 where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + ClientSocket + Unpin + Send + 'static,
 {
     let mut conn = Conn {
         io,
@@ -114,6 +115,25 @@ where
         if let Err(e) = served.await {
             tracing::trace!(error = %e, "connection ended with an error");
         }
+    }
+}
+
+/// A client connection's transport, asked for the plain socket under it: responses on
+/// plain TCP can go out in the turn leader's batch ([`crate::grouped`]); TLS has records
+/// to seal first.
+pub trait ClientSocket {
+    fn plain_fd(&self) -> Option<RawFd>;
+}
+
+impl ClientSocket for tokio::net::TcpStream {
+    fn plain_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
+}
+
+impl<IO> ClientSocket for tokio_rustls::server::TlsStream<IO> {
+    fn plain_fd(&self) -> Option<RawFd> {
+        None
     }
 }
 
@@ -177,7 +197,7 @@ enum Fill {
     Stopped,
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
+impl<IO: AsyncRead + AsyncWrite + ClientSocket + Unpin> Conn<IO> {
     async fn run(&mut self, ctx: &Ctx) -> Next {
         let cancelled = ctx.stop.cancelled();
         tokio::pin!(cancelled);
@@ -318,6 +338,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         self.io.flush().await
     }
 
+    /// Writes `out` in this turn's order of writes ([`crate::grouped`]).
+    async fn send_out(&mut self) -> io::Result<()> {
+        let fd = self.io.plain_fd();
+        crate::grouped::write_all(&mut self.io, fd, crate::grouped::CLIENTS, &mut self.out).await
+    }
+
     async fn write_response(
         &mut self,
         resp: Response<Body>,
@@ -401,7 +427,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
         }
         w.extend_from_slice(b"\r\n");
         if no_body {
-            return self.io.write_all(&self.out).await;
+            return self.send_out().await;
         }
         let whole = match &mut body {
             Body::Full(b) => Some(b.take()),
@@ -412,13 +438,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<IO> {
             return match b {
                 Some(b) if b.len() <= INLINE_BODY => {
                     self.out.extend_from_slice(&b);
-                    self.io.write_all(&self.out).await
+                    self.send_out().await
                 }
                 Some(b) => {
-                    self.io.write_all(&self.out).await?;
+                    self.send_out().await?;
                     self.io.write_all(&b).await
                 }
-                None => self.io.write_all(&self.out).await,
+                None => self.send_out().await,
             };
         }
         self.io.write_all(&self.out).await?;
