@@ -36,7 +36,8 @@ use tessera_uring::{Ring, Send};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 thread_local! {
-    /// The turn a leader opened on this thread and has not released yet.
+    /// This thread's latest turn: open to new arrivals until its leader releases it,
+    /// then kept to be reused once none of its tasks holds it.
     static OPEN: RefCell<Option<Arc<Mutex<Turn>>>> = const { RefCell::new(None) };
     /// This thread's ring for the turns its leaders release.
     static RING: RefCell<Rings> = const { RefCell::new(Rings::Untried) };
@@ -72,6 +73,11 @@ struct Turn {
     released: bool,
     /// In arrival order; the leader's is the first.
     entries: Vec<Entry>,
+    /// Scratch for the release, kept with the turn for its allocations: the entries'
+    /// indices in release order, and the sends made in one batch with their entries.
+    order: Vec<usize>,
+    batch: Vec<Send>,
+    owners: Vec<usize>,
 }
 
 struct Entry {
@@ -87,8 +93,10 @@ impl Turn {
     /// within a group.
     fn release(&mut self, first: usize, ring: bool) {
         self.released = true;
-        let mut order: Vec<usize> = (0..self.entries.len()).collect();
-        order.sort_by_key(|&i| (self.entries[i].key != first, self.entries[i].key));
+        let mut order = std::mem::take(&mut self.order);
+        order.clear();
+        order.extend(0..self.entries.len());
+        order.sort_unstable_by_key(|&i| (self.entries[i].key != first, self.entries[i].key, i));
         if ring {
             self.send_all(&order);
         }
@@ -97,11 +105,15 @@ impl Turn {
                 waker.wake();
             }
         }
+        self.order = order;
     }
 
     /// Makes the turn's sends, in `order`, in one system call where the ring allows.
     fn send_all(&mut self, order: &[usize]) {
-        let (mut batch, mut owners) = (Vec::new(), Vec::new());
+        let (mut batch, mut owners) = (
+            std::mem::take(&mut self.batch),
+            std::mem::take(&mut self.owners),
+        );
         for &i in order {
             if let Some(s) = self.entries[i].send.take() {
                 batch.push(s);
@@ -123,22 +135,12 @@ impl Turn {
             });
         }
         // Sends without a result were not made: their tasks write them.
-        for (s, i) in batch.into_iter().zip(owners) {
+        for (s, &i) in batch.drain(..).zip(&owners) {
             self.entries[i].send = Some(s);
         }
+        owners.clear();
+        (self.batch, self.owners) = (batch, owners);
     }
-}
-
-/// The leader's thread stops handing out `turn` to new arrivals. (When the leader runs
-/// on another thread now, its old thread finds the turn released and opens a new one.)
-fn close(turn: &Arc<Mutex<Turn>>) {
-    // Fails only while the thread's locals are being destroyed, when nothing joins turns.
-    let _ = OPEN.try_with(|open| {
-        let mut open = open.borrow_mut();
-        if open.as_ref().is_some_and(|o| Arc::ptr_eq(o, turn)) {
-            *open = None;
-        }
-    });
 }
 
 fn lock(turn: &Mutex<Turn>) -> MutexGuard<'_, Turn> {
@@ -224,6 +226,20 @@ impl Future for Wait {
                             drop(t);
                             return State::Waiting(turn.clone(), i);
                         }
+                        // Released, and no task of it left holding it: this task opens
+                        // the next turn in it, allocations and all.
+                        if Arc::strong_count(turn) == 1 {
+                            t.released = false;
+                            t.entries.clear();
+                            t.entries.push(Entry {
+                                key,
+                                waker: None,
+                                send,
+                            });
+                            drop(t);
+                            cx.waker().wake_by_ref();
+                            return State::Leading(turn.clone());
+                        }
                     }
                     let turn = Arc::new(Mutex::new(Turn {
                         released: false,
@@ -232,6 +248,9 @@ impl Future for Wait {
                             waker: None,
                             send,
                         }],
+                        order: Vec::new(),
+                        batch: Vec::new(),
+                        owners: Vec::new(),
                     }));
                     *open = Some(turn.clone());
                     cx.waker().wake_by_ref();
@@ -241,7 +260,6 @@ impl Future for Wait {
             }
             // Only the leader ends its turn.
             State::Leading(turn) => {
-                close(&turn);
                 let mut t = lock(&turn);
                 t.release(key, true);
                 Poll::Ready(t.entries[0].send.take())
@@ -272,7 +290,6 @@ impl Drop for Wait {
             // A leader that goes away must release the others; they make their own
             // sends.
             State::Leading(turn) => {
-                close(turn);
                 let mut t = lock(turn);
                 t.entries[0].send = None;
                 t.release(self.key, false);
