@@ -57,7 +57,7 @@ mod linux {
         ring: IoUring,
         /// A failed submission could leave the kernel holding buffers; the ring is not
         /// used after that.
-        broken: bool,
+        pub(crate) broken: bool,
     }
 
     impl std::fmt::Debug for Ring {
@@ -92,15 +92,20 @@ mod linux {
         }
 
         /// Sends each buffer on its socket, in order, `ENTRIES` per system call, and
-        /// fills in every `result`. An error return means the ring could not be used;
-        /// the sends without a result were not made (or, after a failure the kernel
-        /// reported mid-batch, their buffers were leaked rather than risk freeing one the
-        /// kernel still holds) and the ring refuses further batches.
+        /// fills in every `result`. An error return means the ring failed and refuses
+        /// further batches. Then a send without a result was not made (the caller may
+        /// make it); one the kernel took but never reported on has an error result and
+        /// an empty buffer: it may or may not have gone out, and its buffer was leaked
+        /// rather than freed while the kernel might still read it.
         pub fn send(&mut self, sends: &mut [Send]) -> io::Result<()> {
             if self.broken {
                 return Err(io::Error::other(
                     "io_uring ring unusable after an earlier failure",
                 ));
+            }
+            // A result is filled in once, by the send's completion.
+            for s in sends.iter_mut() {
+                s.result = None;
             }
             for chunk in sends.chunks_mut(ENTRIES as usize) {
                 if let Err(e) = self.send_chunk(chunk) {
@@ -112,63 +117,90 @@ mod linux {
         }
 
         fn send_chunk(&mut self, chunk: &mut [Send]) -> io::Result<()> {
-            {
-                let mut sq = self.ring.submission();
-                for (i, s) in chunk.iter().enumerate() {
-                    // Longer buffers are sent in part; the caller writes the rest.
-                    let len = u32::try_from(s.buf.len()).unwrap_or(u32::MAX);
-                    let entry = opcode::Send::new(types::Fd(s.fd), s.buf.as_ptr(), len)
-                        .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-                        .build()
-                        .user_data(i as u64);
-                    // SAFETY: the entry points at `s.buf`, which `chunk` borrows mutably
-                    // until this function returns, and this function returns only when
-                    // the kernel has completed every entry it took (the loop below) or,
-                    // failing that, after leaking the buffers of the entries it did not
-                    // complete. The queue has room: it holds ENTRIES and is empty here
-                    // (every earlier batch was fully submitted and completed).
-                    #[allow(unsafe_code)]
-                    let pushed = unsafe { sq.push(&entry) };
-                    if pushed.is_err() {
-                        return Err(io::Error::other("io_uring submission queue full"));
-                    }
-                }
-            }
+            self.push(chunk)?;
             let mut left = chunk.len();
             while left > 0 {
-                match self.ring.submit_and_wait(left) {
-                    Ok(_) => {}
+                let failed = match self.ring.submit_and_wait(left) {
+                    Ok(_) => None,
                     Err(e)
                         if matches!(
                             e.raw_os_error(),
                             Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                        ) => {}
-                    Err(e) => {
-                        self.leak_unfinished(chunk);
-                        return Err(e);
+                        ) =>
+                    {
+                        None
                     }
-                }
-                for cqe in self.ring.completion() {
-                    let Some(s) = chunk.get_mut(cqe.user_data() as usize) else {
-                        continue;
-                    };
-                    let r = cqe.result();
-                    s.result = Some(if r >= 0 {
-                        Ok(r as usize)
-                    } else {
-                        Err(io::Error::from_raw_os_error(-r))
-                    });
-                    left -= 1;
+                    Err(e) => Some(e),
+                };
+                left -= self.reap(chunk);
+                if let Some(e) = failed {
+                    self.abandon(chunk);
+                    return Err(e);
                 }
             }
             Ok(())
         }
 
-        /// After a failed submission the kernel may still read the buffers of sends it
-        /// has not completed: give up those buffers for good.
-        fn leak_unfinished(&mut self, chunk: &mut [Send]) {
-            for s in chunk.iter_mut().filter(|s| s.result.is_none()) {
+        /// Queues one entry per send (`user_data` = its index in `chunk`), not yet
+        /// submitted. The entries point into `chunk`'s buffers: before that borrow ends
+        /// the caller must see every entry the kernel takes completed, or leak its buffer
+        /// ([`Ring::abandon`]), and must not enter the ring again while entries it gave
+        /// up on are queued (a failed ring is marked broken).
+        pub(crate) fn push(&mut self, chunk: &[Send]) -> io::Result<()> {
+            let mut sq = self.ring.submission();
+            for (i, s) in chunk.iter().enumerate() {
+                // Longer buffers are sent in part; the caller writes the rest.
+                let len = u32::try_from(s.buf.len()).unwrap_or(u32::MAX);
+                let entry = opcode::Send::new(types::Fd(s.fd), s.buf.as_ptr(), len)
+                    .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(i as u64);
+                // SAFETY: the entry points at `s.buf`, alive and unmoved for as long as
+                // the caller keeps its promise above (`send_chunk` waits for every
+                // completion, or abandons). The queue has room: it holds ENTRIES, a
+                // chunk is at most that, and it is empty here (every earlier chunk was
+                // submitted whole, or the ring is broken and not used).
+                #[allow(unsafe_code)]
+                let pushed = unsafe { sq.push(&entry) };
+                if pushed.is_err() {
+                    return Err(io::Error::other("io_uring submission queue full"));
+                }
+            }
+            Ok(())
+        }
+
+        /// Records the completions waiting in the queue; returns how many.
+        fn reap(&mut self, chunk: &mut [Send]) -> usize {
+            let mut n = 0;
+            for cqe in self.ring.completion() {
+                let Some(s) = chunk.get_mut(cqe.user_data() as usize) else {
+                    continue;
+                };
+                if s.result.is_some() {
+                    continue;
+                }
+                let r = cqe.result();
+                s.result = Some(if r >= 0 {
+                    Ok(r as usize)
+                } else {
+                    Err(io::Error::from_raw_os_error(-r))
+                });
+                n += 1;
+            }
+            n
+        }
+
+        /// After a failed submission, sends without a completion may be in the kernel's
+        /// hands, or still in the submission queue where the kernel will never look
+        /// (the ring is not entered again). Which, the queue's head says.
+        pub(crate) fn abandon(&mut self, chunk: &mut [Send]) {
+            let unsubmitted = self.ring.submission().len();
+            let taken = chunk.len().saturating_sub(unsubmitted);
+            for s in chunk[..taken].iter_mut().filter(|s| s.result.is_none()) {
                 std::mem::forget(std::mem::take(&mut s.buf));
+                s.result = Some(Err(io::Error::other(
+                    "io_uring failed before reporting this send; it may have gone out",
+                )));
             }
         }
     }
@@ -324,6 +356,27 @@ mod tests {
         assert!(n > 0 && n < 64 << 20, "sent {n}");
         let err = blocked.expect("a result").expect_err("nothing more fits");
         assert_eq!(err.kind(), ErrorKind::WouldBlock);
+    }
+
+    /// Entries the kernel never took are the caller's to send: abandoning them leaks
+    /// nothing and leaves their results empty; the ring is not used again.
+    #[test]
+    fn abandoned_unsubmitted_sends_stay_the_callers() {
+        let mut ring = ring();
+        let (ours, _peer) = pair();
+        let mut sends = vec![
+            Send::new(ours.as_raw_fd(), b"one".to_vec()),
+            Send::new(ours.as_raw_fd(), b"two".to_vec()),
+        ];
+        ring.push(&sends).expect("queued");
+        ring.abandon(&mut sends);
+        ring.broken = true;
+        assert!(sends.iter().all(|s| s.result.is_none()));
+        assert_eq!(sends[1].buf, b"two");
+        let err = ring
+            .send(&mut sends)
+            .expect_err("a broken ring refuses batches");
+        assert!(err.to_string().contains("unusable"), "{err}");
     }
 
     #[test]
