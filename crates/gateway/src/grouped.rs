@@ -181,14 +181,14 @@ pub async fn write_all<W: AsyncWrite + Unpin>(
 /// Completes when it is this task's turn to write to the upstream `key`. A `send` given
 /// here comes back: with a result when the turn's leader made it (all of it or a part;
 /// the task writes the rest), without one when the task is to write it itself.
-pub fn wait(key: usize, send: Option<Send>) -> Wait {
+fn wait(key: usize, send: Option<Send>) -> Wait {
     Wait {
         key,
         state: State::New(send),
     }
 }
 
-pub struct Wait {
+struct Wait {
     key: usize,
     state: State,
 }
