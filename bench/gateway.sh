@@ -7,6 +7,8 @@
 #   DURATION=5 ROUNDS=3 CONNS=64 bench/gateway.sh
 #
 # Needs wrk, nginx, haproxy (Debian packages; installed with apt-get if missing).
+# The gateway batches its writes through io_uring where the kernel allows it;
+# TESSERA_IO_URING=off bench/gateway.sh measures the one-send-per-write path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
