@@ -27,7 +27,7 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
@@ -149,21 +149,48 @@ fn lock(turn: &Mutex<Turn>) -> MutexGuard<'_, Turn> {
     turn.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The key under which client connections' responses join the turn: pool keys are
-/// addresses, never 0, so responses sort before the requests of the same turn.
+/// The key under which client connections' responses join the turn. Pool keys are
+/// addresses, never 0, so after the leader's own group the responses go first.
 pub const CLIENTS: usize = 0;
 
+/// A connection's transport, asked for the plain TCP socket under it: the leader can send
+/// on that directly, while TLS has records to seal first.
+pub trait PlainSocket {
+    fn plain_fd(&self) -> Option<RawFd>;
+}
+
+impl PlainSocket for tokio::net::TcpStream {
+    fn plain_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
+}
+
+impl<IO> PlainSocket for tokio_rustls::server::TlsStream<IO> {
+    fn plain_fd(&self) -> Option<RawFd> {
+        None
+    }
+}
+
+impl PlainSocket for crate::transport::Io {
+    fn plain_fd(&self) -> Option<RawFd> {
+        match self {
+            crate::transport::Io::Plain(s) => s.plain_fd(),
+            crate::transport::Io::Tls(_) => None,
+        }
+    }
+}
+
 /// Writes `buf` to `io` in this turn's order of writes for `key`, through the leader's
-/// batch when `fd`, the plain socket under `io`, is given. `buf` is the caller's again
-/// afterwards (its allocation is reused).
-pub async fn write_all<W: AsyncWrite + Unpin>(
+/// batch when `io` is plain TCP. `buf` is the caller's again afterwards (its allocation
+/// is reused).
+pub async fn write_all<W: AsyncWrite + PlainSocket + Unpin>(
     io: &mut W,
-    fd: Option<RawFd>,
     key: usize,
     buf: &mut Vec<u8>,
 ) -> io::Result<()> {
+    let send = io.plain_fd().map(|fd| Send::new(fd, std::mem::take(buf)));
     let mut from = 0;
-    if let Some(sent) = wait(key, fd.map(|fd| Send::new(fd, std::mem::take(buf)))).await {
+    if let Some(sent) = wait(key, send).await {
         *buf = sent.buf;
         match sent.result {
             Some(Ok(n)) => from = n,
@@ -313,7 +340,6 @@ impl Drop for Wait {
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::AsRawFd;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -396,13 +422,10 @@ mod tests {
         for (i, (mut ours, peer)) in pairs(4).await.into_iter().enumerate() {
             peers.push(peer);
             tasks.push(tokio::spawn(async move {
-                let fd = ours.as_raw_fd();
                 let mut bufs = Vec::new();
                 for part in 0..3 {
                     let mut buf = format!("socket {i} part {part};").into_bytes();
-                    write_all(&mut ours, Some(fd), i % 2, &mut buf)
-                        .await
-                        .unwrap();
+                    write_all(&mut ours, i % 2, &mut buf).await.unwrap();
                     bufs.push(buf);
                 }
                 (ours, bufs)
@@ -441,12 +464,9 @@ mod tests {
         let mut writers = Vec::new();
         for (i, (mut ours, mut peer)) in pairs(100).await.into_iter().enumerate() {
             writers.push(tokio::spawn(async move {
-                let fd = ours.as_raw_fd();
                 for n in 0..20u32 {
                     let mut buf = n.to_be_bytes().to_vec();
-                    write_all(&mut ours, Some(fd), i % 3, &mut buf)
-                        .await
-                        .unwrap();
+                    write_all(&mut ours, i % 3, &mut buf).await.unwrap();
                     tokio::task::yield_now().await;
                 }
                 ours
@@ -476,10 +496,9 @@ mod tests {
         let mut p = pairs(2).await;
         let (mut a, mut a_peer) = p.remove(0);
         let (mut b, mut b_peer) = p.remove(0);
-        let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
         let (mut abuf, mut bbuf) = (b"from a".to_vec(), b"dropped".to_vec());
-        let mut leader = Box::pin(write_all(&mut a, Some(fa), 1, &mut abuf));
-        let mut waiter = Box::pin(write_all(&mut b, Some(fb), 1, &mut bbuf));
+        let mut leader = Box::pin(write_all(&mut a, 1, &mut abuf));
+        let mut waiter = Box::pin(write_all(&mut b, 1, &mut bbuf));
         std::future::poll_fn(|cx| {
             assert!(leader.as_mut().poll(cx).is_pending());
             assert!(waiter.as_mut().poll(cx).is_pending());

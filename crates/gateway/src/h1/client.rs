@@ -6,7 +6,6 @@
 //! to its pool at once, a larger one streams and returns the connection at its end.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
@@ -273,12 +272,7 @@ async fn write_request(
         }
         b => b,
     };
-    // Plain TCP can be sent by the turn's leader; TLS has records to seal first.
-    let fd = match &conn.io {
-        Io::Plain(s) => Some(s.as_raw_fd()),
-        Io::Tls(_) => None,
-    };
-    crate::grouped::write_all(&mut conn.io, fd, upstream, &mut conn.wbuf)
+    crate::grouped::write_all(&mut conn.io, upstream, &mut conn.wbuf)
         .await
         .map_err(unsent)?;
     if let Some(b) = rest {

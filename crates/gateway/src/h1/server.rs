@@ -11,7 +11,6 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -32,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 use crate::body::Body;
+use crate::grouped::PlainSocket;
 use crate::h1::client::{FieldRanges, write_fields, write_length};
 use crate::h1::fields::{Plain, RawFields};
 use crate::proxy::{self, Peer};
@@ -67,7 +67,7 @@ enum Next {
 /// or it is handed off. `h2` says ALPN chose HTTP/2: hyper's from the first byte.
 pub async fn serve<IO>(io: IO, ctx: Ctx, watcher: Watcher, h2: bool)
 where
-    IO: AsyncRead + AsyncWrite + ClientSocket + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + PlainSocket + Unpin + Send + 'static,
 {
     let mut conn = Conn {
         io,
@@ -115,25 +115,6 @@ where
         if let Err(e) = served.await {
             tracing::trace!(error = %e, "connection ended with an error");
         }
-    }
-}
-
-/// A client connection's transport, asked for the plain socket under it: responses on
-/// plain TCP can go out in the turn leader's batch ([`crate::grouped`]); TLS has records
-/// to seal first.
-pub trait ClientSocket {
-    fn plain_fd(&self) -> Option<RawFd>;
-}
-
-impl ClientSocket for tokio::net::TcpStream {
-    fn plain_fd(&self) -> Option<RawFd> {
-        Some(self.as_raw_fd())
-    }
-}
-
-impl<IO> ClientSocket for tokio_rustls::server::TlsStream<IO> {
-    fn plain_fd(&self) -> Option<RawFd> {
-        None
     }
 }
 
@@ -197,7 +178,7 @@ enum Fill {
     Stopped,
 }
 
-impl<IO: AsyncRead + AsyncWrite + ClientSocket + Unpin> Conn<IO> {
+impl<IO: AsyncRead + AsyncWrite + PlainSocket + Unpin> Conn<IO> {
     async fn run(&mut self, ctx: &Ctx) -> Next {
         let cancelled = ctx.stop.cancelled();
         tokio::pin!(cancelled);
@@ -340,8 +321,7 @@ impl<IO: AsyncRead + AsyncWrite + ClientSocket + Unpin> Conn<IO> {
 
     /// Writes `out` in this turn's order of writes ([`crate::grouped`]).
     async fn send_out(&mut self) -> io::Result<()> {
-        let fd = self.io.plain_fd();
-        crate::grouped::write_all(&mut self.io, fd, crate::grouped::CLIENTS, &mut self.out).await
+        crate::grouped::write_all(&mut self.io, crate::grouped::CLIENTS, &mut self.out).await
     }
 
     async fn write_response(
