@@ -326,11 +326,8 @@ impl Drop for Wait {
             State::Waiting(turn, i) => {
                 let mut t = lock(turn);
                 if !t.released {
-                    t.entries[*i] = Entry {
-                        key: t.entries[*i].key,
-                        waker: None,
-                        send: None,
-                    };
+                    let e = &mut t.entries[*i];
+                    (e.waker, e.send) = (None, None);
                 }
             }
             State::New(_) | State::Done => {}
