@@ -193,6 +193,158 @@ async fn kill_9_during_write_burst_loses_no_acknowledged_write() {
     child.wait().await.unwrap();
 }
 
+/// kill -9 at random points while writers fill a real 3 MiB tmpfs: after each restart
+/// every acknowledged write is there with its value, and none that was refused (507) is.
+/// A write whose answer the kill cut off may land either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_on_a_filling_disk_keeps_exactly_the_acknowledged_writes() {
+    let Some(disk) = tessera_testkit::Tmpfs::mount_or_skip(3 << 20) else {
+        return;
+    };
+    let data = disk.path().join("data");
+    let c = client();
+    let value = |key: &str| format!("{key}:{}", "x".repeat(8_000));
+    let mut acked: Vec<String> = Vec::new();
+    let mut refused: Vec<String> = Vec::new();
+    for round in 0..4 {
+        let (mut child, addr) = spawn_server(&data).await;
+        verify_kept(&c, &addr, &acked, &refused, &value).await;
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let outcomes: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
+        let mut writers = Vec::new();
+        for w in 0..8 {
+            let (c, addr) = (c.clone(), addr.clone());
+            let (answered, outcomes) = (answered.clone(), outcomes.clone());
+            writers.push(tokio::spawn(async move {
+                // Bounded: 200 writes per writer; the kill ends it sooner.
+                for n in 0..200 {
+                    let key = format!("fill/r{round}/w{w}/n{n}");
+                    let body = value(&key).into_bytes();
+                    let kept =
+                        match call(&c, "PUT", format!("http://{addr}/v1/kv/{key}"), body).await {
+                            Ok((200, _)) => true,
+                            Ok((507, _)) => false,
+                            Ok((s, b)) => panic!("{key}: {s} {}", String::from_utf8_lossy(&b)),
+                            Err(_) => return, // killed: the outcome is unknown
+                        };
+                    outcomes.lock().unwrap().push((key, kept));
+                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }));
+        }
+        let kill_after = fastrand::usize(40..250);
+        tessera_testkit::wait_until("writes answered", Duration::from_secs(120), || {
+            let n = answered.load(std::sync::atomic::Ordering::Relaxed);
+            let done = writers.iter().all(|w| w.is_finished());
+            async move { n >= kill_after || done }
+        })
+        .await;
+        // Refused writes are not visible while the server runs either.
+        let refused_now: Vec<String> = outcomes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, kept)| !kept)
+            .map(|(k, _)| k.clone())
+            .take(20)
+            .collect();
+        verify_kept(&c, &addr, &[], &refused_now, &value).await;
+        child.start_kill().unwrap(); // SIGKILL
+        child.wait().await.unwrap();
+        for w in writers {
+            w.await.unwrap();
+        }
+        for (key, kept) in outcomes.lock().unwrap().drain(..) {
+            if kept {
+                acked.push(key);
+            } else {
+                refused.push(key);
+            }
+        }
+    }
+    assert!(acked.len() > 100, "{} acknowledged", acked.len());
+    assert!(!refused.is_empty(), "the disk never filled");
+    let (mut child, addr) = spawn_server(&data).await;
+    verify_kept(&c, &addr, &acked, &refused, &value).await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+}
+
+/// kill -9 of the registry: a TTL check that was passing is still passing after the
+/// restart (its TTL has not run out), so the instance never leaves the passing set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_keeps_ttl_checks_passing_through_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = spawn_server(dir.path()).await;
+    let c = client();
+    let reg = br#"{"Name":"web","ID":"web1","Port":8080,"Check":{"TTL":"5m"}}"#;
+    let (s, _) = call(
+        &c,
+        "PUT",
+        format!("http://{addr}/v1/agent/service/register"),
+        reg.to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200);
+    let (s, _) = call(
+        &c,
+        "PUT",
+        format!("http://{addr}/v1/agent/check/pass/service:web1"),
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200);
+    // The status reaches disk within about a second of the update.
+    let saved = dir.path().join("registry/check-state.json");
+    tessera_testkit::wait_until("TTL state saved", Duration::from_secs(60), || {
+        let saved = saved.clone();
+        async move { std::fs::read_to_string(&saved).is_ok_and(|s| s.contains("passing")) }
+    })
+    .await;
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+
+    let (mut child, addr) = spawn_server(dir.path()).await;
+    let (s, body) = call(
+        &c,
+        "GET",
+        format!("http://{addr}/v1/health/service/web?passing"),
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(check_status(&c, &addr, "service:web1").await, "passing");
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+}
+
+async fn verify_kept(
+    c: &HttpClient,
+    addr: &str,
+    acked: &[String],
+    refused: &[String],
+    value: &impl Fn(&str) -> String,
+) {
+    for key in acked {
+        let (s, body) = call(c, "GET", format!("http://{addr}/v1/kv/{key}?raw"), vec![])
+            .await
+            .unwrap();
+        assert_eq!(s, 200, "acknowledged {key} lost");
+        assert_eq!(body, value(key).as_bytes(), "{key}");
+    }
+    for key in refused {
+        let (s, _) = call(c, "GET", format!("http://{addr}/v1/kv/{key}"), vec![])
+            .await
+            .unwrap();
+        assert_eq!(s, 404, "refused {key} is present");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_commands_against_a_running_server() {
     let dir = tempfile::tempdir().unwrap();

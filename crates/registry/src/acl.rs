@@ -325,7 +325,7 @@ pub enum AclOp {
 /// The built-in policy every management token links to.
 pub const MANAGEMENT_POLICY_ID: &str = "00000000-0000-0000-0000-000000000001";
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct AclState {
     pub bootstrapped: bool,
     pub policies: BTreeMap<String, Policy>,

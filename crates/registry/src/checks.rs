@@ -49,6 +49,9 @@ struct Handle {
 pub struct Runners {
     tasks: Mutex<HashMap<String, Handle>>,
     registry: OnceLock<Weak<Registry>>,
+    /// Checks start when their registration becomes durable, which the log's writer
+    /// thread reports: it spawns them here.
+    rt: OnceLock<tokio::runtime::Handle>,
     http: OnceLock<HttpClient>,
     grpc: OnceLock<HttpClient>,
 }
@@ -60,7 +63,7 @@ impl Runners {
 
     /// Starts the task for `id` unless one with the same spec already runs.
     pub fn ensure(&self, id: &str, spec: &CheckSpec) {
-        let Some(reg) = self.registry.get().cloned() else {
+        let (Some(reg), Some(rt)) = (self.registry.get().cloned(), self.rt.get()) else {
             return; // not started yet; `start` picks every check up
         };
         let mut tasks = self.tasks();
@@ -76,7 +79,18 @@ impl Runners {
             Probe::Ttl { ttl } => {
                 let (tx, rx) = watch::channel(());
                 ttl_reset = Some(tx);
-                tokio::spawn(run_ttl(reg, id.to_owned(), *ttl, rx, cancel.clone()));
+                // A status restored after a restart holds for what its TTL had left.
+                let first = reg
+                    .upgrade()
+                    .and_then(|r| {
+                        r.ttl_resume
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(id)
+                    })
+                    .and_then(|m| m.remaining())
+                    .map_or(*ttl, |left| left.min(*ttl));
+                rt.spawn(run_ttl(reg, id.to_owned(), *ttl, first, rx, cancel.clone()));
             }
             _ => {
                 let http = self.http.get_or_init(|| {
@@ -96,7 +110,7 @@ impl Runners {
                 } else {
                     http.clone()
                 };
-                tokio::spawn(run_probe(
+                rt.spawn(run_probe(
                     reg,
                     id.to_owned(),
                     spec.clone(),
@@ -144,6 +158,7 @@ impl Registry {
     /// Call once, inside a Tokio runtime.
     pub fn start_background(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
+        let _ = self.runners.rt.set(tokio::runtime::Handle::current());
         if self.runners.registry.set(weak.clone()).is_err() {
             return;
         }
@@ -182,6 +197,7 @@ impl Registry {
         for (id, spec) in specs {
             self.runners.ensure(&id, &spec);
         }
+        tokio::spawn(self.ttl_state.clone().run(self.shutdown.clone()));
         tokio::spawn(stall_detector(weak.clone(), self.shutdown.clone()));
         tokio::spawn(reaper(weak, self.shutdown.clone()));
     }
@@ -199,10 +215,11 @@ async fn run_ttl(
     reg: Weak<Registry>,
     id: String,
     ttl: Duration,
+    first: Duration,
     mut reset: watch::Receiver<()>,
     cancel: CancellationToken,
 ) {
-    let mut deadline = Some(Instant::now() + ttl);
+    let mut deadline = Some(Instant::now() + first);
     let mut extended = false;
     loop {
         let sleep = async {
@@ -233,6 +250,7 @@ async fn run_ttl(
                     deadline = Some(now + ttl);
                     continue;
                 }
+                reg.ttl_state.forget(&id);
                 reg.set_status(&id, Health::Critical, format!("TTL expired (no update for {})", GoDuration(ttl)));
                 deadline = None;
             }

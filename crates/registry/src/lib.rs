@@ -22,6 +22,7 @@ pub mod model;
 mod registry;
 mod state;
 pub mod store;
+mod ttl_state;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -82,13 +83,22 @@ impl Server {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
         });
+        let broken = reg.broken.clone();
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
-                shutdown.await;
+                // A broken log cannot be trusted: stop, so a supervisor restarts the
+                // process and replay starts from what is on disk.
+                tokio::select! {
+                    () = shutdown => {}
+                    () = broken.cancelled() => {}
+                }
                 stopper.shutdown();
             })
             .await;
         reg.shutdown();
+        if let Some(e) = reg.storage_broken() {
+            return Err(Error::Storage(store::StoreError::Broken(e.clone())));
+        }
         result.map_err(|e| {
             Error::Storage(store::StoreError::Io {
                 path: "listener".into(),

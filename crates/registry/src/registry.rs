@@ -1,10 +1,21 @@
-//! The registry handle: one lock around the state, one durable log behind it. A write
-//! validates against the state, turns into ops, is queued to the log and applied under the
-//! lock (so log order is apply order), and is acknowledged only after its fsync.
+//! The registry handle: two copies of the state and one durable log between them.
+//!
+//! A write validates against the *head* (every write made so far), turns into ops, is
+//! applied to the head and queued to the log under the head's lock, so log order is index
+//! order and the next write validates against this one without waiting for the disk.
+//! Readers, blocking queries and check runners see only the *durable* state: a record is
+//! applied there, in index order, once the log's writer reports its frame fsynced, and
+//! only then is the write acknowledged. When the disk refuses a write, the writer cuts the
+//! log back and the head is rebuilt from the durable state, so a refused write (and every
+//! write validated against it) was never visible to anyone and the next write starts
+//! clean. The price is a second copy of the state in memory.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{
+    Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -18,7 +29,8 @@ use crate::defs::{CatalogDeregistration, CatalogRegistration, CheckDef, ServiceD
 use crate::error::Error;
 use crate::model::{CheckRecord, CheckSpec, KvEntry, NodeRecord, Probe, ServiceRecord};
 use crate::state::{Op, Record, State, Topic};
-use crate::store::Store;
+use crate::store::{Applier, DiskError, Store, StoreError};
+use crate::ttl_state::{Mark, TtlState};
 
 /// Server settings, as they appear in `--config` (TOML) and on the command line.
 #[derive(Debug, Clone, Deserialize)]
@@ -71,9 +83,20 @@ impl Default for Config {
 }
 
 pub struct Registry {
-    /// Reads share it (they run in parallel); writes and status changes take it alone.
+    /// The durable state, all that readers see. Reads share it (they run in parallel);
+    /// only `show` changes it.
     state: RwLock<State>,
+    /// The write side: validated against, ahead of the durable state by the writes
+    /// waiting for their fsync.
+    head: Mutex<Head>,
+    /// Writes made on the head and not yet shown, in index order.
+    pending: Mutex<VecDeque<Pending>>,
+    /// Highest record index whose log frame is durable.
+    durable: AtomicU64,
     store: Store,
+    /// Set when the log can no longer be trusted; the server exits on it.
+    pub(crate) broken: CancellationToken,
+    broken_by: OnceLock<DiskError>,
     pub config: Config,
     pub node_id: String,
     pub acl_enabled: bool,
@@ -85,6 +108,60 @@ pub struct Registry {
     pub(crate) parked: std::sync::atomic::AtomicI64,
     /// Checks that are critical, and since when; drives `DeregisterCriticalServiceAfter`.
     pub(crate) critical_since: Mutex<HashMap<String, Instant>>,
+    /// TTL checks' last statuses, saved beside the log.
+    pub(crate) ttl_state: Arc<TtlState>,
+    /// Restored TTL statuses whose runners have not started yet: each starts with the
+    /// time its TTL had left instead of a full one.
+    pub(crate) ttl_resume: Mutex<HashMap<String, Mark>>,
+}
+
+struct Head {
+    state: State,
+    /// Appends carry it; it moves on when the log loses writes, so writes validated
+    /// against lost ones are refused too.
+    generation: u64,
+    /// Bytes appended to the log since the last snapshot.
+    log_bytes: u64,
+}
+
+/// A change made on the head, waiting to be shown to readers.
+enum Pending {
+    /// A logged write: shown once its frame is durable.
+    Record(Record),
+    /// A check's status or output, which is not logged: shown as soon as every record
+    /// before it is. `index` is `None` when only the output changed.
+    Status {
+        id: String,
+        status: Health,
+        output: String,
+        index: Option<u64>,
+    },
+}
+
+/// The log writer's reports, turned into visibility.
+struct Shown(Weak<Registry>);
+
+impl Applier for Shown {
+    fn durable(&self, index: u64) {
+        if let Some(reg) = self.0.upgrade() {
+            reg.durable.fetch_max(index, Ordering::AcqRel);
+            reg.drain();
+        }
+    }
+
+    fn lost(&self, durable: u64) -> u64 {
+        match self.0.upgrade() {
+            Some(reg) => reg.lost(durable),
+            None => 0,
+        }
+    }
+
+    fn broken(&self, error: &DiskError) {
+        if let Some(reg) = self.0.upgrade() {
+            let _ = reg.broken_by.set(error.clone());
+            reg.broken.cancel();
+        }
+    }
 }
 
 pub const SERF_CHECK: &str = "serfHealth";
@@ -128,6 +205,7 @@ impl Registry {
             })
         };
         let mut snapshot_index = 0;
+        let mut log_bytes = 0;
         if let Some(snap) = recovered.snapshot {
             let rec = decode(&snap, "snapshot")?;
             snapshot_index = rec.index;
@@ -140,7 +218,7 @@ impl Registry {
             if rec.index <= snapshot_index {
                 continue;
             }
-            state.log_bytes += bytes.len() as u64;
+            log_bytes += bytes.len() as u64;
             for op in rec.ops {
                 state.apply(rec.index, op);
             }
@@ -150,16 +228,42 @@ impl Registry {
         } else {
             load_node_id(&config.data_dir)?
         };
-        // Checks the server runs restart from their configured initial state.
+        // Checks the server runs restart from their configured initial state, except a
+        // TTL check whose last update has not run out yet: it keeps that status.
+        let (ttl_state, mut restored) = TtlState::load((!store.is_memory()).then(|| dir.clone()));
         let local = config.node_name.clone();
+        let mut ttl_resume = HashMap::new();
         for check in state.checks.values_mut() {
             if check.node == local && check.spec.is_some() {
-                check.status = initial_status(check.spec.as_ref());
-                check.output.clear();
+                let is_ttl = matches!(
+                    check.spec.as_ref().map(|s| &s.probe),
+                    Some(Probe::Ttl { .. })
+                );
+                match restored.remove(&check.check_id).filter(|_| is_ttl) {
+                    Some(mark) => {
+                        check.status = mark.status;
+                        check.output.clone_from(&mark.output);
+                        ttl_resume.insert(check.check_id.clone(), mark);
+                    }
+                    None => {
+                        check.status = initial_status(check.spec.as_ref());
+                        check.output.clear();
+                    }
+                }
             }
         }
+        let durable = state.index;
         let reg = Arc::new(Registry {
+            head: Mutex::new(Head {
+                state: state.clone(),
+                generation: 0,
+                log_bytes,
+            }),
             state: RwLock::new(state),
+            pending: Mutex::new(VecDeque::new()),
+            durable: AtomicU64::new(durable),
+            broken: CancellationToken::new(),
+            broken_by: OnceLock::new(),
             store,
             config,
             node_id,
@@ -169,7 +273,10 @@ impl Registry {
             last_stall_end: Mutex::new(None),
             parked: std::sync::atomic::AtomicI64::new(0),
             critical_since: Mutex::new(HashMap::new()),
+            ttl_state: Arc::new(ttl_state),
+            ttl_resume: Mutex::new(ttl_resume),
         });
+        reg.store.start(Arc::new(Shown(Arc::downgrade(&reg))))?;
         Ok(reg)
     }
 
@@ -183,15 +290,24 @@ impl Registry {
         self.state.read().unwrap_or_else(|_| poisoned())
     }
 
-    /// Runs `f` against the state and commits the ops it returns as one record.
+    fn head(&self) -> MutexGuard<'_, Head> {
+        self.head.lock().unwrap_or_else(|_| poisoned())
+    }
+
+    fn pending(&self) -> MutexGuard<'_, VecDeque<Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` against the head and commits the ops it returns as one record; returns
+    /// once the record is durable and visible.
     pub(crate) async fn commit<R>(
         &self,
         f: impl FnOnce(&State, u64) -> Result<(Vec<Op>, R), Error>,
     ) -> Result<R, Error> {
-        let ack = {
-            let mut st = self.lock();
-            let index = st.index + 1;
-            let (ops, out) = f(&st, index)?;
+        let (ack, out) = {
+            let mut head = self.head();
+            let index = head.state.index + 1;
+            let (ops, out) = f(&head.state, index)?;
             if ops.is_empty() {
                 return Ok(out);
             }
@@ -200,37 +316,124 @@ impl Registry {
                 Ok(p) => p,
                 Err(e) => return Err(Error::bad(format!("cannot encode record: {e}"))),
             };
-            st.log_bytes += payload.len() as u64;
-            let ack = self.store.append(payload);
-            let local = self.config.node_name.clone();
-            for op in record.ops {
-                self.before_apply(&st, &local, &op);
-                st.apply(index, op);
+            head.log_bytes += payload.len() as u64;
+            for op in record.ops.iter().cloned() {
+                head.state.apply(index, op);
             }
-            if st.log_bytes > self.config.snapshot_after_bytes {
-                self.snapshot_locked(&mut st);
+            self.pending().push_back(Pending::Record(record));
+            let ack = self.store.append(head.generation, index, payload);
+            if head.log_bytes > self.config.snapshot_after_bytes {
+                Self::snapshot_head(&self.store, &mut head);
             }
             (ack, out)
         };
-        match ack.0.await {
-            Ok(Ok(())) => Ok(ack.1),
+        match ack.await {
+            Ok(Ok(())) => Ok(out),
             Ok(Err(e)) => Err(Error::Storage(e)),
-            Err(_) => Err(Error::Storage(crate::store::StoreError::Failed)),
+            Err(_) => Err(Error::Storage(StoreError::Closed)),
         }
     }
 
-    fn snapshot_locked(&self, st: &mut State) {
+    fn snapshot_head(store: &Store, head: &mut Head) {
         let rec = Record {
-            index: st.index,
-            ops: st.snapshot_ops(),
+            index: head.state.index,
+            ops: head.state.snapshot_ops(),
         };
         match serde_json::to_vec(&rec) {
             Ok(bytes) => {
-                self.store.snapshot(bytes);
-                st.log_bytes = 0;
+                store.snapshot(head.generation, bytes);
+                head.log_bytes = 0;
             }
             Err(e) => tracing::error!(error = %e, "cannot encode snapshot"),
         }
+    }
+
+    /// Shows readers every pending change whose turn has come: records up to the durable
+    /// index and the status changes after them.
+    fn drain(&self) {
+        let durable = self.durable.load(Ordering::Acquire);
+        let ready = |p: &Pending| match p {
+            Pending::Record(r) => r.index <= durable,
+            Pending::Status { .. } => true,
+        };
+        let mut pending = self.pending();
+        if !pending.front().is_some_and(ready) {
+            return;
+        }
+        let mut st = self.lock();
+        while let Some(p) = pending.pop_front() {
+            if !ready(&p) {
+                pending.push_front(p);
+                break;
+            }
+            self.show(&mut st, p);
+        }
+    }
+
+    /// The log lost every record after `durable`: the durable ones are shown, the lost
+    /// ones dropped, and the head rebuilt from what readers see. Returns the generation
+    /// that appends carry from now on.
+    fn lost(&self, durable: u64) -> u64 {
+        let mut head = self.head();
+        let mut pending = self.pending();
+        let mut st = self.lock();
+        let mut dropped = 0;
+        for p in pending.drain(..) {
+            match p {
+                Pending::Record(r) if r.index > durable => dropped += 1,
+                p => self.show(&mut st, p),
+            }
+        }
+        head.state = st.clone();
+        head.generation += 1;
+        tracing::warn!(
+            dropped,
+            index = st.index,
+            "writes not kept by the log were dropped; the registry is as of its last durable write"
+        );
+        head.generation
+    }
+
+    /// Applies one change to the durable state, with the check runners and the
+    /// critical-since clock kept in step.
+    fn show(&self, st: &mut State, p: Pending) {
+        let local = self.config.node_name.as_str();
+        match p {
+            Pending::Record(rec) => {
+                for op in rec.ops {
+                    self.before_apply(st, local, &op);
+                    st.apply(rec.index, op);
+                }
+            }
+            Pending::Status {
+                id,
+                status,
+                output,
+                index,
+            } => {
+                let key = (local.to_owned(), id);
+                let Some(check) = st.checks.get_mut(&key) else {
+                    return;
+                };
+                check.output = output;
+                let Some(index) = index else { return };
+                check.status = status;
+                check.modify_index = index;
+                let service_id = check.service_id.clone();
+                let reapable = check
+                    .spec
+                    .as_ref()
+                    .is_some_and(|s| s.deregister_critical_after.is_some());
+                st.index = st.index.max(index);
+                st.touch_check_owner(local, &service_id, index);
+                self.note_status(&key.1, status, reapable);
+            }
+        }
+    }
+
+    /// Why the store broke, once it has.
+    pub fn storage_broken(&self) -> Option<&DiskError> {
+        self.broken_by.get()
     }
 
     /// Keeps check runners and the critical-since clock in step with the ops.
@@ -278,6 +481,7 @@ impl Registry {
     }
 
     fn forget_status(&self, check_id: &str) {
+        self.ttl_state.forget(check_id);
         let mut cs = self
             .critical_since
             .lock()
@@ -684,59 +888,59 @@ impl Registry {
         authz: &Authz,
     ) -> Result<(), Error> {
         let node = self.config.node_name.clone();
-        {
+        let ttl = {
             let st = self.read_lock();
             let check = st
                 .checks
                 .get(&(node.clone(), id.to_owned()))
                 .ok_or_else(|| Error::NotFound(format!("Unknown check ID {id:?}")))?;
             self.check_write_allowed(&st, check, authz)?;
-            if !matches!(
-                check.spec.as_ref().map(|s| &s.probe),
-                Some(Probe::Ttl { .. })
-            ) {
+            let Some(Probe::Ttl { ttl }) = check.spec.as_ref().map(|s| &s.probe) else {
                 return Err(Error::bad(format!(
                     "CheckID {id:?} does not have associated TTL"
                 )));
-            }
-        }
+            };
+            *ttl
+        };
         self.runners.reset_ttl(id);
+        self.ttl_state.record(id, status, &output, ttl);
         self.set_status(id, status, output);
         Ok(())
     }
 
     /// Sets a local check's status. The index moves only when the status does, so an
-    /// HTTP check whose body changes every time does not wake every watcher.
+    /// HTTP check whose body changes every time does not wake every watcher. Status is not
+    /// logged, but it is shown in index order after the writes before it.
     pub(crate) fn set_status(&self, id: &str, status: Health, output: String) {
-        let node = self.config.node_name.clone();
-        let mut st = self.lock();
-        let key = (node.clone(), id.to_owned());
-        let Some(check) = st.checks.get(&key) else {
-            return;
-        };
-        if check.status == status {
-            if check.output != output
-                && let Some(c) = st.checks.get_mut(&key)
-            {
-                c.output = output;
+        let key = (self.config.node_name.clone(), id.to_owned());
+        {
+            let mut head = self.head();
+            let next = head.state.index + 1;
+            let Some(check) = head.state.checks.get_mut(&key) else {
+                return;
+            };
+            let index = if check.status == status {
+                if check.output == output {
+                    return;
+                }
+                None
+            } else {
+                check.status = status;
+                check.modify_index = next;
+                Some(next)
+            };
+            check.output.clone_from(&output);
+            if let Some(index) = index {
+                head.state.index = index;
             }
-            return;
+            self.pending().push_back(Pending::Status {
+                id: id.to_owned(),
+                status,
+                output,
+                index,
+            });
         }
-        let service_id = check.service_id.clone();
-        let reapable = check
-            .spec
-            .as_ref()
-            .is_some_and(|s| s.deregister_critical_after.is_some());
-        let index = st.index + 1;
-        st.index = index;
-        if let Some(c) = st.checks.get_mut(&key) {
-            c.status = status;
-            c.output = output;
-            c.modify_index = index;
-        }
-        st.touch_check_owner(&node, &service_id, index);
-        drop(st);
-        self.note_status(id, status, reapable);
+        self.drain();
     }
 
     /// `PUT /v1/agent/service/maintenance/:id?enable=...&reason=...`.
@@ -1327,6 +1531,7 @@ impl Registry {
     pub fn shutdown(&self) {
         self.shutdown.cancel();
         self.runners.stop_all();
+        self.ttl_state.flush();
     }
 }
 

@@ -36,7 +36,7 @@ pub enum Op {
     Acl(crate::acl::AclOp),
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
     pub index: u64,
     pub ops: Vec<Op>,
@@ -80,8 +80,27 @@ pub struct State {
     topic_index: HashMap<Topic, u64>,
     /// Behind its own lock so that readers, who share the state lock, can subscribe.
     watchers: std::sync::Mutex<HashMap<Topic, watch::Sender<u64>>>,
-    /// Bytes appended to the log since the last snapshot.
-    pub log_bytes: u64,
+}
+
+/// A copy of the data for the registry's write side, without the watchers: nobody
+/// waits on the write side, readers wait on the durable state.
+impl Clone for State {
+    fn clone(&self) -> State {
+        State {
+            index: self.index,
+            nodes: self.nodes.clone(),
+            services: self.services.clone(),
+            by_name: self.by_name.clone(),
+            checks: self.checks.clone(),
+            checks_by_owner: self.checks_by_owner.clone(),
+            kv: self.kv.clone(),
+            tombstones: self.tombstones.clone(),
+            tombstone_floor: self.tombstone_floor,
+            acl: self.acl.clone(),
+            topic_index: self.topic_index.clone(),
+            watchers: Default::default(),
+        }
+    }
 }
 
 const MAX_TOMBSTONES: usize = 65_536;

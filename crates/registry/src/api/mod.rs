@@ -25,6 +25,7 @@ use tessera_core::parse_duration;
 use crate::acl::Authz;
 use crate::error::Error;
 use crate::registry::Registry;
+use crate::store::StoreError;
 
 /// Default and longest blocking-query wait (Consul's values).
 const DEFAULT_WAIT: Duration = Duration::from_secs(300);
@@ -134,10 +135,8 @@ impl IntoResponse for ApiError {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::PermissionDenied(_) | Error::AclNotFound => StatusCode::FORBIDDEN,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::Storage(e) => {
-                tracing::error!(error = %e, "write failed in storage");
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            // Consul has no storage failures a client parses, so these are Tessera's JSON.
+            Error::Storage(e) => return storage_error(e),
         };
         let mut resp = (status, self.0.to_string()).into_response();
         resp.headers_mut().insert(
@@ -146,6 +145,32 @@ impl IntoResponse for ApiError {
         );
         resp
     }
+}
+
+/// 507 when more room would fix it, 503 for any other disk failure; the body names the
+/// cause (`ENOSPC`, `EIO`...). The writer has logged it once per failure already.
+fn storage_error(e: &StoreError) -> Response {
+    let (status, code) = match e {
+        StoreError::NotKept(d) if d.is_full() => (StatusCode::INSUFFICIENT_STORAGE, "storage_full"),
+        StoreError::NotKept(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable"),
+        StoreError::Broken(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_broken"),
+        StoreError::Closed => (StatusCode::SERVICE_UNAVAILABLE, "storage_closed"),
+        StoreError::Io { .. } => {
+            tracing::error!(error = %e, "storage I/O failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "storage_io")
+        }
+    };
+    let mut resp = json(
+        status,
+        &serde_json::json!({"error": e.to_string(), "code": code}),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::INSUFFICIENT_STORAGE {
+        resp.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            HeaderValue::from_static("1"),
+        );
+    }
+    resp
 }
 
 pub type ApiResult = Result<Response, ApiError>;

@@ -1,0 +1,153 @@
+//! Real faults for tests, in one place so every suite injects them the same way: a disk
+//! that fills up (a tmpfs of a set size), a process that stops or dies (signals), and a
+//! wait that polls for a condition up to a generous deadline instead of sleeping a guess.
+//!
+//! Mounting needs root, which CI has. Outside CI a test that cannot mount skips with a
+//! printed reason; under `CI=true` it fails, so a missing fault never passes silently.
+//!
+//! ```no_run
+//! # fn demo() {
+//! let Some(disk) = tessera_testkit::Tmpfs::mount_or_skip(3 << 20) else { return };
+//! let filler = disk.fill();       // the disk is now full
+//! disk.free(&filler);              // and has room again
+//! # }
+//! ```
+
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// A tmpfs of a fixed size, mounted on a fresh directory and unmounted on drop.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `bytes` bytes (rounded up to pages by the kernel).
+    pub fn mount(bytes: u64) -> Result<Tmpfs, String> {
+        let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={bytes},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("running mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount -t tmpfs failed (needs root): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Tmpfs { dir })
+    }
+
+    /// `mount`, or `None` with the reason printed when this machine cannot mount and the
+    /// run is not CI. Under `CI=true` a failed mount panics.
+    pub fn mount_or_skip(bytes: u64) -> Option<Tmpfs> {
+        match Tmpfs::mount(bytes) {
+            Ok(t) => Some(t),
+            Err(e) if std::env::var_os("CI").is_some() => panic!("{e}"),
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                None
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the remaining space with one file and returns its path; the next write of
+    /// any size to this filesystem fails with ENOSPC.
+    pub fn fill(&self) -> PathBuf {
+        let path = self.dir.path().join(format!("filler-{}", fastish_id()));
+        let mut f = std::fs::File::create(&path).expect("create filler");
+        let chunk = vec![0x5a_u8; 4096];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+        // The last partial page: write byte by byte until nothing fits.
+        while let Ok(1) = f.write(&[0x5a]) {}
+        path
+    }
+
+    /// Removes a file made by `fill`, giving its space back.
+    pub fn free(&self, filler: &Path) {
+        std::fs::remove_file(filler).expect("remove filler");
+    }
+
+    /// Bytes free on the filesystem, from `df`.
+    pub fn available(&self) -> u64 {
+        let out = Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(self.dir.path())
+            .output()
+            .expect("df");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .expect("df output")
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy, so a process of the test still holding a file open cannot keep it mounted.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn fastish_id() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Sends `signal` (`"STOP"`, `"CONT"`, `"KILL"`, `"TERM"`...) to process `pid`.
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// Polls `cond` every 50 ms until it holds, panicking with `what` after `deadline`. Waits
+/// on real processes use this with a generous deadline: a loaded machine may slow a test,
+/// never fail it.
+pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
