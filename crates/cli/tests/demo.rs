@@ -605,6 +605,11 @@ async fn chaos_run(database_url: Option<&str>) {
         .find(|l| l.starts_with("orders: "))
         .expect("report");
     assert!(!confirmed.starts_with("orders: 0 confirmed"), "{stdout}");
+    // The server stays healthy under the load: no ERROR line (the event store's writer
+    // once clashed with consumer-group acks here, "database is locked").
+    let server_log = std::fs::read_to_string(dir.path().join("logs/server.log")).unwrap();
+    let errors: Vec<&str> = server_log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "ERROR lines in server.log: {errors:#?}");
     let data_dir = dir.path().to_string_lossy().into_owned();
     wait_for("every child process to be gone", || {
         let d = data_dir.clone();

@@ -1,8 +1,11 @@
-//! The embedded event store: SQLite in the data dir. Appends go through one writer task
-//! that checks each append's expected version and event ids and commits every append
-//! waiting in one transaction (group commit), so global positions are assigned in commit
-//! order and a reader never sees position N+1 before N. After each commit the new head
-//! position is published, which is what live subscriptions wait on.
+//! The embedded event store: SQLite in the data dir. Every write (appends and consumer-group
+//! acks alike) goes through one writer task that checks each append's expected version and
+//! event ids and commits everything waiting in one `BEGIN IMMEDIATE` transaction (group
+//! commit), so global positions are assigned in commit order and a reader never sees
+//! position N+1 before N. A second writer would make SQLite refuse one of the two with
+//! "database is locked" (a read transaction that must upgrade to a write cannot wait for
+//! another writer), so there is none. After each commit the new head position is published,
+//! which is what live subscriptions wait on.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -162,8 +165,20 @@ impl Selection {
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
-    writes: mpsc::Sender<(Append, Reply)>,
+    writes: mpsc::Sender<Write>,
     head: watch::Receiver<i64>,
+}
+
+/// What the writer commits.
+enum Write {
+    Append(Append, Reply),
+    /// Move a consumer group's offset forward; answered with the stored offset.
+    Ack {
+        group: String,
+        sel: String,
+        offset: i64,
+        reply: oneshot::Sender<Result<i64, StoreError>>,
+    },
 }
 
 const SCHEMA: [&str; 3] = [
@@ -230,7 +245,7 @@ impl Store {
     ) -> Result<Appended, AppendError> {
         let (reply, answer) = oneshot::channel();
         self.writes
-            .send((
+            .send(Write::Append(
                 Append {
                     stream,
                     expected,
@@ -307,16 +322,17 @@ impl Store {
     /// Moves a group's offset forward (never back); returns the stored offset. Durable
     /// when it returns.
     pub async fn ack(&self, group: &str, sel: &str, offset: i64) -> Result<i64, StoreError> {
-        sqlx::query(
-            "INSERT INTO consumer_groups (grp, stream, acked) VALUES (?, ?, ?)
-             ON CONFLICT (grp, stream) DO UPDATE SET acked = MAX(acked, excluded.acked)",
-        )
-        .bind(group)
-        .bind(sel)
-        .bind(offset)
-        .execute(&self.pool)
-        .await?;
-        Ok(self.acked(group, sel).await?.unwrap_or(offset))
+        let (reply, answer) = oneshot::channel();
+        self.writes
+            .send(Write::Ack {
+                group: group.to_owned(),
+                sel: sel.to_owned(),
+                offset,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 }
 
@@ -356,11 +372,7 @@ fn now_ms() -> i64 {
 /// Most stream heads (last versions) the writer remembers; past it the cache starts over.
 const MAX_HEADS: usize = 100_000;
 
-async fn writer(
-    pool: SqlitePool,
-    mut rx: mpsc::Receiver<(Append, Reply)>,
-    head: watch::Sender<i64>,
-) {
+async fn writer(pool: SqlitePool, mut rx: mpsc::Receiver<Write>, head: watch::Sender<i64>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // The last version of streams written through this writer (the only writer), so an
     // append needs no query to learn it.
@@ -382,8 +394,10 @@ async fn writer(
                 heads.extend(moved);
                 let top = results
                     .iter()
-                    .filter_map(|r| r.as_ref().ok())
-                    .map(|a| a.last_position)
+                    .filter_map(|r| match r {
+                        Outcome::Appended(Ok(a)) => Some(a.last_position),
+                        _ => None,
+                    })
                     .max();
                 if let Some(top) = top {
                     head.send_if_modified(|h| {
@@ -392,18 +406,40 @@ async fn writer(
                         moved
                     });
                 }
-                for ((_, reply), r) in batch.drain(..).zip(results) {
-                    let _ = reply.send(r);
+                for (w, r) in batch.drain(..).zip(results) {
+                    match (w, r) {
+                        (Write::Append(_, reply), Outcome::Appended(r)) => {
+                            let _ = reply.send(r);
+                        }
+                        (Write::Ack { reply, .. }, Outcome::Acked(offset)) => {
+                            let _ = reply.send(Ok(offset));
+                        }
+                        // `commit` answers each write, in order, with its own kind.
+                        _ => unreachable!("an event store write answered with another kind"),
+                    }
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, appends = batch.len(), "event store commit failed");
-                for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(AppendError::Store(e.to_string())));
+                tracing::warn!(error = %e, writes = batch.len(), "event store commit failed");
+                for w in batch.drain(..) {
+                    match w {
+                        Write::Append(_, reply) => {
+                            let _ = reply.send(Err(AppendError::Store(e.to_string())));
+                        }
+                        Write::Ack { reply, .. } => {
+                            let _ = reply.send(Err(StoreError::Commit(e.to_string())));
+                        }
+                    }
                 }
             }
         }
     }
+}
+
+/// A committed write's answer.
+enum Outcome {
+    Appended(Result<Appended, AppendError>),
+    Acked(i64),
 }
 
 /// One transaction for the whole batch; each append's checks see the appends before it.
@@ -412,13 +448,34 @@ async fn writer(
 /// the new stream heads, applied to `heads` only once the commit succeeded.
 async fn commit(
     pool: &SqlitePool,
-    batch: &[(Append, Reply)],
+    batch: &[Write],
     heads: &HashMap<String, i64>,
     moved: &mut HashMap<String, i64>,
-) -> Result<Vec<Result<Appended, AppendError>>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+) -> Result<Vec<Outcome>, sqlx::Error> {
+    // IMMEDIATE: the write lock is taken at once, so the transaction never has to upgrade
+    // a read snapshot (which SQLite refuses without waiting, as SQLITE_BUSY_SNAPSHOT).
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let mut out = Vec::with_capacity(batch.len());
-    for (a, _) in batch {
+    for w in batch {
+        let a = match w {
+            Write::Append(a, _) => a,
+            Write::Ack {
+                group, sel, offset, ..
+            } => {
+                let stored: i64 = sqlx::query_scalar(
+                    "INSERT INTO consumer_groups (grp, stream, acked) VALUES (?, ?, ?)
+                     ON CONFLICT (grp, stream) DO UPDATE SET acked = MAX(acked, excluded.acked)
+                     RETURNING acked",
+                )
+                .bind(group)
+                .bind(sel)
+                .bind(offset)
+                .fetch_one(&mut *tx)
+                .await?;
+                out.push(Outcome::Acked(stored));
+                continue;
+            }
+        };
         let current = match moved.get(&a.stream).or_else(|| heads.get(&a.stream)) {
             Some(v) => *v,
             None => {
@@ -460,13 +517,13 @@ async fn commit(
                 sqlx::query("RELEASE append").execute(&mut *tx).await?;
                 let last = current + a.events.len() as i64;
                 moved.insert(a.stream.clone(), last);
-                out.push(Ok(Appended {
+                out.push(Outcome::Appended(Ok(Appended {
                     stream: a.stream.clone(),
                     first_version: current + 1,
                     last_version: last,
                     last_position,
                     duplicate: false,
-                }));
+                })));
                 continue;
             }
             sqlx::query("ROLLBACK TO append; RELEASE append")
@@ -489,7 +546,7 @@ async fn commit(
         let all_here = !seen.is_empty()
             && seen.len() == a.events.len()
             && seen.iter().all(|(_, h)| h.0 == a.stream);
-        out.push(if all_here {
+        out.push(Outcome::Appended(if all_here {
             Ok(Appended {
                 stream: a.stream.clone(),
                 first_version: seen.iter().map(|(_, h)| h.1).min().unwrap_or(0),
@@ -509,7 +566,7 @@ async fn commit(
                 expected: a.expected,
                 current,
             })
-        });
+        }));
     }
     tx.commit().await?;
     Ok(out)

@@ -445,6 +445,47 @@ async fn bad_requests_name_the_problem() {
     assert_eq!(st, 400);
 }
 
+/// Appends to new streams and consumer-group acks from many clients at once, as the
+/// demo's outbox relays and subscribers make them: every one succeeds. (Acks once had a
+/// writer of their own, and SQLite refused the clashes with "database is locked".)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_and_acks_never_clash() {
+    let kind = Kind::sqlite();
+    let server = Arc::new(Server::start(&kind).await);
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let s = server.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40 {
+                let (st, v) = s
+                    .append(
+                        &format!("order-{w}-{i}"),
+                        json!("no_stream"),
+                        &[(&format!("e{w}-{i}"), "Placed")],
+                    )
+                    .await;
+                assert_eq!(st, 201, "append {w}/{i}: {v}");
+            }
+        }));
+        let s = server.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40 {
+                let (st, v) = s
+                    .send(
+                        "PUT",
+                        &format!("/v1/streams/order-*/groups/g{w}"),
+                        Some(json!({"acked": i})),
+                    )
+                    .await;
+                assert_eq!(st, 200, "ack {w}/{i}: {v}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
 /// Each scenario on the embedded store and on NATS JetStream.
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
