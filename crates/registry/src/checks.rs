@@ -11,6 +11,7 @@
 //!   `DeregisterCriticalServiceAfter` (checked every 250 ms: seconds, not Consul's minute).
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -33,6 +34,8 @@ use crate::state::Op;
 pub const STALL_SLACK: Duration = Duration::from_secs(1);
 const STALL_TICK: Duration = Duration::from_millis(100);
 const REAP_TICK: Duration = Duration::from_millis(250);
+/// How often a TTL check held by the mass-expiry guard is decided again.
+const HOLD_RECHECK: Duration = Duration::from_secs(1);
 /// Most bytes of a probe's response kept as the check's output.
 const MAX_OUTPUT: usize = 4096;
 
@@ -48,6 +51,8 @@ struct Handle {
 #[derive(Default)]
 pub struct Runners {
     tasks: Mutex<HashMap<String, Handle>>,
+    /// TTL checks among the tasks: the mass-expiry guard's denominator.
+    ttl_count: std::sync::atomic::AtomicUsize,
     registry: OnceLock<Weak<Registry>>,
     /// Checks start when their registration becomes durable, which the log's writer
     /// thread reports: it spawns them here.
@@ -72,6 +77,9 @@ impl Runners {
                 return;
             }
             h.cancel.cancel();
+            if h.ttl_reset.is_some() {
+                self.ttl_count.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         let cancel = CancellationToken::new();
         let mut ttl_reset = None;
@@ -119,6 +127,9 @@ impl Runners {
                 ));
             }
         }
+        if ttl_reset.is_some() {
+            self.ttl_count.fetch_add(1, Ordering::Relaxed);
+        }
         tasks.insert(
             id.to_owned(),
             Handle {
@@ -132,13 +143,24 @@ impl Runners {
     pub fn stop(&self, id: &str) {
         if let Some(h) = self.tasks().remove(id) {
             h.cancel.cancel();
+            if h.ttl_reset.is_some() {
+                self.ttl_count.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 
     pub fn stop_all(&self) {
         for (_, h) in self.tasks().drain() {
             h.cancel.cancel();
+            if h.ttl_reset.is_some() {
+                self.ttl_count.fetch_sub(1, Ordering::Relaxed);
+            }
         }
+    }
+
+    /// TTL checks running now.
+    pub fn ttl_checks(&self) -> usize {
+        self.ttl_count.load(Ordering::Relaxed)
     }
 
     /// A TTL check was updated: its deadline restarts.
@@ -202,6 +224,28 @@ impl Registry {
         tokio::spawn(reaper(weak, self.shutdown.clone()));
     }
 
+    /// Asks the mass-expiry guard about TTL check `id` reaching its deadline: `true` to
+    /// hold it. Checks that expired just before protection started get their status back
+    /// and a new TTL.
+    fn hold_expiry(&self, id: &str, now: Instant) -> bool {
+        let current = self.check_status(id).unwrap_or(Health::Critical);
+        let total = self.runners.ttl_checks();
+        let (verdict, restore) = self
+            .guard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .on_expiry(id, current, total, now);
+        for (rid, before) in restore {
+            self.set_status(
+                &rid,
+                before,
+                "TTL expired with many others at once; held by mass-expiry protection".into(),
+            );
+            self.runners.reset_ttl(&rid);
+        }
+        verdict == crate::guard::Verdict::Hold
+    }
+
     fn stalled_since(&self, t: Instant) -> bool {
         let last = self
             .last_stall_end
@@ -248,6 +292,13 @@ async fn run_ttl(
                         "server stalled past this TTL deadline; granting one more TTL instead of expiring");
                     extended = true;
                     deadline = Some(now + ttl);
+                    continue;
+                }
+                if reg.check_status(&id).is_some_and(|s| s != Health::Critical)
+                    && reg.hold_expiry(&id, now)
+                {
+                    // Held by the mass-expiry guard: decided again shortly.
+                    deadline = Some(now + ttl.min(HOLD_RECHECK));
                     continue;
                 }
                 reg.ttl_state.forget(&id);

@@ -18,6 +18,7 @@ mod checks;
 pub mod defs;
 mod error;
 mod filter;
+pub mod guard;
 pub mod model;
 mod registry;
 mod state;

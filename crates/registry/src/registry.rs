@@ -46,6 +46,8 @@ pub struct Config {
     /// Log bytes after which the state is snapshotted and the log emptied.
     pub snapshot_after_bytes: u64,
     pub acl: AclConfig,
+    /// When many TTL checks expire at once, stop expiring (see `guard`).
+    pub mass_expiry: crate::guard::MassExpiryConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -78,6 +80,7 @@ impl Default for Config {
             kv_max_value_bytes: 512 * 1024,
             snapshot_after_bytes: 64 * 1024 * 1024,
             acl: AclConfig::default(),
+            mass_expiry: crate::guard::MassExpiryConfig::default(),
         }
     }
 }
@@ -113,6 +116,7 @@ pub struct Registry {
     /// Restored TTL statuses whose runners have not started yet: each starts with the
     /// time its TTL had left instead of a full one.
     pub(crate) ttl_resume: Mutex<HashMap<String, Mark>>,
+    pub(crate) guard: Mutex<crate::guard::Guard>,
 }
 
 struct Head {
@@ -253,6 +257,7 @@ impl Registry {
             }
         }
         let durable = state.index;
+        let guard = crate::guard::Guard::new(config.mass_expiry.clone());
         let reg = Arc::new(Registry {
             head: Mutex::new(Head {
                 state: state.clone(),
@@ -275,6 +280,7 @@ impl Registry {
             critical_since: Mutex::new(HashMap::new()),
             ttl_state: Arc::new(ttl_state),
             ttl_resume: Mutex::new(ttl_resume),
+            guard: Mutex::new(guard),
         });
         reg.store.start(Arc::new(Shown(Arc::downgrade(&reg))))?;
         Ok(reg)
@@ -431,6 +437,14 @@ impl Registry {
         }
     }
 
+    /// Whether mass-expiry protection holds TTL expiries now, and how many.
+    pub fn mass_expiry_protection(&self) -> crate::guard::Protection {
+        self.guard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .status()
+    }
+
     /// Why the store broke, once it has.
     pub fn storage_broken(&self) -> Option<&DiskError> {
         self.broken_by.get()
@@ -482,6 +496,10 @@ impl Registry {
 
     fn forget_status(&self, check_id: &str) {
         self.ttl_state.forget(check_id);
+        self.guard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .renewed(check_id);
         let mut cs = self
             .critical_since
             .lock()
@@ -903,6 +921,10 @@ impl Registry {
             *ttl
         };
         self.runners.reset_ttl(id);
+        self.guard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .renewed(id);
         self.ttl_state.record(id, status, &output, ttl);
         self.set_status(id, status, output);
         Ok(())

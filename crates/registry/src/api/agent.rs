@@ -22,6 +22,7 @@ pub async fn agent_self(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
     {
         return Err(crate::error::Error::denied("token lacks agent:read").into());
     }
+    let protection = reg.mass_expiry_protection();
     let body = json!({
         "Config": {
             "Datacenter": reg.config.datacenter,
@@ -45,6 +46,12 @@ pub async fn agent_self(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
         "Stats": {},
         "Meta": {},
         "xDS": null,
+        // Tessera's own: whether TTL expiry is held because too many expired at once.
+        "MassExpiryProtection": {
+            "Active": protection.active,
+            "HeldChecks": protection.held,
+            "Threshold": protection.threshold,
+        },
     });
     Ok(with_index(reg.current_index(), StatusCode::OK, body))
 }
@@ -235,7 +242,18 @@ pub async fn metrics(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
         return Err(crate::error::Error::denied("token lacks agent:read").into());
     }
     let s = reg.stats();
-    let gauges: [(&str, &str, f64); 7] = [
+    let protection = reg.mass_expiry_protection();
+    let gauges: [(&str, &str, f64); 9] = [
+        (
+            "tessera.health.mass_expiry_protection",
+            "1 while TTL expiry is held because too many checks expired at once",
+            f64::from(u8::from(protection.active)),
+        ),
+        (
+            "tessera.health.held_checks",
+            "TTL checks whose expiry mass-expiry protection holds",
+            protection.held as f64,
+        ),
         ("tessera.raft.index", "Latest write index", s.index as f64),
         ("tessera.catalog.nodes", "Registered nodes", s.nodes as f64),
         (

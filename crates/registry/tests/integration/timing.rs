@@ -73,18 +73,100 @@ async fn stalled_server_does_not_mass_expire() {
         .filter(|i| reg.check_status(&format!("service:w{i}")) == Some(Health::Critical))
         .count();
     assert_eq!(expired, 0, "no TTL expires on wake-up from a stall");
-    // Half the services heartbeat within the grace TTL; the rest expire after it.
-    for i in 0..100 {
-        pass(&reg, &format!("service:w{i}"));
+    // Most services heartbeat within the grace TTL, and on; the rest (fewer than the
+    // mass-expiry guard's threshold) expire one TTL after the stall.
+    for _ in 0..4 {
+        for i in 0..180 {
+            pass(&reg, &format!("service:w{i}"));
+        }
+        sleep(Duration::from_secs(3)).await;
     }
-    sleep(Duration::from_millis(10_500)).await;
-    let critical = (100..200)
+    let critical = (180..200)
         .filter(|i| reg.check_status(&format!("service:w{i}")) == Some(Health::Critical))
         .count();
     assert_eq!(
-        critical, 100,
+        critical, 20,
         "without heartbeats they expire one TTL after the stall"
     );
+}
+
+/// Heartbeats stop reaching the registry from every instance at once (a partition): after
+/// the first quarter expire, protection starts, puts them back and holds the rest, so the
+/// passing set does not empty. When most heartbeats return, protection ends and the
+/// instances that stayed silent expire.
+#[tokio::test(start_paused = true)]
+async fn a_partition_does_not_empty_the_passing_set() {
+    let reg = registry().await;
+    let passing = |reg: &Registry| {
+        (0..20)
+            .filter(|i| reg.check_status(&format!("service:w{i}")) == Some(Health::Passing))
+            .count()
+    };
+    for i in 0..20 {
+        register(
+            &reg,
+            &format!(r#"{{"Name":"web","ID":"w{i}","Check":{{"TTL":"10s"}}}}"#),
+        )
+        .await;
+        pass(&reg, &format!("service:w{i}"));
+    }
+    // Silence for 30 s: three TTLs.
+    for _ in 0..30 {
+        sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            passing(&reg),
+            20,
+            "the passing set shrank during the partition"
+        );
+    }
+    let p = reg.mass_expiry_protection();
+    assert!(p.active);
+    assert_eq!(p.held, 20);
+    // Fifteen come back and keep heartbeating; five stay silent.
+    for _ in 0..10 {
+        for i in 0..15 {
+            pass(&reg, &format!("service:w{i}"));
+        }
+        sleep(Duration::from_secs(3)).await;
+    }
+    assert!(!reg.mass_expiry_protection().active);
+    assert_eq!(passing(&reg), 15);
+    for i in 15..20 {
+        assert_eq!(
+            reg.check_status(&format!("service:w{i}")),
+            Some(Health::Critical)
+        );
+    }
+}
+
+/// Instances that die one by one expire on time: no protection.
+#[tokio::test(start_paused = true)]
+async fn scattered_deaths_expire_on_time() {
+    let reg = registry().await;
+    for i in 0..20 {
+        register(
+            &reg,
+            &format!(r#"{{"Name":"web","ID":"w{i}","Check":{{"TTL":"10s"}}}}"#),
+        )
+        .await;
+    }
+    // w0..w2 die 2 minutes apart (steps are 3 s); the rest keep heartbeating.
+    for step in 0..120 {
+        for i in 0..20 {
+            if i >= 3 || step < 20 + 40 * i {
+                pass(&reg, &format!("service:w{i}"));
+            }
+        }
+        sleep(Duration::from_secs(3)).await;
+    }
+    assert!(!reg.mass_expiry_protection().active);
+    for i in 0..3 {
+        assert_eq!(
+            reg.check_status(&format!("service:w{i}")),
+            Some(Health::Critical),
+            "w{i}"
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]
