@@ -323,6 +323,113 @@ async fn kill_9_keeps_ttl_checks_passing_through_the_restart() {
     child.wait().await.unwrap();
 }
 
+/// Mass-expiry protection against real frozen heartbeats: 8 instances heartbeat from
+/// their own processes; 6 of them are SIGSTOPped for several TTLs. The registry holds
+/// their expiry (and says so in /v1/agent/self) instead of emptying the passing set; after
+/// SIGCONT protection ends, and two instances killed for real then expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_heartbeats_do_not_empty_the_passing_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, addr) = spawn_server(dir.path()).await;
+    let c = client();
+    let mut beaters = Vec::new();
+    for i in 0..8 {
+        let body = format!(
+            r#"{{"Name":"hb","ID":"h{i}","Port":{},"Check":{{"TTL":"3s"}}}}"#,
+            9000 + i
+        );
+        let (s, _) = call(
+            &c,
+            "PUT",
+            format!("http://{addr}/v1/agent/service/register"),
+            body.into_bytes(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(s, 200);
+        let script = format!(
+            "while :; do curl -s -o /dev/null -X PUT http://{addr}/v1/agent/check/pass/service:h{i}; sleep 1; done"
+        );
+        beaters.push(
+            Command::new("bash")
+                .args(["-c", &script])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let passing = |c: HttpClient, addr: String| async move {
+        let (_, body) = call(
+            &c,
+            "GET",
+            format!("http://{addr}/v1/health/service/hb?passing"),
+            vec![],
+        )
+        .await
+        .unwrap();
+        serde_json::from_slice::<Vec<serde_json::Value>>(&body)
+            .unwrap()
+            .len()
+    };
+    let protected = |c: HttpClient, addr: String| async move {
+        let (_, body) = call(&c, "GET", format!("http://{addr}/v1/agent/self"), vec![])
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["MassExpiryProtection"]["Active"] == true
+    };
+    tessera_testkit::wait_until("all 8 passing", Duration::from_secs(60), || {
+        let n = passing(c.clone(), addr.clone());
+        async move { n.await == 8 }
+    })
+    .await;
+    for b in &beaters[..6] {
+        tessera_testkit::signal(b.id().unwrap(), "STOP");
+    }
+    tessera_testkit::wait_until("protection to start", Duration::from_secs(60), || {
+        protected(c.clone(), addr.clone())
+    })
+    .await;
+    // The few that expired before it started are put back; none expires while it holds.
+    tessera_testkit::wait_until("all 8 passing again", Duration::from_secs(60), || {
+        let n = passing(c.clone(), addr.clone());
+        async move { n.await == 8 }
+    })
+    .await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            passing(c.clone(), addr.clone()).await,
+            8,
+            "an instance expired under protection"
+        );
+    }
+    for b in &beaters[..6] {
+        tessera_testkit::signal(b.id().unwrap(), "CONT");
+    }
+    tessera_testkit::wait_until("protection to end", Duration::from_secs(60), || {
+        let p = protected(c.clone(), addr.clone());
+        async move { !p.await }
+    })
+    .await;
+    // Two die for real: a few are below the threshold, so they expire.
+    for b in &mut beaters[6..] {
+        b.start_kill().unwrap();
+        b.wait().await.unwrap();
+    }
+    tessera_testkit::wait_until("the two dead to expire", Duration::from_secs(60), || {
+        let n = passing(c.clone(), addr.clone());
+        async move { n.await == 6 }
+    })
+    .await;
+    assert_eq!(check_status(&c, &addr, "service:h7").await, "critical");
+    assert_eq!(check_status(&c, &addr, "service:h0").await, "passing");
+    server.start_kill().unwrap();
+    server.wait().await.unwrap();
+}
+
 async fn verify_kept(
     c: &HttpClient,
     addr: &str,
@@ -495,8 +602,9 @@ async fn sigstop_longer_than_ttl_does_not_mass_expire() {
     signal(&child, "-STOP");
     tokio::time::sleep(Duration::from_secs(5)).await; // the stall itself: 2.5 TTLs
     signal(&child, "-CONT");
-    // Heartbeats queued behind the stall arrive now, for half of the instances.
-    for i in 0..10 {
+    // Heartbeats queued behind the stall arrive now, for most of the instances (the
+    // silent ones stay under the mass-expiry guard's threshold, a quarter).
+    for i in 0..16 {
         let (s, _) = call(
             &c,
             "PUT",
@@ -507,14 +615,14 @@ async fn sigstop_longer_than_ttl_does_not_mass_expire() {
         .unwrap();
         assert_eq!(s, 200);
     }
-    for i in 10..20 {
+    for i in 16..20 {
         let st = check_status(&c, &addr, &format!("service:t{i}")).await;
         assert_eq!(st, "passing", "t{i} must not expire on wake-up");
     }
-    // The silent half expires one TTL after the stall; keep the others alive meanwhile.
+    // The silent ones expire one TTL after the stall; keep the others alive meanwhile.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        for i in 0..10 {
+        for i in 0..16 {
             call(
                 &c,
                 "PUT",
@@ -525,12 +633,12 @@ async fn sigstop_longer_than_ttl_does_not_mass_expire() {
             .unwrap();
         }
         let mut critical = 0;
-        for i in 10..20 {
+        for i in 16..20 {
             if check_status(&c, &addr, &format!("service:t{i}")).await == "critical" {
                 critical += 1;
             }
         }
-        if critical == 10 {
+        if critical == 4 {
             break;
         }
         assert!(
@@ -539,7 +647,7 @@ async fn sigstop_longer_than_ttl_does_not_mass_expire() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    for i in 0..10 {
+    for i in 0..16 {
         assert_eq!(
             check_status(&c, &addr, &format!("service:t{i}")).await,
             "passing"

@@ -96,10 +96,11 @@ impl RetryDef {
     /// The pause before attempt `attempt + 1` (after `attempt` failures, `attempt ≥ 1`):
     /// uniform in [0, min(max_backoff, backoff × 2^(attempt-1))].
     pub fn delay(&self, attempt: u32, random: f64) -> Duration {
-        let exp = self
-            .backoff
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(30));
-        exp.min(self.max_backoff).mul_f64(random.clamp(0.0, 1.0))
+        tessera_resilience::Backoff {
+            base: self.backoff,
+            max: self.max_backoff,
+        }
+        .delay(attempt, random)
     }
 }
 
@@ -336,21 +337,5 @@ mod tests {
         }
         let err = parse(serde_json::json!({"steps": [], "typo": 1})).unwrap_err();
         assert!(err.contains("typo"), "{err}");
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap_with_jitter() {
-        let r = RetryDef {
-            max_attempts: 10,
-            backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(1),
-        };
-        assert_eq!(r.delay(1, 1.0), Duration::from_millis(100));
-        assert_eq!(r.delay(2, 1.0), Duration::from_millis(200));
-        assert_eq!(r.delay(4, 1.0), Duration::from_millis(800));
-        assert_eq!(r.delay(5, 1.0), Duration::from_secs(1));
-        assert_eq!(r.delay(60, 1.0), Duration::from_secs(1));
-        assert_eq!(r.delay(3, 0.5), Duration::from_millis(200));
-        assert_eq!(r.delay(3, 0.0), Duration::ZERO);
     }
 }

@@ -444,6 +444,14 @@ pub struct RetryConfig {
     /// Retry 502/503/504 and resets for non-idempotent methods too.
     #[serde(default)]
     pub retry_non_idempotent: bool,
+    /// Longest pause before the first retry (default 25ms, as Envoy); the pause before
+    /// retry n is uniform in [0, backoff × 2^(n-1)], at most `max_backoff`, and never past
+    /// the route's deadline.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub backoff: Option<Duration>,
+    /// Longest pause between two tries (default 250ms).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub max_backoff: Option<Duration>,
 }
 
 fn default_attempts() -> u32 {
@@ -914,10 +922,18 @@ impl Config {
                     format!("{} is not an HTTP status", f.status),
                 ));
             }
-            if let Some(rt) = &r.retries
-                && rt.attempts > 10
-            {
-                return Err(invalid(format!("{key}.retries.attempts"), "at most 10"));
+            if let Some(rt) = &r.retries {
+                if rt.attempts > 10 {
+                    return Err(invalid(format!("{key}.retries.attempts"), "at most 10"));
+                }
+                if let (Some(b), Some(m)) = (rt.backoff, rt.max_backoff)
+                    && m < b
+                {
+                    return Err(invalid(
+                        format!("{key}.retries.max_backoff"),
+                        "must not be shorter than backoff",
+                    ));
+                }
             }
             if r.timeout.is_some_and(|t| t.is_zero()) {
                 return Err(invalid(format!("{key}.timeout"), "must be greater than 0"));

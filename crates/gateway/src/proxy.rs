@@ -696,6 +696,7 @@ async fn forward(
                 }
                 attempt += 1;
                 tried.push(idx);
+                pause(route, attempt, deadline).await;
                 continue;
             }
             Some(Err(SendError::Connect(e))) => {
@@ -760,6 +761,16 @@ async fn forward(
         }
         attempt += 1;
         tried.push(idx);
+        pause(route, attempt, deadline).await;
+    }
+}
+
+/// The route's jittered, growing pause before retry `attempt`, cut short at the deadline:
+/// retries of requests that failed together do not land together.
+async fn pause(route: &Route, attempt: u32, deadline: Instant) {
+    let wait = route.retry_backoff.delay(attempt, fastrand::f64());
+    if !wait.is_zero() {
+        tokio::time::sleep_until((Instant::now() + wait).min(deadline)).await;
     }
 }
 

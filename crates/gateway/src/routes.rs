@@ -83,6 +83,8 @@ pub struct Route {
     pub per_try_timeout: Duration,
     pub retries: u32,
     pub retry_non_idempotent: bool,
+    /// The pause before each retry.
+    pub retry_backoff: tessera_resilience::Backoff,
     pub add_request: Vec<(HeaderName, HeaderValue)>,
     pub remove_request: Vec<HeaderName>,
     pub add_response: Vec<(HeaderName, HeaderValue)>,
@@ -311,6 +313,19 @@ fn compile(
     };
     let timeout = r.timeout.unwrap_or(DEFAULT_TIMEOUT);
     let name = r.name.clone().unwrap_or_else(|| format!("route{i}"));
+    let proxy = tessera_resilience::Backoff::PROXY;
+    let retry_backoff = tessera_resilience::Backoff {
+        base: r
+            .retries
+            .as_ref()
+            .and_then(|x| x.backoff)
+            .unwrap_or(proxy.base),
+        max: r
+            .retries
+            .as_ref()
+            .and_then(|x| x.max_backoff)
+            .unwrap_or(proxy.max),
+    };
     let describe = serde_json::json!({
         "name": name,
         "host": r.host,
@@ -320,6 +335,8 @@ fn compile(
         "upstream": r.upstream,
         "timeout": tessera_core::format_duration(timeout),
         "retries": r.retries.as_ref().map(|x| x.attempts).unwrap_or(DEFAULT_RETRIES),
+        "retry_backoff": tessera_core::format_duration(retry_backoff.base),
+        "retry_max_backoff": tessera_core::format_duration(retry_backoff.max),
     });
     let rate_limit = r.rate_limit.as_ref().map(|l| RateLimit {
         key: match l.key.as_str() {
@@ -391,6 +408,7 @@ fn compile(
             .map(|x| x.attempts)
             .unwrap_or(DEFAULT_RETRIES),
         retry_non_idempotent: r.retries.as_ref().is_some_and(|x| x.retry_non_idempotent),
+        retry_backoff,
         add_request,
         remove_request,
         add_response: header_pairs(&r.response_headers.add),

@@ -180,10 +180,21 @@ impl Guard {
         (Verdict::Expire, Vec::new())
     }
 
-    /// A check renewed (or went away): it is no longer held.
-    pub fn renewed(&mut self, id: &str) {
-        self.held.remove(id);
+    /// A check renewed (or went away): it is no longer held, and once few enough are,
+    /// protection ends; `total` TTL checks are local.
+    pub fn renewed(&mut self, id: &str, total: usize) {
+        let was_held = self.held.remove(id).is_some();
         self.recent.retain(|(_, r, _)| r != id);
+        if was_held
+            && self.since.is_some()
+            && self.held.len() as f64 <= self.cfg.threshold * total as f64
+        {
+            tracing::info!(
+                held = self.held.len(),
+                "renewals recovered; mass-expiry protection ends and checks still held expire"
+            );
+            self.since = None;
+        }
     }
 }
 
@@ -230,8 +241,12 @@ mod tests {
         assert_eq!(g.status().held, 20);
         // 17 renew; 3 stay silent: at most the threshold, so they expire.
         for i in 0..17 {
-            g.renewed(&format!("c{i}"));
+            g.renewed(&format!("c{i}"), 20);
         }
+        assert!(
+            !g.status().active,
+            "ends once held checks are under the threshold"
+        );
         let t1 = t0 + Duration::from_secs(1);
         for i in 17..20 {
             let (v, _) = g.on_expiry(&format!("c{i}"), Health::Passing, 20, t1);

@@ -13,6 +13,7 @@
 //! ```
 
 pub mod acl;
+pub mod admission;
 pub mod api;
 mod checks;
 pub mod defs;
@@ -78,12 +79,7 @@ impl Server {
         reg.ensure_initial_management().await?;
         let app = api::router(reg.clone()).merge(extra);
         let stopper = reg.clone();
-        // Small JSON answers must not wait on Nagle's algorithm (40 ms with delayed ACKs).
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
+        let listener = admission::LimitedListener::new(listener, reg.clone());
         let broken = reg.broken.clone();
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move {

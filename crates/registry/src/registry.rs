@@ -48,6 +48,8 @@ pub struct Config {
     pub acl: AclConfig,
     /// When many TTL checks expire at once, stop expiring (see `guard`).
     pub mass_expiry: crate::guard::MassExpiryConfig,
+    /// Admission control (see `admission`).
+    pub limits: crate::admission::Limits,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -81,6 +83,7 @@ impl Default for Config {
             snapshot_after_bytes: 64 * 1024 * 1024,
             acl: AclConfig::default(),
             mass_expiry: crate::guard::MassExpiryConfig::default(),
+            limits: crate::admission::Limits::default(),
         }
     }
 }
@@ -109,6 +112,10 @@ pub struct Registry {
     pub(crate) last_stall_end: Mutex<Option<Instant>>,
     /// Blocking queries parked right now (reported by `/v1/agent/metrics`).
     pub(crate) parked: std::sync::atomic::AtomicI64,
+    /// Registry API requests in progress, parked ones included (admission control).
+    pub(crate) in_flight: std::sync::atomic::AtomicUsize,
+    /// Requests and connections answered 429 since start.
+    pub(crate) refused: std::sync::atomic::AtomicU64,
     /// Checks that are critical, and since when; drives `DeregisterCriticalServiceAfter`.
     pub(crate) critical_since: Mutex<HashMap<String, Instant>>,
     /// TTL checks' last statuses, saved beside the log.
@@ -277,6 +284,8 @@ impl Registry {
             shutdown: CancellationToken::new(),
             last_stall_end: Mutex::new(None),
             parked: std::sync::atomic::AtomicI64::new(0),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            refused: std::sync::atomic::AtomicU64::new(0),
             critical_since: Mutex::new(HashMap::new()),
             ttl_state: Arc::new(ttl_state),
             ttl_resume: Mutex::new(ttl_resume),
@@ -499,7 +508,7 @@ impl Registry {
         self.guard
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .renewed(check_id);
+            .renewed(check_id, self.runners.ttl_checks());
         let mut cs = self
             .critical_since
             .lock()
@@ -924,7 +933,7 @@ impl Registry {
         self.guard
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .renewed(id);
+            .renewed(id, self.runners.ttl_checks());
         self.ttl_state.record(id, status, &output, ttl);
         self.set_status(id, status, output);
         Ok(())
@@ -1584,11 +1593,14 @@ pub struct Stats {
     pub checks_critical: usize,
     pub kv_entries: usize,
     pub blocking_queries: i64,
+    /// Requests and connections refused with 429 since start (admission control).
+    pub refused: u64,
 }
 
 impl Registry {
     pub fn stats(&self) -> Stats {
         let parked = self.parked.load(std::sync::atomic::Ordering::Relaxed);
+        let refused = self.refused.load(std::sync::atomic::Ordering::Relaxed);
         self.read(|st| Stats {
             index: st.index,
             nodes: st.nodes.len(),
@@ -1601,6 +1613,7 @@ impl Registry {
                 .count(),
             kv_entries: st.kv.len(),
             blocking_queries: parked,
+            refused,
         })
     }
 }

@@ -10,6 +10,7 @@
 //! - [`Outlier`]: passive outlier ejection: consecutive gateway errors eject an endpoint for
 //!   a growing time (base × times ejected), never more than a share of the set at once.
 //! - [`Bulkhead`]: a cap on requests in flight per upstream.
+//! - [`Backoff`]: the jittered, growing pause between retries.
 //! - [`RateLimiter`]: a keyed GCRA limiter (burst, then a steady rate) whose memory stays
 //!   bounded under millions of keys.
 //!
@@ -26,6 +27,7 @@
 //! assert!(b.try_acquire().is_err());
 //! ```
 
+mod backoff;
 mod breaker;
 mod budget;
 mod bulkhead;
@@ -34,6 +36,7 @@ mod outlier;
 mod ratelimit;
 mod window;
 
+pub use backoff::Backoff;
 pub use breaker::{BreakerConfig, BreakerOpen, CircuitBreaker, Permit, State};
 pub use budget::{BudgetConfig, RetryBudget};
 pub use bulkhead::{Bulkhead, BulkheadFull, BulkheadPermit};

@@ -24,6 +24,13 @@ pub(crate) fn client() -> Http {
         .build(connector)
 }
 
+/// `d` plus up to half of it again, at random: clients told to wait the same time do not
+/// all come back in the same instant.
+pub(crate) fn jittered(d: Duration) -> Duration {
+    let half = u64::try_from(d.as_millis() / 2).unwrap_or(u64::MAX);
+    d + Duration::from_millis(fastrand::u64(..=half))
+}
+
 /// What went wrong with a call made through the SDK.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -72,6 +79,20 @@ impl Response {
 
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// How long a 429 or 503 asks the caller to wait (`Retry-After` in seconds, at most
+    /// a minute).
+    pub fn retry_after(&self) -> Option<Duration> {
+        let secs: u64 = self
+            .headers
+            .get(http::header::RETRY_AFTER)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(Duration::from_secs(secs.min(60)))
     }
 
     /// `Err(Error::Status)` unless the status is 2xx.

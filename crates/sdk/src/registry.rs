@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{Error, Http, Response, client, send};
+use crate::http::{Error, Http, Response, client, jittered, send};
 
 /// A connection to the registry (tessera server or Consul), cheap to clone.
 ///
@@ -103,7 +103,9 @@ impl Registry {
         &self.inner.http
     }
 
-    /// A request to the registry's API (`path` starts with `/v1/`).
+    /// A request to the registry's API (`path` starts with `/v1/`). A registry that is
+    /// saturated answers 429: the call waits the `Retry-After` it names, with jitter, and
+    /// tries again, up to `SATURATED_RETRIES` times.
     pub(crate) async fn call(
         &self,
         method: http::Method,
@@ -111,26 +113,33 @@ impl Registry {
         body: Option<&serde_json::Value>,
         headers: &[(&str, &str)],
     ) -> Result<Response, Error> {
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.inner.address));
-        if let Some(t) = &self.inner.token {
-            req = req.header("x-consul-token", t.as_str());
-        }
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let body = match body {
-            Some(b) => {
-                req = req.header(http::header::CONTENT_TYPE, "application/json");
-                Bytes::from(b.to_string())
+        let body = body.map(|b| Bytes::from(b.to_string()));
+        let mut attempt = 0;
+        loop {
+            let mut req = http::Request::builder()
+                .method(method.clone())
+                .uri(format!("http://{}{path}", self.inner.address));
+            if let Some(t) = &self.inner.token {
+                req = req.header("x-consul-token", t.as_str());
             }
-            None => Bytes::new(),
-        };
-        let req = req
-            .body(Full::new(body))
-            .map_err(|e| Error::Invalid(e.to_string()))?;
-        send(&self.inner.http, "registry", req).await
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            if body.is_some() {
+                req = req.header(http::header::CONTENT_TYPE, "application/json");
+            }
+            let req = req
+                .body(Full::new(body.clone().unwrap_or_default()))
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            let resp = send(&self.inner.http, "registry", req).await?;
+            if resp.status != http::StatusCode::TOO_MANY_REQUESTS || attempt == SATURATED_RETRIES {
+                return Ok(resp);
+            }
+            attempt += 1;
+            let wait = jittered(resp.retry_after().unwrap_or(Duration::from_secs(1)));
+            tracing::debug!(%path, wait = ?wait, "registry saturated (429); waiting before trying again");
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// The cached, watched set of `service`'s healthy instances; the first call starts a
@@ -275,11 +284,16 @@ async fn watch_loop(
         let parsed = match answer {
             Err(_) => Err("discovery query timed out".to_owned()),
             Ok(Err(e)) => Err(e.to_string()),
-            Ok(Ok(r)) if !r.status.is_success() => Err(format!(
-                "registry answered {}: {}",
-                r.status,
-                r.text().trim()
-            )),
+            Ok(Ok(r)) if !r.status.is_success() => {
+                if let Some(wait) = r.retry_after() {
+                    backoff = backoff.max(wait);
+                }
+                Err(format!(
+                    "registry answered {}: {}",
+                    r.status,
+                    r.text().trim()
+                ))
+            }
             Ok(Ok(r)) => {
                 let new_index = r
                     .headers
@@ -349,6 +363,9 @@ async fn watch_loop(
 }
 
 pub(crate) use tessera_core::consul::encode_segment as encode;
+
+/// Times a registry call is retried after a 429 before the 429 is returned.
+const SATURATED_RETRIES: u32 = 5;
 
 /// How the registry decides whether an instance gets traffic.
 #[derive(Debug, Clone)]
@@ -519,15 +536,25 @@ async fn heartbeat(
     let every = (ttl / 3).max(Duration::from_millis(100));
     let path = format!("/v1/agent/check/pass/{}", encode(&check_id));
     loop {
+        // Between two and three ninths of the TTL: instances started together drift
+        // apart instead of heartbeating in lockstep.
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(jittered(every * 2 / 3)) => {}
         }
         match registry.call(http::Method::PUT, &path, None, &[]).await {
             Ok(r) if r.status.is_success() => {}
             // The registry no longer knows the check (deregistered after a long pause,
             // or a registry without persistence restarted): register again.
             Ok(r) if r.status == http::StatusCode::NOT_FOUND => {
+                // Every instance finds out at about the same time (a registry that lost
+                // its state restarted): spread the re-registrations out.
+                let spread = every.min(Duration::from_secs(5));
+                let delay = Duration::from_millis(fastrand::u64(..=spread.as_millis() as u64));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
                 if let Err(e) = registry.register(&def).await {
                     tracing::warn!(check = %check_id, error = %e, "re-registration failed");
                 }

@@ -36,6 +36,8 @@ struct Server {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    /// The registry in-process, for what the test must see without a connection.
+    inner: Arc<tessera_registry::Registry>,
     _dir: tempfile::TempDir,
 }
 
@@ -48,18 +50,21 @@ impl tessera_coordinator::Resolve for Resolver {
 
 impl Server {
     async fn start() -> Server {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(f: impl FnOnce(&mut tessera_registry::Config)) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tessera_registry::Server::build(
-            tessera_registry::Config {
-                data_dir: dir.path().into(),
-                node_name: "sdk-test".into(),
-                ..Default::default()
-            },
-            &listener,
-        )
-        .unwrap();
+        let mut config = tessera_registry::Config {
+            data_dir: dir.path().into(),
+            node_name: "sdk-test".into(),
+            ..Default::default()
+        };
+        f(&mut config);
+        let server = tessera_registry::Server::build(config, &listener).unwrap();
+        let inner = server.registry().clone();
         let resolver = Arc::new(Resolver(server.registry().clone()));
         let coordinator = tessera_coordinator::Coordinator::open_sqlite(dir.path(), Some(resolver))
             .await
@@ -81,6 +86,7 @@ impl Server {
             addr,
             stop: Some(stop),
             task,
+            inner,
             _dir: dir,
         }
     }
@@ -207,6 +213,38 @@ async fn ttl_registration_stays_passing_and_deregisters_on_shutdown() {
         async move { w.current().instances.is_empty() }
     })
     .await;
+    server.stop().await;
+}
+
+/// A registry at its connection limit answers 429; registration waits the Retry-After
+/// (with jitter) and succeeds once a connection is free, instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_waits_out_a_saturated_registry() {
+    let server = Server::start_with(|c| c.limits.max_conns_per_client = 3).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    let registry = server.registry();
+    let addr: SocketAddr = "127.0.0.1:40009".parse().unwrap();
+    let registering = tokio::spawn(async move {
+        Registration::new("orders", addr)
+            .check(Check::Ttl(Duration::from_secs(30)))
+            .register(&registry)
+            .await
+    });
+    wait_for("the registry to refuse a connection", || {
+        let refused = server.inner.stats().refused;
+        async move { refused > 0 }
+    })
+    .await;
+    drop(held);
+    let me = registering
+        .await
+        .unwrap()
+        .expect("registered after the 429");
+    assert!(server.inner.has_service(me.id()));
+    me.deregister().await.unwrap();
     server.stop().await;
 }
 

@@ -87,6 +87,10 @@ fn bad_values_name_the_key() {
             "fallback.status",
         ),
         ("[[routes]]\n", "needs an upstream or a fallback"),
+        (
+            "[[routes]]\nupstream = \"a\"\nretries = { backoff = \"1s\", max_backoff = \"100ms\" }\n[upstreams.a]\nendpoints = [\"127.0.0.1:1\"]\n",
+            "routes[0].retries.max_backoff",
+        ),
     ];
     for (text, needle) in cases {
         let err = Config::parse(text).unwrap_err().to_string();

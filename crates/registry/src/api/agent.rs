@@ -243,7 +243,12 @@ pub async fn metrics(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
     }
     let s = reg.stats();
     let protection = reg.mass_expiry_protection();
-    let gauges: [(&str, &str, f64); 9] = [
+    let gauges: [(&str, &str, f64); 10] = [
+        (
+            "tessera.http.refused",
+            "Requests and connections answered 429 since start (admission control)",
+            s.refused as f64,
+        ),
         (
             "tessera.health.mass_expiry_protection",
             "1 while TTL expiry is held because too many checks expired at once",

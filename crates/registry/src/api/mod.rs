@@ -98,6 +98,10 @@ pub fn router(registry: Arc<Registry>) -> Router {
         )
         .route("/v1/acl/tokens", get(acl::token_list))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            registry.clone(),
+            crate::admission::admit,
+        ))
         .with_state(registry)
 }
 

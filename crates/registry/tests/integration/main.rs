@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod acl;
+mod admission;
 mod api;
 mod checks;
 mod durability;
