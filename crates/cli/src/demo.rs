@@ -20,16 +20,18 @@ use crate::load::{self, LoadArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Where the gateway listens (port 0: any free port). Its admin API takes the next
-    /// port.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    gateway: SocketAddr,
-    /// Where `tessera server` listens (port 0: any free port).
-    #[arg(long, default_value = "127.0.0.1:8500")]
-    registry: SocketAddr,
-    /// State of every process (databases, logs, configs); kept between runs.
-    #[arg(long, default_value = "tessera-demo")]
-    data_dir: PathBuf,
+    /// Where the gateway listens (port 0: any free port); its admin API takes the next
+    /// port. Default 127.0.0.1:8080, or a free port with --load.
+    #[arg(long)]
+    gateway: Option<SocketAddr>,
+    /// Where `tessera server` listens (port 0: any free port). Default 127.0.0.1:8500, or
+    /// a free port with --load.
+    #[arg(long)]
+    registry: Option<SocketAddr>,
+    /// State of every process (databases, logs, configs); kept between runs, and used by
+    /// one demo at a time. Default `tessera-demo`, or `tessera-demo-load` with --load.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// Start from empty databases.
     #[arg(long)]
     fresh: bool,
@@ -154,12 +156,60 @@ impl Fleet {
     }
 }
 
-fn free_port(addr: SocketAddr) -> Result<SocketAddr, String> {
-    if addr.port() != 0 {
-        return Ok(addr);
-    }
-    let l = std::net::TcpListener::bind(addr).map_err(|e| format!("cannot bind {addr}: {e}"))?;
+/// Checks that `addr` can be listened on (a free one for port 0) and returns it.
+fn reserve(addr: SocketAddr, what: &str) -> Result<SocketAddr, String> {
+    let l = std::net::TcpListener::bind(addr).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!(
+                "{addr}, for {what}, is already in use: is a demo already running? \
+                 Nothing was started; choose other ports with --registry and --gateway"
+            )
+        } else {
+            format!("cannot listen on {addr} for {what}: {e}")
+        }
+    })?;
     l.local_addr().map_err(|e| e.to_string())
+}
+
+/// Holds the data dir for this demo while it runs: a second demo on the same dir is
+/// refused before it changes a file in it.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let path = dir.join("demo.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "the data dir {} is in use by another `tessera demo`; nothing was started \
+             (choose another with --data-dir)",
+            dir.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
+    }
+}
+
+/// `--fresh`: everything in the data dir but its lock goes.
+fn clear_data_dir(dir: &Path) -> Result<(), String> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    for entry in entries.flatten() {
+        if entry.file_name() == "demo.lock" {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 const PRODUCTS: &[(&str, &str, i64, i64)] = &[
@@ -177,9 +227,23 @@ pub const DEMO_EMAIL: &str = "demo@shop.test";
 pub const DEMO_PASSWORD: &str = "demo-password-1";
 const ADMIN_EMAIL: &str = "admin@shop.test";
 
+/// Where the demo listens by default, as the README says.
+const REGISTRY: &str = "127.0.0.1:8500";
+const GATEWAY: &str = "127.0.0.1:8080";
+/// Anywhere free: a `--load` run starts a fleet of its own beside a running demo.
+const ANY: &str = "127.0.0.1:0";
+
+fn addr(given: Option<SocketAddr>, default: &str) -> SocketAddr {
+    given.unwrap_or_else(|| {
+        default
+            .parse()
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+    })
+}
+
 pub async fn run(args: DemoArgs) -> Result<(), String> {
     if args.verify {
-        let report = crate::load::verify(&args.registry.to_string()).await?;
+        let report = crate::load::verify(&addr(args.registry, REGISTRY).to_string()).await?;
         println!("{report}");
         return if report.ok() {
             Ok(())
@@ -190,16 +254,36 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     if args.replicas == 0 || args.replicas > 8 {
         return Err("--replicas: 1 to 8".into());
     }
-    let dir = &args.data_dir;
-    if args.fresh && dir.exists() {
-        std::fs::remove_dir_all(dir)
-            .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+    // A `--load` run is a demo of its own, on free ports and in its own data dir, so it
+    // never disturbs one that is running.
+    let (registry, gateway, dir) = if args.load {
+        (ANY, ANY, "tessera-demo-load")
+    } else {
+        (REGISTRY, GATEWAY, "tessera-demo")
+    };
+    let dir = &args.data_dir.clone().unwrap_or_else(|| PathBuf::from(dir));
+    // Every port is checked before anything starts or any file is touched.
+    let registry = reserve(addr(args.registry, registry), "the registry (--registry)")?;
+    let asked = addr(args.gateway, gateway);
+    let gateway = reserve(asked, "the gateway (--gateway)")?;
+    let admin = if asked.port() == 0 {
+        reserve(SocketAddr::new(gateway.ip(), 0), "the gateway's admin API")?
+    } else {
+        let next = gateway
+            .port()
+            .checked_add(1)
+            .ok_or("--gateway: no port after it for the admin API")?;
+        reserve(
+            SocketAddr::new(gateway.ip(), next),
+            "the gateway's admin API (the port after --gateway)",
+        )?
+    };
+    let _lock = lock_data_dir(dir)?;
+    if args.fresh {
+        clear_data_dir(dir)?;
     }
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
-    let registry = free_port(args.registry)?;
-    let gateway = free_port(args.gateway)?;
-    let admin = free_port(SocketAddr::new(gateway.ip(), 0))?;
     let admin_password = admin_password(dir)?;
 
     let mut fleet = Fleet {
@@ -369,11 +453,15 @@ fn admin_password(dir: &Path) -> Result<String, String> {
     if let Ok(p) = std::fs::read_to_string(&file) {
         let p = p.trim().to_owned();
         if p.len() >= 12 {
+            // A password written before secrets were private is made so.
+            tessera_shop::make_private(&file)
+                .map_err(|e| format!("cannot restrict {}: {e}", file.display()))?;
             return Ok(p);
         }
     }
     let p: String = (0..20).map(|_| fastrand::alphanumeric()).collect();
-    std::fs::write(&file, &p).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    tessera_shop::write_secret(&file, p.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
     Ok(p)
 }
 

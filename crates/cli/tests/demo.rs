@@ -196,12 +196,92 @@ fn processes_mentioning(needle: &str) -> Vec<u32> {
     pids
 }
 
+/// A second `tessera demo` beside a running one: on a port in use, or on the same data
+/// dir, it exits with an error naming the problem, before it starts anything or writes a
+/// file, and the running demo's registry and config are as they were.
+async fn a_second_demo_is_refused_and_changes_nothing(c: &Http, demo: &Demo, dir: &Path) {
+    let config = std::fs::read(dir.join("gateway.toml")).unwrap();
+    let instances = |c: Http, registry: String| async move {
+        let (_, v) = call(
+            &c,
+            "GET",
+            &format!("http://{registry}/v1/agent/services"),
+            None,
+            None,
+        )
+        .await;
+        v.as_object().unwrap().len()
+    };
+    let before = instances(c.clone(), demo.registry.clone()).await;
+    let other = tempfile::tempdir().unwrap();
+    let cases: [(Vec<String>, &str); 2] = [
+        (
+            vec![
+                "--registry".into(),
+                demo.registry.clone(),
+                "--gateway".into(),
+                "127.0.0.1:0".into(),
+                "--data-dir".into(),
+                other.path().to_string_lossy().into_owned(),
+            ],
+            demo.registry.as_str(),
+        ),
+        (
+            vec![
+                "--registry".into(),
+                "127.0.0.1:0".into(),
+                "--gateway".into(),
+                "127.0.0.1:0".into(),
+                "--fresh".into(),
+                "--data-dir".into(),
+                dir.to_string_lossy().into_owned(),
+            ],
+            "in use by another `tessera demo`",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            Command::new(BIN)
+                .arg("demo")
+                .args(&args)
+                .stdin(Stdio::null())
+                .output(),
+        )
+        .await
+        .expect("the second demo gave up in time")
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    assert!(
+        std::fs::read_dir(other.path()).unwrap().next().is_none(),
+        "the refused demo wrote into its data dir"
+    );
+    assert_eq!(std::fs::read(dir.join("gateway.toml")).unwrap(), config);
+    assert_eq!(instances(c.clone(), demo.registry.clone()).await, before);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let demo = Demo::start(dir.path()).await;
     let c = client();
     let gw = format!("http://{}", demo.gateway);
+    a_second_demo_is_refused_and_changes_nothing(&c, &demo, dir.path()).await;
+    // Secrets in the data dir are the owner's only.
+    for secret in ["admin-password", "users/users-signing-key.der"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(secret))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{secret}");
+    }
+    // Logs are plain text: no terminal colour codes.
+    let log = std::fs::read_to_string(dir.path().join("logs/server.log")).unwrap();
+    assert!(!log.contains('\u{1b}'), "ANSI escape codes in server.log");
 
     // Browse without a token; writes to the catalog need an admin.
     let (s, products) = call(&c, "GET", &format!("{gw}/api/catalog/products"), None, None).await;

@@ -32,6 +32,28 @@ use tokio_util::sync::CancellationToken;
 
 pub use users::{AUDIENCE, ISSUER};
 
+/// Writes a file only its owner can read or write (0600): signing keys, passwords.
+pub fn write_secret(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // `mode` applies only when the file is created.
+    make_private(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Restricts an existing file to its owner (0600).
+pub fn make_private(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
 /// Which service to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Service {

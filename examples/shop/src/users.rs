@@ -79,10 +79,13 @@ fn signing_key(dir: &Path) -> Result<Signer, String> {
     if !path.exists() {
         let der = Signer::generate_pkcs8().map_err(|e| e.to_string())?;
         let tmp = dir.join(format!(".users-signing-key.{}", new_id()));
-        std::fs::write(&tmp, &der).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        crate::write_secret(&tmp, &der)
+            .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
         let _ = std::fs::hard_link(&tmp, &path);
         let _ = std::fs::remove_file(&tmp);
     }
+    // A key written before keys were private is made so.
+    crate::make_private(&path).map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
     let der = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     Signer::ed25519(&der).map_err(|e| format!("{}: {e}", path.display()))
 }
