@@ -21,10 +21,20 @@ pub enum GatewayError {
     },
     #[error("upstream {upstream} has {max} requests in flight")]
     BulkheadFull { upstream: String, max: usize },
+    /// `endpoint` (an address) goes to the log only: clients never learn where
+    /// upstreams live. `detail` says what failed, without addresses.
     #[error("cannot connect to upstream {upstream}: {detail}")]
-    Connect { upstream: String, detail: String },
+    Connect {
+        upstream: String,
+        endpoint: String,
+        detail: String,
+    },
     #[error("upstream {upstream} failed: {detail}")]
-    Io { upstream: String, detail: String },
+    Io {
+        upstream: String,
+        endpoint: String,
+        detail: String,
+    },
     #[error("upstream {upstream} did not answer within {}", tessera_core::GoDuration(*.timeout))]
     Timeout { upstream: String, timeout: Duration },
     #[error("request body too large or unreadable: {0}")]
@@ -102,6 +112,10 @@ impl GatewayError {
     }
 
     pub fn into_response(self) -> Response<Body> {
+        if let GatewayError::Connect { endpoint, .. } | GatewayError::Io { endpoint, .. } = &self {
+            // Where it failed is for the operator.
+            tracing::warn!(%endpoint, error = %self, "upstream request failed");
+        }
         let body = serde_json::json!({"error": self.to_string(), "code": self.code()});
         let mut resp = Response::new(Body::bytes(body.to_string()));
         *resp.status_mut() = self.status();

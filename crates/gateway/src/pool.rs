@@ -95,7 +95,7 @@ impl Conns {
                         .keep_alive_interval(Some(Duration::from_secs(30)))
                         .handshake(TokioIo::new(io))
                         .await
-                        .map_err(|e| ConnectError(format!("HTTP/2 handshake with {addr}: {e}")))
+                        .map_err(|e| ConnectError(format!("HTTP/2 handshake: {e}")))
                 })
                 .await?;
                 tokio::spawn(async move {

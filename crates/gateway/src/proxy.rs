@@ -624,10 +624,8 @@ async fn forward(
         let Some(authority) = snapshot.authorities[idx].clone() else {
             return Err(GatewayError::Io {
                 upstream: up.name.clone(),
-                detail: format!(
-                    "endpoint address {:?} is not a valid authority",
-                    endpoint.addr
-                ),
+                endpoint: endpoint.addr.clone(),
+                detail: "the endpoint's address is not a valid authority".into(),
             });
         };
         let target = Target {
@@ -682,6 +680,7 @@ async fn forward(
                             // A 101 nobody asked for: the connection is dropped.
                             None => GatewayError::Io {
                                 upstream: up.name.clone(),
+                                endpoint: endpoint.addr.clone(),
                                 detail: "unexpected 101 Switching Protocols".into(),
                             }
                             .into_response(),
@@ -707,6 +706,7 @@ async fn forward(
                 (
                     GatewayError::Connect {
                         upstream: up.name.clone(),
+                        endpoint: endpoint.addr.clone(),
                         detail: e.0,
                     },
                     replayable,
@@ -721,7 +721,8 @@ async fn forward(
                 (
                     GatewayError::Connect {
                         upstream: up.name.clone(),
-                        detail: format!("{}: {detail}", endpoint.addr),
+                        endpoint: endpoint.addr.clone(),
+                        detail,
                     },
                     replayable,
                 )
@@ -733,7 +734,8 @@ async fn forward(
                 (
                     GatewayError::Io {
                         upstream: up.name.clone(),
-                        detail: format!("{}: {detail}", endpoint.addr),
+                        endpoint: endpoint.addr.clone(),
+                        detail,
                     },
                     retry_allowed && replayable,
                 )

@@ -226,7 +226,7 @@ impl Connector {
         let work = async {
             let stream = TcpStream::connect(addr)
                 .await
-                .map_err(|e| ConnectError(format!("connect to {addr}: {e}")))?;
+                .map_err(|e| ConnectError(format!("connect: {e}")))?;
             let _ = stream.set_nodelay(true);
             let Some(tls) = &self.tls else {
                 return Ok(Io::Plain(stream));
@@ -236,17 +236,17 @@ impl Connector {
                 None => ServerName::try_from(
                     crate::proxy::unbracket(crate::proxy::strip_port(addr)).to_owned(),
                 )
-                .map_err(|e| ConnectError(format!("{addr}: no TLS server name: {e}")))?,
+                .map_err(|e| ConnectError(format!("no TLS server name: {e}")))?,
             };
             let stream = tls
                 .connector
                 .connect(name, stream)
                 .await
-                .map_err(|e| ConnectError(format!("TLS handshake with {addr}: {e}")))?;
+                .map_err(|e| ConnectError(format!("TLS handshake: {e}")))?;
             Ok(Io::Tls(Box::new(stream)))
         };
         tokio::time::timeout(timeout, work)
             .await
-            .map_err(|_| ConnectError(format!("connect to {addr} timed out")))?
+            .map_err(|_| ConnectError("connect timed out".to_owned()))?
     }
 }

@@ -118,10 +118,20 @@ pub async fn send(
 ) -> Result<Exchange, SendError> {
     let method = head.method;
     let head_only = *method == Method::HEAD;
-    write_request(&mut conn, &head, body, Arc::as_ptr(home) as usize).await?;
+    // An upstream may answer before it has read the whole request (413 for a body over
+    // its limit, 400, 401) and close; writing the rest then fails. Its answer wins over
+    // our write error, as in nginx: the client gets it, and the endpoint did nothing wrong.
+    let early = match write_request(&mut conn, &head, body, Arc::as_ptr(home) as usize).await {
+        Ok(()) => false,
+        Err(e) if answered_early(&mut conn, head_only).await => {
+            tracing::debug!(error = ?e, "upstream answered before reading the whole request");
+            true
+        }
+        Err(e) => return Err(e),
+    };
 
     loop {
-        let Some((head_len, info)) = parse_head(&conn.buf, head_only, &mut conn.fields)? else {
+        let Some((head_len, mut info)) = parse_head(&conn.buf, head_only, &mut conn.fields)? else {
             if conn.buf.len() >= MAX_HEAD {
                 return Err(SendError::Io(format!(
                     "response head larger than {MAX_HEAD} bytes"
@@ -141,6 +151,8 @@ pub async fn send(
         if info.status.is_informational() && info.status != StatusCode::SWITCHING_PROTOCOLS {
             continue; // 100 Continue, 103 Early Hints: the final answer follows
         }
+        // Part of the request is unsent: the connection cannot carry another.
+        info.reusable &= !early;
         let mut response = Response::new(Body::empty());
         *response.status_mut() = info.status;
         *response.version_mut() = Version::HTTP_11;
@@ -225,6 +237,28 @@ pub async fn send(
             response,
             upgraded: None,
         });
+    }
+}
+
+/// After a failed request write: whether a final response head is readable anyway (the
+/// upstream answered, then closed). The read is bounded by the try's deadline, which
+/// the caller holds.
+async fn answered_early(conn: &mut H1Conn, head_only: bool) -> bool {
+    let mut fields = Vec::new();
+    loop {
+        match parse_head(&conn.buf, head_only, &mut fields) {
+            Ok(Some((len, info))) if info.status.is_informational() => {
+                conn.buf.advance(len);
+                continue;
+            }
+            Ok(Some(_)) => return true,
+            Ok(None) if conn.buf.len() < MAX_HEAD => {}
+            _ => return false,
+        }
+        match conn.fill().await {
+            Ok(n) if n > 0 => {}
+            _ => return false,
+        }
     }
 }
 

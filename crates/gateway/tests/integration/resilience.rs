@@ -344,3 +344,106 @@ async fn connections_per_client_address_are_capped() {
     })
     .await;
 }
+
+/// An upstream with a 2 MB body limit that answers 413 from the head alone and closes
+/// without reading the body (as nginx's `client_max_body_size` and hyper do).
+async fn limited_upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let len: u64 = req
+                            .headers()
+                            .get(http::header::CONTENT_LENGTH)
+                            .and_then(|v| v.to_str().ok()?.parse().ok())
+                            .unwrap_or(0);
+                        let (status, body) = if len > 2 * 1024 * 1024 {
+                            (
+                                StatusCode::PAYLOAD_TOO_LARGE,
+                                r#"{"error":"body over 2 MB"}"#,
+                            )
+                        } else {
+                            (StatusCode::OK, r#"{"ok":true}"#)
+                        };
+                        let mut resp = http::Response::new(Full::new(Bytes::from(body)));
+                        *resp.status_mut() = status;
+                        Ok::<_, std::convert::Infallible>(resp)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// A 3 MB body to upstreams whose limit is 2 MB: the client gets their 413 every time,
+/// never a 502, and neither endpoint is penalised for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_413_before_the_body_is_read_reaches_the_client() {
+    let (a, _ta) = limited_upstream().await;
+    let (b, _tb) = limited_upstream().await;
+    let gw = TestGateway::start(&format!(
+        r#"
+[[routes]]
+upstream = "u"
+[upstreams.u]
+endpoints = ["{a}", "{b}"]
+"#
+    ))
+    .await;
+    let big = vec![b'x'; 3 * 1024 * 1024];
+    for i in 0..10 {
+        let (s, _, v) = gw
+            .http
+            .send(http::Method::POST, "/upload", &[], big.clone())
+            .await;
+        assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "try {i}: {v}");
+        assert_eq!(v["error"], "body over 2 MB", "the upstream's own answer");
+    }
+    let (s, _, _) = gw
+        .http
+        .send(http::Method::POST, "/upload", &[], vec![b'x'; 1000])
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let ups = gw.upstreams().await;
+    for e in ups["u"]["endpoints"].as_array().unwrap() {
+        assert_eq!(e["ejected"], false, "{e}");
+        assert!(e["ewma_ms"].as_f64().unwrap() < 1000.0, "penalised: {e}");
+    }
+}
+
+/// A 502 tells the client which upstream failed, never where it lives.
+#[tokio::test]
+async fn a_502_names_no_internal_address() {
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = dead.local_addr().unwrap();
+    drop(dead);
+    let gw = TestGateway::start(&format!(
+        r#"
+[[routes]]
+upstream = "u"
+[upstreams.u]
+endpoints = ["{addr}"]
+"#
+    ))
+    .await;
+    let (s, _, v) = gw.http.get("/").await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY);
+    let text = v.to_string();
+    assert!(
+        !text.contains("127.0.0.1") && !text.contains(&addr.port().to_string()),
+        "{text}"
+    );
+    assert_eq!(v["code"], "upstream_connect");
+}
