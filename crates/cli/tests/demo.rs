@@ -279,6 +279,9 @@ async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
             .mode();
         assert_eq!(mode & 0o777, 0o600, "{secret}");
     }
+    // A shop service's unknown route and wrong method answer the JSON error shape.
+    let (s, v) = call(&c, "GET", &format!("{gw}/api/catalog"), None, None).await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")), "{v}");
     // Logs are plain text: no terminal colour codes.
     let log = std::fs::read_to_string(dir.path().join("logs/server.log")).unwrap();
     assert!(!log.contains('\u{1b}'), "ANSI escape codes in server.log");
@@ -496,6 +499,19 @@ async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
     )
     .await;
     let admin = v["token"].as_str().unwrap().to_owned();
+    let (s, v) = call(
+        &c,
+        "DELETE",
+        &format!("{gw}/api/catalog/products"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (405, Some("method_not_allowed")),
+        "{v}"
+    );
     let (s, _) = call(
         &c,
         "POST",

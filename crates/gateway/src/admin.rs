@@ -71,12 +71,35 @@ pub async fn handle(gw: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                 json!({"error": e.to_string(), "code": "invalid_config"}),
             ),
         },
-        (_, path) => json_resp(
-            StatusCode::NOT_FOUND,
-            json!({"error": format!("no admin endpoint {path}"), "code": "not_found"}),
-        ),
+        (method, path) => match ENDPOINTS.iter().find(|(p, _)| *p == path) {
+            Some((_, allow)) => {
+                let mut r = json_resp(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    json!({"error": format!("{method} is not allowed on {path} (see Allow)"),
+                           "code": "method_not_allowed"}),
+                );
+                r.headers_mut()
+                    .insert(header::ALLOW, http::HeaderValue::from_static(allow));
+                r
+            }
+            None => json_resp(
+                StatusCode::NOT_FOUND,
+                json!({"error": format!("no admin endpoint {path}"), "code": "not_found"}),
+            ),
+        },
     }
 }
+
+/// The admin endpoints and their methods, for 405's `Allow`.
+const ENDPOINTS: [(&str, &str); 7] = [
+    ("/healthz", "GET"),
+    ("/readyz", "GET"),
+    ("/metrics", "GET"),
+    ("/admin/routes", "GET"),
+    ("/admin/upstreams", "GET"),
+    ("/admin/tls", "GET"),
+    ("/admin/reload", "POST"),
+];
 
 fn upstreams(gw: &Shared) -> serde_json::Value {
     let table = gw.table.load();

@@ -77,7 +77,9 @@ impl Server {
         reg.start_background();
         reg.ensure_local_node().await?;
         reg.ensure_initial_management().await?;
-        let app = api::router(reg.clone()).merge(extra);
+        // One error shape for the whole server: unknown routes, wrong methods and
+        // rejected bodies answer JSON, on the registry's routes and on `extra`'s.
+        let app = tessera_web::json_errors(api::router(reg.clone()).merge(extra));
         let stopper = reg.clone();
         let listener = admission::LimitedListener::new(listener, reg.clone());
         let broken = reg.broken.clone();

@@ -178,7 +178,7 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
         }
     };
     let metrics = Arc::new(web::Metrics::default());
-    let app = routes
+    let app = tessera_web::json_errors(routes)
         .merge(
             Router::new()
                 .route("/health", get(health))

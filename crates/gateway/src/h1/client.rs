@@ -366,6 +366,35 @@ async fn write_streamed(
     // The head went out: from here on the upstream may act on the request.
     let io_err = |e: io::Error| SendError::Io(format!("writing the request body: {e}"));
     let mut trailers_sent = false;
+    let sent = write_body_frames(conn, &mut body, exact, &mut trailers_sent).await;
+    if let Err(e) = sent {
+        // The upstream stopped reading (it may have answered already): the client is
+        // still sending. Its body is read and dropped for a while, as nginx's lingering
+        // close does, so the client gets to read the answer instead of a reset.
+        tokio::spawn(linger(body));
+        return Err(e);
+    }
+    if exact.is_none() && !trailers_sent {
+        conn.io.write_all(b"0\r\n\r\n").await.map_err(io_err)?;
+    }
+    conn.io.flush().await.map_err(unsent)
+}
+
+/// Longest time the rest of an unsent request body is read and dropped.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn linger(mut body: Body) {
+    let drain = async { while let Some(Ok(_)) = body.frame().await {} };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+async fn write_body_frames(
+    conn: &mut H1Conn,
+    body: &mut Body,
+    exact: Option<u64>,
+    trailers_sent: &mut bool,
+) -> Result<(), SendError> {
+    let io_err = |e: io::Error| SendError::Io(format!("writing the request body: {e}"));
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| SendError::Io(format!("request body: {e}")))?;
         match frame.into_data() {
@@ -385,15 +414,12 @@ async fn write_streamed(
                     write_fields(&mut t, &trailers);
                     t.extend_from_slice(b"\r\n");
                     conn.io.write_all(&t).await.map_err(io_err)?;
-                    trailers_sent = true;
+                    *trailers_sent = true;
                 }
             }
         }
     }
-    if exact.is_none() && !trailers_sent {
-        conn.io.write_all(b"0\r\n\r\n").await.map_err(io_err)?;
-    }
-    conn.io.flush().await.map_err(unsent)
+    Ok(())
 }
 
 pub fn write_length(w: &mut Vec<u8>, n: u64) {

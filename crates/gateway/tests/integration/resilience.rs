@@ -447,3 +447,31 @@ endpoints = ["{addr}"]
     );
     assert_eq!(v["code"], "upstream_connect");
 }
+
+/// The admin API answers a wrong method with 405 and `Allow`, an unknown path with 404,
+/// both in the JSON error shape.
+#[tokio::test]
+async fn admin_errors_are_json_with_allow() {
+    let up = Upstream::start("a").await;
+    let gw = TestGateway::start(&format!(
+        "[[routes]]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{}\"]\n",
+        up.addr
+    ))
+    .await;
+    let admin = gw.admin_http();
+    let (s, h, v) = admin
+        .send(http::Method::DELETE, "/metrics", &[], bytes::Bytes::new())
+        .await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(h["allow"], "GET");
+    assert_eq!(v["code"], "method_not_allowed");
+    let (s, h, v) = admin.get("/admin/reload").await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(h["allow"], "POST");
+    assert_eq!(v["code"], "method_not_allowed");
+    let (s, _, v) = admin.get("/nope").await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+}

@@ -1,7 +1,8 @@
 //! The Consul HTTP API over the registry. Handlers parse the request, call one registry
 //! method and render Consul's JSON; errors become responses in exactly one place
 //! (`ApiError`), with plain-text bodies as Consul sends them, so existing clients show the
-//! message to their users.
+//! message to their users. Unknown routes and wrong methods are not Consul's: the server
+//! answers those in Tessera's JSON shape (`tessera_web`).
 
 mod acl;
 mod agent;
@@ -97,16 +98,11 @@ pub fn router(registry: Arc<Registry>) -> Router {
                 .delete(acl::token_delete),
         )
         .route("/v1/acl/tokens", get(acl::token_list))
-        .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             registry.clone(),
             crate::admission::admit,
         ))
         .with_state(registry)
-}
-
-async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError(Error::NotFound(format!("no such endpoint: {}", uri.path())))
 }
 
 async fn status_leader(axum::extract::State(reg): axum::extract::State<AppState>) -> Response {
@@ -147,6 +143,8 @@ impl IntoResponse for ApiError {
             axum::http::header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        // Consul's own text, which its clients show as is.
+        resp.extensions_mut().insert(tessera_web::KeepBody);
         resp
     }
 }

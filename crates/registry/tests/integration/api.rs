@@ -636,3 +636,42 @@ async fn filter_expressions() {
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(v.as_str().unwrap().contains("boolean expression"), "{v}");
 }
+
+/// Unknown routes and wrong methods answer Tessera's JSON shape; Consul's own errors
+/// stay the plain text Consul's clients show.
+#[tokio::test]
+async fn unknown_routes_and_wrong_methods_answer_json() {
+    let srv = crate::support::TestServer::start().await;
+    let h = &srv.http;
+    let (s, hd, b) = h
+        .raw(http::Method::GET, "/v1/nope", bytes::Bytes::new(), &[])
+        .await;
+    assert_eq!(s, http::StatusCode::NOT_FOUND);
+    assert_eq!(hd["content-type"], "application/json");
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["code"], "not_found");
+    assert_eq!(v["error"], "no such endpoint: /v1/nope");
+    let (s, hd, b) = h
+        .raw(
+            http::Method::DELETE,
+            "/v1/agent/services",
+            bytes::Bytes::new(),
+            &[],
+        )
+        .await;
+    assert_eq!(s, http::StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(hd["allow"], "GET,HEAD");
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["code"], "method_not_allowed");
+    let (s, hd, b) = h
+        .raw(http::Method::PUT, "/v1/agent/service/register", "{bad", &[])
+        .await;
+    assert_eq!(s, http::StatusCode::BAD_REQUEST);
+    assert!(
+        hd["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    assert!(!b.is_empty());
+}

@@ -1,0 +1,231 @@
+//! Every Tessera HTTP API (registry, coordinator, events, shop) answers errors in one
+//! shape, `{"error": "...", "code": "..."}` with `Content-Type: application/json`, also
+//! for the answers its handlers never see: an unknown route (404), a wrong method (405,
+//! with `Allow`), a body over the limit (413) or of the wrong type (415). axum makes those
+//! as empty or plain-text bodies; [`json_errors`] turns them into the shape.
+//!
+//! A handler that must answer in another form on purpose (Consul's plain-text errors,
+//! which Consul's clients show to their users) marks its response with [`KeepBody`].
+//!
+//! ```
+//! use axum::{Router, routing::get};
+//! let app: Router = tessera_web::json_errors(Router::new().route("/v1/x", get(|| async { "x" })));
+//! ```
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+
+/// Response extension: this error body is meant as it is.
+#[derive(Debug, Clone, Copy)]
+pub struct KeepBody;
+
+/// `{"error": message, "code": code}` with `status`.
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({"error": message.into(), "code": code});
+    let mut resp = Response::new(Body::from(body.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Unknown routes get a JSON 404, wrong methods a JSON 405 (axum keeps the `Allow`
+/// header), and every other error answer without a JSON body gets one that says what
+/// its text said. Call it on the finished router: fallbacks apply to the routes
+/// registered before.
+pub fn json_errors<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(as_json))
+}
+
+async fn not_found(uri: Uri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no such endpoint: {}", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {} (see Allow)", uri.path()),
+    )
+}
+
+/// The machine-readable code for an error status.
+pub fn code_for(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::CONFLICT => "conflict",
+        StatusCode::LENGTH_REQUIRED => "length_required",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
+        StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_client_error() => "bad_request",
+        _ => "internal",
+    }
+}
+
+/// Rewrites an error answer whose body is not JSON (axum's rejections: plain text or
+/// empty) into the shape, keeping its status and headers.
+async fn as_json(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error())
+        || is_json
+        || resp.extensions().get::<KeepBody>().is_some()
+    {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    // axum's rejection texts are short; a larger body is not one of them.
+    let text = match axum::body::to_bytes(body, 64 * 1024).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let fresh = error(status, code_for(status), message);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, fresh.into_body()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::{get, post};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    async fn call(
+        app: &Router,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, Option<String>, serde_json::Value) {
+        let req = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap_or_default();
+        let resp = app.clone().oneshot(req).await.unwrap_or_default();
+        let status = resp.status();
+        let allow = resp
+            .headers()
+            .get(header::ALLOW)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        if status.is_client_error() {
+            assert_eq!(
+                ct.as_ref().and_then(|v| v.to_str().ok()),
+                Some("application/json")
+            );
+        }
+        (
+            status,
+            allow,
+            serde_json::from_slice(&bytes).unwrap_or_default(),
+        )
+    }
+
+    fn app() -> Router {
+        json_errors(
+            Router::new()
+                .route(
+                    "/items",
+                    get(|| async { "list" })
+                        .post(|b: axum::body::Bytes| async move { b.len().to_string() }),
+                )
+                .route(
+                    "/consul",
+                    get(|| async {
+                        let mut r = (StatusCode::BAD_REQUEST, "Consul's words").into_response();
+                        r.extensions_mut().insert(KeepBody);
+                        r
+                    }),
+                )
+                .route(
+                    "/json",
+                    post(|_: axum::Json<serde_json::Value>| async { "ok" }),
+                )
+                .layer(axum::extract::DefaultBodyLimit::max(1024)),
+        )
+    }
+
+    #[tokio::test]
+    async fn axum_errors_come_out_as_json() {
+        let app = app();
+        let (s, _, v) = call(&app, "GET", "/nope", vec![]).await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found"))
+        );
+        assert_eq!(v["error"], "no such endpoint: /nope");
+        let (s, allow, v) = call(&app, "DELETE", "/items", vec![]).await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(v["code"], "method_not_allowed");
+        assert_eq!(allow.as_deref(), Some("GET,HEAD,POST"));
+        let (s, _, v) = call(&app, "POST", "/items", vec![b'x'; 5000]).await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (StatusCode::PAYLOAD_TOO_LARGE, Some("body_too_large"))
+        );
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+        let (s, _, v) = call(&app, "POST", "/json", b"{not json".to_vec()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(v["code"], "bad_request");
+        let (s, _, _) = call(&app, "GET", "/items", vec![]).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn marked_bodies_are_kept() {
+        let req = axum::http::Request::builder()
+            .uri("/consul")
+            .body(Body::empty())
+            .unwrap_or_default();
+        let resp = app().oneshot(req).await.unwrap_or_default();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        assert_eq!(&bytes[..], b"Consul's words");
+    }
+}
