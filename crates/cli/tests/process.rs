@@ -430,6 +430,181 @@ async fn frozen_heartbeats_do_not_empty_the_passing_set() {
     server.wait().await.unwrap();
 }
 
+/// The registry restarts (kill -9, then on the same address) while a gateway routes to a
+/// TTL-checked service it discovered there: every request through the gateway succeeds
+/// meanwhile, and afterwards the gateway still has the endpoint, watched again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_restart_loses_the_gateway_no_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let reg_addr = format!("127.0.0.1:{port}");
+    let start_registry = || {
+        Command::new(BIN)
+            .args([
+                "server",
+                "--bind",
+                &reg_addr,
+                "--node",
+                "proc-node",
+                "--data-dir",
+            ])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let c = client();
+    let registry_up = |c: HttpClient, a: String| async move {
+        matches!(
+            call(&c, "GET", format!("http://{a}/v1/status/leader"), vec![]).await,
+            Ok((200, _))
+        )
+    };
+    let mut registry = start_registry();
+    tessera_testkit::wait_until("registry up", Duration::from_secs(60), || {
+        registry_up(c.clone(), reg_addr.clone())
+    })
+    .await;
+
+    let mut up = Command::new(BIN)
+        .args(["upstream", "--bind", "127.0.0.1:0", "--id", "one"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let line = lines.next_line().await.unwrap().unwrap();
+    let up_addr = line.split("http://").nth(1).unwrap().trim().to_owned();
+    let up_port = up_addr.rsplit(':').next().unwrap().to_owned();
+    let reg = format!(
+        r#"{{"Name":"web","ID":"web1","Address":"127.0.0.1","Port":{up_port},"Check":{{"TTL":"10s"}}}}"#
+    );
+    let (s, _) = call(
+        &c,
+        "PUT",
+        format!("http://{reg_addr}/v1/agent/service/register"),
+        reg.into_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 200);
+    // The instance heartbeats as a service does, through the restart (failures ignored).
+    let beat = {
+        let (c, a) = (c.clone(), reg_addr.clone());
+        tokio::spawn(async move {
+            for _ in 0..600 {
+                let _ = call(
+                    &c,
+                    "PUT",
+                    format!("http://{a}/v1/agent/check/pass/service:web1"),
+                    vec![],
+                )
+                .await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!("[registry]\naddress = \"{reg_addr}\"\nwait = \"5s\"\n[[routes]]\nupstream = \"web\"\n[upstreams.web]\nservice = \"web\"\n"),
+    )
+    .unwrap();
+    let mut gw = Command::new(BIN)
+        .args([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(gw.stdout.take().unwrap()).lines();
+    let line = lines.next_line().await.unwrap().unwrap();
+    let gw_addr = line
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    tessera_testkit::wait_until("the gateway routes to web", Duration::from_secs(60), || {
+        let (c, a) = (c.clone(), gw_addr.clone());
+        async move {
+            matches!(
+                call(&c, "GET", format!("http://{a}/"), vec![]).await,
+                Ok((200, _))
+            )
+        }
+    })
+    .await;
+
+    // Traffic through the gateway while the registry dies and comes back.
+    let traffic = {
+        let (c, a) = (c.clone(), gw_addr.clone());
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            for _ in 0..200 {
+                match call(&c, "GET", format!("http://{a}/"), vec![]).await {
+                    Ok((200, _)) => {}
+                    other => failures.push(format!("{other:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            failures
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    registry.start_kill().unwrap(); // SIGKILL
+    registry.wait().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut registry = start_registry();
+    tessera_testkit::wait_until("registry back", Duration::from_secs(60), || {
+        registry_up(c.clone(), reg_addr.clone())
+    })
+    .await;
+    let failures = traffic.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "requests failed through the restart: {failures:?}"
+    );
+    // The instance is still passing on the restarted registry, and the gateway serves it.
+    let (_, body) = call(
+        &c,
+        "GET",
+        format!("http://{reg_addr}/v1/health/service/web?passing"),
+        vec![],
+    )
+    .await
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    let (s, _) = call(&c, "GET", format!("http://{gw_addr}/"), vec![])
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    beat.abort();
+    for child in [&mut gw, &mut up, &mut registry] {
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+    }
+}
+
 async fn verify_kept(
     c: &HttpClient,
     addr: &str,

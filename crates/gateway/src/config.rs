@@ -78,6 +78,12 @@ pub struct Config {
     /// encoded, never decoded into a separator.
     #[serde(default)]
     pub encoded_slashes: EncodedSlashes,
+    /// `reject` (default): a path with a `;` parameter gets 400 (Tomcat, Jetty and Spring
+    /// drop them, so `/admin;x` would reach `/admin` behind a route for `/`); `strip`:
+    /// removed from every segment for matching and forwarding alike; `keep`: passed on
+    /// opaque (only for backends that do not drop them).
+    #[serde(default)]
+    pub path_params: crate::path::PathParams,
     /// Largest request body accepted: a larger `Content-Length` gets 413 before anything
     /// is forwarded.
     #[serde(default = "default_max_body")]

@@ -65,7 +65,7 @@ pub struct Shared {
     config_path: Option<PathBuf>,
     replay_cap: usize,
     max_body: u64,
-    keep_encoded_slashes: bool,
+    path_rules: crate::path::PathRules,
     /// Requests being proxied now, and the most allowed (0: any).
     in_flight: std::sync::atomic::AtomicUsize,
     max_in_flight: usize,
@@ -129,7 +129,10 @@ impl Gateway {
                 config_path,
                 replay_cap: config.max_replay_body_bytes,
                 max_body: config.max_request_body_bytes,
-                keep_encoded_slashes: config.encoded_slashes == config::EncodedSlashes::Keep,
+                path_rules: crate::path::PathRules {
+                    keep_encoded_slashes: config.encoded_slashes == config::EncodedSlashes::Keep,
+                    params: config.path_params,
+                },
                 in_flight: std::sync::atomic::AtomicUsize::new(0),
                 max_in_flight: config.max_in_flight,
                 access_sample: config.access_log.sample,

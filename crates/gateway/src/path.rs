@@ -7,19 +7,49 @@
 //! above the root is refused). Encoded `/` and `\` are refused by default, or kept opaque
 //! (`encoded_slashes = "keep"`): never decoded into a separator. A raw `\`, an escaped
 //! NUL and a malformed escape are refused.
+//!
+//! Backends read some paths differently from their plain form, so a route protecting a
+//! prefix could be stepped around through them; each is refused or made the same for
+//! matching and forwarding:
+//! - `;` path parameters, which Tomcat, Jetty and Spring drop from each segment
+//!   (`/admin;x`, `/public/..;/admin`): refused by default; `path_params = "strip"`
+//!   removes them before anything else (forwarded stripped too), `"keep"` passes them
+//!   through opaque;
+//! - `\`, which IIS takes for `/`: refused;
+//! - an encoded `%` before two hex digits (`%252e`), which a backend that decodes twice
+//!   turns into another character: refused.
 
 /// Why a path was refused (the 400's message).
 pub type PathError = &'static str;
 
+/// What to do with `;` path parameters (`path_params` in the config).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathParams {
+    #[default]
+    Reject,
+    Strip,
+    Keep,
+}
+
+/// The path settings of a gateway.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathRules {
+    pub keep_encoded_slashes: bool,
+    pub params: PathParams,
+}
+
 /// The canonical form of `path`, or `None` when it already is canonical (the common
 /// case, decided by one scan without allocating).
-pub fn canonical(path: &str, keep_encoded_slashes: bool) -> Result<Option<String>, PathError> {
+pub fn canonical(path: &str, rules: PathRules) -> Result<Option<String>, PathError> {
+    let keep_encoded_slashes = rules.keep_encoded_slashes;
     let b = path.as_bytes();
     let mut suspect = false;
     let mut prev = 0u8;
     for &c in b {
         match c {
             b'%' | b'\\' => suspect = true,
+            b';' if rules.params != PathParams::Keep => suspect = true,
             b'/' if prev == b'/' => suspect = true,
             b'.' if prev == b'/' => suspect = true,
             _ => {}
@@ -35,6 +65,15 @@ pub fn canonical(path: &str, keep_encoded_slashes: bool) -> Result<Option<String
     while i < b.len() {
         match b[i] {
             b'\\' => return Err("a backslash in the path"),
+            b';' if rules.params == PathParams::Reject => {
+                return Err("a ';' path parameter in the path (see path_params)");
+            }
+            b';' if rules.params == PathParams::Strip => {
+                // Up to the segment's end, as Tomcat drops it.
+                while i < b.len() && b[i] != b'/' {
+                    i += 1;
+                }
+            }
             b'%' => {
                 let hex = |c: u8| (c as char).to_digit(16);
                 let (Some(h), Some(l)) = (
@@ -61,6 +100,14 @@ pub fn canonical(path: &str, keep_encoded_slashes: bool) -> Result<Option<String
                 i += 1;
             }
         }
+    }
+    // Checked on the decoded form: `%25%32%65` decodes to `%252e` here, which a second
+    // decoding would turn into `.`.
+    let d = decoded.as_bytes();
+    if d.windows(5)
+        .any(|w| w.starts_with(b"%25") && w[3].is_ascii_hexdigit() && w[4].is_ascii_hexdigit())
+    {
+        return Err("an encoded '%' before two hex digits (double encoding)");
     }
     // Segments, with empty ones (merged slashes) and dots resolved.
     let mut out: Vec<&str> = Vec::new();
@@ -98,13 +145,53 @@ mod tests {
     use super::*;
 
     fn c(p: &str) -> Result<String, PathError> {
-        canonical(p, false).map(|o| o.unwrap_or_else(|| p.to_owned()))
+        canonical(p, PathRules::default()).map(|o| o.unwrap_or_else(|| p.to_owned()))
+    }
+
+    fn with(params: PathParams, p: &str) -> Result<String, PathError> {
+        let rules = PathRules {
+            keep_encoded_slashes: false,
+            params,
+        };
+        canonical(p, rules).map(|o| o.unwrap_or_else(|| p.to_owned()))
+    }
+
+    /// What Tomcat, IIS and double-decoding backends would act on is refused, or made
+    /// one path for the gateway and the backend alike.
+    #[test]
+    fn backend_readings_cannot_step_around_a_route() {
+        for raw in [
+            "/admin;jsessionid=1",
+            "/public/..;/admin",
+            "/admin;/x",
+            "/public\\..\\admin",
+            "/%252e%252e/admin",
+            "/public/%252E%252E/admin",
+            "/a%25%32%65",
+        ] {
+            assert!(c(raw).is_err(), "{raw}");
+        }
+        // A literal percent sign is fine.
+        assert_eq!(c("/100%25"), Ok("/100%25".to_owned()));
+        assert_eq!(c("/100%25x"), Ok("/100%25x".to_owned()));
+        for (raw, want) in [
+            ("/admin;jsessionid=1", "/admin"),
+            ("/public/..;/admin", "/admin"),
+            ("/admin;x/secret", "/admin/secret"),
+            ("/a;b;c/d", "/a/d"),
+        ] {
+            assert_eq!(with(PathParams::Strip, raw), Ok(want.to_owned()), "{raw}");
+        }
+        assert_eq!(
+            with(PathParams::Keep, "/admin;x"),
+            Ok("/admin;x".to_owned())
+        );
     }
 
     #[test]
     fn canonical_paths_are_left_alone() {
         for p in ["/", "/a", "/a/b/", "/a.b/c..d/.e", "/x%20y", "/a-b_c~d"] {
-            assert_eq!(canonical(p, false), Ok(None), "{p}");
+            assert_eq!(canonical(p, PathRules::default()), Ok(None), "{p}");
         }
     }
 
@@ -134,7 +221,11 @@ mod tests {
         ] {
             assert!(c(raw).is_err(), "{raw}");
         }
-        assert_eq!(canonical("/a%2fb/../c", true), Ok(Some("/c".into())));
-        assert_eq!(canonical("/a%2Fb", true), Ok(None), "kept opaque");
+        let keep = PathRules {
+            keep_encoded_slashes: true,
+            params: PathParams::Reject,
+        };
+        assert_eq!(canonical("/a%2fb/../c", keep), Ok(Some("/c".into())));
+        assert_eq!(canonical("/a%2Fb", keep), Ok(None), "kept opaque");
     }
 }

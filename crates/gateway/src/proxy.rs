@@ -236,7 +236,7 @@ pub async fn handle(
     };
     let mut raw = raw;
     // Routing, auth and the upstream all see one canonical path.
-    match crate::path::canonical(req.uri().path(), gw.keep_encoded_slashes) {
+    match crate::path::canonical(req.uri().path(), gw.path_rules) {
         Ok(None) => {}
         Ok(Some(path)) => {
             let pq = match req.uri().query() {

@@ -472,6 +472,14 @@ async fn path_tricks_do_not_bypass_an_admin_route() {
         ("/public/..%5cadmin/x", StatusCode::BAD_REQUEST),
         ("/public/../../admin/x", StatusCode::BAD_REQUEST),
         ("/public/%00/x", StatusCode::BAD_REQUEST),
+        // How backends read paths: Tomcat/Jetty/Spring drop `;` parameters, IIS takes
+        // `\` for `/`, some frameworks decode twice.
+        ("/public/..;/admin/x", StatusCode::BAD_REQUEST),
+        ("/admin;jsessionid=1/x", StatusCode::BAD_REQUEST),
+        ("/public;/../admin", StatusCode::BAD_REQUEST),
+        ("/public\\..\\admin\\x", StatusCode::BAD_REQUEST),
+        ("/public/%252e%252e/admin/x", StatusCode::BAD_REQUEST),
+        ("/public/%25%32%65%25%32%65/admin", StatusCode::BAD_REQUEST),
     ] {
         let (s, _, body) = gw.http.get(path).await;
         assert_eq!(s, want, "{path}: {body}");
@@ -481,6 +489,15 @@ async fn path_tricks_do_not_bypass_an_admin_route() {
     let (s, _, body) = gw.http.get("/admin/..//public/./a%2Db?q=%2e").await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["path"], "/public/a-b?q=%2e");
+
+    // `path_params = "strip"`: parameters go for matching and forwarding alike.
+    let stripping = format!("path_params = \"strip\"\n{}", config(&up, &jwks));
+    let gw = TestGateway::start(&stripping).await;
+    let (s, _, _) = gw.http.get("/public/..;/admin/x").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "routed as /admin/x");
+    let (s, _, body) = gw.http.get("/public;v=1/a").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["path"], "/public/a");
 }
 
 /// API keys for machine clients: only the SHA-256 is configured; the key's name goes
