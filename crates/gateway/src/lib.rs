@@ -29,7 +29,7 @@ mod error;
 mod grouped;
 mod h1;
 mod metrics;
-mod path;
+pub(crate) mod path;
 mod pool;
 mod proxy;
 mod ratelimit;
@@ -53,6 +53,14 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 pub use config::{Config, ConfigError};
+
+/// The parsers, for the fuzz targets in `fuzz/` and the property tests: not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::h1::client::{decode_chunked, parse_response_head};
+    pub use crate::h1::server::parse_request_head;
+    pub use crate::path::{PathParams, PathRules, canonical};
+}
 pub use error::GatewayError;
 
 use routes::Table;

@@ -60,7 +60,8 @@ pub fn canonical(path: &str, rules: PathRules) -> Result<Option<String>, PathErr
         return Ok(None);
     }
     // Decode what may be decoded; keep the rest escaped (upper-case hex).
-    let mut decoded = String::with_capacity(path.len());
+    // Bytes, not chars: a raw non-ASCII character is several bytes and must stay them.
+    let mut decoded: Vec<u8> = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < b.len() {
         match b[i] {
@@ -88,22 +89,20 @@ pub fn canonical(path: &str, rules: PathRules) -> Result<Option<String>, PathErr
                     b'/' | b'\\' if !keep_encoded_slashes => {
                         return Err("an encoded '/' or '\\' in the path");
                     }
-                    c if c.is_ascii_alphanumeric() || b"-._~".contains(&c) => {
-                        decoded.push(c as char)
-                    }
-                    _ => decoded.push_str(&format!("%{v:02X}")),
+                    c if c.is_ascii_alphanumeric() || b"-._~".contains(&c) => decoded.push(c),
+                    _ => decoded.extend_from_slice(format!("%{v:02X}").as_bytes()),
                 }
                 i += 3;
             }
             c => {
-                decoded.push(c as char);
+                decoded.push(c);
                 i += 1;
             }
         }
     }
     // Checked on the decoded form: `%25%32%65` decodes to `%252e` here, which a second
     // decoding would turn into `.`.
-    let d = decoded.as_bytes();
+    let d = decoded.as_slice();
     if d.windows(5)
         .any(|w| w.starts_with(b"%25") && w[3].is_ascii_hexdigit() && w[4].is_ascii_hexdigit())
     {
@@ -111,6 +110,8 @@ pub fn canonical(path: &str, rules: PathRules) -> Result<Option<String>, PathErr
     }
     // Segments, with empty ones (merged slashes) and dots resolved.
     let mut out: Vec<&str> = Vec::new();
+    // Only ASCII was decoded and the input was UTF-8, so this holds.
+    let decoded = String::from_utf8(decoded).map_err(|_| "a path that is not UTF-8")?;
     let segments: Vec<&str> = decoded.split('/').skip(1).collect();
     let last = segments.len().saturating_sub(1);
     let mut trailing_slash = false;
@@ -212,6 +213,17 @@ mod tests {
         ] {
             assert_eq!(c(raw), Ok(want.to_owned()), "{raw}");
         }
+    }
+
+    /// Found by the `path` fuzz target: raw non-ASCII characters were re-encoded byte by
+    /// byte (mojibake), so the upstream got another path.
+    #[test]
+    fn non_ascii_characters_stay_as_they_are() {
+        assert_eq!(c("//caf\u{e9}/./x"), Ok("/caf\u{e9}/x".to_owned()));
+        assert_eq!(
+            c("/\u{65e5}\u{672c}/%7e"),
+            Ok("/\u{65e5}\u{672c}/~".to_owned())
+        );
     }
 
     #[test]

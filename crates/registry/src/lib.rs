@@ -18,7 +18,8 @@ pub mod api;
 mod checks;
 pub mod defs;
 mod error;
-mod filter;
+#[doc(hidden)]
+pub mod filter;
 pub mod guard;
 pub mod model;
 mod registry;

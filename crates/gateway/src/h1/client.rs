@@ -823,25 +823,51 @@ fn chunk_size(line: &[u8]) -> Result<u64, String> {
     u64::from_str_radix(hex, 16).map_err(|_| "invalid chunk size".into())
 }
 
+/// A whole chunked body decoded: its data and trailers, or why it is malformed
+/// (`"incomplete"` when it ends early). For tests and fuzzing of the decoder.
+pub fn decode_chunked(wire: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>), String> {
+    let mut state = State::ChunkSize;
+    let mut buf = BytesMut::from(wire);
+    let mut data = Vec::new();
+    let mut trailers = None;
+    loop {
+        match decode(&mut state, &mut buf)? {
+            Step::Frame(f) => match f.into_data() {
+                Ok(d) => data.extend_from_slice(&d),
+                Err(f) => trailers = f.into_trailers().ok(),
+            },
+            Step::End => return Ok((data, trailers)),
+            Step::More => return Err("incomplete".into()),
+        }
+    }
+}
+
+/// Parses a response head as the proxy does: its status, or `None` when more bytes are
+/// needed; `Err` when malformed. For fuzzing.
+pub fn parse_response_head(buf: &[u8], head_only: bool) -> Result<Option<u16>, String> {
+    let mut ranges = Vec::new();
+    match parse_head(buf, head_only, &mut ranges) {
+        Ok(Some((len, info))) => {
+            assert!(len <= buf.len(), "head length beyond the input");
+            for (name, value) in &ranges {
+                assert!(
+                    name.end <= len && value.end <= len,
+                    "field outside the head"
+                );
+            }
+            Ok(Some(info.status.as_u16()))
+        }
+        Ok(None) => Ok(None),
+        Err(SendError::Io(e) | SendError::Unsent(e)) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn decode_all(wire: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>), String> {
-        let mut state = State::ChunkSize;
-        let mut buf = BytesMut::from(wire);
-        let mut data = Vec::new();
-        let mut trailers = None;
-        loop {
-            match decode(&mut state, &mut buf)? {
-                Step::Frame(f) => match f.into_data() {
-                    Ok(d) => data.extend_from_slice(&d),
-                    Err(f) => trailers = f.into_trailers().ok(),
-                },
-                Step::End => return Ok((data, trailers)),
-                Step::More => return Err("incomplete".into()),
-            }
-        }
+        decode_chunked(wire)
     }
 
     #[test]

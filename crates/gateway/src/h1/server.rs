@@ -506,6 +506,29 @@ fn skip_raw_field(name: &[u8], no_body: bool) -> bool {
 const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
+/// What the request parser makes of `buf` with the default limits: `"partial"`,
+/// `"fast"`, `"other"` (hyper's to handle) or `"reject"`. For fuzzing.
+pub fn parse_request_head(buf: &[u8]) -> &'static str {
+    let mut ranges = Vec::new();
+    match parse(buf, (64 * 1024, 64 * 1024 * 1024), &mut ranges) {
+        Parsed::Partial => "partial",
+        Parsed::Fast(_) => {
+            for (name, value) in &ranges {
+                assert!(
+                    name.end <= buf.len() && value.end <= buf.len(),
+                    "field outside the input"
+                );
+            }
+            "fast"
+        }
+        Parsed::Other => "other",
+        Parsed::Reject(status, _) => {
+            assert!((400..500).contains(&status), "a rejection is a 4xx");
+            "reject"
+        }
+    }
+}
+
 /// Decides whether the head at the start of `buf` is complete and takes the fast path;
 /// the field positions go to `ranges`. `limits` are the replay cap (bodies up to it are
 /// read here) and the largest body accepted at all.
