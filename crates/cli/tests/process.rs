@@ -335,7 +335,7 @@ async fn frozen_heartbeats_do_not_empty_the_passing_set() {
     let mut beaters = Vec::new();
     for i in 0..8 {
         let body = format!(
-            r#"{{"Name":"hb","ID":"h{i}","Port":{},"Check":{{"TTL":"3s"}}}}"#,
+            r#"{{"Name":"hb","ID":"h{i}","Port":{},"Check":{{"TTL":"6s"}}}}"#,
             9000 + i
         );
         let (s, _) = call(
@@ -763,7 +763,7 @@ async fn sigstop_longer_than_ttl_does_not_mass_expire() {
     let c = client();
     for i in 0..20 {
         let body =
-            format!(r#"{{"Name":"ttl","ID":"t{i}","Check":{{"TTL":"2s","Status":"passing"}}}}"#);
+            format!(r#"{{"Name":"ttl","ID":"t{i}","Check":{{"TTL":"4s","Status":"passing"}}}}"#);
         let (s, _) = call(
             &c,
             "PUT",
@@ -775,7 +775,9 @@ async fn sigstop_longer_than_ttl_does_not_mass_expire() {
         assert_eq!(s, 200);
     }
     signal(&child, "-STOP");
-    tokio::time::sleep(Duration::from_secs(5)).await; // the stall itself: 2.5 TTLs
+    // The stall itself: 2.5 TTLs. The TTL is seconds, so the heartbeat loop below beats
+    // it even on a loaded machine.
+    tokio::time::sleep(Duration::from_secs(10)).await;
     signal(&child, "-CONT");
     // Heartbeats queued behind the stall arrive now, for most of the instances (the
     // silent ones stay under the mass-expiry guard's threshold, a quarter).

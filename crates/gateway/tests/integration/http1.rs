@@ -518,7 +518,9 @@ async fn slow_and_idle_clients_are_timed_out() {
     let all = String::from_utf8_lossy(&read_to_end(&mut s).await).into_owned();
     assert!(all.starts_with("HTTP/1.1 408"), "{all}");
     // An idle keep-alive connection is closed quietly after its requests (the timer
-    // armed for the first is the one that fires after the last).
+    // armed for the first is the one that fires after the last). A deadline of seconds:
+    // each request must beat it.
+    let gw = gateway_to(up.addr, r#"header_read_timeout = "3s""#).await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     let mut pending = Vec::new();
     for _ in 0..3 {

@@ -96,11 +96,9 @@ retry_budget = {{ ratio = 0.2, min_per_sec = 0 }}
     );
 }
 
-#[tokio::test]
-async fn breaker_opens_half_opens_and_closes() {
-    let a = Upstream::start("a").await;
-    a.set_status(503);
-    let gw = TestGateway::start(&format!(
+/// A gateway whose breaker stays open for `open_for`.
+async fn breaker_gateway(a: &Upstream, open_for: &str) -> TestGateway {
+    TestGateway::start(&format!(
         r#"
 [[routes]]
 upstream = "u"
@@ -108,11 +106,20 @@ retries = {{ attempts = 0 }}
 [upstreams.u]
 endpoints = ["{}"]
 outlier = {{ enabled = false }}
-breaker = {{ min_calls = 5, error_rate = 0.5, open_for = "300ms", half_open_probes = 2 }}
+breaker = {{ min_calls = 5, error_rate = 0.5, open_for = "{open_for}", half_open_probes = 2 }}
 "#,
         a.addr
     ))
-    .await;
+    .await
+}
+
+/// Open and closed again, each step waited for, never timed: the open spell is an hour
+/// while the test checks that it rejects, and a second while it waits for the probes.
+#[tokio::test]
+async fn breaker_opens_half_opens_and_closes() {
+    let a = Upstream::start("a").await;
+    a.set_status(503);
+    let gw = breaker_gateway(&a, "1h").await;
     for _ in 0..5 {
         gw.http.get("/").await;
     }
@@ -124,6 +131,12 @@ breaker = {{ min_calls = 5, error_rate = 0.5, open_for = "300ms", half_open_prob
     assert_eq!(a.hits(), 5, "an open breaker does not call the upstream");
     assert_eq!(gw.upstreams().await["u"]["breaker"], "Open");
 
+    let a = Upstream::start("a").await;
+    a.set_status(503);
+    let gw = breaker_gateway(&a, "1s").await;
+    for _ in 0..5 {
+        gw.http.get("/").await;
+    }
     a.set_status(200);
     wait_for("half-open lets probes through", || async {
         gw.http.get("/").await.0 == StatusCode::OK
@@ -136,12 +149,9 @@ breaker = {{ min_calls = 5, error_rate = 0.5, open_for = "300ms", half_open_prob
     .await;
 }
 
-#[tokio::test]
-async fn outliers_are_ejected_and_return() {
-    let good = Upstream::start("good").await;
-    let bad = Upstream::start("bad").await;
-    bad.set_status(503);
-    let gw = TestGateway::start(&format!(
+/// A round-robin gateway over `good` and `bad` that ejects for `ejection`.
+async fn outlier_gateway(good: &Upstream, bad: &Upstream, ejection: &str) -> TestGateway {
+    TestGateway::start(&format!(
         r#"
 [[routes]]
 upstream = "u"
@@ -150,11 +160,21 @@ retries = {{ attempts = 0 }}
 endpoints = ["{}", "{}"]
 policy = "round_robin"
 breaker = {{ enabled = false }}
-outlier = {{ consecutive_errors = 3, base_ejection = "300ms", max_ejected_percent = 50 }}
+outlier = {{ consecutive_errors = 3, base_ejection = "{ejection}", max_ejected_percent = 50 }}
 "#,
         good.addr, bad.addr
     ))
-    .await;
+    .await
+}
+
+/// Ejected (an hour, while the test checks it), and back after a one-second ejection
+/// (waited for).
+#[tokio::test]
+async fn outliers_are_ejected_and_return() {
+    let good = Upstream::start("good").await;
+    let bad = Upstream::start("bad").await;
+    bad.set_status(503);
+    let gw = outlier_gateway(&good, &bad, "1h").await;
     for _ in 0..10 {
         gw.http.get("/").await;
     }
@@ -172,6 +192,14 @@ outlier = {{ consecutive_errors = 3, base_ejection = "300ms", max_ejected_percen
         assert_eq!(gw.http.get("/").await.0, StatusCode::OK);
     }
     assert_eq!(bad.hits(), before);
+
+    let bad = Upstream::start("bad").await;
+    bad.set_status(503);
+    let gw = outlier_gateway(&good, &bad, "1s").await;
+    for _ in 0..10 {
+        gw.http.get("/").await;
+    }
+    let before = bad.hits();
     bad.set_status(200);
     wait_for("ejection ends", || async {
         gw.http.get("/").await;

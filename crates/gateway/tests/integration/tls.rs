@@ -385,7 +385,7 @@ async fn a_stalled_handshake_is_cut_off_at_the_header_deadline() {
         &up,
         dir.path(),
         &["a"],
-        r#"header_read_timeout = "200ms""#,
+        r#"header_read_timeout = "3s""#,
     ))
     .await;
     let mut raw = TcpStream::connect(gw.tls_addr.unwrap()).await.unwrap();
