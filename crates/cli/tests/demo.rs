@@ -714,6 +714,118 @@ async fn chaos_run(database_url: Option<&str>) {
     .await;
 }
 
+/// POST with an `Idempotency-Key`, as a client retrying a checkout does.
+async fn checkout_with_key(c: &Http, gw: &str, token: &str, key: &str) -> (u16, Value) {
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("{gw}/api/orders/checkout"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("idempotency-key", key)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// The whole demo on a real tmpfs that fills up during a checkout: the answer is the
+/// order (held pending) or a JSON error, never a hang or a half-made order; once the disk
+/// has room, the retry with the same Idempotency-Key ends with exactly one confirmed
+/// order, and stock and balances add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_on_a_full_disk_is_kept_once_or_refused_cleanly() {
+    let Some(disk) = tessera_testkit::Tmpfs::mount_or_skip(512 << 20) else {
+        return;
+    };
+    let dir = disk.path().join("demo");
+    let demo = Demo::start(&dir).await;
+    let c = client();
+    let gw = format!("http://{}", demo.gateway);
+    let creds = json!({"email": "full@shop.test", "password": "full-disk-pass-1", "name": "F"});
+    let (s, v) = call(
+        &c,
+        "POST",
+        &format!("{gw}/api/users/register"),
+        None,
+        Some(creds.clone()),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let (_, v) = call(
+        &c,
+        "POST",
+        &format!("{gw}/api/users/login"),
+        None,
+        Some(json!({"email": "full@shop.test", "password": "full-disk-pass-1"})),
+    )
+    .await;
+    let token = v["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_owned();
+    let t = Some(token.as_str());
+    let (s, _) = call(
+        &c,
+        "POST",
+        &format!("{gw}/api/cart/items"),
+        t,
+        Some(json!({"product_id": "mug", "quantity": 1})),
+    )
+    .await;
+    assert_eq!(s, 200);
+
+    let filler = disk.fill();
+    let (s, v) = tokio::time::timeout(
+        Duration::from_secs(120),
+        checkout_with_key(&c, &gw, &token, "full-1"),
+    )
+    .await
+    .expect("a checkout on a full disk is answered");
+    match s {
+        201 | 202 => {}
+        500..=599 => {
+            assert_eq!((s, v["code"].as_str()), (507, Some("storage_full")), "{v}");
+            assert!(
+                v["error"].as_str().is_some_and(|e| e.contains("ENOSPC")),
+                "{v}"
+            );
+            // Nothing half-made: no order exists for it yet.
+            let (_, orders) = call(&c, "GET", &format!("{gw}/api/orders"), t, None).await;
+            let n = orders.as_array().map_or(0, Vec::len);
+            assert!(n <= 1, "{orders}");
+        }
+        other => panic!("checkout on a full disk: {other} {v}"),
+    }
+    disk.free(&filler);
+
+    // The client retries with the same key until the order is settled.
+    wait_for("the retried checkout to be confirmed", || {
+        let (c, gw, token) = (c.clone(), gw.clone(), token.clone());
+        async move {
+            let (s, v) = checkout_with_key(&c, &gw, &token, "full-1").await;
+            (s == 201 || s == 200) && v["status"] == "confirmed"
+        }
+    })
+    .await;
+    let (_, orders) = call(&c, "GET", &format!("{gw}/api/orders"), t, None).await;
+    assert_eq!(
+        orders.as_array().map(Vec::len),
+        Some(1),
+        "exactly one order: {orders}"
+    );
+    let (ok, out, err) = common::run_cli(
+        &demo.registry,
+        &["demo", "--verify", "--registry", &demo.registry],
+    )
+    .await;
+    assert!(ok, "{out}\n{err}");
+    demo.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkout_burst_with_replicas_killed_leaves_no_inconsistent_order() {
     chaos_run(None).await;

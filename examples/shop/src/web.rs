@@ -44,6 +44,25 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> ApiError {
+        // A full disk is the operator's to fix and the client's to retry later; nothing
+        // of the request was kept (each request is one transaction).
+        let full = match &e {
+            sqlx::Error::Database(d) => {
+                // SQLITE_FULL (13, and its extended codes) or PostgreSQL's disk_full.
+                d.code().is_some_and(|c| c == "13" || c == "53100")
+                    || d.message().contains("disk is full")
+            }
+            sqlx::Error::Io(io) => io.raw_os_error() == Some(28),
+            _ => false,
+        };
+        if full {
+            tracing::warn!(error = %e, "database refused a write: the disk is full");
+            return ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage_full",
+                "the database's disk is full (SQLITE_FULL / ENOSPC); nothing was kept, try again later",
+            );
+        }
         tracing::error!(error = %e, "database");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
