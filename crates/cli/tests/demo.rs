@@ -165,19 +165,12 @@ async fn http_text(c: &Http, url: &str) -> String {
     String::from_utf8_lossy(&b).into_owned()
 }
 
-async fn wait_for<F, Fut>(what: &str, mut cond: F)
+async fn wait_for<F, Fut>(what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tessera_testkit::wait_until(what, std::time::Duration::from_secs(60), cond).await;
 }
 
 /// Process ids whose command line mentions `needle`.
@@ -714,6 +707,32 @@ async fn chaos_run(database_url: Option<&str>) {
     .await;
 }
 
+/// Registers a customer and logs in: their token.
+async fn shopper(c: &Http, gw: &str, email: &str, password: &str) -> String {
+    let creds = json!({"email": email, "password": password});
+    let (s, v) = call(
+        c,
+        "POST",
+        &format!("{gw}/api/users/register"),
+        None,
+        Some(creds.clone()),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let (_, v) = call(
+        c,
+        "POST",
+        &format!("{gw}/api/users/login"),
+        None,
+        Some(creds),
+    )
+    .await;
+    v["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_owned()
+}
+
 /// POST with an `Idempotency-Key`, as a client retrying a checkout does.
 async fn checkout_with_key(c: &Http, gw: &str, token: &str, key: &str) -> (u16, Value) {
     let req = http::Request::builder()
@@ -745,28 +764,7 @@ async fn a_checkout_on_a_full_disk_is_kept_once_or_refused_cleanly() {
     let demo = Demo::start(&dir).await;
     let c = client();
     let gw = format!("http://{}", demo.gateway);
-    let creds = json!({"email": "full@shop.test", "password": "full-disk-pass-1", "name": "F"});
-    let (s, v) = call(
-        &c,
-        "POST",
-        &format!("{gw}/api/users/register"),
-        None,
-        Some(creds.clone()),
-    )
-    .await;
-    assert_eq!(s, 201, "{v}");
-    let (_, v) = call(
-        &c,
-        "POST",
-        &format!("{gw}/api/users/login"),
-        None,
-        Some(json!({"email": "full@shop.test", "password": "full-disk-pass-1"})),
-    )
-    .await;
-    let token = v["token"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{v}"))
-        .to_owned();
+    let token = shopper(&c, &gw, "full@shop.test", "full-disk-pass-1").await;
     let t = Some(token.as_str());
     let (s, _) = call(
         &c,

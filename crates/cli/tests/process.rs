@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tokio::io::{AsyncBufReadExt, BufReader};
+
 use tokio::process::{Child, Command};
 
 mod common;
@@ -472,15 +472,7 @@ async fn a_registry_restart_loses_the_gateway_no_endpoint() {
     })
     .await;
 
-    let mut up = Command::new(BIN)
-        .args(["upstream", "--bind", "127.0.0.1:0", "--id", "one"])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    let line = lines.next_line().await.unwrap().unwrap();
-    let up_addr = line.split("http://").nth(1).unwrap().trim().to_owned();
+    let (mut up, up_addr) = common::spawn_upstream("one").await;
     let up_port = up_addr.rsplit(':').next().unwrap().to_owned();
     let reg = format!(
         r#"{{"Name":"web","ID":"web1","Address":"127.0.0.1","Port":{up_port},"Check":{{"TTL":"10s"}}}}"#
@@ -517,31 +509,7 @@ async fn a_registry_restart_loses_the_gateway_no_endpoint() {
         format!("[registry]\naddress = \"{reg_addr}\"\nwait = \"5s\"\n[[routes]]\nupstream = \"web\"\n[upstreams.web]\nservice = \"web\"\n"),
     )
     .unwrap();
-    let mut gw = Command::new(BIN)
-        .args([
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(&cfg)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(gw.stdout.take().unwrap()).lines();
-    let line = lines.next_line().await.unwrap().unwrap();
-    let gw_addr = line
-        .split("http://")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
+    let (mut gw, gw_addr, mut lines) = common::spawn_gateway(&cfg).await;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     tessera_testkit::wait_until("the gateway routes to web", Duration::from_secs(60), || {
         let (c, a) = (c.clone(), gw_addr.clone());
@@ -858,15 +826,8 @@ async fn gateway_reloads_on_sighup() {
     let mut ups = Vec::new();
     let mut addrs = Vec::new();
     for id in ["one", "two"] {
-        let mut child = Command::new(BIN)
-            .args(["upstream", "--bind", "127.0.0.1:0", "--id", id])
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = lines.next_line().await.unwrap().unwrap();
-        addrs.push(line.split("http://").nth(1).unwrap().trim().to_owned());
+        let (child, addr) = common::spawn_upstream(id).await;
+        addrs.push(addr);
         ups.push(child);
     }
     let cfg = dir.path().join("gw.toml");
@@ -878,31 +839,7 @@ async fn gateway_reloads_on_sighup() {
         .unwrap();
     };
     write(&addrs[0]);
-    let mut gw = Command::new(BIN)
-        .args([
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(&cfg)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(gw.stdout.take().unwrap()).lines();
-    let line = lines.next_line().await.unwrap().unwrap();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
+    let (mut gw, addr, mut lines) = common::spawn_gateway(&cfg).await;
     // With `access_log.sample = 1.0` every request is one JSON line on stdout.
     let (log_tx, mut log_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {

@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tokio::process::Child;
 
+#[allow(dead_code)] // each test crate uses a part of it
 mod common;
 
 use common::run_cli;

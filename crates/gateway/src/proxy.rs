@@ -864,7 +864,7 @@ async fn send(
         .await
         .map_err(|e| match e {
             ClientError::Unsent(d) => SendError::Unsent(d),
-            ClientError::Io(d) => SendError::Io(d),
+            ClientError::Io(d) | ClientError::RequestBody(d) => SendError::Io(d),
         }),
         // Boxed: its request and hyper's send future would otherwise sit in every
         // HTTP/1.1 request's future too.

@@ -17,19 +17,12 @@ use tessera::{
 use tokio::sync::oneshot;
 
 /// Polls `cond` until it holds; a loaded machine makes this slower, never failing.
-async fn wait_for<F, Fut>(what: &str, mut cond: F)
+async fn wait_for<F, Fut>(what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !cond().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tessera_testkit::wait_until(what, Duration::from_secs(60), cond).await;
 }
 
 struct Server {

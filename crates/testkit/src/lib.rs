@@ -131,7 +131,7 @@ pub fn signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill -{signal} {pid} failed");
 }
 
-/// Polls `cond` every 50 ms until it holds, panicking with `what` after `deadline`. Waits
+/// Polls `cond` every 20 ms until it holds, panicking with `what` after `deadline`. Waits
 /// on real processes use this with a generous deadline: a loaded machine may slow a test,
 /// never fail it.
 pub async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut cond: F)
@@ -148,6 +148,6 @@ where
             tokio::time::Instant::now() < end,
             "timed out after {deadline:?} waiting for {what}"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -4,8 +4,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 
@@ -53,4 +53,50 @@ pub async fn run_cli(addr: &str, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Starts `tessera gateway --config cfg` on ephemeral ports: the process, its address,
+/// and the rest of its stdout (where the access log goes).
+pub async fn spawn_gateway(cfg: &Path) -> (Child, String, Lines<BufReader<ChildStdout>>) {
+    let mut gw = Command::new(BIN)
+        .args([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn tessera gateway");
+    let mut lines = BufReader::new(gw.stdout.take().unwrap()).lines();
+    let line = lines.next_line().await.unwrap().unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    (gw, addr, lines)
+}
+
+/// Starts `tessera upstream` (an echo server answering `hello from ID`) on an ephemeral
+/// port: the process and its address.
+pub async fn spawn_upstream(id: &str) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["upstream", "--bind", "127.0.0.1:0", "--id", id])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn tessera upstream");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next_line().await.unwrap().unwrap();
+    let addr = line.split("http://").nth(1).unwrap().trim().to_owned();
+    (child, addr)
 }

@@ -53,6 +53,9 @@ pub enum SendError {
     Unsent(String),
     /// The upstream may have seen the request.
     Io(String),
+    /// The client's body failed while it was being forwarded (the upstream may have seen
+    /// part of it): nothing is to be read from the upstream.
+    RequestBody(String),
 }
 
 /// The response, and for a `101 Switching Protocols` the connection, now a raw tunnel.
@@ -123,6 +126,7 @@ pub async fn send(
     // our write error, as in nginx: the client gets it, and the endpoint did nothing wrong.
     let early = match write_request(&mut conn, &head, body, Arc::as_ptr(home) as usize).await {
         Ok(()) => false,
+        Err(e @ SendError::RequestBody(_)) => return Err(e),
         Err(e) if answered_early(&mut conn, head_only).await => {
             tracing::debug!(error = ?e, "upstream answered before reading the whole request");
             true
@@ -367,13 +371,14 @@ async fn write_streamed(
     let io_err = |e: io::Error| SendError::Io(format!("writing the request body: {e}"));
     let mut trailers_sent = false;
     let sent = write_body_frames(conn, &mut body, exact, &mut trailers_sent).await;
-    if let Err(e) = sent {
+    if let Err(e @ (SendError::Io(_) | SendError::Unsent(_))) = sent {
         // The upstream stopped reading (it may have answered already): the client is
         // still sending. Its body is read and dropped for a while, as nginx's lingering
         // close does, so the client gets to read the answer instead of a reset.
         tokio::spawn(linger(body));
         return Err(e);
     }
+    sent?;
     if exact.is_none() && !trailers_sent {
         conn.io.write_all(b"0\r\n\r\n").await.map_err(io_err)?;
     }
@@ -396,7 +401,7 @@ async fn write_body_frames(
 ) -> Result<(), SendError> {
     let io_err = |e: io::Error| SendError::Io(format!("writing the request body: {e}"));
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| SendError::Io(format!("request body: {e}")))?;
+        let frame = frame.map_err(|e| SendError::RequestBody(format!("request body: {e}")))?;
         match frame.into_data() {
             Ok(data) if exact.is_some() => {
                 conn.io.write_all(&data).await.map_err(io_err)?;
@@ -858,7 +863,7 @@ pub fn parse_response_head(buf: &[u8], head_only: bool) -> Result<Option<u16>, S
             Ok(Some(info.status.as_u16()))
         }
         Ok(None) => Ok(None),
-        Err(SendError::Io(e) | SendError::Unsent(e)) => Err(e),
+        Err(SendError::Io(e) | SendError::Unsent(e) | SendError::RequestBody(e)) => Err(e),
     }
 }
 

@@ -266,20 +266,10 @@ impl Http {
 }
 
 /// Polls `cond` until it holds, up to a generous deadline.
-pub async fn wait_for<F, Fut>(what: &str, mut cond: F)
+pub async fn wait_for<F, Fut>(what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tessera_testkit::wait_until(what, std::time::Duration::from_secs(60), cond).await;
 }

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
@@ -202,22 +201,12 @@ pub fn index_of(h: &HeaderMap) -> u64 {
 
 /// Polls `cond` until it holds, for up to a generous deadline: a loaded machine slows a
 /// test down but does not fail it.
-pub async fn wait_for<F, Fut>(what: &str, mut cond: F)
+pub async fn wait_for<F, Fut>(what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tessera_testkit::wait_until(what, std::time::Duration::from_secs(60), cond).await;
 }
 
 /// Status of one check as `/v1/agent/checks` reports it.

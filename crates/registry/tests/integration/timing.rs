@@ -32,6 +32,20 @@ async fn register(reg: &Registry, json: &str) {
         .unwrap();
 }
 
+/// Instances `w0`.. of service `web`, each with a 10 s TTL check, passing if `pass`.
+async fn ttl_instances(reg: &Registry, n: usize, passing: bool) {
+    for i in 0..n {
+        register(
+            reg,
+            &format!(r#"{{"Name":"web","ID":"w{i}","Check":{{"TTL":"10s"}}}}"#),
+        )
+        .await;
+        if passing {
+            pass(reg, &format!("service:w{i}"));
+        }
+    }
+}
+
 fn pass(reg: &Registry, id: &str) {
     reg.update_ttl(id, Health::Passing, String::new(), &Authz::Management)
         .unwrap();
@@ -57,14 +71,7 @@ async fn ttl_expires_on_time() {
 #[tokio::test(start_paused = true)]
 async fn stalled_server_does_not_mass_expire() {
     let reg = registry().await;
-    for i in 0..200 {
-        register(
-            &reg,
-            &format!(r#"{{"Name":"web","ID":"w{i}","Check":{{"TTL":"10s"}}}}"#),
-        )
-        .await;
-        pass(&reg, &format!("service:w{i}"));
-    }
+    ttl_instances(&reg, 200, true).await;
     sleep(Duration::from_secs(5)).await;
     // The process is frozen for a minute (SIGSTOP, VM pause): no task runs meanwhile.
     advance(Duration::from_secs(60)).await;
@@ -102,14 +109,7 @@ async fn a_partition_does_not_empty_the_passing_set() {
             .filter(|i| reg.check_status(&format!("service:w{i}")) == Some(Health::Passing))
             .count()
     };
-    for i in 0..20 {
-        register(
-            &reg,
-            &format!(r#"{{"Name":"web","ID":"w{i}","Check":{{"TTL":"10s"}}}}"#),
-        )
-        .await;
-        pass(&reg, &format!("service:w{i}"));
-    }
+    ttl_instances(&reg, 20, true).await;
     // Silence for 30 s: three TTLs.
     for _ in 0..30 {
         sleep(Duration::from_secs(1)).await;
@@ -143,13 +143,7 @@ async fn a_partition_does_not_empty_the_passing_set() {
 #[tokio::test(start_paused = true)]
 async fn scattered_deaths_expire_on_time() {
     let reg = registry().await;
-    for i in 0..20 {
-        register(
-            &reg,
-            &format!(r#"{{"Name":"web","ID":"w{i}","Check":{{"TTL":"10s"}}}}"#),
-        )
-        .await;
-    }
+    ttl_instances(&reg, 20, false).await;
     // w0..w2 die 2 minutes apart (steps are 3 s); the rest keep heartbeating.
     for step in 0..120 {
         for i in 0..20 {
