@@ -41,6 +41,8 @@ pub enum GatewayError {
     Body(String),
     #[error("bad path: {0}")]
     BadPath(&'static str),
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
     #[error("the gateway has {0} requests in flight; try again")]
     Overloaded(usize),
     #[error("{0}")]
@@ -69,7 +71,9 @@ impl GatewayError {
             | GatewayError::BulkheadFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Connect { .. } | GatewayError::Io { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::Body(_) | GatewayError::BadPath(_) => StatusCode::BAD_REQUEST,
+            GatewayError::Body(_) | GatewayError::BadPath(_) | GatewayError::Malformed(_) => {
+                StatusCode::BAD_REQUEST
+            }
             GatewayError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -90,6 +94,7 @@ impl GatewayError {
             GatewayError::Timeout { .. } => "deadline_exceeded",
             GatewayError::Body(_) => "bad_request_body",
             GatewayError::BadPath(_) => "bad_path",
+            GatewayError::Malformed(_) => "malformed_request",
             GatewayError::Overloaded(_) => "overloaded",
             GatewayError::Unauthorized(_) => "unauthorized",
             GatewayError::Forbidden(_) => "forbidden",
@@ -136,7 +141,10 @@ impl GatewayError {
         }
         if matches!(
             self,
-            GatewayError::Body(_) | GatewayError::TooLarge(_) | GatewayError::BodyTimeout
+            GatewayError::Body(_)
+                | GatewayError::TooLarge(_)
+                | GatewayError::BodyTimeout
+                | GatewayError::Malformed(_)
         ) {
             // What is left of a body that failed cannot be trusted to frame the next request.
             h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));

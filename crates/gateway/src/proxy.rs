@@ -235,6 +235,19 @@ pub async fn handle(
         None => return GatewayError::Overloaded(gw.max_in_flight).into_response(),
     };
     let mut raw = raw;
+    // Plain fast-path requests were checked as they were parsed; hyper's are here.
+    if raw.is_none() {
+        if let Err(why) = crate::h1::check_request(req) {
+            return GatewayError::Malformed(why).into_response();
+        }
+        // Absolute-form: the target's authority is the host, whatever Host said (RFC
+        // 9112 section 3.2.2), for routing and upstream alike.
+        if let Some(authority) = req.uri().authority().map(|a| a.as_str().to_owned())
+            && let Ok(v) = http::HeaderValue::from_str(&authority)
+        {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
     // Routing, auth and the upstream all see one canonical path.
     match crate::path::canonical(req.uri().path(), gw.path_rules) {
         Ok(None) => {}

@@ -151,6 +151,17 @@ async fn refuse(mut stream: TcpStream, limit: usize) {
         body.len()
     );
     let answer = async {
+        // The request head first: an answer that arrives before the request confuses
+        // clients (an unexpected message on an idle connection).
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") && got.len() < 64 * 1024 {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body.as_bytes()).await?;
         stream.shutdown().await?;

@@ -17,3 +17,89 @@ pub(crate) fn crlf_after(head: &[u8], mut i: usize) -> Option<usize> {
     }
     (head.get(i..i + 2) == Some(b"\r\n")).then_some(i + 2)
 }
+
+/// A `Host` field value RFC 9110 section 7.2 and RFC 3986 section 3.2.2 allow: a host
+/// (a registered name, IPv4, or a bracketed IPv6 or future literal) and an optional
+/// port of digits; empty for a target without an authority. No spaces, `@`, `/`, `?`,
+/// `#` or `\\`: a value another hop could read as something else is refused.
+pub(crate) fn valid_host(v: &[u8]) -> bool {
+    let (host, port) = if v.first() == Some(&b'[') {
+        let Some(end) = v.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let inside = &v[1..end];
+        if inside.is_empty()
+            || !inside.iter().all(|&b| {
+                b.is_ascii_alphanumeric() || matches!(b, b':' | b'.' | b'-' | b'_' | b'~' | b'%')
+            })
+        {
+            return false;
+        }
+        (&v[..0], &v[end + 1..])
+    } else {
+        match v.iter().rposition(|&b| b == b':') {
+            Some(i) => (&v[..i], &v[i..]),
+            None => (v, &v[v.len()..]),
+        }
+    };
+    let port_ok = port.is_empty()
+        || (port[0] == b':' && port.len() <= 6 && port[1..].iter().all(u8::is_ascii_digit));
+    port_ok
+        && host.iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                )
+        })
+}
+
+/// What RFC 9112 and RFC 9110 require of a received request's framing and `Host`, for
+/// requests parsed by hyper (the fast path checks the same in `server::parse`): an
+/// HTTP/1.1 request has exactly one valid `Host`; `Transfer-Encoding` is one `chunked`
+/// and only in HTTP/1.1; `*` is only for `OPTIONS`.
+pub(crate) fn check_request<B>(req: &http::Request<B>) -> Result<(), &'static str> {
+    use http::header::{HOST, TRANSFER_ENCODING};
+    let h = req.headers();
+    let mut hosts = h.get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version() == http::Version::HTTP_11 => {
+            return Err("an HTTP/1.1 request needs a Host field");
+        }
+        (Some(_), Some(_)) => return Err("more than one Host field"),
+        (Some(v), None) if !valid_host(v.as_bytes()) => return Err("an invalid Host field value"),
+        _ => {}
+    }
+    let mut codings = h.get_all(TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next() {
+        if req.version() != http::Version::HTTP_11 {
+            return Err("Transfer-Encoding in an HTTP/1.0 request");
+        }
+        if codings.next().is_some()
+            || !first
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked")
+        {
+            return Err("a transfer coding other than one chunked");
+        }
+    }
+    if req.uri().path() == "*" && req.method() != http::Method::OPTIONS {
+        return Err("the asterisk target is only for OPTIONS");
+    }
+    Ok(())
+}

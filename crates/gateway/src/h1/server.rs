@@ -558,6 +558,12 @@ fn parse(buf: &[u8], limits: (usize, u64), ranges: &mut FieldRanges) -> Parsed {
     if path.len() > MAX_TARGET {
         return Parsed::Reject(414, "request target longer than 8 KiB");
     }
+    if path.contains('#') {
+        return Parsed::Reject(400, "a fragment in the request target");
+    }
+    if path == "*" && method != "OPTIONS" {
+        return Parsed::Reject(400, "the asterisk target is only for OPTIONS");
+    }
     let unusual = req.version != Some(1) || !path.starts_with('/');
     let base = buf.as_ptr() as usize;
     let path_at = path.as_ptr() as usize - base;
@@ -565,6 +571,7 @@ fn parse(buf: &[u8], limits: (usize, u64), ranges: &mut FieldRanges) -> Parsed {
     let mut lengths = 0;
     let mut other = false;
     let mut transfer_coded = false;
+    let mut hosts = 0;
     let mut close = false;
     let mut plain = Plain::Verbatim;
     ranges.clear();
@@ -589,7 +596,26 @@ fn parse(buf: &[u8], limits: (usize, u64), ranges: &mut FieldRanges) -> Parsed {
                     _ => other = true,
                 }
             }
-            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => transfer_coded = true,
+            4 if name.eq_ignore_ascii_case(b"host") => {
+                hosts += 1;
+                if hosts > 1 {
+                    return Parsed::Reject(400, "more than one Host field");
+                }
+                if !crate::h1::valid_host(f.value) {
+                    return Parsed::Reject(400, "an invalid Host field value");
+                }
+            }
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                // Only chunked is understood; another coding, or chunked twice, leaves
+                // the body's end to a guess (RFC 9112 section 6.1).
+                if transfer_coded || !f.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                    return Parsed::Reject(400, "a transfer coding other than one chunked");
+                }
+                if req.version != Some(1) {
+                    return Parsed::Reject(400, "Transfer-Encoding in an HTTP/1.0 request");
+                }
+                transfer_coded = true;
+            }
             7 if name.eq_ignore_ascii_case(b"upgrade") => other = true,
             6 if name.eq_ignore_ascii_case(b"expect") => other = true,
             10 if name.eq_ignore_ascii_case(b"connection") => {
@@ -601,6 +627,9 @@ fn parse(buf: &[u8], limits: (usize, u64), ranges: &mut FieldRanges) -> Parsed {
             }
             _ => {}
         }
+    }
+    if hosts == 0 && req.version == Some(1) {
+        return Parsed::Reject(400, "an HTTP/1.1 request needs a Host field");
     }
     if !crlf_lines(&buf[..len], path_at + path.len(), ranges) {
         return Parsed::Reject(400, "a line ends in a bare LF (CRLF required)");
@@ -770,12 +799,12 @@ mod tests {
             &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
             b"GET /a HTTP/1.0\r\n\r\n",
             b"GET http://x/a HTTP/1.1\r\nhost: x\r\n\r\n",
-            b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"POST /a HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n",
             b"GET / HTTP/1.0\r\ncontent-length: 0\r\n\r\n",
-            b"POST /a HTTP/1.1\r\ncontent-length: +5\r\n\r\n",
-            b"POST /a HTTP/1.1\r\ncontent-length: 2048\r\n\r\n",
-            b"GET /ws HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
-            b"POST /a HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n",
+            b"POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: +5\r\n\r\n",
+            b"POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 2048\r\n\r\n",
+            b"GET /ws HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+            b"POST /a HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n",
         ] {
             assert!(
                 matches!(parse(wire, (1024, 1 << 20), &mut Vec::new()), Parsed::Other),

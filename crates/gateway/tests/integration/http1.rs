@@ -487,6 +487,109 @@ async fn a_negative_corpus_is_refused_before_the_upstream() {
     assert_eq!(up.hits(), 1);
 }
 
+/// The MUSTs of RFC 9112 and RFC 9110 about a received request, one case each: 400 (or
+/// the named 4xx/5xx), a closed connection, and nothing forwarded.
+#[tokio::test]
+async fn rfc_9112_and_9110_musts_about_requests() {
+    let up = Upstream::start("echo").await;
+    let gw = gateway_to(up.addr, "").await;
+    let corpus: Vec<(&str, &[u8], &str)> = vec![
+        // RFC 9112 §3.2: Host.
+        ("no Host", b"GET / HTTP/1.1\r\n\r\n", "400"),
+        ("two Host lines", b"GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n", "400"),
+        ("two Hosts in one line", b"GET / HTTP/1.1\r\nhost: a, b\r\n\r\n", "400"),
+        ("Host with a space", b"GET / HTTP/1.1\r\nhost: a b\r\n\r\n", "400"),
+        ("Host with userinfo", b"GET / HTTP/1.1\r\nhost: user@a\r\n\r\n", "400"),
+        ("Host with a path", b"GET / HTTP/1.1\r\nhost: a/b\r\n\r\n", "400"),
+        ("Host with a bad port", b"GET / HTTP/1.1\r\nhost: a:x\r\n\r\n", "400"),
+        ("no Host, chunked", b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n", "400"),
+        // §3.2: request-target forms.
+        ("asterisk-form on GET", b"GET * HTTP/1.1\r\nhost: a\r\n\r\n", "400"),
+        ("authority-form on GET", b"GET a:80 HTTP/1.1\r\nhost: a\r\n\r\n", "400"),
+        ("relative target", b"GET a/b HTTP/1.1\r\nhost: a\r\n\r\n", "400"),
+        ("target with a fragment", b"GET /a#b HTTP/1.1\r\nhost: a\r\n\r\n", "400"),
+        // §3: the request line.
+        ("two spaces", b"GET  / HTTP/1.1\r\nhost: a\r\n\r\n", "400"),
+        ("tab as separator", b"GET\t/ HTTP/1.1\r\nhost: a\r\n\r\n", "400"),
+        ("lowercase version", b"GET / http/1.1\r\nhost: a\r\n\r\n", "400"),
+        ("bad version", b"GET / HTTP/1.x\r\nhost: a\r\n\r\n", "400"),
+        ("method with a bad character", b"G(T / HTTP/1.1\r\nhost: a\r\n\r\n", "400"),
+        // §2.2: whitespace before the first field.
+        ("space before the first field", b"GET / HTTP/1.1\r\n host: a\r\n\r\n", "400"),
+        // §5 and RFC 9110 §5.5: field syntax.
+        ("field name with a space", b"GET / HTTP/1.1\r\nhost: a\r\nx y: z\r\n\r\n", "400"),
+        ("empty field name", b"GET / HTTP/1.1\r\nhost: a\r\n: z\r\n\r\n", "400"),
+        ("field without a colon", b"GET / HTTP/1.1\r\nhost: a\r\nxyz\r\n\r\n", "400"),
+        ("tab before the colon", b"GET / HTTP/1.1\r\nhost\t: a\r\n\r\n", "400"),
+        ("control character in a value", b"GET / HTTP/1.1\r\nhost: a\r\nx: a\x01b\r\n\r\n", "400"),
+        ("DEL in a field name", b"GET / HTTP/1.1\r\nhost: a\r\nx\x7f: b\r\n\r\n", "400"),
+        // §6: framing.
+        ("TE not ending in chunked", b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked, gzip\r\n\r\n0\r\n\r\n", "400"),
+        ("TE chunked twice", b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked, chunked\r\n\r\n0\r\n\r\n", "400"),
+        ("unknown transfer coding", b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: gzip\r\n\r\n", "400"),
+        ("TE in HTTP/1.0", b"POST / HTTP/1.0\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n", "400"),
+        ("two TE lines", b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n", "400"),
+        ("negative length", b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: -1\r\n\r\n", "400"),
+        ("signed length", b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: +1\r\n\r\nx", "400"),
+        ("length list", b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 1, 1\r\n\r\nx", "400"),
+        ("hex length", b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 0x1\r\n\r\nx", "400"),
+        ("length overflowing u64", b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 99999999999999999999999\r\n\r\n", "400"),
+        ("empty length", b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: \r\n\r\n", "400"),
+        ("chunk extension with a bare LF", b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n1;a=b\nx\r\n0\r\n\r\n", "400"),
+        ("chunk data without its CRLF", b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n1\r\nxy0\r\n\r\n", "400"),
+    ];
+    let mut failures = Vec::new();
+    for (what, wire, status) in corpus {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        let _ = s.write_all(wire).await;
+        let all: String = String::from_utf8_lossy(&read_to_end(&mut s).await)
+            .chars()
+            .take(300)
+            .collect();
+        if !all.starts_with(&format!("HTTP/1.1 {status}")) {
+            failures.push(format!("{what}: {all:?}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} cases:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert_eq!(up.hits(), 0, "nothing reached the upstream");
+    // Absolute-form: the target's authority is the host (section 3.2.2), not Host.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut pending = Vec::new();
+    let (h, b) = exchange(
+        &mut s,
+        b"GET http://b/x HTTP/1.1\r\nhost: a\r\n\r\n",
+        &mut pending,
+    )
+    .await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert_eq!(json(&b)["headers"]["host"], "b");
+    assert_eq!(json(&b)["path"], "/x");
+    // HTTP/1.0 needs no Host, and OPTIONS * is allowed.
+    for ok in [
+        &b"GET / HTTP/1.0\r\n\r\n"[..],
+        b"OPTIONS * HTTP/1.1\r\nhost: a\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        let _ = s.write_all(ok).await;
+        let mut buf = [0u8; 12];
+        let n = tokio::time::timeout(Duration::from_secs(60), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let got = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(
+            got.starts_with("HTTP/1.") && !got.contains("400"),
+            "{}: {got}",
+            String::from_utf8_lossy(ok)
+        );
+    }
+}
+
 /// `Upgrade: h2c` is not acted on: the request reaches the upstream as plain HTTP/1.1,
 /// without the upgrade fields.
 #[tokio::test]
@@ -702,11 +805,11 @@ endpoints = ["{addr}"]
         "GET /v?q=1 HTTP/1.1\r\nHost: gw\r\nX-Odd-Case:  v1 \r\nAccept: */*\r\nx-a: 1\r\nX-A: 2\r\n\
          x-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\n\r\n"
     );
-    // No fields at all.
-    let (head, _) = pass(b"GET / HTTP/1.1\r\n\r\n").await;
+    // No field but Host (HTTP/1.1 needs it: RFC 9112 section 3.2).
+    let (head, _) = pass(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n").await;
     assert_eq!(
         head,
-        "GET / HTTP/1.1\r\nx-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\n\r\n"
+        "GET / HTTP/1.1\r\nHost: gw\r\nx-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\n\r\n"
     );
     // Hop-by-hop fields stay behind; the length is the gateway's, from the body it sends.
     let (head, body) = pass(b"POST /f HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive\r\nKeep-Alive: 5\r\nProxy-Connection: x\r\nContent-Length: 2\r\nA: b\r\n\r\nhi").await;
