@@ -44,29 +44,39 @@ pub(crate) fn valid_host(v: &[u8]) -> bool {
     };
     let port_ok = port.is_empty()
         || (port[0] == b':' && port.len() <= 6 && port[1..].iter().all(u8::is_ascii_digit));
-    port_ok
-        && host.iter().all(|&b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'-' | b'.'
-                        | b'_'
-                        | b'~'
-                        | b'%'
-                        | b'!'
-                        | b'$'
-                        | b'&'
-                        | b'\''
-                        | b'('
-                        | b')'
-                        | b'*'
-                        | b'+'
-                        | b','
-                        | b';'
-                        | b'='
-                )
-        })
+    port_ok && host.iter().all(|&b| HOST_CHARS[usize::from(b)])
 }
+
+/// The bytes of a registered name (RFC 3986: unreserved, sub-delims, `%`), one lookup
+/// per byte: this runs on every request.
+const HOST_CHARS: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        i += 1;
+    }
+    t
+};
 
 /// What RFC 9112 and RFC 9110 require of a received request's framing and `Host`, for
 /// requests parsed by hyper (the fast path checks the same in `server::parse`): an
