@@ -373,12 +373,21 @@ async fn frozen_heartbeats_do_not_empty_the_passing_set() {
             .unwrap()
             .len()
     };
-    let protected = |c: HttpClient, addr: String| async move {
+    let protection = |c: HttpClient, addr: String| async move {
         let (_, body) = call(&c, "GET", format!("http://{addr}/v1/agent/self"), vec![])
             .await
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        v["MassExpiryProtection"]["Active"] == true
+        (
+            v["MassExpiryProtection"]["Active"] == true,
+            v["MassExpiryProtection"]["HeldChecks"]
+                .as_u64()
+                .unwrap_or(0),
+        )
+    };
+    let protected = |c: HttpClient, addr: String| {
+        let p = protection(c, addr);
+        async move { p.await.0 }
     };
     tessera_testkit::wait_until("all 8 passing", Duration::from_secs(60), || {
         let n = passing(c.clone(), addr.clone());
@@ -398,14 +407,21 @@ async fn frozen_heartbeats_do_not_empty_the_passing_set() {
         async move { n.await == 8 }
     })
     .await;
-    for _ in 0..6 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(
-            passing(c.clone(), addr.clone()).await,
-            8,
-            "an instance expired under protection"
-        );
-    }
+    // Every frozen instance has reached its deadline and is held, none expired.
+    tessera_testkit::wait_until(
+        "all six frozen checks held",
+        Duration::from_secs(60),
+        || {
+            let p = protection(c.clone(), addr.clone());
+            async move { p.await.1 >= 6 }
+        },
+    )
+    .await;
+    assert_eq!(
+        passing(c.clone(), addr.clone()).await,
+        8,
+        "an instance expired under protection"
+    );
     for b in &beaters[..6] {
         tessera_testkit::signal(b.id().unwrap(), "CONT");
     }
@@ -475,7 +491,7 @@ async fn a_registry_restart_loses_the_gateway_no_endpoint() {
     let (mut up, up_addr) = common::spawn_upstream("one").await;
     let up_port = up_addr.rsplit(':').next().unwrap().to_owned();
     let reg = format!(
-        r#"{{"Name":"web","ID":"web1","Address":"127.0.0.1","Port":{up_port},"Check":{{"TTL":"10s"}}}}"#
+        r#"{{"Name":"web","ID":"web1","Address":"127.0.0.1","Port":{up_port},"Check":{{"TTL":"60s"}}}}"#
     );
     let (s, _) = call(
         &c,
@@ -486,31 +502,44 @@ async fn a_registry_restart_loses_the_gateway_no_endpoint() {
     .await
     .unwrap();
     assert_eq!(s, 200);
-    // The instance heartbeats as a service does, through the restart (failures ignored).
-    let beat = {
-        let (c, a) = (c.clone(), reg_addr.clone());
-        tokio::spawn(async move {
-            for _ in 0..600 {
-                let _ = call(
-                    &c,
-                    "PUT",
-                    format!("http://{a}/v1/agent/check/pass/service:web1"),
-                    vec![],
-                )
-                .await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })
-    };
-
+    // One heartbeat, none after: through the restart the instance stays passing only
+    // if the registry keeps its TTL status (saved within about a second).
+    let pass = format!("http://{reg_addr}/v1/agent/check/pass/service:web1");
+    assert_eq!(call(&c, "PUT", pass, vec![]).await.unwrap().0, 200);
+    let saved = dir.path().join("registry/check-state.json");
+    tessera_testkit::wait_until("TTL state saved", Duration::from_secs(60), || {
+        let saved = saved.clone();
+        async move { std::fs::read_to_string(&saved).is_ok_and(|s| s.contains("passing")) }
+    })
+    .await;
     let cfg = dir.path().join("gw.toml");
     std::fs::write(
         &cfg,
         format!("[registry]\naddress = \"{reg_addr}\"\nwait = \"5s\"\n[[routes]]\nupstream = \"web\"\n[upstreams.web]\nservice = \"web\"\n"),
     )
     .unwrap();
-    let (mut gw, gw_addr, mut lines) = common::spawn_gateway(&cfg).await;
+    let common::Gateway {
+        child: mut gw,
+        addr: gw_addr,
+        admin: gw_admin,
+        mut lines,
+    } = common::spawn_gateway(&cfg).await;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    // Whether the gateway's discovery of `web` reaches the registry (its metric).
+    let discovery_up = |up: bool| {
+        let (c, a) = (c.clone(), gw_admin.clone());
+        async move {
+            let Ok((200, body)) = call(&c, "GET", format!("http://{a}/metrics"), vec![]).await
+            else {
+                return false;
+            };
+            let want = format!(
+                "tessera_gateway_registry_up{{upstream=\"web\"}} {}",
+                u8::from(up)
+            );
+            String::from_utf8_lossy(&body).lines().any(|l| l == want)
+        }
+    };
     tessera_testkit::wait_until("the gateway routes to web", Duration::from_secs(60), || {
         let (c, a) = (c.clone(), gw_addr.clone());
         async move {
@@ -523,29 +552,72 @@ async fn a_registry_restart_loses_the_gateway_no_endpoint() {
     .await;
 
     // Traffic through the gateway while the registry dies and comes back.
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let traffic = {
         let (c, a) = (c.clone(), gw_addr.clone());
+        let (served, stop) = (served.clone(), stop.clone());
         tokio::spawn(async move {
             let mut failures = Vec::new();
-            for _ in 0..200 {
+            // Bounded; the test stops it far sooner.
+            for _ in 0..1_000_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
                 match call(&c, "GET", format!("http://{a}/"), vec![]).await {
                     Ok((200, _)) => {}
                     other => failures.push(format!("{other:?}")),
                 }
-                tokio::time::sleep(Duration::from_millis(25)).await;
+                served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             failures
         })
     };
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let served_past = |n: usize| {
+        let served = served.clone();
+        move || {
+            let now = served.load(std::sync::atomic::Ordering::Relaxed);
+            async move { now >= n }
+        }
+    };
+    tessera_testkit::wait_until(
+        "traffic before the kill",
+        Duration::from_secs(60),
+        served_past(20),
+    )
+    .await;
     registry.start_kill().unwrap(); // SIGKILL
     registry.wait().await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tessera_testkit::wait_until("the gateway to notice", Duration::from_secs(60), || {
+        discovery_up(false)
+    })
+    .await;
+    let down = served.load(std::sync::atomic::Ordering::Relaxed);
+    tessera_testkit::wait_until(
+        "traffic while the registry is down",
+        Duration::from_secs(60),
+        served_past(down + 50),
+    )
+    .await;
     let mut registry = start_registry();
     tessera_testkit::wait_until("registry back", Duration::from_secs(60), || {
         registry_up(c.clone(), reg_addr.clone())
     })
     .await;
+    // The gateway's watch has an answer from the restarted registry: what it serves
+    // from now on is what that registry says.
+    tessera_testkit::wait_until("discovery to reconnect", Duration::from_secs(60), || {
+        discovery_up(true)
+    })
+    .await;
+    let back = served.load(std::sync::atomic::Ordering::Relaxed);
+    tessera_testkit::wait_until(
+        "traffic after the restart",
+        Duration::from_secs(60),
+        served_past(back + 50),
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let failures = traffic.await.unwrap();
     assert!(
         failures.is_empty(),
@@ -566,7 +638,6 @@ async fn a_registry_restart_loses_the_gateway_no_endpoint() {
         .await
         .unwrap();
     assert_eq!(s, 200);
-    beat.abort();
     for child in [&mut gw, &mut up, &mut registry] {
         child.start_kill().unwrap();
         child.wait().await.unwrap();
@@ -839,7 +910,12 @@ async fn gateway_reloads_on_sighup() {
         .unwrap();
     };
     write(&addrs[0]);
-    let (mut gw, addr, mut lines) = common::spawn_gateway(&cfg).await;
+    let common::Gateway {
+        child: mut gw,
+        addr,
+        mut lines,
+        ..
+    } = common::spawn_gateway(&cfg).await;
     // With `access_log.sample = 1.0` every request is one JSON line on stdout.
     let (log_tx, mut log_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {

@@ -225,10 +225,13 @@ impl Registry {
     }
 
     /// Asks the mass-expiry guard about TTL check `id` reaching its deadline: `true` to
-    /// hold it. Checks that expired just before protection started get their status back
-    /// and a new TTL.
+    /// hold it. A check already critical is not an expiry to count. Checks that expired
+    /// just before protection started get their status back and a new TTL.
     fn hold_expiry(&self, id: &str, now: Instant) -> bool {
         let current = self.check_status(id).unwrap_or(Health::Critical);
+        if current == Health::Critical {
+            return false;
+        }
         let total = self.runners.ttl_checks();
         let (verdict, restore) = self
             .guard
@@ -294,9 +297,7 @@ async fn run_ttl(
                     deadline = Some(now + ttl);
                     continue;
                 }
-                if reg.check_status(&id).is_some_and(|s| s != Health::Critical)
-                    && reg.hold_expiry(&id, now)
-                {
+                if reg.hold_expiry(&id, now) {
                     // Held by the mass-expiry guard: decided again shortly.
                     deadline = Some(now + ttl.min(HOLD_RECHECK));
                     continue;

@@ -68,7 +68,7 @@ impl Tmpfs {
     /// Fills the remaining space with one file and returns its path; the next write of
     /// any size to this filesystem fails with ENOSPC.
     pub fn fill(&self) -> PathBuf {
-        let path = self.dir.path().join(format!("filler-{}", fastish_id()));
+        let path = self.dir.path().join(format!("filler-{}", unique_suffix()));
         let mut f = std::fs::File::create(&path).expect("create filler");
         let chunk = vec![0x5a_u8; 4096];
         loop {
@@ -88,20 +88,6 @@ impl Tmpfs {
     pub fn free(&self, filler: &Path) {
         std::fs::remove_file(filler).expect("remove filler");
     }
-
-    /// Bytes free on the filesystem, from `df`.
-    pub fn available(&self) -> u64 {
-        let out = Command::new("df")
-            .args(["--output=avail", "-B1"])
-            .arg(self.dir.path())
-            .output()
-            .expect("df");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .nth(1)
-            .and_then(|l| l.trim().parse().ok())
-            .expect("df output")
-    }
 }
 
 impl Drop for Tmpfs {
@@ -114,7 +100,7 @@ impl Drop for Tmpfs {
     }
 }
 
-fn fastish_id() -> u128 {
+fn unique_suffix() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())

@@ -143,12 +143,7 @@ mod tests {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let ct = resp.headers().get(header::CONTENT_TYPE).cloned();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let bytes = read_body(resp).await;
         if status.is_client_error() {
             assert_eq!(
                 ct.as_ref().and_then(|v| v.to_str().ok()),
@@ -160,6 +155,14 @@ mod tests {
             allow,
             serde_json::from_slice(&bytes).unwrap_or_default(),
         )
+    }
+
+    async fn read_body(resp: Response) -> axum::body::Bytes {
+        resp.into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default()
     }
 
     fn app() -> Router {
@@ -220,12 +223,7 @@ mod tests {
             .unwrap_or_default();
         let resp = app().oneshot(req).await.unwrap_or_default();
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let bytes = read_body(resp).await;
         assert_eq!(&bytes[..], b"Consul's words");
     }
 }

@@ -55,10 +55,18 @@ pub async fn run_cli(addr: &str, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// Starts `tessera gateway --config cfg` on ephemeral ports: the process, its address,
-/// and the rest of its stdout (where the access log goes).
-pub async fn spawn_gateway(cfg: &Path) -> (Child, String, Lines<BufReader<ChildStdout>>) {
-    let mut gw = Command::new(BIN)
+/// A `tessera gateway` started by [`spawn_gateway`].
+pub struct Gateway {
+    pub child: Child,
+    pub addr: String,
+    pub admin: String,
+    /// The rest of its stdout (where the access log goes).
+    pub lines: Lines<BufReader<ChildStdout>>,
+}
+
+/// Starts `tessera gateway --config cfg` on ephemeral ports.
+pub async fn spawn_gateway(cfg: &Path) -> Gateway {
+    let mut child = Command::new(BIN)
         .args([
             "gateway",
             "--listen",
@@ -73,17 +81,27 @@ pub async fn spawn_gateway(cfg: &Path) -> (Child, String, Lines<BufReader<ChildS
         .kill_on_drop(true)
         .spawn()
         .expect("spawn tessera gateway");
-    let mut lines = BufReader::new(gw.stdout.take().unwrap()).lines();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let line = lines.next_line().await.unwrap().unwrap();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
-    (gw, addr, lines)
+    let url_after = |marker: &str| {
+        line.split(marker)
+            .nth(1)
+            .unwrap()
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let (addr, admin) = (
+        url_after("listening on http://"),
+        url_after("admin http://"),
+    );
+    Gateway {
+        child,
+        addr,
+        admin,
+        lines,
+    }
 }
 
 /// Starts `tessera upstream` (an echo server answering `hello from ID`) on an ephemeral

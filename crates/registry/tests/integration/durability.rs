@@ -89,8 +89,20 @@ async fn a_ttl_status_that_ran_out_while_down_is_not_restored() {
     h.put("/v1/agent/check/warn/service:long", "").await;
     let mut srv = srv;
     srv.stop().await;
-    // Longer than the short TTL; a slower machine only waits longer.
-    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    // Until the short TTL has ended by the wall clock, as saved at shutdown.
+    let saved: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(srv.data_dir.join("registry/check-state.json")).unwrap(),
+    )
+    .unwrap();
+    let expires_ms = saved["service:short"]["expires_ms"].as_u64().unwrap();
+    crate::support::wait_for("the short TTL to end", || async {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        now > u128::from(expires_ms)
+    })
+    .await;
     let srv = srv.restart().await;
     let h = &srv.http;
     assert_eq!(
