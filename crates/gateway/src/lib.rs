@@ -28,6 +28,7 @@ pub mod config;
 mod error;
 mod grouped;
 mod h1;
+mod h2;
 mod metrics;
 pub(crate) mod path;
 mod pool;

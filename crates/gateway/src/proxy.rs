@@ -240,6 +240,11 @@ pub async fn handle(
         if let Err(why) = crate::h1::check_request(req) {
             return GatewayError::Malformed(why).into_response();
         }
+        if req.version() == Version::HTTP_2
+            && let Err(why) = crate::h2::check_request(req)
+        {
+            return GatewayError::Malformed(why).into_response();
+        }
         // Absolute-form: the target's authority is the host, whatever Host said (RFC
         // 9112 section 3.2.2), for routing and upstream alike.
         if let Some(authority) = req.uri().authority().map(|a| a.as_str().to_owned())

@@ -351,7 +351,11 @@ fn encode_head(w: &mut Vec<u8>, head: &RequestHead<'_>) -> bool {
     had_length
 }
 
-/// A request whose body streams: its length when known, else chunked (with trailers).
+/// A request whose body streams: its length when known, else chunked. Request trailers
+/// are not passed on (nginx drops them too): HTTP/2 lets a client put any field there
+/// (h2 drops pseudo-headers in a trailer section without a word), and an HTTP/1.1 server
+/// that merges trailers into the header section would take a forged `host`,
+/// `content-length` or identity field from it, past every check made on the head.
 async fn write_streamed(
     conn: &mut H1Conn,
     head: &RequestHead<'_>,
@@ -369,8 +373,7 @@ async fn write_streamed(
     conn.io.write_all(&conn.wbuf).await.map_err(unsent)?;
     // The head went out: from here on the upstream may act on the request.
     let io_err = |e: io::Error| SendError::Io(format!("writing the request body: {e}"));
-    let mut trailers_sent = false;
-    let sent = write_body_frames(conn, &mut body, exact, &mut trailers_sent).await;
+    let sent = write_body_frames(conn, &mut body, exact).await;
     if let Err(e @ (SendError::Io(_) | SendError::Unsent(_))) = sent {
         // The upstream stopped reading (it may have answered already): the client is
         // still sending. Its body is read and dropped for a while, as nginx's lingering
@@ -379,7 +382,7 @@ async fn write_streamed(
         return Err(e);
     }
     sent?;
-    if exact.is_none() && !trailers_sent {
+    if exact.is_none() {
         conn.io.write_all(b"0\r\n\r\n").await.map_err(io_err)?;
     }
     conn.io.flush().await.map_err(unsent)
@@ -397,7 +400,6 @@ async fn write_body_frames(
     conn: &mut H1Conn,
     body: &mut Body,
     exact: Option<u64>,
-    trailers_sent: &mut bool,
 ) -> Result<(), SendError> {
     let io_err = |e: io::Error| SendError::Io(format!("writing the request body: {e}"));
     while let Some(frame) = body.frame().await {
@@ -412,16 +414,8 @@ async fn write_body_frames(
                 conn.io.write_all(&data).await.map_err(io_err)?;
                 conn.io.write_all(b"\r\n").await.map_err(io_err)?;
             }
-            Ok(_) => {}
-            Err(frame) => {
-                if let (Ok(trailers), None) = (frame.into_trailers(), exact) {
-                    let mut t = b"0\r\n".to_vec();
-                    write_fields(&mut t, &trailers);
-                    t.extend_from_slice(b"\r\n");
-                    conn.io.write_all(&t).await.map_err(io_err)?;
-                    *trailers_sent = true;
-                }
-            }
+            // Empty data, or trailers (see above).
+            Ok(_) | Err(_) => {}
         }
     }
     Ok(())
