@@ -130,10 +130,21 @@ async fn send_as(
     body: Option<Value>,
     token: Option<&str>,
 ) -> (u16, Value) {
+    let headers: Vec<_> = token.map(|t| ("x-consul-token", t)).into_iter().collect();
+    send_with(c, method, url, body, &headers).await
+}
+
+async fn send_with(
+    c: &HttpClient,
+    method: &str,
+    url: String,
+    body: Option<Value>,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
     let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
     let mut req = http::Request::builder().method(method).uri(url);
-    if let Some(t) = token {
-        req = req.header("x-consul-token", t);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
     }
     let req = req.body(Full::new(body)).unwrap();
     let resp = c.request(req).await.unwrap();
@@ -156,6 +167,106 @@ fn saga(label: &str, participant: &str) -> Value {
     };
     json!({"name": label, "steps": [step("a"), step("b"), step("c")],
            "compensation_retry": {"max_attempts": 50, "backoff": "10ms", "max_backoff": "100ms"}})
+}
+
+/// The coordinator and the event store on a real tmpfs that fills up. A saga start and an
+/// event append are refused with 507 `storage_full`, naming the cause, and leave nothing
+/// behind; once the disk has room, the same requests (same Idempotency-Key, same event
+/// id) are kept exactly once, with no restart in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_saga_starts_and_appends_cleanly_until_it_has_room() {
+    let Some(disk) = tessera_testkit::Tmpfs::mount_or_skip(64 << 20) else {
+        return;
+    };
+    let (p, paddr) = participant().await;
+    let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let (_server, addr) = spawn_server(disk.path()).await;
+    let start = |key: &'static str| {
+        let (c, addr, def) = (c.clone(), addr.clone(), saga("full", &paddr));
+        async move {
+            let url = format!("http://{addr}/v1/sagas");
+            send_with(&c, "POST", url, Some(def), &[("idempotency-key", key)]).await
+        }
+    };
+    let append = |id: &'static str| {
+        let (c, addr) = (c.clone(), addr.clone());
+        async move {
+            let events = json!({"events": [{"id": id, "type": "filled", "data": {"n": 1}}]});
+            let url = format!("http://{addr}/v1/streams/disk-full");
+            send(&c, "POST", url, Some(events)).await
+        }
+    };
+    let refused = |what: &str, (s, v): (u16, Value)| {
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (507, Some("storage_full")),
+            "{what}: {v}"
+        );
+        let e = v["error"].as_str().unwrap_or_default();
+        assert!(
+            e.contains("ENOSPC") || e.contains("SQLITE_FULL"),
+            "{what}: {v}"
+        );
+    };
+
+    let filler = disk.fill();
+    refused("saga start", start("disk-1").await);
+    refused("event append", append("event-1").await);
+    // Nothing half-made: no saga row, no event, and reads still answer.
+    let (s, sagas) = send(&c, "GET", format!("http://{addr}/v1/sagas"), None).await;
+    assert_eq!(
+        (s, sagas.as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{sagas}"
+    );
+    let (s, events) = send(
+        &c,
+        "GET",
+        format!("http://{addr}/v1/streams/disk-full"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, events.as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{events}"
+    );
+    assert!(p.calls.lock().unwrap().is_empty(), "a refused saga ran");
+
+    disk.free(&filler);
+    // The clients retry the same requests; each is kept once, however often it is sent.
+    wait_until("the saga start to be kept", || async {
+        matches!(start("disk-1").await.0, 200 | 201)
+    })
+    .await;
+    wait_until("the append to be kept", || async {
+        matches!(append("event-1").await.0, 200 | 201)
+    })
+    .await;
+    let (s, again) = start("disk-1").await;
+    assert_eq!(s, 200, "a repeat answers the saga already started: {again}");
+    append("event-1").await;
+    let (_, sagas) = send(&c, "GET", format!("http://{addr}/v1/sagas"), None).await;
+    assert_eq!(sagas.as_array().map(Vec::len), Some(1), "{sagas}");
+    let (_, events) = send(
+        &c,
+        "GET",
+        format!("http://{addr}/v1/streams/disk-full"),
+        None,
+    )
+    .await;
+    assert_eq!(events.as_array().map(Vec::len), Some(1), "{events}");
+    let id = again["id"].as_str().unwrap().to_owned();
+    wait_until("the saga to complete", || async {
+        let (_, v) = send(&c, "GET", format!("http://{addr}/v1/sagas/{id}"), None).await;
+        v["status"] == "completed"
+    })
+    .await;
+    assert_eq!(p.calls_to("/full/a/do").len(), 1);
+}
+
+async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, f: impl FnMut() -> F) {
+    tessera_testkit::wait_until(what, Duration::from_secs(60), f).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

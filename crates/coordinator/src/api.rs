@@ -42,8 +42,7 @@ struct ApiError(StatusCode, String, &'static str);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": self.1, "code": self.2});
-        (self.0, axum::Json(body)).into_response()
+        tessera_web::error(self.0, self.2, self.1)
     }
 }
 
@@ -56,12 +55,10 @@ fn authorize(st: &AppState, headers: &HeaderMap, write: bool) -> Result<(), ApiE
         .map_err(|e| ApiError(StatusCode::FORBIDDEN, e, "permission_denied"))
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError(
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!("saga store: {e}"),
-        "store_unavailable",
-    )
+/// The store did not answer or did not keep the write: 507 on a full disk, else 503.
+fn internal(e: impl Into<tessera_sql::Refused>) -> ApiError {
+    let r = e.into();
+    ApiError(r.status(), format!("saga store: {r}"), r.code())
 }
 
 /// The optional `Idempotency-Key` of a start request.

@@ -43,6 +43,15 @@ pub enum StartError {
     Task(String),
 }
 
+impl From<StartError> for tessera_sql::Refused {
+    fn from(e: StartError) -> tessera_sql::Refused {
+        match e {
+            StartError::Store(e) => e.into(),
+            StartError::Task(why) => tessera_sql::Refused::unavailable(why),
+        }
+    }
+}
+
 /// Runs `f` as its own task and waits for it: the work finishes even if the caller is
 /// dropped (a client that disconnects mid-POST), so a transaction that was stored is
 /// always also started.

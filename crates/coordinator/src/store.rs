@@ -32,8 +32,20 @@ pub enum StoreError {
     },
     #[error("the store's writer has stopped")]
     Closed,
+    /// The write was not committed; nothing of it was kept.
     #[error("commit failed: {0}")]
-    Commit(String),
+    NotKept(tessera_sql::Refused),
+}
+
+/// How the API answers a store error: 507 for a full disk, 503 for the rest.
+impl From<StoreError> for tessera_sql::Refused {
+    fn from(e: StoreError) -> tessera_sql::Refused {
+        match e {
+            StoreError::Db(e) => tessera_sql::Refused::of(&e),
+            StoreError::NotKept(r) => r,
+            other => tessera_sql::Refused::unavailable(other.to_string()),
+        }
+    }
 }
 
 /// What a table row is made of.
@@ -114,7 +126,7 @@ enum Op {
     Update(Arc<str>, Row),
 }
 
-type Reply = oneshot::Sender<Result<bool, String>>;
+type Reply = oneshot::Sender<Result<bool, tessera_sql::Refused>>;
 
 /// A listing row.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -287,7 +299,7 @@ impl<R: Record> Store<R> {
         answer
             .await
             .map_err(|_| StoreError::Closed)?
-            .map_err(StoreError::Commit)
+            .map_err(StoreError::NotKept)
     }
 
     /// Stores a new record; `false` if one with its idempotency key already exists.
@@ -400,10 +412,15 @@ async fn writer(db: Db, mut rx: mpsc::Receiver<(Op, Reply)>) {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, writes = batch.len(), "coordinator store commit failed");
-                let msg = e.to_string();
+                let refused = tessera_sql::Refused::of(&e);
+                // A full disk is the operator's to fix, and every writer is told; not a bug.
+                if refused.full {
+                    tracing::warn!(error = %e, writes = batch.len(), "coordinator store commit refused: disk full");
+                } else {
+                    tracing::error!(error = %e, writes = batch.len(), "coordinator store commit failed");
+                }
                 for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(msg.clone()));
+                    let _ = reply.send(Err(refused.clone()));
                 }
             }
         }

@@ -56,8 +56,7 @@ struct ApiError(StatusCode, String, &'static str);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": self.1, "code": self.2});
-        (self.0, axum::Json(body)).into_response()
+        tessera_web::error(self.0, self.2, self.1)
     }
 }
 
@@ -65,12 +64,10 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into(), "bad_request")
 }
 
-fn unavailable(e: impl std::fmt::Display) -> ApiError {
-    ApiError(
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!("event store: {e}"),
-        "store_unavailable",
-    )
+/// The store did not answer or did not keep the write: 507 on a full disk, else 503.
+fn unavailable(e: impl Into<tessera_sql::Refused>) -> ApiError {
+    let r = e.into();
+    ApiError(r.status(), format!("event store: {r}"), r.code())
 }
 
 fn authorize(st: &AppState, headers: &HeaderMap, write: bool) -> Result<(), ApiError> {
@@ -169,7 +166,7 @@ async fn append(
     let store = st.store.clone();
     let result = tokio::spawn(async move { store.append(stream, exp, body.events).await })
         .await
-        .map_err(unavailable)?;
+        .map_err(|e| unavailable(tessera_sql::Refused::unavailable(e.to_string())))?;
     match result {
         Ok(a) => {
             let status = if a.duplicate {

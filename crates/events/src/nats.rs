@@ -42,7 +42,7 @@ pub struct NatsStore {
 }
 
 fn nats_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Commit(format!("NATS: {e}"))
+    StoreError::NotKept(tessera_sql::Refused::unavailable(format!("NATS: {e}")))
 }
 
 fn encode(name: &str) -> String {
@@ -173,7 +173,9 @@ impl NatsStore {
             {
                 Ok((0, -1))
             }
-            Err(e) => Err(AppendError::Store(format!("NATS: {e}"))),
+            Err(e) => Err(AppendError::Store(tessera_sql::Refused::unavailable(
+                format!("NATS: {e}"),
+            ))),
         }
     }
 
@@ -223,7 +225,9 @@ impl NatsStore {
                     .js
                     .publish_with_headers(subject.clone(), h, payload.to_string().into())
                     .await
-                    .map_err(|e| AppendError::Store(format!("NATS: {e}")))?
+                    .map_err(|e| {
+                        AppendError::Store(tessera_sql::Refused::unavailable(format!("NATS: {e}")))
+                    })?
                     .await;
                 match ack {
                     Ok(a) => {
@@ -253,7 +257,11 @@ impl NatsStore {
                             current: now_at,
                         });
                     }
-                    Err(err) => return Err(AppendError::Store(format!("NATS: {err}"))),
+                    Err(err) => {
+                        return Err(AppendError::Store(tessera_sql::Refused::unavailable(
+                            format!("NATS: {err}"),
+                        )));
+                    }
                 }
                 if !ok && duplicates == 0 {
                     break;
@@ -269,11 +277,9 @@ impl NatsStore {
             if duplicates == events.len() {
                 // A repeat: JetStream acked the originals' sequences; report their versions.
                 let version = |seq: u64| async move {
-                    let m = self
-                        .events
-                        .get_raw_message(seq)
-                        .await
-                        .map_err(|e| AppendError::Store(format!("NATS: {e}")))?;
+                    let m = self.events.get_raw_message(seq).await.map_err(|e| {
+                        AppendError::Store(tessera_sql::Refused::unavailable(format!("NATS: {e}")))
+                    })?;
                     Ok::<i64, AppendError>(
                         m.headers
                             .get("Tessera-Version")
@@ -299,9 +305,9 @@ impl NatsStore {
                 duplicate: false,
             });
         }
-        Err(AppendError::Store(
-            "too many concurrent appends to this stream".into(),
-        ))
+        Err(AppendError::Store(tessera_sql::Refused::unavailable(
+            "too many concurrent appends to this stream",
+        )))
     }
 
     /// Events of `sel` from `from` (a version, or a position), at most `limit`.

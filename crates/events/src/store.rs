@@ -25,10 +25,22 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("the event store's writer has stopped")]
     Closed,
+    /// The write was not committed; nothing of it was kept.
     #[error("commit failed: {0}")]
-    Commit(String),
+    NotKept(tessera_sql::Refused),
     #[error("{0}")]
     Invalid(String),
+}
+
+/// How the API answers a store error: 507 for a full disk, 503 for the rest.
+impl From<StoreError> for tessera_sql::Refused {
+    fn from(e: StoreError) -> tessera_sql::Refused {
+        match e {
+            StoreError::Db(e) => tessera_sql::Refused::of(&e),
+            StoreError::NotKept(r) => r,
+            other => tessera_sql::Refused::unavailable(other.to_string()),
+        }
+    }
 }
 
 /// An event as a client posts it.
@@ -123,7 +135,7 @@ pub enum AppendError {
         version: i64,
     },
     #[error("{0}")]
-    Store(String),
+    Store(tessera_sql::Refused),
 }
 
 struct Append {
@@ -254,10 +266,16 @@ impl Store {
                 reply,
             ))
             .await
-            .map_err(|_| AppendError::Store(StoreError::Closed.to_string()))?;
-        answer
-            .await
-            .map_err(|_| AppendError::Store(StoreError::Closed.to_string()))?
+            .map_err(|_| {
+                AppendError::Store(tessera_sql::Refused::unavailable(
+                    StoreError::Closed.to_string(),
+                ))
+            })?;
+        answer.await.map_err(|_| {
+            AppendError::Store(tessera_sql::Refused::unavailable(
+                StoreError::Closed.to_string(),
+            ))
+        })?
     }
 
     /// Events of `sel` from `from` (a version for a stream, a position for a category),
@@ -421,13 +439,14 @@ async fn writer(pool: SqlitePool, mut rx: mpsc::Receiver<Write>, head: watch::Se
             }
             Err(e) => {
                 tracing::warn!(error = %e, writes = batch.len(), "event store commit failed");
+                let refused = tessera_sql::Refused::of(&e);
                 for w in batch.drain(..) {
                     match w {
                         Write::Append(_, reply) => {
-                            let _ = reply.send(Err(AppendError::Store(e.to_string())));
+                            let _ = reply.send(Err(AppendError::Store(refused.clone())));
                         }
                         Write::Ack { reply, .. } => {
-                            let _ = reply.send(Err(StoreError::Commit(e.to_string())));
+                            let _ = reply.send(Err(StoreError::NotKept(refused.clone())));
                         }
                     }
                 }

@@ -44,31 +44,14 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> ApiError {
-        // A full disk is the operator's to fix and the client's to retry later; nothing
-        // of the request was kept (each request is one transaction).
-        let full = match &e {
-            sqlx::Error::Database(d) => {
-                // SQLITE_FULL (13, and its extended codes) or PostgreSQL's disk_full.
-                d.code().is_some_and(|c| c == "13" || c == "53100")
-                    || d.message().contains("disk is full")
-            }
-            sqlx::Error::Io(io) => io.raw_os_error() == Some(28),
-            _ => false,
-        };
-        if full {
+        // Each request is one transaction: either way, nothing of it was kept.
+        let refused = tessera_sql::Refused::of(&e);
+        if refused.full {
             tracing::warn!(error = %e, "database refused a write: the disk is full");
-            return ApiError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                "storage_full",
-                "the database's disk is full (SQLITE_FULL / ENOSPC); nothing was kept, try again later",
-            );
+        } else {
+            tracing::error!(error = %e, "database");
         }
-        tracing::error!(error = %e, "database");
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database",
-            "the database is unavailable; try again",
-        )
+        ApiError::new(refused.status(), refused.code(), refused.to_string())
     }
 }
 
@@ -100,8 +83,7 @@ impl From<AuthError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": self.message, "code": self.code});
-        let mut resp = (self.status, axum::Json(body)).into_response();
+        let mut resp = tessera_web::error(self.status, self.code, self.message);
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
