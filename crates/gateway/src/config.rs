@@ -78,10 +78,12 @@ pub struct Config {
     /// encoded, never decoded into a separator.
     #[serde(default)]
     pub encoded_slashes: EncodedSlashes,
-    /// `reject` (default): a path with a `;` parameter gets 400 (Tomcat, Jetty and Spring
-    /// drop them, so `/admin;x` would reach `/admin` behind a route for `/`); `strip`:
-    /// removed from every segment for matching and forwarding alike; `keep`: passed on
-    /// opaque (only for backends that do not drop them).
+    /// What routes without their own `path_params` do with `;` path parameters.
+    /// `reject` (default): 400 (Tomcat, Jetty and Spring drop them, so `/admin;x` would
+    /// reach `/admin` behind a route for `/`); `strip`: removed from every segment and
+    /// forwarded without them; `keep`: forwarded as received (for backends that use
+    /// them). Routes are always found by the path without them, as those backends read
+    /// it, so no choice lets `/public/..;/admin` past the route for `/admin`.
     #[serde(default)]
     pub path_params: crate::path::PathParams,
     /// Largest request body accepted: a larger `Content-Length` gets 413 before anything
@@ -304,6 +306,11 @@ pub struct RouteConfig {
     /// Requests per client allowed through (429 beyond), checked after `auth`.
     #[serde(default)]
     pub rate_limit: Option<RateLimitRoute>,
+    /// `;` path parameters on this route (the gateway's `path_params` when unset):
+    /// `reject`, `strip` or `keep`. Whatever is chosen, the route was found by the path
+    /// without them, as Tomcat reads it.
+    #[serde(default)]
+    pub path_params: Option<crate::path::PathParams>,
 }
 
 /// A route's rate limit: `burst` requests at once, then `rate` per second, per key.

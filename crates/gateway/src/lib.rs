@@ -138,9 +138,10 @@ impl Gateway {
                 config_path,
                 replay_cap: config.max_replay_body_bytes,
                 max_body: config.max_request_body_bytes,
+                // `path_params` is per route, in the table.
                 path_rules: crate::path::PathRules {
                     keep_encoded_slashes: config.encoded_slashes == config::EncodedSlashes::Keep,
-                    params: config.path_params,
+                    params: crate::path::PathParams::Reject,
                 },
                 in_flight: std::sync::atomic::AtomicUsize::new(0),
                 max_in_flight: config.max_in_flight,

@@ -12,9 +12,9 @@
 //! prefix could be stepped around through them; each is refused or made the same for
 //! matching and forwarding:
 //! - `;` path parameters, which Tomcat, Jetty and Spring drop from each segment
-//!   (`/admin;x`, `/public/..;/admin`): refused by default; `path_params = "strip"`
-//!   removes them before anything else (forwarded stripped too), `"keep"` passes them
-//!   through opaque;
+//!   (`/admin;x`, `/public/..;/admin`): refused by default. When a route allows them
+//!   (`path_params`, per route or for all), routes are matched on the path without them,
+//!   and the route found forwards it stripped (`"strip"`) or as received (`"keep"`);
 //! - `\`, which IIS takes for `/`: refused;
 //! - an encoded `%` before two hex digits (`%252e`), which a backend that decodes twice
 //!   turns into another character: refused.

@@ -23,6 +23,7 @@ use crate::config::HashOn;
 use crate::error::GatewayError;
 use crate::h1::client::{Exchange, SendError as ClientError, Upgraded};
 use crate::h1::fields::RawFields;
+use crate::path::{PathParams, PathRules};
 use crate::routes::{RateKey, Rewrite, Route};
 use crate::timer::LazyTimer;
 use crate::upstream::Upstream;
@@ -253,22 +254,18 @@ pub async fn handle(
             req.headers_mut().insert(header::HOST, v);
         }
     }
-    // Routing, auth and the upstream all see one canonical path.
-    match crate::path::canonical(req.uri().path(), gw.path_rules) {
-        Ok(None) => {}
-        Ok(Some(path)) => {
-            let pq = match req.uri().query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path,
-            };
-            let mut parts = req.uri().clone().into_parts();
-            parts.path_and_query = PathAndQuery::try_from(pq).ok();
-            match Uri::from_parts(parts) {
-                Ok(uri) => *req.uri_mut() = uri,
-                Err(_) => return GatewayError::BadPath("not a valid URI").into_response(),
-            }
-        }
-        Err(why) => return GatewayError::BadPath(why).into_response(),
+    let table = gw.table.load_full();
+    // Routing, auth and the upstream all see one canonical path. A path with `;`
+    // parameters is matched as Tomcat reads it (without them) unless every route refuses
+    // them; the route found then says what is forwarded.
+    let rules = PathRules {
+        params: table.params,
+        ..gw.path_rules
+    };
+    let with_params = (rules.params != PathParams::Reject && req.uri().path().contains(';'))
+        .then(|| req.uri().clone());
+    if let Err(e) = canonicalize(req, rules) {
+        return e.into_response();
     }
     if let Some(cert) = &peer.tls {
         let host = host_of(req, raw);
@@ -277,7 +274,6 @@ pub async fn handle(
             return GatewayError::Misdirected(host.to_owned()).into_response();
         }
     }
-    let table = gw.table.load_full();
     // Routes that match on fields, and identity fields to strip, need the map.
     if let Some(r) = raw
         && (table.header_rules || !table.issuers.identity_headers.is_empty())
@@ -298,6 +294,25 @@ pub async fn handle(
         }
         .into_response();
     };
+    if let Some(received) = with_params {
+        match route.path_params {
+            PathParams::Reject => {
+                let e = GatewayError::BadPath("a ';' path parameter in the path (see path_params)");
+                return e.into_response();
+            }
+            PathParams::Strip => {}
+            PathParams::Keep => {
+                *req.uri_mut() = received;
+                let keep = PathRules {
+                    params: PathParams::Keep,
+                    ..rules
+                };
+                if let Err(e) = canonicalize(req, keep) {
+                    return e.into_response();
+                }
+            }
+        }
+    }
     if let Some(r) = raw
         && !route.plain
     {
@@ -407,6 +422,24 @@ pub async fn handle(
         println!("{line}");
     }
     resp
+}
+
+/// Replaces the request's path by its canonical form under `rules`.
+fn canonicalize(req: &mut Request<Body>, rules: PathRules) -> Result<(), GatewayError> {
+    let Some(path) =
+        crate::path::canonical(req.uri().path(), rules).map_err(GatewayError::BadPath)?
+    else {
+        return Ok(());
+    };
+    let pq = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = PathAndQuery::try_from(pq).ok();
+    *req.uri_mut() =
+        Uri::from_parts(parts).map_err(|_| GatewayError::BadPath("not a valid URI"))?;
+    Ok(())
 }
 
 /// A request counted in `Shared::in_flight` until dropped.

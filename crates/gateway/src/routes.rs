@@ -92,6 +92,8 @@ pub struct Route {
     pub fallback: Option<Fallback>,
     pub auth: Option<crate::config::RouteAuth>,
     pub rate_limit: Option<RateLimit>,
+    /// What a path with `;` parameters that matched this route becomes.
+    pub path_params: crate::path::PathParams,
     /// Nothing on this route reads or edits the request's fields (no auth, no limit or
     /// hash keyed on a field, no request header edits): they can go upstream raw.
     pub plain: bool,
@@ -182,6 +184,9 @@ pub struct Table {
     pub header_rules: bool,
     /// Some route matches on the host, so every request needs its host looked up.
     pub host_rules: bool,
+    /// How paths with `;` parameters are read for matching: `Reject` at once when every
+    /// route refuses them, else `Strip` (as Tomcat reads them) and the route decides.
+    pub params: crate::path::PathParams,
     /// The Redis client for shared limits, kept across reloads while `[redis]` is unchanged.
     pub redis: Option<(RedisConfig, Arc<Redis>)>,
 }
@@ -220,10 +225,22 @@ impl Table {
             .routes
             .iter()
             .enumerate()
-            .map(|(i, r)| (i, compile(i, r, &upstreams, previous, redis.as_ref())))
+            .map(|(i, r)| {
+                let route = compile(i, r, cfg, &upstreams, previous, redis.as_ref());
+                (i, route)
+            })
             .collect();
         ranked.sort_by_key(|(i, r)| r.rank(*i));
+        let params = if ranked
+            .iter()
+            .all(|(_, r)| r.path_params == crate::path::PathParams::Reject)
+        {
+            crate::path::PathParams::Reject
+        } else {
+            crate::path::PathParams::Strip
+        };
         Ok(Table {
+            params,
             header_rules: ranked.iter().any(|(_, r)| !r.headers.is_empty()),
             host_rules: ranked
                 .iter()
@@ -283,6 +300,7 @@ fn start_redis(rc: &RedisConfig) -> Redis {
 fn compile(
     i: usize,
     r: &RouteConfig,
+    cfg: &Config,
     upstreams: &HashMap<String, Arc<Upstream>>,
     previous: Option<&Table>,
     redis: Option<&(RedisConfig, Arc<Redis>)>,
@@ -421,6 +439,7 @@ fn compile(
         }),
         auth: r.auth.clone(),
         rate_limit,
+        path_params: r.path_params.unwrap_or(cfg.path_params),
         plain,
         metrics: RouteMetrics::default(),
         describe,

@@ -517,6 +517,31 @@ async fn path_tricks_do_not_bypass_an_admin_route() {
     let (s, _, body) = gw.http.get("/public;v=1/a").await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["path"], "/public/a");
+
+    // Per route: only /public takes parameters, and passes them on as received. Routes
+    // are still found by the path without them, so they open nothing behind /admin.
+    let keeping = config(&up, &jwks).replacen(
+        "path = { prefix = \"/public\" }",
+        "path = { prefix = \"/public\" }\npath_params = \"keep\"",
+        1,
+    );
+    assert!(keeping.contains("path_params = \"keep\""));
+    let gw = TestGateway::start(&keeping).await;
+    let (s, _, body) = gw.http.get("/public;v=1/a;b=2").await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["path"], "/public;v=1/a;b=2", "forwarded as received");
+    let hits = up.hits();
+    for (path, want) in [
+        // Matched as /admin, whose rule (the default) refuses parameters.
+        ("/public/..;/admin/x", StatusCode::BAD_REQUEST),
+        ("/public;/../admin", StatusCode::BAD_REQUEST),
+        ("/admin;jsessionid=1/x", StatusCode::BAD_REQUEST),
+        ("/public/../admin;x", StatusCode::BAD_REQUEST),
+    ] {
+        let (s, _, body) = gw.http.get(path).await;
+        assert_eq!(s, want, "{path}: {body}");
+    }
+    assert_eq!(up.hits(), hits, "nothing behind /admin was reached");
 }
 
 /// API keys for machine clients: only the SHA-256 is configured; the key's name goes
