@@ -265,6 +265,70 @@ async fn a_full_disk_refuses_saga_starts_and_appends_cleanly_until_it_has_room()
     assert_eq!(p.calls_to("/full/a/do").len(), 1);
 }
 
+/// Admission control covers the event store's and the coordinator's APIs too: beyond
+/// `max_in_flight`, a burst of appends gets 429 `too_busy` with `Retry-After`, and
+/// exactly the appends that were answered 201 are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_max_in_flight_gets_429_on_events_and_sagas() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, "[limits]\nmax_in_flight = 2\n").unwrap();
+    let (_server, addr) =
+        spawn_server_with(dir.path(), &["--config", config.to_str().unwrap()]).await;
+    let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let (c, addr) = (c.clone(), addr.clone());
+            tokio::spawn(async move {
+                let body = json!({"events": [{"id": format!("burst-{i}"), "type": "t", "data": {"pad": "x".repeat(10_000)}}]});
+                send(&c, "POST", format!("http://{addr}/v1/streams/burst"), Some(body)).await
+            })
+        })
+        .collect();
+    let (mut kept, mut busy) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            (201, _) => kept += 1,
+            (429, v) => {
+                assert_eq!(v["code"], "too_busy", "{v}");
+                busy += 1;
+            }
+            (s, v) => panic!("{s}: {v}"),
+        }
+    }
+    assert!(
+        busy > 0,
+        "100 concurrent appends never exceeded 2 in flight"
+    );
+    let url = format!("http://{addr}/v1/streams/burst?limit=1000");
+    let (_, events) = send(&c, "GET", url, None).await;
+    assert_eq!(
+        events.as_array().map(Vec::len),
+        Some(kept),
+        "exactly the 201s are stored"
+    );
+    // The same limit guards saga starts.
+    let (_p, paddr) = participant().await;
+    let starts: Vec<_> = (0..50)
+        .map(|_| {
+            let (c, addr, def) = (c.clone(), addr.clone(), saga("held", &paddr));
+            tokio::spawn(async move {
+                send(&c, "POST", format!("http://{addr}/v1/sagas"), Some(def)).await
+            })
+        })
+        .collect();
+    let mut codes = std::collections::BTreeMap::new();
+    for t in starts {
+        let (s, v) = t.await.unwrap();
+        assert!(
+            s == 201 || (s == 429 && v["code"] == "too_busy"),
+            "{s}: {v}"
+        );
+        *codes.entry(s).or_insert(0) += 1;
+    }
+    assert!(codes.contains_key(&429), "{codes:?}");
+}
+
 async fn wait_until<F: std::future::Future<Output = bool>>(what: &str, f: impl FnMut() -> F) {
     tessera_testkit::wait_until(what, Duration::from_secs(60), f).await;
 }

@@ -46,8 +46,8 @@ impl Default for Limits {
 /// Seconds a refused client is asked to wait.
 const RETRY_AFTER: &str = "1";
 
-/// Middleware over the registry's routes: 429 once `max_in_flight` requests are being
-/// worked on.
+/// Middleware over the server's routes (registry, coordinator, events): 429 once
+/// `max_in_flight` requests are being worked on.
 pub(crate) async fn admit(State(reg): State<AppState>, req: Request, next: Next) -> Response {
     let limit = reg.config.limits.max_in_flight;
     let working = reg.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -56,7 +56,7 @@ pub(crate) async fn admit(State(reg): State<AppState>, req: Request, next: Next)
     if limit > 0 && working.saturating_sub(parked) >= limit {
         reg.refused.fetch_add(1, Ordering::Relaxed);
         return too_busy(&format!(
-            "the registry is saturated ({limit} requests in progress); retry after {RETRY_AFTER}s"
+            "the server is saturated ({limit} requests in progress); retry after {RETRY_AFTER}s"
         ));
     }
     next.run(req).await

@@ -78,9 +78,18 @@ impl Server {
         reg.start_background();
         reg.ensure_local_node().await?;
         reg.ensure_initial_management().await?;
-        // One error shape for the whole server: unknown routes, wrong methods and
-        // rejected bodies answer JSON, on the registry's routes and on `extra`'s.
-        let app = tessera_web::json_errors(api::router(reg.clone()).merge(extra));
+        // Admission control covers every API the server holds (the coordinator's and
+        // the event store's too): one process, one saturation point. One error shape
+        // for the whole server: unknown routes, wrong methods and rejected bodies
+        // answer JSON, on the registry's routes and on `extra`'s.
+        let app =
+            api::router(reg.clone())
+                .merge(extra)
+                .layer(axum::middleware::from_fn_with_state(
+                    reg.clone(),
+                    admission::admit,
+                ));
+        let app = tessera_web::json_errors(app);
         let stopper = reg.clone();
         let listener = admission::LimitedListener::new(listener, reg.clone());
         let broken = reg.broken.clone();

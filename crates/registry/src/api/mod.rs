@@ -98,10 +98,6 @@ pub fn router(registry: Arc<Registry>) -> Router {
                 .delete(acl::token_delete),
         )
         .route("/v1/acl/tokens", get(acl::token_list))
-        .layer(axum::middleware::from_fn_with_state(
-            registry.clone(),
-            crate::admission::admit,
-        ))
         .with_state(registry)
 }
 
