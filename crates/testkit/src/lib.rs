@@ -1,9 +1,11 @@
 //! Real faults for tests, in one place so every suite injects them the same way: a disk
-//! that fills up (a tmpfs of a set size), a process that stops or dies (signals), and a
-//! wait that polls for a condition up to a generous deadline instead of sleeping a guess.
+//! that fills up (a tmpfs of a set size), a network that partitions (a namespace whose
+//! link is cut), a process that stops or dies (signals), and a wait that polls for a
+//! condition up to a generous deadline instead of sleeping a guess.
 //!
-//! Mounting needs root, which CI has. Outside CI a test that cannot mount skips with a
-//! printed reason; under `CI=true` it fails, so a missing fault never passes silently.
+//! Mounting and namespaces need root, which CI has. Outside CI a test that cannot have
+//! its fault skips with a printed reason; under `CI=true` it fails, so a missing fault
+//! never passes silently.
 //!
 //! ```no_run
 //! # fn demo() {
@@ -97,6 +99,115 @@ impl Drop for Tmpfs {
             .arg("-l")
             .arg(self.dir.path())
             .status();
+    }
+}
+
+/// A network namespace joined to the host by a veth pair: processes started in it
+/// reach the host at [`Netns::host_ip`] and are reached at [`Netns::ip`], until
+/// [`Netns::cut`] takes the link down. Packets are then dropped, not refused, as in a
+/// real partition: connections time out. [`Netns::heal`] brings it back.
+pub struct Netns {
+    name: String,
+    host_if: String,
+    host_ip: String,
+    ip: String,
+}
+
+impl Netns {
+    pub fn create() -> Result<Netns, String> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xF;
+        // A /30 of 10.64.0.0/10 per (process, namespace): tests run in parallel processes.
+        let id = ((std::process::id() << 4) | n) & 0x3F_FFFF;
+        let (a, b, c) = (64 + (id >> 14), (id >> 6) & 0xFF, (id & 0x3F) * 4);
+        let netns = Netns {
+            name: format!("tk{id}"),
+            host_if: format!("tkh{id}"),
+            host_ip: format!("10.{a}.{b}.{}", c + 1),
+            ip: format!("10.{a}.{b}.{}", c + 2),
+        };
+        let ns_if = format!("tkn{id}");
+        let (name, host_if) = (netns.name.as_str(), netns.host_if.as_str());
+        let host_cidr = format!("{}/30", netns.host_ip);
+        let ns_cidr = format!("{}/30", netns.ip);
+        // Created before the steps that can fail, so Drop cleans up after any of them.
+        ip(&["netns", "add", name])?;
+        for step in [
+            &[
+                "link", "add", host_if, "type", "veth", "peer", "name", &ns_if,
+            ][..],
+            &["link", "set", &ns_if, "netns", name],
+            &["addr", "add", &host_cidr, "dev", host_if],
+            &["link", "set", host_if, "up"],
+            &["-n", name, "addr", "add", &ns_cidr, "dev", &ns_if],
+            &["-n", name, "link", "set", &ns_if, "up"],
+            &["-n", name, "link", "set", "lo", "up"],
+        ] {
+            ip(step)?;
+        }
+        Ok(netns)
+    }
+
+    /// [`Netns::create`], or `None` with a printed reason outside CI.
+    pub fn create_or_skip() -> Option<Netns> {
+        match Netns::create() {
+            Ok(n) => Some(n),
+            Err(e) if std::env::var_os("CI").is_some() => panic!("{e}"),
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                None
+            }
+        }
+    }
+
+    /// `program` to be run inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// The host's address, as processes in the namespace reach it.
+    pub fn host_ip(&self) -> &str {
+        &self.host_ip
+    }
+
+    /// The namespace's address, as the host reaches it.
+    pub fn ip(&self) -> &str {
+        &self.ip
+    }
+
+    /// Partitions the namespace from the host.
+    pub fn cut(&self) {
+        ip(&["link", "set", &self.host_if, "down"]).expect("cut the link");
+    }
+
+    pub fn heal(&self) {
+        ip(&["link", "set", &self.host_if, "up"]).expect("heal the link");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its end of the pair, and with it the host's.
+        let _ = ip(&["netns", "del", &self.name]);
+        let _ = ip(&["link", "del", &self.host_if]);
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
