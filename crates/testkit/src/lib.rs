@@ -248,3 +248,201 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A real etcd cluster of `n` members on loopback ports, each its own process with its
+/// own data dir, elections tuned fast (50 ms heartbeats, 500 ms election timeout). Needs
+/// `etcd` and `etcdctl` on the PATH (Debian's `etcd-server` and `etcd-client`).
+pub struct EtcdCluster {
+    members: Vec<EtcdMember>,
+    initial_cluster: String,
+    _dir: tempfile::TempDir,
+}
+
+struct EtcdMember {
+    name: String,
+    client: String,
+    peer: String,
+    data: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl EtcdCluster {
+    pub async fn start(n: usize) -> Result<EtcdCluster, String> {
+        for tool in ["etcd", "etcdctl"] {
+            Command::new(tool).arg("--version").output().map_err(|e| {
+                format!("{tool} is not installed (apt-get install etcd-server etcd-client): {e}")
+            })?;
+        }
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let mut members = Vec::new();
+        for i in 0..n {
+            members.push(EtcdMember {
+                name: format!("m{i}"),
+                client: format!("127.0.0.1:{}", free_port()?),
+                peer: format!("127.0.0.1:{}", free_port()?),
+                data: dir.path().join(format!("m{i}")),
+                child: None,
+            });
+        }
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster {
+            members,
+            initial_cluster,
+            _dir: dir,
+        };
+        for i in 0..n {
+            cluster.spawn(i, "new")?;
+        }
+        cluster.wait_healthy().await?;
+        Ok(cluster)
+    }
+
+    /// [`EtcdCluster::start`], or `None` with a printed reason outside CI.
+    pub async fn start_or_skip(n: usize) -> Option<EtcdCluster> {
+        match EtcdCluster::start(n).await {
+            Ok(c) => Some(c),
+            Err(e) if std::env::var_os("CI").is_some() => panic!("{e}"),
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                None
+            }
+        }
+    }
+
+    fn spawn(&mut self, i: usize, state: &str) -> Result<(), String> {
+        let m = &mut self.members[i];
+        let log = std::fs::File::create(m.data.with_extension("log")).map_err(|e| e.to_string())?;
+        let child = Command::new("etcd")
+            .args(["--name", &m.name, "--data-dir"])
+            .arg(&m.data)
+            .args([
+                "--listen-client-urls",
+                &format!("http://{}", m.client),
+                "--advertise-client-urls",
+                &format!("http://{}", m.client),
+                "--listen-peer-urls",
+                &format!("http://{}", m.peer),
+                "--initial-advertise-peer-urls",
+                &format!("http://{}", m.peer),
+                "--initial-cluster",
+                &self.initial_cluster,
+                "--initial-cluster-state",
+                state,
+                "--initial-cluster-token",
+                "tessera-test",
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ])
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start etcd: {e}"))?;
+        m.child = Some(child);
+        Ok(())
+    }
+
+    /// Polls until every running member answers healthy (generous: a loaded machine is
+    /// slow to elect, never wrong).
+    pub async fn wait_healthy(&self) -> Result<(), String> {
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        let running: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| m.client.clone())
+            .collect();
+        loop {
+            let out = etcdctl(&running, &["endpoint", "health"]);
+            if out.as_ref().is_ok_and(|(ok, _)| *ok) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > end {
+                return Err(format!("etcd did not become healthy: {out:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `host:port` of every member's client port, running or not.
+    pub fn client_addrs(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client.clone()).collect()
+    }
+
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().map(std::process::Child::id)
+    }
+
+    /// SIGKILL to member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a killed member again on its data dir.
+    pub async fn restart(&mut self, i: usize) -> Result<(), String> {
+        self.spawn(i, "existing")?;
+        self.wait_healthy().await
+    }
+
+    /// The member that leads now, if the running ones agree on one.
+    pub fn leader(&self) -> Option<usize> {
+        let running: Vec<(usize, String)> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.child.is_some())
+            .map(|(i, m)| (i, m.client.clone()))
+            .collect();
+        for (i, addr) in &running {
+            let Ok((true, out)) = etcdctl(
+                std::slice::from_ref(addr),
+                &["endpoint", "status", "-w", "json"],
+            ) else {
+                continue;
+            };
+            let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+            let s = &v[0]["Status"];
+            if s["leader"].as_u64().is_some() && s["leader"] == s["header"]["member_id"] {
+                return Some(*i);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+fn etcdctl(endpoints: &[String], args: &[&str]) -> Result<(bool, String), String> {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .arg("--command-timeout=2s")
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
+/// A port nothing listens on now (bound, then released: the process that takes it next
+/// is almost always the one meant to).
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+}
