@@ -149,3 +149,31 @@ def test_catalog_and_agent_views(tessera):
     assert c.agent.service.maintenance("db1", "true", reason="upgrade")
     _, nodes = c.health.service("db", passing=True)
     assert nodes == []
+
+
+def test_sessions_and_locks_elect_one_leader(tessera):
+    """python-consul's session API and KV locks: the leader-election recipe."""
+    c = client(tessera)
+    a = c.session.create(name="a", lock_delay=0, ttl=10)
+    b = c.session.create(name="b", lock_delay=0, behavior="release")
+    assert c.kv.put("service/web/leader", "node-a", acquire=a) is True
+    assert c.kv.put("service/web/leader", "node-b", acquire=b) is False
+    _, data = c.kv.get("service/web/leader")
+    assert data["Session"] == a and data["Value"] == b"node-a"
+    _, info = c.session.info(a)
+    assert info["ID"] == a and info["Name"] == "a" and info["TTL"] == "10s"
+    assert c.session.renew(a)["ID"] == a
+    _, sessions = c.session.list()
+    assert sorted(s["ID"] for s in sessions) == sorted([a, b])
+    _, on_node = c.session.node(info["Node"])
+    assert len(on_node) == 2
+    # The leader steps down (its session ends): the other contender takes over.
+    assert c.session.destroy(a)
+    _, info = c.session.info(a)
+    assert info is None
+    assert c.kv.put("service/web/leader", "node-b", acquire=b) is True
+    _, data = c.kv.get("service/web/leader")
+    assert data["Session"] == b and data["LockIndex"] == 2
+    assert c.kv.put("service/web/leader", "", release=b) is True
+    _, data = c.kv.get("service/web/leader")
+    assert "Session" not in data or data["Session"] is None

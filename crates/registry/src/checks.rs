@@ -221,7 +221,9 @@ impl Registry {
         }
         tokio::spawn(self.ttl_state.clone().run(self.shutdown.clone()));
         tokio::spawn(stall_detector(weak.clone(), self.shutdown.clone()));
-        tokio::spawn(reaper(weak, self.shutdown.clone()));
+        tokio::spawn(reaper(weak.clone(), self.shutdown.clone()));
+        self.start_session_clocks();
+        tokio::spawn(crate::sessions::reaper(weak, self.shutdown.clone()));
     }
 
     /// Asks the mass-expiry guard about TTL check `id` reaching its deadline: `true` to

@@ -23,6 +23,7 @@ pub mod filter;
 pub mod guard;
 pub mod model;
 mod registry;
+pub mod sessions;
 mod state;
 pub mod store;
 mod ttl_state;

@@ -153,6 +153,41 @@ pub struct KvEntry {
     pub lock_index: u64,
     pub create_index: u64,
     pub modify_index: u64,
+    /// The session holding the key's lock, if any (`?acquire=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+}
+
+/// What happens to the keys a session holds when it ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Behavior {
+    /// The locks are released and the keys kept.
+    #[default]
+    Release,
+    /// The keys are deleted.
+    Delete,
+}
+
+/// A session (`/v1/session/...`): a lease on KV locks, ended by `destroy`, by its TTL
+/// running out without a renewal, or by one of its checks going critical.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub id: String,
+    pub name: String,
+    pub node: String,
+    /// After the session ends, its released keys cannot be acquired for this long.
+    pub lock_delay_ms: u64,
+    pub behavior: Behavior,
+    /// Renewals must come within this (Consul's contract: the server may wait up to
+    /// twice as long before ending it).
+    pub ttl_ms: Option<u64>,
+    /// Checks on `node` whose going critical ends the session.
+    pub node_checks: Vec<String>,
+    /// Service checks (on `node`) whose going critical ends the session.
+    pub service_checks: Vec<String>,
+    pub create_index: u64,
+    pub modify_index: u64,
 }
 
 pub(crate) mod b64 {

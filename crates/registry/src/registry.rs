@@ -124,6 +124,8 @@ pub struct Registry {
     /// time its TTL had left instead of a full one.
     pub(crate) ttl_resume: Mutex<HashMap<String, Mark>>,
     pub(crate) guard: Mutex<crate::guard::Guard>,
+    /// Session TTL clocks and lock delays (see `sessions`).
+    pub(crate) sessions: crate::sessions::Timers,
 }
 
 struct Head {
@@ -290,6 +292,7 @@ impl Registry {
             ttl_state: Arc::new(ttl_state),
             ttl_resume: Mutex::new(ttl_resume),
             guard: Mutex::new(guard),
+            sessions: crate::sessions::Timers::default(),
         });
         reg.store.start(Arc::new(Shown(Arc::downgrade(&reg))))?;
         Ok(reg)
@@ -1235,8 +1238,10 @@ impl Registry {
         value: Vec<u8>,
         flags: Option<u64>,
         cas: Option<u64>,
+        lock: Option<crate::sessions::Lock>,
         authz: &Authz,
     ) -> Result<bool, Error> {
+        use crate::sessions::Lock;
         tessera_core::validate_key(&key)?;
         if value.len() > self.config.kv_max_value_bytes {
             return Err(Error::TooLarge(format!(
@@ -1248,6 +1253,7 @@ impl Registry {
         if !authz.allows(crate::acl::Resource::Key, &key, Level::Write) {
             return Err(Error::denied(format!("token lacks key:write on {key:?}")));
         }
+        let delayed = matches!(lock, Some(Lock::Acquire(_))) && self.sessions.delayed(&key);
         self.commit(|st, index| {
             let old = st.kv.get(&key);
             if let Some(cas) = cas {
@@ -1256,14 +1262,37 @@ impl Registry {
                     return Ok((vec![], false));
                 }
             }
+            let holder = old.and_then(|e| e.session.clone());
+            let lock_index = old.map(|e| e.lock_index).unwrap_or(0);
+            // Who holds the key after this write, and its lock index.
+            let (session, lock_index) = match &lock {
+                None => (holder, lock_index),
+                Some(Lock::Acquire(id)) => {
+                    if !st.sessions.contains_key(id) {
+                        return Err(Error::bad(format!("invalid session {id:?}")));
+                    }
+                    match holder {
+                        // Held already: the value changes, the lock index does not.
+                        Some(h) if h == *id => (Some(h), lock_index),
+                        Some(_) => return Ok((vec![], false)),
+                        None if delayed => return Ok((vec![], false)),
+                        None => (Some(id.clone()), lock_index + 1),
+                    }
+                }
+                Some(Lock::Release(id)) => match holder {
+                    Some(h) if h == *id => (None, lock_index),
+                    _ => return Ok((vec![], false)),
+                },
+            };
             Ok((
                 vec![Op::PutKv(KvEntry {
                     key: key.clone(),
                     flags: flags.or(old.map(|e| e.flags)).unwrap_or(0),
                     value,
-                    lock_index: old.map(|e| e.lock_index).unwrap_or(0),
+                    lock_index,
                     create_index: old.map(|e| e.create_index).unwrap_or(index),
                     modify_index: index,
+                    session,
                 })],
                 true,
             ))

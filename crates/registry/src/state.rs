@@ -10,7 +10,7 @@ use tessera_core::Health;
 use tokio::sync::watch;
 
 use crate::acl::AclState;
-use crate::model::{CheckRecord, KvEntry, NodeRecord, ServiceRecord};
+use crate::model::{CheckRecord, KvEntry, NodeRecord, ServiceRecord, SessionRecord};
 
 /// One logged mutation. A write from the API becomes one `Record` of one or more ops,
 /// applied and logged atomically.
@@ -34,6 +34,10 @@ pub enum Op {
     DeleteKv(String),
     DeleteKvTree(String),
     Acl(crate::acl::AclOp),
+    PutSession(SessionRecord),
+    /// Ends a session. The keys it held are released or deleted by ops of their own in
+    /// the same record.
+    DeleteSession(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,6 +58,7 @@ pub enum Topic {
     Checks,
     Kv,
     Acl,
+    Sessions,
 }
 
 pub type NodeKey = (String, String);
@@ -77,6 +82,7 @@ pub struct State {
     /// Tombstones dropped to bound memory raise this floor for every KV result index.
     pub tombstone_floor: u64,
     pub acl: AclState,
+    pub sessions: BTreeMap<String, SessionRecord>,
     topic_index: HashMap<Topic, u64>,
     /// Behind its own lock so that readers, who share the state lock, can subscribe.
     watchers: std::sync::Mutex<HashMap<Topic, watch::Sender<u64>>>,
@@ -97,6 +103,7 @@ impl Clone for State {
             tombstones: self.tombstones.clone(),
             tombstone_floor: self.tombstone_floor,
             acl: self.acl.clone(),
+            sessions: self.sessions.clone(),
             topic_index: self.topic_index.clone(),
             watchers: Default::default(),
         }
@@ -249,6 +256,14 @@ impl State {
                 self.acl.apply(op);
                 self.touch(Topic::Acl, index);
             }
+            Op::PutSession(session) => {
+                self.sessions.insert(session.id.clone(), session);
+                self.touch(Topic::Sessions, index);
+            }
+            Op::DeleteSession(id) => {
+                self.sessions.remove(&id);
+                self.touch(Topic::Sessions, index);
+            }
         }
     }
 
@@ -375,6 +390,7 @@ impl State {
         ops.extend(self.checks.values().cloned().map(Op::PutCheck));
         ops.extend(self.kv.values().cloned().map(Op::PutKv));
         ops.extend(self.acl.snapshot_ops().into_iter().map(Op::Acl));
+        ops.extend(self.sessions.values().cloned().map(Op::PutSession));
         ops
     }
 }

@@ -106,15 +106,16 @@ async fn get_key(State(reg): State<AppState>, ctx: Ctx, key: String) -> ApiResul
     })
 }
 
-fn reject_sessions(ctx: &Ctx) -> Result<(), Error> {
-    for p in ["acquire", "release"] {
-        if ctx.q.get(p).is_some() {
-            return Err(Error::bad(format!(
-                "?{p} needs sessions, which Tessera does not support yet; use ?cas for locking"
-            )));
-        }
+/// `?acquire=<session>` or `?release=<session>`, at most one.
+fn lock_of(ctx: &Ctx) -> Result<Option<crate::sessions::Lock>, Error> {
+    use crate::sessions::Lock;
+    match (ctx.q.get("acquire"), ctx.q.get("release")) {
+        (Some(_), Some(_)) => Err(Error::bad("Conflicting flags: acquire and release")),
+        (Some(""), _) | (_, Some("")) => Err(Error::bad("acquire and release need a session id")),
+        (Some(id), None) => Ok(Some(Lock::Acquire(id.to_owned()))),
+        (None, Some(id)) => Ok(Some(Lock::Release(id.to_owned()))),
+        (None, None) => Ok(None),
     }
-    Ok(())
 }
 
 pub async fn put_root(State(_reg): State<AppState>, _ctx: Ctx) -> ApiResult {
@@ -127,7 +128,7 @@ pub async fn put(
     Path(key): Path<String>,
     body: Body,
 ) -> ApiResult {
-    reject_sessions(&ctx)?;
+    let lock = lock_of(&ctx)?;
     let key = clean(key);
     if key.is_empty() {
         return Err(Error::bad("Missing key name").into());
@@ -148,7 +149,7 @@ pub async fn put(
         Err(e) => return Err(e.into()),
     };
     let ok = reg
-        .kv_put(key, value.to_vec(), flags, cas, &ctx.authz)
+        .kv_put(key, value.to_vec(), flags, cas, lock, &ctx.authz)
         .await?;
     Ok(super::json(StatusCode::OK, &ok))
 }

@@ -9,6 +9,7 @@ mod agent;
 mod catalog;
 mod kv;
 mod render;
+mod session;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,6 +99,12 @@ pub fn router(registry: Arc<Registry>) -> Router {
                 .delete(acl::token_delete),
         )
         .route("/v1/acl/tokens", get(acl::token_list))
+        .route("/v1/session/create", put(session::create))
+        .route("/v1/session/destroy/{id}", put(session::destroy))
+        .route("/v1/session/renew/{id}", put(session::renew))
+        .route("/v1/session/info/{id}", get(session::info))
+        .route("/v1/session/node/{node}", get(session::node))
+        .route("/v1/session/list", get(session::list))
         .with_state(registry)
 }
 

@@ -249,6 +249,8 @@ pub struct KvOut<'a> {
     value: Option<String>,
     create_index: u64,
     modify_index: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<&'a str>,
 }
 
 pub fn kv(e: &KvEntry) -> KvOut<'_> {
@@ -261,6 +263,7 @@ pub fn kv(e: &KvEntry) -> KvOut<'_> {
             .then(|| base64::engine::general_purpose::STANDARD.encode(&e.value)),
         create_index: e.create_index,
         modify_index: e.modify_index,
+        session: e.session.as_deref(),
     }
 }
 

@@ -134,7 +134,10 @@ async fn limits_and_bad_keys() {
     assert!(v.as_str().unwrap().contains("flags"));
     let (s, v) = h.put("/v1/kv/k?acquire=abc", "x").await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert!(v.as_str().unwrap().contains("sessions"));
+    assert!(v.as_str().unwrap().contains("invalid session"), "{v}");
+    let (s, v) = h.put("/v1/kv/k?acquire=abc&release=abc", "x").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v.as_str().unwrap().contains("Conflicting"), "{v}");
     let (s, _, _) = h.get("/v1/kv/").await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }

@@ -10,5 +10,6 @@ mod api;
 mod checks;
 mod durability;
 mod kv;
+mod sessions;
 mod support;
 mod timing;
