@@ -177,3 +177,21 @@ def test_sessions_and_locks_elect_one_leader(tessera):
     assert c.kv.put("service/web/leader", "", release=b) is True
     _, data = c.kv.get("service/web/leader")
     assert "Session" not in data or data["Session"] is None
+
+
+def test_transactions_with_py_consul(tessera):
+    import base64
+
+    c = client(tessera)
+    b64 = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
+    r = c.txn.put([
+        {"KV": {"Verb": "set", "Key": "t/a", "Value": b64("1")}},
+        {"KV": {"Verb": "get", "Key": "t/a"}},
+    ])
+    assert r["Errors"] is None
+    assert r["Results"][1]["KV"]["Value"] == b64("1")
+    index = r["Results"][1]["KV"]["ModifyIndex"]
+    r = c.txn.put([{"KV": {"Verb": "cas", "Key": "t/a", "Value": b64("2"), "Index": index}}])
+    assert r["Errors"] is None
+    _, data = c.kv.get("t/a")
+    assert data["Value"] == b"2"

@@ -27,6 +27,7 @@ pub mod sessions;
 mod state;
 pub mod store;
 mod ttl_state;
+pub mod txn;
 
 use std::future::Future;
 use std::sync::Arc;

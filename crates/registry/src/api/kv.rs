@@ -171,3 +171,39 @@ async fn delete_key(State(reg): State<AppState>, ctx: Ctx, key: String) -> ApiRe
     let ok = reg.kv_delete(key, recurse, cas, &ctx.authz).await?;
     Ok(super::json(StatusCode::OK, &ok))
 }
+
+/// `PUT /v1/txn`: KV operations applied all or none (409 with the failures).
+pub async fn txn(State(reg): State<AppState>, ctx: Ctx, body: Body) -> ApiResult {
+    let ops: Vec<crate::txn::TxnOp> = super::read_json(body).await?;
+    match reg.txn(ops, &ctx.authz).await? {
+        Ok(results) => {
+            let results: Vec<serde_json::Value> = results
+                .iter()
+                .flat_map(|r| {
+                    r.entries.iter().map(|e| {
+                        let mut v = serde_json::to_value(render::kv(e)).unwrap_or_default();
+                        if !r.with_value {
+                            v["Value"] = serde_json::Value::Null;
+                        }
+                        serde_json::json!({ "KV": v })
+                    })
+                })
+                .collect();
+            Ok(super::with_index(
+                reg.current_index(),
+                StatusCode::OK,
+                serde_json::json!({"Results": results, "Errors": null}),
+            ))
+        }
+        Err(errors) => {
+            let errors: Vec<serde_json::Value> = errors
+                .iter()
+                .map(|e| serde_json::json!({"OpIndex": e.op_index, "What": e.what}))
+                .collect();
+            Ok(super::json(
+                StatusCode::CONFLICT,
+                &serde_json::json!({"Results": null, "Errors": errors}),
+            ))
+        }
+    }
+}

@@ -99,6 +99,7 @@ pub fn router(registry: Arc<Registry>) -> Router {
                 .delete(acl::token_delete),
         )
         .route("/v1/acl/tokens", get(acl::token_list))
+        .route("/v1/txn", put(kv::txn))
         .route("/v1/session/create", put(session::create))
         .route("/v1/session/destroy/{id}", put(session::destroy))
         .route("/v1/session/renew/{id}", put(session::renew))

@@ -183,3 +183,82 @@ async fn blocking_kv_reads() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(index_of(&hd), idx);
 }
+
+/// `/v1/txn`: all or nothing, each operation seeing the ones before it.
+#[tokio::test]
+async fn transactions_apply_all_or_nothing() {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let srv = TestServer::start().await;
+    let h = &srv.http;
+    h.put("/v1/kv/app/a", "1").await;
+    let (_, _, v) = h.get("/v1/kv/app/a").await;
+    let a_index = v[0]["ModifyIndex"].as_u64().unwrap();
+    // Every operation passes: written together, reads see the writes before them.
+    let (s, v) = h
+        .put_json(
+            "/v1/txn",
+            json!([
+                {"KV": {"Verb": "cas", "Key": "app/a", "Value": b64("2"), "Index": a_index}},
+                {"KV": {"Verb": "check-not-exists", "Key": "app/b"}},
+                {"KV": {"Verb": "set", "Key": "app/b", "Value": b64("3"), "Flags": 7}},
+                {"KV": {"Verb": "get-tree", "Key": "app/"}},
+            ]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let results = v["Results"].as_array().unwrap();
+    assert_eq!(results.len(), 4, "{v}");
+    assert!(
+        results[0]["KV"]["Value"].is_null(),
+        "writes answer without the value"
+    );
+    assert_eq!(
+        results[2]["KV"]["Value"],
+        b64("2"),
+        "the tree sees the cas before it: {v}"
+    );
+    assert_eq!(results[3]["KV"]["Value"], b64("3"));
+    assert_eq!(results[3]["KV"]["Flags"], 7);
+    let (_, _, a) = h.get("/v1/kv/app/a").await;
+    let written = a[0]["ModifyIndex"].as_u64().unwrap();
+    let (_, _, b) = h.get("/v1/kv/app/b").await;
+    assert_eq!(
+        b[0]["ModifyIndex"].as_u64().unwrap(),
+        written,
+        "one write, one index"
+    );
+
+    // One stale check fails the whole transaction: nothing of it is written.
+    let (s, v) = h
+        .put_json(
+            "/v1/txn",
+            json!([
+                {"KV": {"Verb": "delete", "Key": "app/b"}},
+                {"KV": {"Verb": "cas", "Key": "app/a", "Value": b64("x"), "Index": a_index}},
+                {"KV": {"Verb": "get", "Key": "app/none"}},
+            ]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let errors = v["Errors"].as_array().unwrap();
+    assert_eq!(
+        errors
+            .iter()
+            .map(|e| e["OpIndex"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 2],
+        "{v}"
+    );
+    let (s, _, _) = h.get("/v1/kv/app/b").await;
+    assert_eq!(s, StatusCode::OK, "the delete was not applied");
+    // Bad input is named.
+    let (s, _) = h
+        .put_json("/v1/txn", json!([{"Node": {"Verb": "set"}}]))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, v) = h
+        .put_json("/v1/txn", json!([{"KV": {"Verb": "explode", "Key": "k"}}]))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(v["Errors"][0]["What"].as_str().unwrap().contains("explode"));
+}
