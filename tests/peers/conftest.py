@@ -105,3 +105,18 @@ def grpc_health():
         yield server, servicer, port
     finally:
         server.stop(0)
+
+
+def h2c_connect(addr):
+    """A socket to `addr` ("host:port") with the HTTP/2 preface and settings already sent
+    (h2c, prior knowledge), and the `h2` connection that made them. Tests write their own
+    frames after it."""
+    import h2.config
+    import h2.connection
+
+    host, port = addr.split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    return sock, conn

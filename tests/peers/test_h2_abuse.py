@@ -9,11 +9,9 @@ import socket
 import threading
 import time
 
-import h2.config
-import h2.connection
-import h2.events
 import hpack
 import pytest
+from conftest import h2c_connect
 from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 
@@ -47,15 +45,6 @@ endpoints = ["127.0.0.1:{srv.server_address[1]}"]
         yield addr
     finally:
         srv.shutdown()
-
-
-def connect(addr):
-    host, port = addr.split(":")
-    sock = socket.create_connection((host, int(port)), timeout=30)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    sock.sendall(conn.data_to_send())
-    return sock, conn
 
 
 def request_headers(addr, path="/"):
@@ -103,7 +92,7 @@ def still_serves(addr):
 
 
 def test_rapid_reset_closes_the_connection(target):
-    sock, conn = connect(target)
+    sock, conn = h2c_connect(target)
     sent = 0
     try:
         for _ in range(2000):
@@ -126,7 +115,7 @@ def test_rapid_reset_closes_the_connection(target):
 
 
 def test_continuation_flood_is_cut_off(target):
-    sock, conn = connect(target)
+    sock, conn = h2c_connect(target)
     enc = hpack.Encoder()
     sid = conn.get_next_available_stream_id()
     block = enc.encode(request_headers(target))
@@ -151,7 +140,7 @@ def test_continuation_flood_is_cut_off(target):
 
 
 def test_hpack_bomb_is_refused(target):
-    sock, conn = connect(target)
+    sock, conn = h2c_connect(target)
     # One 4000-byte header in the dynamic table, then a block naming it 500 times:
     # a few kilobytes on the wire, 2 MB decoded.
     enc = hpack.Encoder()

@@ -10,10 +10,9 @@ import socket
 import threading
 import time
 
-import h2.config
-import h2.connection
 import hpack
 import pytest
+from conftest import h2c_connect
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 
@@ -102,11 +101,7 @@ def base(addr, path, method="GET"):
 def exchange(addr, headers, data=None, trailer=None):
     """Sends one request on stream 1 of a new h2c connection, frames as given; returns
     ("reset", code), ("goaway", code), ("closed", None) or ("status", n) with the body."""
-    host, port = addr.split(":")
-    sock = socket.create_connection((host, int(port)), timeout=30)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
-    sock.sendall(conn.data_to_send())
+    sock, _ = h2c_connect(addr)
     enc = hpack.Encoder()
     flags = ["END_HEADERS"]
     if not data and not trailer:

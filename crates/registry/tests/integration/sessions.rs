@@ -1,19 +1,19 @@
 //! Sessions and KV locks: over HTTP on a real server, and their clocks (TTL, lock delay,
 //! a critical check) on tokio's paused clock.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use serde_json::json;
 use tessera_core::Health;
+use tessera_registry::Registry;
 use tessera_registry::acl::Authz;
 use tessera_registry::defs::{ServiceDef, parse_json};
 use tessera_registry::sessions::{Lock, SessionCreate};
-use tessera_registry::{Config, Registry};
 use tokio::time::sleep;
 
 use crate::support::{TestServer, index_of};
+use crate::timing::registry;
 
 async fn session(http: &crate::support::Http, body: serde_json::Value) -> String {
     let (s, v) = http.put_json("/v1/session/create", body).await;
@@ -141,20 +141,6 @@ async fn session_listings_block_until_a_change() {
         ))
         .await;
     assert_eq!(node.as_array().unwrap().len(), 1);
-}
-
-async fn registry() -> Arc<Registry> {
-    let reg = Registry::in_memory(
-        Config {
-            node_name: "n1".into(),
-            ..Config::default()
-        },
-        false,
-    )
-    .unwrap();
-    reg.start_background();
-    reg.ensure_local_node().await.unwrap();
-    reg
 }
 
 async fn create(reg: &Registry, body: &str) -> String {

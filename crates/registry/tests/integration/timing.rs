@@ -11,7 +11,9 @@ use tessera_registry::defs::{ServiceDef, parse_json};
 use tessera_registry::{Config, Registry};
 use tokio::time::{advance, sleep};
 
-async fn registry() -> Arc<Registry> {
+/// A registry on node `n1` that keeps its state in memory (no disk wait lets the paused
+/// clock run ahead), with its background tasks running.
+pub(crate) async fn registry() -> Arc<Registry> {
     let reg = Registry::in_memory(
         Config {
             node_name: "n1".into(),
