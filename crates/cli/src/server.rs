@@ -37,6 +37,10 @@ pub struct ServerArgs {
     /// JetStream stream and subject prefix for `--events` (`tessera` → `TESSERA_EVENTS`).
     #[arg(long, default_value = "tessera")]
     events_namespace: String,
+    /// Keep the registry in etcd (`etcd://host:port,host:port,...`), shared by every
+    /// server pointed at it, instead of the log in the data dir.
+    #[arg(long, env = "TESSERA_STORE")]
+    store: Option<String>,
 }
 
 pub async fn run(args: ServerArgs) -> Result<(), String> {
@@ -61,6 +65,9 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
     if let Some(dc) = args.datacenter {
         config.datacenter = dc;
     }
+    if let Some(store) = args.store {
+        config.store = store;
+    }
     if !args.bind.ip().is_unspecified() {
         config.advertise_addr = args.bind.ip().to_string();
     }
@@ -72,7 +79,9 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
         .map_err(|e| format!("listener address: {e}"))?;
     let data_dir = config.data_dir.clone();
     let node = config.node_name.clone();
-    let server = Server::build(config, &listener).map_err(|e| e.to_string())?;
+    let server = Server::open(config, &listener)
+        .await
+        .map_err(|e| e.to_string())?;
     let registry = server.registry().clone();
     let resolver: Arc<dyn Resolve> = Arc::new(RegistryResolver(registry.clone()));
     let coordinator = match &args.database_url {

@@ -968,3 +968,50 @@ async fn gateway_reloads_on_sighup() {
         u.wait().await.unwrap();
     }
 }
+
+/// `tessera server --store etcd://...` as processes: two servers share one catalog, and
+/// when one is killed with SIGKILL the other still has everything and takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_etcd_survive_one_killed() {
+    let Some(etcd) = tessera_testkit::EtcdCluster::start_or_skip(3).await else {
+        return;
+    };
+    let store = format!("etcd://{}", etcd.client_addrs().join(","));
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut s1, a1) = common::spawn_server(d1.path(), &["--node", "n1", "--store", &store]).await;
+    let (_s2, a2) = common::spawn_server(d2.path(), &["--node", "n2", "--store", &store]).await;
+    let c = client();
+    let (st, _) = call(
+        &c,
+        "PUT",
+        format!("http://{a1}/v1/kv/shared"),
+        b"from-n1".to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st, 200);
+    let def = d1.path().join("web.json");
+    std::fs::write(&def, r#"{"Name":"web","ID":"web-1","Port":8080}"#).unwrap();
+    let (ok, out, err) = run_cli(&a1, &["register", def.to_str().unwrap()]).await;
+    assert!(ok, "{out}\n{err}");
+    s1.start_kill().unwrap();
+    s1.wait().await.unwrap();
+    let (st, body) = call(&c, "GET", format!("http://{a2}/v1/kv/shared?raw"), vec![])
+        .await
+        .unwrap();
+    assert_eq!((st, &body[..]), (200, &b"from-n1"[..]));
+    let (st, body) = call(
+        &c,
+        "GET",
+        format!("http://{a2}/v1/catalog/service/web"),
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(st, 200);
+    assert!(String::from_utf8_lossy(&body).contains("web-1"));
+    let (st, _) = call(&c, "PUT", format!("http://{a2}/v1/kv/after"), b"x".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(st, 200, "the survivor takes writes");
+}

@@ -223,7 +223,11 @@ impl Registry {
         tokio::spawn(stall_detector(weak.clone(), self.shutdown.clone()));
         tokio::spawn(reaper(weak.clone(), self.shutdown.clone()));
         self.start_session_clocks();
-        tokio::spawn(crate::sessions::reaper(weak, self.shutdown.clone()));
+        tokio::spawn(crate::sessions::reaper(weak.clone(), self.shutdown.clone()));
+        if let Some(etcd) = &self.etcd {
+            tokio::spawn(etcd.clone().follow(weak.clone(), self.shutdown.clone()));
+            tokio::spawn(etcd.clone().write_statuses(weak, self.shutdown.clone()));
+        }
     }
 
     /// Asks the mass-expiry guard about TTL check `id` reaching its deadline: `true` to

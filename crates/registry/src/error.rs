@@ -17,6 +17,10 @@ pub enum Error {
     TooLarge(String),
     #[error("{0}")]
     Storage(#[from] StoreError),
+    /// The shared store (etcd) did not answer or did not confirm; the write may or may
+    /// not have been made.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl Error {

@@ -18,6 +18,7 @@ pub mod api;
 mod checks;
 pub mod defs;
 mod error;
+mod etcd_store;
 #[doc(hidden)]
 pub mod filter;
 pub mod guard;
@@ -42,16 +43,47 @@ pub struct Server {
     registry: Arc<Registry>,
 }
 
+/// ACLs default to on (deny) when the listener is reachable from other hosts.
+fn acl_default(config: &Config, listener: &TcpListener) -> bool {
+    let loopback = listener
+        .local_addr()
+        .map(|a| a.ip().is_loopback())
+        .unwrap_or(false);
+    config.acl.enabled.unwrap_or(!loopback)
+}
+
 impl Server {
     /// Opens the data dir and decides the ACL mode. ACLs default to on (deny) when the
     /// listener is reachable from other hosts: secure by default.
     pub fn build(config: Config, listener: &TcpListener) -> Result<Server, Error> {
-        let loopback = listener
-            .local_addr()
-            .map(|a| a.ip().is_loopback())
-            .unwrap_or(false);
-        let acl_enabled = config.acl.enabled.unwrap_or(!loopback);
+        let acl_enabled = acl_default(&config, listener);
         let registry = Registry::open(config, acl_enabled)?;
+        Ok(Server { registry })
+    }
+
+    /// `build`, or, when `config.store` names etcd (`etcd://host:port,...`), a server
+    /// sharing its catalog with every server on the same etcd prefix.
+    pub async fn open(config: Config, listener: &TcpListener) -> Result<Server, Error> {
+        let Some(list) = config.store.strip_prefix("etcd://") else {
+            if !config.store.is_empty() {
+                return Err(Error::bad(format!(
+                    "unknown store {:?}: expected etcd://host:port,host:port",
+                    config.store
+                )));
+            }
+            return Self::build(config, listener);
+        };
+        let endpoints: Vec<String> = list
+            .split(',')
+            .map(|e| e.trim().trim_end_matches('/').to_owned())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            return Err(Error::bad("etcd:// names no endpoint"));
+        }
+        let acl_enabled = acl_default(&config, listener);
+        let prefix = config.etcd_prefix.clone();
+        let registry = Registry::open_etcd(config, acl_enabled, &endpoints, &prefix).await?;
         Ok(Server { registry })
     }
 

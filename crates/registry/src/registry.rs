@@ -50,6 +50,11 @@ pub struct Config {
     pub mass_expiry: crate::guard::MassExpiryConfig,
     /// Admission control (see `admission`).
     pub limits: crate::admission::Limits,
+    /// Where the state lives: empty for the log in `data_dir` (one server), or
+    /// `etcd://host:port,host:port,...` for servers sharing one catalog in etcd.
+    pub store: String,
+    /// The etcd key prefix; servers with the same prefix share a catalog.
+    pub etcd_prefix: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -84,6 +89,8 @@ impl Default for Config {
             acl: AclConfig::default(),
             mass_expiry: crate::guard::MassExpiryConfig::default(),
             limits: crate::admission::Limits::default(),
+            store: String::new(),
+            etcd_prefix: "tessera/".into(),
         }
     }
 }
@@ -126,6 +133,8 @@ pub struct Registry {
     pub(crate) guard: Mutex<crate::guard::Guard>,
     /// Session TTL clocks and lock delays (see `sessions`).
     pub(crate) sessions: crate::sessions::Timers,
+    /// Set when the state lives in etcd (shared by N servers) instead of the local log.
+    pub(crate) etcd: Option<Arc<crate::etcd_store::EtcdStore>>,
 }
 
 struct Head {
@@ -189,6 +198,23 @@ impl Registry {
         Self::from_parts(config, acl_enabled, store, recovered)
     }
 
+    /// A registry whose state lives in etcd under `prefix`, shared with every server
+    /// pointed at the same prefix. Check runners start with `start_background`.
+    pub async fn open_etcd(
+        config: Config,
+        acl_enabled: bool,
+        endpoints: &[String],
+        prefix: &str,
+    ) -> Result<Arc<Registry>, Error> {
+        let (etcd, state) = crate::etcd_store::EtcdStore::open(endpoints, prefix).await?;
+        let mut reg = Self::from_state(config, acl_enabled, Store::memory(), state, 0, false)?;
+        if let Some(r) = Arc::get_mut(&mut reg) {
+            r.etcd = Some(etcd);
+        }
+        reg.store.start(Arc::new(Shown(Arc::downgrade(&reg))))?;
+        Ok(reg)
+    }
+
     /// A registry that keeps nothing on disk; for tests of time-dependent logic.
     pub fn in_memory(config: Config, acl_enabled: bool) -> Result<Arc<Registry>, Error> {
         let recovered = crate::store::Recovered {
@@ -236,6 +262,23 @@ impl Registry {
                 state.apply(rec.index, op);
             }
         }
+        let reg = Self::from_state(config, acl_enabled, store, state, log_bytes, true)?;
+        reg.store.start(Arc::new(Shown(Arc::downgrade(&reg))))?;
+        Ok(reg)
+    }
+
+    /// The registry around a recovered state. With `local_restart`, the checks this
+    /// server runs start over (a restart of the only copy); without, their statuses are
+    /// kept as found (the shared store's, which other servers see too).
+    fn from_state(
+        config: Config,
+        acl_enabled: bool,
+        store: Store,
+        mut state: State,
+        log_bytes: u64,
+        local_restart: bool,
+    ) -> Result<Arc<Registry>, Error> {
+        let dir = config.data_dir.join("registry");
         let node_id = if store.is_memory() {
             uuid()
         } else {
@@ -247,7 +290,7 @@ impl Registry {
         let local = config.node_name.clone();
         let mut ttl_resume = HashMap::new();
         for check in state.checks.values_mut() {
-            if check.node == local && check.spec.is_some() {
+            if local_restart && check.node == local && check.spec.is_some() {
                 let is_ttl = matches!(
                     check.spec.as_ref().map(|s| &s.probe),
                     Some(Probe::Ttl { .. })
@@ -293,8 +336,8 @@ impl Registry {
             ttl_resume: Mutex::new(ttl_resume),
             guard: Mutex::new(guard),
             sessions: crate::sessions::Timers::default(),
+            etcd: None,
         });
-        reg.store.start(Arc::new(Shown(Arc::downgrade(&reg))))?;
         Ok(reg)
     }
 
@@ -320,8 +363,11 @@ impl Registry {
     /// once the record is durable and visible.
     pub(crate) async fn commit<R>(
         &self,
-        f: impl FnOnce(&State, u64) -> Result<(Vec<Op>, R), Error>,
+        mut f: impl FnMut(&State, u64) -> Result<(Vec<Op>, R), Error>,
     ) -> Result<R, Error> {
+        if let Some(etcd) = &self.etcd {
+            return etcd.commit(self, f).await;
+        }
         let (ack, out) = {
             let mut head = self.head();
             let index = head.state.index + 1;
@@ -410,6 +456,12 @@ impl Registry {
             "writes not kept by the log were dropped; the registry is as of its last durable write"
         );
         head.generation
+    }
+
+    /// Shows readers a record another server (or this one) wrote to the shared store.
+    pub(crate) fn show_remote(&self, rec: Record) {
+        let mut st = self.lock();
+        self.show(&mut st, Pending::Record(rec));
     }
 
     /// Applies one change to the durable state, with the check runners and the
@@ -947,6 +999,10 @@ impl Registry {
     /// logged, but it is shown in index order after the writes before it.
     pub(crate) fn set_status(&self, id: &str, status: Health, output: String) {
         let key = (self.config.node_name.clone(), id.to_owned());
+        if let Some(etcd) = &self.etcd {
+            etcd.queue_status(key, status, output);
+            return;
+        }
         {
             let mut head = self.head();
             let next = head.state.index + 1;
@@ -1288,7 +1344,7 @@ impl Registry {
                 vec![Op::PutKv(KvEntry {
                     key: key.clone(),
                     flags: flags.or(old.map(|e| e.flags)).unwrap_or(0),
-                    value,
+                    value: value.clone(),
                     lock_index,
                     create_index: old.map(|e| e.create_index).unwrap_or(index),
                     modify_index: index,

@@ -161,7 +161,7 @@ impl Registry {
             let s = SessionRecord {
                 create_index: index,
                 modify_index: index,
-                ..session
+                ..session.clone()
             };
             Ok((vec![Op::PutSession(s)], ()))
         })

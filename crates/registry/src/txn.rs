@@ -175,7 +175,7 @@ impl Registry {
             };
             let mut results = Vec::new();
             let mut errors = Vec::new();
-            for (i, op) in kv_ops.into_iter().enumerate() {
+            for (i, op) in kv_ops.iter().enumerate() {
                 match step(&mut view, op, index, timers) {
                     Ok(Some(r)) => results.push(r),
                     Ok(None) => {}
@@ -202,11 +202,11 @@ impl Registry {
 /// One operation against the overlay: its result, or why it failed.
 fn step(
     view: &mut Overlay<'_>,
-    op: KvOp,
+    op: &KvOp,
     index: u64,
     timers: &crate::sessions::Timers,
 ) -> Result<Option<TxnResult>, String> {
-    let key = op.key;
+    let key = op.key.clone();
     let current = view.get(&key).cloned();
     let modify = current.as_ref().map_or(0, |e| e.modify_index);
     let put = |view: &mut Overlay<'_>, session: Option<String>, lock_index: u64| {

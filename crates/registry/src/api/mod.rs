@@ -141,6 +141,13 @@ impl IntoResponse for ApiError {
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             // Consul has no storage failures a client parses, so these are Tessera's JSON.
             Error::Storage(e) => return storage_error(e),
+            Error::Unavailable(why) => {
+                return tessera_web::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    why.clone(),
+                );
+            }
         };
         let mut resp = (status, self.0.to_string()).into_response();
         resp.headers_mut().insert(

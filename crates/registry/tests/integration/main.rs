@@ -8,6 +8,7 @@ mod acl;
 mod admission;
 mod api;
 mod checks;
+mod cluster;
 mod durability;
 mod kv;
 mod sessions;

@@ -49,6 +49,15 @@ impl TestServer {
         Self::start_config(config).await
     }
 
+    /// A server sharing its catalog in etcd at `endpoints`, as node `node`.
+    pub async fn start_etcd(endpoints: &[String], node: &str) -> TestServer {
+        Self::start_with(|c| {
+            c.node_name = node.into();
+            c.store = format!("etcd://{}", endpoints.join(","));
+        })
+        .await
+    }
+
     async fn start_config(config: Config) -> TestServer {
         let dir = config.data_dir.clone();
         let saved = config.clone();
@@ -56,7 +65,7 @@ impl TestServer {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let server = Server::build(config, &listener).expect("build server");
+        let server = Server::open(config, &listener).await.expect("open server");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server

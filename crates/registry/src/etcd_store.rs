@@ -1,0 +1,665 @@
+//! The registry on etcd, for N servers sharing one catalog: every object is one etcd key
+//! under a prefix, each server keeps the whole state in memory, fed by one watch, and
+//! answers reads and blocking queries from it (waiters cost etcd nothing).
+//!
+//! - Indexes are etcd revisions: an object's `ModifyIndex`/`CreateIndex` are its key's
+//!   `mod_revision`/`create_revision`, and the events of one revision are applied as one
+//!   record at that index, so they only move forward while the etcd cluster lives.
+//! - A write is validated against the view, as on the embedded store, and sent as one
+//!   etcd transaction that compares every key it writes with the revision the view had
+//!   for it. If another server wrote one of them first, the view catches up and the write
+//!   is validated again, so a `?cas` or a lock is exact across servers. It returns once
+//!   this server's view shows it (read-your-writes).
+//! - Every transaction also writes one marker key, so the latest registry revision is
+//!   always an event this server's watch delivers, and waiting for it cannot hang on a
+//!   revision made outside the prefix.
+//! - After a compaction cancels the watch, the server lists the prefix again and applies
+//!   the difference at the listing's revision: spurious wake-ups, never missed changes.
+//!
+//! Key layout under the prefix: `n/<node>`, `s/<node>/<service id>`,
+//! `c/<node>/<check id>`, `k/<key>`, `ss/<session>`, `ap/<policy>`, `at/<accessor>`,
+//! `ab` (bootstrapped), `_rev` (the marker). Node names and ids have `%` and `/` escaped.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tessera_etcd::{
+    Client, Compare, CompareResult, DeleteRangeRequest, KeyValue, Op as EOp, PutRequest,
+    RangeRequest, TxnRequest, WatchCreate, prefix_end,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use tessera_core::Health;
+
+use crate::acl::{AclOp, Policy, Token};
+use crate::error::Error;
+use crate::model::{CheckRecord, KvEntry, NodeRecord, ServiceRecord, SessionRecord};
+use crate::registry::Registry;
+use crate::state::{Op, Record, State};
+
+/// Attempts at a write whose keys other servers keep changing under it.
+const MAX_ATTEMPTS: usize = 32;
+/// How long a write waits for this server's view to show it.
+const VISIBLE_WITHIN: Duration = Duration::from_secs(10);
+
+pub struct EtcdStore {
+    client: Client,
+    prefix: Vec<u8>,
+    /// The revision the view has applied.
+    applied: watch::Sender<i64>,
+    /// Status changes of the checks this server runs, written in order by one task.
+    statuses: tokio::sync::mpsc::UnboundedSender<Status>,
+    status_rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Status>>>,
+}
+
+type Status = ((String, String), Health, String);
+
+fn esc(s: &str) -> String {
+    s.replace('%', "%25").replace('/', "%2F")
+}
+
+fn unesc(s: &str) -> String {
+    s.replace("%2F", "/").replace("%25", "%")
+}
+
+impl EtcdStore {
+    /// Connects and lists the prefix: the store, and the state as of the listing.
+    pub async fn open(
+        endpoints: &[String],
+        prefix: &str,
+    ) -> Result<(Arc<EtcdStore>, State), Error> {
+        let client = Client::new(endpoints).map_err(|e| Error::bad(format!("etcd: {e}")))?;
+        let (statuses, status_rx) = tokio::sync::mpsc::unbounded_channel();
+        let store = EtcdStore {
+            client,
+            prefix: prefix.as_bytes().to_vec(),
+            applied: watch::channel(0).0,
+            statuses,
+            status_rx: std::sync::Mutex::new(Some(status_rx)),
+        };
+        let (rev, ops) = store.list().await?;
+        let mut st = State::default();
+        for (index, op) in ops {
+            st.apply(index, op);
+        }
+        st.index = st.index.max(rev as u64);
+        store.applied.send_replace(rev);
+        Ok((Arc::new(store), st))
+    }
+
+    fn key(&self, rest: &str) -> Vec<u8> {
+        let mut k = self.prefix.clone();
+        k.extend_from_slice(rest.as_bytes());
+        k
+    }
+
+    /// Every object under the prefix as put ops at its mod revision, oldest first, and
+    /// the revision of the listing.
+    async fn list(&self) -> Result<(i64, Vec<(u64, Op)>), Error> {
+        let r = self
+            .client
+            .range(RangeRequest {
+                key: self.prefix.clone(),
+                range_end: prefix_end(&self.prefix),
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let mut ops: Vec<(u64, Op)> = r
+            .kvs
+            .iter()
+            .filter_map(|kv| self.op_of(kv, false).map(|op| (kv.mod_revision as u64, op)))
+            .collect();
+        ops.sort_by_key(|(rev, _)| *rev);
+        Ok((r.header.revision, ops))
+    }
+
+    /// The registry op a key's put (or delete) stands for; `None` for the marker and for
+    /// what cannot be read (logged: another writer's bug must not stop the view).
+    fn op_of(&self, kv: &KeyValue, deleted: bool) -> Option<Op> {
+        let rest = std::str::from_utf8(kv.key.strip_prefix(self.prefix.as_slice())?).ok()?;
+        let (kind, name) = rest.split_once('/').unwrap_or((rest, ""));
+        let (c, m) = (kv.create_revision as u64, kv.mod_revision as u64);
+        let two = || name.split_once('/').map(|(a, b)| (unesc(a), unesc(b)));
+        macro_rules! decode {
+            ($t:ty) => {
+                match serde_json::from_slice::<$t>(&kv.value) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::error!(key = rest, error = %e, "undecodable registry object in etcd");
+                        return None;
+                    }
+                }
+            };
+        }
+        Some(match (kind, deleted) {
+            ("n", false) => Op::PutNode(NodeRecord {
+                create_index: c,
+                modify_index: m,
+                ..decode!(NodeRecord)
+            }),
+            ("n", true) => Op::DeleteNode(unesc(name)),
+            ("s", false) => Op::PutService(ServiceRecord {
+                create_index: c,
+                modify_index: m,
+                ..decode!(ServiceRecord)
+            }),
+            ("s", true) => {
+                let (node, id) = two()?;
+                Op::DeleteService { node, id }
+            }
+            ("c", false) => Op::PutCheck(CheckRecord {
+                create_index: c,
+                modify_index: m,
+                ..decode!(CheckRecord)
+            }),
+            ("c", true) => {
+                let (node, id) = two()?;
+                Op::DeleteCheck { node, id }
+            }
+            ("k", false) => Op::PutKv(KvEntry {
+                create_index: c,
+                modify_index: m,
+                ..decode!(KvEntry)
+            }),
+            ("k", true) => Op::DeleteKv(name.to_owned()),
+            ("ss", false) => Op::PutSession(SessionRecord {
+                create_index: c,
+                modify_index: m,
+                ..decode!(SessionRecord)
+            }),
+            ("ss", true) => Op::DeleteSession(unesc(name)),
+            ("ap", false) => Op::Acl(AclOp::PutPolicy(Policy {
+                create_index: c,
+                modify_index: m,
+                ..decode!(Policy)
+            })),
+            ("ap", true) => Op::Acl(AclOp::DeletePolicy(unesc(name))),
+            ("at", false) => Op::Acl(AclOp::PutToken(Token {
+                create_index: c,
+                modify_index: m,
+                ..decode!(Token)
+            })),
+            ("at", true) => Op::Acl(AclOp::DeleteToken(unesc(name))),
+            ("ab", false) => Op::Acl(AclOp::Bootstrapped),
+            _ => return None,
+        })
+    }
+
+    /// The etcd operations and compares for `ops`, validated against `st`.
+    fn txn_of(&self, st: &State, ops: &[Op]) -> Result<TxnRequest, Error> {
+        let mut t = TxnRequest::default();
+        let json = |v: &dyn erased::Json| v.to_json();
+        let put = |t: &mut TxnRequest, key: Vec<u8>, seen: u64, value: Vec<u8>| {
+            t.compare.push(Compare::mod_revision(
+                key.clone(),
+                CompareResult::Equal,
+                seen as i64,
+            ));
+            t.success.push(EOp::Put(PutRequest {
+                key,
+                value,
+                ..Default::default()
+            }));
+        };
+        let del = |t: &mut TxnRequest, key: Vec<u8>, seen: u64| {
+            t.compare.push(Compare::mod_revision(
+                key.clone(),
+                CompareResult::Equal,
+                seen as i64,
+            ));
+            t.success.push(EOp::Delete(DeleteRangeRequest {
+                key,
+                ..Default::default()
+            }));
+        };
+        // No key in the range changed since the view's revision.
+        let del_range = |t: &mut TxnRequest, key: Vec<u8>| {
+            let end = prefix_end(&key);
+            t.compare.push(
+                Compare::mod_revision(key.clone(), CompareResult::Less, st.index as i64 + 1)
+                    .over(end.clone()),
+            );
+            t.success.push(EOp::Delete(DeleteRangeRequest {
+                key,
+                range_end: end,
+                prev_kv: false,
+            }));
+        };
+        for op in ops {
+            match op {
+                Op::PutNode(n) => {
+                    let seen = st.nodes.get(&n.node).map_or(0, |x| x.modify_index);
+                    put(
+                        &mut t,
+                        self.key(&format!("n/{}", esc(&n.node))),
+                        seen,
+                        json(n)?,
+                    );
+                }
+                Op::DeleteNode(name) => {
+                    let seen = st.nodes.get(name).map_or(0, |x| x.modify_index);
+                    del(&mut t, self.key(&format!("n/{}", esc(name))), seen);
+                    del_range(&mut t, self.key(&format!("s/{}/", esc(name))));
+                    del_range(&mut t, self.key(&format!("c/{}/", esc(name))));
+                }
+                Op::PutService(s) => {
+                    let seen = st
+                        .services
+                        .get(&(s.node.clone(), s.id.clone()))
+                        .map_or(0, |x| x.modify_index);
+                    put(
+                        &mut t,
+                        self.key(&format!("s/{}/{}", esc(&s.node), esc(&s.id))),
+                        seen,
+                        json(s)?,
+                    );
+                }
+                Op::DeleteService { node, id } => {
+                    let seen = st
+                        .services
+                        .get(&(node.clone(), id.clone()))
+                        .map_or(0, |x| x.modify_index);
+                    del(
+                        &mut t,
+                        self.key(&format!("s/{}/{}", esc(node), esc(id))),
+                        seen,
+                    );
+                    // Its checks go with it, as `State::apply` removes them.
+                    if let Some(checks) = st.checks_by_owner.get(&(node.clone(), id.clone())) {
+                        for c in checks {
+                            let seen = st
+                                .checks
+                                .get(&(node.clone(), c.clone()))
+                                .map_or(0, |x| x.modify_index);
+                            del(
+                                &mut t,
+                                self.key(&format!("c/{}/{}", esc(node), esc(c))),
+                                seen,
+                            );
+                        }
+                    }
+                }
+                Op::PutCheck(c) => {
+                    let seen = st
+                        .checks
+                        .get(&(c.node.clone(), c.check_id.clone()))
+                        .map_or(0, |x| x.modify_index);
+                    put(
+                        &mut t,
+                        self.key(&format!("c/{}/{}", esc(&c.node), esc(&c.check_id))),
+                        seen,
+                        json(c)?,
+                    );
+                }
+                Op::DeleteCheck { node, id } => {
+                    let seen = st
+                        .checks
+                        .get(&(node.clone(), id.clone()))
+                        .map_or(0, |x| x.modify_index);
+                    del(
+                        &mut t,
+                        self.key(&format!("c/{}/{}", esc(node), esc(id))),
+                        seen,
+                    );
+                }
+                Op::PutKv(e) => {
+                    let seen = st.kv.get(&e.key).map_or(0, |x| x.modify_index);
+                    put(&mut t, self.key(&format!("k/{}", e.key)), seen, json(e)?);
+                }
+                Op::DeleteKv(key) => {
+                    let seen = st.kv.get(key).map_or(0, |x| x.modify_index);
+                    del(&mut t, self.key(&format!("k/{key}")), seen);
+                }
+                Op::DeleteKvTree(p) => del_range(&mut t, self.key(&format!("k/{p}"))),
+                Op::PutSession(s) => {
+                    let seen = st.sessions.get(&s.id).map_or(0, |x| x.modify_index);
+                    put(
+                        &mut t,
+                        self.key(&format!("ss/{}", esc(&s.id))),
+                        seen,
+                        json(s)?,
+                    );
+                }
+                Op::DeleteSession(id) => {
+                    let seen = st.sessions.get(id).map_or(0, |x| x.modify_index);
+                    del(&mut t, self.key(&format!("ss/{}", esc(id))), seen);
+                }
+                Op::Acl(AclOp::Bootstrapped) => {
+                    put(&mut t, self.key("ab"), 0, b"true".to_vec());
+                }
+                Op::Acl(AclOp::PutPolicy(p)) => {
+                    let seen = st.acl.policies.get(&p.id).map_or(0, |x| x.modify_index);
+                    put(
+                        &mut t,
+                        self.key(&format!("ap/{}", esc(&p.id))),
+                        seen,
+                        json(p)?,
+                    );
+                }
+                Op::Acl(AclOp::DeletePolicy(id)) => {
+                    let seen = st.acl.policies.get(id).map_or(0, |x| x.modify_index);
+                    del(&mut t, self.key(&format!("ap/{}", esc(id))), seen);
+                }
+                Op::Acl(AclOp::PutToken(tk)) => {
+                    let seen = st
+                        .acl
+                        .tokens
+                        .get(&tk.accessor_id)
+                        .map_or(0, |x| x.modify_index);
+                    put(
+                        &mut t,
+                        self.key(&format!("at/{}", esc(&tk.accessor_id))),
+                        seen,
+                        json(tk)?,
+                    );
+                }
+                Op::Acl(AclOp::DeleteToken(id)) => {
+                    let seen = st.acl.tokens.get(id).map_or(0, |x| x.modify_index);
+                    del(&mut t, self.key(&format!("at/{}", esc(id))), seen);
+                }
+            }
+        }
+        // The marker: every registry write is an event at its revision.
+        t.success.push(EOp::Put(PutRequest {
+            key: self.key("_rev"),
+            value: Vec::new(),
+            ..Default::default()
+        }));
+        t.failure.push(EOp::Range(RangeRequest {
+            key: self.key("_rev"),
+            ..Default::default()
+        }));
+        Ok(t)
+    }
+
+    /// Validates with `f` against the view and writes the result in one transaction,
+    /// again after catching up when another server wrote a key first.
+    pub(crate) async fn commit<R>(
+        &self,
+        reg: &Registry,
+        mut f: impl FnMut(&State, u64) -> Result<(Vec<Op>, R), Error>,
+    ) -> Result<R, Error> {
+        for _ in 0..MAX_ATTEMPTS {
+            let (txn, out) = {
+                let st = reg.read_lock();
+                let (ops, out) = f(&st, st.index + 1)?;
+                if ops.is_empty() {
+                    return Ok(out);
+                }
+                (self.txn_of(&st, &ops)?, out)
+            };
+            let resp = self.client.txn(&txn).await.map_err(unavailable)?;
+            if resp.succeeded {
+                self.wait_applied(resp.header.revision).await?;
+                return Ok(out);
+            }
+            // Someone else's write: catch up to the latest registry write, then retry.
+            let latest = resp
+                .responses
+                .iter()
+                .find_map(|r| match r {
+                    tessera_etcd::OpResponse::Range(r) => r.kvs.first().map(|kv| kv.mod_revision),
+                    _ => None,
+                })
+                .unwrap_or(resp.header.revision);
+            self.wait_applied(latest).await?;
+        }
+        Err(Error::Unavailable(
+            "the registry's keys kept changing under this write; try again".into(),
+        ))
+    }
+
+    /// A check this server runs changed status: written by `write_statuses`, in order.
+    pub(crate) fn queue_status(&self, key: (String, String), status: Health, output: String) {
+        let _ = self.statuses.send((key, status, output));
+    }
+
+    /// Writes status changes to etcd, in the order they happened. Only a change of
+    /// status is written (with its output): an output that changes on every probe would
+    /// otherwise be a write per probe for every server's watch.
+    pub(crate) async fn write_statuses(
+        self: Arc<Self>,
+        reg: Weak<Registry>,
+        cancel: CancellationToken,
+    ) {
+        let Some(mut rx) = self
+            .status_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        loop {
+            let ((node, id), status, output) = tokio::select! {
+                () = cancel.cancelled() => return,
+                s = rx.recv() => match s { Some(s) => s, None => return },
+            };
+            let Some(reg) = reg.upgrade() else { return };
+            let written = self
+                .commit(&reg, |st, _| {
+                    let Some(check) = st.checks.get(&(node.clone(), id.clone())) else {
+                        return Ok((vec![], ()));
+                    };
+                    if check.status == status {
+                        return Ok((vec![], ()));
+                    }
+                    let mut c = check.clone();
+                    c.status = status;
+                    c.output.clone_from(&output);
+                    Ok((vec![Op::PutCheck(c)], ()))
+                })
+                .await;
+            if let Err(e) = written {
+                tracing::warn!(check = %id, error = %e, "cannot write a check status to etcd");
+            }
+        }
+    }
+
+    async fn wait_applied(&self, rev: i64) -> Result<(), Error> {
+        let mut rx = self.applied.subscribe();
+        match tokio::time::timeout(VISIBLE_WITHIN, rx.wait_for(|r| *r >= rev)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Error::Unavailable(format!(
+                "the write was made (revision {rev}) but this server has not seen it yet; its etcd watch is behind"
+            ))),
+        }
+    }
+
+    /// Feeds the view from one watch until `cancel`: each revision's events as one
+    /// record; after a compaction, a new listing applied as a difference.
+    pub(crate) async fn follow(self: Arc<Self>, reg: Weak<Registry>, cancel: CancellationToken) {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let from = *self.applied.borrow() + 1;
+            let create = WatchCreate {
+                key: self.prefix.clone(),
+                range_end: prefix_end(&self.prefix),
+                start_revision: from,
+                ..Default::default()
+            };
+            let watch = tokio::select! {
+                () = cancel.cancelled() => return,
+                w = self.client.watch(create) => w,
+            };
+            let mut w = match watch {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch etcd; retrying");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            pause = Duration::from_millis(100);
+            loop {
+                let batch = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    b = w.next() => b,
+                };
+                let Some(reg) = reg.upgrade() else { return };
+                match batch {
+                    Ok(b) => self.apply(&reg, b.events),
+                    Err(e) if e.is_compacted() => {
+                        tracing::warn!(error = %e, "etcd compacted past this server's watch; listing again");
+                        if let Err(e) = self.relist(&reg).await {
+                            tracing::warn!(error = %e, "cannot list etcd");
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the etcd watch ended; watching again");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply(&self, reg: &Registry, events: Vec<tessera_etcd::Event>) {
+        let mut i = 0;
+        while i < events.len() {
+            let rev = events[i].kv.mod_revision;
+            let mut ops = Vec::new();
+            while i < events.len() && events[i].kv.mod_revision == rev {
+                let e = &events[i];
+                if let Some(op) = self.op_of(&e.kv, e.kind == tessera_etcd::EventType::Delete) {
+                    ops.push(op);
+                }
+                i += 1;
+            }
+            reg.show_remote(Record {
+                index: rev as u64,
+                ops,
+            });
+            self.applied.send_if_modified(|r| {
+                let moved = rev > *r;
+                *r = (*r).max(rev);
+                moved
+            });
+        }
+    }
+
+    /// Lists the prefix again and applies what differs from the view, at the listing's
+    /// revision, so every topic that changed wakes its waiters.
+    async fn relist(&self, reg: &Registry) -> Result<(), Error> {
+        let (rev, listed) = self.list().await?;
+        let mut fresh = State::default();
+        for (index, op) in listed {
+            fresh.apply(index, op);
+        }
+        let ops = {
+            let st = reg.read_lock();
+            diff(&st, &fresh)
+        };
+        reg.show_remote(Record {
+            index: rev as u64,
+            ops,
+        });
+        self.applied.send_replace(rev.max(*self.applied.borrow()));
+        Ok(())
+    }
+}
+
+/// The ops that turn `old` into `new`.
+fn diff(old: &State, new: &State) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for k in old.nodes.keys().filter(|k| !new.nodes.contains_key(*k)) {
+        ops.push(Op::DeleteNode(k.clone()));
+    }
+    for (k, s) in old
+        .services
+        .iter()
+        .filter(|(k, _)| !new.services.contains_key(*k))
+    {
+        ops.push(Op::DeleteService {
+            node: k.0.clone(),
+            id: s.id.clone(),
+        });
+    }
+    for k in old.checks.keys().filter(|k| !new.checks.contains_key(*k)) {
+        ops.push(Op::DeleteCheck {
+            node: k.0.clone(),
+            id: k.1.clone(),
+        });
+    }
+    for k in old.kv.keys().filter(|k| !new.kv.contains_key(*k)) {
+        ops.push(Op::DeleteKv(k.clone()));
+    }
+    for k in old
+        .sessions
+        .keys()
+        .filter(|k| !new.sessions.contains_key(*k))
+    {
+        ops.push(Op::DeleteSession(k.clone()));
+    }
+    for k in old
+        .acl
+        .policies
+        .keys()
+        .filter(|k| !new.acl.policies.contains_key(*k))
+    {
+        ops.push(Op::Acl(AclOp::DeletePolicy(k.clone())));
+    }
+    for k in old
+        .acl
+        .tokens
+        .keys()
+        .filter(|k| !new.acl.tokens.contains_key(*k))
+    {
+        ops.push(Op::Acl(AclOp::DeleteToken(k.clone())));
+    }
+    // Puts: whatever is new or changed (compared by the revision that wrote it).
+    for op in new.snapshot_ops() {
+        let same = match &op {
+            Op::PutNode(n) => old
+                .nodes
+                .get(&n.node)
+                .is_some_and(|o| o.modify_index == n.modify_index),
+            Op::PutService(s) => old
+                .services
+                .get(&(s.node.clone(), s.id.clone()))
+                .is_some_and(|o| o.modify_index == s.modify_index),
+            Op::PutCheck(c) => old
+                .checks
+                .get(&(c.node.clone(), c.check_id.clone()))
+                .is_some_and(|o| o.modify_index == c.modify_index),
+            Op::PutKv(e) => old
+                .kv
+                .get(&e.key)
+                .is_some_and(|o| o.modify_index == e.modify_index),
+            Op::PutSession(s) => old
+                .sessions
+                .get(&s.id)
+                .is_some_and(|o| o.modify_index == s.modify_index),
+            _ => false,
+        };
+        if !same {
+            ops.push(op);
+        }
+    }
+    ops
+}
+
+fn unavailable(e: tessera_etcd::Error) -> Error {
+    Error::Unavailable(format!("etcd: {e}"))
+}
+
+/// Serializing a registry object to JSON, for any of them.
+mod erased {
+    pub trait Json {
+        fn to_json(&self) -> Result<Vec<u8>, crate::error::Error>;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Result<Vec<u8>, crate::error::Error> {
+            serde_json::to_vec(self)
+                .map_err(|e| crate::error::Error::bad(format!("cannot encode: {e}")))
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Three registry servers sharing one catalog in a real 3-member etcd cluster: what is
+//! written through one is read through the others, blocking queries wake across servers,
+//! CAS and locks hold across them, and indexes are etcd revisions.
+
+use axum::http::StatusCode;
+use serde_json::json;
+use tessera_testkit::EtcdCluster;
+
+use crate::support::{TestServer, index_of, wait_for};
+
+async fn three(etcd: &EtcdCluster) -> Vec<TestServer> {
+    let endpoints = etcd.client_addrs();
+    let mut out = Vec::new();
+    for node in ["a", "b", "c"] {
+        out.push(TestServer::start_etcd(&endpoints, node).await);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_share_one_catalog() {
+    let Some(etcd) = EtcdCluster::start_or_skip(3).await else {
+        return;
+    };
+    let s = three(&etcd).await;
+    let (a, b, c) = (&s[0].http, &s[1].http, &s[2].http);
+
+    // Every server's node is in the one catalog.
+    let (_, _, nodes) = c.get("/v1/catalog/nodes").await;
+    let mut names: Vec<_> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["Node"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a", "b", "c"]);
+
+    // Registered through a, seen through b and c at once (a returns after its own view
+    // has it; b and c follow the same watch stream).
+    a.register(json!({"Name": "web", "ID": "web-1", "Port": 8080}))
+        .await;
+    for h in [b, c] {
+        wait_for("web on the other servers", || async {
+            let (_, _, v) = h.get("/v1/catalog/service/web").await;
+            v.as_array().is_some_and(|a| a.len() == 1)
+        })
+        .await;
+    }
+    let (_, _, v) = b.get("/v1/catalog/service/web").await;
+    assert_eq!(
+        (v[0]["ServiceID"].as_str(), v[0]["Node"].as_str()),
+        (Some("web-1"), Some("a"))
+    );
+
+    // A blocking query on c wakes on a write through a.
+    let (_, hd, _) = c.get("/v1/health/service/web").await;
+    let index = index_of(&hd);
+    let cc = c.clone();
+    let waiter = tokio::spawn(async move {
+        cc.get(&format!("/v1/health/service/web?index={index}&wait=60s"))
+            .await
+    });
+    a.register(json!({"Name": "web", "ID": "web-2", "Port": 8081}))
+        .await;
+    let (_, hd, v) = waiter.await.unwrap();
+    assert!(index_of(&hd) > index);
+    assert_eq!(v.as_array().unwrap().len(), 2, "{v}");
+
+    // KV: the index is etcd's revision; CAS holds across servers.
+    let (st, ok) = a.put("/v1/kv/config/x", "1").await;
+    assert_eq!((st, ok), (StatusCode::OK, json!(true)));
+    let (_, hd, v) = b.get("/v1/kv/config/x").await;
+    let modify = v[0]["ModifyIndex"].as_u64().unwrap();
+    assert_eq!(index_of(&hd), modify);
+    let raw = tessera_etcd::Client::new(&etcd.client_addrs()).unwrap();
+    let kv = raw.get(b"tessera/k/config/x").await.unwrap().unwrap();
+    assert_eq!(
+        kv.mod_revision as u64, modify,
+        "ModifyIndex is the etcd revision"
+    );
+    assert_eq!(
+        c.put(&format!("/v1/kv/config/x?cas={modify}"), "2").await.1,
+        json!(true)
+    );
+    assert_eq!(
+        a.put(&format!("/v1/kv/config/x?cas={modify}"), "3").await.1,
+        json!(false),
+        "stale"
+    );
+    let (_, _, v) = a.get("/v1/kv/config/x?raw").await;
+    assert_eq!(v, json!(2));
+
+    // Locks across servers: one holder.
+    let (_, sa) = a
+        .put_json("/v1/session/create", json!({"LockDelay": "0s"}))
+        .await;
+    let (_, sb) = b
+        .put_json("/v1/session/create", json!({"LockDelay": "0s"}))
+        .await;
+    let (sa, sb) = (sa["ID"].as_str().unwrap(), sb["ID"].as_str().unwrap());
+    assert_eq!(
+        a.put(&format!("/v1/kv/leader?acquire={sa}"), "a").await.1,
+        json!(true)
+    );
+    assert_eq!(
+        b.put(&format!("/v1/kv/leader?acquire={sb}"), "b").await.1,
+        json!(false)
+    );
+    a.put(&format!("/v1/session/destroy/{sa}"), "").await;
+    assert_eq!(
+        b.put(&format!("/v1/kv/leader?acquire={sb}"), "b").await.1,
+        json!(true)
+    );
+
+    // A TTL check runs on the server it was registered through; its status is written
+    // to etcd, so every server answers the same health.
+    a.register(json!({"Name": "api", "ID": "api-1", "Check": {"TTL": "30s"}}))
+        .await;
+    let (_, _, v) = c.get("/v1/health/service/api?passing").await;
+    assert_eq!(v, json!([]), "a TTL check starts critical");
+    let (st, _) = a.put("/v1/agent/check/pass/service:api-1", "").await;
+    assert_eq!(st, StatusCode::OK);
+    wait_for("api passing on c", || async {
+        let (_, _, v) = c.get("/v1/health/service/api?passing").await;
+        v.as_array().is_some_and(|v| v.len() == 1)
+    })
+    .await;
+
+    // Deregistered through c, gone everywhere.
+    let (st, _) = c
+        .put(
+            "/v1/catalog/deregister",
+            json!({"Node": "a", "ServiceID": "web-1"}).to_string(),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    wait_for("web-1 gone from a", || async {
+        let (_, _, v) = a.get("/v1/catalog/service/web").await;
+        v.as_array().is_some_and(|v| v.len() == 1)
+    })
+    .await;
+}
+
+/// Concurrent writers on three servers to one key through CAS loops: every increment
+/// lands exactly once, because each server's write compares the revision it read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cas_counters_across_servers_lose_no_increment() {
+    let Some(etcd) = EtcdCluster::start_or_skip(3).await else {
+        return;
+    };
+    let s = three(&etcd).await;
+    s[0].http.put("/v1/kv/counter", "0").await;
+    let mut tasks = Vec::new();
+    for (i, srv) in s.iter().enumerate() {
+        for _ in 0..2 {
+            let h = srv.http.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut done = 0;
+                while done < 10 {
+                    let (_, _, v) = h.get("/v1/kv/counter").await;
+                    let index = v[0]["ModifyIndex"].as_u64().unwrap();
+                    let n: u64 = serde_json::from_str(
+                        &String::from_utf8(
+                            base64::Engine::decode(
+                                &base64::engine::general_purpose::STANDARD,
+                                v[0]["Value"].as_str().unwrap(),
+                            )
+                            .unwrap(),
+                        )
+                        .unwrap(),
+                    )
+                    .unwrap();
+                    let (st, ok) = h
+                        .put(&format!("/v1/kv/counter?cas={index}"), (n + 1).to_string())
+                        .await;
+                    assert_eq!(st, StatusCode::OK, "server {i}: {ok}");
+                    if ok == json!(true) {
+                        done += 1;
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (_, _, v) = s[1].http.get("/v1/kv/counter?raw").await;
+    assert_eq!(v, json!(60), "6 writers × 10 increments");
+}
+
+/// A server that restarts lists the catalog from etcd: nothing is kept locally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_lists_the_catalog_again() {
+    let Some(etcd) = EtcdCluster::start_or_skip(3).await else {
+        return;
+    };
+    let mut s = three(&etcd).await;
+    s[0].http
+        .register(json!({"Name": "api", "ID": "api-1"}))
+        .await;
+    s[0].http.put("/v1/kv/app/setting", "on").await;
+    let b = s.remove(1).restart().await;
+    let (_, _, v) = b.http.get("/v1/catalog/service/api").await;
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    let (_, _, v) = b.http.get("/v1/kv/app/setting?raw").await;
+    assert_eq!(v, json!("on"));
+}
