@@ -18,7 +18,9 @@
 //!
 //! Key layout under the prefix: `n/<node>`, `s/<node>/<service id>`,
 //! `c/<node>/<check id>`, `k/<key>`, `ss/<session>`, `ap/<policy>`, `at/<accessor>`,
-//! `ab` (bootstrapped), `_rev` (the marker). Node names and ids have `%` and `/` escaped.
+//! `ab` (bootstrapped), `_rev` (the marker), and `m/<server>` (a live server's HTTP
+//! address, on its own lease: one lease per server, never per instance or check). Node
+//! names and ids have `%` and `/` escaped.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -51,7 +53,14 @@ pub struct EtcdStore {
     /// Status changes of the checks this server runs, written in order by one task.
     statuses: tokio::sync::mpsc::UnboundedSender<Status>,
     status_rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Status>>>,
+    /// The live servers: name → (HTTP address, create revision of its member key).
+    members: std::sync::Mutex<std::collections::BTreeMap<String, (String, i64)>>,
+    /// When etcd last answered this server (a lease renewal or a watch event).
+    last_contact: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// A server's membership lease: it is a member while it renews within this.
+pub const MEMBER_TTL: Duration = Duration::from_secs(10);
 
 type Status = ((String, String), Health, String);
 
@@ -77,6 +86,8 @@ impl EtcdStore {
             applied: watch::channel(0).0,
             statuses,
             status_rx: std::sync::Mutex::new(Some(status_rx)),
+            members: Default::default(),
+            last_contact: std::sync::Mutex::new(Some(std::time::Instant::now())),
         };
         let (rev, ops) = store.list().await?;
         let mut st = State::default();
@@ -111,6 +122,14 @@ impl EtcdStore {
             .iter()
             .filter_map(|kv| self.op_of(kv, false).map(|op| (kv.mod_revision as u64, op)))
             .collect();
+        {
+            let mut members = self.members();
+            members.clear();
+            for kv in &r.kvs {
+                self.note_member(&mut members, kv, false);
+            }
+        }
+        self.contact();
         ops.sort_by_key(|(rev, _)| *rev);
         Ok((r.header.revision, ops))
     }
@@ -381,14 +400,31 @@ impl EtcdStore {
         reg: &Registry,
         mut f: impl FnMut(&State, u64) -> Result<(Vec<Op>, R), Error>,
     ) -> Result<R, Error> {
+        // Whether the view was brought up to date before validating: a write that
+        // changes nothing or is refused (a `?cas` that does not match, a missing node)
+        // may only look so because this server has not seen a write made elsewhere yet,
+        // so that answer is given only from an up-to-date view.
+        let mut synced = false;
         for _ in 0..MAX_ATTEMPTS {
-            let (txn, out) = {
+            let decided = {
                 let st = reg.read_lock();
-                let (ops, out) = f(&st, st.index + 1)?;
-                if ops.is_empty() {
-                    return Ok(out);
+                f(&st, st.index + 1).and_then(|(ops, out)| {
+                    if ops.is_empty() {
+                        Ok((None, out))
+                    } else {
+                        Ok((Some(self.txn_of(&st, &ops)?), out))
+                    }
+                })
+            };
+            let (txn, out) = match decided {
+                Ok((Some(txn), out)) => (txn, out),
+                Ok((None, _)) | Err(_) if !synced => {
+                    self.barrier().await?;
+                    synced = true;
+                    continue;
                 }
-                (self.txn_of(&st, &ops)?, out)
+                Ok((None, out)) => return Ok(out),
+                Err(e) => return Err(e),
             };
             let resp = self.client.txn(&txn).await.map_err(unavailable)?;
             if resp.succeeded {
@@ -409,6 +445,122 @@ impl EtcdStore {
         Err(Error::Unavailable(
             "the registry's keys kept changing under this write; try again".into(),
         ))
+    }
+
+    fn members(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, (String, i64)>> {
+        self.members.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn note_member(
+        &self,
+        members: &mut std::collections::BTreeMap<String, (String, i64)>,
+        kv: &KeyValue,
+        deleted: bool,
+    ) {
+        let Some(rest) = kv.key.strip_prefix(self.prefix.as_slice()) else {
+            return;
+        };
+        let Some(name) = rest.strip_prefix(b"m/") else {
+            return;
+        };
+        let name = unesc(&String::from_utf8_lossy(name));
+        if deleted {
+            members.remove(&name);
+        } else {
+            let addr = String::from_utf8_lossy(&kv.value).into_owned();
+            members.insert(name, (addr, kv.create_revision));
+        }
+    }
+
+    fn contact(&self) {
+        *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now());
+    }
+
+    /// Time since etcd last answered, and whether that is recent enough for this server
+    /// to count as connected (within one membership TTL).
+    pub(crate) fn last_contact(&self) -> (Duration, bool) {
+        let since = self
+            .last_contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_or(Duration::MAX, |t| t.elapsed());
+        (since, since < MEMBER_TTL)
+    }
+
+    /// The servers' HTTP addresses, oldest member first.
+    pub(crate) fn peers(&self) -> Vec<String> {
+        let mut m: Vec<(i64, String)> = self
+            .members()
+            .values()
+            .map(|(a, rev)| (*rev, a.clone()))
+            .collect();
+        m.sort();
+        m.into_iter().map(|(_, a)| a).collect()
+    }
+
+    /// The server that runs the singleton jobs: the oldest member (lowest create
+    /// revision), as etcd's election recipe decides.
+    pub(crate) fn leader(&self) -> Option<String> {
+        self.peers().into_iter().next()
+    }
+
+    /// Waits until the view has every registry write made before this call: a
+    /// linearizable read of the marker key, then the view catching up to it.
+    pub(crate) async fn barrier(&self) -> Result<(), Error> {
+        let latest = self
+            .client
+            .get(&self.key("_rev"))
+            .await
+            .map_err(unavailable)?
+            .map_or(0, |kv| kv.mod_revision);
+        self.contact();
+        self.wait_applied(latest).await
+    }
+
+    /// Holds this server's member key on its own lease until `cancel`, then revokes it.
+    /// A lost lease (a pause or partition longer than its TTL) is replaced by a new one.
+    pub(crate) async fn join(
+        self: Arc<Self>,
+        name: String,
+        addr: String,
+        cancel: CancellationToken,
+    ) {
+        let key = self.key(&format!("m/{}", esc(&name)));
+        let mut lease = 0;
+        loop {
+            if lease == 0 {
+                match self.client.lease_grant(MEMBER_TTL.as_secs() as i64).await {
+                    Ok((id, _)) => match self.client.put(&key, addr.as_bytes(), id).await {
+                        Ok(_) => {
+                            lease = id;
+                            self.contact();
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot register this server in etcd"),
+                    },
+                    Err(e) => tracing::warn!(error = %e, "cannot get an etcd lease"),
+                }
+            } else {
+                match self.client.lease_keepalive(lease).await {
+                    Ok(Some(_)) => self.contact(),
+                    Ok(None) => {
+                        tracing::warn!("this server's etcd membership lapsed; joining again");
+                        lease = 0;
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot renew this server's etcd lease"),
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(MEMBER_TTL / 4) => {}
+            }
+        }
+        if lease != 0 {
+            let _ = self.client.lease_revoke(lease).await;
+        }
     }
 
     /// A check this server runs changed status: written by `write_statuses`, in order.
@@ -522,6 +674,17 @@ impl EtcdStore {
     }
 
     fn apply(&self, reg: &Registry, events: Vec<tessera_etcd::Event>) {
+        self.contact();
+        {
+            let mut members = self.members();
+            for e in &events {
+                self.note_member(
+                    &mut members,
+                    &e.kv,
+                    e.kind == tessera_etcd::EventType::Delete,
+                );
+            }
+        }
         let mut i = 0;
         while i < events.len() {
             let rev = events[i].kv.mod_revision;

@@ -110,19 +110,36 @@ impl Server {
     ) -> Result<(), Error> {
         let reg = self.registry;
         reg.start_background();
+        if let Some(etcd) = &reg.etcd {
+            let addr = match listener.local_addr() {
+                Ok(a) if a.ip().is_unspecified() => {
+                    format!("{}:{}", reg.config.advertise_addr, a.port())
+                }
+                Ok(a) => a.to_string(),
+                Err(_) => reg.config.advertise_addr.clone(),
+            };
+            tokio::spawn(etcd.clone().join(
+                reg.config.node_name.clone(),
+                addr,
+                reg.shutdown.clone(),
+            ));
+        }
         reg.ensure_local_node().await?;
         reg.ensure_initial_management().await?;
         // Admission control covers every API the server holds (the coordinator's and
         // the event store's too): one process, one saturation point. One error shape
         // for the whole server: unknown routes, wrong methods and rejected bodies
         // answer JSON, on the registry's routes and on `extra`'s.
-        let app =
-            api::router(reg.clone())
-                .merge(extra)
-                .layer(axum::middleware::from_fn_with_state(
-                    reg.clone(),
-                    admission::admit,
-                ));
+        let app = api::router(reg.clone())
+            .merge(extra)
+            .layer(axum::middleware::from_fn_with_state(
+                reg.clone(),
+                api::cluster_meta,
+            ))
+            .layer(axum::middleware::from_fn_with_state(
+                reg.clone(),
+                admission::admit,
+            ));
         let app = tessera_web::json_errors(app);
         let stopper = reg.clone();
         let listener = admission::LimitedListener::new(listener, reg.clone());

@@ -388,7 +388,14 @@ impl EtcdCluster {
 
     /// Starts a killed member again on its data dir.
     pub async fn restart(&mut self, i: usize) -> Result<(), String> {
-        self.spawn(i, "existing")?;
+        self.restart_all(&[i]).await
+    }
+
+    /// Starts killed members again together (a quorum must be back to be healthy).
+    pub async fn restart_all(&mut self, members: &[usize]) -> Result<(), String> {
+        for &i in members {
+            self.spawn(i, "existing")?;
+        }
         self.wait_healthy().await
     }
 

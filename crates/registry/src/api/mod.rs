@@ -109,18 +109,62 @@ pub fn router(registry: Arc<Registry>) -> Router {
         .with_state(registry)
 }
 
+/// On etcd: the server that runs the singleton jobs (the oldest live member), by its
+/// HTTP address. On one server: that server.
 async fn status_leader(axum::extract::State(reg): axum::extract::State<AppState>) -> Response {
-    json(
-        StatusCode::OK,
-        &format!("{}:8300", reg.config.advertise_addr),
-    )
+    match &reg.etcd {
+        Some(etcd) => json(StatusCode::OK, &etcd.leader().unwrap_or_default()),
+        None => json(
+            StatusCode::OK,
+            &format!("{}:8300", reg.config.advertise_addr),
+        ),
+    }
 }
 
+/// On etcd: every live server's HTTP address, oldest first.
 async fn status_peers(axum::extract::State(reg): axum::extract::State<AppState>) -> Response {
-    json(
-        StatusCode::OK,
-        &[format!("{}:8300", reg.config.advertise_addr)],
-    )
+    match &reg.etcd {
+        Some(etcd) => json(StatusCode::OK, &etcd.peers()),
+        None => json(
+            StatusCode::OK,
+            &[format!("{}:8300", reg.config.advertise_addr)],
+        ),
+    }
+}
+
+/// On etcd: `?consistent` waits until this server's view has every write made before the
+/// request (503 when etcd cannot say); `X-Consul-KnownLeader` and `X-Consul-LastContact`
+/// tell how recently etcd answered this server. `?stale` and default reads are served from
+/// the view as it is, also while etcd is unreachable.
+pub async fn cluster_meta(
+    axum::extract::State(reg): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(etcd) = reg.etcd.clone() else {
+        return next.run(req).await;
+    };
+    let consistent = req.uri().query().is_some_and(|q| {
+        q.split('&')
+            .any(|p| p == "consistent" || p.starts_with("consistent="))
+    });
+    if consistent && let Err(e) = etcd.barrier().await {
+        return ApiError(e).into_response();
+    }
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    if h.contains_key("x-consul-index") {
+        let (since, known) = etcd.last_contact();
+        h.insert(
+            "x-consul-knownleader",
+            HeaderValue::from_static(if known { "true" } else { "false" }),
+        );
+        h.insert(
+            "x-consul-lastcontact",
+            HeaderValue::from(since.as_millis().min(u64::MAX as u128) as u64),
+        );
+    }
+    resp
 }
 
 /// The one mapping from registry errors to HTTP.

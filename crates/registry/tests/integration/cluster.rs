@@ -70,7 +70,8 @@ async fn three_servers_share_one_catalog() {
     // KV: the index is etcd's revision; CAS holds across servers.
     let (st, ok) = a.put("/v1/kv/config/x", "1").await;
     assert_eq!((st, ok), (StatusCode::OK, json!(true)));
-    let (_, hd, v) = b.get("/v1/kv/config/x").await;
+    // b may not have seen a's write yet: `?consistent` waits until it has.
+    let (_, hd, v) = b.get("/v1/kv/config/x?consistent").await;
     let modify = v[0]["ModifyIndex"].as_u64().unwrap();
     assert_eq!(index_of(&hd), modify);
     let raw = tessera_etcd::Client::new(&etcd.client_addrs()).unwrap();
@@ -158,7 +159,8 @@ async fn cas_counters_across_servers_lose_no_increment() {
             tasks.push(tokio::spawn(async move {
                 let mut done = 0;
                 while done < 10 {
-                    let (_, _, v) = h.get("/v1/kv/counter").await;
+                    // `consistent`: this server may not have seen the first put yet.
+                    let (_, _, v) = h.get("/v1/kv/counter?consistent").await;
                     let index = v[0]["ModifyIndex"].as_u64().unwrap();
                     let n: u64 = serde_json::from_str(
                         &String::from_utf8(
@@ -205,4 +207,95 @@ async fn a_restarted_server_lists_the_catalog_again() {
     assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
     let (_, _, v) = b.http.get("/v1/kv/app/setting?raw").await;
     assert_eq!(v, json!("on"));
+}
+
+/// `/v1/status/peers` lists the live servers and `/v1/status/leader` the oldest; a server
+/// that stops leaves both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_and_leader_are_the_live_servers() {
+    let Some(etcd) = EtcdCluster::start_or_skip(3).await else {
+        return;
+    };
+    let mut s = three(&etcd).await;
+    let addrs: Vec<String> = s.iter().map(|x| x.addr.to_string()).collect();
+    wait_for("three peers", || async {
+        let (_, _, v) = s[2].http.get("/v1/status/peers").await;
+        v.as_array().is_some_and(|p| p.len() == 3)
+    })
+    .await;
+    let (_, _, peers) = s[2].http.get("/v1/status/peers").await;
+    let mut got: Vec<String> = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_owned())
+        .collect();
+    got.sort();
+    let mut want = addrs.clone();
+    want.sort();
+    assert_eq!(got, want);
+    let (_, _, leader) = s[1].http.get("/v1/status/leader").await;
+    assert_eq!(leader, json!(addrs[0]), "the oldest member leads");
+    s[0].stop().await;
+    wait_for("the next oldest to lead", || async {
+        let (_, _, leader) = s[2].http.get("/v1/status/leader").await;
+        leader == json!(addrs[1])
+    })
+    .await;
+    let (_, _, peers) = s[2].http.get("/v1/status/peers").await;
+    assert_eq!(peers.as_array().map(Vec::len), Some(2));
+}
+
+/// With every etcd member down, a server keeps answering `?stale` (and default) reads
+/// from its view, says it has lost contact (`X-Consul-KnownLeader: false`), and refuses
+/// `?consistent` reads and writes with 503; once etcd is back, all of it recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_stale_reads_go_on_and_say_so() {
+    let Some(mut etcd) = EtcdCluster::start_or_skip(3).await else {
+        return;
+    };
+    let s = three(&etcd).await;
+    let b = &s[1].http;
+    s[0].http.put("/v1/kv/app/mode", "blue").await;
+    wait_for("b sees the key", || async {
+        b.get("/v1/kv/app/mode").await.0 == StatusCode::OK
+    })
+    .await;
+    let (_, hd, _) = b.get("/v1/kv/app/mode?consistent").await;
+    assert_eq!(hd["x-consul-knownleader"], "true");
+    for i in 0..3 {
+        etcd.kill(i);
+    }
+    wait_for("b to notice it lost etcd", || async {
+        let (_, hd, _) = b.get("/v1/kv/app/mode?stale").await;
+        hd["x-consul-knownleader"] == "false"
+    })
+    .await;
+    let (st, hd, v) = b.get("/v1/kv/app/mode?stale&raw").await;
+    assert_eq!((st, v), (StatusCode::OK, json!("blue")));
+    assert!(
+        hd["x-consul-lastcontact"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 10_000
+    );
+    let (st, _, _) = b.get("/v1/kv/app/mode?consistent").await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    let (st, _) = b.put("/v1/kv/app/mode", "green").await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+
+    etcd.restart_all(&[0, 1, 2]).await.unwrap();
+    wait_for("writes to work again", || async {
+        b.put("/v1/kv/app/mode", "green").await.0 == StatusCode::OK
+    })
+    .await;
+    wait_for("b to know etcd again", || async {
+        let (_, hd, _) = b.get("/v1/kv/app/mode").await;
+        hd["x-consul-knownleader"] == "true"
+    })
+    .await;
+    let (_, _, v) = s[2].http.get("/v1/kv/app/mode?consistent&raw").await;
+    assert_eq!(v, json!("green"));
 }
