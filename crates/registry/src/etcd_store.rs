@@ -62,7 +62,12 @@ pub struct EtcdStore {
 /// A server's membership lease: it is a member while it renews within this.
 pub const MEMBER_TTL: Duration = Duration::from_secs(10);
 
-type Status = ((String, String), Health, String);
+enum Status {
+    /// A check's new status and output.
+    Set((String, String), Health, String),
+    /// Answered once every status queued before it is written.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
 
 fn esc(s: &str) -> String {
     s.replace('%', "%25").replace('/', "%2F")
@@ -565,7 +570,15 @@ impl EtcdStore {
 
     /// A check this server runs changed status: written by `write_statuses`, in order.
     pub(crate) fn queue_status(&self, key: (String, String), status: Health, output: String) {
-        let _ = self.statuses.send((key, status, output));
+        let _ = self.statuses.send(Status::Set(key, status, output));
+    }
+
+    /// Returns once every status change queued so far is written (or failed to be).
+    pub(crate) async fn statuses_written(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.statuses.send(Status::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Writes status changes to etcd, in the order they happened. Only a change of
@@ -585,9 +598,16 @@ impl EtcdStore {
             return;
         };
         loop {
-            let ((node, id), status, output) = tokio::select! {
+            let next = tokio::select! {
                 () = cancel.cancelled() => return,
                 s = rx.recv() => match s { Some(s) => s, None => return },
+            };
+            let ((node, id), status, output) = match next {
+                Status::Set(key, status, output) => (key, status, output),
+                Status::Flush(done) => {
+                    let _ = done.send(());
+                    continue;
+                }
             };
             let Some(reg) = reg.upgrade() else { return };
             let written = self

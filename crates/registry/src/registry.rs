@@ -207,7 +207,17 @@ impl Registry {
         prefix: &str,
     ) -> Result<Arc<Registry>, Error> {
         let (etcd, state) = crate::etcd_store::EtcdStore::open(endpoints, prefix).await?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| {
+            Error::Storage(crate::store::StoreError::Io {
+                path: config.data_dir.clone(),
+                source,
+            })
+        })?;
+        let node_id = load_node_id(&config.data_dir)?;
         let mut reg = Self::from_state(config, acl_enabled, Store::memory(), state, 0, false)?;
+        if let Some(r) = Arc::get_mut(&mut reg) {
+            r.node_id = node_id;
+        }
         if let Some(r) = Arc::get_mut(&mut reg) {
             r.etcd = Some(etcd);
         }
@@ -992,6 +1002,15 @@ impl Registry {
         self.ttl_state.record(id, status, &output, ttl);
         self.set_status(id, status, output);
         Ok(())
+    }
+
+    /// Returns once the check statuses set so far are visible to readers: at once on
+    /// one server; on etcd, once they are written (a TTL update answers after that, so
+    /// the client's next read shows it).
+    pub async fn statuses_written(&self) {
+        if let Some(etcd) = &self.etcd {
+            etcd.statuses_written().await;
+        }
     }
 
     /// Sets a local check's status. The index moves only when the status does, so an

@@ -182,7 +182,7 @@ pub async fn check_deregister(
     Ok(StatusCode::OK.into_response())
 }
 
-fn ttl_update(
+async fn ttl_update(
     reg: &AppState,
     ctx: &Ctx,
     id: &str,
@@ -190,6 +190,7 @@ fn ttl_update(
 ) -> Result<Response, super::ApiError> {
     let note = ctx.q.get("note").unwrap_or_default().to_owned();
     reg.update_ttl(id, status, note, &ctx.authz)?;
+    reg.statuses_written().await;
     Ok(StatusCode::OK.into_response())
 }
 
@@ -198,7 +199,7 @@ pub async fn check_pass(
     ctx: Ctx,
     Path(id): Path<String>,
 ) -> ApiResult {
-    ttl_update(&reg, &ctx, &id, Health::Passing)
+    ttl_update(&reg, &ctx, &id, Health::Passing).await
 }
 
 pub async fn check_warn(
@@ -206,7 +207,7 @@ pub async fn check_warn(
     ctx: Ctx,
     Path(id): Path<String>,
 ) -> ApiResult {
-    ttl_update(&reg, &ctx, &id, Health::Warning)
+    ttl_update(&reg, &ctx, &id, Health::Warning).await
 }
 
 pub async fn check_fail(
@@ -214,7 +215,7 @@ pub async fn check_fail(
     ctx: Ctx,
     Path(id): Path<String>,
 ) -> ApiResult {
-    ttl_update(&reg, &ctx, &id, Health::Critical)
+    ttl_update(&reg, &ctx, &id, Health::Critical).await
 }
 
 pub async fn check_update(
@@ -229,6 +230,7 @@ pub async fn check_update(
         .parse()
         .map_err(|e| crate::error::Error::bad(format!("Status: {e}")))?;
     reg.update_ttl(&id, status, upd.output, &ctx.authz)?;
+    reg.statuses_written().await;
     Ok(StatusCode::OK.into_response())
 }
 

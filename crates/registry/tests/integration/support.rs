@@ -39,12 +39,25 @@ impl TestServer {
     }
 
     /// Starts a server on an existing data dir (for restart tests).
+    ///
+    /// With `TESSERA_TEST_ETCD` set (etcd endpoints, comma-separated), the server keeps
+    /// its state in that etcd instead, under a prefix of its own: `scripts/test` runs
+    /// the suite a second time that way, so every test also checks the etcd store.
     pub async fn start_in(dir: PathBuf, f: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = Config {
             data_dir: dir.clone(),
             node_name: "test-node".into(),
             ..Config::default()
         };
+        if let Some(endpoints) = std::env::var("TESSERA_TEST_ETCD")
+            .ok()
+            .filter(|e| !e.is_empty())
+        {
+            config.store = format!("etcd://{endpoints}");
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            config.etcd_prefix = format!("test-{}-{n}/", std::process::id());
+        }
         f(&mut config);
         Self::start_config(config).await
     }
@@ -54,6 +67,7 @@ impl TestServer {
         Self::start_with(|c| {
             c.node_name = node.into();
             c.store = format!("etcd://{}", endpoints.join(","));
+            c.etcd_prefix = "tessera/".into();
         })
         .await
     }
