@@ -1015,3 +1015,77 @@ async fn two_servers_on_etcd_survive_one_killed() {
         .unwrap();
     assert_eq!(st, 200, "the survivor takes writes");
 }
+
+/// A server frozen with SIGSTOP while another writes, and etcd compacts everything it
+/// had not seen, catches up after SIGCONT: its view ends equal to the writer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_server_catches_up_after_compaction() {
+    let Some(etcd) = tessera_testkit::EtcdCluster::start_or_skip(3).await else {
+        return;
+    };
+    let store = format!("etcd://{}", etcd.client_addrs().join(","));
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_s1, a1) = common::spawn_server(d1.path(), &["--node", "n1", "--store", &store]).await;
+    let (s2, a2) = common::spawn_server(d2.path(), &["--node", "n2", "--store", &store]).await;
+    let c = client();
+    for i in 0..10 {
+        call(
+            &c,
+            "PUT",
+            format!("http://{a1}/v1/kv/app/old{i}"),
+            b"x".to_vec(),
+        )
+        .await
+        .unwrap();
+    }
+    let pid = s2.id().unwrap();
+    tessera_testkit::signal(pid, "STOP");
+    // While it is frozen: new keys (about 3 MB of them), changed and deleted ones.
+    let big = vec![b'v'; 3000];
+    for i in 0..1000 {
+        let (st, _) = call(
+            &c,
+            "PUT",
+            format!("http://{a1}/v1/kv/app/new{i}"),
+            big.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(st, 200);
+    }
+    for i in 0..5 {
+        call(
+            &c,
+            "DELETE",
+            format!("http://{a1}/v1/kv/app/old{i}"),
+            vec![],
+        )
+        .await
+        .unwrap();
+    }
+    let raw = tessera_etcd::Client::new(&etcd.client_addrs()).unwrap();
+    let rev = raw.put(b"unrelated", b"", 0).await.unwrap().header.revision;
+    raw.compact(rev).await.unwrap();
+    tessera_testkit::signal(pid, "CONT");
+    let keys = |addr: String| {
+        let c = c.clone();
+        async move {
+            let (st, body) = call(&c, "GET", format!("http://{addr}/v1/kv/app/?keys"), vec![])
+                .await
+                .unwrap();
+            assert_eq!(st, 200);
+            serde_json::from_slice::<Vec<String>>(&body).unwrap()
+        }
+    };
+    let want = keys(a1.clone()).await;
+    assert_eq!(want.len(), 1005);
+    tessera_testkit::wait_until(
+        "the paused server to catch up",
+        Duration::from_secs(60),
+        || {
+            let (keys, a2, want) = (&keys, a2.clone(), want.clone());
+            async move { keys(a2).await == want }
+        },
+    )
+    .await;
+}

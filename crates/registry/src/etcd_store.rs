@@ -846,3 +846,73 @@ mod erased {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, rev: u64) -> Op {
+        Op::PutKv(KvEntry {
+            key: key.into(),
+            flags: 0,
+            value: b"v".to_vec(),
+            lock_index: 0,
+            create_index: rev,
+            modify_index: rev,
+            session: None,
+        })
+    }
+
+    fn state(ops: Vec<(u64, Op)>) -> State {
+        let mut st = State::default();
+        for (i, op) in ops {
+            st.apply(i, op);
+        }
+        st
+    }
+
+    /// After a compaction the view is rebuilt from a listing: what is gone is deleted,
+    /// what changed or is new is put, what is the same is left alone (no wake-up).
+    #[test]
+    fn a_relisting_applies_only_the_difference() {
+        let old = state(vec![
+            (2, kv("same", 2)),
+            (3, kv("changed", 3)),
+            (4, kv("gone", 4)),
+        ]);
+        let new = state(vec![
+            (2, kv("same", 2)),
+            (9, kv("changed", 9)),
+            (10, kv("added", 10)),
+        ]);
+        let ops = diff(&old, &new);
+        let mut names: Vec<String> = ops
+            .iter()
+            .map(|op| match op {
+                Op::PutKv(e) => format!("put {}", e.key),
+                Op::DeleteKv(k) => format!("delete {k}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        names.sort();
+        assert_eq!(names, ["delete gone", "put added", "put changed"]);
+        // Applied at the listing's revision, the KV topic moves past every earlier index.
+        let mut st = old.clone();
+        for op in ops {
+            st.apply(11, op);
+        }
+        assert_eq!(st.topic_index(&crate::state::Topic::Kv), 11);
+        assert_eq!(
+            st.kv.keys().collect::<Vec<_>>(),
+            ["added", "changed", "same"]
+        );
+    }
+
+    #[test]
+    fn names_with_slashes_survive_the_key_layout() {
+        for s in ["a/b", "100%", "%2F", "plain"] {
+            assert_eq!(unesc(&esc(s)), s);
+            assert!(!esc(s).contains('/'));
+        }
+    }
+}
