@@ -512,6 +512,14 @@ impl EtcdStore {
         self.peers().into_iter().next()
     }
 
+    /// The leader's node name.
+    pub(crate) fn leader_name(&self) -> Option<String> {
+        self.members()
+            .iter()
+            .min_by_key(|(_, (_, rev))| *rev)
+            .map(|(name, _)| name.clone())
+    }
+
     /// Waits until the view has every registry write made before this call: a
     /// linearizable read of the marker key, then the view catching up to it.
     pub(crate) async fn barrier(&self) -> Result<(), Error> {

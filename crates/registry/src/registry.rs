@@ -527,6 +527,8 @@ impl Registry {
     /// Keeps check runners and the critical-since clock in step with the ops.
     fn before_apply(&self, st: &State, local: &str, op: &Op) {
         match op {
+            Op::PutSession(s) => self.session_clock(s),
+            Op::DeleteSession(id) => self.session_ended(id),
             Op::PutCheck(c) if c.node == local => {
                 let reapable = c
                     .spec
@@ -1002,6 +1004,15 @@ impl Registry {
         self.ttl_state.record(id, status, &output, ttl);
         self.set_status(id, status, output);
         Ok(())
+    }
+
+    /// Whether this server runs the jobs one server must run (ending sessions): always
+    /// on one server; on etcd, the leader (the oldest live member).
+    pub fn is_leader(&self) -> bool {
+        match &self.etcd {
+            Some(etcd) => etcd.leader_name().as_deref() == Some(self.config.node_name.as_str()),
+            None => true,
+        }
     }
 
     /// Returns once the check statuses set so far are visible to readers: at once on

@@ -187,8 +187,14 @@ impl Registry {
         self.end_session(id).await
     }
 
-    /// Restarts a session's TTL; the session, or `None` when it is gone.
-    pub fn session_renew(&self, id: &str, authz: &Authz) -> Result<Option<SessionRecord>, Error> {
+    /// Restarts a session's TTL; the session, or `None` when it is gone. On etcd the
+    /// renewal is written (the session's key is put again), so every server, the leader
+    /// that ends sessions among them, restarts the clock.
+    pub async fn session_renew(
+        &self,
+        id: &str,
+        authz: &Authz,
+    ) -> Result<Option<SessionRecord>, Error> {
         let Some(s) = self.read(|st| st.sessions.get(id).cloned()) else {
             return Ok(None);
         };
@@ -198,13 +204,31 @@ impl Registry {
                 s.node
             )));
         }
+        if self.etcd.is_some() {
+            return self
+                .commit(|st, _| match st.sessions.get(id) {
+                    Some(s) => Ok((vec![Op::PutSession(s.clone())], Some(s.clone()))),
+                    None => Ok((vec![], None)),
+                })
+                .await;
+        }
+        self.session_clock(&s);
+        Ok(Some(s))
+    }
+
+    /// (Re)starts a session's TTL clock: on creation and renewal, and on etcd whenever
+    /// its key is put (by any server).
+    pub(crate) fn session_clock(&self, s: &SessionRecord) {
         if let Some(ttl) = s.ttl_ms {
             let ttl = Duration::from_millis(ttl);
             self.sessions
                 .deadlines()
-                .insert(id.to_owned(), Instant::now() + ttl * 2);
+                .insert(s.id.clone(), Instant::now() + ttl * 2);
         }
-        Ok(Some(s))
+    }
+
+    pub(crate) fn session_ended(&self, id: &str) {
+        self.sessions.deadlines().remove(id);
     }
 
     async fn end_session(&self, id: &str) -> Result<bool, Error> {
@@ -301,6 +325,10 @@ pub(crate) async fn reaper(reg: Weak<Registry>, cancel: tokio_util::sync::Cancel
             () = tokio::time::sleep(SWEEP) => {}
         }
         let Some(reg) = reg.upgrade() else { return };
+        // With N servers, one ends sessions: the leader.
+        if !reg.is_leader() {
+            continue;
+        }
         for id in reg.sessions_to_end() {
             match reg.end_session(&id).await {
                 Ok(_) => tracing::info!(session = %id, "session ended (TTL or check)"),

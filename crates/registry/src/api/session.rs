@@ -57,7 +57,7 @@ pub async fn destroy(State(reg): State<AppState>, ctx: Ctx, Path(id): Path<Strin
 }
 
 pub async fn renew(State(reg): State<AppState>, ctx: Ctx, Path(id): Path<String>) -> ApiResult {
-    match reg.session_renew(&id, &ctx.authz)? {
+    match reg.session_renew(&id, &ctx.authz).await? {
         Some(s) => Ok(with_index(
             reg.current_index(),
             StatusCode::OK,

@@ -299,3 +299,47 @@ async fn without_etcd_stale_reads_go_on_and_say_so() {
     let (_, _, v) = s[2].http.get("/v1/kv/app/mode?consistent&raw").await;
     assert_eq!(v, json!("green"));
 }
+
+/// A TTL session is ended by the leader only, and renewals through any server reach it:
+/// created on c, renewed through b, it outlives its creation-time deadline (2 × TTL),
+/// then ends once renewals stop, with its lock released everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_renewals_through_any_server_keep_it_alive() {
+    let Some(etcd) = EtcdCluster::start_or_skip(3).await else {
+        return;
+    };
+    let s = three(&etcd).await;
+    let (b, c) = (&s[1].http, &s[2].http);
+    let (_, v) = c
+        .put_json(
+            "/v1/session/create",
+            json!({"TTL": "10s", "LockDelay": "0s"}),
+        )
+        .await;
+    let id = v["ID"].as_str().unwrap().to_owned();
+    assert_eq!(
+        c.put(&format!("/v1/kv/lead?acquire={id}"), "c").await.1,
+        json!(true)
+    );
+    let start = tokio::time::Instant::now();
+    for at in [5, 15] {
+        tokio::time::sleep_until(start + std::time::Duration::from_secs(at)).await;
+        let (st, _) = b.put(&format!("/v1/session/renew/{id}"), "").await;
+        assert_eq!(st, StatusCode::OK, "renewed at {at} s");
+    }
+    // Past the deadline the creation alone set (20 s), before the renewed one (35 s).
+    tokio::time::sleep_until(start + std::time::Duration::from_secs(25)).await;
+    let (_, _, v) = s[0].http.get(&format!("/v1/session/info/{id}")).await;
+    assert_eq!(
+        v.as_array().map(Vec::len),
+        Some(1),
+        "ended despite renewals: {v}"
+    );
+    wait_for("the leader to end the session", || async {
+        let (_, _, v) = b.get(&format!("/v1/session/info/{id}")).await;
+        v == json!([])
+    })
+    .await;
+    let (_, _, v) = c.get("/v1/kv/lead").await;
+    assert!(v[0].get("Session").is_none(), "{v}");
+}

@@ -180,6 +180,7 @@ async fn an_unrenewed_session_ends_and_its_lock_delay_holds_the_key() {
         sleep(Duration::from_secs(15)).await;
         assert!(
             reg.session_renew(&id, &Authz::Management)
+                .await
                 .unwrap()
                 .is_some()
         );
@@ -197,6 +198,7 @@ async fn an_unrenewed_session_ends_and_its_lock_delay_holds_the_key() {
     assert!(acquire(&reg, "lead", &next).await);
     assert!(
         reg.session_renew(&id, &Authz::Management)
+            .await
             .unwrap()
             .is_none()
     );
