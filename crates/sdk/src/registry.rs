@@ -33,8 +33,56 @@ pub struct Registry {
     inner: Arc<Inner>,
 }
 
+/// The registry servers a client knows, and the one it uses now: requests go there, and
+/// move to the next when it cannot be reached. A blocking query keeps its index when it
+/// moves, which holds across servers sharing one store (their indexes are the store's).
+pub(crate) struct Servers {
+    list: Vec<String>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+impl Servers {
+    fn parse(addresses: &str) -> Servers {
+        let list: Vec<String> = addresses
+            .split(',')
+            .map(|a| a.trim().to_owned())
+            .filter(|a| !a.is_empty())
+            .collect();
+        Servers {
+            list: if list.is_empty() {
+                vec![addresses.to_owned()]
+            } else {
+                list
+            },
+            current: Default::default(),
+        }
+    }
+
+    pub(crate) fn current(&self) -> &str {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        &self.list[i % self.list.len()]
+    }
+
+    /// Moves on from `failed`, unless another request already has.
+    fn failed(&self, failed: &str) {
+        let n = self.list.len();
+        let _ = self.current.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |i| (self.list[i % n] == failed).then_some((i + 1) % n),
+        );
+        if n > 1 {
+            tracing::warn!(
+                registry = failed,
+                next = self.current(),
+                "registry unreachable; moving to the next"
+            );
+        }
+    }
+}
+
 struct Inner {
-    address: String,
+    servers: Arc<Servers>,
     token: Option<String>,
     http: Http,
     /// How long a blocking query waits for a change.
@@ -51,19 +99,22 @@ impl Drop for Inner {
 }
 
 impl Registry {
-    /// `address` is `host:port` of the registry's HTTP API. The ACL token, if any, comes
-    /// from `TESSERA_REGISTRY_TOKEN` (or `CONSUL_HTTP_TOKEN`); see [`Registry::with_token`].
+    /// `address` is `host:port` of the registry's HTTP API, or several, comma-separated,
+    /// of servers sharing one catalog: requests move to the next when one cannot be
+    /// reached. The ACL token, if any, comes from `TESSERA_REGISTRY_TOKEN` (or
+    /// `CONSUL_HTTP_TOKEN`); see [`Registry::with_token`].
     pub fn new(address: impl Into<String>) -> Registry {
         let token = ["TESSERA_REGISTRY_TOKEN", "CONSUL_HTTP_TOKEN"]
             .iter()
             .find_map(|k| std::env::var(k).ok().filter(|t| !t.is_empty()));
-        Registry::build(address.into(), token, Duration::from_secs(300))
+        let servers = Arc::new(Servers::parse(&address.into()));
+        Registry::build(servers, token, Duration::from_secs(300))
     }
 
-    fn build(address: String, token: Option<String>, wait: Duration) -> Registry {
+    fn build(servers: Arc<Servers>, token: Option<String>, wait: Duration) -> Registry {
         Registry {
             inner: Arc::new(Inner {
-                address,
+                servers,
                 token,
                 http: client(),
                 wait,
@@ -76,7 +127,7 @@ impl Registry {
     /// The same registry with this ACL token on every request.
     pub fn with_token(&self, token: impl Into<String>) -> Registry {
         Registry::build(
-            self.inner.address.clone(),
+            self.inner.servers.clone(),
             Some(token.into()),
             self.inner.wait,
         )
@@ -85,14 +136,15 @@ impl Registry {
     /// The same registry with blocking queries that wait at most `wait` (default 5 min).
     pub fn with_wait(&self, wait: Duration) -> Registry {
         Registry::build(
-            self.inner.address.clone(),
+            self.inner.servers.clone(),
             self.inner.token.clone(),
             wait.max(Duration::from_secs(1)),
         )
     }
 
+    /// The server requests go to now.
     pub fn address(&self) -> &str {
-        &self.inner.address
+        self.inner.servers.current()
     }
 
     pub(crate) fn token(&self) -> Option<&str> {
@@ -115,10 +167,12 @@ impl Registry {
     ) -> Result<Response, Error> {
         let body = body.map(|b| Bytes::from(b.to_string()));
         let mut attempt = 0;
+        let mut moved = 0;
         loop {
+            let server = self.inner.servers.current().to_owned();
             let mut req = http::Request::builder()
                 .method(method.clone())
-                .uri(format!("http://{}{path}", self.inner.address));
+                .uri(format!("http://{server}{path}"));
             if let Some(t) = &self.inner.token {
                 req = req.header("x-consul-token", t.as_str());
             }
@@ -131,7 +185,23 @@ impl Registry {
             let req = req
                 .body(Full::new(body.clone().unwrap_or_default()))
                 .map_err(|e| Error::Invalid(e.to_string()))?;
-            let resp = send(&self.inner.http, "registry", req).await?;
+            let resp = match send(&self.inner.http, "registry", req).await {
+                // Nothing was sent: another server can take it.
+                Err(Error::Transport { connect: true, .. })
+                    if moved + 1 < self.inner.servers.list.len() =>
+                {
+                    self.inner.servers.failed(&server);
+                    moved += 1;
+                    continue;
+                }
+                Err(e) => {
+                    if matches!(e, Error::Transport { .. }) {
+                        self.inner.servers.failed(&server);
+                    }
+                    return Err(e);
+                }
+                Ok(r) => r,
+            };
             if resp.status != http::StatusCode::TOO_MANY_REQUESTS || attempt == SATURATED_RETRIES {
                 return Ok(resp);
             }
@@ -157,7 +227,7 @@ impl Registry {
         tokio::spawn(watch_loop(
             service.to_owned(),
             self.inner.http.clone(),
-            self.inner.address.clone(),
+            self.inner.servers.clone(),
             self.inner.token.clone(),
             self.inner.wait,
             tx,
@@ -255,7 +325,7 @@ impl Watch {
 async fn watch_loop(
     service: String,
     http: Http,
-    address: String,
+    servers: Arc<Servers>,
     token: Option<String>,
     wait: Duration,
     tx: watch::Sender<Arc<Instances>>,
@@ -265,6 +335,7 @@ async fn watch_loop(
     let mut backoff = Duration::from_millis(100);
     let path = format!("/v1/health/service/{}", encode(&service));
     loop {
+        let address = servers.current().to_owned();
         let mut req = http::Request::get(format!(
             "http://{address}{path}?passing&index={index}&wait={}s",
             wait.as_secs().max(1)
@@ -338,6 +409,8 @@ async fn watch_loop(
                 });
             }
             Err(e) => {
+                // The next query goes to the next server, with the same index.
+                servers.failed(&address);
                 tx.send_if_modified(|cur| {
                     if !cur.registry_ok && cur.index > 0 {
                         return false;

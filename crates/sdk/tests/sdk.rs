@@ -56,7 +56,9 @@ impl Server {
             ..Default::default()
         };
         f(&mut config);
-        let server = tessera_registry::Server::build(config, &listener).unwrap();
+        let server = tessera_registry::Server::open(config, &listener)
+            .await
+            .unwrap();
         let inner = server.registry().clone();
         let resolver = Arc::new(Resolver(server.registry().clone()));
         let coordinator = tessera_coordinator::Coordinator::open_sqlite(dir.path(), Some(resolver))
@@ -644,4 +646,56 @@ async fn subscriptions_deliver_catch_up_then_live_and_resume_after_the_acked_off
     let mut again = events.subscribe("order-*", "billing");
     assert_eq!(again.next().await.unwrap().event_id(), "e2");
     server.stop().await;
+}
+
+/// A client given several servers sharing one catalog (on etcd) moves to the next when
+/// its server goes away: registration goes on, and a watch keeps following changes
+/// through the other server (its blocking query keeps its index).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_client_fails_over_between_servers_on_etcd() {
+    let Some(etcd) = tessera_testkit::EtcdCluster::start_or_skip(3).await else {
+        return;
+    };
+    let store = format!("etcd://{}", etcd.client_addrs().join(","));
+    let on_etcd = |node: &'static str| {
+        let store = store.clone();
+        move |c: &mut tessera_registry::Config| {
+            c.store = store;
+            c.node_name = node.into();
+        }
+    };
+    let first = Server::start_with(on_etcd("s1")).await;
+    let second = Server::start_with(on_etcd("s2")).await;
+    let registry = Registry::new(format!("{},{}", first.addr, second.addr))
+        .with_wait(Duration::from_secs(600));
+    assert_eq!(registry.address(), first.addr.to_string());
+    let _a = Registration::new("web", "127.0.0.1:40020".parse().unwrap())
+        .register(&registry)
+        .await
+        .unwrap();
+    let mut watch = registry.watch("web");
+    assert!(watch.ready(Duration::from_secs(30)).await);
+    first.stop().await;
+    // The next registration finds the first server gone and is made through the second.
+    let _b = Registration::new("web", "127.0.0.1:40021".parse().unwrap())
+        .register(&registry)
+        .await
+        .unwrap();
+    assert_eq!(registry.address(), second.addr.to_string());
+    let seen = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let now = watch.changed().await;
+            if now.instances.iter().any(|i| i.port == 40021) {
+                break now;
+            }
+        }
+    })
+    .await
+    .expect("the watch moved to the second server and saw the new instance");
+    assert!(seen.registry_ok);
+    assert!(
+        seen.instances.iter().any(|i| i.port == 40020),
+        "the first instance is still known"
+    );
+    second.stop().await;
 }
