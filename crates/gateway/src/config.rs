@@ -220,7 +220,8 @@ fn default_replay_cap() -> usize {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
-    /// `host:port` of tessera server or Consul.
+    /// `host:port` of tessera server or Consul; or several, comma-separated, of servers
+    /// sharing one catalog (discovery moves to the next when one fails).
     #[serde(default = "default_registry")]
     pub address: String,
     /// ACL token; `TESSERA_REGISTRY_TOKEN` in the environment wins. Never logged.

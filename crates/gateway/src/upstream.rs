@@ -263,10 +263,22 @@ async fn watch(
 ) {
     let mut index: u64 = 0;
     let mut backoff = Duration::from_millis(100);
+    // Several servers sharing one catalog: the query moves to the next one when its
+    // server fails, keeping its index (shared-store indexes hold across servers).
+    let servers: Vec<&str> = registry
+        .address
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut which = 0;
     loop {
+        let server = servers
+            .get(which % servers.len().max(1))
+            .copied()
+            .unwrap_or("");
         let url = format!(
-            "http://{}/v1/health/service/{}?passing&index={index}&wait={}s",
-            registry.address,
+            "http://{server}/v1/health/service/{}?passing&index={index}&wait={}s",
             tessera_core::consul::encode_segment(&feed.service),
             registry.wait.as_secs().max(1)
         );
@@ -317,6 +329,7 @@ async fn watch(
                 feed.ready.store(true, Ordering::Release);
             }
             Err(e) => {
+                which += 1;
                 if feed.registry_ok.swap(false, Ordering::Relaxed)
                     || !feed.ready.load(Ordering::Relaxed)
                 {

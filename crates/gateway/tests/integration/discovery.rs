@@ -18,19 +18,22 @@ impl Registry {
     }
 
     async fn start_with(acl: tessera_registry::AclConfig) -> Registry {
+        Self::start_config(tessera_registry::Config {
+            node_name: "gw-test".into(),
+            acl,
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn start_config(mut config: tessera_registry::Config) -> Registry {
         let dir = tempfile::tempdir().unwrap();
+        config.data_dir = dir.path().into();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tessera_registry::Server::build(
-            tessera_registry::Config {
-                data_dir: dir.path().into(),
-                node_name: "gw-test".into(),
-                acl,
-                ..Default::default()
-            },
-            &listener,
-        )
-        .unwrap();
+        let server = tessera_registry::Server::open(config, &listener)
+            .await
+            .unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             let _ = server
@@ -151,6 +154,44 @@ policy = "round_robin"
     for _ in 0..10 {
         assert_eq!(gw.http.get("/").await.0, StatusCode::OK);
     }
+}
+
+/// `registry.address` with two servers sharing one catalog on etcd: when the one the
+/// gateway was watching through stops, discovery goes on through the other, and a
+/// registration made there reaches the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_fails_over_between_registry_servers() {
+    let Some(etcd) = tessera_testkit::EtcdCluster::start_or_skip(3).await else {
+        return;
+    };
+    let on_etcd = |node: &str| tessera_registry::Config {
+        node_name: node.into(),
+        store: format!("etcd://{}", etcd.client_addrs().join(",")),
+        ..Default::default()
+    };
+    let mut first = Registry::start_config(on_etcd("r1")).await;
+    let second = Registry::start_config(on_etcd("r2")).await;
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    first.register("a", &a, 1).await;
+    let gw = TestGateway::start(&format!(
+        "[registry]\naddress = \"{},{}\"\n[[routes]]\nupstream = \"web\"\n[upstreams.web]\nservice = \"web\"\n",
+        first.addr, second.addr
+    ))
+    .await;
+    wait_for("a discovered", || async {
+        gw.http.get("/").await.2["id"] == "a"
+    })
+    .await;
+    if let Some(s) = first.stop.take() {
+        let _ = s.send(());
+    }
+    second.register("b", &b, 1).await;
+    wait_for("b discovered through the second server", || async {
+        gw.upstreams().await["web"]["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.len() == 2)
+    })
+    .await;
 }
 
 #[tokio::test]
