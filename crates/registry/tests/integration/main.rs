@@ -11,6 +11,7 @@ mod checks;
 mod cluster;
 mod durability;
 mod kv;
+mod linearizable;
 mod sessions;
 mod support;
 mod timing;
