@@ -71,6 +71,12 @@ impl Runners {
         let (Some(reg), Some(rt)) = (self.registry.get().cloned(), self.rt.get()) else {
             return; // not started yet; `start` picks every check up
         };
+        // On etcd the leader expires TTL checks, whichever server took their heartbeats.
+        if matches!(spec.probe, Probe::Ttl { .. })
+            && reg.upgrade().is_some_and(|r| r.etcd.is_some())
+        {
+            return;
+        }
         let mut tasks = self.tasks();
         if let Some(h) = tasks.get(id) {
             if h.spec == *spec {
@@ -226,7 +232,11 @@ impl Registry {
         tokio::spawn(crate::sessions::reaper(weak.clone(), self.shutdown.clone()));
         if let Some(etcd) = &self.etcd {
             tokio::spawn(etcd.clone().follow(weak.clone(), self.shutdown.clone()));
-            tokio::spawn(etcd.clone().write_statuses(weak, self.shutdown.clone()));
+            tokio::spawn(
+                etcd.clone()
+                    .write_statuses(weak.clone(), self.shutdown.clone()),
+            );
+            tokio::spawn(etcd.clone().expire_ttls(weak, self.shutdown.clone()));
         }
     }
 

@@ -57,14 +57,19 @@ pub struct EtcdStore {
     members: std::sync::Mutex<std::collections::BTreeMap<String, (String, i64)>>,
     /// When etcd last answered this server (a lease renewal or a watch event).
     last_contact: std::sync::Mutex<Option<std::time::Instant>>,
+    /// When this server last saw a heartbeat (or a status write) of each TTL check, from
+    /// any server: the leader expires TTL checks by it.
+    heartbeats: std::sync::Mutex<std::collections::HashMap<(String, String), tokio::time::Instant>>,
 }
 
 /// A server's membership lease: it is a member while it renews within this.
 pub const MEMBER_TTL: Duration = Duration::from_secs(10);
 
 enum Status {
-    /// A check's new status and output.
-    Set((String, String), Health, String),
+    /// A check's new status and output; with `true`, a TTL heartbeat, written even when
+    /// the status does not change (to its own key, outside the catalog, so it wakes no
+    /// blocking query) so the leader sees it.
+    Set((String, String), Health, String, bool),
     /// Answered once every status queued before it is written.
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -93,6 +98,7 @@ impl EtcdStore {
             status_rx: std::sync::Mutex::new(Some(status_rx)),
             members: Default::default(),
             last_contact: std::sync::Mutex::new(Some(std::time::Instant::now())),
+            heartbeats: Default::default(),
         };
         let (rev, ops) = store.list().await?;
         let mut st = State::default();
@@ -578,7 +584,13 @@ impl EtcdStore {
 
     /// A check this server runs changed status: written by `write_statuses`, in order.
     pub(crate) fn queue_status(&self, key: (String, String), status: Health, output: String) {
-        let _ = self.statuses.send(Status::Set(key, status, output));
+        let _ = self.statuses.send(Status::Set(key, status, output, false));
+    }
+
+    /// A TTL heartbeat for a check on any node: its status if it changed, else a mark
+    /// the leader's expiry sees.
+    pub(crate) fn queue_heartbeat(&self, key: (String, String), status: Health, output: String) {
+        let _ = self.statuses.send(Status::Set(key, status, output, true));
     }
 
     /// Returns once every status change queued so far is written (or failed to be).
@@ -610,8 +622,8 @@ impl EtcdStore {
                 () = cancel.cancelled() => return,
                 s = rx.recv() => match s { Some(s) => s, None => return },
             };
-            let ((node, id), status, output) = match next {
-                Status::Set(key, status, output) => (key, status, output),
+            let ((node, id), status, output, heartbeat) = match next {
+                Status::Set(key, status, output, heartbeat) => (key, status, output, heartbeat),
                 Status::Flush(done) => {
                     let _ = done.send(());
                     continue;
@@ -621,19 +633,101 @@ impl EtcdStore {
             let written = self
                 .commit(&reg, |st, _| {
                     let Some(check) = st.checks.get(&(node.clone(), id.clone())) else {
-                        return Ok((vec![], ()));
+                        return Ok((vec![], false));
                     };
                     if check.status == status {
-                        return Ok((vec![], ()));
+                        return Ok((vec![], false));
                     }
                     let mut c = check.clone();
                     c.status = status;
                     c.output.clone_from(&output);
-                    Ok((vec![Op::PutCheck(c)], ()))
+                    Ok((vec![Op::PutCheck(c)], true))
                 })
                 .await;
+            let written = match written {
+                Ok(false) if heartbeat => {
+                    let key = self.key(&format!("hb/{}/{}", esc(&node), esc(&id)));
+                    self.client
+                        .put(&key, b"", 0)
+                        .await
+                        .map(drop)
+                        .map_err(unavailable)
+                }
+                other => other.map(drop),
+            };
             if let Err(e) = written {
                 tracing::warn!(check = %id, error = %e, "cannot write a check status to etcd");
+            }
+        }
+    }
+
+    /// On the leader: TTL checks of every node whose last heartbeat (seen from any
+    /// server) is older than their TTL go critical. A server that becomes leader gives
+    /// every check a full TTL from then: it cannot know what it did not see.
+    pub(crate) async fn expire_ttls(
+        self: Arc<Self>,
+        reg: Weak<Registry>,
+        cancel: CancellationToken,
+    ) {
+        let mut leading = false;
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            let Some(reg) = reg.upgrade() else { return };
+            let now = tokio::time::Instant::now();
+            let leader = reg.is_leader();
+            if leader && !leading {
+                let mut hb = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+                for t in hb.values_mut() {
+                    *t = now;
+                }
+            }
+            leading = leader;
+            if !leader {
+                continue;
+            }
+            let expired: Vec<((String, String), Duration)> = {
+                let mut hb = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+                reg.read(|st| {
+                    st.checks
+                        .values()
+                        .filter(|c| c.status != Health::Critical)
+                        .filter_map(|c| match c.spec.as_ref().map(|s| &s.probe) {
+                            Some(crate::model::Probe::Ttl { ttl }) => Some((c, *ttl)),
+                            _ => None,
+                        })
+                        .filter_map(|(c, ttl)| {
+                            let key = (c.node.clone(), c.check_id.clone());
+                            let seen = *hb.entry(key.clone()).or_insert(now);
+                            (now.saturating_duration_since(seen) >= ttl).then_some((key, ttl))
+                        })
+                        .collect()
+                })
+            };
+            for ((node, id), ttl) in expired {
+                let output = format!(
+                    "TTL expired (no heartbeat for {})",
+                    tessera_core::format_duration(ttl)
+                );
+                let r = self
+                    .commit(&reg, |st, _| {
+                        match st.checks.get(&(node.clone(), id.clone())) {
+                            Some(c) if c.status != Health::Critical => {
+                                let mut c = c.clone();
+                                c.status = Health::Critical;
+                                c.output.clone_from(&output);
+                                Ok((vec![Op::PutCheck(c)], ()))
+                            }
+                            _ => Ok((vec![], ())),
+                        }
+                    })
+                    .await;
+                match r {
+                    Ok(()) => tracing::info!(node = %node, check = %id, "TTL check expired"),
+                    Err(e) => tracing::warn!(check = %id, error = %e, "cannot expire a TTL check"),
+                }
             }
         }
     }
@@ -711,6 +805,23 @@ impl EtcdStore {
                     &e.kv,
                     e.kind == tessera_etcd::EventType::Delete,
                 );
+            }
+        }
+        {
+            let now = tokio::time::Instant::now();
+            let mut hb = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+            for e in &events {
+                let Some(rest) = e.kv.key.strip_prefix(self.prefix.as_slice()) else {
+                    continue;
+                };
+                let rest = String::from_utf8_lossy(rest);
+                let (kind, name) = rest.split_once('/').unwrap_or((&rest, ""));
+                if (kind == "hb" || kind == "c")
+                    && e.kind == tessera_etcd::EventType::Put
+                    && let Some((node, id)) = name.split_once('/')
+                {
+                    hb.insert((unesc(node), unesc(id)), now);
+                }
             }
         }
         let mut i = 0;

@@ -981,7 +981,22 @@ impl Registry {
         output: String,
         authz: &Authz,
     ) -> Result<(), Error> {
-        let node = self.config.node_name.clone();
+        let mut node = self.config.node_name.clone();
+        // On etcd any server takes a heartbeat, for a check on any node (its own first).
+        if self.etcd.is_some() {
+            let found = self.read(|st| {
+                if st.checks.contains_key(&(node.clone(), id.to_owned())) {
+                    return None;
+                }
+                st.checks
+                    .values()
+                    .find(|c| c.check_id == id)
+                    .map(|c| c.node.clone())
+            });
+            if let Some(other) = found {
+                node = other;
+            }
+        }
         let ttl = {
             let st = self.read_lock();
             let check = st
@@ -996,6 +1011,10 @@ impl Registry {
             };
             *ttl
         };
+        if let Some(etcd) = &self.etcd {
+            etcd.queue_heartbeat((node, id.to_owned()), status, output);
+            return Ok(());
+        }
         self.runners.reset_ttl(id);
         self.guard
             .lock()

@@ -343,3 +343,54 @@ async fn session_renewals_through_any_server_keep_it_alive() {
     let (_, _, v) = c.get("/v1/kv/lead").await;
     assert!(v[0].get("Session").is_none(), "{v}");
 }
+
+/// TTL checks on N servers: any server takes a heartbeat, for a check registered through
+/// any other, and the leader expires checks whose heartbeats stop, also when the server
+/// they were registered through is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_heartbeats_go_to_any_server_and_the_leader_expires() {
+    let Some(etcd) = EtcdCluster::start_or_skip(3).await else {
+        return;
+    };
+    let mut s = three(&etcd).await;
+    s[2].http
+        .register(json!({"Name": "api", "ID": "api-1", "Check": {"TTL": "10s"}}))
+        .await;
+    let passing = |h: crate::support::Http| async move {
+        let (_, _, v) = h.get("/v1/health/service/api?passing").await;
+        v.as_array().map_or(0, Vec::len)
+    };
+    // Registered through c (node c), heartbeats through b, c then stopped.
+    let (st, _) = s[1]
+        .http
+        .put("/v1/agent/check/pass/service:api-1", "")
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(passing(s[1].http.clone()).await, 1);
+    s[2].stop().await;
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(8) {
+        let (st, _) = s[1]
+            .http
+            .put("/v1/agent/check/pass/service:api-1", "")
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(
+            passing(s[0].http.clone()).await,
+            1,
+            "expired despite heartbeats through b"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    // Heartbeats stop: the leader (a) expires it.
+    wait_for("the TTL check to expire", || async {
+        passing(s[0].http.clone()).await == 0
+    })
+    .await;
+    let (_, _, v) = s[1].http.get("/v1/health/checks/api").await;
+    assert_eq!(v[0]["Status"], "critical", "{v}");
+    assert!(
+        v[0]["Output"].as_str().unwrap().contains("TTL expired"),
+        "{v}"
+    );
+}
