@@ -39,23 +39,9 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 
-rate() { # wrk args... → requests/s; fails loudly on non-2xx answers
-  local out
-  out=$(wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" "$@")
-  if grep -q "Non-2xx" <<<"$out"; then echo "non-2xx answers in: $*" >&2; echo "$out" >&2; exit 1; fi
-  awk '/Requests\/sec/ {print $2}' <<<"$out"
-}
-ratio() { python3 -c "print(f'{$1/$2:.2f}x')"; }
-row() { printf '%-34s %12s %12s %8s\n' "$1" "$2" "$3" "$4"; }
-
-# Ten passing instances of "web" in each store for the read scenario.
-for i in $(seq 1 10); do
-  curl -sf -X PUT "http://127.0.0.1:$TPORT/v1/agent/service/register" \
-    -d "{\"Name\":\"web\",\"ID\":\"web$i\",\"Address\":\"10.0.0.$i\",\"Port\":8080,\"Tags\":[\"v1\"],\"Check\":{\"TTL\":\"1h\",\"Status\":\"passing\"}}" >/dev/null
-  key=$(printf 'services/web/web%s' "$i" | base64 -w0)
-  val=$(printf '{"Name":"web","ID":"web%s","Address":"10.0.0.%s","Port":8080,"Tags":["v1"],"Status":"passing"}' "$i" "$i" | base64 -w0)
-  curl -sf -X POST "http://127.0.0.1:$EPORT/v3/kv/put" -d "{\"key\":\"$key\",\"value\":\"$val\"}" >/dev/null
-done
+# shellcheck source=bench/etcd_compare.sh
+source bench/etcd_compare.sh
+seed_web "http://127.0.0.1:$TPORT" "http://127.0.0.1:$EPORT"
 
 echo "tessera $(target/release/tessera --version | awk '{print $2}') vs $(etcd --version | head -1); wrk -t$THREADS -c$CONNS -d${DURATION}s; $(nproc) cores"
 row "scenario" "tessera/s" "etcd/s" "ratio"

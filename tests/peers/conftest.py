@@ -120,3 +120,18 @@ def h2c_connect(addr):
     conn.initiate_connection()
     sock.sendall(conn.data_to_send())
     return sock, conn
+
+
+def split_frames(buf):
+    """The complete HTTP/2 frames at the start of `buf`, and the bytes after them."""
+    from hyperframe.frame import Frame
+
+    frames = []
+    while len(buf) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(buf[:9]))
+        if len(buf) < 9 + length:
+            break
+        frame.parse_body(memoryview(buf[9:9 + length]))
+        frames.append(frame)
+        buf = buf[9 + length:]
+    return frames, buf

@@ -11,8 +11,8 @@ import time
 
 import hpack
 import pytest
-from conftest import h2c_connect
-from hyperframe.frame import ContinuationFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
+from conftest import h2c_connect, split_frames
+from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 
 class Counting(http.server.BaseHTTPRequestHandler):
@@ -69,14 +69,8 @@ def read_frames(sock, deadline_s=30.0, done=lambda frames: False):
         if not chunk:
             closed = True
             break
-        buf += chunk
-        while len(buf) >= 9:
-            frame, length = Frame.parse_frame_header(memoryview(buf[:9]))
-            if len(buf) < 9 + length:
-                break
-            frame.parse_body(memoryview(buf[9:9 + length]))
-            frames.append(frame)
-            buf = buf[9 + length:]
+        parsed, buf = split_frames(buf + chunk)
+        frames.extend(parsed)
         if any(isinstance(f, GoAwayFrame) for f in frames):
             break
     return frames, closed

@@ -12,8 +12,8 @@ import time
 
 import hpack
 import pytest
-from conftest import h2c_connect
-from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
+from conftest import h2c_connect, split_frames
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 
 class Upstream:
@@ -130,13 +130,8 @@ def exchange(addr, headers, data=None, trailer=None):
                 return ("closed", None), body
             if not chunk:
                 return ("closed", None), body
-            buf += chunk
-            while len(buf) >= 9:
-                frame, length = Frame.parse_frame_header(memoryview(buf[:9]))
-                if len(buf) < 9 + length:
-                    break
-                frame.parse_body(memoryview(buf[9:9 + length]))
-                buf = buf[9 + length:]
+            frames, buf = split_frames(buf + chunk)
+            for frame in frames:
                 if isinstance(frame, GoAwayFrame):
                     return ("goaway", frame.error_code), body
                 if frame.stream_id != 1:
