@@ -17,7 +17,9 @@ use crate::server::{self, ServerArgs};
     about = "Tessera: registry, gateway and coordination in one binary"
 )]
 pub struct Cli {
-    /// Server to talk to (default: $TESSERA_HTTP_ADDR, else $CONSUL_HTTP_ADDR, else 127.0.0.1:8500).
+    /// Server to talk to (default: $TESSERA_HTTP_ADDR, else $CONSUL_HTTP_ADDR, else
+    /// 127.0.0.1:8500); several, comma-separated, for servers sharing one catalog: the next
+    /// is tried when one cannot be reached.
     #[arg(long, global = true)]
     http_addr: Option<String>,
     /// ACL token (default: $TESSERA_HTTP_TOKEN, else $CONSUL_HTTP_TOKEN).
@@ -362,7 +364,8 @@ fn encode_path(s: &str) -> String {
 }
 
 struct Api {
-    base: String,
+    /// The servers, in the order they are tried.
+    bases: Vec<String>,
     token: Option<String>,
     client: crate::http::Http,
 }
@@ -374,17 +377,24 @@ impl Api {
             .or_else(|| std::env::var("CONSUL_HTTP_ADDR").ok())
             .filter(|a| !a.is_empty())
             .unwrap_or_else(|| "127.0.0.1:8500".into());
-        let base = if addr.starts_with("http://") {
-            addr.trim_end_matches('/').to_owned()
-        } else {
-            format!("http://{}", addr.trim_end_matches('/'))
-        };
+        let bases = addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                if a.starts_with("http://") {
+                    a.trim_end_matches('/').to_owned()
+                } else {
+                    format!("http://{}", a.trim_end_matches('/'))
+                }
+            })
+            .collect();
         let token = token
             .or_else(|| std::env::var("TESSERA_HTTP_TOKEN").ok())
             .or_else(|| std::env::var("CONSUL_HTTP_TOKEN").ok())
             .filter(|t| !t.is_empty());
         Api {
-            base,
+            bases,
             token,
             client: crate::http::Http::new(),
         }
@@ -401,17 +411,28 @@ impl Api {
         body: Vec<u8>,
         headers: &[(&str, &str)],
     ) -> Result<(u16, String), String> {
-        let url = format!("{}{path}", self.base);
         let mut all: Vec<(&str, &str)> = headers.to_vec();
         if let Some(t) = &self.token {
             all.push(("X-Consul-Token", t));
         }
-        let (status, body) = self
-            .client
-            .raw(method, &url, &all, Bytes::from(body))
-            .await
-            .map_err(|e| format!("cannot reach {}: {e}", self.base))?;
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        let body = Bytes::from(body);
+        let mut last = String::from("no server given");
+        for base in &self.bases {
+            let url = format!("{base}{path}");
+            match self
+                .client
+                .raw_request(method, &url, &all, body.clone())
+                .await
+            {
+                Ok((status, body)) => {
+                    return Ok((status, String::from_utf8_lossy(&body).into_owned()));
+                }
+                // Nothing was sent: the next server may take it.
+                Err((true, e)) => last = format!("cannot reach {base}: {e}"),
+                Err((false, e)) => return Err(format!("cannot reach {base}: {e}")),
+            }
+        }
+        Err(last)
     }
 
     async fn get_json(&self, path: &str) -> Result<Option<Value>, String> {

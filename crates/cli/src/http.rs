@@ -36,23 +36,42 @@ impl Http {
         headers: &[(&str, &str)],
         body: Bytes,
     ) -> Result<(u16, Bytes), String> {
+        self.raw_request(method, url, headers, body)
+            .await
+            .map_err(|(_, e)| e)
+    }
+
+    /// `raw`, telling apart a failure to connect (`true`: nothing was sent, another server
+    /// may take the request) from the rest.
+    pub async fn raw_request(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<(u16, Bytes), (bool, String)> {
         let mut req = http::Request::builder().method(method).uri(url);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
         let req = req
             .body(Full::new(body))
-            .map_err(|e| format!("bad request to {url}: {e}"))?;
+            .map_err(|e| (false, format!("bad request to {url}: {e}")))?;
         let resp = tokio::time::timeout(Duration::from_secs(30), self.client.request(req))
             .await
-            .map_err(|_| format!("{url}: no answer within 30s"))?
-            .map_err(|e| format!("{url}: {}", tessera_core::error_chain(&e)))?;
+            .map_err(|_| (false, format!("{url}: no answer within 30s")))?
+            .map_err(|e| {
+                (
+                    e.is_connect(),
+                    format!("{url}: {}", tessera_core::error_chain(&e)),
+                )
+            })?;
         let status = resp.status().as_u16();
         let bytes = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| format!("reading the answer from {url}: {e}"))?
+            .map_err(|e| (false, format!("reading the answer from {url}: {e}")))?
             .to_bytes();
         Ok((status, bytes))
     }

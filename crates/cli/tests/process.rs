@@ -1014,6 +1014,10 @@ async fn two_servers_on_etcd_survive_one_killed() {
         .await
         .unwrap();
     assert_eq!(st, 200, "the survivor takes writes");
+    // The CLI given both servers moves past the dead one.
+    let (ok, out, err) = run_cli(&format!("{a1},{a2}"), &["kv", "get", "shared"]).await;
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(out.trim(), "from-n1");
 }
 
 /// A server frozen with SIGSTOP while another writes, and etcd compacts everything it
