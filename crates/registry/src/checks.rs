@@ -198,16 +198,15 @@ impl Registry {
                 .filter_map(|c| c.spec.clone().map(|s| (c.check_id.clone(), s)))
                 .collect()
         });
-        let statuses: Vec<(String, Health)> = self.read(|st| {
+        let statuses: Vec<((String, String), Health)> = self.read(|st| {
             st.checks
                 .values()
-                .filter(|c| c.node == local)
                 .filter(|c| {
                     c.spec
                         .as_ref()
                         .is_some_and(|s| s.deregister_critical_after.is_some())
                 })
-                .map(|c| (c.check_id.clone(), c.status))
+                .map(|c| ((c.node.clone(), c.check_id.clone()), c.status))
                 .collect()
         });
         {
@@ -620,8 +619,12 @@ async fn reaper(reg: Weak<Registry>, cancel: CancellationToken) {
             _ = tokio::time::sleep(REAP_TICK) => {}
         }
         let Some(reg) = reg.upgrade() else { return };
+        // With N servers, one reaps, for every node: the leader.
+        if !reg.is_leader() {
+            continue;
+        }
         let now = Instant::now();
-        let critical: Vec<(String, Instant)> = reg
+        let critical: Vec<((String, String), Instant)> = reg
             .critical_since
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -631,22 +634,20 @@ async fn reaper(reg: Weak<Registry>, cancel: CancellationToken) {
         if critical.is_empty() {
             continue;
         }
-        let local = reg.local_node().to_owned();
-        let due: Vec<(String, String)> = reg.read(|st| {
+        let due: Vec<(String, String, String)> = reg.read(|st| {
             critical
                 .iter()
-                .filter_map(|(id, since)| {
-                    let c = st.checks.get(&(local.clone(), id.clone()))?;
+                .filter_map(|(key, since)| {
+                    let c = st.checks.get(key)?;
                     let after = c.spec.as_ref()?.deregister_critical_after?;
                     (!c.service_id.is_empty() && now.saturating_duration_since(*since) >= after)
-                        .then(|| (c.service_id.clone(), id.clone()))
+                        .then(|| (key.0.clone(), c.service_id.clone(), key.1.clone()))
                 })
                 .collect()
         });
-        for (service_id, check_id) in due {
-            tracing::info!(service = %service_id, check = %check_id,
+        for (node, service_id, check_id) in due {
+            tracing::info!(node = %node, service = %service_id, check = %check_id,
                 "deregistering service: check critical for longer than DeregisterCriticalServiceAfter");
-            let node = local.clone();
             let result = reg
                 .commit(|st, _| {
                     let ops = if st

@@ -124,7 +124,7 @@ pub struct Registry {
     /// Requests and connections answered 429 since start.
     pub(crate) refused: std::sync::atomic::AtomicU64,
     /// Checks that are critical, and since when; drives `DeregisterCriticalServiceAfter`.
-    pub(crate) critical_since: Mutex<HashMap<String, Instant>>,
+    pub(crate) critical_since: Mutex<HashMap<(String, String), Instant>>,
     /// TTL checks' last statuses, saved beside the log.
     pub(crate) ttl_state: Arc<TtlState>,
     /// Restored TTL statuses whose runners have not started yet: each starts with the
@@ -506,7 +506,7 @@ impl Registry {
                     .is_some_and(|s| s.deregister_critical_after.is_some());
                 st.index = st.index.max(index);
                 st.touch_check_owner(local, &service_id, index);
-                self.note_status(&key.1, status, reapable);
+                self.note_status(&key.0, &key.1, status, reapable);
             }
         }
     }
@@ -529,26 +529,34 @@ impl Registry {
         match op {
             Op::PutSession(s) => self.session_clock(s),
             Op::DeleteSession(id) => self.session_ended(id),
-            Op::PutCheck(c) if c.node == local => {
+            // The critical-since clock covers every node's checks: on etcd the leader
+            // reaps for all of them.
+            Op::PutCheck(c) => {
                 let reapable = c
                     .spec
                     .as_ref()
                     .is_some_and(|s| s.deregister_critical_after.is_some());
-                self.note_status(&c.check_id, c.status, reapable);
-                match &c.spec {
-                    Some(spec) => self.runners.ensure(&c.check_id, spec),
-                    None => self.runners.stop(&c.check_id),
+                self.note_status(&c.node, &c.check_id, c.status, reapable);
+                if c.node == local {
+                    match &c.spec {
+                        Some(spec) => self.runners.ensure(&c.check_id, spec),
+                        None => self.runners.stop(&c.check_id),
+                    }
                 }
             }
-            Op::DeleteCheck { node, id } if node == local => {
-                self.runners.stop(id);
-                self.forget_status(id);
+            Op::DeleteCheck { node, id } => {
+                if node == local {
+                    self.runners.stop(id);
+                }
+                self.forget_status(node, id);
             }
-            Op::DeleteService { node, id } if node == local => {
+            Op::DeleteService { node, id } => {
                 if let Some(ids) = st.checks_by_owner.get(&(node.clone(), id.clone())) {
                     for cid in ids {
-                        self.runners.stop(cid);
-                        self.forget_status(cid);
+                        if node == local {
+                            self.runners.stop(cid);
+                        }
+                        self.forget_status(node, cid);
                     }
                 }
             }
@@ -558,29 +566,32 @@ impl Registry {
 
     /// Tracks since when a check is critical, for checks that deregister their service
     /// after a critical spell (`reapable`); others cost the reaper nothing.
-    fn note_status(&self, check_id: &str, status: Health, reapable: bool) {
+    fn note_status(&self, node: &str, check_id: &str, status: Health, reapable: bool) {
         let mut cs = self
             .critical_since
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        let key = (node.to_owned(), check_id.to_owned());
         if status == Health::Critical && reapable {
-            cs.entry(check_id.to_owned()).or_insert_with(Instant::now);
+            cs.entry(key).or_insert_with(Instant::now);
         } else {
-            cs.remove(check_id);
+            cs.remove(&key);
         }
     }
 
-    fn forget_status(&self, check_id: &str) {
-        self.ttl_state.forget(check_id);
-        self.guard
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .renewed(check_id, self.runners.ttl_checks());
+    fn forget_status(&self, node: &str, check_id: &str) {
+        if node == self.config.node_name {
+            self.ttl_state.forget(check_id);
+            self.guard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .renewed(check_id, self.runners.ttl_checks());
+        }
         let mut cs = self
             .critical_since
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        cs.remove(check_id);
+        cs.remove(&(node.to_owned(), check_id.to_owned()));
     }
 
     /// Reads the state under the lock.

@@ -394,3 +394,28 @@ async fn ttl_heartbeats_go_to_any_server_and_the_leader_expires() {
         "{v}"
     );
 }
+
+/// `DeregisterCriticalServiceAfter` on N servers: the leader reaps a service registered
+/// through another server once its check has been critical long enough, also after that
+/// server is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_reaps_services_critical_too_long() {
+    let Some(etcd) = EtcdCluster::start_or_skip(3).await else {
+        return;
+    };
+    let mut s = three(&etcd).await;
+    s[2].http
+        .register(json!({"Name": "gone", "ID": "gone-1",
+            "Check": {"TTL": "10s", "DeregisterCriticalServiceAfter": "2s"}}))
+        .await;
+    s[2].stop().await;
+    // A TTL check starts critical and this one is never heartbeated: 2 s later the leader
+    // (a) reaps it; c, the only server that used to, is gone.
+    wait_for("the service to be reaped", || async {
+        let (_, _, v) = s[0].http.get("/v1/catalog/service/gone").await;
+        v == json!([])
+    })
+    .await;
+    let (_, _, v) = s[1].http.get("/v1/catalog/service/gone?consistent").await;
+    assert_eq!(v, json!([]));
+}
