@@ -213,12 +213,7 @@ async fn requests_fail_over_when_members_die() {
     // Then the leader, whichever it is: a new one is elected among the two left...
     // but two of three cannot lose another, so bring the first back first.
     etcd.restart(0).await.unwrap();
-    let leader = loop {
-        if let Some(l) = etcd.leader() {
-            break l;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let leader = etcd.wait_leader().await;
     etcd.kill(leader);
     // Writes go on: each either succeeds, or is unknown and then checked by a read.
     let mut confirmed = 0;

@@ -220,7 +220,6 @@ impl EtcdStore {
     /// The etcd operations and compares for `ops`, validated against `st`.
     fn txn_of(&self, st: &State, ops: &[Op]) -> Result<TxnRequest, Error> {
         let mut t = TxnRequest::default();
-        let json = |v: &dyn erased::Json| v.to_json();
         let put = |t: &mut TxnRequest, key: Vec<u8>, seen: u64, value: Vec<u8>| {
             t.compare.push(Compare::mod_revision(
                 key.clone(),
@@ -952,18 +951,9 @@ fn unavailable(e: tessera_etcd::Error) -> Error {
     Error::Unavailable(format!("etcd: {e}"))
 }
 
-/// Serializing a registry object to JSON, for any of them.
-mod erased {
-    pub trait Json {
-        fn to_json(&self) -> Result<Vec<u8>, crate::error::Error>;
-    }
-
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> Result<Vec<u8>, crate::error::Error> {
-            serde_json::to_vec(self)
-                .map_err(|e| crate::error::Error::bad(format!("cannot encode: {e}")))
-        }
-    }
+/// A registry object as the JSON value of its key.
+fn json(v: &impl serde::Serialize) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(v).map_err(|e| Error::bad(format!("cannot encode: {e}")))
 }
 
 #[cfg(test)]

@@ -213,14 +213,7 @@ impl Registry {
                 source,
             })
         })?;
-        let node_id = load_node_id(&config.data_dir)?;
-        let mut reg = Self::from_state(config, acl_enabled, Store::memory(), state, 0, false)?;
-        if let Some(r) = Arc::get_mut(&mut reg) {
-            r.node_id = node_id;
-        }
-        if let Some(r) = Arc::get_mut(&mut reg) {
-            r.etcd = Some(etcd);
-        }
+        let reg = Self::from_state(config, acl_enabled, Store::memory(), state, 0, Some(etcd))?;
         reg.store.start(Arc::new(Shown(Arc::downgrade(&reg))))?;
         Ok(reg)
     }
@@ -272,24 +265,25 @@ impl Registry {
                 state.apply(rec.index, op);
             }
         }
-        let reg = Self::from_state(config, acl_enabled, store, state, log_bytes, true)?;
+        let reg = Self::from_state(config, acl_enabled, store, state, log_bytes, None)?;
         reg.store.start(Arc::new(Shown(Arc::downgrade(&reg))))?;
         Ok(reg)
     }
 
-    /// The registry around a recovered state. With `local_restart`, the checks this
-    /// server runs start over (a restart of the only copy); without, their statuses are
-    /// kept as found (the shared store's, which other servers see too).
+    /// The registry around a recovered state. On the local log the checks this server
+    /// runs start over (a restart of the only copy); on etcd their statuses are kept as
+    /// found (the shared store's, which other servers see too).
     fn from_state(
         config: Config,
         acl_enabled: bool,
         store: Store,
         mut state: State,
         log_bytes: u64,
-        local_restart: bool,
+        etcd: Option<Arc<crate::etcd_store::EtcdStore>>,
     ) -> Result<Arc<Registry>, Error> {
         let dir = config.data_dir.join("registry");
-        let node_id = if store.is_memory() {
+        let local_restart = etcd.is_none();
+        let node_id = if store.is_memory() && etcd.is_none() {
             uuid()
         } else {
             load_node_id(&config.data_dir)?
@@ -346,7 +340,7 @@ impl Registry {
             ttl_resume: Mutex::new(ttl_resume),
             guard: Mutex::new(guard),
             sessions: crate::sessions::Timers::default(),
-            etcd: None,
+            etcd,
         });
         Ok(reg)
     }

@@ -399,6 +399,22 @@ impl EtcdCluster {
         self.wait_healthy().await
     }
 
+    /// The member that leads, polled until the running ones agree on one (generous
+    /// deadline: an election on a loaded machine is slow, never wrong).
+    pub async fn wait_leader(&self) -> usize {
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(l) = self.leader() {
+                return l;
+            }
+            assert!(
+                tokio::time::Instant::now() < end,
+                "etcd elected no leader in 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The member that leads now, if the running ones agree on one.
     pub fn leader(&self) -> Option<usize> {
         let running: Vec<(usize, String)> = self

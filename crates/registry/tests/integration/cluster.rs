@@ -369,7 +369,9 @@ async fn ttl_heartbeats_go_to_any_server_and_the_leader_expires() {
     assert_eq!(passing(s[1].http.clone()).await, 1);
     s[2].stop().await;
     let start = tokio::time::Instant::now();
-    while start.elapsed() < std::time::Duration::from_secs(8) {
+    // A client heartbeating every 2 s for 14 s: longer than the 10 s TTL, each beat well
+    // within it. The pause is the client's heartbeat cadence, not a wait for a result.
+    while start.elapsed() < std::time::Duration::from_secs(14) {
         let (st, _) = s[1]
             .http
             .put("/v1/agent/check/pass/service:api-1", "")
@@ -380,7 +382,7 @@ async fn ttl_heartbeats_go_to_any_server_and_the_leader_expires() {
             1,
             "expired despite heartbeats through b"
         );
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     }
     // Heartbeats stop: the leader (a) expires it.
     wait_for("the TTL check to expire", || async {

@@ -275,12 +275,14 @@ async fn kv_history_is_linearizable_through_an_etcd_leader_kill() {
         }));
     }
     // A third of the way in, the etcd leader dies.
-    while progress.load(std::sync::atomic::Ordering::Relaxed) < CLIENTS * OPS / 3 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    if let Some(leader) = etcd.leader() {
-        etcd.kill(leader);
-    }
+    tessera_testkit::wait_until(
+        "a third of the operations",
+        Duration::from_secs(120),
+        || async { progress.load(std::sync::atomic::Ordering::Relaxed) >= CLIENTS * OPS / 3 },
+    )
+    .await;
+    let leader = etcd.wait_leader().await;
+    etcd.kill(leader);
     for t in tasks {
         t.await.unwrap();
     }
