@@ -1093,3 +1093,212 @@ async fn a_paused_server_catches_up_after_compaction() {
     )
     .await;
 }
+
+/// `GET http://{addr}{path}` as JSON.
+async fn get_json(c: &HttpClient, addr: &str, path: &str) -> serde_json::Value {
+    match call(c, "GET", format!("http://{addr}{path}"), vec![]).await {
+        Ok((200, body)) => serde_json::from_slice(&body).unwrap_or_default(),
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// Three `tessera server`s on etcd, a gateway given all three, and three instances with
+/// HTTP checks, under steady GET traffic through the gateway. Two servers are killed
+/// with SIGKILL, one after the other:
+/// - every check moves to the survivor: an instance killed afterwards turns critical,
+///   which only the survivor can have written;
+/// - the gateway's discovery moves to the survivor: an instance registered there gets
+///   traffic;
+/// - no request through the gateway fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_servers_move_their_checks_and_the_gateway_drops_nothing() {
+    let Some(etcd) = tessera_testkit::EtcdCluster::start_or_skip(3).await else {
+        return;
+    };
+    let store = format!("etcd://{}", etcd.client_addrs().join(","));
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut servers = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        let node = format!("n{}", i + 1);
+        servers.push(common::spawn_server(d.path(), &["--node", &node, "--store", &store]).await);
+    }
+    let addrs: Vec<String> = servers.iter().map(|(_, a)| a.clone()).collect();
+    let (n1, n3) = (addrs[0].clone(), addrs[2].clone());
+    let c = client();
+    let register = |via: String, id: &'static str, up: String| {
+        let c = c.clone();
+        async move {
+            let port = up.rsplit(':').next().unwrap().to_owned();
+            let def = format!(
+                r#"{{"Name":"web","ID":"{id}","Address":"127.0.0.1","Port":{port},
+                    "Check":{{"HTTP":"http://{up}/","Interval":"1s","Timeout":"2s"}}}}"#
+            );
+            let (st, body) = call(
+                &c,
+                "PUT",
+                format!("http://{via}/v1/agent/service/register"),
+                def.into_bytes(),
+            )
+            .await
+            .unwrap();
+            assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+        }
+    };
+    let mut ups = Vec::new();
+    for id in ["one", "two", "three"] {
+        let (child, addr) = common::spawn_upstream(id).await;
+        register(n1.clone(), id, addr).await;
+        ups.push(child);
+    }
+    let passing = |addr: String| {
+        let c = c.clone();
+        async move {
+            get_json(&c, &addr, "/v1/health/service/web?passing")
+                .await
+                .as_array()
+                .map_or(0, Vec::len)
+        }
+    };
+    tessera_testkit::wait_until("three instances passing", Duration::from_secs(60), || {
+        let p = passing(n3.clone());
+        async move { p.await == 3 }
+    })
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[registry]\naddress = \"{}\"\nwait = \"5s\"\n\
+             [[routes]]\nupstream = \"web\"\n[routes.retries]\nattempts = 2\n\
+             [upstreams.web]\nservice = \"web\"\n",
+            addrs.join(",")
+        ),
+    )
+    .unwrap();
+    let common::Gateway {
+        child: mut gw,
+        addr: gw_addr,
+        mut lines,
+        ..
+    } = common::spawn_gateway(&cfg).await;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    tessera_testkit::wait_until("the gateway routes to web", Duration::from_secs(60), || {
+        let (c, a) = (c.clone(), gw_addr.clone());
+        async move {
+            matches!(
+                call(&c, "GET", format!("http://{a}/"), vec![]).await,
+                Ok((200, _))
+            )
+        }
+    })
+    .await;
+
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let from_four = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (c, a) = (c.clone(), gw_addr.clone());
+        let (served, from_four, stop) = (served.clone(), from_four.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut failures = Vec::new();
+            // Bounded; the test stops it far sooner.
+            for _ in 0..1_000_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                match call(&c, "GET", format!("http://{a}/"), vec![]).await {
+                    Ok((200, body)) => {
+                        if body.starts_with(b"hello from four") {
+                            from_four.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    other => failures.push(format!("{other:?}")),
+                }
+                served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            failures
+        })
+    };
+    let served_past = |n: usize| {
+        let served = served.clone();
+        move || {
+            let now = served.load(std::sync::atomic::Ordering::Relaxed);
+            async move { now >= n }
+        }
+    };
+    let peers = |n: usize| {
+        let (c, a) = (c.clone(), n3.clone());
+        move || {
+            let (c, a) = (c.clone(), a.clone());
+            async move {
+                get_json(&c, &a, "/v1/status/peers")
+                    .await
+                    .as_array()
+                    .map(Vec::len)
+                    == Some(n)
+            }
+        }
+    };
+    tessera_testkit::wait_until("traffic", Duration::from_secs(60), served_past(20)).await;
+    for (i, left) in [(0, 2), (1, 1)] {
+        servers[i].0.start_kill().unwrap(); // SIGKILL
+        servers[i].0.wait().await.unwrap();
+        // Its lease runs out (5 s) and the survivors see it gone.
+        tessera_testkit::wait_until(
+            "the killed server to leave",
+            Duration::from_secs(60),
+            peers(left),
+        )
+        .await;
+        let now = served.load(std::sync::atomic::Ordering::Relaxed);
+        tessera_testkit::wait_until(
+            "traffic after the kill",
+            Duration::from_secs(60),
+            served_past(now + 50),
+        )
+        .await;
+    }
+    assert_eq!(passing(n3.clone()).await, 3, "the instances stay passing");
+
+    // n3 is the only server left: it runs every check now.
+    ups[2].start_kill().unwrap();
+    ups[2].wait().await.unwrap();
+    tessera_testkit::wait_until(
+        "the survivor to fail web three's check",
+        Duration::from_secs(60),
+        || {
+            let (c, a) = (c.clone(), n3.clone());
+            async move {
+                let v = get_json(&c, &a, "/v1/health/checks/web").await;
+                v.as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|ch| ch["ServiceID"] == "three" && ch["Status"] == "critical")
+                })
+            }
+        },
+    )
+    .await;
+
+    // The gateway's discovery answers from the survivor: a new instance gets traffic.
+    let (four, four_addr) = common::spawn_upstream("four").await;
+    ups.push(four);
+    register(n3.clone(), "four", four_addr).await;
+    tessera_testkit::wait_until(
+        "traffic to the new instance",
+        Duration::from_secs(60),
+        || {
+            let n = from_four.load(std::sync::atomic::Ordering::Relaxed);
+            async move { n >= 5 }
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let failures = traffic.await.unwrap();
+    assert!(failures.is_empty(), "requests failed: {failures:?}");
+    gw.start_kill().unwrap();
+    for u in &mut ups {
+        let _ = u.start_kill();
+    }
+}

@@ -47,10 +47,14 @@ struct Handle {
     ttl_reset: Option<watch::Sender<()>>,
 }
 
-/// The running check tasks, by local check ID.
+/// A check: its node and check ID.
+type CheckKey = (String, String);
+
+/// The running check tasks: this node's TTL checks on one server, and the probes this
+/// server owns (of any node, on etcd).
 #[derive(Default)]
 pub struct Runners {
-    tasks: Mutex<HashMap<String, Handle>>,
+    tasks: Mutex<HashMap<CheckKey, Handle>>,
     /// TTL checks among the tasks: the mass-expiry guard's denominator.
     ttl_count: std::sync::atomic::AtomicUsize,
     registry: OnceLock<Weak<Registry>>,
@@ -62,23 +66,19 @@ pub struct Runners {
 }
 
 impl Runners {
-    fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, Handle>> {
+    fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<CheckKey, Handle>> {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts the task for `id` unless one with the same spec already runs.
-    pub fn ensure(&self, id: &str, spec: &CheckSpec) {
+    /// Starts the task for check `id` of `node` unless one with the same spec already
+    /// runs.
+    pub fn ensure(&self, node: &str, id: &str, spec: &CheckSpec) {
         let (Some(reg), Some(rt)) = (self.registry.get().cloned(), self.rt.get()) else {
             return; // not started yet; `start` picks every check up
         };
-        // On etcd the leader expires TTL checks, whichever server took their heartbeats.
-        if matches!(spec.probe, Probe::Ttl { .. })
-            && reg.upgrade().is_some_and(|r| r.etcd.is_some())
-        {
-            return;
-        }
+        let key = (node.to_owned(), id.to_owned());
         let mut tasks = self.tasks();
-        if let Some(h) = tasks.get(id) {
+        if let Some(h) = tasks.get(&key) {
             if h.spec == *spec {
                 return;
             }
@@ -126,7 +126,7 @@ impl Runners {
                 };
                 rt.spawn(run_probe(
                     reg,
-                    id.to_owned(),
+                    key.clone(),
                     spec.clone(),
                     client,
                     cancel.clone(),
@@ -137,7 +137,7 @@ impl Runners {
             self.ttl_count.fetch_add(1, Ordering::Relaxed);
         }
         tasks.insert(
-            id.to_owned(),
+            key,
             Handle {
                 spec: spec.clone(),
                 cancel,
@@ -146,8 +146,8 @@ impl Runners {
         );
     }
 
-    pub fn stop(&self, id: &str) {
-        if let Some(h) = self.tasks().remove(id) {
+    pub fn stop(&self, node: &str, id: &str) {
+        if let Some(h) = self.tasks().remove(&(node.to_owned(), id.to_owned())) {
             h.cancel.cancel();
             if h.ttl_reset.is_some() {
                 self.ttl_count.fetch_sub(1, Ordering::Relaxed);
@@ -169,12 +169,17 @@ impl Runners {
         self.ttl_count.load(Ordering::Relaxed)
     }
 
+    /// The checks running now.
+    fn running(&self) -> Vec<CheckKey> {
+        self.tasks().keys().cloned().collect()
+    }
+
     /// A TTL check was updated: its deadline restarts.
-    pub fn reset_ttl(&self, id: &str) {
+    pub fn reset_ttl(&self, node: &str, id: &str) {
         if let Some(Handle {
             ttl_reset: Some(tx),
             ..
-        }) = self.tasks().get(id)
+        }) = self.tasks().get(&(node.to_owned(), id.to_owned()))
         {
             tx.send_replace(());
         }
@@ -190,14 +195,6 @@ impl Registry {
         if self.runners.registry.set(weak.clone()).is_err() {
             return;
         }
-        let local = self.local_node().to_owned();
-        let specs: Vec<(String, CheckSpec)> = self.read(|st| {
-            st.checks
-                .values()
-                .filter(|c| c.node == local)
-                .filter_map(|c| c.spec.clone().map(|s| (c.check_id.clone(), s)))
-                .collect()
-        });
         let statuses: Vec<((String, String), Health)> = self.read(|st| {
             st.checks
                 .values()
@@ -221,9 +218,7 @@ impl Registry {
                 }
             }
         }
-        for (id, spec) in specs {
-            self.runners.ensure(&id, &spec);
-        }
+        self.place_checks();
         tokio::spawn(self.ttl_state.clone().run(self.shutdown.clone()));
         tokio::spawn(stall_detector(weak.clone(), self.shutdown.clone()));
         tokio::spawn(reaper(weak.clone(), self.shutdown.clone()));
@@ -236,6 +231,41 @@ impl Registry {
                     .write_statuses(weak.clone(), self.shutdown.clone()),
             );
             tokio::spawn(etcd.clone().expire_ttls(weak, self.shutdown.clone()));
+        }
+    }
+
+    /// Whether this server runs check `id` of `node`: on one server, every check of its
+    /// node; on etcd, the probes the rendezvous hash gives it. TTL checks run nowhere on
+    /// etcd: any server takes their heartbeats and the leader expires them.
+    pub(crate) fn runs_check(&self, node: &str, id: &str, spec: &CheckSpec) -> bool {
+        match &self.etcd {
+            None => node == self.local_node(),
+            Some(_) if matches!(spec.probe, Probe::Ttl { .. }) => false,
+            Some(etcd) => etcd.owner(node, id).as_deref() == Some(self.local_node()),
+        }
+    }
+
+    /// Starts the checks this server runs and stops the ones it no longer does: at
+    /// start, and on etcd whenever a member joins or leaves, so a dead server's checks
+    /// move to the others (and only those: the hash keeps everyone else's in place).
+    pub(crate) fn place_checks(&self) {
+        let want: HashMap<CheckKey, CheckSpec> = self.read(|st| {
+            st.checks
+                .values()
+                .filter_map(|c| {
+                    let spec = c.spec.as_ref()?;
+                    self.runs_check(&c.node, &c.check_id, spec)
+                        .then(|| ((c.node.clone(), c.check_id.clone()), spec.clone()))
+                })
+                .collect()
+        });
+        for (node, id) in self.runners.running() {
+            if !want.contains_key(&(node.clone(), id.clone())) {
+                self.runners.stop(&node, &id);
+            }
+        }
+        for ((node, id), spec) in want {
+            self.runners.ensure(&node, &id, &spec);
         }
     }
 
@@ -253,13 +283,15 @@ impl Registry {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .on_expiry(id, current, total, now);
+        let local = self.local_node();
         for (rid, before) in restore {
             self.set_status(
+                local,
                 &rid,
                 before,
                 "TTL expired with many others at once; held by mass-expiry protection".into(),
             );
-            self.runners.reset_ttl(&rid);
+            self.runners.reset_ttl(local, &rid);
         }
         verdict == crate::guard::Verdict::Hold
     }
@@ -318,7 +350,7 @@ async fn run_ttl(
                     continue;
                 }
                 reg.ttl_state.forget(&id);
-                reg.set_status(&id, Health::Critical, format!("TTL expired (no update for {})", GoDuration(ttl)));
+                reg.set_status(reg.local_node(), &id, Health::Critical, format!("TTL expired (no update for {})", GoDuration(ttl)));
                 deadline = None;
             }
         }
@@ -327,7 +359,7 @@ async fn run_ttl(
 
 async fn run_probe(
     reg: Weak<Registry>,
-    id: String,
+    (node, id): CheckKey,
     spec: CheckSpec,
     client: HttpClient,
     cancel: CancellationToken,
@@ -354,11 +386,7 @@ async fn run_probe(
         };
         let Some(reg) = reg.upgrade() else { return };
         let (status, output) = outcome;
-        let current = reg.read(|st| {
-            st.checks
-                .get(&(reg.local_node().to_owned(), id.clone()))
-                .map(|c| c.status)
-        });
+        let current = reg.read(|st| st.checks.get(&(node.clone(), id.clone())).map(|c| c.status));
         let Some(current) = current else { return };
         // Consecutive-result hysteresis, as Consul's SuccessBeforePassing and
         // FailuresBeforeWarning/Critical define it.
@@ -385,7 +413,7 @@ async fn run_probe(
                 }
             }
         };
-        reg.set_status(&id, next.unwrap_or(current), output);
+        reg.set_status(&node, &id, next.unwrap_or(current), output);
         drop(reg);
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -649,7 +677,7 @@ async fn reaper(reg: Weak<Registry>, cancel: CancellationToken) {
             tracing::info!(node = %node, service = %service_id, check = %check_id,
                 "deregistering service: check critical for longer than DeregisterCriticalServiceAfter");
             let result = reg
-                .commit(|st, _| {
+                .commit_as_member(|st, _| {
                     let ops = if st
                         .services
                         .contains_key(&(node.clone(), service_id.clone()))

@@ -21,7 +21,16 @@
 //! `ab` (bootstrapped), `_rev` (the marker), and `m/<server>` (a live server's HTTP
 //! address, on its own lease: one lease per server, never per instance or check). Node
 //! names and ids have `%` and `/` escaped.
+//!
+//! HTTP, TCP and gRPC checks run on one live server each: the rendezvous hash of the
+//! check over the member keys picks it, so when a member key goes (a crash lets its
+//! lease run out within `MEMBER_TTL`) only that server's checks move. Writes a server
+//! makes because of a role it holds (a check's status, the leader's expiries and reaps)
+//! are fenced: the transaction also compares this server's member key with the create
+//! revision it got when it joined, so a server that lost its place (paused or cut off
+//! past its lease) cannot write, whatever it still believes.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -60,16 +69,34 @@ pub struct EtcdStore {
     /// When this server last saw a heartbeat (or a status write) of each TTL check, from
     /// any server: the leader expires TTL checks by it.
     heartbeats: std::sync::Mutex<std::collections::HashMap<(String, String), tokio::time::Instant>>,
+    /// This server's member key and its create revision while it holds it (0: not a
+    /// member): the fencing token of its role writes.
+    member_key: std::sync::OnceLock<Vec<u8>>,
+    fence: AtomicI64,
 }
 
-/// A server's membership lease: it is a member while it renews within this.
-pub const MEMBER_TTL: Duration = Duration::from_secs(10);
+/// A server's membership lease: it is a member while it renews within this, and its
+/// checks move to the others within this after it dies.
+pub const MEMBER_TTL: Duration = Duration::from_secs(5);
+/// How often the leader looks for expired TTL checks.
+const EXPIRY_TICK: Duration = Duration::from_millis(500);
+
+/// Why a write is made, which decides whether it is fenced.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Authority {
+    /// A client asked for it: made by any server, as long as etcd takes it.
+    Client,
+    /// This server holds a role (a check's owner, the leader): only while it is still
+    /// the member it was when it took the role.
+    Member,
+}
 
 enum Status {
-    /// A check's new status and output; with `true`, a TTL heartbeat, written even when
-    /// the status does not change (to its own key, outside the catalog, so it wakes no
-    /// blocking query) so the leader sees it.
-    Set((String, String), Health, String, bool),
+    /// A check's new status and output, and the fence of the membership under which
+    /// the probe ran (`None`: a TTL heartbeat, which any server takes for a client).
+    /// A heartbeat is written even when the status does not change (to its own key,
+    /// outside the catalog, so it wakes no blocking query) so the leader sees it.
+    Set((String, String), Health, String, Option<i64>),
     /// Answered once every status queued before it is written.
     Flush(tokio::sync::oneshot::Sender<()>),
 }
@@ -99,6 +126,8 @@ impl EtcdStore {
             members: Default::default(),
             last_contact: std::sync::Mutex::new(Some(std::time::Instant::now())),
             heartbeats: Default::default(),
+            member_key: std::sync::OnceLock::new(),
+            fence: AtomicI64::new(0),
         };
         let (rev, ops) = store.list().await?;
         let mut st = State::default();
@@ -408,6 +437,30 @@ impl EtcdStore {
     pub(crate) async fn commit<R>(
         &self,
         reg: &Registry,
+        authority: Authority,
+        f: impl FnMut(&State, u64) -> Result<(Vec<Op>, R), Error>,
+    ) -> Result<R, Error> {
+        let fence = match authority {
+            Authority::Client => None,
+            Authority::Member => Some(self.fence()?),
+        };
+        self.commit_fenced(reg, fence, f).await
+    }
+
+    /// This server's membership token, while it is a member.
+    fn fence(&self) -> Result<i64, Error> {
+        match self.fence.load(Ordering::Acquire) {
+            0 => Err(lost_place()),
+            f => Ok(f),
+        }
+    }
+
+    /// `commit`, with the transaction also comparing this server's member key with
+    /// `fence` when given.
+    async fn commit_fenced<R>(
+        &self,
+        reg: &Registry,
+        fence: Option<i64>,
         mut f: impl FnMut(&State, u64) -> Result<(Vec<Op>, R), Error>,
     ) -> Result<R, Error> {
         // Whether the view was brought up to date before validating: a write that
@@ -426,7 +479,7 @@ impl EtcdStore {
                     }
                 })
             };
-            let (txn, out) = match decided {
+            let (mut txn, out) = match decided {
                 Ok((Some(txn), out)) => (txn, out),
                 Ok((None, _)) | Err(_) if !synced => {
                     self.barrier().await?;
@@ -436,10 +489,32 @@ impl EtcdStore {
                 Ok((None, out)) => return Ok(out),
                 Err(e) => return Err(e),
             };
+            if let (Some(fence), Some(key)) = (fence, self.member_key.get()) {
+                txn.compare.push(Compare::create_revision(
+                    key.clone(),
+                    CompareResult::Equal,
+                    fence,
+                ));
+                txn.failure.push(EOp::Range(RangeRequest {
+                    key: key.clone(),
+                    ..Default::default()
+                }));
+            }
             let resp = self.client.txn(&txn).await.map_err(unavailable)?;
             if resp.succeeded {
                 self.wait_applied(resp.header.revision).await?;
                 return Ok(out);
+            }
+            if let Some(fence) = fence {
+                let held = resp.responses.get(1).is_some_and(|r| match r {
+                    tessera_etcd::OpResponse::Range(r) => {
+                        r.kvs.first().is_some_and(|kv| kv.create_revision == fence)
+                    }
+                    _ => false,
+                });
+                if !held {
+                    return Err(lost_place());
+                }
             }
             // Someone else's write: catch up to the latest registry write, then retry.
             let latest = resp
@@ -468,19 +543,21 @@ impl EtcdStore {
         members: &mut std::collections::BTreeMap<String, (String, i64)>,
         kv: &KeyValue,
         deleted: bool,
-    ) {
+    ) -> bool {
         let Some(rest) = kv.key.strip_prefix(self.prefix.as_slice()) else {
-            return;
+            return false;
         };
         let Some(name) = rest.strip_prefix(b"m/") else {
-            return;
+            return false;
         };
         let name = unesc(&String::from_utf8_lossy(name));
         if deleted {
-            members.remove(&name);
+            members.remove(&name).is_some()
         } else {
             let addr = String::from_utf8_lossy(&kv.value).into_owned();
-            members.insert(name, (addr, kv.create_revision));
+            members
+                .insert(name, (addr, kv.create_revision))
+                .is_none_or(|(_, rev)| rev != kv.create_revision)
         }
     }
 
@@ -539,21 +616,27 @@ impl EtcdStore {
     }
 
     /// Holds this server's member key on its own lease until `cancel`, then revokes it.
-    /// A lost lease (a pause or partition longer than its TTL) is replaced by a new one.
+    /// A lost lease (a pause or partition longer than its TTL) is replaced by a new one,
+    /// with a new key: the fence of role writes is the key's create revision, so it must
+    /// be this incarnation's own (a key left by an earlier process of the same name is
+    /// deleted first).
     pub(crate) async fn join(
         self: Arc<Self>,
         name: String,
         addr: String,
         cancel: CancellationToken,
     ) {
-        let key = self.key(&format!("m/{}", esc(&name)));
+        let key = self
+            .member_key
+            .get_or_init(|| self.key(&format!("m/{}", esc(&name))));
         let mut lease = 0;
         loop {
             if lease == 0 {
                 match self.client.lease_grant(MEMBER_TTL.as_secs() as i64).await {
-                    Ok((id, _)) => match self.client.put(&key, addr.as_bytes(), id).await {
-                        Ok(_) => {
+                    Ok((id, _)) => match self.create_member(key, &addr, id).await {
+                        Ok(rev) => {
                             lease = id;
+                            self.fence.store(rev, Ordering::Release);
                             self.contact();
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot register this server in etcd"),
@@ -562,9 +645,19 @@ impl EtcdStore {
                 }
             } else {
                 match self.client.lease_keepalive(lease).await {
+                    Ok(Some(_)) if self.key_gone(&name) => {
+                        tracing::warn!(
+                            "this server's member key was deleted under its live lease; joining again"
+                        );
+                        self.fence.store(0, Ordering::Release);
+                        let _ = self.client.lease_revoke(lease).await;
+                        lease = 0;
+                        continue;
+                    }
                     Ok(Some(_)) => self.contact(),
                     Ok(None) => {
                         tracing::warn!("this server's etcd membership lapsed; joining again");
+                        self.fence.store(0, Ordering::Release);
                         lease = 0;
                         continue;
                     }
@@ -576,20 +669,75 @@ impl EtcdStore {
                 () = tokio::time::sleep(MEMBER_TTL / 4) => {}
             }
         }
+        self.fence.store(0, Ordering::Release);
         if lease != 0 {
             let _ = self.client.lease_revoke(lease).await;
         }
     }
 
-    /// A check this server runs changed status: written by `write_statuses`, in order.
+    /// Whether the view, past the revision this server joined at, no longer has its
+    /// member key (deleted by hand, or by a process misnamed as this server).
+    fn key_gone(&self, name: &str) -> bool {
+        let fence = self.fence.load(Ordering::Acquire);
+        fence != 0 && *self.applied.borrow() >= fence && !self.members().contains_key(name)
+    }
+
+    /// Creates the member key on `lease`: its create revision.
+    async fn create_member(&self, key: &[u8], addr: &str, lease: i64) -> Result<i64, Error> {
+        for _ in 0..2 {
+            let txn = TxnRequest {
+                compare: vec![Compare::create_revision(
+                    key.to_vec(),
+                    CompareResult::Equal,
+                    0,
+                )],
+                success: vec![EOp::Put(PutRequest {
+                    key: key.to_vec(),
+                    value: addr.as_bytes().to_vec(),
+                    lease,
+                    ..Default::default()
+                })],
+                failure: vec![EOp::Delete(DeleteRangeRequest {
+                    key: key.to_vec(),
+                    ..Default::default()
+                })],
+            };
+            let resp = self.client.txn(&txn).await.map_err(unavailable)?;
+            if resp.succeeded {
+                return Ok(resp.header.revision);
+            }
+            tracing::warn!(
+                "this server's member key was held (by an earlier process of the same name, or another server misnamed as this one); taking it"
+            );
+        }
+        Err(Error::Unavailable(
+            "another process keeps taking this server's member key: are two servers running with the same node name?".into(),
+        ))
+    }
+
+    /// The live server that runs check `id` of `node`: the highest rendezvous score
+    /// over the members, so a member joining or leaving moves only its share.
+    pub(crate) fn owner(&self, node: &str, id: &str) -> Option<String> {
+        owner_of(self.members().keys(), node, id).cloned()
+    }
+
+    /// A check this server runs changed status: written by `write_statuses`, in order,
+    /// fenced on the membership the probe ran under (none: the result is dropped).
     pub(crate) fn queue_status(&self, key: (String, String), status: Health, output: String) {
-        let _ = self.statuses.send(Status::Set(key, status, output, false));
+        match self.fence() {
+            Ok(fence) => {
+                let _ = self
+                    .statuses
+                    .send(Status::Set(key, status, output, Some(fence)));
+            }
+            Err(_) => tracing::debug!(check = %key.1, "not a member: probe result dropped"),
+        }
     }
 
     /// A TTL heartbeat for a check on any node: its status if it changed, else a mark
     /// the leader's expiry sees.
     pub(crate) fn queue_heartbeat(&self, key: (String, String), status: Health, output: String) {
-        let _ = self.statuses.send(Status::Set(key, status, output, true));
+        let _ = self.statuses.send(Status::Set(key, status, output, None));
     }
 
     /// Returns once every status change queued so far is written (or failed to be).
@@ -621,8 +769,8 @@ impl EtcdStore {
                 () = cancel.cancelled() => return,
                 s = rx.recv() => match s { Some(s) => s, None => return },
             };
-            let ((node, id), status, output, heartbeat) = match next {
-                Status::Set(key, status, output, heartbeat) => (key, status, output, heartbeat),
+            let ((node, id), status, output, fence) = match next {
+                Status::Set(key, status, output, fence) => (key, status, output, fence),
                 Status::Flush(done) => {
                     let _ = done.send(());
                     continue;
@@ -630,7 +778,7 @@ impl EtcdStore {
             };
             let Some(reg) = reg.upgrade() else { return };
             let written = self
-                .commit(&reg, |st, _| {
+                .commit_fenced(&reg, fence, |st, _| {
                     let Some(check) = st.checks.get(&(node.clone(), id.clone())) else {
                         return Ok((vec![], false));
                     };
@@ -644,13 +792,20 @@ impl EtcdStore {
                 })
                 .await;
             let written = match written {
-                Ok(false) if heartbeat => {
-                    let key = self.key(&format!("hb/{}/{}", esc(&node), esc(&id)));
-                    self.client
-                        .put(&key, b"", 0)
-                        .await
-                        .map(drop)
-                        .map_err(unavailable)
+                Ok(false) if fence.is_none() => {
+                    // With the marker, so the leader's barrier before an expiry covers it.
+                    let txn = TxnRequest {
+                        success: [format!("hb/{}/{}", esc(&node), esc(&id)), "_rev".into()]
+                            .map(|k| {
+                                EOp::Put(PutRequest {
+                                    key: self.key(&k),
+                                    ..Default::default()
+                                })
+                            })
+                            .into(),
+                        ..Default::default()
+                    };
+                    self.client.txn(&txn).await.map(drop).map_err(unavailable)
                 }
                 other => other.map(drop),
             };
@@ -661,23 +816,37 @@ impl EtcdStore {
     }
 
     /// On the leader: TTL checks of every node whose last heartbeat (seen from any
-    /// server) is older than their TTL go critical. A server that becomes leader gives
-    /// every check a full TTL from then: it cannot know what it did not see.
+    /// server) is older than their TTL go critical. Expiry trusts only what it has
+    /// seen, so it guards against not having seen:
+    /// - a server that becomes leader, or that was itself stalled (a pause, an
+    ///   overloaded host), gives every check a full TTL from then;
+    /// - before expiring, the view is brought up to etcd's latest write (heartbeats
+    ///   write the marker too), so a lagging watch cannot expire a live check;
+    /// - the expiry is fenced: a leader that lost its place writes nothing.
     pub(crate) async fn expire_ttls(
         self: Arc<Self>,
         reg: Weak<Registry>,
         cancel: CancellationToken,
     ) {
         let mut leading = false;
+        let mut last_tick = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                () = tokio::time::sleep(EXPIRY_TICK) => {}
             }
             let Some(reg) = reg.upgrade() else { return };
             let now = tokio::time::Instant::now();
+            let stalled =
+                now.saturating_duration_since(last_tick) > EXPIRY_TICK + crate::checks::STALL_SLACK;
+            last_tick = now;
             let leader = reg.is_leader();
-            if leader && !leading {
+            if leader && (!leading || stalled) {
+                if stalled {
+                    tracing::warn!(
+                        "this server was stalled; every TTL check gets a full TTL from now"
+                    );
+                }
                 let mut hb = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
                 for t in hb.values_mut() {
                     *t = now;
@@ -687,31 +856,20 @@ impl EtcdStore {
             if !leader {
                 continue;
             }
-            let expired: Vec<((String, String), Duration)> = {
-                let mut hb = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
-                reg.read(|st| {
-                    st.checks
-                        .values()
-                        .filter(|c| c.status != Health::Critical)
-                        .filter_map(|c| match c.spec.as_ref().map(|s| &s.probe) {
-                            Some(crate::model::Probe::Ttl { ttl }) => Some((c, *ttl)),
-                            _ => None,
-                        })
-                        .filter_map(|(c, ttl)| {
-                            let key = (c.node.clone(), c.check_id.clone());
-                            let seen = *hb.entry(key.clone()).or_insert(now);
-                            (now.saturating_duration_since(seen) >= ttl).then_some((key, ttl))
-                        })
-                        .collect()
-                })
-            };
-            for ((node, id), ttl) in expired {
+            if self.ttl_expired(&reg, now).is_empty() {
+                continue;
+            }
+            if let Err(e) = self.barrier().await {
+                tracing::warn!(error = %e, "cannot catch up with etcd; no TTL check expires now");
+                continue;
+            }
+            for ((node, id), ttl) in self.ttl_expired(&reg, now) {
                 let output = format!(
                     "TTL expired (no heartbeat for {})",
                     tessera_core::format_duration(ttl)
                 );
                 let r = self
-                    .commit(&reg, |st, _| {
+                    .commit(&reg, Authority::Member, |st, _| {
                         match st.checks.get(&(node.clone(), id.clone())) {
                             Some(c) if c.status != Health::Critical => {
                                 let mut c = c.clone();
@@ -729,6 +887,30 @@ impl EtcdStore {
                 }
             }
         }
+    }
+
+    /// TTL checks not critical whose last seen heartbeat is a TTL older than `now`.
+    fn ttl_expired(
+        &self,
+        reg: &Registry,
+        now: tokio::time::Instant,
+    ) -> Vec<((String, String), Duration)> {
+        let mut hb = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
+        reg.read(|st| {
+            st.checks
+                .values()
+                .filter(|c| c.status != Health::Critical)
+                .filter_map(|c| match c.spec.as_ref().map(|s| &s.probe) {
+                    Some(crate::model::Probe::Ttl { ttl }) => Some((c, *ttl)),
+                    _ => None,
+                })
+                .filter_map(|(c, ttl)| {
+                    let key = (c.node.clone(), c.check_id.clone());
+                    let seen = *hb.entry(key.clone()).or_insert(now);
+                    (now.saturating_duration_since(seen) >= ttl).then_some((key, ttl))
+                })
+                .collect()
+        })
     }
 
     async fn wait_applied(&self, rev: i64) -> Result<(), Error> {
@@ -796,16 +978,18 @@ impl EtcdStore {
 
     fn apply(&self, reg: &Registry, events: Vec<tessera_etcd::Event>) {
         self.contact();
-        {
+        let joined_or_left = {
             let mut members = self.members();
+            let mut changed = false;
             for e in &events {
-                self.note_member(
+                changed |= self.note_member(
                     &mut members,
                     &e.kv,
                     e.kind == tessera_etcd::EventType::Delete,
                 );
             }
-        }
+            changed
+        };
         {
             let now = tokio::time::Instant::now();
             let mut hb = self.heartbeats.lock().unwrap_or_else(|p| p.into_inner());
@@ -844,6 +1028,9 @@ impl EtcdStore {
                 moved
             });
         }
+        if joined_or_left {
+            reg.place_checks();
+        }
     }
 
     /// Lists the prefix again and applies what differs from the view, at the listing's
@@ -863,6 +1050,7 @@ impl EtcdStore {
             ops,
         });
         self.applied.send_replace(rev.max(*self.applied.borrow()));
+        reg.place_checks();
         Ok(())
     }
 }
@@ -947,8 +1135,41 @@ fn diff(old: &State, new: &State) -> Vec<Op> {
     ops
 }
 
+fn lost_place() -> Error {
+    Error::Unavailable(
+        "this server is not a live cluster member now (its etcd lease lapsed or it is cut off); it makes no role writes until it joins again".into(),
+    )
+}
+
 fn unavailable(e: tessera_etcd::Error) -> Error {
     Error::Unavailable(format!("etcd: {e}"))
+}
+
+/// The member with the highest rendezvous score for check `id` of `node`.
+fn owner_of<'a>(
+    members: impl IntoIterator<Item = &'a String>,
+    node: &str,
+    id: &str,
+) -> Option<&'a String> {
+    members.into_iter().max_by_key(|m| rendezvous(m, node, id))
+}
+
+/// The rendezvous score of `member` for check `id` of `node`: FNV-1a over the three
+/// names, then a 64-bit finaliser to spread it. Fixed here rather than std's hasher, so
+/// servers of different builds agree on every owner during a rolling upgrade.
+fn rendezvous(member: &str, node: &str, id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [member, node, id] {
+        for b in part.bytes().chain([0xff]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
 }
 
 /// A registry object as the JSON value of its key.
@@ -959,6 +1180,7 @@ fn json(v: &impl serde::Serialize) -> Result<Vec<u8>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::SERF_CHECK as SERF;
 
     fn kv(key: &str, rev: u64) -> Op {
         Op::PutKv(KvEntry {
@@ -978,6 +1200,104 @@ mod tests {
             st.apply(i, op);
         }
         st
+    }
+
+    /// Checks spread over the members, and a member leaving moves its checks only.
+    #[test]
+    fn rendezvous_moves_only_the_leavers_checks() {
+        let three: Vec<String> = ["a", "b", "c"].map(String::from).into();
+        let two = &three[..2];
+        let mut per = std::collections::HashMap::<&String, usize>::new();
+        for i in 0..600 {
+            let id = format!("service:web-{i}");
+            let before = owner_of(&three, "node-1", &id).unwrap();
+            *per.entry(before).or_default() += 1;
+            let after = owner_of(two, "node-1", &id).unwrap();
+            if before != &three[2] {
+                assert_eq!(before, after, "{id} moved although its owner stayed");
+            }
+        }
+        for (m, n) in per {
+            assert!((140..=260).contains(&n), "{m} owns {n} of 600");
+        }
+        assert_eq!(owner_of(&[] as &[String], "n", "c"), None);
+    }
+
+    /// A server whose lease ran out while it was not looking (a pause: it still holds
+    /// its fence and its old view) cannot write a status as the check's owner, and
+    /// nothing reaches etcd; the same write for a client goes through, and so does the
+    /// owner's write once it has joined again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_that_lost_its_place_writes_nothing_as_owner() {
+        let Some(etcd) = tessera_testkit::EtcdCluster::start_or_skip(1).await else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::Config {
+            data_dir: dir.path().into(),
+            node_name: "a".into(),
+            ..Default::default()
+        };
+        let reg = Registry::open_etcd(config, false, &etcd.client_addrs(), "t/")
+            .await
+            .unwrap();
+        let store = reg.etcd.clone().unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(store.clone().follow(Arc::downgrade(&reg), cancel.clone()));
+        reg.ensure_local_node().await.unwrap();
+        let raw = Client::new(&etcd.client_addrs()).unwrap();
+        let join = async || {
+            let (lease, _) = raw.lease_grant(5).await.unwrap();
+            let key = store.member_key.get_or_init(|| store.key("m/a"));
+            let rev = store
+                .create_member(key, "127.0.0.1:1", lease)
+                .await
+                .unwrap();
+            store.fence.store(rev, Ordering::Release);
+            lease
+        };
+        let set = |status: Health| {
+            move |st: &State, _: u64| {
+                let mut c = st.checks[&("a".to_owned(), SERF.to_owned())].clone();
+                c.status = status;
+                Ok((vec![Op::PutCheck(c)], ()))
+            }
+        };
+        let lease = join().await;
+        store
+            .commit(&reg, Authority::Member, set(Health::Warning))
+            .await
+            .unwrap();
+        let check_key = b"t/c/a/serfHealth";
+        let before = raw.get(check_key).await.unwrap().unwrap().mod_revision;
+
+        // The lease goes (as it runs out during a pause): the member key with it.
+        raw.lease_revoke(lease).await.unwrap();
+        let err = store
+            .commit(&reg, Authority::Member, set(Health::Critical))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("not a live cluster member"),
+            "{err}"
+        );
+        let now = raw.get(check_key).await.unwrap().unwrap();
+        assert_eq!(now.mod_revision, before, "a fenced write reached etcd");
+
+        // A client's write is not about a role: it goes through.
+        store
+            .commit(&reg, Authority::Client, set(Health::Passing))
+            .await
+            .unwrap();
+        // Joined again, with a new fence: the owner writes again.
+        join().await;
+        store
+            .commit(&reg, Authority::Member, set(Health::Critical))
+            .await
+            .unwrap();
+        let v = raw.get(check_key).await.unwrap().unwrap().value;
+        assert!(String::from_utf8_lossy(&v).contains("critical"));
+        cancel.cancel();
     }
 
     /// After a compaction the view is rebuilt from a listing: what is gone is deleted,

@@ -27,6 +27,7 @@ use crate::acl::{AclOp, Authz, Level, MANAGEMENT_POLICY_ID, Policy, PolicyLink, 
 use crate::checks::Runners;
 use crate::defs::{CatalogDeregistration, CatalogRegistration, CheckDef, ServiceDef};
 use crate::error::Error;
+use crate::etcd_store::Authority;
 use crate::model::{CheckRecord, CheckSpec, KvEntry, NodeRecord, Probe, ServiceRecord};
 use crate::state::{Op, Record, State, Topic};
 use crate::store::{Applier, DiskError, Store, StoreError};
@@ -363,6 +364,19 @@ impl Registry {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// `commit` for a write this server makes because of a role it holds (the leader's
+    /// reaps and session ends): on etcd, fenced on its membership, so a server that lost
+    /// its place writes nothing.
+    pub(crate) async fn commit_as_member<R>(
+        &self,
+        f: impl FnMut(&State, u64) -> Result<(Vec<Op>, R), Error>,
+    ) -> Result<R, Error> {
+        match &self.etcd {
+            Some(etcd) => etcd.commit(self, Authority::Member, f).await,
+            None => self.commit(f).await,
+        }
+    }
+
     /// Runs `f` against the head and commits the ops it returns as one record; returns
     /// once the record is durable and visible.
     pub(crate) async fn commit<R>(
@@ -370,7 +384,7 @@ impl Registry {
         mut f: impl FnMut(&State, u64) -> Result<(Vec<Op>, R), Error>,
     ) -> Result<R, Error> {
         if let Some(etcd) = &self.etcd {
-            return etcd.commit(self, f).await;
+            return etcd.commit(self, Authority::Client, f).await;
         }
         let (ack, out) = {
             let mut head = self.head();
@@ -475,7 +489,7 @@ impl Registry {
         match p {
             Pending::Record(rec) => {
                 for op in rec.ops {
-                    self.before_apply(st, local, &op);
+                    self.before_apply(st, &op);
                     st.apply(rec.index, op);
                 }
             }
@@ -519,7 +533,7 @@ impl Registry {
     }
 
     /// Keeps check runners and the critical-since clock in step with the ops.
-    fn before_apply(&self, st: &State, local: &str, op: &Op) {
+    fn before_apply(&self, st: &State, op: &Op) {
         match op {
             Op::PutSession(s) => self.session_clock(s),
             Op::DeleteSession(id) => self.session_ended(id),
@@ -531,25 +545,21 @@ impl Registry {
                     .as_ref()
                     .is_some_and(|s| s.deregister_critical_after.is_some());
                 self.note_status(&c.node, &c.check_id, c.status, reapable);
-                if c.node == local {
-                    match &c.spec {
-                        Some(spec) => self.runners.ensure(&c.check_id, spec),
-                        None => self.runners.stop(&c.check_id),
+                match &c.spec {
+                    Some(spec) if self.runs_check(&c.node, &c.check_id, spec) => {
+                        self.runners.ensure(&c.node, &c.check_id, spec)
                     }
+                    _ => self.runners.stop(&c.node, &c.check_id),
                 }
             }
             Op::DeleteCheck { node, id } => {
-                if node == local {
-                    self.runners.stop(id);
-                }
+                self.runners.stop(node, id);
                 self.forget_status(node, id);
             }
             Op::DeleteService { node, id } => {
                 if let Some(ids) = st.checks_by_owner.get(&(node.clone(), id.clone())) {
                     for cid in ids {
-                        if node == local {
-                            self.runners.stop(cid);
-                        }
+                        self.runners.stop(node, cid);
                         self.forget_status(node, cid);
                     }
                 }
@@ -1020,13 +1030,13 @@ impl Registry {
             etcd.queue_heartbeat((node, id.to_owned()), status, output);
             return Ok(());
         }
-        self.runners.reset_ttl(id);
+        self.runners.reset_ttl(&node, id);
         self.guard
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .renewed(id, self.runners.ttl_checks());
         self.ttl_state.record(id, status, &output, ttl);
-        self.set_status(id, status, output);
+        self.set_status(&node, id, status, output);
         Ok(())
     }
 
@@ -1048,13 +1058,19 @@ impl Registry {
         }
     }
 
-    /// Sets a local check's status. The index moves only when the status does, so an
-    /// HTTP check whose body changes every time does not wake every watcher. Status is not
-    /// logged, but it is shown in index order after the writes before it.
-    pub(crate) fn set_status(&self, id: &str, status: Health, output: String) {
-        let key = (self.config.node_name.clone(), id.to_owned());
+    /// Sets the status of a check this server runs. The index moves only when the
+    /// status does, so an HTTP check whose body changes every time does not wake every
+    /// watcher. On one server, status is not logged, but it is shown in index order after
+    /// the writes before it; on etcd, a change is written, fenced on this server's
+    /// membership.
+    pub(crate) fn set_status(&self, node: &str, id: &str, status: Health, output: String) {
+        let key = (node.to_owned(), id.to_owned());
         if let Some(etcd) = &self.etcd {
-            etcd.queue_status(key, status, output);
+            // The view already says so: nothing to write (a change made elsewhere that
+            // this server has not seen yet is written by the next probe).
+            if self.read(|st| st.checks.get(&key).map(|c| c.status)) != Some(status) {
+                etcd.queue_status(key, status, output);
+            }
             return;
         }
         {

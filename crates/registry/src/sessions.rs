@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use crate::acl::{Authz, Level, Resource};
 use crate::error::Error;
+use crate::etcd_store::Authority;
 use crate::model::{Behavior, KvEntry, SessionRecord};
 use crate::registry::{Registry, SERF_CHECK, uuid};
 use crate::state::{Op, State};
@@ -184,7 +185,7 @@ impl Registry {
                 "token lacks session:write on {node:?}"
             )));
         }
-        self.end_session(id).await
+        self.end_session(id, Authority::Client).await
     }
 
     /// Restarts a session's TTL; the session, or `None` when it is gone. On etcd the
@@ -231,29 +232,33 @@ impl Registry {
         self.sessions.deadlines().remove(id);
     }
 
-    async fn end_session(&self, id: &str) -> Result<bool, Error> {
+    /// Ends session `id`, for a client (`destroy`) or as the leader (its TTL or a
+    /// check ran out), which is fenced on etcd.
+    async fn end_session(&self, id: &str, by: Authority) -> Result<bool, Error> {
         let mut released = Vec::new();
-        let ended = self
-            .commit(|st, index| {
-                let Some(session) = st.sessions.get(id) else {
-                    return Ok((vec![], None));
-                };
-                released.clear();
-                let mut ops = vec![Op::DeleteSession(id.to_owned())];
-                ops.extend(held_keys(st, id).map(|e| match session.behavior {
-                    Behavior::Delete => Op::DeleteKv(e.key.clone()),
-                    Behavior::Release => {
-                        released.push(e.key.clone());
-                        Op::PutKv(KvEntry {
-                            session: None,
-                            modify_index: index,
-                            ..e.clone()
-                        })
-                    }
-                }));
-                Ok((ops, Some(Duration::from_millis(session.lock_delay_ms))))
-            })
-            .await?;
+        let decide = |st: &State, index: u64| {
+            let Some(session) = st.sessions.get(id) else {
+                return Ok((vec![], None));
+            };
+            released.clear();
+            let mut ops = vec![Op::DeleteSession(id.to_owned())];
+            ops.extend(held_keys(st, id).map(|e| match session.behavior {
+                Behavior::Delete => Op::DeleteKv(e.key.clone()),
+                Behavior::Release => {
+                    released.push(e.key.clone());
+                    Op::PutKv(KvEntry {
+                        session: None,
+                        modify_index: index,
+                        ..e.clone()
+                    })
+                }
+            }));
+            Ok((ops, Some(Duration::from_millis(session.lock_delay_ms))))
+        };
+        let ended = match by {
+            Authority::Client => self.commit(decide).await?,
+            Authority::Member => self.commit_as_member(decide).await?,
+        };
         self.sessions.deadlines().remove(id);
         let Some(delay) = ended else {
             return Ok(false);
@@ -330,7 +335,7 @@ pub(crate) async fn reaper(reg: Weak<Registry>, cancel: tokio_util::sync::Cancel
             continue;
         }
         for id in reg.sessions_to_end() {
-            match reg.end_session(&id).await {
+            match reg.end_session(&id, Authority::Member).await {
                 Ok(_) => tracing::info!(session = %id, "session ended (TTL or check)"),
                 Err(e) => tracing::warn!(session = %id, error = %e, "cannot end session"),
             }

@@ -279,7 +279,7 @@ async fn without_etcd_stale_reads_go_on_and_say_so() {
             .unwrap()
             .parse::<u64>()
             .unwrap()
-            >= 10_000
+            >= 5_000
     );
     let (st, _, _) = b.get("/v1/kv/app/mode?consistent").await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
