@@ -31,7 +31,7 @@ pub struct LoadArgs {
     shoppers: u32,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     tessera_core::parse_duration(s).map_err(|e| e.to_string())
 }
 

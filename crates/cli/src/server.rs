@@ -30,6 +30,10 @@ pub struct ServerArgs {
     /// default SQLite in the data dir (`coordinator.db`).
     #[arg(long, env = "TESSERA_DATABASE_URL")]
     database_url: Option<String>,
+    /// With `--database-url`: how long this server owns the sagas it runs without
+    /// renewing; the others take over a dead server's sagas within this.
+    #[arg(long, env = "TESSERA_SAGA_LEASE", default_value = "10s", value_parser = crate::load::parse_duration)]
+    saga_lease: std::time::Duration,
     /// Keep event streams in NATS JetStream (`nats://127.0.0.1:4222`) instead of SQLite
     /// in the data dir, for several servers sharing them.
     #[arg(long, env = "TESSERA_EVENTS")]
@@ -84,8 +88,17 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let registry = server.registry().clone();
     let resolver: Arc<dyn Resolve> = Arc::new(RegistryResolver(registry.clone()));
+    if args.saga_lease < std::time::Duration::from_secs(1) {
+        return Err("--saga-lease must be at least 1s".into());
+    }
     let coordinator = match &args.database_url {
-        Some(url) => Coordinator::open_postgres(url, Some(resolver)).await,
+        Some(url) => {
+            let options = tessera_coordinator::Options {
+                owner: node.clone(),
+                lease: args.saga_lease,
+            };
+            Coordinator::open_postgres(url, Some(resolver), options).await
+        }
         None => Coordinator::open_sqlite(&data_dir, Some(resolver)).await,
     }
     .map_err(|e| format!("cannot open the saga store: {e}"))?;
@@ -121,6 +134,8 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
         .run_with(listener, extra, stopping)
         .await
         .map_err(|e| e.to_string())?;
+    // What this server has in flight goes to the other servers now, not after its lease.
+    coordinator.release().await;
     println!("tessera server stopped");
     Ok(())
 }

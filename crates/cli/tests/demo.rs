@@ -829,75 +829,9 @@ async fn a_checkout_burst_with_replicas_killed_leaves_no_inconsistent_order() {
     chaos_run(None).await;
 }
 
-/// A fresh database on the machine's PostgreSQL (via `psql`), dropped at the end. Outside
-/// CI a missing server skips the test; in CI it fails it.
-struct PgDatabase {
-    url: String,
-    name: String,
-}
-
-fn psql(sql: &str) -> Result<(), String> {
-    let out = std::process::Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "root",
-            "-d",
-            "test",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-c",
-            sql,
-        ])
-        .output()
-        .map_err(|e| format!("psql: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
-impl PgDatabase {
-    fn create() -> Option<PgDatabase> {
-        let name = format!("tessera_shop_{:08x}", std::process::id() ^ fastrand_u32());
-        match psql(&format!("CREATE DATABASE {name}")) {
-            Ok(()) => Some(PgDatabase {
-                url: format!("postgres://root@127.0.0.1:5432/{name}"),
-                name,
-            }),
-            Err(e) => {
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "PostgreSQL is required in CI: {e}"
-                );
-                eprintln!("skipping: no PostgreSQL at 127.0.0.1:5432 ({e})");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let _ = psql(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ));
-    }
-}
-
-fn fastrand_u32() -> u32 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(16)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shop_runs_on_postgresql_too() {
-    let Some(db) = PgDatabase::create() else {
+    let Some(db) = tessera_testkit::PgDatabase::create_or_skip() else {
         return;
     };
     chaos_run(Some(&db.url)).await;

@@ -698,3 +698,206 @@ async fn with_acls_on_every_write_needs_a_token() {
     let (s, v) = send_as(&c, "PUT", url("/v1/kv/evil"), Some(json!("x")), root).await;
     assert_eq!(s, 200, "{v}");
 }
+
+/// A counter from a server's coordinator metrics.
+async fn coordinator_metric(c: &HttpClient, addr: &str, name: &str) -> u64 {
+    let (_, v) = send(
+        c,
+        "GET",
+        format!("http://{addr}/v1/tessera/coordinator/metrics"),
+        None,
+    )
+    .await;
+    v.as_str()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn saga_status(c: &HttpClient, addr: &str, id: &str) -> Value {
+    send(c, "GET", format!("http://{addr}/v1/sagas/{id}"), None)
+        .await
+        .1
+}
+
+/// Two `tessera server`s sharing one PostgreSQL (each its own data dir). A saga started
+/// on the first is blocked in its middle step when that server is killed with SIGKILL:
+/// the second takes it over once the lease (10 s) runs out and completes it, calling
+/// the interrupted step again with the same key and no other step twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_coordinators_saga_is_finished_by_another() {
+    let Some(db) = tessera_testkit::PgDatabase::create_or_skip() else {
+        return;
+    };
+    let (p, paddr) = participant().await;
+    p.gates.lock().unwrap().insert("/k1/b/do".into());
+    let (da, db_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let pg = ["--database-url", db.url.as_str()];
+    let (mut a, a_addr) =
+        common::spawn_server(da.path(), &[&["--node", "a"][..], &pg].concat()).await;
+    let (_b, b_addr) =
+        common::spawn_server(db_dir.path(), &[&["--node", "b"][..], &pg].concat()).await;
+    let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let (s, v) = send(
+        &c,
+        "POST",
+        format!("http://{a_addr}/v1/sagas"),
+        Some(saga("k1", &paddr)),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    wait_until("a to block in step b", || {
+        let n = p.calls_to("/k1/b/do").len();
+        async move { n == 1 }
+    })
+    .await;
+    a.start_kill().unwrap();
+    a.wait().await.unwrap();
+    p.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    p.released.notify_waiters();
+    wait_until("b to complete a's saga", || {
+        let (c, b_addr, id) = (c.clone(), b_addr.clone(), id.clone());
+        async move { saga_status(&c, &b_addr, &id).await["status"] == "completed" }
+    })
+    .await;
+    let key = |step: &str| format!("{id}/{step}/action");
+    assert_eq!(p.calls_to("/k1/a/do"), [key("a")]);
+    assert_eq!(
+        p.calls_to("/k1/b/do"),
+        [key("b"), key("b")],
+        "interrupted: called again, same key"
+    );
+    assert_eq!(p.calls_to("/k1/c/do"), [key("c")]);
+    assert_eq!(
+        coordinator_metric(&c, &b_addr, "tessera_coordinator_claimed_total").await,
+        1
+    );
+}
+
+/// A paused owner cannot write: server a is frozen with SIGSTOP while its saga waits on
+/// step b; b takes the saga over after the lease and completes it; when a wakes, its
+/// call answered, its transition is refused by the fence (counted), it calls no further
+/// step, and the saga stays exactly as b left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_coordinator_cannot_write_a_transition() {
+    let Some(db) = tessera_testkit::PgDatabase::create_or_skip() else {
+        return;
+    };
+    let (p, paddr) = participant().await;
+    p.gates.lock().unwrap().insert("/p1/b/do".into());
+    let (da, db_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let pg = ["--database-url", db.url.as_str()];
+    let (a, a_addr) = common::spawn_server(da.path(), &[&["--node", "a"][..], &pg].concat()).await;
+    let (_b, b_addr) =
+        common::spawn_server(db_dir.path(), &[&["--node", "b"][..], &pg].concat()).await;
+    let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let (s, v) = send(
+        &c,
+        "POST",
+        format!("http://{a_addr}/v1/sagas"),
+        Some(saga("p1", &paddr)),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    wait_until("a to block in step b", || {
+        let n = p.calls_to("/p1/b/do").len();
+        async move { n == 1 }
+    })
+    .await;
+    let pid = a.id().unwrap();
+    tessera_testkit::signal(pid, "STOP");
+    // b's claim calls step b again (same key), which blocks too; then both are answered.
+    wait_until("b to take the saga over", || {
+        let n = p.calls_to("/p1/b/do").len();
+        async move { n == 2 }
+    })
+    .await;
+    p.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    p.released.notify_waiters();
+    wait_until("b to complete the saga", || {
+        let (c, b_addr, id) = (c.clone(), b_addr.clone(), id.clone());
+        async move { saga_status(&c, &b_addr, &id).await["status"] == "completed" }
+    })
+    .await;
+    let done = saga_status(&c, &b_addr, &id).await;
+    tessera_testkit::signal(pid, "CONT");
+    wait_until("a's late write to be refused", || {
+        let (c, a_addr) = (c.clone(), a_addr.clone());
+        async move { coordinator_metric(&c, &a_addr, "tessera_coordinator_fenced_total").await == 1 }
+    })
+    .await;
+    assert_eq!(
+        saga_status(&c, &b_addr, &id).await,
+        done,
+        "the stale owner changed the saga"
+    );
+    assert_eq!(
+        saga_status(&c, &a_addr, &id).await,
+        done,
+        "a shows the stored saga"
+    );
+    assert_eq!(p.calls_to("/p1/c/do").len(), 1, "step c once, by b");
+    drop(a);
+}
+
+/// A server that stops (SIGTERM) hands its sagas over at once: it ends its leases and
+/// NOTIFYs the others. The lease here is 20 minutes and the others poll every tenth of
+/// it, so only the notification can explain the takeover within the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_coordinator_hands_its_sagas_over_at_once() {
+    let Some(db) = tessera_testkit::PgDatabase::create_or_skip() else {
+        return;
+    };
+    let (p, paddr) = participant().await;
+    p.gates.lock().unwrap().insert("/h1/b/do".into());
+    let (da, db_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let flags = |node: &'static str| {
+        [
+            "--node",
+            node,
+            "--database-url",
+            db.url.as_str(),
+            "--saga-lease",
+            "1200s",
+        ]
+    };
+    let (mut a, a_addr) = common::spawn_server(da.path(), &flags("a")).await;
+    let (_b, b_addr) = common::spawn_server(db_dir.path(), &flags("b")).await;
+    let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let (s, v) = send(
+        &c,
+        "POST",
+        format!("http://{a_addr}/v1/sagas"),
+        Some(saga("h1", &paddr)),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    wait_until("a to block in step b", || {
+        let n = p.calls_to("/h1/b/do").len();
+        async move { n == 1 }
+    })
+    .await;
+    tessera_testkit::signal(a.id().unwrap(), "TERM");
+    let exit = a.wait().await.unwrap();
+    assert!(exit.success(), "{exit:?}");
+    wait_until("b to take the saga over", || {
+        let n = p.calls_to("/h1/b/do").len();
+        async move { n == 2 }
+    })
+    .await;
+    p.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    p.released.notify_waiters();
+    wait_until("b to complete the saga", || {
+        let (c, b_addr, id) = (c.clone(), b_addr.clone(), id.clone());
+        async move { saga_status(&c, &b_addr, &id).await["status"] == "completed" }
+    })
+    .await;
+    assert_eq!(
+        p.calls_to("/h1/b/do"),
+        [format!("{id}/b/action"), format!("{id}/b/action")]
+    );
+}

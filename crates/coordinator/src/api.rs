@@ -294,6 +294,16 @@ async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Result<Respo
             "Participant calls that failed.",
             &st.engine.caller.failed_calls,
         ),
+        (
+            "tessera_coordinator_claimed_total",
+            "Sagas and TCC transactions this server took over after their owner's lease ran out.",
+            &st.engine.lease.claimed,
+        ),
+        (
+            "tessera_coordinator_fenced_total",
+            "Transitions this server was refused because another server had taken the saga or TCC transaction over.",
+            &st.engine.lease.fenced,
+        ),
     ] {
         let _ = writeln!(
             out,

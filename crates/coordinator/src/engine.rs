@@ -9,6 +9,11 @@
 //!   that succeeded, and a failed step that may have taken effect (timeout, reset, 5xx),
 //!   are compensated last first, each retried until it succeeds or its retry limit makes
 //!   the saga `stuck`.
+//!
+//! With N servers on one database, a saga is run by the server holding its lease: each
+//! write carries the fence the server got with it, and a participant is called only
+//! while the lease surely holds. A refused write or a lapsed lease stops the task; the
+//! saga goes on wherever it is claimed next, with the same idempotency keys.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::call::{Caller, Outcome};
 use crate::def::SagaDef;
+use crate::lease::{Lease, Lost};
 use crate::saga::{Attempt, Saga, SagaStatus, StepStatus, new_id, now_ms};
 use crate::store::{Store, StoreError};
 
@@ -30,6 +36,7 @@ pub struct Stats {
 pub struct Engine {
     pub(crate) store: Store<Saga>,
     pub(crate) caller: Arc<Caller>,
+    pub(crate) lease: Arc<Lease>,
     /// The latest state of sagas in flight, attempts included, for `GET`.
     live: Mutex<HashMap<String, Saga>>,
     pub stats: Stats,
@@ -64,10 +71,11 @@ pub(crate) async fn detached<T: Send + 'static>(
 }
 
 impl Engine {
-    pub fn new(store: Store<Saga>, caller: Arc<Caller>) -> Arc<Engine> {
+    pub(crate) fn new(store: Store<Saga>, caller: Arc<Caller>, lease: Arc<Lease>) -> Arc<Engine> {
         Arc::new(Engine {
             store,
             caller,
+            lease,
             live: Mutex::new(HashMap::new()),
             stats: Stats::default(),
         })
@@ -103,7 +111,7 @@ impl Engine {
             }
         }
         self.stats.started.fetch_add(1, Ordering::Relaxed);
-        self.spawn(saga.clone());
+        self.spawn(saga.clone(), 1);
         Ok((saga, true))
     }
 
@@ -115,40 +123,56 @@ impl Engine {
         self.store.get(id).await
     }
 
-    /// Resumes every saga a crash or restart interrupted.
-    pub async fn resume(self: &Arc<Self>) -> Result<usize, StoreError> {
-        let sagas = self.store.unfinished().await?;
-        let n = sagas.len();
-        for saga in sagas {
-            tracing::info!(saga = %saga.id, status = saga.status.as_str(), "resuming saga");
-            self.spawn(saga);
+    /// Takes over sagas whose owner's lease ran out (`at_start`: also this server's own
+    /// from before a restart) and runs them; returns how many.
+    pub async fn claim(self: &Arc<Self>, at_start: bool) -> Result<usize, StoreError> {
+        let mut n = 0;
+        let mut mine = at_start;
+        loop {
+            let sagas = self.store.claim(mine).await?;
+            // After this server's own (all at once), the expired ones until none is left.
+            let was_mine = std::mem::replace(&mut mine, false);
+            if sagas.is_empty() && !was_mine {
+                return Ok(n);
+            }
+            n += sagas.len();
+            for (saga, fence) in sagas {
+                tracing::info!(saga = %saga.id, status = saga.status.as_str(), fence, "resuming saga");
+                self.spawn(saga, fence);
+            }
         }
-        Ok(n)
     }
 
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Saga>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn spawn(self: &Arc<Self>, saga: Saga) {
+    fn spawn(self: &Arc<Self>, saga: Saga, fence: i64) {
         self.lock_live().insert(saga.id.clone(), saga.clone());
         let me = self.clone();
         tokio::spawn(async move {
             let id = saga.id.clone();
-            me.run(saga).await;
+            let _ = me.run(saga, fence).await;
             me.lock_live().remove(&id);
         });
     }
 
-    /// Persists `saga`, retrying until the store takes it: a transition that is not
-    /// durable must not be acted on.
-    async fn persist(&self, saga: &mut Saga) {
+    /// Persists `saga` under `fence`, retrying until the store takes it: a transition
+    /// that is not durable must not be acted on. `Lost` when another server has claimed
+    /// the saga since.
+    async fn persist(&self, saga: &mut Saga, fence: i64) -> Result<(), Lost> {
         saga.updated_ms = now_ms();
         let mut pause = std::time::Duration::from_millis(50);
-        while let Err(e) = self.store.update(saga).await {
-            tracing::error!(saga = %saga.id, error = %e, "cannot persist saga; retrying");
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(std::time::Duration::from_secs(5));
+        loop {
+            match self.store.update(saga, fence).await {
+                Ok(true) => break,
+                Ok(false) => return Err(self.lease.fenced_out("saga", &saga.id)),
+                Err(e) => {
+                    tracing::error!(saga = %saga.id, error = %e, "cannot persist saga; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                }
+            }
         }
         let counter = match saga.status {
             SagaStatus::Completed => Some(&self.stats.completed),
@@ -162,6 +186,7 @@ impl Engine {
         // Shown only once durable (and counted): a reader never sees a status a crash
         // could undo.
         self.lock_live().insert(saga.id.clone(), saga.clone());
+        Ok(())
     }
 
     fn note_attempt(&self, saga: &mut Saga, step: usize, compensation: bool, attempt: Attempt) {
@@ -169,37 +194,36 @@ impl Engine {
         self.lock_live().insert(saga.id.clone(), saga.clone());
     }
 
-    async fn run(&self, mut saga: Saga) {
+    async fn run(&self, mut saga: Saga, fence: i64) -> Result<(), Lost> {
         let def = saga.definition.clone();
         loop {
             match saga.status {
-                SagaStatus::Running => self.forward(&mut saga, &def).await,
-                SagaStatus::Compensating => self.compensate(&mut saga, &def).await,
-                SagaStatus::Completed | SagaStatus::Compensated => return,
+                SagaStatus::Running => self.forward(&mut saga, &def, fence).await?,
+                SagaStatus::Compensating => self.compensate(&mut saga, &def, fence).await?,
+                SagaStatus::Completed | SagaStatus::Compensated => return Ok(()),
                 SagaStatus::Stuck => {
                     tracing::error!(saga = %saga.id, error = ?saga.error, "saga is stuck");
-                    return;
+                    return Ok(());
                 }
             }
         }
     }
 
     /// Runs the step marked `running` to success (arming the next) or failure.
-    async fn forward(&self, saga: &mut Saga, def: &SagaDef) {
+    async fn forward(&self, saga: &mut Saga, def: &SagaDef, fence: i64) -> Result<(), Lost> {
         let Some(i) = saga
             .steps
             .iter()
             .position(|s| s.status != StepStatus::Succeeded)
         else {
             saga.status = SagaStatus::Completed;
-            self.persist(saga).await;
-            return;
+            return self.persist(saga, fence).await;
         };
         // A saga stored before its step was armed (not written by this version) or a
         // pending step after a success: arm it first.
         if saga.steps[i].status != StepStatus::Running {
             saga.steps[i].status = StepStatus::Running;
-            self.persist(saga).await;
+            self.persist(saga, fence).await?;
         }
         let step = &def.steps[i];
         let mut maybe_applied = saga.steps[i].maybe_applied;
@@ -211,6 +235,7 @@ impl Engine {
                 tokio::time::sleep(step.retry.delay(attempt - 1, fastrand::f64())).await;
             }
             let key = format!("{}/{}/action", saga.id, step.name);
+            self.lease.held()?;
             let (outcome, record) = self
                 .caller
                 .call(&key, &saga.id, step.timeout, &step.action)
@@ -224,8 +249,7 @@ impl Engine {
                         Some(next) => next.status = StepStatus::Running,
                         None => saga.status = SagaStatus::Completed,
                     }
-                    self.persist(saga).await;
-                    return;
+                    return self.persist(saga, fence).await;
                 }
                 // An open breaker fails the attempt fast: nothing was sent.
                 Outcome::NotApplied | Outcome::Rejected(_) => {}
@@ -242,11 +266,11 @@ impl Engine {
             step.name,
             if attempts == 1 { "" } else { "s" }
         ));
-        self.persist(saga).await;
+        self.persist(saga, fence).await
     }
 
     /// Undoes the last step that may have had an effect, or finishes compensating.
-    async fn compensate(&self, saga: &mut Saga, def: &SagaDef) {
+    async fn compensate(&self, saga: &mut Saga, def: &SagaDef, fence: i64) -> Result<(), Lost> {
         let next = saga.steps.iter().rposition(|s| {
             s.status == StepStatus::Succeeded
                 || (s.status == StepStatus::Failed && s.maybe_applied)
@@ -260,14 +284,12 @@ impl Engine {
                 }
             }
             saga.status = SagaStatus::Compensated;
-            self.persist(saga).await;
-            return;
+            return self.persist(saga, fence).await;
         };
         let step = &def.steps[j];
         let Some(call) = &step.compensation else {
             saga.steps[j].status = StepStatus::NotCompensated;
-            self.persist(saga).await;
-            return;
+            return self.persist(saga, fence).await;
         };
         let retry = &def.compensation_retry;
         let mut last = String::new();
@@ -277,6 +299,7 @@ impl Engine {
                 tokio::time::sleep(retry.delay(attempt, fastrand::f64())).await;
             }
             let key = format!("{}/{}/compensation", saga.id, step.name);
+            self.lease.held()?;
             let (outcome, record) = self.caller.call(&key, &saga.id, step.timeout, call).await;
             if let Outcome::Rejected(open_for) = outcome {
                 // The participant's breaker is open: wait it out. Such a pause is not an
@@ -289,8 +312,7 @@ impl Engine {
             self.note_attempt(saga, j, true, record);
             if matches!(outcome, Outcome::Ok) {
                 saga.steps[j].status = StepStatus::Compensated;
-                self.persist(saga).await;
-                return;
+                return self.persist(saga, fence).await;
             }
         }
         saga.status = SagaStatus::Stuck;
@@ -300,6 +322,6 @@ impl Engine {
             step.name,
             retry.max_attempts
         ));
-        self.persist(saga).await;
+        self.persist(saga, fence).await
     }
 }

@@ -20,12 +20,15 @@ mod api;
 mod call;
 pub mod def;
 mod engine;
+mod lease;
 pub mod saga;
 mod store;
 pub mod tcc;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 pub use api::{AllowAll, Authorize};
 pub use call::Resolve;
@@ -34,13 +37,39 @@ pub use saga::{Saga, SagaStatus, StepStatus};
 pub use store::StoreError;
 
 use engine::Engine;
-use store::Database;
+use lease::Lease;
+use store::{Database, Owner};
+
+/// How this coordinator shares its database with others.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// This server's name in the `owner` column: unique among the servers sharing a
+    /// database, and the same across its restarts (it takes its own records back at
+    /// once instead of waiting out their lease).
+    pub owner: String,
+    /// How long a server owns what it runs without renewing; a killed server's sagas
+    /// are taken over within this.
+    pub lease: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            owner: "coordinator".into(),
+            lease: Duration::from_secs(10),
+        }
+    }
+}
 
 /// A running coordinator: its store and its sagas in flight.
 #[derive(Clone)]
 pub struct Coordinator {
     engine: Arc<Engine>,
     tcc: Arc<tcc::TccEngine>,
+    db: Database,
+    lease: Arc<Lease>,
+    wake: Arc<tokio::sync::Notify>,
+    started: Arc<AtomicBool>,
 }
 
 impl Coordinator {
@@ -49,36 +78,135 @@ impl Coordinator {
         dir: &Path,
         resolver: Option<Arc<dyn Resolve>>,
     ) -> Result<Coordinator, StoreError> {
-        Self::open(Database::open_sqlite(dir).await?, resolver).await
+        Self::open(
+            Database::open_sqlite(dir).await?,
+            resolver,
+            Options::default(),
+        )
+        .await
     }
 
-    /// Stores sagas in PostgreSQL (`postgres://...`).
+    /// Stores sagas in PostgreSQL (`postgres://...`), shared with the other servers
+    /// given the same URL.
     pub async fn open_postgres(
         url: &str,
         resolver: Option<Arc<dyn Resolve>>,
+        options: Options,
     ) -> Result<Coordinator, StoreError> {
-        Self::open(Database::open_postgres(url).await?, resolver).await
+        Self::open(Database::open_postgres(url).await?, resolver, options).await
     }
 
     async fn open(
         db: Database,
         resolver: Option<Arc<dyn Resolve>>,
+        options: Options,
     ) -> Result<Coordinator, StoreError> {
-        let sagas = db.table("sagas", &["running", "compensating"]).await?;
+        let lease = Arc::new(Lease::new(Owner {
+            name: options.owner,
+            lease: options.lease,
+        }));
+        let owner = lease.owner.clone();
+        let sagas = db
+            .table("sagas", &["running", "compensating"], owner.clone())
+            .await?;
         let tcc = db
-            .table("tcc", &["trying", "confirming", "cancelling"])
+            .table("tcc", &["trying", "confirming", "cancelling"], owner)
             .await?;
         let caller = call::Caller::new(resolver);
         Ok(Coordinator {
-            engine: Engine::new(sagas, caller.clone()),
-            tcc: tcc::TccEngine::new(tcc, caller),
+            engine: Engine::new(sagas, caller.clone(), lease.clone()),
+            tcc: tcc::TccEngine::new(tcc, caller, lease.clone()),
+            db,
+            lease,
+            wake: Arc::new(tokio::sync::Notify::new()),
+            started: Arc::new(AtomicBool::new(false)),
         })
     }
 
-    /// Restarts every saga and TCC transaction that was in flight when the process
-    /// stopped; returns how many.
+    /// Restarts every saga and TCC transaction this server had in flight when it
+    /// stopped (on SQLite: every one), and from then on keeps its leases and takes over
+    /// what other servers leave: at once when one stops (LISTEN/NOTIFY), within a lease
+    /// when one dies (polling). Returns how many it restarted.
     pub async fn resume(&self) -> Result<usize, StoreError> {
-        Ok(self.engine.resume().await? + self.tcc.resume().await?)
+        let n = self.engine.claim(true).await? + self.tcc.claim(true).await?;
+        if !self.started.swap(true, Ordering::AcqRel) {
+            tokio::spawn(self.clone().keep());
+            let (db, wake) = (self.db.clone(), self.wake.clone());
+            tokio::spawn(async move { db.listen(wake).await });
+        }
+        Ok(n)
+    }
+
+    /// Renews this server's leases every third of a lease, and claims expired ones
+    /// every tenth (or when woken).
+    async fn keep(self) {
+        let lease = self.lease.owner.lease;
+        let mut next_renewal = tokio::time::Instant::now();
+        loop {
+            let now = tokio::time::Instant::now();
+            if !self.db.shared() {
+                // The only server of its file: nobody can claim from it.
+                self.lease.renewed(now);
+            } else if now >= next_renewal {
+                let sagas = self.engine.store.renew().await;
+                let tccs = self.tcc.store.renew().await;
+                match (sagas, tccs) {
+                    (Ok(_), Ok(_)) => {
+                        self.lease.renewed(now);
+                        next_renewal = now + lease / 3;
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::warn!(error = %e, "cannot renew this server's saga leases");
+                        next_renewal = now + lease / 10;
+                    }
+                }
+            }
+            if self.db.shared() {
+                let claimed = async {
+                    Ok::<_, StoreError>(
+                        self.engine.claim(false).await? + self.tcc.claim(false).await?,
+                    )
+                };
+                match claimed.await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        self.lease
+                            .claimed
+                            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(
+                            n,
+                            "took over sagas and TCC transactions whose lease ran out"
+                        );
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot claim expired sagas"),
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(lease / 10) => {}
+                () = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Lets the other servers take over what this one has in flight, at once: call when
+    /// the server stops.
+    pub async fn release(&self) {
+        let released = async {
+            Ok::<_, StoreError>(
+                self.engine.store.release().await? + self.tcc.store.release().await?,
+            )
+        };
+        match released.await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(
+                    n,
+                    "released unfinished sagas and TCC transactions to the other servers"
+                );
+                self.db.notify().await;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot release this server's saga leases"),
+        }
     }
 
     pub fn router(&self, auth: Arc<dyn Authorize>) -> axum::Router {

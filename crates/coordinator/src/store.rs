@@ -4,10 +4,23 @@
 //! single transaction — group commit — so a thousand transactions in flight cost one
 //! fsync per batch instead of one per transition, and nothing is acknowledged before it
 //! is durable.
+//!
+//! Every unfinished record is owned by one server at a time, through a lease with a
+//! fencing token (`owner`, `lease_until`, `fence` columns), so N servers can share one
+//! PostgreSQL:
+//! - the server that inserts a record owns it (fence 1);
+//! - an owner renews all its leases in one statement per table;
+//! - a record whose lease ran out is claimed by any server with `FOR UPDATE SKIP LOCKED`,
+//!   which bumps its fence in the same statement;
+//! - every transition is `UPDATE … WHERE id = ? AND fence = ?`: a stale owner's write
+//!   changes no row, and it stops.
+//!
+//! Lease times are the database's clock, so servers' clocks need not agree.
 
 use std::marker::PhantomData;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -20,6 +33,8 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 512;
+/// Most records one claim takes over.
+const CLAIM_BATCH: i64 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -92,7 +107,7 @@ enum Db {
     Postgres(PgPool),
 }
 
-/// The columns of a row, ready to bind.
+/// The columns of a row, ready to bind, and the fence its write is made under.
 struct Row {
     id: String,
     idempotency_key: Option<String>,
@@ -101,11 +116,13 @@ struct Row {
     state: String,
     created_ms: i64,
     updated_ms: i64,
+    fence: i64,
 }
 
 impl Row {
-    fn of<R: Record>(r: &R) -> Row {
+    fn of<R: Record>(r: &R, fence: i64) -> Row {
         Row {
+            fence,
             id: r.id().to_owned(),
             idempotency_key: r.idempotency_key().map(str::to_owned),
             name: r.name().to_owned(),
@@ -120,10 +137,23 @@ impl Row {
 
 /// One write, queued for the next group commit, with its table's statement.
 enum Op {
-    /// Inserts unless a row with the same idempotency key exists; answers whether it
-    /// inserted.
-    Insert(Arc<str>, Row),
+    /// Inserts (owned by `Owner`) unless a row with the same idempotency key exists;
+    /// answers whether it inserted.
+    Insert(Arc<str>, Row, Arc<Owner>),
+    /// Answers whether the fence still held.
     Update(Arc<str>, Row),
+}
+
+/// Who this server is to the tables, and how long its leases last.
+pub struct Owner {
+    pub name: String,
+    pub lease: Duration,
+}
+
+impl Owner {
+    fn lease_ms(&self) -> i64 {
+        self.lease.as_millis() as i64
+    }
 }
 
 type Reply = oneshot::Sender<Result<bool, tessera_sql::Refused>>;
@@ -175,13 +205,56 @@ impl Database {
         Database { db, writes: tx }
     }
 
+    /// Whether several servers may share this database (PostgreSQL), so that records
+    /// owned elsewhere must wait for their lease to run out before being claimed.
+    pub fn shared(&self) -> bool {
+        matches!(self.db, Db::Postgres(_))
+    }
+
+    /// Waits for a NOTIFY on the coordinator's channel (another server released its
+    /// leases), forever on SQLite or while the listener cannot connect.
+    pub async fn listen(&self, wake: Arc<tokio::sync::Notify>) {
+        let Db::Postgres(pool) = &self.db else {
+            return;
+        };
+        loop {
+            let listener = async {
+                let mut l = sqlx::postgres::PgListener::connect_with(pool).await?;
+                l.listen(CHANNEL).await?;
+                loop {
+                    l.recv().await?;
+                    wake.notify_one();
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), sqlx::Error>(())
+            };
+            if let Err(e) = listener.await {
+                tracing::debug!(error = %e, "coordinator LISTEN ended; polling until it is back");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Tells the other servers that records are free to claim.
+    pub async fn notify(&self) {
+        if let Db::Postgres(p) = &self.db
+            && let Err(e) = sqlx::query(AssertSqlSafe(format!("NOTIFY {CHANNEL}")))
+                .execute(p)
+                .await
+        {
+            tracing::debug!(error = %e, "cannot NOTIFY the other coordinators");
+        }
+    }
+
     /// The table `name` (created if missing) holding records of type `R`; `unfinished`
-    /// are the statuses a crash can interrupt.
+    /// are the statuses a crash can interrupt, whose records are leased to `owner`.
     pub async fn table<R: Record>(
         &self,
         name: &'static str,
         unfinished: &[&str],
+        owner: Arc<Owner>,
     ) -> Result<Store<R>, StoreError> {
+        let pg = self.shared();
         let create = format!(
             "CREATE TABLE IF NOT EXISTS {name} (
                 id TEXT PRIMARY KEY,
@@ -193,9 +266,28 @@ impl Database {
                 updated_ms BIGINT NOT NULL
             )"
         );
-        let index =
-            format!("CREATE INDEX IF NOT EXISTS {name}_by_status ON {name} (status, created_ms)");
-        for stmt in [create, index] {
+        let mut stmts = vec![create];
+        // Tables made before ownership existed get its columns.
+        for (col, ty) in [
+            ("owner", "TEXT"),
+            ("fence", "BIGINT NOT NULL DEFAULT 0"),
+            ("lease_until", "BIGINT NOT NULL DEFAULT 0"),
+        ] {
+            if pg {
+                stmts.push(format!(
+                    "ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {col} {ty}"
+                ));
+            } else if !self.sqlite_has_column(name, col).await? {
+                stmts.push(format!("ALTER TABLE {name} ADD COLUMN {col} {ty}"));
+            }
+        }
+        stmts.push(format!(
+            "CREATE INDEX IF NOT EXISTS {name}_by_status ON {name} (status, created_ms)"
+        ));
+        stmts.push(format!(
+            "CREATE INDEX IF NOT EXISTS {name}_by_lease ON {name} (status, lease_until)"
+        ));
+        for stmt in stmts {
             match &self.db {
                 Db::Sqlite(p) => {
                     sqlx::query(AssertSqlSafe(stmt)).execute(p).await?;
@@ -205,9 +297,13 @@ impl Database {
                 }
             }
         }
-        let pg = matches!(self.db, Db::Postgres(_));
-        // Placeholders: `?` for SQLite, `$n` for PostgreSQL.
-        let ph = |n: usize| -> String { if pg { format!("${n}") } else { "?".into() } };
+        // Placeholders: `?n` for SQLite, `$n` for PostgreSQL; the database's clock in ms.
+        let ph = |n: usize| -> String { if pg { format!("${n}") } else { format!("?{n}") } };
+        let now = if pg {
+            "(extract(epoch from clock_timestamp()) * 1000)::BIGINT"
+        } else {
+            "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+        };
         let statuses = unfinished
             .iter()
             .map(|s| format!("'{s}'"))
@@ -215,14 +311,38 @@ impl Database {
             .join(", ");
         let sql = Sql {
             insert: format!(
-                "INSERT INTO {name} (id, idempotency_key, name, status, state, created_ms, updated_ms)
-                 VALUES ({}, {}, {}, {}, {}, {}, {}) ON CONFLICT DO NOTHING",
-                ph(1), ph(2), ph(3), ph(4), ph(5), ph(6), ph(7)
+                "INSERT INTO {name} (id, idempotency_key, name, status, state, created_ms, updated_ms,
+                                     owner, fence, lease_until)
+                 VALUES ({}, {}, {}, {}, {}, {}, {}, {}, 1, {now} + {}) ON CONFLICT DO NOTHING",
+                ph(1), ph(2), ph(3), ph(4), ph(5), ph(6), ph(7), ph(8), ph(9)
             )
             .into(),
             update: format!(
-                "UPDATE {name} SET status = {}, state = {}, updated_ms = {} WHERE id = {}",
-                ph(1), ph(2), ph(3), ph(4)
+                "UPDATE {name} SET status = {}, state = {}, updated_ms = {} WHERE id = {} AND fence = {}",
+                ph(1), ph(2), ph(3), ph(4), ph(5)
+            )
+            .into(),
+            claim: format!(
+                "UPDATE {name} SET owner = {p1}, fence = fence + 1, lease_until = {now} + {p2}
+                 WHERE id IN (SELECT id FROM {name}
+                              WHERE status IN ({statuses}) AND (lease_until < {now} OR {at_start})
+                              ORDER BY created_ms LIMIT {p4}{skip})
+                 RETURNING id, state, fence",
+                p1 = ph(1), p2 = ph(2), p4 = ph(4),
+                // At start a server takes back its own records; on SQLite, the only
+                // server of its file, every record.
+                at_start = if pg { "owner = $3" } else { "?3 IS NOT NULL" },
+                skip = if pg { " FOR UPDATE SKIP LOCKED" } else { "" },
+            )
+            .into(),
+            renew: format!(
+                "UPDATE {name} SET lease_until = {now} + {} WHERE owner = {} AND status IN ({statuses})",
+                ph(1), ph(2)
+            )
+            .into(),
+            release: format!(
+                "UPDATE {name} SET lease_until = 0 WHERE owner = {} AND status IN ({statuses})",
+                ph(1)
             )
             .into(),
             get: format!("SELECT id, state FROM {name} WHERE id = {}", ph(1)).into(),
@@ -240,20 +360,32 @@ impl Database {
                 )
             }
             .into(),
-            unfinished: format!(
-                "SELECT id, state FROM {name} WHERE status IN ({statuses}) ORDER BY created_ms"
-            )
-            .into(),
             counts: format!("SELECT status, COUNT(*) FROM {name} GROUP BY status").into(),
         };
         Ok(Store {
             db: self.db.clone(),
             writes: self.writes.clone(),
             sql: Arc::new(sql),
+            owner,
             record: PhantomData,
         })
     }
+
+    async fn sqlite_has_column(&self, table: &str, col: &str) -> Result<bool, StoreError> {
+        let Db::Sqlite(p) = &self.db else {
+            return Ok(true);
+        };
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = '{col}'"
+        )))
+        .fetch_one(p)
+        .await?;
+        Ok(n > 0)
+    }
 }
+
+/// The channel a server NOTIFYs when it lets its records go.
+const CHANNEL: &str = "tessera_coordinator";
 
 /// A table's statements, built once.
 struct Sql {
@@ -262,7 +394,9 @@ struct Sql {
     get: Arc<str>,
     by_key: Arc<str>,
     list: Arc<str>,
-    unfinished: Arc<str>,
+    claim: Arc<str>,
+    renew: Arc<str>,
+    release: Arc<str>,
     counts: Arc<str>,
 }
 
@@ -271,6 +405,7 @@ pub struct Store<R> {
     db: Db,
     writes: mpsc::Sender<(Op, Reply)>,
     sql: Arc<Sql>,
+    owner: Arc<Owner>,
     record: PhantomData<fn() -> R>,
 }
 
@@ -280,6 +415,7 @@ impl<R> Clone for Store<R> {
             db: self.db.clone(),
             writes: self.writes.clone(),
             sql: self.sql.clone(),
+            owner: self.owner.clone(),
             record: PhantomData,
         }
     }
@@ -302,17 +438,96 @@ impl<R: Record> Store<R> {
             .map_err(StoreError::NotKept)
     }
 
-    /// Stores a new record; `false` if one with its idempotency key already exists.
+    /// Stores a new record, owned by this server under fence 1; `false` if one with its
+    /// idempotency key already exists.
     pub async fn insert(&self, r: &R) -> Result<bool, StoreError> {
-        self.write(Op::Insert(self.sql.insert.clone(), Row::of(r)))
+        self.write(Op::Insert(
+            self.sql.insert.clone(),
+            Row::of(r, 1),
+            self.owner.clone(),
+        ))
+        .await
+    }
+
+    /// Stores a record's new state under `fence`; returns once it is durable, `false`
+    /// when another server has claimed the record since (nothing was written).
+    pub async fn update(&self, r: &R, fence: i64) -> Result<bool, StoreError> {
+        self.write(Op::Update(self.sql.update.clone(), Row::of(r, fence)))
             .await
     }
 
-    /// Stores a record's new state; returns once it is durable.
-    pub async fn update(&self, r: &R) -> Result<(), StoreError> {
-        self.write(Op::Update(self.sql.update.clone(), Row::of(r)))
-            .await
-            .map(|_| ())
+    /// Takes over unfinished records whose lease ran out (and, with `mine`, at start,
+    /// those this server owned before it restarted), oldest first, at most a batch: each
+    /// with its new fence.
+    pub async fn claim(&self, mine: bool) -> Result<Vec<(R, i64)>, StoreError> {
+        let sql = q(&self.sql.claim);
+        let own = mine.then_some(self.owner.name.as_str());
+        let (name, lease) = (self.owner.name.as_str(), self.owner.lease_ms());
+        // This server's own come back all at once (they stay its own, so paging by
+        // the same condition would take them again); expired ones a batch at a time.
+        let limit = if mine { i64::MAX } else { CLAIM_BATCH };
+        let rows: Vec<(String, String, i64)> = match &self.db {
+            Db::Sqlite(p) => {
+                sqlx::query_as(sql)
+                    .bind(name)
+                    .bind(lease)
+                    .bind(own)
+                    .bind(limit)
+                    .fetch_all(p)
+                    .await?
+            }
+            Db::Postgres(p) => {
+                sqlx::query_as(sql)
+                    .bind(name)
+                    .bind(lease)
+                    .bind(own)
+                    .bind(limit)
+                    .fetch_all(p)
+                    .await?
+            }
+        };
+        rows.into_iter()
+            .map(|(id, state, fence)| decode(id, &state).map(|r| (r, fence)))
+            .collect()
+    }
+
+    /// Extends the lease of every unfinished record this server owns.
+    pub async fn renew(&self) -> Result<u64, StoreError> {
+        let sql = q(&self.sql.renew);
+        let (name, lease) = (self.owner.name.as_str(), self.owner.lease_ms());
+        Ok(match &self.db {
+            Db::Sqlite(p) => sqlx::query(sql)
+                .bind(lease)
+                .bind(name)
+                .execute(p)
+                .await?
+                .rows_affected(),
+            Db::Postgres(p) => sqlx::query(sql)
+                .bind(lease)
+                .bind(name)
+                .execute(p)
+                .await?
+                .rows_affected(),
+        })
+    }
+
+    /// Ends the lease of every unfinished record this server owns (it is stopping), so
+    /// others claim them at once.
+    pub async fn release(&self) -> Result<u64, StoreError> {
+        let sql = q(&self.sql.release);
+        let name = self.owner.name.as_str();
+        Ok(match &self.db {
+            Db::Sqlite(p) => sqlx::query(sql)
+                .bind(name)
+                .execute(p)
+                .await?
+                .rows_affected(),
+            Db::Postgres(p) => sqlx::query(sql)
+                .bind(name)
+                .execute(p)
+                .await?
+                .rows_affected(),
+        })
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<R>, StoreError> {
@@ -361,18 +576,6 @@ impl<R: Record> Store<R> {
                 updated_ms: u as u64,
             })
             .collect())
-    }
-
-    /// Records a crash interrupted.
-    pub async fn unfinished(&self) -> Result<Vec<R>, StoreError> {
-        let sql = q(&self.sql.unfinished);
-        let rows: Vec<(String, String)> = match &self.db {
-            Db::Sqlite(p) => sqlx::query_as(sql).fetch_all(p).await?,
-            Db::Postgres(p) => sqlx::query_as(sql).fetch_all(p).await?,
-        };
-        rows.into_iter()
-            .map(|(id, state)| decode(id, &state))
-            .collect()
     }
 
     /// How many records are in each status.
@@ -434,7 +637,7 @@ macro_rules! commit {
         let mut out = Vec::with_capacity($batch.len());
         for (op, _) in $batch {
             let done = match op {
-                Op::Insert(sql, r) => sqlx::query(q(sql))
+                Op::Insert(sql, r, owner) => sqlx::query(q(sql))
                     .bind(&r.id)
                     .bind(&r.idempotency_key)
                     .bind(&r.name)
@@ -442,6 +645,8 @@ macro_rules! commit {
                     .bind(&r.state)
                     .bind(r.created_ms)
                     .bind(r.updated_ms)
+                    .bind(&owner.name)
+                    .bind(owner.lease_ms())
                     .execute(&mut *tx)
                     .await?
                     .rows_affected(),
@@ -450,6 +655,7 @@ macro_rules! commit {
                     .bind(&r.state)
                     .bind(r.updated_ms)
                     .bind(&r.id)
+                    .bind(r.fence)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected(),

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::call::{Caller, Outcome};
 use crate::def::{CallDef, InvalidDef, RetryDef};
 use crate::engine::{StartError, detached};
+use crate::lease::{Lease, Lost};
 use crate::saga::{Attempt, new_id, now_ms};
 use crate::store::{Store, StoreError};
 
@@ -188,15 +189,17 @@ pub struct TccStats {
 pub struct TccEngine {
     pub(crate) store: Store<Tcc>,
     caller: Arc<Caller>,
+    lease: Arc<Lease>,
     live: Mutex<HashMap<String, Tcc>>,
     pub stats: TccStats,
 }
 
 impl TccEngine {
-    pub fn new(store: Store<Tcc>, caller: Arc<Caller>) -> Arc<TccEngine> {
+    pub(crate) fn new(store: Store<Tcc>, caller: Arc<Caller>, lease: Arc<Lease>) -> Arc<TccEngine> {
         Arc::new(TccEngine {
             store,
             caller,
+            lease,
             live: Mutex::new(HashMap::new()),
             stats: TccStats::default(),
         })
@@ -256,7 +259,7 @@ impl TccEngine {
             return Ok((existing, false));
         }
         self.stats.started.fetch_add(1, Ordering::Relaxed);
-        self.spawn(tx.clone(), false);
+        self.spawn(tx.clone(), 1, false);
         Ok((tx, true))
     }
 
@@ -267,33 +270,51 @@ impl TccEngine {
         self.store.get(id).await
     }
 
-    pub async fn resume(self: &Arc<Self>) -> Result<usize, StoreError> {
-        let open = self.store.unfinished().await?;
-        let n = open.len();
-        for tx in open {
-            tracing::info!(tcc = %tx.id, status = tx.status.as_str(), "resuming TCC transaction");
-            self.spawn(tx, true);
+    /// Takes over transactions whose owner's lease ran out (`at_start`: also this
+    /// server's own from before a restart) and runs them; returns how many.
+    pub async fn claim(self: &Arc<Self>, at_start: bool) -> Result<usize, StoreError> {
+        let mut n = 0;
+        let mut mine = at_start;
+        loop {
+            let open = self.store.claim(mine).await?;
+            // After this server's own (all at once), the expired ones until none is left.
+            let was_mine = std::mem::replace(&mut mine, false);
+            if open.is_empty() && !was_mine {
+                return Ok(n);
+            }
+            n += open.len();
+            for (tx, fence) in open {
+                tracing::info!(tcc = %tx.id, status = tx.status.as_str(), fence, "resuming TCC transaction");
+                self.spawn(tx, fence, true);
+            }
         }
-        Ok(n)
     }
 
-    fn spawn(self: &Arc<Self>, tx: Tcc, resumed: bool) {
+    fn spawn(self: &Arc<Self>, tx: Tcc, fence: i64, resumed: bool) {
         self.lock_live().insert(tx.id.clone(), tx.clone());
         let me = self.clone();
         tokio::spawn(async move {
             let id = tx.id.clone();
-            me.clone().run(tx, resumed).await;
+            let _ = me.clone().run(tx, fence, resumed).await;
             me.lock_live().remove(&id);
         });
     }
 
-    async fn persist(&self, tx: &mut Tcc) {
+    /// Persists `tx` under `fence`, retrying until the store takes it; `Lost` when
+    /// another server has claimed it since.
+    async fn persist(&self, tx: &mut Tcc, fence: i64) -> Result<(), Lost> {
         tx.updated_ms = now_ms();
         let mut pause = Duration::from_millis(50);
-        while let Err(e) = self.store.update(tx).await {
-            tracing::error!(tcc = %tx.id, error = %e, "cannot persist TCC transaction; retrying");
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(5));
+        loop {
+            match self.store.update(tx, fence).await {
+                Ok(true) => break,
+                Ok(false) => return Err(self.lease.fenced_out("TCC transaction", &tx.id)),
+                Err(e) => {
+                    tracing::error!(tcc = %tx.id, error = %e, "cannot persist TCC transaction; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
         }
         match tx.status {
             TccStatus::Confirmed => self.stats.confirmed.fetch_add(1, Ordering::Relaxed),
@@ -301,9 +322,10 @@ impl TccEngine {
             _ => 0,
         };
         self.lock_live().insert(tx.id.clone(), tx.clone());
+        Ok(())
     }
 
-    async fn run(self: Arc<Self>, mut tx: Tcc, resumed: bool) {
+    async fn run(self: Arc<Self>, mut tx: Tcc, fence: i64, resumed: bool) -> Result<(), Lost> {
         loop {
             match tx.status {
                 TccStatus::Trying => {
@@ -313,27 +335,28 @@ impl TccEngine {
                         tx.status = TccStatus::Cancelling;
                         tx.error = Some("interrupted while trying; cancelled".into());
                     } else {
-                        self.try_all(&mut tx).await;
+                        self.try_all(&mut tx).await?;
                     }
                     // The decision, durable before phase two.
-                    self.persist(&mut tx).await;
+                    self.persist(&mut tx, fence).await?;
                 }
                 TccStatus::Confirming | TccStatus::Cancelling => {
-                    self.phase_two(&mut tx).await;
+                    self.phase_two(&mut tx).await?;
                     tx.status = if tx.status == TccStatus::Confirming {
                         TccStatus::Confirmed
                     } else {
                         TccStatus::Cancelled
                     };
-                    self.persist(&mut tx).await;
+                    self.persist(&mut tx, fence).await?;
                 }
-                TccStatus::Confirmed | TccStatus::Cancelled => return,
+                TccStatus::Confirmed | TccStatus::Cancelled => return Ok(()),
             }
         }
     }
 
     /// Phase one: every participant's try, concurrently; decides the status.
-    async fn try_all(self: &Arc<Self>, tx: &mut Tcc) {
+    async fn try_all(self: &Arc<Self>, tx: &mut Tcc) -> Result<(), Lost> {
+        self.lease.held()?;
         let mut set = tokio::task::JoinSet::new();
         for (i, p) in tx.definition.participants.iter().enumerate() {
             let (me, p, id) = (self.clone(), p.clone(), tx.id.clone());
@@ -375,11 +398,12 @@ impl TccEngine {
             tx.status = TccStatus::Cancelling;
             tx.error = Some(format!("try failed for {}", failed.join(", ")));
         }
+        Ok(())
     }
 
     /// Phase two: confirm or cancel every participant not done yet, each retried until
     /// it answers success.
-    async fn phase_two(self: &Arc<Self>, tx: &mut Tcc) {
+    async fn phase_two(self: &Arc<Self>, tx: &mut Tcc) -> Result<(), Lost> {
         let confirm = tx.status == TccStatus::Confirming;
         let kind = if confirm { "confirm" } else { "cancel" };
         let retry = tx.definition.phase_two_retry.clone();
@@ -409,6 +433,10 @@ impl TccEngine {
                         tokio::time::sleep(retry.delay(n, fastrand::f64())).await;
                     }
                     n += 1;
+                    // Retried until it answers: but only while this server owns it.
+                    if me.lease.held().is_err() {
+                        return (i, attempts, false);
+                    }
                     let (outcome, a) = me.caller.call(&key, &id, timeout, &call).await;
                     if let Outcome::Rejected(open_for) = outcome {
                         // Phase two waits out an open breaker rather than hammering.
@@ -417,7 +445,7 @@ impl TccEngine {
                     }
                     attempts.push(a);
                     if matches!(outcome, Outcome::Ok) {
-                        return (i, attempts);
+                        return (i, attempts, true);
                     }
                     if attempts.len() > KEEP_ATTEMPTS {
                         attempts.remove(0);
@@ -425,15 +453,18 @@ impl TccEngine {
                 }
             });
         }
+        let mut lost = false;
         while let Some(done) = set.join_next().await {
-            let Ok((i, attempts)) = done else {
+            let Ok((i, attempts, done)) = done else {
                 continue;
             };
             let rec = &mut tx.participants[i];
-            rec.done = true;
+            rec.done = done;
+            lost |= !done;
             for a in attempts {
                 rec.record(true, a);
             }
         }
+        if lost { Err(Lost) } else { Ok(()) }
     }
 }

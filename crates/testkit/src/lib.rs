@@ -469,3 +469,82 @@ fn free_port() -> Result<u16, String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
 }
+
+/// A fresh database on the machine's PostgreSQL, dropped (with its connections) on drop.
+/// Made with `psql`, so a test needs no database driver of its own. The server is
+/// `TESSERA_TEST_POSTGRES` (an admin URL), default `postgres://root@127.0.0.1:5432/test`.
+pub struct PgDatabase {
+    /// The new database's URL.
+    pub url: String,
+    name: String,
+}
+
+fn pg_admin_url() -> String {
+    std::env::var("TESSERA_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".to_owned())
+}
+
+fn psql(sql: &str) -> Result<(), String> {
+    let out = Command::new("psql")
+        .args([
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-q",
+            "-d",
+            &pg_admin_url(),
+            "-c",
+            sql,
+        ])
+        .output()
+        .map_err(|e| format!("psql: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+impl PgDatabase {
+    pub fn create() -> Result<PgDatabase, String> {
+        use std::hash::{BuildHasher, RandomState};
+        let name = format!(
+            "tessera_test_{:016x}",
+            RandomState::new().hash_one(std::time::SystemTime::now())
+        );
+        psql(&format!("CREATE DATABASE {name}"))?;
+        let admin = pg_admin_url();
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        Ok(PgDatabase {
+            url: format!("{base}/{name}"),
+            name,
+        })
+    }
+
+    /// [`PgDatabase::create`], or `None` with a printed reason outside CI.
+    pub fn create_or_skip() -> Option<PgDatabase> {
+        match PgDatabase::create() {
+            Ok(db) => Some(db),
+            Err(e) => {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "PostgreSQL at {} is required in CI: {e}",
+                    pg_admin_url()
+                );
+                eprintln!(
+                    "skipping: no PostgreSQL at {} ({e}); set TESSERA_TEST_POSTGRES",
+                    pg_admin_url()
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let _ = psql(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}

@@ -15,7 +15,7 @@ use tessera_coordinator::{AllowAll, Coordinator, Resolve};
 /// Where a test's coordinator keeps its state; reopened by a "restarted" coordinator.
 pub enum Backend {
     Sqlite(tempfile::TempDir),
-    Postgres(PgDatabase),
+    Postgres(tessera_testkit::PgDatabase),
 }
 
 impl Backend {
@@ -26,93 +26,18 @@ impl Backend {
     /// A fresh database on the machine's PostgreSQL, dropped with the backend. Outside
     /// CI a missing server skips the test (None); in CI it fails it.
     pub fn postgres() -> Option<Backend> {
-        PgDatabase::create().map(Backend::Postgres)
+        tessera_testkit::PgDatabase::create_or_skip().map(Backend::Postgres)
     }
 
     pub async fn open(&self, resolver: Option<Arc<dyn Resolve>>) -> Coordinator {
         match self {
             Backend::Sqlite(dir) => Coordinator::open_sqlite(dir.path(), resolver).await,
-            Backend::Postgres(db) => Coordinator::open_postgres(&db.url, resolver).await,
+            Backend::Postgres(db) => {
+                Coordinator::open_postgres(&db.url, resolver, Default::default()).await
+            }
         }
         .unwrap()
     }
-}
-
-const ADMIN_URL: &str = "postgres://root@127.0.0.1:5432/test";
-
-fn admin_url() -> String {
-    std::env::var("TESSERA_TEST_POSTGRES").unwrap_or_else(|_| ADMIN_URL.to_owned())
-}
-
-pub struct PgDatabase {
-    pub url: String,
-    name: String,
-}
-
-impl PgDatabase {
-    fn create() -> Option<PgDatabase> {
-        let name = format!("tessera_test_{:016x}", fastrand_u64());
-        let admin = admin_url();
-        let created = on_own_runtime({
-            let (admin, name) = (admin.clone(), name.clone());
-            async move {
-                use sqlx::Connection;
-                let mut c = sqlx::PgConnection::connect(&admin).await?;
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                    .execute(&mut c)
-                    .await?;
-                Ok::<_, sqlx::Error>(())
-            }
-        });
-        if let Err(e) = created {
-            assert!(
-                std::env::var("CI").is_err(),
-                "PostgreSQL at {admin} is required in CI: {e}"
-            );
-            eprintln!("skipping: no PostgreSQL at {admin} ({e}); set TESSERA_TEST_POSTGRES");
-            return None;
-        }
-        let (base, _) = admin.rsplit_once('/').unwrap();
-        Some(PgDatabase {
-            url: format!("{base}/{name}"),
-            name,
-        })
-    }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let (admin, name) = (admin_url(), self.name.clone());
-        let _ = on_own_runtime(async move {
-            use sqlx::Connection;
-            let mut c = sqlx::PgConnection::connect(&admin).await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-            )))
-            .execute(&mut c)
-            .await?;
-            Ok::<_, sqlx::Error>(())
-        });
-    }
-}
-
-/// Runs `f` on a runtime of its own in a thread of its own (callable from inside or
-/// outside a runtime).
-fn on_own_runtime<T: Send + 'static>(f: impl Future<Output = T> + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f)
-    })
-    .join()
-    .unwrap()
-}
-
-fn fastrand_u64() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(std::time::SystemTime::now())
 }
 
 /// The coordinator's API on a loopback port.
