@@ -50,11 +50,24 @@ pub struct DemoArgs {
     /// (`--registry` names its server), and exit 1 on any mismatch.
     #[arg(long)]
     verify: bool,
+    /// Run the registry as a cluster: 3 etcd members (`etcd` from PATH) and 3 servers on
+    /// them (`--registry` and the next two ports); the gateway and the shop are given all
+    /// three. Sagas and events stay on each server's own store unless
+    /// `TESSERA_DATABASE_URL` and `TESSERA_EVENTS` are set for all of them.
+    #[arg(long)]
+    cluster: bool,
 }
 
 /// One supervised child process.
 pub struct Proc {
     pub name: String,
+    /// What runs: another program (etcd), or by default this `tessera` binary.
+    program: Option<PathBuf>,
+    /// One of several that do the same job (a cluster's servers and etcd members): the
+    /// demo goes on when it dies.
+    expendable: bool,
+    /// Died, and reported so.
+    gone: bool,
     args: Vec<String>,
     env: Vec<(&'static str, String)>,
     log: PathBuf,
@@ -66,6 +79,9 @@ impl Proc {
     fn new(name: &str, args: Vec<String>, logs: &Path) -> Proc {
         Proc {
             name: name.to_owned(),
+            program: None,
+            expendable: false,
+            gone: false,
             args,
             env: Vec::new(),
             log: logs.join(format!("{name}.log")),
@@ -76,7 +92,10 @@ impl Proc {
 
     /// Starts the process (again, after a kill).
     pub fn spawn(&mut self) -> Result<(), String> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find tessera: {e}"))?;
+        let exe = match &self.program {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().map_err(|e| format!("cannot find tessera: {e}"))?,
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -118,9 +137,15 @@ impl Proc {
         self.stdin = None;
     }
 
-    /// Asks the process to stop: closes its stdin.
+    /// Asks the process to stop: closes its stdin. Another program (etcd, which keeps
+    /// what it acknowledged across a crash) is killed.
     fn signal(&mut self) {
         self.stdin = None;
+        if self.program.is_some()
+            && let Some(c) = self.child.as_mut()
+        {
+            let _ = c.start_kill();
+        }
     }
 
     /// Asks the process to stop and kills it if it has not after `grace`.
@@ -212,6 +237,128 @@ fn clear_data_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// `--cluster`: where the etcd members and the three servers listen.
+struct Cluster {
+    etcd_bin: PathBuf,
+    /// (client, peer) port of each member.
+    members: Vec<(SocketAddr, SocketAddr)>,
+    servers: Vec<SocketAddr>,
+}
+
+/// Finds etcd and reserves every port `--cluster` needs: the servers at `first` and the
+/// two ports after it (or any free ones for port 0), the etcd members anywhere free.
+fn plan_cluster(first: SocketAddr) -> Result<Cluster, String> {
+    let etcd_bin = PathBuf::from("etcd");
+    match std::process::Command::new(&etcd_bin)
+        .arg("--version")
+        .output()
+    {
+        Ok(o) if o.status.success() => {}
+        _ => {
+            return Err(
+                "--cluster needs etcd on PATH (Debian and Ubuntu: apt-get install \
+                        etcd-server); nothing was started"
+                    .into(),
+            );
+        }
+    }
+    let mut servers = vec![first];
+    for n in 1..3u16 {
+        let port = if first.port() == 0 {
+            0
+        } else {
+            first
+                .port()
+                .checked_add(n)
+                .ok_or("--registry: no room for two more ports after it")?
+        };
+        servers.push(reserve(
+            SocketAddr::new(first.ip(), port),
+            "another registry server (--cluster uses the two ports after --registry)",
+        )?);
+    }
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        members.push((
+            reserve(any, "an etcd member")?,
+            reserve(any, "an etcd member")?,
+        ));
+    }
+    Ok(Cluster {
+        etcd_bin,
+        members,
+        servers,
+    })
+}
+
+impl Cluster {
+    /// The etcd members, not started, with empty data under `dir/etcd-N`: their ports
+    /// are new each run, which a member's kept data would not match. (The shop's
+    /// services register again as they start.)
+    fn etcd(&self, dir: &Path, logs: &Path) -> Result<Vec<Proc>, String> {
+        let initial = self
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("e{}=http://{peer}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.members
+            .iter()
+            .enumerate()
+            .map(|(i, (client, peer))| {
+                let name = format!("e{}", i + 1);
+                let data = dir.join(format!("etcd-{}", i + 1));
+                if data.exists() {
+                    std::fs::remove_dir_all(&data)
+                        .map_err(|e| format!("cannot clear {}: {e}", data.display()))?;
+                }
+                let mut p = Proc::new(
+                    &format!("etcd-{}", i + 1),
+                    vec![
+                        "--name".into(),
+                        name,
+                        "--data-dir".into(),
+                        path(&data),
+                        "--listen-client-urls".into(),
+                        format!("http://{client}"),
+                        "--advertise-client-urls".into(),
+                        format!("http://{client}"),
+                        "--listen-peer-urls".into(),
+                        format!("http://{peer}"),
+                        "--initial-advertise-peer-urls".into(),
+                        format!("http://{peer}"),
+                        "--initial-cluster".into(),
+                        initial.clone(),
+                        "--initial-cluster-state".into(),
+                        "new".into(),
+                    ],
+                    logs,
+                );
+                p.program = Some(self.etcd_bin.clone());
+                Ok(p)
+            })
+            .collect()
+    }
+
+    fn store(&self) -> String {
+        let clients: Vec<String> = self.members.iter().map(|(c, _)| c.to_string()).collect();
+        format!("etcd://{}", clients.join(","))
+    }
+
+    fn describe(&self) -> String {
+        let servers: Vec<String> = self.servers.iter().map(|s| format!("http://{s}")).collect();
+        format!(
+            "Cluster: 3 servers ({}) on 3 etcd members ({}).\n\
+             Stop one (kill -9 its pid from `pgrep -af 'tessera server'`): the gateway and the\n\
+             shop move to the others, and its health checks move within 5 s.\n",
+            servers.join(", "),
+            self.store()
+        )
+    }
+}
+
 const PRODUCTS: &[(&str, &str, i64, i64)] = &[
     ("espresso", "Espresso beans, 1 kg", 1850, 500),
     ("filter", "Paper filters, 100", 450, 2000),
@@ -264,6 +411,11 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     let dir = &args.data_dir.clone().unwrap_or_else(|| PathBuf::from(dir));
     // Every port is checked before anything starts or any file is touched.
     let registry = reserve(addr(args.registry, registry), "the registry (--registry)")?;
+    let cluster = if args.cluster {
+        Some(plan_cluster(registry)?)
+    } else {
+        None
+    };
     let asked = addr(args.gateway, gateway);
     let gateway = reserve(asked, "the gateway (--gateway)")?;
     let admin = if asked.port() == 0 {
@@ -291,31 +443,66 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         services: Vec::new(),
     };
     let result = async {
-        let mut server = Proc::new(
-            "server",
-            vec![
+        let http = Http::new();
+        let servers = match &cluster {
+            None => vec![registry],
+            Some(c) => c.servers.clone(),
+        };
+        if let Some(c) = &cluster {
+            for mut p in c.etcd(dir, &logs)? {
+                p.expendable = true;
+                p.spawn()?;
+                fleet.infra.push(p);
+            }
+        }
+        for (i, addr) in servers.iter().enumerate() {
+            let mut a = vec![
                 "server".into(),
                 "--bind".into(),
-                registry.to_string(),
+                addr.to_string(),
                 "--data-dir".into(),
-                path(&dir.join("server")),
+                path(&dir.join(if cluster.is_some() {
+                    format!("server-{}", i + 1)
+                } else {
+                    "server".into()
+                })),
                 "--node".into(),
-                "demo".into(),
-            ],
-            &logs,
-        );
-        server.spawn()?;
-        fleet.infra.push(server);
-        let http = Http::new();
-        wait(&mut fleet, "the registry", || async {
-            http.get(&format!("http://{registry}/v1/status/leader"), None)
-                .await
-                .is_ok_and(|(s, _)| s == 200)
-        })
-        .await?;
+                if cluster.is_some() {
+                    format!("demo-{}", i + 1)
+                } else {
+                    "demo".into()
+                },
+            ];
+            if let Some(c) = &cluster {
+                a.extend(["--store".into(), c.store()]);
+            }
+            let name = if cluster.is_some() {
+                format!("server-{}", i + 1)
+            } else {
+                "server".into()
+            };
+            let mut server = Proc::new(&name, a, &logs);
+            server.expendable = cluster.is_some();
+            server.spawn()?;
+            fleet.infra.push(server);
+        }
+        for addr in &servers {
+            wait(&mut fleet, &format!("the registry at {addr}"), || async {
+                http.get(&format!("http://{addr}/v1/status/leader"), None)
+                    .await
+                    .is_ok_and(|(s, _)| s == 200)
+            })
+            .await?;
+        }
+        // What the gateway and the shop are given: every server.
+        let registries = servers
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
 
         let config = dir.join("gateway.toml");
-        std::fs::write(&config, gateway_config(gateway, admin, registry))
+        std::fs::write(&config, gateway_config(gateway, admin, &registries))
             .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
         let mut gw = Proc::new(
             "gateway",
@@ -331,7 +518,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
                     "shop".into(),
                     service.name().into(),
                     "--registry".into(),
-                    registry.to_string(),
+                    registries.clone(),
                     "--data-dir".into(),
                     path(&dir.join(service.name())),
                 ];
@@ -373,6 +560,9 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         .await?;
         let admin_token = seed(&http, &gw_url, &admin_password).await?;
         walkthrough(gateway, registry, admin, dir, &admin_password);
+        if let Some(c) = &cluster {
+            println!("{}", c.describe());
+        }
 
         if args.load {
             let chaos = args.chaos.then_some(&mut fleet);
@@ -404,11 +594,21 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     result
 }
 
-/// Returns when a child process exits on its own (it should not).
+/// Returns when a child process exits on its own (it should not), unless it is one of
+/// a cluster's (then it is reported, and the others go on).
 async fn watch_children(fleet: &mut Fleet) -> String {
     loop {
         for p in fleet.infra.iter_mut().chain(fleet.services.iter_mut()) {
+            if p.gone {
+                continue;
+            }
             if let Some(how) = p.exited() {
+                if p.expendable {
+                    println!("{} exited ({how}); the cluster goes on without it", p.name);
+                    p.gone = true;
+                    p.child = None;
+                    continue;
+                }
                 return format!("{} exited ({how}); see {}", p.name, p.log.display());
             }
         }
@@ -468,7 +668,7 @@ fn admin_password(dir: &Path) -> Result<String, String> {
 /// Routes `/api/{service}` to each shop service. Tokens are checked here, at the edge,
 /// except on registration, login and catalog reads; catalog writes need role `admin`.
 /// The gateway fetches the users service's JWKS through its own public route.
-fn gateway_config(gateway: SocketAddr, admin: SocketAddr, registry: SocketAddr) -> String {
+fn gateway_config(gateway: SocketAddr, admin: SocketAddr, registry: &str) -> String {
     let issuer = tessera_shop::ISSUER;
     let audience = tessera_shop::AUDIENCE;
     let mut c = format!(

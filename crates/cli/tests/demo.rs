@@ -30,6 +30,10 @@ struct Demo {
 
 impl Demo {
     async fn start(dir: &Path) -> Demo {
+        Demo::start_with(dir, &[]).await
+    }
+
+    async fn start_with(dir: &Path, extra: &[&str]) -> Demo {
         let mut child = Command::new(BIN)
             .args([
                 "demo",
@@ -39,6 +43,7 @@ impl Demo {
                 "127.0.0.1:0",
                 "--fresh",
             ])
+            .args(extra)
             .arg("--data-dir")
             .arg(dir)
             .env_remove("TESSERA_STOP_ON_STDIN_EOF")
@@ -835,4 +840,63 @@ async fn the_shop_runs_on_postgresql_too() {
         return;
     };
     chaos_run(Some(&db.url)).await;
+}
+
+/// `tessera demo --cluster`: 3 etcd members and 3 servers on them. A checkout works;
+/// the first server (the one listed first to the gateway and the shop) is killed with
+/// SIGKILL; a second shopper's checkout (retried with its Idempotency-Key, as a client
+/// does) is confirmed on the others, and the catalog still answers through the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_demo_survives_a_killed_server() {
+    if std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(std::env::var_os("CI").is_none(), "etcd is required in CI");
+        eprintln!("skipping: etcd is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let demo = Demo::start_with(dir.path(), &["--cluster", "--replicas", "1"]).await;
+    let c = client();
+    let gw = format!("http://{}", demo.gateway);
+    let buy = |email: &'static str| {
+        let (c, gw) = (c.clone(), gw.clone());
+        async move {
+            let token = shopper(&c, &gw, email, "password-123456").await;
+            let (s, v) = call(
+                &c,
+                "POST",
+                &format!("{gw}/api/cart/items"),
+                Some(&token),
+                Some(json!({"product_id": "mug", "quantity": 1})),
+            )
+            .await;
+            assert_eq!(s, 200, "{v}");
+            wait_for("the checkout to be confirmed", || {
+                let (c, gw, token) = (c.clone(), gw.clone(), token.clone());
+                async move {
+                    let (s, v) = checkout_with_key(&c, &gw, &token, email).await;
+                    (s == 201 || s == 200) && v["status"] == "confirmed"
+                }
+            })
+            .await;
+        }
+    };
+    buy("before@shop.test").await;
+    let first = format!("{}/server-1", dir.path().display());
+    let pids = processes_mentioning(&first);
+    assert_eq!(pids.len(), 1, "server-1: {pids:?}");
+    tessera_testkit::signal(pids[0], "KILL");
+    wait_for("server-1 to be gone", || {
+        let first = first.clone();
+        async move { processes_mentioning(&first).is_empty() }
+    })
+    .await;
+    buy("after@shop.test").await;
+    let (s, _) = call(&c, "GET", &format!("{gw}/api/catalog/products"), None, None).await;
+    assert_eq!(s, 200);
+    // The demo itself goes on (a cluster server may die) and stops cleanly.
+    demo.stop().await;
 }

@@ -284,7 +284,9 @@ impl<P: Publish> Relay<P> {
 /// of an already stored event id is accepted as success, so republishing is harmless.
 #[derive(Clone)]
 pub struct HttpPublisher {
-    base: String,
+    bases: std::sync::Arc<[String]>,
+    /// The server tried first: the next one after a server could not be reached.
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     token: Option<String>,
     client: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
@@ -293,11 +295,28 @@ pub struct HttpPublisher {
 }
 
 impl HttpPublisher {
-    /// `base` is the server's URL (`http://127.0.0.1:8500`); `token` an ACL token with
-    /// `operator` write when ACLs are on.
-    pub fn new(base: impl Into<String>, token: Option<String>) -> HttpPublisher {
+    /// `servers` is the server's URL (`http://127.0.0.1:8500`, or `127.0.0.1:8500`), or
+    /// several, comma-separated, of servers sharing one event store: a publish that
+    /// cannot reach one fails, and the relay's next try goes to the next. `token` is an
+    /// ACL token with `operator` write when ACLs are on.
+    pub fn new(servers: impl Into<String>, token: Option<String>) -> HttpPublisher {
+        let bases: Vec<String> = servers
+            .into()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                let s = s.trim_end_matches('/');
+                if s.contains("://") {
+                    s.to_owned()
+                } else {
+                    format!("http://{s}")
+                }
+            })
+            .collect();
         HttpPublisher {
-            base: base.into().trim_end_matches('/').to_owned(),
+            bases: bases.into(),
+            current: Default::default(),
             token,
             client: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
@@ -314,9 +333,15 @@ impl Publish for HttpPublisher {
         let body = serde_json::json!({"expected_version": "any", "events": [{
             "id": e.id, "type": e.kind, "data": e.data, "metadata": e.metadata,
         }]});
+        let n = self.bases.len().max(1);
+        let at = self.current.load(std::sync::atomic::Ordering::Relaxed) % n;
+        let base = self
+            .bases
+            .get(at)
+            .map_or("http://127.0.0.1:8500", String::as_str);
         let mut req = http::Request::builder()
             .method("POST")
-            .uri(format!("{}/v1/streams/{}", self.base, row.event.stream))
+            .uri(format!("{base}/v1/streams/{}", row.event.stream))
             .header(http::header::CONTENT_TYPE, "application/json");
         if let Some(t) = &self.token {
             req = req.header("x-consul-token", t);
@@ -329,7 +354,18 @@ impl Publish for HttpPublisher {
         let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(req))
             .await
             .map_err(|_| "the event store did not answer within 10s".to_owned())?
-            .map_err(|e| tessera_core::error_chain(&e))?;
+            .map_err(|e| {
+                if e.is_connect() {
+                    // Nothing was sent: the next try goes to the next server.
+                    let _ = self.current.compare_exchange(
+                        at,
+                        (at + 1) % n,
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
+                tessera_core::error_chain(&e)
+            })?;
         let status = resp.status();
         let text = resp
             .into_body()

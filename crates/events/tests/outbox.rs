@@ -153,7 +153,7 @@ async fn committed_events_are_published_after_a_crash_and_take_effect_once() {
 }
 
 #[tokio::test]
-async fn the_relay_keeps_order_and_waits_out_an_unreachable_store() {
+async fn the_relay_keeps_order_waits_out_an_unreachable_store_and_moves_to_another() {
     let dir = tempfile::tempdir().unwrap();
     let db = sqlite(dir.path().join("svc.db")).await;
     for i in 0..5 {
@@ -175,10 +175,16 @@ async fn the_relay_keeps_order_and_waits_out_an_unreachable_store() {
     let err = relay.run_once().await.unwrap_err();
     assert!(err.to_string().contains("e0"), "{err}");
     let (base, _store, _task) = event_store(&dir.path().join("es")).await;
+    // Given the dead server and a live one (without a scheme, as `--registry` lists
+    // them): the try that finds the first dead moves on, and the next publishes.
     let relay = Relay::new(
         OutboxDb::Sqlite(db.clone()),
-        HttpPublisher::new(&base, None),
+        HttpPublisher::new(
+            format!("{dead},{}", base.trim_start_matches("http://")),
+            None,
+        ),
     );
+    assert!(relay.run_once().await.is_err());
     assert_eq!(relay.run_once().await.unwrap(), 5);
     let ids: Vec<String> = all_events(&base)
         .await

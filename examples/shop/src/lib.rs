@@ -165,7 +165,7 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
                 Coordinator::new(&registry),
             );
             let publisher = tessera::outbox::HttpPublisher::new(
-                format!("http://{}", args.registry),
+                args.registry.clone(),
                 std::env::var("TESSERA_REGISTRY_TOKEN").ok(),
             );
             let relay = tessera::outbox::Relay::new(
