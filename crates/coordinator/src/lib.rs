@@ -70,6 +70,9 @@ pub struct Coordinator {
     lease: Arc<Lease>,
     wake: Arc<tokio::sync::Notify>,
     started: Arc<AtomicBool>,
+    /// Held by each round of renewing and claiming; `true` once the server has let its
+    /// work go, after which it claims nothing (its own NOTIFY would wake it too).
+    released: Arc<tokio::sync::Mutex<bool>>,
 }
 
 impl Coordinator {
@@ -120,6 +123,7 @@ impl Coordinator {
             lease,
             wake: Arc::new(tokio::sync::Notify::new()),
             started: Arc::new(AtomicBool::new(false)),
+            released: Arc::new(tokio::sync::Mutex::new(false)),
         })
     }
 
@@ -130,9 +134,13 @@ impl Coordinator {
     pub async fn resume(&self) -> Result<usize, StoreError> {
         let n = self.engine.claim(true).await? + self.tcc.claim(true).await?;
         if !self.started.swap(true, Ordering::AcqRel) {
-            tokio::spawn(self.clone().keep());
             let (db, wake) = (self.db.clone(), self.wake.clone());
-            tokio::spawn(async move { db.listen(wake).await });
+            let (ready, listening) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move { db.listen(wake, ready).await });
+            // Serving before LISTEN is in place would miss a handover made meanwhile
+            // (until the next poll); a database that cannot be listened on is polled.
+            let _ = tokio::time::timeout(Duration::from_secs(10), listening).await;
+            tokio::spawn(self.clone().keep());
         }
         Ok(n)
     }
@@ -143,6 +151,10 @@ impl Coordinator {
         let lease = self.lease.owner.lease;
         let mut next_renewal = tokio::time::Instant::now();
         loop {
+            let released = self.released.lock().await;
+            if *released {
+                return;
+            }
             let now = tokio::time::Instant::now();
             if !self.db.shared() {
                 // The only server of its file: nobody can claim from it.
@@ -181,6 +193,7 @@ impl Coordinator {
                     Err(e) => tracing::warn!(error = %e, "cannot claim expired sagas"),
                 }
             }
+            drop(released);
             tokio::select! {
                 () = tokio::time::sleep(lease / 10) => {}
                 () = self.wake.notified() => {}
@@ -191,6 +204,8 @@ impl Coordinator {
     /// Lets the other servers take over what this one has in flight, at once: call when
     /// the server stops.
     pub async fn release(&self) {
+        // After any round in progress, and before letting go: nothing is claimed back.
+        *self.released.lock().await = true;
         let released = async {
             Ok::<_, StoreError>(
                 self.engine.store.release().await? + self.tcc.store.release().await?,

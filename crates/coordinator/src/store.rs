@@ -211,16 +211,22 @@ impl Database {
         matches!(self.db, Db::Postgres(_))
     }
 
-    /// Waits for a NOTIFY on the coordinator's channel (another server released its
-    /// leases), forever on SQLite or while the listener cannot connect.
-    pub async fn listen(&self, wake: Arc<tokio::sync::Notify>) {
+    /// Wakes `wake` on every NOTIFY on the coordinator's channel (another server released
+    /// its leases), reconnecting as needed; nothing on SQLite. `ready` is answered once
+    /// the first LISTEN is in place.
+    pub async fn listen(&self, wake: Arc<tokio::sync::Notify>, ready: oneshot::Sender<()>) {
         let Db::Postgres(pool) = &self.db else {
+            let _ = ready.send(());
             return;
         };
+        let mut ready = Some(ready);
         loop {
             let listener = async {
                 let mut l = sqlx::postgres::PgListener::connect_with(pool).await?;
                 l.listen(CHANNEL).await?;
+                if let Some(r) = ready.take() {
+                    let _ = r.send(());
+                }
                 loop {
                     l.recv().await?;
                     wake.notify_one();

@@ -19,7 +19,7 @@ pub async fn spawn_server(data_dir: &Path, extra: &[&str]) -> (Child, String) {
         .env_remove("TESSERA_DATABASE_URL")
         .env_remove("TESSERA_EVENTS")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(server_log())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn tessera server");
@@ -37,6 +37,20 @@ pub async fn spawn_server(data_dir: &Path, extra: &[&str]) -> (Child, String) {
     // Keep draining stdout so the server never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, addr)
+}
+
+/// Where a spawned server's log goes: appended to `TESSERA_TEST_SERVER_LOG` when set
+/// (to see what servers did in a failing test), else nowhere.
+fn server_log() -> Stdio {
+    std::env::var_os("TESSERA_TEST_SERVER_LOG")
+        .and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        })
+        .map_or_else(Stdio::null, Stdio::from)
 }
 
 /// Runs a client command against `addr`: (success, stdout, stderr).
