@@ -5,6 +5,8 @@
 # single-row INSERTs committed one by one (what a store without group commit pays per
 # transition; SQLite via python3's sqlite3 in WAL + synchronous=FULL, PostgreSQL via
 # pgbench), so the ratio shows what the coordinator's store achieves per transition.
+# Then the same on PostgreSQL with two servers sharing the database (wrk split between
+# them), against the one-server PostgreSQL run: issue 17's target is >= 1.5x.
 #
 #   bench/coordinator.sh                  # 10 s of posting, wrk -c16
 #   DURATION=5 CONNS=32 bench/coordinator.sh
@@ -43,8 +45,8 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.body = [[$saga]]
 LUA
 
-metric() { # status
-  curl -sf "http://127.0.0.1:$PORT/v1/tessera/coordinator/metrics" |
+metric() { # status [port]
+  curl -sf "http://127.0.0.1:${2:-$PORT}/v1/tessera/coordinator/metrics" |
     awk -v s="$1" -F' ' '$1 == "tessera_sagas{status=\""s"\"}" {print $2}'
 }
 
@@ -65,6 +67,33 @@ run() { # label [--database-url URL]
   t1=$(date +%s.%N)
   done_n=$(metric completed)
   kill "$spid"; wait "$spid" 2>/dev/null || true
+  python3 -c "import sys; n=int(sys.argv[1]); s=float(sys.argv[3])-float(sys.argv[2]); print(f'{n} {s:.2f} {n/s:.0f} {4*n/s:.0f}')" "$done_n" "$t0" "$t1"
+}
+
+run_two() { # URL: two servers on one PostgreSQL database, wrk -c(CONNS/2) on each
+  local url=$1 p2=$((PORT + 1)) spids=() t0 t1 done_n left
+  for i in 1 2; do
+    $BIN server --bind "127.0.0.1:$((PORT + i - 1))" --data-dir "$work/data-two-$i" --node "two-$i" \
+      --database-url "$url" >/dev/null 2>&1 &
+    spids+=($!)
+  done
+  for p in "$PORT" "$p2"; do
+    for _ in $(seq 300); do curl -sf "http://127.0.0.1:$p/v1/status/leader" >/dev/null && break; sleep 0.1; done
+  done
+  t0=$(date +%s.%N)
+  wrk -t1 -c$((CONNS / 2)) -d"${DURATION}s" -s "$work/post.lua" "http://127.0.0.1:$PORT/v1/sagas" >"$work/wrk-two-1.txt" &
+  local w1=$!
+  wrk -t1 -c$((CONNS / 2)) -d"${DURATION}s" -s "$work/post.lua" "http://127.0.0.1:$p2/v1/sagas" >"$work/wrk-two-2.txt"
+  wait "$w1"
+  for _ in $(seq 3000); do
+    r=$(metric running); c=$(metric compensating)
+    left=$(( ${r:-1} + ${c:-0} ))
+    [ "$left" -eq 0 ] && break
+    sleep 0.1
+  done
+  t1=$(date +%s.%N)
+  done_n=$(metric completed)
+  kill "${spids[@]}"; wait "${spids[@]}" 2>/dev/null || true
   python3 -c "import sys; n=int(sys.argv[1]); s=float(sys.argv[3])-float(sys.argv[2]); print(f'{n} {s:.2f} {n/s:.0f} {4*n/s:.0f}')" "$done_n" "$t0" "$t1"
 }
 
@@ -101,6 +130,11 @@ if psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS tessera_bench WITH (FORCE)" >/d
   read -r n s rate tr < <(run postgres --database-url "${PG_ADMIN%/*}/tessera_bench")
   ref=$(pg_ref)
   printf '%-11s %9s %8s %9s %14s %18s %6.1fx\n' postgres "$n" "$s" "$rate" "$tr" "$ref" "$(python3 -c "print($tr/$ref)")"
+  one=$rate
+  psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS tessera_bench WITH (FORCE)" >/dev/null
+  psql "$PG_ADMIN" -qc "CREATE DATABASE tessera_bench" >/dev/null
+  read -r n s rate tr < <(run_two "${PG_ADMIN%/*}/tessera_bench")
+  printf '%-11s %9s %8s %9s %14s %18s %6.2fx\n' "pg, 2 srv" "$n" "$s" "$rate" "$tr" "(vs 1 server)" "$(python3 -c "print($rate/$one)")"
 else
   echo "postgres: skipped (no PostgreSQL at $PG_ADMIN)"
 fi

@@ -45,6 +45,15 @@ pub struct ServerArgs {
     /// server pointed at it, instead of the log in the data dir.
     #[arg(long, env = "TESSERA_STORE")]
     store: Option<String>,
+    /// With `--store etcd+https://...`: the CA of the etcd members' certificates.
+    #[arg(long, env = "TESSERA_ETCD_CACERT")]
+    etcd_cacert: Option<PathBuf>,
+    /// This server's client certificate for etcd (with `--etcd-key`), when the members
+    /// demand one (`--client-cert-auth`).
+    #[arg(long, env = "TESSERA_ETCD_CERT")]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "TESSERA_ETCD_KEY")]
+    etcd_key: Option<PathBuf>,
 }
 
 pub async fn run(args: ServerArgs) -> Result<(), String> {
@@ -72,6 +81,9 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
     if let Some(store) = args.store {
         config.store = store;
     }
+    config.etcd_ca_file = args.etcd_cacert.or(config.etcd_ca_file);
+    config.etcd_cert_file = args.etcd_cert.or(config.etcd_cert_file);
+    config.etcd_key_file = args.etcd_key.or(config.etcd_key_file);
     if !args.bind.ip().is_unspecified() {
         config.advertise_addr = args.bind.ip().to_string();
     }

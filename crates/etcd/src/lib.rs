@@ -18,6 +18,7 @@
 //! # Ok(()) }
 //! ```
 
+mod tls;
 mod wire;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,6 +32,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use tls::TlsFiles;
 pub use wire::{
     CompareResult, DeleteRangeRequest, DeleteRangeResponse, Event, EventType, Header, KeyValue, Op,
     OpResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, Status, Target, TxnRequest,
@@ -60,6 +62,8 @@ pub enum Error {
     Decode(String),
     #[error("invalid etcd endpoint {0:?}")]
     Endpoint(String),
+    #[error("etcd TLS: {0}")]
+    Tls(String),
 }
 
 impl Error {
@@ -151,7 +155,7 @@ pub struct Client {
     endpoints: Vec<String>,
     /// The member that answered last; requests start there.
     preferred: AtomicUsize,
-    http: HttpClient<HttpConnector, Full<Bytes>>,
+    http: HttpClient<tls::Connector, Full<Bytes>>,
     /// How long one request may take, over every member tried.
     timeout: Duration,
 }
@@ -159,6 +163,16 @@ pub struct Client {
 impl Client {
     /// A client for the members at `endpoints` (`host:port` or `http://host:port`).
     pub fn new<S: AsRef<str>>(endpoints: &[S]) -> Result<Client, Error> {
+        Client::with_tls(endpoints, None)
+    }
+
+    /// A client for members that may serve TLS: `https://host:port` endpoints (and,
+    /// with `tls`, bare `host:port` ones) are reached over TLS with `tls`'s files.
+    pub fn with_tls<S: AsRef<str>>(
+        endpoints: &[S],
+        tls: Option<&TlsFiles>,
+    ) -> Result<Client, Error> {
+        let default_scheme = if tls.is_some() { "https" } else { "http" };
         let endpoints = endpoints
             .iter()
             .map(|e| {
@@ -166,14 +180,22 @@ impl Client {
                 let url = if e.contains("://") {
                     e.to_owned()
                 } else {
-                    format!("http://{e}")
+                    format!("{default_scheme}://{e}")
                 };
                 match url.parse::<http::Uri>() {
                     Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => Ok(url),
+                    Ok(u)
+                        if u.scheme_str() == Some("https")
+                            && u.authority().is_some()
+                            && tls.is_some() =>
+                    {
+                        Ok(url)
+                    }
                     _ => Err(Error::Endpoint(e.to_owned())),
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let tls = tls.map(TlsFiles::config).transpose()?;
         if endpoints.is_empty() {
             return Err(Error::Endpoint(String::new()));
         }
@@ -182,7 +204,7 @@ impl Client {
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         let http = HttpClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+            .build(tls::Connector::new(connector, tls));
         Ok(Client {
             endpoints,
             preferred: AtomicUsize::new(0),

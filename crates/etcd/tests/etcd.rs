@@ -228,3 +228,62 @@ async fn requests_fail_over_when_members_die() {
     }
     assert!(confirmed > 0, "no write succeeded after the leader died");
 }
+
+/// Members serving TLS and demanding client certificates (`--client-cert-auth`): a
+/// client with the CA and its certificate reads, writes and watches; one without a
+/// client certificate, or speaking plain HTTP, is refused and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_with_a_client_certificate() {
+    let Some(etcd) = EtcdCluster::start_tls_or_skip(1).await else {
+        return;
+    };
+    let t = etcd.tls().unwrap();
+    let files = tessera_etcd::TlsFiles {
+        ca: t.ca.clone(),
+        cert: Some(t.cert.clone()),
+        key: Some(t.key.clone()),
+    };
+    let c = Client::with_tls(&etcd.client_addrs(), Some(&files)).unwrap();
+    let rev = c.put(b"tls/a", b"1", 0).await.unwrap().header.revision;
+    let mut w = c
+        .watch(WatchCreate {
+            key: b"tls/".to_vec(),
+            range_end: prefix_end(b"tls/"),
+            start_revision: rev,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let batch = w.next().await.unwrap();
+    assert_eq!(batch.events[0].kv.key, b"tls/a");
+
+    let anonymous = tessera_etcd::TlsFiles {
+        ca: t.ca.clone(),
+        cert: None,
+        key: None,
+    };
+    let no_cert = Client::with_tls(&etcd.client_addrs(), Some(&anonymous)).unwrap();
+    // TLS 1.3 refuses the certificate after the client's half of the handshake: the
+    // client may already have sent the request, so it cannot call the write failed.
+    let err = no_cert.put(b"tls/b", b"2", 0).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Unreachable(_) | Error::Unknown(_)),
+        "{err:?}"
+    );
+    let plain = Client::new(&etcd.client_addrs()).unwrap();
+    assert!(plain.put(b"tls/b", b"2", 0).await.is_err());
+    assert_eq!(
+        c.get(b"tls/b").await.unwrap(),
+        None,
+        "a refused client wrote"
+    );
+    // A client certificate needs its key.
+    let half = tessera_etcd::TlsFiles {
+        key: None,
+        ..files.clone()
+    };
+    assert!(matches!(
+        Client::with_tls(&etcd.client_addrs(), Some(&half)),
+        Err(Error::Tls(_))
+    ));
+}

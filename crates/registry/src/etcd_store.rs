@@ -113,9 +113,11 @@ impl EtcdStore {
     /// Connects and lists the prefix: the store, and the state as of the listing.
     pub async fn open(
         endpoints: &[String],
+        tls: Option<&tessera_etcd::TlsFiles>,
         prefix: &str,
     ) -> Result<(Arc<EtcdStore>, State), Error> {
-        let client = Client::new(endpoints).map_err(|e| Error::bad(format!("etcd: {e}")))?;
+        let client =
+            Client::with_tls(endpoints, tls).map_err(|e| Error::bad(format!("etcd: {e}")))?;
         let (statuses, status_rx) = tokio::sync::mpsc::unbounded_channel();
         let store = EtcdStore {
             client,
@@ -1238,7 +1240,7 @@ mod tests {
             node_name: "a".into(),
             ..Default::default()
         };
-        let reg = Registry::open_etcd(config, false, &etcd.client_addrs(), "t/")
+        let reg = Registry::open_etcd(config, false, &etcd.client_addrs(), None, "t/")
             .await
             .unwrap();
         let store = reg.etcd.clone().unwrap();

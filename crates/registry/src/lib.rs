@@ -64,14 +64,32 @@ impl Server {
     /// `build`, or, when `config.store` names etcd (`etcd://host:port,...`), a server
     /// sharing its catalog with every server on the same etcd prefix.
     pub async fn open(config: Config, listener: &TcpListener) -> Result<Server, Error> {
-        let Some(list) = config.store.strip_prefix("etcd://") else {
-            if !config.store.is_empty() {
+        let (list, https) = match (
+            config.store.strip_prefix("etcd://"),
+            config.store.strip_prefix("etcd+https://"),
+        ) {
+            (Some(list), _) => (list, false),
+            (_, Some(list)) => (list, true),
+            _ if config.store.is_empty() => return Self::build(config, listener),
+            _ => {
                 return Err(Error::bad(format!(
-                    "unknown store {:?}: expected etcd://host:port,host:port",
+                    "unknown store {:?}: expected etcd://host:port,host:port or etcd+https://...",
                     config.store
                 )));
             }
-            return Self::build(config, listener);
+        };
+        let tls = match (https, &config.etcd_ca_file) {
+            (false, _) => None,
+            (true, None) => {
+                return Err(Error::bad(
+                    "etcd+https:// needs etcd_ca_file (--etcd-cacert): the CA of etcd's certificates",
+                ));
+            }
+            (true, Some(ca)) => Some(tessera_etcd::TlsFiles {
+                ca: ca.clone(),
+                cert: config.etcd_cert_file.clone(),
+                key: config.etcd_key_file.clone(),
+            }),
         };
         let endpoints: Vec<String> = list
             .split(',')
@@ -79,11 +97,12 @@ impl Server {
             .filter(|e| !e.is_empty())
             .collect();
         if endpoints.is_empty() {
-            return Err(Error::bad("etcd:// names no endpoint"));
+            return Err(Error::bad("the etcd store names no endpoint"));
         }
         let acl_enabled = acl_default(&config, listener);
         let prefix = config.etcd_prefix.clone();
-        let registry = Registry::open_etcd(config, acl_enabled, &endpoints, &prefix).await?;
+        let registry =
+            Registry::open_etcd(config, acl_enabled, &endpoints, tls.as_ref(), &prefix).await?;
         Ok(Server { registry })
     }
 

@@ -56,6 +56,12 @@ pub struct Config {
     pub store: String,
     /// The etcd key prefix; servers with the same prefix share a catalog.
     pub etcd_prefix: String,
+    /// For `etcd+https://`: the CA that signed the members' certificates, and this
+    /// server's client certificate and key when the members demand one (etcdctl's
+    /// `--cacert`, `--cert`, `--key`).
+    pub etcd_ca_file: Option<PathBuf>,
+    pub etcd_cert_file: Option<PathBuf>,
+    pub etcd_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +98,9 @@ impl Default for Config {
             limits: crate::admission::Limits::default(),
             store: String::new(),
             etcd_prefix: "tessera/".into(),
+            etcd_ca_file: None,
+            etcd_cert_file: None,
+            etcd_key_file: None,
         }
     }
 }
@@ -205,9 +214,10 @@ impl Registry {
         config: Config,
         acl_enabled: bool,
         endpoints: &[String],
+        tls: Option<&tessera_etcd::TlsFiles>,
         prefix: &str,
     ) -> Result<Arc<Registry>, Error> {
-        let (etcd, state) = crate::etcd_store::EtcdStore::open(endpoints, prefix).await?;
+        let (etcd, state) = crate::etcd_store::EtcdStore::open(endpoints, tls, prefix).await?;
         std::fs::create_dir_all(&config.data_dir).map_err(|source| {
             Error::Storage(crate::store::StoreError::Io {
                 path: config.data_dir.clone(),

@@ -255,7 +255,55 @@ where
 pub struct EtcdCluster {
     members: Vec<EtcdMember>,
     initial_cluster: String,
+    /// With TLS on the client port: the PEM files in `_dir`.
+    tls: Option<EtcdTls>,
     _dir: tempfile::TempDir,
+}
+
+/// The PEM files of a TLS etcd cluster: the CA, and a client certificate it signed
+/// (the members demand one: `--client-cert-auth`).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+}
+
+impl EtcdTls {
+    /// A new CA, a server certificate for 127.0.0.1 and a client certificate, in `dir`.
+    fn generate(dir: &Path) -> Result<EtcdTls, String> {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let e = |e: rcgen::Error| e.to_string();
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca =
+            CertifiedIssuer::self_signed(params, KeyPair::generate().map_err(e)?).map_err(e)?;
+        let write = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text)
+                .map(|()| path)
+                .map_err(|e| e.to_string())
+        };
+        let leaf = |names: Vec<String>| -> Result<(String, String), String> {
+            let key = KeyPair::generate().map_err(e)?;
+            let cert = CertificateParams::new(names)
+                .map_err(e)?
+                .signed_by(&key, &ca)
+                .map_err(e)?;
+            Ok((cert.pem(), key.serialize_pem()))
+        };
+        let (server_pem, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()])?;
+        let (client_pem, client_key) = leaf(vec!["tessera-test-client".into()])?;
+        Ok(EtcdTls {
+            ca: write("ca.pem", ca.pem())?,
+            cert: write("client.pem", client_pem)?,
+            key: write("client.key", client_key)?,
+            server_cert: write("server.pem", server_pem)?,
+            server_key: write("server.key", server_key)?,
+        })
+    }
 }
 
 struct EtcdMember {
@@ -268,6 +316,15 @@ struct EtcdMember {
 
 impl EtcdCluster {
     pub async fn start(n: usize) -> Result<EtcdCluster, String> {
+        EtcdCluster::start_with(n, false).await
+    }
+
+    /// `n` members serving TLS on their client ports, with client certificates required.
+    pub async fn start_tls(n: usize) -> Result<EtcdCluster, String> {
+        EtcdCluster::start_with(n, true).await
+    }
+
+    async fn start_with(n: usize, tls: bool) -> Result<EtcdCluster, String> {
         for tool in ["etcd", "etcdctl"] {
             Command::new(tool).arg("--version").output().map_err(|e| {
                 format!("{tool} is not installed (apt-get install etcd-server etcd-client): {e}")
@@ -289,9 +346,15 @@ impl EtcdCluster {
             .map(|m| format!("{}=http://{}", m.name, m.peer))
             .collect::<Vec<_>>()
             .join(",");
+        let tls = if tls {
+            Some(EtcdTls::generate(dir.path())?)
+        } else {
+            None
+        };
         let mut cluster = EtcdCluster {
             members,
             initial_cluster,
+            tls,
             _dir: dir,
         };
         for i in 0..n {
@@ -303,7 +366,21 @@ impl EtcdCluster {
 
     /// [`EtcdCluster::start`], or `None` with a printed reason outside CI.
     pub async fn start_or_skip(n: usize) -> Option<EtcdCluster> {
-        match EtcdCluster::start(n).await {
+        EtcdCluster::or_skip(EtcdCluster::start(n).await)
+    }
+
+    /// [`EtcdCluster::start_tls`], or `None` with a printed reason outside CI.
+    pub async fn start_tls_or_skip(n: usize) -> Option<EtcdCluster> {
+        EtcdCluster::or_skip(EtcdCluster::start_tls(n).await)
+    }
+
+    /// The TLS files clients need, for a cluster started with TLS.
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
+    }
+
+    fn or_skip(started: Result<EtcdCluster, String>) -> Option<EtcdCluster> {
+        match started {
             Ok(c) => Some(c),
             Err(e) if std::env::var_os("CI").is_some() => panic!("{e}"),
             Err(e) => {
@@ -316,14 +393,25 @@ impl EtcdCluster {
     fn spawn(&mut self, i: usize, state: &str) -> Result<(), String> {
         let m = &mut self.members[i];
         let log = std::fs::File::create(m.data.with_extension("log")).map_err(|e| e.to_string())?;
-        let child = Command::new("etcd")
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut cmd = Command::new("etcd");
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", &m.name, "--data-dir"])
             .arg(&m.data)
             .args([
                 "--listen-client-urls",
-                &format!("http://{}", m.client),
+                &format!("{scheme}://{}", m.client),
                 "--advertise-client-urls",
-                &format!("http://{}", m.client),
+                &format!("{scheme}://{}", m.client),
                 "--listen-peer-urls",
                 &format!("http://{}", m.peer),
                 "--initial-advertise-peer-urls",
@@ -358,7 +446,7 @@ impl EtcdCluster {
             .map(|m| m.client.clone())
             .collect();
         loop {
-            let out = etcdctl(&running, &["endpoint", "health"]);
+            let out = etcdctl(self.tls.as_ref(), &running, &["endpoint", "health"]);
             if out.as_ref().is_ok_and(|(ok, _)| *ok) {
                 return Ok(());
             }
@@ -426,6 +514,7 @@ impl EtcdCluster {
             .collect();
         for (i, addr) in &running {
             let Ok((true, out)) = etcdctl(
+                self.tls.as_ref(),
                 std::slice::from_ref(addr),
                 &["endpoint", "status", "-w", "json"],
             ) else {
@@ -449,10 +538,28 @@ impl Drop for EtcdCluster {
     }
 }
 
-fn etcdctl(endpoints: &[String], args: &[&str]) -> Result<(bool, String), String> {
-    let out = Command::new("etcdctl")
+fn etcdctl(
+    tls: Option<&EtcdTls>,
+    endpoints: &[String],
+    args: &[&str],
+) -> Result<(bool, String), String> {
+    let mut cmd = Command::new("etcdctl");
+    if let Some(t) = tls {
+        cmd.arg("--cacert")
+            .arg(&t.ca)
+            .arg("--cert")
+            .arg(&t.cert)
+            .arg("--key")
+            .arg(&t.key);
+    }
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let urls: Vec<String> = endpoints
+        .iter()
+        .map(|e| format!("{scheme}://{e}"))
+        .collect();
+    let out = cmd
         .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .arg(format!("--endpoints={}", urls.join(",")))
         .arg("--command-timeout=2s")
         .args(args)
         .output()

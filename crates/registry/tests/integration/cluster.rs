@@ -421,3 +421,44 @@ async fn the_leader_reaps_services_critical_too_long() {
     let (_, _, v) = s[1].http.get("/v1/catalog/service/gone?consistent").await;
     assert_eq!(v, json!([]));
 }
+
+/// `etcd+https://`: two servers on etcd members that serve TLS and demand client
+/// certificates share one catalog; a server without the CA file is refused at start
+/// with a message naming what it needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_reach_etcd_over_tls_with_client_certificates() {
+    let Some(etcd) = EtcdCluster::start_tls_or_skip(1).await else {
+        return;
+    };
+    let t = etcd.tls().unwrap().clone();
+    let store = format!("etcd+https://{}", etcd.client_addrs().join(","));
+    let start = |node: &'static str| {
+        let (t, store) = (t.clone(), store.clone());
+        TestServer::start_with(move |c| {
+            c.node_name = node.into();
+            c.store = store;
+            c.etcd_ca_file = Some(t.ca.clone());
+            c.etcd_cert_file = Some(t.cert.clone());
+            c.etcd_key_file = Some(t.key.clone());
+        })
+    };
+    let a = start("a").await;
+    let b = start("b").await;
+    a.http
+        .register(json!({"Name": "web", "ID": "web-1", "Port": 8080}))
+        .await;
+    let (_, _, v) = b.http.get("/v1/catalog/service/web?consistent").await;
+    assert_eq!(v[0]["ServiceID"], "web-1", "{v}");
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = tessera_registry::Config {
+        data_dir: dir.path().into(),
+        store: store.clone(),
+        ..Default::default()
+    };
+    let Err(e) = tessera_registry::Server::open(config, &listener).await else {
+        panic!("a server without the CA file started");
+    };
+    assert!(e.to_string().contains("etcd_ca_file"), "{e}");
+}
