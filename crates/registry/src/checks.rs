@@ -57,7 +57,6 @@ pub struct Runners {
     tasks: Mutex<HashMap<CheckKey, Handle>>,
     /// TTL checks among the tasks: the mass-expiry guard's denominator.
     ttl_count: std::sync::atomic::AtomicUsize,
-    registry: OnceLock<Weak<Registry>>,
     /// Checks start when their registration becomes durable, which the log's writer
     /// thread reports: it spawns them here.
     rt: OnceLock<tokio::runtime::Handle>,
@@ -70,12 +69,13 @@ impl Runners {
         self.tasks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts the task for check `id` of `node` unless one with the same spec already
-    /// runs.
-    pub fn ensure(&self, node: &str, id: &str, spec: &CheckSpec) {
-        let (Some(reg), Some(rt)) = (self.registry.get().cloned(), self.rt.get()) else {
-            return; // not started yet; `start` picks every check up
+    /// Starts the task for check `id` of `node` (run for `reg`) unless one with the same
+    /// spec already runs.
+    pub fn ensure(&self, reg: &Weak<Registry>, node: &str, id: &str, spec: &CheckSpec) {
+        let Some(rt) = self.rt.get() else {
+            return; // not started yet; `start_background` picks every check up
         };
+        let reg = reg.clone();
         let key = (node.to_owned(), id.to_owned());
         let mut tasks = self.tasks();
         if let Some(h) = tasks.get(&key) {
@@ -191,8 +191,12 @@ impl Registry {
     /// Call once, inside a Tokio runtime.
     pub fn start_background(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
-        let _ = self.runners.rt.set(tokio::runtime::Handle::current());
-        if self.runners.registry.set(weak.clone()).is_err() {
+        if self
+            .runners
+            .rt
+            .set(tokio::runtime::Handle::current())
+            .is_err()
+        {
             return;
         }
         let statuses: Vec<((String, String), Health)> = self.read(|st| {
@@ -265,7 +269,7 @@ impl Registry {
             }
         }
         for ((node, id), spec) in want {
-            self.runners.ensure(&node, &id, &spec);
+            self.runners.ensure(&self.me, &node, &id, &spec);
         }
     }
 
