@@ -25,7 +25,8 @@ BIN=$PWD/target/release/tessera
 work=$(mktemp -d)
 pids=()
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # Servers started inside $(...) subshells record their pids in $work/pids.
+  for p in "${pids[@]}" $(cat "$work/pids" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS tessera_bench WITH (FORCE)" >/dev/null 2>&1 || true
   rm -rf "$work"
@@ -54,6 +55,7 @@ run() { # label [--database-url URL]
   local label=$1; shift
   $BIN server --bind "127.0.0.1:$PORT" --data-dir "$work/data-$label" "$@" >/dev/null 2>&1 &
   local spid=$!
+  echo "$spid" >>"$work/pids"
   for _ in $(seq 300); do curl -sf "http://127.0.0.1:$PORT/v1/status/leader" >/dev/null && break; sleep 0.1; done
   local t0 t1 done_n left
   t0=$(date +%s.%N)
@@ -74,11 +76,14 @@ run_two() { # URL: two servers on one PostgreSQL database, wrk -c(CONNS/2) on ea
   local url=$1 p2=$((PORT + 1)) spids=() t0 t1 done_n left
   for i in 1 2; do
     $BIN server --bind "127.0.0.1:$((PORT + i - 1))" --data-dir "$work/data-two-$i" --node "two-$i" \
-      --database-url "$url" >/dev/null 2>&1 &
+      --database-url "$url" >"$work/two-$i.log" 2>&1 &
     spids+=($!)
+    echo $! >>"$work/pids"
   done
   for p in "$PORT" "$p2"; do
-    for _ in $(seq 300); do curl -sf "http://127.0.0.1:$p/v1/status/leader" >/dev/null && break; sleep 0.1; done
+    up=
+    for _ in $(seq 300); do curl -sf "http://127.0.0.1:$p/v1/status/leader" >/dev/null && up=1 && break; sleep 0.1; done
+    [ -n "$up" ] || { echo "server on $p did not start:" >&2; cat "$work"/two-*.log >&2; exit 1; }
   done
   t0=$(date +%s.%N)
   wrk -t1 -c$((CONNS / 2)) -d"${DURATION}s" -s "$work/post.lua" "http://127.0.0.1:$PORT/v1/sagas" >"$work/wrk-two-1.txt" &
@@ -93,7 +98,10 @@ run_two() { # URL: two servers on one PostgreSQL database, wrk -c(CONNS/2) on ea
   done
   t1=$(date +%s.%N)
   done_n=$(metric completed)
-  kill "${spids[@]}"; wait "${spids[@]}" 2>/dev/null || true
+  for p in "${spids[@]}"; do
+    kill -0 "$p" 2>/dev/null || { echo "a server died during the run:" >&2; for f in "$work"/two-*.log; do echo "== $f" >&2; tail -n 20 "$f" >&2; done; }
+  done
+  kill "${spids[@]}" 2>/dev/null; wait "${spids[@]}" 2>/dev/null || true
   python3 -c "import sys; n=int(sys.argv[1]); s=float(sys.argv[3])-float(sys.argv[2]); print(f'{n} {s:.2f} {n/s:.0f} {4*n/s:.0f}')" "$done_n" "$t0" "$t1"
 }
 

@@ -293,14 +293,24 @@ impl Database {
         stmts.push(format!(
             "CREATE INDEX IF NOT EXISTS {name}_by_lease ON {name} (status, lease_until)"
         ));
-        for stmt in stmts {
-            match &self.db {
-                Db::Sqlite(p) => {
+        match &self.db {
+            Db::Sqlite(p) => {
+                for stmt in stmts {
                     sqlx::query(AssertSqlSafe(stmt)).execute(p).await?;
                 }
-                Db::Postgres(p) => {
-                    sqlx::query(AssertSqlSafe(stmt)).execute(p).await?;
+            }
+            Db::Postgres(p) => {
+                // Servers starting together on a new database would race in CREATE ...
+                // IF NOT EXISTS (PostgreSQL then fails one with a duplicate key in its
+                // catalog): one at a time, under a transaction-scoped advisory lock.
+                let mut tx = p.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext('tessera_coordinator_schema'))")
+                    .execute(&mut *tx)
+                    .await?;
+                for stmt in stmts {
+                    sqlx::query(AssertSqlSafe(stmt)).execute(&mut *tx).await?;
                 }
+                tx.commit().await?;
             }
         }
         // Placeholders: `?n` for SQLite, `$n` for PostgreSQL; the database's clock in ms.

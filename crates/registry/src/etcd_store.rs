@@ -10,15 +10,17 @@
 //!   for it. If another server wrote one of them first, the view catches up and the write
 //!   is validated again, so a `?cas` or a lock is exact across servers. It returns once
 //!   this server's view shows it (read-your-writes).
-//! - Every transaction also writes one marker key, so the latest registry revision is
-//!   always an event this server's watch delivers, and waiting for it cannot hang on a
-//!   revision made outside the prefix.
+//! - Every transaction also writes one marker key, whose revision is the latest registry
+//!   write's: a linearizable read of it tells how far the view must catch up (`?consistent`,
+//!   barriers). The marker sorts after every other key and the watch stops short of it,
+//!   so it costs etcd no watch event: the other keys of its transaction carry the
+//!   revision to the view.
 //! - After a compaction cancels the watch, the server lists the prefix again and applies
 //!   the difference at the listing's revision: spurious wake-ups, never missed changes.
 //!
 //! Key layout under the prefix: `n/<node>`, `s/<node>/<service id>`,
 //! `c/<node>/<check id>`, `k/<key>`, `ss/<session>`, `ap/<policy>`, `at/<accessor>`,
-//! `ab` (bootstrapped), `_rev` (the marker), and `m/<server>` (a live server's HTTP
+//! `ab` (bootstrapped), `~rev` (the marker, unwatched), and `m/<server>` (a live server's HTTP
 //! address, on its own lease: one lease per server, never per instance or check). Node
 //! names and ids have `%` and `/` escaped.
 //!
@@ -48,6 +50,10 @@ use crate::error::Error;
 use crate::model::{CheckRecord, KvEntry, NodeRecord, ServiceRecord, SessionRecord};
 use crate::registry::Registry;
 use crate::state::{Op, Record, State};
+
+/// The marker key (under the prefix): `~` sorts after every other key of the layout, so
+/// the watch's range ends just before it.
+const MARKER: &str = "~rev";
 
 /// Attempts at a write whose keys other servers keep changing under it.
 const MAX_ATTEMPTS: usize = 32;
@@ -423,12 +429,12 @@ impl EtcdStore {
         }
         // The marker: every registry write is an event at its revision.
         t.success.push(EOp::Put(PutRequest {
-            key: self.key("_rev"),
+            key: self.key(MARKER),
             value: Vec::new(),
             ..Default::default()
         }));
         t.failure.push(EOp::Range(RangeRequest {
-            key: self.key("_rev"),
+            key: self.key(MARKER),
             ..Default::default()
         }));
         Ok(t)
@@ -609,7 +615,7 @@ impl EtcdStore {
     pub(crate) async fn barrier(&self) -> Result<(), Error> {
         let latest = self
             .client
-            .get(&self.key("_rev"))
+            .get(&self.key(MARKER))
             .await
             .map_err(unavailable)?
             .map_or(0, |kv| kv.mod_revision);
@@ -797,7 +803,7 @@ impl EtcdStore {
                 Ok(false) if fence.is_none() => {
                     // With the marker, so the leader's barrier before an expiry covers it.
                     let txn = TxnRequest {
-                        success: [format!("hb/{}/{}", esc(&node), esc(&id)), "_rev".into()]
+                        success: [format!("hb/{}/{}", esc(&node), esc(&id)), MARKER.into()]
                             .map(|k| {
                                 EOp::Put(PutRequest {
                                     key: self.key(&k),
@@ -933,7 +939,8 @@ impl EtcdStore {
             let from = *self.applied.borrow() + 1;
             let create = WatchCreate {
                 key: self.prefix.clone(),
-                range_end: prefix_end(&self.prefix),
+                // Everything but the marker (see MARKER).
+                range_end: self.key(MARKER),
                 start_revision: from,
                 ..Default::default()
             };

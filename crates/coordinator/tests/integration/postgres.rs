@@ -41,3 +41,28 @@ fn tcc_recovers_on_postgres() {
     let second = Backend::postgres().unwrap();
     tcc::recovers(&first, &second);
 }
+
+/// Servers started together on a new database all open it: their schema statements
+/// take turns (concurrent CREATE TABLE IF NOT EXISTS fails one of them in PostgreSQL's
+/// catalog otherwise; `bench/coordinator.sh` hit it with two servers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_starting_together_on_a_new_database_all_open_it() {
+    let Some(db) = tessera_testkit::PgDatabase::create_or_skip() else {
+        return;
+    };
+    let opens = (0..6).map(|i| {
+        let url = db.url.clone();
+        tokio::spawn(async move {
+            let options = tessera_coordinator::Options {
+                owner: format!("server-{i}"),
+                ..Default::default()
+            };
+            tessera_coordinator::Coordinator::open_postgres(&url, None, options)
+                .await
+                .map(drop)
+        })
+    });
+    for open in opens.collect::<Vec<_>>() {
+        open.await.unwrap().unwrap();
+    }
+}
