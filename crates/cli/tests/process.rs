@@ -1302,3 +1302,226 @@ async fn killed_servers_move_their_checks_and_the_gateway_drops_nothing() {
         let _ = u.start_kill();
     }
 }
+
+/// `GET url` from inside `ns` (python3's urllib): (status, X-Consul-KnownLeader, body).
+fn get_in_ns(ns: &tessera_testkit::Netns, url: &str) -> Option<(u16, String, String)> {
+    let script = "import sys, urllib.request\n\
+        r = urllib.request.urlopen(sys.argv[1], timeout=10)\n\
+        print(r.status); print(r.headers.get('X-Consul-KnownLeader')); print(r.read().decode())";
+    let out = ns
+        .command("python3")
+        .args(["-c", script, url])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.splitn(3, '\n');
+    Some((
+        lines.next()?.trim().parse().ok()?,
+        lines.next()?.trim().to_owned(),
+        lines.next().unwrap_or_default().trim().to_owned(),
+    ))
+}
+
+/// A server cut from etcd (its network namespace's link down) while the checks it owns
+/// fail (its probes cannot reach the instances either):
+/// - it still answers `?stale` reads from its view, with `X-Consul-KnownLeader: false`;
+/// - its lease runs out and the other server takes its checks, which stay passing: none
+///   of the failures it saw is ever written, also not after the link is back (its queued
+///   status writes carry a lapsed fence);
+/// - once back, it catches up with what was written meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_cut_from_etcd_serves_stale_reads_and_writes_no_status() {
+    let Some(ns) = tessera_testkit::Netns::create_or_skip() else {
+        return;
+    };
+    let Some(etcd) = tessera_testkit::EtcdCluster::start_on_or_skip(3, ns.host_ip()).await else {
+        return;
+    };
+    let c = client();
+    // Instances on the host side of the link: reachable from both servers until the cut.
+    let mut ups = Vec::new();
+    let mut up_addrs = Vec::new();
+    for i in 0..6 {
+        let mut child = Command::new(BIN)
+            .args([
+                "upstream",
+                "--bind",
+                &format!("{}:0", ns.host_ip()),
+                "--id",
+                &format!("u{i}"),
+            ])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+            child.stdout.take().unwrap(),
+        ));
+        let line = lines.next_line().await.unwrap().unwrap();
+        up_addrs.push(line.split("http://").nth(1).unwrap().trim().to_owned());
+        ups.push(child);
+    }
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let in_ns = format!("etcd://{}", etcd.client_addrs_on(ns.host_ip()).join(","));
+    let mut wrapped = tokio::process::Command::from(ns.command(BIN));
+    wrapped.kill_on_drop(true);
+    // Not on loopback, so ACLs would default to on: this test is about the network.
+    let config = da.path().join("server.toml");
+    std::fs::write(&config, "[acl]\nenabled = false\n").unwrap();
+    let (_a, a) = common::spawn_server_with(
+        wrapped,
+        &format!("{}:0", ns.ip()),
+        da.path(),
+        &[
+            "--node",
+            "a",
+            "--store",
+            &in_ns,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let on_host = format!("etcd://{}", etcd.client_addrs().join(","));
+    let (_b, b) = common::spawn_server(db.path(), &["--node", "b", "--store", &on_host]).await;
+    for (i, up) in up_addrs.iter().enumerate() {
+        let port = up.rsplit(':').next().unwrap();
+        let def = format!(
+            r#"{{"Name":"web","ID":"w{i}","Port":{port},
+                "Check":{{"HTTP":"http://{up}/","Interval":"1s","Timeout":"1s"}}}}"#
+        );
+        let (st, _) = call(
+            &c,
+            "PUT",
+            format!("http://{b}/v1/agent/service/register"),
+            def.into_bytes(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(st, 200);
+    }
+    tessera_testkit::wait_until("all six passing", Duration::from_secs(60), || {
+        let c = c.clone();
+        let b = b.clone();
+        async move {
+            get_json(&c, &b, "/v1/health/service/web?passing")
+                .await
+                .as_array()
+                .map(Vec::len)
+                == Some(6)
+        }
+    })
+    .await;
+    // Every check status change b sees, from now to the end.
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (c, b, seen, stop) = (c.clone(), b.clone(), seen.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut index = 0;
+            // Bounded; stopped by the test long before.
+            for _ in 0..10_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let url = format!("http://{b}/v1/health/checks/web?index={index}&wait=2s");
+                let Ok((200, body)) = call(&c, "GET", url.clone(), vec![]).await else {
+                    continue;
+                };
+                index = index_of(&c, url).await;
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                for ch in v.as_array().unwrap() {
+                    seen.lock()
+                        .unwrap()
+                        .push(ch["Status"].as_str().unwrap().to_owned());
+                }
+            }
+        })
+    };
+    let key_url = format!("http://{a}/v1/kv/during?stale");
+    tessera_testkit::wait_until("a to see the six", Duration::from_secs(60), || {
+        let r = get_in_ns(&ns, &format!("http://{a}/v1/catalog/service/web"));
+        async move {
+            r.is_some_and(|(s, _, body)| {
+                s == 200
+                    && serde_json::from_str::<serde_json::Value>(&body)
+                        .is_ok_and(|v| v.as_array().map(Vec::len) == Some(6))
+            })
+        }
+    })
+    .await;
+    ns.cut();
+    // a answers from its view, and says it has lost etcd.
+    tessera_testkit::wait_until("a to say it lost etcd", Duration::from_secs(60), || {
+        let r = get_in_ns(&ns, &format!("http://{a}/v1/catalog/service/web?stale"));
+        async move { r.is_some_and(|(s, leader, _)| s == 200 && leader == "false") }
+    })
+    .await;
+    let (_, _, body) = get_in_ns(&ns, &format!("http://{a}/v1/catalog/service/web?stale")).unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body)
+            .unwrap()
+            .as_array()
+            .map(Vec::len),
+        Some(6)
+    );
+    // b sees a leave (its lease runs out) and runs every check, still passing.
+    tessera_testkit::wait_until("b alone", Duration::from_secs(60), || {
+        let (c, b) = (c.clone(), b.clone());
+        async move {
+            get_json(&c, &b, "/v1/status/peers")
+                .await
+                .as_array()
+                .map(Vec::len)
+                == Some(1)
+        }
+    })
+    .await;
+    let (st, _) = call(
+        &c,
+        "PUT",
+        format!("http://{b}/v1/kv/during"),
+        b"written while a was away".to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st, 200);
+    ns.heal();
+    tessera_testkit::wait_until("a to catch up", Duration::from_secs(60), || {
+        let r = get_in_ns(&ns, &key_url);
+        async move { r.is_some_and(|(s, _, _)| s == 200) }
+    })
+    .await;
+    tessera_testkit::wait_until("a to rejoin", Duration::from_secs(60), || {
+        let (c, b) = (c.clone(), b.clone());
+        async move {
+            get_json(&c, &b, "/v1/status/peers")
+                .await
+                .as_array()
+                .map(Vec::len)
+                == Some(2)
+        }
+    })
+    .await;
+    // Past a's queued writes: they go out first thing after the heal, before its probes.
+    tessera_testkit::wait_until("a to know etcd again", Duration::from_secs(60), || {
+        let r = get_in_ns(&ns, &format!("http://{a}/v1/catalog/service/web?stale"));
+        async move { r.is_some_and(|(s, leader, _)| s == 200 && leader == "true") }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    watcher.await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.is_empty());
+    assert!(
+        seen.iter().all(|s| s == "passing"),
+        "a cut-off server's failures reached the catalog: {seen:?}"
+    );
+    assert_eq!(
+        get_json(&c, &b, "/v1/health/service/web?passing")
+            .await
+            .as_array()
+            .map(Vec::len),
+        Some(6)
+    );
+}

@@ -257,6 +257,8 @@ pub struct EtcdCluster {
     initial_cluster: String,
     /// With TLS on the client port: the PEM files in `_dir`.
     tls: Option<EtcdTls>,
+    /// Another address the client ports listen on (a [`Netns`]'s host side).
+    also_on: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -316,15 +318,33 @@ struct EtcdMember {
 
 impl EtcdCluster {
     pub async fn start(n: usize) -> Result<EtcdCluster, String> {
-        EtcdCluster::start_with(n, false).await
+        EtcdCluster::start_with(n, false, None).await
+    }
+
+    /// `n` members whose client ports also listen on `ip` (e.g. [`Netns::host_ip`], for
+    /// servers in the namespace), or `None` with a printed reason outside CI.
+    pub async fn start_on_or_skip(n: usize, ip: &str) -> Option<EtcdCluster> {
+        EtcdCluster::or_skip(EtcdCluster::start_with(n, false, Some(ip.to_owned())).await)
+    }
+
+    /// The client addresses on the extra IP given to [`EtcdCluster::start_on_or_skip`].
+    pub fn client_addrs_on(&self, ip: &str) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("{ip}:{}", m.client.rsplit(':').next().unwrap_or_default()))
+            .collect()
     }
 
     /// `n` members serving TLS on their client ports, with client certificates required.
     pub async fn start_tls(n: usize) -> Result<EtcdCluster, String> {
-        EtcdCluster::start_with(n, true).await
+        EtcdCluster::start_with(n, true, None).await
     }
 
-    async fn start_with(n: usize, tls: bool) -> Result<EtcdCluster, String> {
+    async fn start_with(
+        n: usize,
+        tls: bool,
+        also_on: Option<String>,
+    ) -> Result<EtcdCluster, String> {
         for tool in ["etcd", "etcdctl"] {
             Command::new(tool).arg("--version").output().map_err(|e| {
                 format!("{tool} is not installed (apt-get install etcd-server etcd-client): {e}")
@@ -355,6 +375,7 @@ impl EtcdCluster {
             members,
             initial_cluster,
             tls,
+            also_on,
             _dir: dir,
         };
         for i in 0..n {
@@ -394,6 +415,11 @@ impl EtcdCluster {
         let m = &mut self.members[i];
         let log = std::fs::File::create(m.data.with_extension("log")).map_err(|e| e.to_string())?;
         let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut listen = format!("{scheme}://{}", m.client);
+        if let Some(ip) = &self.also_on {
+            let port = m.client.rsplit(':').next().unwrap_or_default();
+            listen.push_str(&format!(",{scheme}://{ip}:{port}"));
+        }
         let mut cmd = Command::new("etcd");
         if let Some(t) = &self.tls {
             cmd.arg("--cert-file")
@@ -409,7 +435,7 @@ impl EtcdCluster {
             .arg(&m.data)
             .args([
                 "--listen-client-urls",
-                &format!("{scheme}://{}", m.client),
+                &listen,
                 "--advertise-client-urls",
                 &format!("{scheme}://{}", m.client),
                 "--listen-peer-urls",

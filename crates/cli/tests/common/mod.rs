@@ -12,8 +12,19 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 /// Starts `tessera server` on an ephemeral port with `extra` flags; returns it and its
 /// address (from the line it prints when listening).
 pub async fn spawn_server(data_dir: &Path, extra: &[&str]) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["server", "--bind", "127.0.0.1:0", "--data-dir"])
+    spawn_server_with(Command::new(BIN), "127.0.0.1:0", data_dir, extra).await
+}
+
+/// [`spawn_server`] through `cmd` (this binary, or it wrapped, as in `ip netns exec`),
+/// listening on `bind`.
+pub async fn spawn_server_with(
+    mut cmd: Command,
+    bind: &str,
+    data_dir: &Path,
+    extra: &[&str],
+) -> (Child, String) {
+    let mut child = cmd
+        .args(["server", "--bind", bind, "--data-dir"])
         .arg(data_dir)
         .args(extra)
         .env_remove("TESSERA_DATABASE_URL")
