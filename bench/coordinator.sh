@@ -51,21 +51,25 @@ metric() { # status [port]
     awk -v s="$1" -F' ' '$1 == "tessera_sagas{status=\""s"\"}" {print $2}'
 }
 
+drain() { # waits (up to 5 min) until no saga is left running or compensating
+  local r c
+  for _ in $(seq 3000); do
+    r=$(metric running); c=$(metric compensating)
+    [ $(( ${r:-1} + ${c:-0} )) -eq 0 ] && return
+    sleep 0.1
+  done
+}
+
 run() { # label [--database-url URL]
   local label=$1; shift
   $BIN server --bind "127.0.0.1:$PORT" --data-dir "$work/data-$label" "$@" >/dev/null 2>&1 &
   local spid=$!
   echo "$spid" >>"$work/pids"
   for _ in $(seq 300); do curl -sf "http://127.0.0.1:$PORT/v1/status/leader" >/dev/null && break; sleep 0.1; done
-  local t0 t1 done_n left
+  local t0 t1 done_n
   t0=$(date +%s.%N)
   wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$work/post.lua" "http://127.0.0.1:$PORT/v1/sagas" >"$work/wrk-$label.txt"
-  for _ in $(seq 3000); do
-    r=$(metric running); c=$(metric compensating)
-    left=$(( ${r:-1} + ${c:-0} ))
-    [ "$left" -eq 0 ] && break
-    sleep 0.1
-  done
+  drain
   t1=$(date +%s.%N)
   done_n=$(metric completed)
   kill "$spid"; wait "$spid" 2>/dev/null || true
@@ -73,7 +77,7 @@ run() { # label [--database-url URL]
 }
 
 run_two() { # URL: two servers on one PostgreSQL database, wrk -c(CONNS/2) on each
-  local url=$1 p2=$((PORT + 1)) spids=() t0 t1 done_n left
+  local url=$1 p2=$((PORT + 1)) spids=() t0 t1 done_n
   for i in 1 2; do
     $BIN server --bind "127.0.0.1:$((PORT + i - 1))" --data-dir "$work/data-two-$i" --node "two-$i" \
       --database-url "$url" >"$work/two-$i.log" 2>&1 &
@@ -90,12 +94,7 @@ run_two() { # URL: two servers on one PostgreSQL database, wrk -c(CONNS/2) on ea
   local w1=$!
   wrk -t1 -c$((CONNS / 2)) -d"${DURATION}s" -s "$work/post.lua" "http://127.0.0.1:$p2/v1/sagas" >"$work/wrk-two-2.txt"
   wait "$w1"
-  for _ in $(seq 3000); do
-    r=$(metric running); c=$(metric compensating)
-    left=$(( ${r:-1} + ${c:-0} ))
-    [ "$left" -eq 0 ] && break
-    sleep 0.1
-  done
+  drain
   t1=$(date +%s.%N)
   done_n=$(metric completed)
   for p in "${spids[@]}"; do

@@ -540,50 +540,12 @@ async fn a_registry_restart_loses_the_gateway_no_endpoint() {
             String::from_utf8_lossy(&body).lines().any(|l| l == want)
         }
     };
-    tessera_testkit::wait_until("the gateway routes to web", Duration::from_secs(60), || {
-        let (c, a) = (c.clone(), gw_addr.clone());
-        async move {
-            matches!(
-                call(&c, "GET", format!("http://{a}/"), vec![]).await,
-                Ok((200, _))
-            )
-        }
-    })
-    .await;
-
     // Traffic through the gateway while the registry dies and comes back.
-    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = {
-        let (c, a) = (c.clone(), gw_addr.clone());
-        let (served, stop) = (served.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut failures = Vec::new();
-            // Bounded; the test stops it far sooner.
-            for _ in 0..1_000_000 {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                match call(&c, "GET", format!("http://{a}/"), vec![]).await {
-                    Ok((200, _)) => {}
-                    other => failures.push(format!("{other:?}")),
-                }
-                served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            failures
-        })
-    };
-    let served_past = |n: usize| {
-        let served = served.clone();
-        move || {
-            let now = served.load(std::sync::atomic::Ordering::Relaxed);
-            async move { now >= n }
-        }
-    };
+    let traffic = Traffic::start(&c, &gw_addr).await;
     tessera_testkit::wait_until(
         "traffic before the kill",
         Duration::from_secs(60),
-        served_past(20),
+        traffic.past(20),
     )
     .await;
     registry.start_kill().unwrap(); // SIGKILL
@@ -592,11 +554,10 @@ async fn a_registry_restart_loses_the_gateway_no_endpoint() {
         discovery_up(false)
     })
     .await;
-    let down = served.load(std::sync::atomic::Ordering::Relaxed);
     tessera_testkit::wait_until(
         "traffic while the registry is down",
         Duration::from_secs(60),
-        served_past(down + 50),
+        traffic.past(traffic.served() + 50),
     )
     .await;
     let mut registry = start_registry();
@@ -610,15 +571,13 @@ async fn a_registry_restart_loses_the_gateway_no_endpoint() {
         discovery_up(true)
     })
     .await;
-    let back = served.load(std::sync::atomic::Ordering::Relaxed);
     tessera_testkit::wait_until(
         "traffic after the restart",
         Duration::from_secs(60),
-        served_past(back + 50),
+        traffic.past(traffic.served() + 50),
     )
     .await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let failures = traffic.await.unwrap();
+    let failures = traffic.stop().await;
     assert!(
         failures.is_empty(),
         "requests failed through the restart: {failures:?}"
@@ -1020,6 +979,90 @@ async fn two_servers_on_etcd_survive_one_killed() {
     assert_eq!(out.trim(), "from-n1");
 }
 
+/// Sequential GETs through a gateway (once it routes), until stopped: how many were
+/// answered, by whom (the answer's first line), and every failure.
+struct Traffic {
+    served: Arc<std::sync::atomic::AtomicUsize>,
+    by: Arc<Mutex<HashMap<String, usize>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl Traffic {
+    async fn start(c: &HttpClient, gateway: &str) -> Traffic {
+        tessera_testkit::wait_until("the gateway to route", Duration::from_secs(60), || {
+            let (c, a) = (c.clone(), gateway.to_owned());
+            async move {
+                matches!(
+                    call(&c, "GET", format!("http://{a}/"), vec![]).await,
+                    Ok((200, _))
+                )
+            }
+        })
+        .await;
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let by = Arc::new(Mutex::new(HashMap::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = {
+            let (c, a) = (c.clone(), gateway.to_owned());
+            let (served, by, stop) = (served.clone(), by.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                // Bounded; the test stops it far sooner.
+                for _ in 0..1_000_000 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    match call(&c, "GET", format!("http://{a}/"), vec![]).await {
+                        Ok((200, body)) => {
+                            let first = String::from_utf8_lossy(&body)
+                                .lines()
+                                .next()
+                                .unwrap_or_default()
+                                .to_owned();
+                            *by.lock().unwrap().entry(first).or_default() += 1;
+                        }
+                        other => failures.push(format!("{other:?}")),
+                    }
+                    served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                failures
+            })
+        };
+        Traffic {
+            served,
+            by,
+            stop,
+            task,
+        }
+    }
+
+    fn served(&self) -> usize {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A condition for `wait_until`: `n` requests made.
+    fn past(&self, n: usize) -> impl FnMut() -> std::future::Ready<bool> + use<> {
+        let served = self.served.clone();
+        move || std::future::ready(served.load(std::sync::atomic::Ordering::Relaxed) >= n)
+    }
+
+    fn answered_by(&self, first_line: &str) -> usize {
+        self.by
+            .lock()
+            .unwrap()
+            .get(first_line)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Stops the traffic: its failures.
+    async fn stop(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
 /// A server frozen with SIGSTOP while another writes, and etcd compacts everything it
 /// had not seen, catches up after SIGCONT: its view ends equal to the writer's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1184,50 +1227,7 @@ async fn killed_servers_move_their_checks_and_the_gateway_drops_nothing() {
         ..
     } = common::spawn_gateway(&cfg).await;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    tessera_testkit::wait_until("the gateway routes to web", Duration::from_secs(60), || {
-        let (c, a) = (c.clone(), gw_addr.clone());
-        async move {
-            matches!(
-                call(&c, "GET", format!("http://{a}/"), vec![]).await,
-                Ok((200, _))
-            )
-        }
-    })
-    .await;
-
-    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let from_four = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = {
-        let (c, a) = (c.clone(), gw_addr.clone());
-        let (served, from_four, stop) = (served.clone(), from_four.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut failures = Vec::new();
-            // Bounded; the test stops it far sooner.
-            for _ in 0..1_000_000 {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                match call(&c, "GET", format!("http://{a}/"), vec![]).await {
-                    Ok((200, body)) => {
-                        if body.starts_with(b"hello from four") {
-                            from_four.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                    other => failures.push(format!("{other:?}")),
-                }
-                served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            failures
-        })
-    };
-    let served_past = |n: usize| {
-        let served = served.clone();
-        move || {
-            let now = served.load(std::sync::atomic::Ordering::Relaxed);
-            async move { now >= n }
-        }
-    };
+    let traffic = Traffic::start(&c, &gw_addr).await;
     let peers = |n: usize| {
         let (c, a) = (c.clone(), n3.clone());
         move || {
@@ -1241,7 +1241,7 @@ async fn killed_servers_move_their_checks_and_the_gateway_drops_nothing() {
             }
         }
     };
-    tessera_testkit::wait_until("traffic", Duration::from_secs(60), served_past(20)).await;
+    tessera_testkit::wait_until("traffic", Duration::from_secs(60), traffic.past(20)).await;
     for (i, left) in [(0, 2), (1, 1)] {
         servers[i].0.start_kill().unwrap(); // SIGKILL
         servers[i].0.wait().await.unwrap();
@@ -1252,11 +1252,10 @@ async fn killed_servers_move_their_checks_and_the_gateway_drops_nothing() {
             peers(left),
         )
         .await;
-        let now = served.load(std::sync::atomic::Ordering::Relaxed);
         tessera_testkit::wait_until(
             "traffic after the kill",
             Duration::from_secs(60),
-            served_past(now + 50),
+            traffic.past(traffic.served() + 50),
         )
         .await;
     }
@@ -1289,13 +1288,12 @@ async fn killed_servers_move_their_checks_and_the_gateway_drops_nothing() {
         "traffic to the new instance",
         Duration::from_secs(60),
         || {
-            let n = from_four.load(std::sync::atomic::Ordering::Relaxed);
+            let n = traffic.answered_by("hello from four");
             async move { n >= 5 }
         },
     )
     .await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let failures = traffic.await.unwrap();
+    let failures = traffic.stop().await;
     assert!(failures.is_empty(), "requests failed: {failures:?}");
     gw.start_kill().unwrap();
     for u in &mut ups {

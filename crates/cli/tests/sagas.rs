@@ -721,57 +721,115 @@ async fn saga_status(c: &HttpClient, addr: &str, id: &str) -> Value {
         .1
 }
 
-/// Two `tessera server`s sharing one PostgreSQL (each its own data dir). A saga started
-/// on the first is blocked in its middle step when that server is killed with SIGKILL:
-/// the second takes it over once the lease (10 s) runs out and completes it, calling
-/// the interrupted step again with the same key and no other step twice.
+/// Two `tessera server`s, a and b, sharing one new PostgreSQL database (each its own
+/// data dir), and a saga `label` started on a and blocked in its step b (gated at the
+/// participant).
+struct Handover {
+    p: Arc<Participant>,
+    c: HttpClient,
+    a: Child,
+    a_addr: String,
+    b_addr: String,
+    id: String,
+    label: &'static str,
+    _b: Child,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    _db: tessera_testkit::PgDatabase,
+}
+
+impl Handover {
+    async fn start(label: &'static str, extra: &[&str]) -> Option<Handover> {
+        let db = tessera_testkit::PgDatabase::create_or_skip()?;
+        let (p, paddr) = participant().await;
+        p.gates.lock().unwrap().insert(format!("/{label}/b/do"));
+        let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let flags = |node: &'static str| {
+            let mut f = vec!["--node", node, "--database-url", db.url.as_str()];
+            f.extend_from_slice(extra);
+            f
+        };
+        let (a, a_addr) = common::spawn_server(dirs.0.path(), &flags("a")).await;
+        let (b, b_addr) = common::spawn_server(dirs.1.path(), &flags("b")).await;
+        let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+        let (s, v) = send(
+            &c,
+            "POST",
+            format!("http://{a_addr}/v1/sagas"),
+            Some(saga(label, &paddr)),
+        )
+        .await;
+        assert_eq!(s, 201, "{v}");
+        let id = v["id"].as_str().unwrap().to_owned();
+        let h = Handover {
+            p,
+            c,
+            a,
+            a_addr,
+            b_addr,
+            id,
+            label,
+            _b: b,
+            _dirs: dirs,
+            _db: db,
+        };
+        h.step_b_called(1, "a to block in step b").await;
+        Some(h)
+    }
+
+    /// Waits until step b has been called `n` times (each call blocks until released).
+    async fn step_b_called(&self, n: usize, what: &str) {
+        let path = format!("/{}/b/do", self.label);
+        wait_until(what, || {
+            let called = self.p.calls_to(&path).len();
+            async move { called == n }
+        })
+        .await;
+    }
+
+    /// Answers every blocked call, and every call from now on.
+    fn release(&self) {
+        self.p.open.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.p.released.notify_waiters();
+    }
+
+    async fn completed_on_b(&self) {
+        wait_until("b to complete the saga", || {
+            let (c, b, id) = (self.c.clone(), self.b_addr.clone(), self.id.clone());
+            async move { saga_status(&c, &b, &id).await["status"] == "completed" }
+        })
+        .await;
+    }
+
+    fn calls(&self, step: &str) -> Vec<String> {
+        self.p.calls_to(&format!("/{}/{step}/do", self.label))
+    }
+
+    fn key(&self, step: &str) -> String {
+        format!("{}/{step}/action", self.id)
+    }
+}
+
+/// A saga started on server a is blocked in its middle step when a is killed with
+/// SIGKILL: b takes it over once the lease (10 s) runs out and completes it, calling the
+/// interrupted step again with the same key and no other step twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_coordinators_saga_is_finished_by_another() {
-    let Some(db) = tessera_testkit::PgDatabase::create_or_skip() else {
+    let Some(mut h) = Handover::start("k1", &[]).await else {
         return;
     };
-    let (p, paddr) = participant().await;
-    p.gates.lock().unwrap().insert("/k1/b/do".into());
-    let (da, db_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let pg = ["--database-url", db.url.as_str()];
-    let (mut a, a_addr) =
-        common::spawn_server(da.path(), &[&["--node", "a"][..], &pg].concat()).await;
-    let (_b, b_addr) =
-        common::spawn_server(db_dir.path(), &[&["--node", "b"][..], &pg].concat()).await;
-    let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    let (s, v) = send(
-        &c,
-        "POST",
-        format!("http://{a_addr}/v1/sagas"),
-        Some(saga("k1", &paddr)),
-    )
-    .await;
-    assert_eq!(s, 201, "{v}");
-    let id = v["id"].as_str().unwrap().to_owned();
-    wait_until("a to block in step b", || {
-        let n = p.calls_to("/k1/b/do").len();
-        async move { n == 1 }
-    })
-    .await;
-    a.start_kill().unwrap();
-    a.wait().await.unwrap();
-    p.open.store(true, std::sync::atomic::Ordering::SeqCst);
-    p.released.notify_waiters();
-    wait_until("b to complete a's saga", || {
-        let (c, b_addr, id) = (c.clone(), b_addr.clone(), id.clone());
-        async move { saga_status(&c, &b_addr, &id).await["status"] == "completed" }
-    })
-    .await;
-    let key = |step: &str| format!("{id}/{step}/action");
-    assert_eq!(p.calls_to("/k1/a/do"), [key("a")]);
+    h.a.start_kill().unwrap();
+    h.a.wait().await.unwrap();
+    h.release();
+    h.completed_on_b().await;
+    assert_eq!(h.calls("a"), [h.key("a")]);
     assert_eq!(
-        p.calls_to("/k1/b/do"),
-        [key("b"), key("b")],
+        h.calls("b"),
+        [h.key("b"), h.key("b")],
         "interrupted: called again, same key"
     );
-    assert_eq!(p.calls_to("/k1/c/do"), [key("c")]);
+    assert_eq!(h.calls("c"), [h.key("c")]);
     assert_eq!(
-        coordinator_metric(&c, &b_addr, "tessera_coordinator_claimed_total").await,
+        coordinator_metric(&h.c, &h.b_addr, "tessera_coordinator_claimed_total").await,
         1
     );
 }
@@ -782,65 +840,33 @@ async fn a_killed_coordinators_saga_is_finished_by_another() {
 /// step, and the saga stays exactly as b left it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_coordinator_cannot_write_a_transition() {
-    let Some(db) = tessera_testkit::PgDatabase::create_or_skip() else {
+    let Some(h) = Handover::start("p1", &[]).await else {
         return;
     };
-    let (p, paddr) = participant().await;
-    p.gates.lock().unwrap().insert("/p1/b/do".into());
-    let (da, db_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let pg = ["--database-url", db.url.as_str()];
-    let (a, a_addr) = common::spawn_server(da.path(), &[&["--node", "a"][..], &pg].concat()).await;
-    let (_b, b_addr) =
-        common::spawn_server(db_dir.path(), &[&["--node", "b"][..], &pg].concat()).await;
-    let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    let (s, v) = send(
-        &c,
-        "POST",
-        format!("http://{a_addr}/v1/sagas"),
-        Some(saga("p1", &paddr)),
-    )
-    .await;
-    assert_eq!(s, 201, "{v}");
-    let id = v["id"].as_str().unwrap().to_owned();
-    wait_until("a to block in step b", || {
-        let n = p.calls_to("/p1/b/do").len();
-        async move { n == 1 }
-    })
-    .await;
-    let pid = a.id().unwrap();
+    let pid = h.a.id().unwrap();
     tessera_testkit::signal(pid, "STOP");
     // b's claim calls step b again (same key), which blocks too; then both are answered.
-    wait_until("b to take the saga over", || {
-        let n = p.calls_to("/p1/b/do").len();
-        async move { n == 2 }
-    })
-    .await;
-    p.open.store(true, std::sync::atomic::Ordering::SeqCst);
-    p.released.notify_waiters();
-    wait_until("b to complete the saga", || {
-        let (c, b_addr, id) = (c.clone(), b_addr.clone(), id.clone());
-        async move { saga_status(&c, &b_addr, &id).await["status"] == "completed" }
-    })
-    .await;
-    let done = saga_status(&c, &b_addr, &id).await;
+    h.step_b_called(2, "b to take the saga over").await;
+    h.release();
+    h.completed_on_b().await;
+    let done = saga_status(&h.c, &h.b_addr, &h.id).await;
     tessera_testkit::signal(pid, "CONT");
     wait_until("a's late write to be refused", || {
-        let (c, a_addr) = (c.clone(), a_addr.clone());
-        async move { coordinator_metric(&c, &a_addr, "tessera_coordinator_fenced_total").await == 1 }
+        let (c, a) = (h.c.clone(), h.a_addr.clone());
+        async move { coordinator_metric(&c, &a, "tessera_coordinator_fenced_total").await == 1 }
     })
     .await;
     assert_eq!(
-        saga_status(&c, &b_addr, &id).await,
+        saga_status(&h.c, &h.b_addr, &h.id).await,
         done,
         "the stale owner changed the saga"
     );
     assert_eq!(
-        saga_status(&c, &a_addr, &id).await,
+        saga_status(&h.c, &h.a_addr, &h.id).await,
         done,
         "a shows the stored saga"
     );
-    assert_eq!(p.calls_to("/p1/c/do").len(), 1, "step c once, by b");
-    drop(a);
+    assert_eq!(h.calls("c").len(), 1, "step c once, by b");
 }
 
 /// A server that stops (SIGTERM) hands its sagas over at once: it ends its leases and
@@ -848,56 +874,14 @@ async fn a_paused_coordinator_cannot_write_a_transition() {
 /// it, so only the notification can explain the takeover within the wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_coordinator_hands_its_sagas_over_at_once() {
-    let Some(db) = tessera_testkit::PgDatabase::create_or_skip() else {
+    let Some(mut h) = Handover::start("h1", &["--saga-lease", "1200s"]).await else {
         return;
     };
-    let (p, paddr) = participant().await;
-    p.gates.lock().unwrap().insert("/h1/b/do".into());
-    let (da, db_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let flags = |node: &'static str| {
-        [
-            "--node",
-            node,
-            "--database-url",
-            db.url.as_str(),
-            "--saga-lease",
-            "1200s",
-        ]
-    };
-    let (mut a, a_addr) = common::spawn_server(da.path(), &flags("a")).await;
-    let (_b, b_addr) = common::spawn_server(db_dir.path(), &flags("b")).await;
-    let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    let (s, v) = send(
-        &c,
-        "POST",
-        format!("http://{a_addr}/v1/sagas"),
-        Some(saga("h1", &paddr)),
-    )
-    .await;
-    assert_eq!(s, 201, "{v}");
-    let id = v["id"].as_str().unwrap().to_owned();
-    wait_until("a to block in step b", || {
-        let n = p.calls_to("/h1/b/do").len();
-        async move { n == 1 }
-    })
-    .await;
-    tessera_testkit::signal(a.id().unwrap(), "TERM");
-    let exit = a.wait().await.unwrap();
+    tessera_testkit::signal(h.a.id().unwrap(), "TERM");
+    let exit = h.a.wait().await.unwrap();
     assert!(exit.success(), "{exit:?}");
-    wait_until("b to take the saga over", || {
-        let n = p.calls_to("/h1/b/do").len();
-        async move { n == 2 }
-    })
-    .await;
-    p.open.store(true, std::sync::atomic::Ordering::SeqCst);
-    p.released.notify_waiters();
-    wait_until("b to complete the saga", || {
-        let (c, b_addr, id) = (c.clone(), b_addr.clone(), id.clone());
-        async move { saga_status(&c, &b_addr, &id).await["status"] == "completed" }
-    })
-    .await;
-    assert_eq!(
-        p.calls_to("/h1/b/do"),
-        [format!("{id}/b/action"), format!("{id}/b/action")]
-    );
+    h.step_b_called(2, "b to take the saga over").await;
+    h.release();
+    h.completed_on_b().await;
+    assert_eq!(h.calls("b"), [h.key("b"), h.key("b")]);
 }

@@ -126,21 +126,12 @@ impl Engine {
     /// Takes over sagas whose owner's lease ran out (`at_start`: also this server's own
     /// from before a restart) and runs them; returns how many.
     pub async fn claim(self: &Arc<Self>, at_start: bool) -> Result<usize, StoreError> {
-        let mut n = 0;
-        let mut mine = at_start;
-        loop {
-            let sagas = self.store.claim(mine).await?;
-            // After this server's own (all at once), the expired ones until none is left.
-            let was_mine = std::mem::replace(&mut mine, false);
-            if sagas.is_empty() && !was_mine {
-                return Ok(n);
-            }
-            n += sagas.len();
-            for (saga, fence) in sagas {
+        self.store
+            .claim_all(at_start, |saga, fence| {
                 tracing::info!(saga = %saga.id, status = saga.status.as_str(), fence, "resuming saga");
                 self.spawn(saga, fence);
-            }
-        }
+            })
+            .await
     }
 
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Saga>> {

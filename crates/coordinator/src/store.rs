@@ -472,10 +472,33 @@ impl<R: Record> Store<R> {
             .await
     }
 
+    /// Takes over records until none is left to take: at start (`at_start`) first every
+    /// one this server owned before it restarted, then, a batch at a time, those whose
+    /// lease ran out; `run` gets each with its new fence. Returns how many.
+    pub async fn claim_all(
+        &self,
+        at_start: bool,
+        mut run: impl FnMut(R, i64),
+    ) -> Result<usize, StoreError> {
+        let mut n = 0;
+        let mut mine = at_start;
+        loop {
+            let batch = self.claim(mine).await?;
+            let was_mine = std::mem::replace(&mut mine, false);
+            if batch.is_empty() && !was_mine {
+                return Ok(n);
+            }
+            n += batch.len();
+            for (r, fence) in batch {
+                run(r, fence);
+            }
+        }
+    }
+
     /// Takes over unfinished records whose lease ran out (and, with `mine`, at start,
     /// those this server owned before it restarted), oldest first, at most a batch: each
     /// with its new fence.
-    pub async fn claim(&self, mine: bool) -> Result<Vec<(R, i64)>, StoreError> {
+    async fn claim(&self, mine: bool) -> Result<Vec<(R, i64)>, StoreError> {
         let sql = q(&self.sql.claim);
         let own = mine.then_some(self.owner.name.as_str());
         let (name, lease) = (self.owner.name.as_str(), self.owner.lease_ms());

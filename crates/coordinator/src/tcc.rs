@@ -273,21 +273,12 @@ impl TccEngine {
     /// Takes over transactions whose owner's lease ran out (`at_start`: also this
     /// server's own from before a restart) and runs them; returns how many.
     pub async fn claim(self: &Arc<Self>, at_start: bool) -> Result<usize, StoreError> {
-        let mut n = 0;
-        let mut mine = at_start;
-        loop {
-            let open = self.store.claim(mine).await?;
-            // After this server's own (all at once), the expired ones until none is left.
-            let was_mine = std::mem::replace(&mut mine, false);
-            if open.is_empty() && !was_mine {
-                return Ok(n);
-            }
-            n += open.len();
-            for (tx, fence) in open {
+        self.store
+            .claim_all(at_start, |tx, fence| {
                 tracing::info!(tcc = %tx.id, status = tx.status.as_str(), fence, "resuming TCC transaction");
                 self.spawn(tx, fence, true);
-            }
-        }
+            })
+            .await
     }
 
     fn spawn(self: &Arc<Self>, tx: Tcc, fence: i64, resumed: bool) {
