@@ -1137,6 +1137,21 @@ async fn a_paused_server_catches_up_after_compaction() {
     .await;
 }
 
+/// Waits until server `addr` lists `n` live servers.
+async fn wait_peers(c: &HttpClient, addr: &str, n: usize, what: &str) {
+    tessera_testkit::wait_until(what, Duration::from_secs(60), || {
+        let (c, a) = (c.clone(), addr.to_owned());
+        async move {
+            get_json(&c, &a, "/v1/status/peers")
+                .await
+                .as_array()
+                .map(Vec::len)
+                == Some(n)
+        }
+    })
+    .await;
+}
+
 /// `GET http://{addr}{path}` as JSON.
 async fn get_json(c: &HttpClient, addr: &str, path: &str) -> serde_json::Value {
     match call(c, "GET", format!("http://{addr}{path}"), vec![]).await {
@@ -1228,30 +1243,12 @@ async fn killed_servers_move_their_checks_and_the_gateway_drops_nothing() {
     } = common::spawn_gateway(&cfg).await;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let traffic = Traffic::start(&c, &gw_addr).await;
-    let peers = |n: usize| {
-        let (c, a) = (c.clone(), n3.clone());
-        move || {
-            let (c, a) = (c.clone(), a.clone());
-            async move {
-                get_json(&c, &a, "/v1/status/peers")
-                    .await
-                    .as_array()
-                    .map(Vec::len)
-                    == Some(n)
-            }
-        }
-    };
     tessera_testkit::wait_until("traffic", Duration::from_secs(60), traffic.past(20)).await;
     for (i, left) in [(0, 2), (1, 1)] {
         servers[i].0.start_kill().unwrap(); // SIGKILL
         servers[i].0.wait().await.unwrap();
         // Its lease runs out (5 s) and the survivors see it gone.
-        tessera_testkit::wait_until(
-            "the killed server to leave",
-            Duration::from_secs(60),
-            peers(left),
-        )
-        .await;
+        wait_peers(&c, &n3, left, "the killed server to leave").await;
         tessera_testkit::wait_until(
             "traffic after the kill",
             Duration::from_secs(60),
@@ -1464,17 +1461,7 @@ async fn a_server_cut_from_etcd_serves_stale_reads_and_writes_no_status() {
         Some(6)
     );
     // b sees a leave (its lease runs out) and runs every check, still passing.
-    tessera_testkit::wait_until("b alone", Duration::from_secs(60), || {
-        let (c, b) = (c.clone(), b.clone());
-        async move {
-            get_json(&c, &b, "/v1/status/peers")
-                .await
-                .as_array()
-                .map(Vec::len)
-                == Some(1)
-        }
-    })
-    .await;
+    wait_peers(&c, &b, 1, "b alone").await;
     let (st, _) = call(
         &c,
         "PUT",
@@ -1490,17 +1477,7 @@ async fn a_server_cut_from_etcd_serves_stale_reads_and_writes_no_status() {
         async move { r.is_some_and(|(s, _, _)| s == 200) }
     })
     .await;
-    tessera_testkit::wait_until("a to rejoin", Duration::from_secs(60), || {
-        let (c, b) = (c.clone(), b.clone());
-        async move {
-            get_json(&c, &b, "/v1/status/peers")
-                .await
-                .as_array()
-                .map(Vec::len)
-                == Some(2)
-        }
-    })
-    .await;
+    wait_peers(&c, &b, 2, "a to rejoin").await;
     // Past a's queued writes: they go out first thing after the heal, before its probes.
     tessera_testkit::wait_until("a to know etcd again", Duration::from_secs(60), || {
         let r = get_in_ns(&ns, &format!("http://{a}/v1/catalog/service/web?stale"));
