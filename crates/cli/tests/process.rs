@@ -1064,7 +1064,9 @@ impl Traffic {
 }
 
 /// A server frozen with SIGSTOP while another writes, and etcd compacts everything it
-/// had not seen, catches up after SIGCONT: its view ends equal to the writer's.
+/// had not seen, catches up after SIGCONT: its view ends equal to the writer's, and a
+/// blocking query parked on it before the pause is woken with the change (nothing a
+/// waiter waits for is missed across a compaction).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_server_catches_up_after_compaction() {
     let Some(etcd) = tessera_testkit::EtcdCluster::start_or_skip(3).await else {
@@ -1085,6 +1087,32 @@ async fn a_paused_server_catches_up_after_compaction() {
         .await
         .unwrap();
     }
+    // A waiter parked on a2 before the pause, for up to 5 minutes.
+    let before = index_of(&c, format!("http://{a2}/v1/kv/app/?keys&consistent")).await;
+    let waiter = {
+        let (c, a2) = (c.clone(), a2.clone());
+        tokio::spawn(async move {
+            call(
+                &c,
+                "GET",
+                format!("http://{a2}/v1/kv/app/?keys&index={before}&wait=5m"),
+                vec![],
+            )
+            .await
+        })
+    };
+    tessera_testkit::wait_until("the waiter to park", Duration::from_secs(60), || {
+        let (c, a2) = (c.clone(), a2.clone());
+        async move {
+            get_json(&c, &a2, "/v1/agent/metrics").await["Gauges"]
+                .as_array()
+                .is_some_and(|g| {
+                    g.iter()
+                        .any(|m| m["Name"] == "tessera.http.blocking_queries" && m["Value"] == 1.0)
+                })
+        }
+    })
+    .await;
     let pid = s2.id().unwrap();
     tessera_testkit::signal(pid, "STOP");
     // While it is frozen: new keys (about 3 MB of them), changed and deleted ones.
@@ -1126,6 +1154,17 @@ async fn a_paused_server_catches_up_after_compaction() {
     };
     let want = keys(a1.clone()).await;
     assert_eq!(want.len(), 1005);
+    let (st, body) = tokio::time::timeout(Duration::from_secs(60), waiter)
+        .await
+        .expect("the parked waiter was woken")
+        .unwrap()
+        .unwrap();
+    assert_eq!(st, 200);
+    let woke_with: Vec<String> = serde_json::from_slice(&body).unwrap();
+    assert!(
+        woke_with.len() > 10,
+        "woken without the change: {woke_with:?}"
+    );
     tessera_testkit::wait_until(
         "the paused server to catch up",
         Duration::from_secs(60),
