@@ -237,9 +237,11 @@ fn clear_data_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The etcd server `--cluster` runs, from PATH.
+const ETCD: &str = "etcd";
+
 /// `--cluster`: where the etcd members and the three servers listen.
 struct Cluster {
-    etcd_bin: PathBuf,
     /// (client, peer) port of each member.
     members: Vec<(SocketAddr, SocketAddr)>,
     servers: Vec<SocketAddr>,
@@ -248,11 +250,7 @@ struct Cluster {
 /// Finds etcd and reserves every port `--cluster` needs: the servers at `first` and the
 /// two ports after it (or any free ones for port 0), the etcd members anywhere free.
 fn plan_cluster(first: SocketAddr) -> Result<Cluster, String> {
-    let etcd_bin = PathBuf::from("etcd");
-    match std::process::Command::new(&etcd_bin)
-        .arg("--version")
-        .output()
-    {
+    match std::process::Command::new(ETCD).arg("--version").output() {
         Ok(o) if o.status.success() => {}
         _ => {
             return Err(
@@ -285,11 +283,7 @@ fn plan_cluster(first: SocketAddr) -> Result<Cluster, String> {
             reserve(any, "an etcd member")?,
         ));
     }
-    Ok(Cluster {
-        etcd_bin,
-        members,
-        servers,
-    })
+    Ok(Cluster { members, servers })
 }
 
 impl Cluster {
@@ -336,7 +330,7 @@ impl Cluster {
                     ],
                     logs,
                 );
-                p.program = Some(self.etcd_bin.clone());
+                p.program = Some(PathBuf::from(ETCD));
                 Ok(p)
             })
             .collect()
