@@ -1139,7 +1139,7 @@ async fn a_paused_server_catches_up_after_compaction() {
         .unwrap();
     }
     let raw = tessera_etcd::Client::new(&etcd.client_addrs()).unwrap();
-    let rev = raw.put(b"unrelated", b"", 0).await.unwrap().header.revision;
+    let rev = raw.put(b"unrelated", b"", 0).await.unwrap().revision();
     raw.compact(rev).await.unwrap();
     tessera_testkit::signal(pid, "CONT");
     let keys = |addr: String| {

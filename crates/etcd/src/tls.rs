@@ -68,7 +68,7 @@ impl TlsFiles {
                 ));
             }
         };
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec()];
         Ok(config)
     }
 }

@@ -1,344 +1,408 @@
-//! etcd's messages as its JSON gateway writes them: protobuf's JSON mapping, so 64-bit
-//! integers are strings, bytes are base64, and fields at their zero value are left out.
+//! etcd's v3 messages in protobuf, declared by hand from the field numbers of etcd's
+//! `rpc.proto` and `kv.proto` (the numbers are the wire contract), so nothing runs
+//! `protoc` at build time. Only the fields Tessera uses are declared: protobuf skips the
+//! rest of an answer, and leaves out of a request what is not declared (its zero value).
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-pub(crate) fn b64<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&STANDARD.encode(v))
-}
-
-fn unb64<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-    let s = String::deserialize(d)?;
-    STANDARD.decode(s).map_err(serde::de::Error::custom)
-}
-
-/// An int64 written as a string (or, from some gateways, a number).
-fn int<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum N {
-        S(String),
-        I(i64),
-    }
-    match N::deserialize(d)? {
-        N::S(s) => s.parse().map_err(serde::de::Error::custom),
-        N::I(i) => Ok(i),
-    }
-}
-
-pub(crate) fn int_str<S: Serializer>(v: &i64, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&v.to_string())
-}
-
-pub(crate) fn is_zero(v: &i64) -> bool {
-    *v == 0
-}
-
-pub(crate) fn is_empty(v: &[u8]) -> bool {
-    v.is_empty()
-}
+use prost::{Enumeration, Message, Oneof};
 
 /// What every answer carries: the store's revision when it was made.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Message)]
 pub struct Header {
-    #[serde(default, deserialize_with = "int")]
+    #[prost(uint64, tag = "1")]
+    pub cluster_id: u64,
+    #[prost(uint64, tag = "2")]
+    pub member_id: u64,
+    #[prost(int64, tag = "3")]
     pub revision: i64,
-    #[serde(default, deserialize_with = "int")]
-    pub raft_term: i64,
-    #[serde(default)]
-    pub member_id: String,
+    #[prost(uint64, tag = "4")]
+    pub raft_term: u64,
 }
 
 /// A key and its value, with the revisions that made it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Message)]
 pub struct KeyValue {
-    #[serde(default, deserialize_with = "unb64")]
+    #[prost(bytes = "vec", tag = "1")]
     pub key: Vec<u8>,
-    #[serde(default, deserialize_with = "unb64")]
-    pub value: Vec<u8>,
-    #[serde(default, deserialize_with = "int")]
+    #[prost(int64, tag = "2")]
     pub create_revision: i64,
-    #[serde(default, deserialize_with = "int")]
+    #[prost(int64, tag = "3")]
     pub mod_revision: i64,
-    #[serde(default, deserialize_with = "int")]
+    #[prost(int64, tag = "4")]
     pub version: i64,
-    #[serde(default, deserialize_with = "int")]
+    #[prost(bytes = "vec", tag = "5")]
+    pub value: Vec<u8>,
+    #[prost(int64, tag = "6")]
     pub lease: i64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Clone, PartialEq, Message)]
 pub struct RangeRequest {
-    #[serde(serialize_with = "b64")]
+    #[prost(bytes = "vec", tag = "1")]
     pub key: Vec<u8>,
-    #[serde(serialize_with = "b64", skip_serializing_if = "is_empty")]
+    #[prost(bytes = "vec", tag = "2")]
     pub range_end: Vec<u8>,
-    #[serde(serialize_with = "int_str", skip_serializing_if = "is_zero")]
+    #[prost(int64, tag = "3")]
     pub limit: i64,
     /// Read as of this revision (0: the latest).
-    #[serde(serialize_with = "int_str", skip_serializing_if = "is_zero")]
+    #[prost(int64, tag = "4")]
     pub revision: i64,
     /// Served by the member asked, without a quorum round: may be behind.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[prost(bool, tag = "7")]
     pub serializable: bool,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[prost(bool, tag = "8")]
     pub keys_only: bool,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[prost(bool, tag = "9")]
     pub count_only: bool,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, PartialEq, Message)]
 pub struct RangeResponse {
-    #[serde(default)]
-    pub header: Header,
-    #[serde(default)]
+    #[prost(message, optional, tag = "1")]
+    pub header: Option<Header>,
+    #[prost(message, repeated, tag = "2")]
     pub kvs: Vec<KeyValue>,
-    #[serde(default)]
+    #[prost(bool, tag = "3")]
     pub more: bool,
-    #[serde(default, deserialize_with = "int")]
+    #[prost(int64, tag = "4")]
     pub count: i64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Clone, PartialEq, Message)]
 pub struct PutRequest {
-    #[serde(serialize_with = "b64")]
+    #[prost(bytes = "vec", tag = "1")]
     pub key: Vec<u8>,
-    #[serde(serialize_with = "b64")]
+    #[prost(bytes = "vec", tag = "2")]
     pub value: Vec<u8>,
-    #[serde(serialize_with = "int_str", skip_serializing_if = "is_zero")]
+    #[prost(int64, tag = "3")]
     pub lease: i64,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[prost(bool, tag = "4")]
     pub prev_kv: bool,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, PartialEq, Message)]
 pub struct PutResponse {
-    #[serde(default)]
-    pub header: Header,
+    #[prost(message, optional, tag = "1")]
+    pub header: Option<Header>,
+    #[prost(message, optional, tag = "2")]
     pub prev_kv: Option<KeyValue>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Clone, PartialEq, Message)]
 pub struct DeleteRangeRequest {
-    #[serde(serialize_with = "b64")]
+    #[prost(bytes = "vec", tag = "1")]
     pub key: Vec<u8>,
-    #[serde(serialize_with = "b64", skip_serializing_if = "is_empty")]
+    #[prost(bytes = "vec", tag = "2")]
     pub range_end: Vec<u8>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[prost(bool, tag = "3")]
     pub prev_kv: bool,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, PartialEq, Message)]
 pub struct DeleteRangeResponse {
-    #[serde(default)]
-    pub header: Header,
-    #[serde(default, deserialize_with = "int")]
+    #[prost(message, optional, tag = "1")]
+    pub header: Option<Header>,
+    #[prost(int64, tag = "2")]
     pub deleted: i64,
-    #[serde(default)]
+    #[prost(message, repeated, tag = "3")]
     pub prev_kvs: Vec<KeyValue>,
 }
 
 /// What a comparison looks at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "UPPERCASE")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Enumeration)]
+#[repr(i32)]
 pub enum Target {
-    Version,
-    Create,
-    Mod,
-    Value,
-    Lease,
+    Version = 0,
+    Create = 1,
+    Mod = 2,
+    Value = 3,
+    Lease = 4,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Enumeration)]
+#[repr(i32)]
 pub enum CompareResult {
-    Equal,
-    Greater,
-    Less,
-    NotEqual,
+    Equal = 0,
+    Greater = 1,
+    Less = 2,
+    NotEqual = 3,
 }
 
 /// One condition of a transaction. Build it with the constructors on [`crate::Compare`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, PartialEq, Message)]
 pub struct Compare {
-    pub(crate) result: CompareResult,
-    pub(crate) target: Target,
-    #[serde(serialize_with = "b64")]
+    #[prost(enumeration = "CompareResult", tag = "1")]
+    pub(crate) result: i32,
+    #[prost(enumeration = "Target", tag = "2")]
+    pub(crate) target: i32,
+    #[prost(bytes = "vec", tag = "3")]
     pub(crate) key: Vec<u8>,
-    #[serde(serialize_with = "b64", skip_serializing_if = "is_empty")]
+    /// What the key's field is compared with; a oneof, so a zero is still sent.
+    #[prost(oneof = "Against", tags = "4, 5, 6, 7, 8")]
+    pub(crate) against: Option<Against>,
+    #[prost(bytes = "vec", tag = "64")]
     pub(crate) range_end: Vec<u8>,
-    #[serde(
-        serialize_with = "opt_int_str",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub(crate) version: Option<i64>,
-    #[serde(
-        serialize_with = "opt_int_str",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub(crate) create_revision: Option<i64>,
-    #[serde(
-        serialize_with = "opt_int_str",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub(crate) mod_revision: Option<i64>,
-    #[serde(serialize_with = "opt_b64", skip_serializing_if = "Option::is_none")]
-    pub(crate) value: Option<Vec<u8>>,
-    #[serde(
-        serialize_with = "opt_int_str",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub(crate) lease: Option<i64>,
 }
 
-fn opt_int_str<S: Serializer>(v: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&v.unwrap_or(0).to_string())
-}
-
-fn opt_b64<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&STANDARD.encode(v.as_deref().unwrap_or_default()))
+#[derive(Clone, PartialEq, Oneof)]
+pub(crate) enum Against {
+    #[prost(int64, tag = "4")]
+    Version(i64),
+    #[prost(int64, tag = "5")]
+    CreateRevision(i64),
+    #[prost(int64, tag = "6")]
+    ModRevision(i64),
+    #[prost(bytes = "vec", tag = "7")]
+    Value(Vec<u8>),
+    #[prost(int64, tag = "8")]
+    Lease(i64),
 }
 
 /// One operation inside a transaction.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Clone, PartialEq, Oneof)]
 pub enum Op {
-    #[serde(rename = "request_range")]
+    #[prost(message, tag = "1")]
     Range(RangeRequest),
-    #[serde(rename = "request_put")]
+    #[prost(message, tag = "2")]
     Put(PutRequest),
-    #[serde(rename = "request_delete_range")]
+    #[prost(message, tag = "3")]
     Delete(DeleteRangeRequest),
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct RequestOp {
+    #[prost(oneof = "Op", tags = "1, 2, 3")]
+    pub op: Option<Op>,
+}
+
+#[derive(Debug, Clone, Default)]
 pub struct TxnRequest {
     pub compare: Vec<Compare>,
     pub success: Vec<Op>,
     pub failure: Vec<Op>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// [`TxnRequest`] as it is sent: each operation wrapped in its message.
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct TxnRequestPb {
+    #[prost(message, repeated, tag = "1")]
+    pub compare: Vec<Compare>,
+    #[prost(message, repeated, tag = "2")]
+    pub success: Vec<RequestOp>,
+    #[prost(message, repeated, tag = "3")]
+    pub failure: Vec<RequestOp>,
+}
+
+impl From<&TxnRequest> for TxnRequestPb {
+    fn from(t: &TxnRequest) -> TxnRequestPb {
+        let ops = |ops: &[Op]| {
+            ops.iter()
+                .map(|op| RequestOp {
+                    op: Some(op.clone()),
+                })
+                .collect()
+        };
+        TxnRequestPb {
+            compare: t.compare.clone(),
+            success: ops(&t.success),
+            failure: ops(&t.failure),
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Oneof)]
 pub enum OpResponse {
-    #[serde(rename = "response_range")]
+    #[prost(message, tag = "1")]
     Range(RangeResponse),
-    #[serde(rename = "response_put")]
+    #[prost(message, tag = "2")]
     Put(PutResponse),
-    #[serde(rename = "response_delete_range")]
+    #[prost(message, tag = "3")]
     Delete(DeleteRangeResponse),
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct ResponseOp {
+    #[prost(oneof = "OpResponse", tags = "1, 2, 3")]
+    pub response: Option<OpResponse>,
+}
+
+#[derive(Debug, Clone, Default)]
 pub struct TxnResponse {
-    #[serde(default)]
-    pub header: Header,
-    #[serde(default)]
+    pub header: Option<Header>,
     pub succeeded: bool,
-    #[serde(default)]
+    /// One per operation of the branch that ran, in order.
     pub responses: Vec<OpResponse>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub(crate) struct LeaseGrantResponse {
-    #[serde(rename = "ID", deserialize_with = "int")]
-    pub id: i64,
-    #[serde(rename = "TTL", default, deserialize_with = "int")]
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct TxnResponsePb {
+    #[prost(message, optional, tag = "1")]
+    pub header: Option<Header>,
+    #[prost(bool, tag = "2")]
+    pub succeeded: bool,
+    #[prost(message, repeated, tag = "3")]
+    pub responses: Vec<ResponseOp>,
+}
+
+impl From<TxnResponsePb> for TxnResponse {
+    fn from(t: TxnResponsePb) -> TxnResponse {
+        TxnResponse {
+            header: t.header,
+            succeeded: t.succeeded,
+            responses: t.responses.into_iter().filter_map(|r| r.response).collect(),
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct CompactionRequest {
+    #[prost(int64, tag = "1")]
+    pub revision: i64,
+    #[prost(bool, tag = "2")]
+    pub physical: bool,
+}
+
+/// An answer whose content is not used: only whether it came.
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct Empty {}
+
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct LeaseGrantRequest {
+    #[prost(int64, tag = "1")]
     pub ttl: i64,
-    #[serde(default)]
+    #[prost(int64, tag = "2")]
+    pub id: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct LeaseGrantResponse {
+    #[prost(int64, tag = "2")]
+    pub id: i64,
+    #[prost(int64, tag = "3")]
+    pub ttl: i64,
+    #[prost(string, tag = "4")]
     pub error: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub(crate) struct LeaseKeepAliveResult {
-    pub result: LeaseKeepAlive,
+/// LeaseRevoke's and LeaseKeepAlive's request.
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct LeaseId {
+    #[prost(int64, tag = "1")]
+    pub id: i64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub(crate) struct LeaseKeepAlive {
-    #[serde(rename = "TTL", default, deserialize_with = "int")]
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct LeaseKeepAliveResponse {
+    #[prost(int64, tag = "2")]
+    pub id: i64,
+    #[prost(int64, tag = "3")]
     pub ttl: i64,
 }
 
 /// A member's view of the cluster.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, PartialEq, Message)]
 pub struct Status {
-    #[serde(default)]
-    pub header: Header,
-    #[serde(default)]
+    #[prost(message, optional, tag = "1")]
+    pub header: Option<Header>,
+    #[prost(string, tag = "2")]
     pub version: String,
-    /// The leader's member id, as a decimal string; empty while there is none.
-    #[serde(default)]
-    pub leader: String,
-    #[serde(default, rename = "raftIndex", deserialize_with = "int")]
-    pub raft_index: i64,
-    #[serde(default, rename = "dbSize", deserialize_with = "int")]
+    #[prost(int64, tag = "3")]
     pub db_size: i64,
+    /// The leader's member id; 0 while there is none.
+    #[prost(uint64, tag = "4")]
+    pub leader: u64,
+    #[prost(uint64, tag = "5")]
+    pub raft_index: u64,
+    #[prost(uint64, tag = "6")]
+    pub raft_term: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Clone, PartialEq, Message)]
 pub struct WatchCreate {
-    #[serde(serialize_with = "b64")]
+    #[prost(bytes = "vec", tag = "1")]
     pub key: Vec<u8>,
-    #[serde(serialize_with = "b64", skip_serializing_if = "is_empty")]
+    #[prost(bytes = "vec", tag = "2")]
     pub range_end: Vec<u8>,
-    #[serde(serialize_with = "int_str", skip_serializing_if = "is_zero")]
+    #[prost(int64, tag = "3")]
     pub start_revision: i64,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub prev_kv: bool,
     /// Empty event batches carrying the current revision, every few minutes while idle.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[prost(bool, tag = "4")]
     pub progress_notify: bool,
+    #[prost(bool, tag = "6")]
+    pub prev_kv: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub(crate) struct WatchMessage {
-    pub result: Option<WatchResult>,
-    pub error: Option<GatewayError>,
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct WatchRequest {
+    #[prost(message, optional, tag = "1")]
+    pub create_request: Option<WatchCreate>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-pub(crate) struct WatchResult {
-    #[serde(default)]
-    pub header: Header,
-    #[serde(default)]
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct WatchResponse {
+    #[prost(message, optional, tag = "1")]
+    pub header: Option<Header>,
+    #[prost(bool, tag = "3")]
     pub created: bool,
-    #[serde(default)]
+    #[prost(bool, tag = "4")]
     pub canceled: bool,
-    #[serde(default, deserialize_with = "int")]
+    #[prost(int64, tag = "5")]
     pub compact_revision: i64,
-    #[serde(default)]
+    #[prost(string, tag = "6")]
     pub cancel_reason: String,
-    #[serde(default)]
-    pub events: Vec<Event>,
+    #[prost(message, repeated, tag = "11")]
+    pub events: Vec<EventPb>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Enumeration)]
+#[repr(i32)]
 pub enum EventType {
-    #[default]
-    #[serde(rename = "PUT")]
-    Put,
-    #[serde(rename = "DELETE")]
-    Delete,
+    Put = 0,
+    Delete = 1,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct EventPb {
+    #[prost(enumeration = "EventType", tag = "1")]
+    pub kind: i32,
+    #[prost(message, optional, tag = "2")]
+    pub kv: Option<KeyValue>,
+    #[prost(message, optional, tag = "3")]
+    pub prev_kv: Option<KeyValue>,
 }
 
 /// One change seen by a watch. A delete's `kv` has the key and the deleting revision as
 /// its `mod_revision`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default)]
 pub struct Event {
-    #[serde(default, rename = "type")]
     pub kind: EventType,
-    #[serde(default)]
     pub kv: KeyValue,
     pub prev_kv: Option<KeyValue>,
 }
 
-/// An error answer from the gateway: a gRPC status code and its message.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub(crate) struct GatewayError {
-    #[serde(default)]
-    pub code: i32,
-    #[serde(default)]
-    pub message: String,
-    #[serde(default)]
-    pub error: String,
+impl From<EventPb> for Event {
+    fn from(e: EventPb) -> Event {
+        Event {
+            kind: e.kind(),
+            kv: e.kv.unwrap_or_default(),
+            prev_kv: e.prev_kv,
+        }
+    }
 }
+
+/// The revision an answer was made at (0 when it carried no header).
+macro_rules! revision {
+    ($($t:ty),*) => {$(
+        impl $t {
+            pub fn revision(&self) -> i64 {
+                self.header.as_ref().map_or(0, |h| h.revision)
+            }
+        }
+    )*};
+}
+revision!(
+    RangeResponse,
+    PutResponse,
+    DeleteRangeResponse,
+    TxnResponse,
+    Status
+);

@@ -24,8 +24,8 @@ async fn keys_transactions_and_revisions() {
         return;
     };
     let c = Client::new(&etcd.client_addrs()).unwrap();
-    let first = c.put(b"app/a", b"1", 0).await.unwrap().header.revision;
-    let second = c.put(b"app/b", b"2", 0).await.unwrap().header.revision;
+    let first = c.put(b"app/a", b"1", 0).await.unwrap().revision();
+    let second = c.put(b"app/b", b"2", 0).await.unwrap().revision();
     assert!(second > first);
     let a = c.get(b"app/a").await.unwrap().unwrap();
     assert_eq!(
@@ -51,7 +51,7 @@ async fn keys_transactions_and_revisions() {
         panic!("{lost:?}");
     };
     assert_eq!(now.kvs[0].value, b"won");
-    assert_eq!(now.kvs[0].mod_revision, won.header.revision);
+    assert_eq!(now.kvs[0].mod_revision, won.revision());
     // Create-only: a create revision of 0 means the key does not exist.
     let create = TxnRequest {
         compare: vec![Compare::create_revision("app/c", CompareResult::Equal, 0)],
@@ -103,7 +103,7 @@ async fn a_watch_sees_every_change_in_order_until_compaction() {
         return;
     };
     let c = Client::new(&etcd.client_addrs()).unwrap();
-    let start = c.put(b"w/0", b"x", 0).await.unwrap().header.revision;
+    let start = c.put(b"w/0", b"x", 0).await.unwrap().revision();
     let mut w = c
         .watch(WatchCreate {
             key: b"w/".to_vec(),
@@ -120,8 +120,7 @@ async fn a_watch_sees_every_change_in_order_until_compaction() {
             c.put(format!("w/{i}").as_bytes(), b"x", 0)
                 .await
                 .unwrap()
-                .header
-                .revision,
+                .revision(),
         );
     }
     let deleted = c
@@ -131,8 +130,7 @@ async fn a_watch_sees_every_change_in_order_until_compaction() {
         })
         .await
         .unwrap()
-        .header
-        .revision;
+        .revision();
     let mut seen = Vec::new();
     while seen.len() < 21 {
         let batch = tokio::time::timeout(Duration::from_secs(30), w.next())
@@ -244,7 +242,7 @@ async fn over_tls_with_a_client_certificate() {
         key: Some(t.key.clone()),
     };
     let c = Client::with_tls(&etcd.client_addrs(), Some(&files)).unwrap();
-    let rev = c.put(b"tls/a", b"1", 0).await.unwrap().header.revision;
+    let rev = c.put(b"tls/a", b"1", 0).await.unwrap().revision();
     let mut w = c
         .watch(WatchCreate {
             key: b"tls/".to_vec(),
@@ -286,4 +284,39 @@ async fn over_tls_with_a_client_certificate() {
         Client::with_tls(&etcd.client_addrs(), Some(&half)),
         Err(Error::Tls(_))
     ));
+}
+
+/// A member frozen with SIGSTOP (a VM pause, a stuck disk) still accepts connections but
+/// answers nothing: a read is passed on to another member instead of waiting out its
+/// deadline, and a write sent to it is reported unknown (it may be applied on SIGCONT),
+/// never as failed and never left hanging for the whole deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_member_is_passed_over() {
+    let Some(etcd) = EtcdCluster::start_or_skip(3).await else {
+        return;
+    };
+    let leader = etcd.wait_leader().await;
+    let frozen = (leader + 1) % 3;
+    let mut addrs = etcd.client_addrs();
+    addrs.rotate_left(frozen);
+    let client = || {
+        Client::new(&addrs)
+            .unwrap()
+            .with_timeout(Duration::from_secs(30))
+    };
+    let c = client();
+    c.put(b"k", b"v0", 0).await.unwrap();
+    let pid = etcd.pid(frozen).unwrap();
+    tessera_testkit::signal(pid, "STOP");
+    let read = c.get(b"k").await;
+    let fresh = client();
+    let write = fresh.put(b"k", b"v1", 0).await;
+    tessera_testkit::signal(pid, "CONT");
+    assert_eq!(read.unwrap().unwrap().value, b"v0");
+    assert!(
+        matches!(write, Err(Error::Unknown(_))),
+        "a write to a frozen member is unknown: {write:?}"
+    );
+    let after = fresh.get(b"k").await.unwrap().unwrap().value;
+    assert!(after == b"v0" || after == b"v1", "{after:?}");
 }

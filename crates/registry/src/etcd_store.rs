@@ -179,7 +179,7 @@ impl EtcdStore {
         }
         self.contact();
         ops.sort_by_key(|(rev, _)| *rev);
-        Ok((r.header.revision, ops))
+        Ok((r.revision(), ops))
     }
 
     /// The registry op a key's put (or delete) stands for; `None` for the marker and for
@@ -510,7 +510,7 @@ impl EtcdStore {
             }
             let resp = self.client.txn(&txn).await.map_err(unavailable)?;
             if resp.succeeded {
-                self.wait_applied(resp.header.revision).await?;
+                self.wait_applied(resp.revision()).await?;
                 return Ok(out);
             }
             if let Some(fence) = fence {
@@ -532,7 +532,7 @@ impl EtcdStore {
                     tessera_etcd::OpResponse::Range(r) => r.kvs.first().map(|kv| kv.mod_revision),
                     _ => None,
                 })
-                .unwrap_or(resp.header.revision);
+                .unwrap_or(resp.revision());
             self.wait_applied(latest).await?;
         }
         Err(Error::Unavailable(
@@ -712,7 +712,7 @@ impl EtcdStore {
             };
             let resp = self.client.txn(&txn).await.map_err(unavailable)?;
             if resp.succeeded {
-                return Ok(resp.header.revision);
+                return Ok(resp.revision());
             }
             tracing::warn!(
                 "this server's member key was held (by an earlier process of the same name, or another server misnamed as this one); taking it"
