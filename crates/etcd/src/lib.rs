@@ -146,10 +146,14 @@ enum Retry {
     Once,
 }
 
-/// How long one member has to answer before the client looks again: a read moves on to
-/// the next member, a write asks its member whether an election has happened since (the
-/// write may then be lost, and waiting longer would only hold the caller).
+/// How long one member has to answer a read before the client moves on to the next.
 const ATTEMPT: Duration = Duration::from_secs(1);
+
+/// How often a write that has waited twice this long asks its member whether an election
+/// has happened since: a follower drops the write it forwarded to a leader that died,
+/// and never answers it, so the write is then reported unknown rather than held until
+/// the deadline. A slow write on a healthy cluster only costs a status call per period.
+const WRITE_CHECK: Duration = Duration::from_millis(250);
 
 /// etcd's answer when a request carrying `hasleader` reaches a member with no leader:
 /// it refused the request before proposing anything.
@@ -518,7 +522,7 @@ impl Client {
     }
 
     /// One call to the member at `endpoints[i]`; `None` when the caller should stop
-    /// waiting for it (see [`ATTEMPT`]).
+    /// waiting for it (see [`ATTEMPT`] and [`WRITE_CHECK`]).
     async fn attempt<Resp: Answer>(
         &self,
         i: usize,
@@ -537,15 +541,15 @@ impl Client {
             grpc::unary_answer(url, resp).await
         };
         tokio::pin!(call);
+        if retry == Retry::Idempotent {
+            return tokio::time::timeout(ATTEMPT, &mut call).await.ok();
+        }
+        let mut wait = WRITE_CHECK * 2;
         loop {
-            match tokio::time::timeout(ATTEMPT, &mut call).await {
+            match tokio::time::timeout(wait, &mut call).await {
                 Ok(r) => return Some(r),
-                Err(_) if retry == Retry::Idempotent => return None,
-                Err(_) => {
-                    if self.held_election(i).await {
-                        return None;
-                    }
-                }
+                Err(_) if self.held_election(i).await => return None,
+                Err(_) => wait = WRITE_CHECK,
             }
         }
     }
