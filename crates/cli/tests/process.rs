@@ -1066,7 +1066,7 @@ impl Traffic {
 /// A server frozen with SIGSTOP while another writes, and etcd compacts everything it
 /// had not seen, catches up after SIGCONT: its view ends equal to the writer's, and a
 /// blocking query parked on it before the pause is woken with the change (nothing a
-/// waiter waits for is missed across a compaction).
+/// waiter waits for is missed across a compaction), and it goes on following etcd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_server_catches_up_after_compaction() {
     let Some(etcd) = tessera_testkit::EtcdCluster::start_or_skip(3).await else {
@@ -1171,6 +1171,24 @@ async fn a_paused_server_catches_up_after_compaction() {
         || {
             let (keys, a2, want) = (&keys, a2.clone(), want.clone());
             async move { keys(a2).await == want }
+        },
+    )
+    .await;
+    // And it goes on following etcd after the relisting: a new write reaches it.
+    call(
+        &c,
+        "PUT",
+        format!("http://{a1}/v1/kv/app/later"),
+        b"x".to_vec(),
+    )
+    .await
+    .unwrap();
+    tessera_testkit::wait_until(
+        "the caught-up server to see a later write",
+        Duration::from_secs(60),
+        || {
+            let (keys, a2) = (&keys, a2.clone());
+            async move { keys(a2).await.len() == 1006 }
         },
     )
     .await;

@@ -61,7 +61,9 @@ const MAX_ATTEMPTS: usize = 32;
 const VISIBLE_WITHIN: Duration = Duration::from_secs(10);
 
 pub struct EtcdStore {
-    client: Client,
+    client: Arc<Client>,
+    /// Groups the catalog writes that arrive while one is in flight (see `etcd_batch`).
+    batch: Arc<crate::etcd_batch::Batcher>,
     prefix: Vec<u8>,
     /// The revision the view has applied.
     applied: watch::Sender<i64>,
@@ -122,10 +124,14 @@ impl EtcdStore {
         tls: Option<&tessera_etcd::TlsFiles>,
         prefix: &str,
     ) -> Result<(Arc<EtcdStore>, State), Error> {
-        let client =
-            Client::with_tls(endpoints, tls).map_err(|e| Error::bad(format!("etcd: {e}")))?;
+        let client = Arc::new(
+            Client::with_tls(endpoints, tls).map_err(|e| Error::bad(format!("etcd: {e}")))?,
+        );
         let (statuses, status_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut marker = prefix.as_bytes().to_vec();
+        marker.extend_from_slice(MARKER.as_bytes());
         let store = EtcdStore {
+            batch: crate::etcd_batch::Batcher::new(client.clone(), marker),
             client,
             prefix: prefix.as_bytes().to_vec(),
             applied: watch::channel(0).0,
@@ -508,7 +514,7 @@ impl EtcdStore {
                     ..Default::default()
                 }));
             }
-            let resp = self.client.txn(&txn).await.map_err(unavailable)?;
+            let resp = self.batch.txn(txn).await.map_err(unavailable)?;
             if resp.succeeded {
                 self.wait_applied(resp.revision()).await?;
                 return Ok(out);
@@ -1058,7 +1064,9 @@ impl EtcdStore {
             index: rev as u64,
             ops,
         });
-        self.applied.send_replace(rev.max(*self.applied.borrow()));
+        // One lock: a borrow inside send_replace's argument would hold the read lock
+        // while the send waits for the write lock, and freeze this thread.
+        self.applied.send_modify(|a| *a = (*a).max(rev));
         reg.place_checks();
         Ok(())
     }

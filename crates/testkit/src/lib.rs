@@ -350,6 +350,27 @@ impl EtcdCluster {
                 format!("{tool} is not installed (apt-get install etcd-server etcd-client): {e}")
             })?;
         }
+        // Ports are picked free and then released, so another process (an outgoing
+        // connection's ephemeral port) can take one before etcd binds it; a cluster whose
+        // member could not start is started again on new ports.
+        let mut failed = String::new();
+        for _ in 0..3 {
+            match EtcdCluster::try_start(n, tls, also_on.clone()).await {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    eprintln!("etcd cluster did not start, trying new ports: {e}");
+                    failed = e;
+                }
+            }
+        }
+        Err(failed)
+    }
+
+    async fn try_start(
+        n: usize,
+        tls: bool,
+        also_on: Option<String>,
+    ) -> Result<EtcdCluster, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let mut members = Vec::new();
         for i in 0..n {
@@ -381,7 +402,7 @@ impl EtcdCluster {
         for i in 0..n {
             cluster.spawn(i, "new")?;
         }
-        cluster.wait_healthy().await?;
+        cluster.wait_started().await?;
         Ok(cluster)
     }
 
@@ -472,6 +493,31 @@ impl EtcdCluster {
             .map(|m| m.client.clone())
             .collect();
         loop {
+            let out = etcdctl(self.tls.as_ref(), &running, &["endpoint", "health"]);
+            if out.as_ref().is_ok_and(|(ok, _)| *ok) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > end {
+                return Err(format!("etcd did not become healthy: {out:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// [`EtcdCluster::wait_healthy`] for a new cluster, failing at once (with the log's
+    /// end) when a member exits, as one does when its port was taken.
+    async fn wait_started(&mut self) -> Result<(), String> {
+        let end = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            for m in &mut self.members {
+                if let Some(Ok(Some(status))) = m.child.as_mut().map(|c| c.try_wait()) {
+                    let log =
+                        std::fs::read_to_string(m.data.with_extension("log")).unwrap_or_default();
+                    let tail: String = log.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
+                    return Err(format!("etcd member {} exited ({status}): {tail}", m.name));
+                }
+            }
+            let running: Vec<String> = self.members.iter().map(|m| m.client.clone()).collect();
             let out = etcdctl(self.tls.as_ref(), &running, &["endpoint", "health"]);
             if out.as_ref().is_ok_and(|(ok, _)| *ok) {
                 return Ok(());
