@@ -122,6 +122,41 @@ impl Compare {
         self.range_end = range_end;
         self
     }
+
+    /// The key compared (the start of the range, for one made with [`Compare::over`]).
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// Whether it compares a range of keys rather than one.
+    pub fn is_range(&self) -> bool {
+        !self.range_end.is_empty()
+    }
+}
+
+impl Op {
+    /// The key operated on (the start of the range, for a ranged one).
+    pub fn key(&self) -> &[u8] {
+        match self {
+            Op::Range(r) => &r.key,
+            Op::Put(p) => &p.key,
+            Op::Delete(d) => &d.key,
+        }
+    }
+
+    /// Whether it covers a range of keys rather than one.
+    pub fn is_range(&self) -> bool {
+        match self {
+            Op::Range(r) => !r.range_end.is_empty(),
+            Op::Put(_) => false,
+            Op::Delete(d) => !d.range_end.is_empty(),
+        }
+    }
+
+    /// Its size on the wire, in bytes.
+    pub fn size(&self) -> usize {
+        self.encoded_len()
+    }
 }
 
 /// The end of the range holding every key that starts with `prefix`.

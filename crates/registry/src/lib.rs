@@ -18,6 +18,7 @@ pub mod api;
 mod checks;
 pub mod defs;
 mod error;
+mod etcd_batch;
 mod etcd_store;
 #[doc(hidden)]
 pub mod filter;
