@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::defs::DEFAULT_TIMEOUT;
 use crate::model::{CheckSpec, Probe};
 use crate::registry::Registry;
+use crate::registry::{Backend, Backing, LogStore, backend};
 use crate::state::Op;
 
 /// A timer firing this much later than asked means the process was not running.
@@ -228,7 +229,7 @@ impl Registry {
         tokio::spawn(reaper(weak.clone(), self.shutdown.clone()));
         self.start_session_clocks();
         tokio::spawn(crate::sessions::reaper(weak.clone(), self.shutdown.clone()));
-        if let Some(etcd) = &self.etcd {
+        if let Some(etcd) = self.etcd() {
             tokio::spawn(etcd.clone().follow(weak.clone(), self.shutdown.clone()));
             tokio::spawn(
                 etcd.clone()
@@ -242,11 +243,7 @@ impl Registry {
     /// node; on etcd, the probes the rendezvous hash gives it. TTL checks run nowhere on
     /// etcd: any server takes their heartbeats and the leader expires them.
     pub(crate) fn runs_check(&self, node: &str, id: &str, spec: &CheckSpec) -> bool {
-        match &self.etcd {
-            None => node == self.local_node(),
-            Some(_) if matches!(spec.probe, Probe::Ttl { .. }) => false,
-            Some(etcd) => etcd.owner(node, id).as_deref() == Some(self.local_node()),
-        }
+        backend!(self, b => Backend::runs_check(b, self, node, id, spec))
     }
 
     /// Starts the checks this server runs and stops the ones it no longer does: at

@@ -47,7 +47,9 @@ use tessera_core::Health;
 
 use crate::acl::{AclOp, Policy, Token};
 use crate::error::Error;
-use crate::model::{CheckRecord, KvEntry, NodeRecord, ServiceRecord, SessionRecord};
+use crate::model::{
+    CheckRecord, CheckSpec, KvEntry, NodeRecord, Probe, ServiceRecord, SessionRecord,
+};
 use crate::registry::Registry;
 use crate::state::{Op, Record, State};
 
@@ -602,12 +604,6 @@ impl EtcdStore {
         m.into_iter().map(|(_, a)| a).collect()
     }
 
-    /// The server that runs the singleton jobs: the oldest member (lowest create
-    /// revision), as etcd's election recipe decides.
-    pub(crate) fn leader(&self) -> Option<String> {
-        self.peers().into_iter().next()
-    }
-
     /// The leader's node name.
     pub(crate) fn leader_name(&self) -> Option<String> {
         self.members()
@@ -1152,6 +1148,51 @@ fn diff(old: &State, new: &State) -> Vec<Op> {
     ops
 }
 
+impl crate::registry::Backend for EtcdStore {
+    /// An etcd transaction, compared on the revision of every key the write read (and,
+    /// for a role write, on this server's membership); answered once this server's view
+    /// shows it.
+    async fn commit<R>(
+        &self,
+        reg: &Registry,
+        authority: Authority,
+        f: impl FnMut(&State, u64) -> Result<(Vec<Op>, R), Error>,
+    ) -> Result<R, Error> {
+        EtcdStore::commit(self, reg, authority, f).await
+    }
+
+    /// A change is written, fenced on this server's membership; none when the view
+    /// already says so (a change made elsewhere that this server has not seen yet is
+    /// written by the next probe).
+    fn set_status(&self, reg: &Registry, key: (String, String), status: Health, output: String) {
+        if reg.read(|st| st.checks.get(&key).map(|c| c.status)) != Some(status) {
+            self.queue_status(key, status, output);
+        }
+    }
+
+    /// The probes the rendezvous hash gives this server. TTL checks run nowhere: any
+    /// server takes their heartbeats and the leader expires them.
+    fn runs_check(&self, reg: &Registry, node: &str, id: &str, spec: &CheckSpec) -> bool {
+        !matches!(spec.probe, Probe::Ttl { .. })
+            && self.owner(node, id).as_deref() == Some(reg.local_node())
+    }
+
+    /// The oldest live member.
+    fn is_leader(&self, reg: &Registry) -> bool {
+        self.leader_name().as_deref() == Some(reg.config.node_name.as_str())
+    }
+
+    /// Every live server, oldest first.
+    fn peers(&self, _reg: &Registry) -> Vec<String> {
+        EtcdStore::peers(self)
+    }
+
+    /// Once the statuses queued so far are written.
+    async fn statuses_written(&self) {
+        EtcdStore::statuses_written(self).await;
+    }
+}
+
 fn lost_place() -> Error {
     Error::Unavailable(
         "this server is not a live cluster member now (its etcd lease lapsed or it is cut off); it makes no role writes until it joins again".into(),
@@ -1258,7 +1299,7 @@ mod tests {
         let reg = Registry::open_etcd(config, false, &etcd.client_addrs(), None, "t/")
             .await
             .unwrap();
-        let store = reg.etcd.clone().unwrap();
+        let store = reg.etcd().cloned().unwrap();
         let cancel = CancellationToken::new();
         tokio::spawn(store.clone().follow(Arc::downgrade(&reg), cancel.clone()));
         reg.ensure_local_node().await.unwrap();

@@ -130,7 +130,7 @@ impl Server {
     ) -> Result<(), Error> {
         let reg = self.registry;
         reg.start_background();
-        if let Some(etcd) = &reg.etcd {
+        if let Some(etcd) = reg.etcd() {
             let addr = match listener.local_addr() {
                 Ok(a) if a.ip().is_unspecified() => {
                     format!("{}:{}", reg.config.advertise_addr, a.port())

@@ -205,7 +205,7 @@ impl Registry {
                 s.node
             )));
         }
-        if self.etcd.is_some() {
+        if self.etcd().is_some() {
             return self
                 .commit(|st, _| match st.sessions.get(id) {
                     Some(s) => Ok((vec![Op::PutSession(s.clone())], Some(s.clone()))),

@@ -189,8 +189,7 @@ async fn ttl_update(
     status: Health,
 ) -> Result<Response, super::ApiError> {
     let note = ctx.q.get("note").unwrap_or_default().to_owned();
-    reg.update_ttl(id, status, note, &ctx.authz)?;
-    reg.statuses_written().await;
+    reg.heartbeat(id, status, note, &ctx.authz).await?;
     Ok(StatusCode::OK.into_response())
 }
 
@@ -229,8 +228,7 @@ pub async fn check_update(
         .status
         .parse()
         .map_err(|e| crate::error::Error::bad(format!("Status: {e}")))?;
-    reg.update_ttl(&id, status, upd.output, &ctx.authz)?;
-    reg.statuses_written().await;
+    reg.heartbeat(&id, status, upd.output, &ctx.authz).await?;
     Ok(StatusCode::OK.into_response())
 }
 

@@ -26,7 +26,7 @@ use tessera_core::parse_duration;
 
 use crate::acl::Authz;
 use crate::error::Error;
-use crate::registry::Registry;
+use crate::registry::{Backend, Backing, LogStore, Registry, backend};
 use crate::store::StoreError;
 
 /// Default and longest blocking-query wait (Consul's values).
@@ -112,24 +112,16 @@ pub fn router(registry: Arc<Registry>) -> Router {
 /// On etcd: the server that runs the singleton jobs (the oldest live member), by its
 /// HTTP address. On one server: that server.
 async fn status_leader(axum::extract::State(reg): axum::extract::State<AppState>) -> Response {
-    match &reg.etcd {
-        Some(etcd) => json(StatusCode::OK, &etcd.leader().unwrap_or_default()),
-        None => json(
-            StatusCode::OK,
-            &format!("{}:8300", reg.config.advertise_addr),
-        ),
-    }
+    let peers = backend!(reg, b => Backend::peers(b, &reg));
+    json(
+        StatusCode::OK,
+        &peers.into_iter().next().unwrap_or_default(),
+    )
 }
 
 /// On etcd: every live server's HTTP address, oldest first.
 async fn status_peers(axum::extract::State(reg): axum::extract::State<AppState>) -> Response {
-    match &reg.etcd {
-        Some(etcd) => json(StatusCode::OK, &etcd.peers()),
-        None => json(
-            StatusCode::OK,
-            &[format!("{}:8300", reg.config.advertise_addr)],
-        ),
-    }
+    json(StatusCode::OK, &backend!(reg, b => Backend::peers(b, &reg)))
 }
 
 /// On etcd: `?consistent` waits until this server's view has every write made before the
@@ -141,7 +133,7 @@ pub async fn cluster_meta(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let Some(etcd) = reg.etcd.clone() else {
+    let Some(etcd) = reg.etcd().cloned() else {
         return next.run(req).await;
     };
     let consistent = req.uri().query().is_some_and(|q| {

@@ -239,6 +239,30 @@ impl Registry {
         .await
     }
 
+    /// [`Registry::update_ttl`], answered once readers see it. On etcd, a check that was
+    /// registered through another server a moment ago may not be in this server's view
+    /// yet: the server catches up with etcd once before saying the check is unknown.
+    pub async fn heartbeat(
+        &self,
+        id: &str,
+        status: Health,
+        output: String,
+        authz: &Authz,
+    ) -> Result<(), Error> {
+        match (
+            self.update_ttl(id, status, output.clone(), authz),
+            self.etcd(),
+        ) {
+            (Err(Error::NotFound(_)), Some(etcd)) => {
+                etcd.barrier().await?;
+                self.update_ttl(id, status, output, authz)?;
+            }
+            (done, _) => done?,
+        }
+        self.statuses_written().await;
+        Ok(())
+    }
+
     /// `PUT /v1/agent/check/{pass,warn,fail}/:id` and `/update/:id`: only for TTL checks.
     /// Check status is runtime state: it is not logged, and restarts from the initial one.
     pub fn update_ttl(
@@ -250,7 +274,7 @@ impl Registry {
     ) -> Result<(), Error> {
         let mut node = self.config.node_name.clone();
         // On etcd any server takes a heartbeat, for a check on any node (its own first).
-        if self.etcd.is_some() {
+        if self.etcd().is_some() {
             let found = self.read(|st| {
                 if st.checks.contains_key(&(node.clone(), id.to_owned())) {
                     return None;
@@ -278,7 +302,7 @@ impl Registry {
             };
             *ttl
         };
-        if let Some(etcd) = &self.etcd {
+        if let Some(etcd) = self.etcd() {
             etcd.queue_heartbeat((node, id.to_owned()), status, output);
             return Ok(());
         }
@@ -295,19 +319,14 @@ impl Registry {
     /// Whether this server runs the jobs one server must run (ending sessions): always
     /// on one server; on etcd, the leader (the oldest live member).
     pub fn is_leader(&self) -> bool {
-        match &self.etcd {
-            Some(etcd) => etcd.leader_name().as_deref() == Some(self.config.node_name.as_str()),
-            None => true,
-        }
+        backend!(self, b => Backend::is_leader(b, self))
     }
 
     /// Returns once the check statuses set so far are visible to readers: at once on
     /// one server; on etcd, once they are written (a TTL update answers after that, so
     /// the client's next read shows it).
     pub async fn statuses_written(&self) {
-        if let Some(etcd) = &self.etcd {
-            etcd.statuses_written().await;
-        }
+        backend!(self, b => Backend::statuses_written(b).await)
     }
 
     /// Sets the status of a check this server runs. The index moves only when the
@@ -317,15 +336,7 @@ impl Registry {
     /// membership.
     pub(crate) fn set_status(&self, node: &str, id: &str, status: Health, output: String) {
         let key = (node.to_owned(), id.to_owned());
-        if let Some(etcd) = &self.etcd {
-            // The view already says so: nothing to write (a change made elsewhere that
-            // this server has not seen yet is written by the next probe).
-            if self.read(|st| st.checks.get(&key).map(|c| c.status)) != Some(status) {
-                etcd.queue_status(key, status, output);
-            }
-            return;
-        }
-        self.set_status_in_log(key, status, output);
+        backend!(self, b => Backend::set_status(b, self, key, status, output));
     }
 
     /// `PUT /v1/agent/service/maintenance/:id?enable=...&reason=...`.

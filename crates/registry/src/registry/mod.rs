@@ -1,5 +1,8 @@
-//! The registry handle: two copies of the state and one durable log between them.
+//! The registry handle: the state readers see, in memory, and a [`Backend`] that keeps
+//! it: the local log on one server ([`LogStore`], `log.rs`), or etcd shared by N servers
+//! (`etcd_store.rs`), which feeds every server's copy from one watch.
 //!
+//! On the local log there are two copies of the state and one durable log between them.
 //! A write validates against the *head* (every write made so far), turns into ops, is
 //! applied to the head and queued to the log under the head's lock, so log order is index
 //! order and the next write validates against this one without waiting for the disk.
@@ -16,7 +19,8 @@ mod catalog;
 mod kv;
 mod log;
 
-use log::{Head, Pending, Shown};
+pub(crate) use log::LogStore;
+use log::{Pending, Shown};
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -117,17 +121,10 @@ pub struct Registry {
     /// The durable state, all that readers see. Reads share it (they run in parallel);
     /// only `show` changes it.
     state: RwLock<State>,
-    /// The write side: validated against, ahead of the durable state by the writes
-    /// waiting for their fsync.
-    head: Mutex<Head>,
-    /// Writes made on the head and not yet shown, in index order.
-    pending: Mutex<VecDeque<Pending>>,
-    /// Highest record index whose log frame is durable.
-    durable: AtomicU64,
-    store: Store,
+    /// Where the state is kept, and how writes reach it.
+    pub(crate) backing: Backing,
     /// Set when the log can no longer be trusted; the server exits on it.
     pub(crate) broken: CancellationToken,
-    broken_by: OnceLock<DiskError>,
     pub config: Config,
     pub node_id: String,
     pub acl_enabled: bool,
@@ -151,11 +148,59 @@ pub struct Registry {
     pub(crate) guard: Mutex<crate::guard::Guard>,
     /// Session TTL clocks and lock delays (see `sessions`).
     pub(crate) sessions: crate::sessions::Timers,
-    /// Set when the state lives in etcd (shared by N servers) instead of the local log.
-    pub(crate) etcd: Option<Arc<crate::etcd_store::EtcdStore>>,
     /// Itself, for the tasks it spawns (check runners), which must not keep it alive.
     pub(crate) me: Weak<Registry>,
 }
+
+/// What keeping the state in the local log (one server) and in etcd (N servers sharing
+/// it) do differently: the rest of the registry calls these and does not know which it
+/// has. Reads never come here: both keep the state in memory, fed by their own writes
+/// (the log) or by a watch (etcd).
+pub(crate) trait Backend {
+    /// Validates with `f` against the latest state this server knows, and makes the ops
+    /// it returns durable and visible before answering. `authority` says whether a client
+    /// asked for the write or this server makes it for a role it holds (fenced on etcd).
+    async fn commit<R>(
+        &self,
+        reg: &Registry,
+        authority: Authority,
+        f: impl FnMut(&State, u64) -> Result<(Vec<Op>, R), Error>,
+    ) -> Result<R, Error>;
+    /// Sets the status of a check this server runs.
+    fn set_status(&self, reg: &Registry, key: (String, String), status: Health, output: String);
+    /// Whether this server runs check `id` of `node`.
+    fn runs_check(&self, reg: &Registry, node: &str, id: &str, spec: &CheckSpec) -> bool;
+    /// Whether this server runs the jobs one server must run (TTL expiry, reaps,
+    /// session ends).
+    fn is_leader(&self, reg: &Registry) -> bool;
+    /// The servers' HTTP addresses, the leader first.
+    fn peers(&self, reg: &Registry) -> Vec<String>;
+    /// Returns once the check statuses set so far are visible to readers.
+    async fn statuses_written(&self);
+}
+
+/// The two places the state can be kept.
+pub(crate) enum Backing {
+    Log(Box<LogStore>),
+    Etcd(Arc<crate::etcd_store::EtcdStore>),
+}
+
+/// Runs `$e` with `$b` bound to the registry's backend, whichever it is.
+macro_rules! backend {
+    ($reg:expr, $b:ident => $e:expr) => {
+        match &$reg.backing {
+            Backing::Log($b) => {
+                let $b: &LogStore = $b;
+                $e
+            }
+            Backing::Etcd($b) => {
+                let $b: &crate::etcd_store::EtcdStore = $b;
+                $e
+            }
+        }
+    };
+}
+pub(crate) use backend;
 
 pub const SERF_CHECK: &str = "serfHealth";
 pub const MAINT_PREFIX: &str = "_service_maintenance:";
@@ -185,9 +230,7 @@ impl Registry {
                 source,
             })
         })?;
-        let reg = Self::from_state(config, acl_enabled, Store::memory(), state, 0, Some(etcd))?;
-        reg.store.start(Arc::new(Shown(Arc::downgrade(&reg))))?;
-        Ok(reg)
+        Self::from_state(config, acl_enabled, Backing::Etcd(etcd), state, false)
     }
 
     /// A registry that keeps nothing on disk; for tests of time-dependent logic.
@@ -237,32 +280,42 @@ impl Registry {
                 state.apply(rec.index, op);
             }
         }
-        let reg = Self::from_state(config, acl_enabled, store, state, log_bytes, None)?;
-        reg.store.start(Arc::new(Shown(Arc::downgrade(&reg))))?;
+        let on_disk = !store.is_memory();
+        let log = LogStore::new(store, state.clone(), log_bytes);
+        let reg = Self::from_state(
+            config,
+            acl_enabled,
+            Backing::Log(Box::new(log)),
+            state,
+            on_disk,
+        )?;
+        if let Backing::Log(log) = &reg.backing {
+            log.store.start(Arc::new(Shown(Arc::downgrade(&reg))))?;
+        }
         Ok(reg)
     }
 
     /// The registry around a recovered state. On the local log the checks this server
     /// runs start over (a restart of the only copy); on etcd their statuses are kept as
-    /// found (the shared store's, which other servers see too).
+    /// found (the shared store's, which other servers see too). `on_disk`: the log is
+    /// kept in the data dir (not a test's memory).
     fn from_state(
         config: Config,
         acl_enabled: bool,
-        store: Store,
+        backing: Backing,
         mut state: State,
-        log_bytes: u64,
-        etcd: Option<Arc<crate::etcd_store::EtcdStore>>,
+        on_disk: bool,
     ) -> Result<Arc<Registry>, Error> {
         let dir = config.data_dir.join("registry");
-        let local_restart = etcd.is_none();
-        let node_id = if store.is_memory() && etcd.is_none() {
+        let local_restart = matches!(backing, Backing::Log(_));
+        let node_id = if local_restart && !on_disk {
             uuid()
         } else {
             load_node_id(&config.data_dir)?
         };
         // Checks the server runs restart from their configured initial state, except a
         // TTL check whose last update has not run out yet: it keeps that status.
-        let (ttl_state, mut restored) = TtlState::load((!store.is_memory()).then(|| dir.clone()));
+        let (ttl_state, mut restored) = TtlState::load(on_disk.then(|| dir.clone()));
         let local = config.node_name.clone();
         let mut ttl_resume = HashMap::new();
         for check in state.checks.values_mut() {
@@ -284,21 +337,16 @@ impl Registry {
                 }
             }
         }
-        let durable = state.index;
+        if let Backing::Log(log) = &backing {
+            // The head starts as the recovered state with the checks' restart applied.
+            log.reset_head(state.clone());
+        }
         let guard = crate::guard::Guard::new(config.mass_expiry.clone());
         let reg = Arc::new_cyclic(|me| Registry {
             me: me.clone(),
-            head: Mutex::new(Head {
-                state: state.clone(),
-                generation: 0,
-                log_bytes,
-            }),
             state: RwLock::new(state),
-            pending: Mutex::new(VecDeque::new()),
-            durable: AtomicU64::new(durable),
+            backing,
             broken: CancellationToken::new(),
-            broken_by: OnceLock::new(),
-            store,
             config,
             node_id,
             acl_enabled,
@@ -313,7 +361,6 @@ impl Registry {
             ttl_resume: Mutex::new(ttl_resume),
             guard: Mutex::new(guard),
             sessions: crate::sessions::Timers::default(),
-            etcd,
         });
         Ok(reg)
     }
@@ -328,12 +375,13 @@ impl Registry {
         self.state.read().unwrap_or_else(|_| poisoned())
     }
 
-    fn head(&self) -> MutexGuard<'_, Head> {
-        self.head.lock().unwrap_or_else(|_| poisoned())
-    }
-
-    fn pending(&self) -> MutexGuard<'_, VecDeque<Pending>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    /// The etcd store, when the state is kept there: for what only a cluster has
+    /// (membership, the watch, `?consistent` barriers, contact with etcd).
+    pub(crate) fn etcd(&self) -> Option<&Arc<crate::etcd_store::EtcdStore>> {
+        match &self.backing {
+            Backing::Etcd(e) => Some(e),
+            Backing::Log(_) => None,
+        }
     }
 
     /// `commit` for a write this server makes because of a role it holds (the leader's
@@ -343,10 +391,7 @@ impl Registry {
         &self,
         f: impl FnMut(&State, u64) -> Result<(Vec<Op>, R), Error>,
     ) -> Result<R, Error> {
-        match &self.etcd {
-            Some(etcd) => etcd.commit(self, Authority::Member, f).await,
-            None => self.commit(f).await,
-        }
+        backend!(self, b => Backend::commit(b, self, Authority::Member, f).await)
     }
 
     /// Runs `f` against the head and commits the ops it returns as one record; returns
@@ -355,10 +400,7 @@ impl Registry {
         &self,
         f: impl FnMut(&State, u64) -> Result<(Vec<Op>, R), Error>,
     ) -> Result<R, Error> {
-        if let Some(etcd) = &self.etcd {
-            return etcd.commit(self, Authority::Client, f).await;
-        }
-        self.commit_to_log(f).await
+        backend!(self, b => Backend::commit(b, self, Authority::Client, f).await)
     }
 
     /// Shows readers a record another server (or this one) wrote to the shared store.
@@ -414,7 +456,10 @@ impl Registry {
 
     /// Why the store broke, once it has.
     pub fn storage_broken(&self) -> Option<&DiskError> {
-        self.broken_by.get()
+        match &self.backing {
+            Backing::Log(log) => log.broken_by.get(),
+            Backing::Etcd(_) => None,
+        }
     }
 
     /// Keeps check runners and the critical-since clock in step with the ops.
