@@ -60,6 +60,12 @@ drain() { # waits (up to 5 min) until no saga is left running or compensating
   done
 }
 
+# The machine's busy share over a run (from /proc/stat): whether a run was CPU-bound.
+cpu_mark() { awk '/^cpu / {print $2+$3+$4+$7+$8, $5+$6}' /proc/stat; }
+cpu_busy() { # start-mark end-mark -> percent busy
+  python3 -c "import sys; b0,i0,b1,i1=map(int,sys.argv[1:]); print(f'{100*(b1-b0)/max(1,(b1-b0)+(i1-i0)):.0f}')" $1 $2
+}
+
 run() { # label [--database-url URL]
   local label=$1; shift
   $BIN server --bind "127.0.0.1:$PORT" --data-dir "$work/data-$label" "$@" >/dev/null 2>&1 &
@@ -67,10 +73,11 @@ run() { # label [--database-url URL]
   echo "$spid" >>"$work/pids"
   for _ in $(seq 300); do curl -sf "http://127.0.0.1:$PORT/v1/status/leader" >/dev/null && break; sleep 0.1; done
   local t0 t1 done_n
-  t0=$(date +%s.%N)
+  t0=$(date +%s.%N); c0=$(cpu_mark)
   wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$work/post.lua" "http://127.0.0.1:$PORT/v1/sagas" >"$work/wrk-$label.txt"
   drain
   t1=$(date +%s.%N)
+  echo "$label: machine busy $(cpu_busy "$c0" "$(cpu_mark)")% of both cores during the run" >&2
   done_n=$(metric completed)
   kill "$spid"; wait "$spid" 2>/dev/null || true
   python3 -c "import sys; n=int(sys.argv[1]); s=float(sys.argv[3])-float(sys.argv[2]); print(f'{n} {s:.2f} {n/s:.0f} {4*n/s:.0f}')" "$done_n" "$t0" "$t1"
@@ -89,13 +96,14 @@ run_two() { # URL: two servers on one PostgreSQL database, wrk -c(CONNS/2) on ea
     for _ in $(seq 300); do curl -sf "http://127.0.0.1:$p/v1/status/leader" >/dev/null && up=1 && break; sleep 0.1; done
     [ -n "$up" ] || { echo "server on $p did not start:" >&2; cat "$work"/two-*.log >&2; exit 1; }
   done
-  t0=$(date +%s.%N)
+  t0=$(date +%s.%N); c0=$(cpu_mark)
   wrk -t1 -c$((CONNS / 2)) -d"${DURATION}s" -s "$work/post.lua" "http://127.0.0.1:$PORT/v1/sagas" >"$work/wrk-two-1.txt" &
   local w1=$!
   wrk -t1 -c$((CONNS / 2)) -d"${DURATION}s" -s "$work/post.lua" "http://127.0.0.1:$p2/v1/sagas" >"$work/wrk-two-2.txt"
   wait "$w1"
   drain
   t1=$(date +%s.%N)
+  echo "two servers: machine busy $(cpu_busy "$c0" "$(cpu_mark)")% of both cores during the run" >&2
   done_n=$(metric completed)
   for p in "${spids[@]}"; do
     kill -0 "$p" 2>/dev/null || { echo "a server died during the run:" >&2; for f in "$work"/two-*.log; do echo "== $f" >&2; tail -n 20 "$f" >&2; done; }
