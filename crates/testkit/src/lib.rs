@@ -402,7 +402,7 @@ impl EtcdCluster {
         for i in 0..n {
             cluster.spawn(i, "new")?;
         }
-        cluster.wait_started().await?;
+        cluster.wait_healthy().await?;
         Ok(cluster)
     }
 
@@ -483,30 +483,9 @@ impl EtcdCluster {
     }
 
     /// Polls until every running member answers healthy (generous: a loaded machine is
-    /// slow to elect, never wrong).
-    pub async fn wait_healthy(&self) -> Result<(), String> {
-        let end = tokio::time::Instant::now() + Duration::from_secs(60);
-        let running: Vec<String> = self
-            .members
-            .iter()
-            .filter(|m| m.child.is_some())
-            .map(|m| m.client.clone())
-            .collect();
-        loop {
-            let out = etcdctl(self.tls.as_ref(), &running, &["endpoint", "health"]);
-            if out.as_ref().is_ok_and(|(ok, _)| *ok) {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > end {
-                return Err(format!("etcd did not become healthy: {out:?}"));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// [`EtcdCluster::wait_healthy`] for a new cluster, failing at once (with the log's
-    /// end) when a member exits, as one does when its port was taken.
-    async fn wait_started(&mut self) -> Result<(), String> {
+    /// slow to elect, never wrong); fails at once, with the end of its log, when a member
+    /// exits (as one does when its port was taken).
+    pub async fn wait_healthy(&mut self) -> Result<(), String> {
         let end = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             for m in &mut self.members {
@@ -517,7 +496,12 @@ impl EtcdCluster {
                     return Err(format!("etcd member {} exited ({status}): {tail}", m.name));
                 }
             }
-            let running: Vec<String> = self.members.iter().map(|m| m.client.clone()).collect();
+            let running: Vec<String> = self
+                .members
+                .iter()
+                .filter(|m| m.child.is_some())
+                .map(|m| m.client.clone())
+                .collect();
             let out = etcdctl(self.tls.as_ref(), &running, &["endpoint", "health"]);
             if out.as_ref().is_ok_and(|(ok, _)| *ok) {
                 return Ok(());
