@@ -54,16 +54,23 @@ pub(crate) fn frame(m: &impl Message) -> Bytes {
 }
 
 /// A POST of `body` to the gRPC method at `path` (`/package.Service/Method`).
-pub(crate) fn request(url: &str, path: &str, body: Body) -> Result<http::Request<Body>, Error> {
-    http::Request::post(format!("{url}{path}"))
+/// `needs_leader`: etcd refuses the call at once, instead of queueing it, when its member
+/// has no leader, and ends a watch when its member loses the leader, so the caller moves
+/// to a member that is part of the cluster. Everything but a member's status needs one.
+pub(crate) fn request(
+    url: &str,
+    path: &str,
+    body: Body,
+    needs_leader: bool,
+) -> Result<http::Request<Body>, Error> {
+    let mut req = http::Request::post(format!("{url}{path}"))
         .version(http::Version::HTTP_2)
         .header(http::header::CONTENT_TYPE, "application/grpc")
-        .header(http::header::TE, "trailers")
-        // etcd refuses at once, instead of queueing, a request to a member that has no
-        // leader; and it ends a watch when its member loses the leader, so the watcher
-        // moves to a member that is part of the cluster.
-        .header("hasleader", "true")
-        .body(body)
+        .header(http::header::TE, "trailers");
+    if needs_leader {
+        req = req.header("hasleader", "true");
+    }
+    req.body(body)
         .map_err(|e| Error::Endpoint(format!("{url}: {e}")))
 }
 

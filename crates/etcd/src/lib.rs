@@ -37,6 +37,7 @@ use prost::Message;
 
 use grpc::Body;
 pub use tls::TlsFiles;
+use wire::Answer;
 pub use wire::{
     CompareResult, DeleteRangeRequest, DeleteRangeResponse, Event, EventType, Header, KeyValue, Op,
     OpResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, Status, Target, TxnRequest,
@@ -151,11 +152,6 @@ impl Op {
             Op::Put(_) => false,
             Op::Delete(d) => !d.range_end.is_empty(),
         }
-    }
-
-    /// Its size on the wire, in bytes.
-    pub fn size(&self) -> usize {
-        self.encoded_len()
     }
 }
 
@@ -392,20 +388,7 @@ impl Client {
             .get(i)
             .ok_or_else(|| Error::Endpoint(i.to_string()))?;
         let body = grpc::frame(&wire::Empty {});
-        let mut req = grpc::request(
-            url,
-            "/etcdserverpb.Maintenance/Status",
-            Body::Once(Some(body)),
-        )?;
-        req.headers_mut().remove("hasleader");
-        let call = async {
-            let resp = self
-                .http
-                .request(req)
-                .await
-                .map_err(|e| sent_error(url, &e))?;
-            grpc::unary_answer(url, resp).await
-        };
+        let call = self.unary(url, "/etcdserverpb.Maintenance/Status", body, false);
         match tokio::time::timeout(self.timeout.min(ATTEMPT), call).await {
             Err(_) => Err(Error::Unknown(format!("{url}: no answer in {ATTEMPT:?}"))),
             Ok(r) => r,
@@ -427,7 +410,7 @@ impl Client {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             // Cannot fail: the receiver is right here.
             let _ = tx.send(msg.clone());
-            let req = grpc::request(url, "/etcdserverpb.Watch/Watch", Body::Stream(rx))?;
+            let req = grpc::request(url, "/etcdserverpb.Watch/Watch", Body::Stream(rx), true)?;
             let resp = match tokio::time::timeout(self.timeout, self.http.request(req)).await {
                 Ok(Ok(resp)) => resp,
                 Ok(Err(e)) => {
@@ -565,16 +548,7 @@ impl Client {
         body: Bytes,
         retry: Retry,
     ) -> Option<Result<Resp, Error>> {
-        let url = &self.endpoints[i];
-        let call = async {
-            let req = grpc::request(url, path, Body::Once(Some(body)))?;
-            let resp = self
-                .http
-                .request(req)
-                .await
-                .map_err(|e| sent_error(url, &e))?;
-            grpc::unary_answer(url, resp).await
-        };
+        let call = self.unary(&self.endpoints[i], path, body, true);
         tokio::pin!(call);
         if retry == Retry::Idempotent {
             return tokio::time::timeout(ATTEMPT, &mut call).await.ok();
@@ -589,6 +563,23 @@ impl Client {
         }
     }
 
+    /// One unary call to the member at `url`, however long it takes.
+    async fn unary<Resp: Answer>(
+        &self,
+        url: &str,
+        path: &str,
+        body: Bytes,
+        needs_leader: bool,
+    ) -> Result<Resp, Error> {
+        let req = grpc::request(url, path, Body::Once(Some(body)), needs_leader)?;
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| sent_error(url, &e))?;
+        grpc::unary_answer(url, resp).await
+    }
+
     /// Whether the member at `endpoints[i]` has no leader, has elected one since this
     /// client's last answer, or does not answer at all.
     async fn held_election(&self, i: usize) -> bool {
@@ -601,33 +592,6 @@ impl Client {
         }
     }
 }
-
-/// An answer that may carry a header (whose raft term the client keeps).
-trait Answer: Message + Default {
-    fn header(&self) -> Option<&Header> {
-        None
-    }
-}
-
-macro_rules! answers {
-    ($($t:ty),*) => {$(
-        impl Answer for $t {
-            fn header(&self) -> Option<&Header> {
-                self.header.as_ref()
-            }
-        }
-    )*};
-}
-answers!(
-    RangeResponse,
-    PutResponse,
-    DeleteRangeResponse,
-    wire::TxnResponsePb
-);
-impl Answer for wire::Empty {}
-impl Answer for wire::LeaseGrantResponse {}
-impl Answer for wire::LeaseKeepAliveResponse {}
-impl Answer for Status {}
 
 /// A failed call: `Unreachable` only when the connection could not be made.
 fn sent_error(url: &str, e: &hyper_util::client::legacy::Error) -> Error {

@@ -389,20 +389,42 @@ impl From<EventPb> for Event {
     }
 }
 
-/// The revision an answer was made at (0 when it carried no header).
-macro_rules! revision {
+/// An answer from etcd; the client keeps the raft term of those that carry a header.
+pub(crate) trait Answer: Message + Default {
+    fn header(&self) -> Option<&Header> {
+        None
+    }
+}
+
+impl Answer for Empty {}
+impl Answer for LeaseGrantResponse {}
+impl Answer for LeaseKeepAliveResponse {}
+
+/// Answers with a header: their revision (0 when the header was left out).
+macro_rules! headed {
     ($($t:ty),*) => {$(
         impl $t {
             pub fn revision(&self) -> i64 {
                 self.header.as_ref().map_or(0, |h| h.revision)
             }
         }
+        impl Answer for $t {
+            fn header(&self) -> Option<&Header> {
+                self.header.as_ref()
+            }
+        }
     )*};
 }
-revision!(
-    RangeResponse,
-    PutResponse,
-    DeleteRangeResponse,
-    TxnResponse,
-    Status
-);
+headed!(RangeResponse, PutResponse, DeleteRangeResponse, Status);
+
+impl Answer for TxnResponsePb {
+    fn header(&self) -> Option<&Header> {
+        self.header.as_ref()
+    }
+}
+
+impl TxnResponse {
+    pub fn revision(&self) -> i64 {
+        self.header.as_ref().map_or(0, |h| h.revision)
+    }
+}

@@ -320,3 +320,33 @@ async fn a_frozen_member_is_passed_over() {
     let after = fresh.get(b"k").await.unwrap().unwrap().value;
     assert!(after == b"v0" || after == b"v1", "{after:?}");
 }
+
+/// A watch on a member frozen with SIGSTOP ends with an error (HTTP/2 pings go
+/// unanswered), instead of waiting forever for events that will never come, so the
+/// watcher can move to another member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_a_frozen_member_ends() {
+    let Some(etcd) = EtcdCluster::start_or_skip(3).await else {
+        return;
+    };
+    let mut addrs = etcd.client_addrs();
+    addrs.rotate_left(1);
+    let c = Client::new(&addrs).unwrap();
+    let mut w = c
+        .watch(WatchCreate {
+            key: b"w/".to_vec(),
+            range_end: prefix_end(b"w/"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(w.endpoint(), 0, "the watch is on the first endpoint");
+    let pid = etcd.pid(1).unwrap();
+    tessera_testkit::signal(pid, "STOP");
+    let ended = tokio::time::timeout(Duration::from_secs(60), w.next()).await;
+    tessera_testkit::signal(pid, "CONT");
+    assert!(
+        matches!(ended, Ok(Err(_))),
+        "the watch ends with an error: {ended:?}"
+    );
+}

@@ -100,7 +100,7 @@ impl Batcher {
         while let Some(next) = waiting.front() {
             let t = &next.txn;
             let own: Vec<&[u8]> = self.written(t).collect();
-            let size: usize = t.success.iter().map(Op::size).sum();
+            let size: usize = t.success.iter().map(Op::encoded_len).sum();
             let clash = own
                 .iter()
                 .any(|k| writes.contains(*k) || reads.contains(*k))
