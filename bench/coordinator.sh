@@ -8,8 +8,15 @@
 # Then the same on PostgreSQL with two servers sharing the database (wrk split between
 # them), against the one-server PostgreSQL run: issue 17's target is >= 1.5x.
 #
+# On two cores, PostgreSQL, wrk, the participant and the servers share one machine, so
+# a second server brings no CPU of its own. SERVER_CPUS=0.5 puts each server in a cgroup
+# of its own capped at half a core (root; cgroup v1 or v2), as if each ran on a machine of
+# its own size: then the two-server row shows whether the shared database lets servers
+# scale out. Each run prints the CPU its servers used.
+#
 #   bench/coordinator.sh                  # 10 s of posting, wrk -c16
 #   DURATION=5 CONNS=32 bench/coordinator.sh
+#   DURATION=5 CONNS=64 SERVER_CPUS=0.5 bench/coordinator.sh
 #
 # Needs wrk (apt-get installs it if missing), python3, and PostgreSQL on 127.0.0.1:5432
 # (trust auth, user root) for the PostgreSQL half (skipped if absent).
@@ -18,6 +25,7 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-16}
 PG_ADMIN=${PG_ADMIN:-postgres://root@127.0.0.1:5432/test}
+SERVER_CPUS=${SERVER_CPUS:-}
 PORT=18500; UP=19401
 command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
 cargo build --release --quiet --bin tessera
@@ -29,6 +37,7 @@ cleanup() {
   for p in "${pids[@]}" $(cat "$work/pids" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   psql "$PG_ADMIN" -qc "DROP DATABASE IF EXISTS tessera_bench WITH (FORCE)" >/dev/null 2>&1 || true
+  for d in $(cat "$work/cgroups" 2>/dev/null); do rmdir "$d" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -66,18 +75,39 @@ cpu_busy() { # start-mark end-mark -> percent busy
   python3 -c "import sys; b0,i0,b1,i1=map(int,sys.argv[1:]); print(f'{100*(b1-b0)/max(1,(b1-b0)+(i1-i0)):.0f}')" $1 $2
 }
 
+# With SERVER_CPUS, moves a server (all its threads) into a cgroup of its own, capped.
+confine() { # pid name
+  [ -n "$SERVER_CPUS" ] || return 0
+  local quota d
+  quota=$(python3 -c "print(int(float('$SERVER_CPUS') * 100000))")
+  if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+    echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
+    d=/sys/fs/cgroup/tessera-bench-$2
+    mkdir -p "$d"; echo "$quota 100000" >"$d/cpu.max"
+  else
+    d=/sys/fs/cgroup/cpu/tessera-bench-$2
+    mkdir -p "$d"; echo 100000 >"$d/cpu.cfs_period_us"; echo "$quota" >"$d/cpu.cfs_quota_us"
+  fi
+  echo "$1" >"$d/cgroup.procs"
+  echo "$d" >>"$work/cgroups"
+}
+
+# CPU seconds a process has used so far (user + system).
+cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{sub(/.*\) /, ""); print ($12 + $13) / hz}' "/proc/$1/stat"; }
+
 run() { # label [--database-url URL]
   local label=$1; shift
   $BIN server --bind "127.0.0.1:$PORT" --data-dir "$work/data-$label" "$@" >/dev/null 2>&1 &
   local spid=$!
   echo "$spid" >>"$work/pids"
+  confine "$spid" "$label"
   for _ in $(seq 300); do curl -sf "http://127.0.0.1:$PORT/v1/status/leader" >/dev/null && break; sleep 0.1; done
   local t0 t1 done_n
   t0=$(date +%s.%N); c0=$(cpu_mark)
   wrk -t1 -c"$CONNS" -d"${DURATION}s" -s "$work/post.lua" "http://127.0.0.1:$PORT/v1/sagas" >"$work/wrk-$label.txt"
   drain
   t1=$(date +%s.%N)
-  echo "$label: machine busy $(cpu_busy "$c0" "$(cpu_mark)")% of both cores during the run" >&2
+  echo "$label: machine busy $(cpu_busy "$c0" "$(cpu_mark)")% of both cores during the run; server used $(cpu_secs "$spid") CPU-s" >&2
   done_n=$(metric completed)
   kill "$spid"; wait "$spid" 2>/dev/null || true
   python3 -c "import sys; n=int(sys.argv[1]); s=float(sys.argv[3])-float(sys.argv[2]); print(f'{n} {s:.2f} {n/s:.0f} {4*n/s:.0f}')" "$done_n" "$t0" "$t1"
@@ -90,6 +120,7 @@ run_two() { # URL: two servers on one PostgreSQL database, wrk -c(CONNS/2) on ea
       --database-url "$url" >"$work/two-$i.log" 2>&1 &
     spids+=($!)
     echo $! >>"$work/pids"
+    confine $! "two-$i"
   done
   for p in "$PORT" "$p2"; do
     up=
@@ -103,7 +134,7 @@ run_two() { # URL: two servers on one PostgreSQL database, wrk -c(CONNS/2) on ea
   wait "$w1"
   drain
   t1=$(date +%s.%N)
-  echo "two servers: machine busy $(cpu_busy "$c0" "$(cpu_mark)")% of both cores during the run" >&2
+  echo "two servers: machine busy $(cpu_busy "$c0" "$(cpu_mark)")% of both cores during the run; servers used $(cpu_secs "${spids[0]}") and $(cpu_secs "${spids[1]}") CPU-s" >&2
   done_n=$(metric completed)
   for p in "${spids[@]}"; do
     kill -0 "$p" 2>/dev/null || { echo "a server died during the run:" >&2; for f in "$work"/two-*.log; do echo "== $f" >&2; tail -n 20 "$f" >&2; done; }
@@ -135,7 +166,7 @@ pg_ref() {
     awk '/^tps/ {printf "%.0f\n", $3}'
 }
 
-echo "three-step sagas, posted by wrk -t1 -c$CONNS for ${DURATION}s, timed until all finished; 2 cores"
+echo "three-step sagas, posted by wrk -t1 -c$CONNS for ${DURATION}s, timed until all finished; 2 cores${SERVER_CPUS:+; each server capped at $SERVER_CPUS cores}"
 printf '%-11s %9s %8s %9s %14s %18s %7s\n' store sagas seconds sagas/s transitions/s "reference commits/s" ratio
 read -r n s rate tr < <(run sqlite)
 ref=$(sqlite_ref)

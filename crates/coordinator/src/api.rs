@@ -248,6 +248,7 @@ async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Result<Respo
     let counts = st.engine.store.counts().await.map_err(internal)?;
     let tcc_counts = st.tcc.store.counts().await.map_err(internal)?;
     let s = &st.engine.stats;
+    let w = st.engine.store.writer_stats();
     let mut out = String::new();
     gauges(
         &mut out,
@@ -303,6 +304,21 @@ async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Result<Respo
             "tessera_coordinator_fenced_total",
             "Transitions this server was refused because another server had taken the saga or TCC transaction over.",
             &st.engine.lease.fenced,
+        ),
+        (
+            "tessera_coordinator_store_commits_total",
+            "Transactions the store's writer committed (or tried to); each groups the writes queued meanwhile.",
+            &w.commits,
+        ),
+        (
+            "tessera_coordinator_store_writes_total",
+            "Writes (inserts and transitions) the store's writer committed (or tried to).",
+            &w.writes,
+        ),
+        (
+            "tessera_coordinator_store_commit_microseconds_total",
+            "Time the store's writer spent in its transactions, in microseconds.",
+            &w.commit_micros,
         ),
     ] {
         let _ = writeln!(

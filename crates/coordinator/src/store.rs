@@ -20,7 +20,8 @@
 use std::marker::PhantomData;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -135,13 +136,27 @@ impl Row {
     }
 }
 
-/// One write, queued for the next group commit, with its table's statement.
+/// One write, queued for the next group commit, with its table's statements.
 enum Op {
     /// Inserts (owned by `Owner`) unless a row with the same idempotency key exists;
     /// answers whether it inserted.
-    Insert(Arc<str>, Row, Arc<Owner>),
+    Insert(Arc<Sql>, Row, Arc<Owner>),
     /// Answers whether the fence still held.
-    Update(Arc<str>, Row),
+    Update(Arc<Sql>, Row),
+}
+
+impl Op {
+    fn table(&self) -> &Arc<Sql> {
+        match self {
+            Op::Insert(t, ..) | Op::Update(t, _) => t,
+        }
+    }
+
+    fn row(&self) -> &Row {
+        match self {
+            Op::Insert(_, r, _) | Op::Update(_, r) => r,
+        }
+    }
 }
 
 /// Who this server is to the tables, and how long its leases last.
@@ -168,11 +183,21 @@ pub struct Summary {
     pub updated_ms: u64,
 }
 
+/// What the writer has done, for the metrics: how well group commit groups (writes per
+/// commit) and how much of its time the one writer spends committing.
+#[derive(Default)]
+pub struct WriterStats {
+    pub commits: AtomicU64,
+    pub writes: AtomicU64,
+    pub commit_micros: AtomicU64,
+}
+
 /// An open database and its writer.
 #[derive(Clone)]
 pub struct Database {
     db: Db,
     writes: mpsc::Sender<(Op, Reply)>,
+    stats: Arc<WriterStats>,
 }
 
 impl Database {
@@ -201,8 +226,13 @@ impl Database {
 
     fn start(db: Db) -> Database {
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(writer(db.clone(), rx));
-        Database { db, writes: tx }
+        let stats = Arc::new(WriterStats::default());
+        tokio::spawn(writer(db.clone(), rx, stats.clone()));
+        Database {
+            db,
+            writes: tx,
+            stats,
+        }
     }
 
     /// Whether several servers may share this database (PostgreSQL), so that records
@@ -326,17 +356,39 @@ impl Database {
             .collect::<Vec<_>>()
             .join(", ");
         let sql = Sql {
-            insert: format!(
-                "INSERT INTO {name} (id, idempotency_key, name, status, state, created_ms, updated_ms,
-                                     owner, fence, lease_until)
-                 VALUES ({}, {}, {}, {}, {}, {}, {}, {}, 1, {now} + {}) ON CONFLICT DO NOTHING",
-                ph(1), ph(2), ph(3), ph(4), ph(5), ph(6), ph(7), ph(8), ph(9)
-            )
+            // On PostgreSQL each statement is a round trip, so the writer sends a batch's
+            // inserts (and its transitions) as one statement over arrays, and learns from
+            // RETURNING which rows it wrote; SQLite is in-process and takes them one by one.
+            insert: if pg {
+                format!(
+                    "INSERT INTO {name} (id, idempotency_key, name, status, state, created_ms, updated_ms,
+                                         owner, fence, lease_until)
+                     SELECT id, key, name, status, state, created, updated, owner, 1, {now} + lease
+                     FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[],
+                                 $6::BIGINT[], $7::BIGINT[], $8::TEXT[], $9::BIGINT[])
+                          AS v(id, key, name, status, state, created, updated, owner, lease)
+                     ON CONFLICT DO NOTHING RETURNING id"
+                )
+            } else {
+                format!(
+                    "INSERT INTO {name} (id, idempotency_key, name, status, state, created_ms, updated_ms,
+                                         owner, fence, lease_until)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, {now} + ?9) ON CONFLICT DO NOTHING"
+                )
+            }
             .into(),
-            update: format!(
-                "UPDATE {name} SET status = {}, state = {}, updated_ms = {} WHERE id = {} AND fence = {}",
-                ph(1), ph(2), ph(3), ph(4), ph(5)
-            )
+            update: if pg {
+                format!(
+                    "UPDATE {name} AS t SET status = v.status, state = v.state, updated_ms = v.updated
+                     FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::BIGINT[])
+                          AS v(status, state, updated, id, fence)
+                     WHERE t.id = v.id AND t.fence = v.fence RETURNING t.id"
+                )
+            } else {
+                format!(
+                    "UPDATE {name} SET status = ?1, state = ?2, updated_ms = ?3 WHERE id = ?4 AND fence = ?5"
+                )
+            }
             .into(),
             claim: format!(
                 "UPDATE {name} SET owner = {p1}, fence = fence + 1, lease_until = {now} + {p2}
@@ -383,6 +435,7 @@ impl Database {
             writes: self.writes.clone(),
             sql: Arc::new(sql),
             owner,
+            stats: self.stats.clone(),
             record: PhantomData,
         })
     }
@@ -422,6 +475,7 @@ pub struct Store<R> {
     writes: mpsc::Sender<(Op, Reply)>,
     sql: Arc<Sql>,
     owner: Arc<Owner>,
+    stats: Arc<WriterStats>,
     record: PhantomData<fn() -> R>,
 }
 
@@ -432,6 +486,7 @@ impl<R> Clone for Store<R> {
             writes: self.writes.clone(),
             sql: self.sql.clone(),
             owner: self.owner.clone(),
+            stats: self.stats.clone(),
             record: PhantomData,
         }
     }
@@ -442,6 +497,11 @@ fn q(s: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
 }
 
 impl<R: Record> Store<R> {
+    /// The writer's counters (shared by every table of the database).
+    pub fn writer_stats(&self) -> &WriterStats {
+        &self.stats
+    }
+
     async fn write(&self, op: Op) -> Result<bool, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.writes
@@ -458,7 +518,7 @@ impl<R: Record> Store<R> {
     /// idempotency key already exists.
     pub async fn insert(&self, r: &R) -> Result<bool, StoreError> {
         self.write(Op::Insert(
-            self.sql.insert.clone(),
+            self.sql.clone(),
             Row::of(r, 1),
             self.owner.clone(),
         ))
@@ -468,7 +528,7 @@ impl<R: Record> Store<R> {
     /// Stores a record's new state under `fence`; returns once it is durable, `false`
     /// when another server has claimed the record since (nothing was written).
     pub async fn update(&self, r: &R, fence: i64) -> Result<bool, StoreError> {
-        self.write(Op::Update(self.sql.update.clone(), Row::of(r, fence)))
+        self.write(Op::Update(self.sql.clone(), Row::of(r, fence)))
             .await
     }
 
@@ -633,7 +693,7 @@ fn decode<R: Record>(id: String, state: &str) -> Result<R, StoreError> {
 
 /// The group-commit loop: takes everything queued, commits it in one transaction, then
 /// answers each writer.
-async fn writer(db: Db, mut rx: mpsc::Receiver<(Op, Reply)>) {
+async fn writer(db: Db, mut rx: mpsc::Receiver<(Op, Reply)>, stats: Arc<WriterStats>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -643,10 +703,15 @@ async fn writer(db: Db, mut rx: mpsc::Receiver<(Op, Reply)>) {
                 Err(_) => break,
             }
         }
-        let results = match &db {
-            Db::Sqlite(p) => commit_sqlite(p, &batch).await,
-            Db::Postgres(p) => commit_postgres(p, &batch).await,
-        };
+        let started = Instant::now();
+        let results = commit(&db, &batch).await;
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats
+            .writes
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stats
+            .commit_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         match results {
             Ok(results) => {
                 for ((_, reply), r) in batch.drain(..).zip(results) {
@@ -669,47 +734,292 @@ async fn writer(db: Db, mut rx: mpsc::Receiver<(Op, Reply)>) {
     }
 }
 
-/// The same loop body for both backends (their executor types differ).
-macro_rules! commit {
-    ($pool:expr, $batch:expr) => {{
-        let mut tx = $pool.begin().await?;
-        let mut out = Vec::with_capacity($batch.len());
-        for (op, _) in $batch {
-            let done = match op {
-                Op::Insert(sql, r, owner) => sqlx::query(q(sql))
-                    .bind(&r.id)
-                    .bind(&r.idempotency_key)
-                    .bind(&r.name)
-                    .bind(r.status)
-                    .bind(&r.state)
-                    .bind(r.created_ms)
-                    .bind(r.updated_ms)
-                    .bind(&owner.name)
-                    .bind(owner.lease_ms())
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected(),
-                Op::Update(sql, r) => sqlx::query(q(sql))
-                    .bind(r.status)
-                    .bind(&r.state)
-                    .bind(r.updated_ms)
-                    .bind(&r.id)
-                    .bind(r.fence)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected(),
-            };
-            out.push(done == 1);
-        }
-        tx.commit().await?;
-        Ok(out)
-    }};
+/// Commits a batch in one transaction; per write, whether it changed its row.
+async fn commit(db: &Db, batch: &[(Op, Reply)]) -> Result<Vec<bool>, sqlx::Error> {
+    match db {
+        Db::Sqlite(p) => commit_sqlite(p, batch).await,
+        Db::Postgres(p) => commit_postgres(p, batch).await,
+    }
 }
 
+/// SQLite runs in-process: one statement per write costs no round trip.
 async fn commit_sqlite(p: &SqlitePool, batch: &[(Op, Reply)]) -> Result<Vec<bool>, sqlx::Error> {
-    commit!(p, batch)
+    let mut tx = p.begin().await?;
+    let mut out = Vec::with_capacity(batch.len());
+    for (op, _) in batch {
+        let done = match op {
+            Op::Insert(sql, r, owner) => sqlx::query(q(&sql.insert))
+                .bind(&r.id)
+                .bind(&r.idempotency_key)
+                .bind(&r.name)
+                .bind(r.status)
+                .bind(&r.state)
+                .bind(r.created_ms)
+                .bind(r.updated_ms)
+                .bind(&owner.name)
+                .bind(owner.lease_ms())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected(),
+            Op::Update(sql, r) => sqlx::query(q(&sql.update))
+                .bind(r.status)
+                .bind(&r.state)
+                .bind(r.updated_ms)
+                .bind(&r.id)
+                .bind(r.fence)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected(),
+        };
+        out.push(done == 1);
+    }
+    tx.commit().await?;
+    Ok(out)
 }
 
+/// PostgreSQL: the batch goes as one multi-row statement per table and kind, each
+/// answering with the ids it wrote. A statement may hold each record once (an UPDATE
+/// joined to two rows for one record would apply one of them), so a record written
+/// twice in a batch starts a new round of statements, which keeps its writes in order.
 async fn commit_postgres(p: &PgPool, batch: &[(Op, Reply)]) -> Result<Vec<bool>, sqlx::Error> {
-    commit!(p, batch)
+    let mut tx = p.begin().await?;
+    let mut out = vec![false; batch.len()];
+    let mut start = 0;
+    while start < batch.len() {
+        let mut ids = std::collections::HashSet::new();
+        let end = start
+            + batch[start..]
+                .iter()
+                .take_while(|(op, _)| ids.insert(op.row().id.as_str()))
+                .count();
+        let round = start..end;
+        let mut tables: Vec<&Arc<Sql>> = Vec::new();
+        for (op, _) in &batch[round.clone()] {
+            if !tables.iter().any(|t| Arc::ptr_eq(t, op.table())) {
+                tables.push(op.table());
+            }
+        }
+        for table in tables {
+            let (mut inserts, mut updates) = (Vec::new(), Vec::new());
+            for i in round.clone() {
+                match &batch[i].0 {
+                    Op::Insert(t, r, o) if Arc::ptr_eq(t, table) => inserts.push((i, r, &**o)),
+                    Op::Update(t, r) if Arc::ptr_eq(t, table) => updates.push((i, r)),
+                    _ => {}
+                }
+            }
+            if !inserts.is_empty() {
+                let written: Vec<String> = sqlx::query_scalar(q(&table.insert))
+                    .bind(
+                        inserts
+                            .iter()
+                            .map(|(_, r, _)| r.id.as_str())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        inserts
+                            .iter()
+                            .map(|(_, r, _)| r.idempotency_key.as_deref())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        inserts
+                            .iter()
+                            .map(|(_, r, _)| r.name.as_str())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(inserts.iter().map(|(_, r, _)| r.status).collect::<Vec<_>>())
+                    .bind(
+                        inserts
+                            .iter()
+                            .map(|(_, r, _)| r.state.as_str())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        inserts
+                            .iter()
+                            .map(|(_, r, _)| r.created_ms)
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        inserts
+                            .iter()
+                            .map(|(_, r, _)| r.updated_ms)
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        inserts
+                            .iter()
+                            .map(|(_, _, o)| o.name.as_str())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        inserts
+                            .iter()
+                            .map(|(_, _, o)| o.lease_ms())
+                            .collect::<Vec<_>>(),
+                    )
+                    .fetch_all(&mut *tx)
+                    .await?;
+                mark(&mut out, inserts.iter().map(|(i, r, _)| (*i, *r)), &written);
+            }
+            if !updates.is_empty() {
+                let written: Vec<String> = sqlx::query_scalar(q(&table.update))
+                    .bind(updates.iter().map(|(_, r)| r.status).collect::<Vec<_>>())
+                    .bind(
+                        updates
+                            .iter()
+                            .map(|(_, r)| r.state.as_str())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        updates
+                            .iter()
+                            .map(|(_, r)| r.updated_ms)
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        updates
+                            .iter()
+                            .map(|(_, r)| r.id.as_str())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(updates.iter().map(|(_, r)| r.fence).collect::<Vec<_>>())
+                    .fetch_all(&mut *tx)
+                    .await?;
+                mark(&mut out, updates.iter().map(|(i, r)| (*i, *r)), &written);
+            }
+        }
+        start = end;
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Marks as done each write whose record is among the ids a statement returned.
+fn mark<'a>(out: &mut [bool], writes: impl Iterator<Item = (usize, &'a Row)>, written: &[String]) {
+    let written: std::collections::HashSet<&str> = written.iter().map(String::as_str).collect();
+    for (i, r) in writes {
+        out[i] = written.contains(r.id.as_str());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Rec {
+        id: String,
+        idempotency_key: Option<String>,
+        name: String,
+        status: St,
+        created_ms: u64,
+        updated_ms: u64,
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize, Clone, Copy)]
+    enum St {
+        Open,
+        Done,
+    }
+
+    impl St {
+        fn as_str(self) -> &'static str {
+            match self {
+                St::Open => "open",
+                St::Done => "done",
+            }
+        }
+    }
+
+    record!(Rec);
+
+    fn rec(id: &str, key: Option<&str>, name: &str, status: St) -> Rec {
+        Rec {
+            id: id.into(),
+            idempotency_key: key.map(Into::into),
+            name: name.into(),
+            status,
+            created_ms: 1,
+            updated_ms: 2,
+        }
+    }
+
+    /// One batch exactly as the writer would take it off its queue.
+    async fn commit_batch(
+        db: &Database,
+        table: &Store<Rec>,
+        ops: Vec<(bool, Rec, i64)>,
+    ) -> Vec<bool> {
+        let batch: Vec<(Op, Reply)> = ops
+            .into_iter()
+            .map(|(insert, r, fence)| {
+                let op = if insert {
+                    Op::Insert(table.sql.clone(), Row::of(&r, 1), table.owner.clone())
+                } else {
+                    Op::Update(table.sql.clone(), Row::of(&r, fence))
+                };
+                (op, oneshot::channel().0)
+            })
+            .collect();
+        commit(&db.db, &batch).await.unwrap()
+    }
+
+    /// Both stores give each write of a batch its own verdict: a duplicate idempotency
+    /// key and a stale fence fail alone, and a record written twice in one batch ends
+    /// with the later write.
+    async fn each_write_of_a_batch_keeps_its_own_verdict(db: Database) {
+        let owner = Arc::new(Owner {
+            name: "me".into(),
+            lease: Duration::from_secs(10),
+        });
+        let t: Store<Rec> = db.table("recs", &["open"], owner).await.unwrap();
+        let first = commit_batch(
+            &db,
+            &t,
+            vec![
+                (true, rec("a", Some("k"), "a0", St::Open), 1),
+                (true, rec("b", Some("k"), "b0", St::Open), 1),
+                (true, rec("c", None, "c0", St::Open), 1),
+            ],
+        )
+        .await;
+        assert_eq!(first, [true, false, true]);
+        let second = commit_batch(
+            &db,
+            &t,
+            vec![
+                (false, rec("a", Some("k"), "a1", St::Open), 1),
+                (false, rec("c", None, "c1", St::Done), 2),
+                (true, rec("d", None, "d0", St::Open), 1),
+                (false, rec("a", Some("k"), "a2", St::Done), 1),
+                (false, rec("b", Some("k"), "b1", St::Done), 1),
+                (false, rec("c", None, "c2", St::Done), 1),
+            ],
+        )
+        .await;
+        assert_eq!(second, [true, false, true, true, false, true]);
+        let name = |r: Option<Rec>| r.map(|r| (r.name, r.status.as_str()));
+        assert_eq!(name(t.get("a").await.unwrap()), Some(("a2".into(), "done")));
+        assert_eq!(name(t.get("c").await.unwrap()), Some(("c2".into(), "done")));
+        assert_eq!(name(t.get("d").await.unwrap()), Some(("d0".into(), "open")));
+        assert!(t.get("b").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn each_write_of_a_batch_keeps_its_own_verdict_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open_sqlite(dir.path()).await.unwrap();
+        each_write_of_a_batch_keeps_its_own_verdict(db).await;
+    }
+
+    #[tokio::test]
+    async fn each_write_of_a_batch_keeps_its_own_verdict_on_postgres() {
+        let Some(pg) = tessera_testkit::PgDatabase::create_or_skip() else {
+            return;
+        };
+        let db = Database::open_postgres(&pg.url).await.unwrap();
+        each_write_of_a_batch_keeps_its_own_verdict(db).await;
+    }
 }

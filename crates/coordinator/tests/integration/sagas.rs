@@ -352,6 +352,18 @@ async fn a_compensation_that_keeps_failing_leaves_the_saga_stuck_and_visible() {
     let text = metrics.as_str().unwrap();
     assert!(text.contains("tessera_sagas{status=\"stuck\"} 1"), "{text}");
     assert!(text.contains("tessera_sagas_stuck_total 1"), "{text}");
+    // The insert, the turn to compensating and the stuck verdict, at least, were
+    // committed, in at most as many transactions as writes.
+    let counter = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    let (writes, commits) = (
+        counter("tessera_coordinator_store_writes_total"),
+        counter("tessera_coordinator_store_commits_total"),
+    );
+    assert!(writes >= 3 && (1..=writes).contains(&commits), "{text}");
     assert_eq!(p.paths().iter().filter(|p| *p == "/a/undo").count(), 5);
 }
 
