@@ -17,16 +17,18 @@ use tessera_resilience::Decision;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
-use crate::Shared;
-use crate::body::{Body, ClientFault};
-use crate::config::HashOn;
-use crate::error::GatewayError;
-use crate::h1::client::{Exchange, SendError as ClientError, Upgraded};
-use crate::h1::fields::RawFields;
-use crate::path::{PathParams, PathRules};
-use crate::routes::{RateKey, Rewrite, Route};
-use crate::timer::LazyTimer;
-use crate::upstream::Upstream;
+use crate::floor::config::HashOn;
+use crate::floor::error::GatewayError;
+use crate::floor::net::{HOP_BY_HOP, is_hop_by_hop, strip_port};
+use crate::floor::path::{PathParams, PathRules};
+use crate::policy::routes::{RateKey, Rewrite, Route};
+use crate::policy::upstream::Upstream;
+use crate::protocol::body::{Body, ClientFault};
+use crate::protocol::h1::client::{Exchange, SendError as ClientError, Upgraded};
+use crate::protocol::h1::fields::RawFields;
+use crate::protocol::peer::Peer;
+use crate::protocol::timer::LazyTimer;
+use crate::server::Shared;
 
 /// Latency charged to an endpoint that failed to connect or reset, so peak-EWMA steers
 /// away from it even though the failure itself was quick.
@@ -37,30 +39,6 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
-
-static HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// Whether `k` is one of `HOP_BY_HOP`, deciding on the name's length first: most names
-/// are ruled out by one comparison instead of seven.
-fn is_hop_by_hop(k: &HeaderName) -> bool {
-    matches!(k.as_str().len(), 7 | 10 | 16 | 17 | 18) && HOP_BY_HOP.contains(k)
-}
-
-/// `is_hop_by_hop` for a name as an upstream wrote it (any case), in a raw response head.
-pub(crate) fn is_hop_by_hop_raw(name: &[u8]) -> bool {
-    matches!(name.len(), 7 | 10 | 16 | 17 | 18)
-        && HOP_BY_HOP
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h.as_str().as_bytes()))
-}
 
 fn is_idempotent(m: &Method) -> bool {
     matches!(
@@ -87,136 +65,6 @@ fn host_of<'a, B>(req: &'a Request<B>, raw: Option<RawFields<'a>>) -> &'a str {
     strip_port(host)
 }
 
-/// `[v6]` → `v6`; anything else as it is.
-pub(crate) fn unbracket(host: &str) -> &str {
-    host.strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host)
-}
-
-/// `host:port` → `host`; `[v6]:port` keeps its brackets; a bare v6 address has no port.
-pub(crate) fn strip_port(raw: &str) -> &str {
-    match raw.rsplit_once(':') {
-        Some((h, p))
-            if p.bytes().all(|b| b.is_ascii_digit()) && (h.ends_with(']') || !h.contains(':')) =>
-        {
-            h
-        }
-        _ => raw,
-    }
-}
-
-/// Per-connection facts, computed once at accept instead of on every request.
-#[derive(Clone)]
-pub struct Peer {
-    pub addr: SocketAddr,
-    /// The client IP as a header value, for `X-Forwarded-For`.
-    pub ip: HeaderValue,
-    /// A trusted proxy: its `X-Forwarded-*` fields are kept (and extended).
-    pub trusted: bool,
-    /// The certificate a TLS connection was served with; requests must be for its names.
-    /// Private: `set_tls` keeps `forwarded` in step with it.
-    tls: Option<Arc<crate::tls::Cert>>,
-    /// `X-Forwarded-For` and `X-Forwarded-Proto` lines as this connection's requests
-    /// send them unless they carry their own: written in one piece.
-    forwarded: Bytes,
-}
-
-impl Peer {
-    pub fn new(addr: SocketAddr, trusted: &[Cidr]) -> Peer {
-        let ip = HeaderValue::from_str(&addr.ip().to_string())
-            .unwrap_or(HeaderValue::from_static("unknown"));
-        let trusted = trusted.iter().any(|c| c.contains(addr.ip()));
-        let forwarded = forwarded_lines(&ip, "http");
-        Peer {
-            addr,
-            ip,
-            trusted,
-            tls: None,
-            forwarded,
-        }
-    }
-
-    /// Marks the connection as TLS, served with `cert`.
-    pub fn set_tls(&mut self, cert: Arc<crate::tls::Cert>) {
-        self.tls = Some(cert);
-        self.forwarded = forwarded_lines(&self.ip, self.proto());
-    }
-
-    /// The scheme the client used, for `X-Forwarded-Proto`.
-    fn proto(&self) -> &'static str {
-        if self.tls.is_some() { "https" } else { "http" }
-    }
-}
-
-fn forwarded_lines(ip: &HeaderValue, proto: &str) -> Bytes {
-    let mut w = Vec::with_capacity(64);
-    w.extend_from_slice(b"x-forwarded-for: ");
-    w.extend_from_slice(ip.as_bytes());
-    w.extend_from_slice(b"\r\nx-forwarded-proto: ");
-    w.extend_from_slice(proto.as_bytes());
-    w.extend_from_slice(b"\r\n");
-    Bytes::from(w)
-}
-
-/// An address block (`10.0.0.0/8`, `::1/128`; a bare address is a block of one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    net: u128,
-    mask: u128,
-    v4: bool,
-}
-
-impl Cidr {
-    pub fn parse(s: &str) -> Result<Cidr, String> {
-        let (addr, len) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
-        };
-        let ip: std::net::IpAddr = addr
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?} is not an address or CIDR block"))?;
-        let (bits, v4, max) = match ip {
-            std::net::IpAddr::V4(a) => (u128::from(u32::from(a)), true, 32),
-            std::net::IpAddr::V6(a) => (u128::from(a), false, 128),
-        };
-        let len: u32 = match len {
-            Some(l) => l
-                .trim()
-                .parse()
-                .ok()
-                .filter(|l| *l <= max)
-                .ok_or_else(|| format!("{s:?}: prefix length 0 to {max}"))?,
-            None => max,
-        };
-        let mask = if len == 0 {
-            0
-        } else {
-            (!0u128 >> (128 - max)) & !((1u128 << (max - len)) - 1)
-        };
-        Ok(Cidr {
-            net: bits & mask,
-            mask,
-            v4,
-        })
-    }
-
-    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
-        let ip = match ip {
-            std::net::IpAddr::V6(a) => a
-                .to_ipv4_mapped()
-                .map_or(std::net::IpAddr::V6(a), std::net::IpAddr::V4),
-            v4 => v4,
-        };
-        match ip {
-            std::net::IpAddr::V4(a) if self.v4 => u128::from(u32::from(a)) & self.mask == self.net,
-            std::net::IpAddr::V6(a) if !self.v4 => u128::from(a) & self.mask == self.net,
-            _ => false,
-        }
-    }
-}
-
 /// Proxies one request. `raw`, when given, holds the request's header fields as the
 /// client wrote them (its map is then empty), for routes that only pass them on; the
 /// others get a map built from it. `start` is when it arrived (the caller's clock
@@ -238,11 +86,11 @@ pub async fn handle(
     let mut raw = raw;
     // Plain fast-path requests were checked as they were parsed; hyper's are here.
     if raw.is_none() {
-        if let Err(why) = crate::h1::check_request(req) {
+        if let Err(why) = crate::protocol::h1::check_request(req) {
             return GatewayError::Malformed(why).into_response();
         }
         if req.version() == Version::HTTP_2
-            && let Err(why) = crate::h2::check_request(req)
+            && let Err(why) = crate::protocol::h2::check_request(req)
         {
             return GatewayError::Malformed(why).into_response();
         }
@@ -267,7 +115,7 @@ pub async fn handle(
     if let Err(e) = canonicalize(req, rules) {
         return e.into_response();
     }
-    if let Some(cert) = &peer.tls {
+    if let Some(cert) = peer.tls() {
         let host = host_of(req, raw);
         // No host at all (HTTP/1.0) can only mean the name the connection was opened for.
         if !host.is_empty() && !cert.covers(host) {
@@ -391,7 +239,7 @@ pub async fn handle(
         }
     };
     if !route.remove_response.is_empty() || !route.add_response.is_empty() || quota.is_some() {
-        crate::body::materialize(&mut resp);
+        crate::protocol::body::materialize(&mut resp);
     }
     let h = resp.headers_mut();
     if let Some((limit, remaining)) = quota {
@@ -427,7 +275,7 @@ pub async fn handle(
 /// Replaces the request's path by its canonical form under `rules`.
 fn canonicalize(req: &mut Request<Body>, rules: PathRules) -> Result<(), GatewayError> {
     let Some(path) =
-        crate::path::canonical(req.uri().path(), rules).map_err(GatewayError::BadPath)?
+        crate::floor::path::canonical(req.uri().path(), rules).map_err(GatewayError::BadPath)?
     else {
         return Ok(());
     };
@@ -530,7 +378,7 @@ async fn read_payload(
     }
     let seen = ahead.len() as u64;
     Ok(Payload::Stream(Some(Body::Upload(Box::new(
-        crate::body::Upload {
+        crate::protocol::body::Upload {
             ahead: (!ahead.is_empty()).then(|| ahead.freeze()),
             rest: body,
             seen,
@@ -828,7 +676,7 @@ async fn pause(route: &Route, attempt: u32, deadline: Instant) {
 }
 
 enum SendError {
-    Connect(crate::transport::ConnectError),
+    Connect(crate::protocol::transport::ConnectError),
     /// Nothing reached the upstream.
     Unsent(String),
     /// The upstream may have seen the request.
@@ -861,7 +709,7 @@ impl Forwarded {
     fn lines<'a>(&self, peer: &'a Peer) -> std::borrow::Cow<'a, [u8]> {
         // Unchanged from the connection's own: its prebuilt lines.
         if self.xff.as_ref() == Some(&peer.ip) && self.proto == Some(peer.proto()) {
-            return std::borrow::Cow::Borrowed(&peer.forwarded);
+            return std::borrow::Cow::Borrowed(peer.forwarded());
         }
         let mut w = Vec::new();
         if let Some(v) = &self.xff {
@@ -880,7 +728,7 @@ impl Forwarded {
 
 /// One exchange on a pooled connection.
 async fn send(
-    conns: &Arc<crate::pool::Conns>,
+    conns: &Arc<crate::protocol::pool::Conns>,
     addr: &str,
     up: &Upstream,
     target: Target<'_>,
@@ -899,9 +747,9 @@ async fn send(
         .await
         .map_err(SendError::Connect)?;
     match conn {
-        crate::pool::Conn::H1(c) => crate::h1::client::send(
+        crate::protocol::pool::Conn::H1(c) => crate::protocol::h1::client::send(
             c,
-            crate::h1::client::RequestHead {
+            crate::protocol::h1::client::RequestHead {
                 method: target.method,
                 target: target.path_and_query.as_str(),
                 headers: target.headers,
@@ -919,7 +767,7 @@ async fn send(
         }),
         // Boxed: its request and hyper's send future would otherwise sit in every
         // HTTP/1.1 request's future too.
-        crate::pool::Conn::H2(s) => Box::pin(send_h2(s, up, target, body)).await,
+        crate::protocol::pool::Conn::H2(s) => Box::pin(send_h2(s, up, target, body)).await,
     }
 }
 
@@ -984,7 +832,7 @@ fn should_retry(up: &Upstream, route: &Route, attempt: u32, deadline: Instant) -
 
 fn record_failure(
     up: &Upstream,
-    snapshot: &crate::upstream::Snapshot,
+    snapshot: &crate::policy::upstream::Snapshot,
     idx: usize,
     ejected: usize,
     permit: Option<tessera_resilience::Permit>,
@@ -1176,7 +1024,7 @@ fn hash_of(on: &HashOn, headers: &HeaderMap, peer: SocketAddr) -> u64 {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use super::{Cidr, HOP_BY_HOP, is_hop_by_hop, strip_port, unbracket};
+    use crate::floor::net::{Cidr, HOP_BY_HOP, is_hop_by_hop, strip_port, unbracket};
 
     #[test]
     fn hop_by_hop_names_are_recognised() {

@@ -7,6 +7,7 @@ mod auth;
 mod config;
 mod discovery;
 mod http1;
+mod layers;
 mod properties;
 mod proxying;
 mod ratelimit;

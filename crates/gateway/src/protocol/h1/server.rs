@@ -29,13 +29,14 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::Shared;
-use crate::body::Body;
-use crate::grouped::PlainSocket;
-use crate::h1::client::{FieldRanges, write_fields, write_length};
-use crate::h1::fields::{Plain, RawFields};
-use crate::proxy::{self, Peer};
-use crate::timer::LazyTimer;
+use crate::protocol::body::Body;
+use crate::protocol::grouped::PlainSocket;
+use crate::protocol::h1::client::{FieldRanges, write_fields, write_length};
+use crate::protocol::h1::fields::{Plain, RawFields};
+use crate::protocol::peer::Peer;
+use crate::protocol::timer::LazyTimer;
+use crate::proxy;
+use crate::server::Shared;
 
 /// Request heads larger than this go to hyper, which answers 431.
 /// Largest request head (request line and fields): more is 431, or 414 while the request
@@ -103,7 +104,7 @@ where
                 let mut resp =
                     proxy::handle(&shared, &mut req, None, &peer, Instant::now(), None).await;
                 // hyper writes the header map, so raw upstream fields become one here.
-                crate::body::materialize(&mut resp);
+                crate::protocol::body::materialize(&mut resp);
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
@@ -319,9 +320,14 @@ impl<IO: AsyncRead + AsyncWrite + PlainSocket + Unpin> Conn<IO> {
         self.io.flush().await
     }
 
-    /// Writes `out` in this turn's order of writes ([`crate::grouped`]).
+    /// Writes `out` in this turn's order of writes ([`crate::protocol::grouped`]).
     async fn send_out(&mut self) -> io::Result<()> {
-        crate::grouped::write_all(&mut self.io, crate::grouped::CLIENTS, &mut self.out).await
+        crate::protocol::grouped::write_all(
+            &mut self.io,
+            crate::protocol::grouped::CLIENTS,
+            &mut self.out,
+        )
+        .await
     }
 
     async fn write_response(
@@ -399,7 +405,7 @@ impl<IO: AsyncRead + AsyncWrite + PlainSocket + Unpin> Conn<IO> {
         }
         if !has_date {
             w.extend_from_slice(b"date: ");
-            crate::h1::date::append(w);
+            crate::protocol::h1::date::append(w);
             w.extend_from_slice(b"\r\n");
         }
         if close {
@@ -487,7 +493,7 @@ fn refusal(status: u16, why: &str) -> Vec<u8> {
 /// 9), after each field value (past optional blanks), and at its end, so those are the
 /// only places to look: no scan of the whole head.
 fn crlf_lines(head: &[u8], path_end: usize, fields: &FieldRanges) -> bool {
-    let ends_line = |i: usize| crate::h1::crlf_after(head, i).is_some();
+    let ends_line = |i: usize| crate::protocol::h1::crlf_after(head, i).is_some();
     ends_line(path_end + 9)
         && fields.iter().all(|(_, value)| ends_line(value.end))
         && head.ends_with(b"\r\n\r\n")
@@ -497,9 +503,9 @@ fn crlf_lines(head: &[u8], path_end: usize, fields: &FieldRanges) -> bool {
 /// always, the length when the gateway frames the body itself.
 fn skip_raw_field(name: &[u8], no_body: bool) -> bool {
     if no_body {
-        proxy::is_hop_by_hop_raw(name)
+        crate::floor::net::is_hop_by_hop_raw(name)
     } else {
-        crate::h1::fields::dropped(name)
+        crate::protocol::h1::fields::dropped(name)
     }
 }
 
@@ -588,7 +594,7 @@ fn parse(buf: &[u8], limits: (usize, u64), ranges: &mut FieldRanges) -> Parsed {
         match name.len() {
             14 if name.eq_ignore_ascii_case(b"content-length") => {
                 lengths += 1;
-                match crate::h1::client::parse_decimal(f.value) {
+                match crate::protocol::h1::client::parse_decimal(f.value) {
                     Some(n) if n > max_body => {
                         return Parsed::Reject(413, "Content-Length above the gateway's limit");
                     }
@@ -601,7 +607,7 @@ fn parse(buf: &[u8], limits: (usize, u64), ranges: &mut FieldRanges) -> Parsed {
                 if hosts > 1 {
                     return Parsed::Reject(400, "more than one Host field");
                 }
-                if !crate::h1::valid_host(f.value) {
+                if !crate::protocol::h1::valid_host(f.value) {
                     return Parsed::Reject(400, "an invalid Host field value");
                 }
             }

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 
-use crate::h1::client::UpstreamBody;
+use crate::protocol::h1::client::UpstreamBody;
 
 pub enum Body {
     /// Held in memory; `None` once sent.

@@ -9,9 +9,9 @@ use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use crate::Shared;
-use crate::body::Body;
-use crate::metrics::label;
+use crate::floor::metrics::label;
+use crate::protocol::body::Body;
+use crate::server::Shared;
 
 fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Body> {
     let mut r = Response::new(Body::bytes(body));
@@ -141,7 +141,7 @@ fn upstreams(gw: &Shared) -> serde_json::Value {
     serde_json::Value::Object(out)
 }
 
-type CounterFn = fn(&crate::upstream::UpstreamMetrics) -> u64;
+type CounterFn = fn(&crate::policy::upstream::UpstreamMetrics) -> u64;
 
 fn render_metrics(gw: &Shared) -> String {
     let table = gw.table.load();

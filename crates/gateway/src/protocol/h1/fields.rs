@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::h1::client::FieldRanges;
+use crate::protocol::h1::client::FieldRanges;
 
 /// What the parser found about a head's fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +53,7 @@ impl Plain {
 /// Fields the raw path drops: hop-by-hop ones (the fast path never sees `Upgrade` or
 /// `Transfer-Encoding`) and the length, which the writer sets from the body it sends.
 pub fn dropped(name: &[u8]) -> bool {
-    crate::proxy::is_hop_by_hop_raw(name)
+    crate::floor::net::is_hop_by_hop_raw(name)
         || (name.len() == 14 && name.eq_ignore_ascii_case(b"content-length"))
 }
 
@@ -105,7 +105,7 @@ impl<'a> RawFields<'a> {
         // From the first name through the CRLF after the last value (the parser checked
         // that every line ends in CRLF).
         if self.verbatim
-            && let Some(end) = crate::h1::crlf_after(self.head, last.1.end)
+            && let Some(end) = crate::protocol::h1::crlf_after(self.head, last.1.end)
         {
             w.extend_from_slice(&self.head[first.0.start..end]);
             return false;

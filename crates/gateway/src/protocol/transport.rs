@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::config::{ConfigError, Protocol, UpstreamTls};
+use crate::floor::config::{ConfigError, Protocol, UpstreamTls};
 
 /// Why a connection could not be had; the request was not sent, so any request may be
 /// retried elsewhere.
@@ -148,7 +148,7 @@ impl Connector {
         let mut roots = rustls::RootCertStore::empty();
         match &cfg.ca {
             Some(path) => {
-                let certs = crate::tls::read_certs(path)
+                let certs = crate::protocol::tls::read_certs(path)
                     .map_err(|e| invalid("ca", format!("{}: {e}", path.display())))?;
                 let (added, _) = roots.add_parsable_certificates(certs);
                 if added == 0 {
@@ -176,7 +176,7 @@ impl Connector {
             .with_root_certificates(roots);
         let mut config = match (&cfg.cert, &cfg.key) {
             (Some(cert), Some(key)) => {
-                let chain = crate::tls::read_certs(cert)
+                let chain = crate::protocol::tls::read_certs(cert)
                     .map_err(|e| invalid("cert", format!("{}: {e}", cert.display())))?;
                 let key_der = PrivateKeyDer::from_pem_file(key)
                     .map_err(|e| invalid("key", format!("{}: {e}", key.display())))?;
@@ -234,7 +234,7 @@ impl Connector {
             let name = match &tls.server_name {
                 Some(n) => n.clone(),
                 None => ServerName::try_from(
-                    crate::proxy::unbracket(crate::proxy::strip_port(addr)).to_owned(),
+                    crate::floor::net::unbracket(crate::floor::net::strip_port(addr)).to_owned(),
                 )
                 .map_err(|e| ConnectError(format!("no TLS server name: {e}")))?,
             };

@@ -171,11 +171,11 @@ impl<IO> PlainSocket for tokio_rustls::server::TlsStream<IO> {
     }
 }
 
-impl PlainSocket for crate::transport::Io {
+impl PlainSocket for crate::protocol::transport::Io {
     fn plain_fd(&self) -> Option<RawFd> {
         match self {
-            crate::transport::Io::Plain(s) => s.plain_fd(),
-            crate::transport::Io::Tls(_) => None,
+            crate::protocol::transport::Io::Plain(s) => s.plain_fd(),
+            crate::protocol::transport::Io::Tls(_) => None,
         }
     }
 }

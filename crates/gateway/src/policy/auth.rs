@@ -20,9 +20,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use tessera_jwt::{Alg, Claims, FetchState, JwtError, Key, KeySet, Validation};
 
-use crate::config::{ApiKeyConfig, ConfigError, JwtConfig, Protocol, RouteAuth, UpstreamTls};
-use crate::error::GatewayError;
-use crate::transport::Connector;
+use crate::floor::config::{
+    ApiKeyConfig, ConfigError, JwtConfig, Protocol, RouteAuth, UpstreamTls,
+};
+use crate::floor::error::GatewayError;
+use crate::protocol::transport::Connector;
 
 /// Largest JWKS document read.
 const MAX_JWKS: usize = 1024 * 1024;

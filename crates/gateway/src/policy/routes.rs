@@ -18,10 +18,10 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use regex::Regex;
 
-use crate::config::{Config, ConfigError, RedisConfig, RouteConfig};
-use crate::metrics::RouteMetrics;
-use crate::redis::Redis;
-use crate::upstream::{Discovery, Upstream};
+use crate::floor::config::{Config, ConfigError, RedisConfig, RouteConfig};
+use crate::floor::metrics::RouteMetrics;
+use crate::policy::upstream::{Discovery, Upstream};
+use crate::protocol::redis::Redis;
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 const DEFAULT_RETRIES: u32 = 2;
@@ -62,7 +62,7 @@ pub struct RateLimit {
     /// does not hand every client a fresh burst.
     pub limiter: Arc<tessera_resilience::RateLimiter<Vec<u8>>>,
     /// The shared budget (`shared = true`); `limiter` decides when Redis cannot.
-    pub cluster: Option<crate::ratelimit::ClusterLimit>,
+    pub cluster: Option<crate::policy::ratelimit::ClusterLimit>,
 }
 
 pub struct Fallback {
@@ -90,10 +90,10 @@ pub struct Route {
     pub add_response: Vec<(HeaderName, HeaderValue)>,
     pub remove_response: Vec<HeaderName>,
     pub fallback: Option<Fallback>,
-    pub auth: Option<crate::config::RouteAuth>,
+    pub auth: Option<crate::floor::config::RouteAuth>,
     pub rate_limit: Option<RateLimit>,
     /// What a path with `;` parameters that matched this route becomes.
-    pub path_params: crate::path::PathParams,
+    pub path_params: crate::floor::path::PathParams,
     /// Nothing on this route reads or edits the request's fields (no auth, no limit or
     /// hash keyed on a field, no request header edits): they can go upstream raw.
     pub plain: bool,
@@ -179,14 +179,14 @@ impl Route {
 pub struct Table {
     pub routes: Vec<Route>,
     pub upstreams: HashMap<String, Arc<Upstream>>,
-    pub issuers: crate::auth::Issuers,
+    pub issuers: crate::policy::auth::Issuers,
     /// Some route matches on header fields, so every request needs its header map.
     pub header_rules: bool,
     /// Some route matches on the host, so every request needs its host looked up.
     pub host_rules: bool,
     /// How paths with `;` parameters are read for matching: `Reject` at once when every
     /// route refuses them, else `Strip` (as Tomcat reads them) and the route decides.
-    pub params: crate::path::PathParams,
+    pub params: crate::floor::path::PathParams,
     /// The Redis client for shared limits, kept across reloads while `[redis]` is unchanged.
     pub redis: Option<(RedisConfig, Arc<Redis>)>,
 }
@@ -233,11 +233,11 @@ impl Table {
         ranked.sort_by_key(|(i, r)| r.rank(*i));
         let params = if ranked
             .iter()
-            .all(|(_, r)| r.path_params == crate::path::PathParams::Reject)
+            .all(|(_, r)| r.path_params == crate::floor::path::PathParams::Reject)
         {
-            crate::path::PathParams::Reject
+            crate::floor::path::PathParams::Reject
         } else {
-            crate::path::PathParams::Strip
+            crate::floor::path::PathParams::Strip
         };
         Ok(Table {
             params,
@@ -247,7 +247,7 @@ impl Table {
                 .any(|(_, r)| !matches!(r.host, HostMatch::Any)),
             routes: ranked.into_iter().map(|(_, r)| r).collect(),
             upstreams,
-            issuers: crate::auth::Issuers::build(&cfg.jwt, &cfg.api_keys)?,
+            issuers: crate::policy::auth::Issuers::build(&cfg.jwt, &cfg.api_keys)?,
             redis,
         })
     }
@@ -293,7 +293,7 @@ fn start_redis(rc: &RedisConfig) -> Redis {
     Redis::start(
         rc.address.clone(),
         rc.timeout,
-        crate::ratelimit::on_connect(rc.username.as_deref(), password.as_deref()),
+        crate::policy::ratelimit::on_connect(rc.username.as_deref(), password.as_deref()),
     )
 }
 
@@ -381,7 +381,7 @@ fn compile(
                 .unwrap_or_else(|| Arc::new(tessera_resilience::RateLimiter::new(config)))
         },
         cluster: match (l.shared, redis) {
-            (true, Some((rc, client))) => Some(crate::ratelimit::ClusterLimit::new(
+            (true, Some((rc, client))) => Some(crate::policy::ratelimit::ClusterLimit::new(
                 client.clone(),
                 &rc.prefix,
                 &name,
@@ -403,7 +403,10 @@ fn compile(
         && !upstream.as_ref().is_some_and(|u| {
             matches!(
                 u.hash,
-                Some(crate::config::HashOn::Header(_) | crate::config::HashOn::Cookie(_))
+                Some(
+                    crate::floor::config::HashOn::Header(_)
+                        | crate::floor::config::HashOn::Cookie(_)
+                )
             )
         });
     Route {

@@ -85,7 +85,7 @@ pub struct Config {
     /// them). Routes are always found by the path without them, as those backends read
     /// it, so no choice lets `/public/..;/admin` past the route for `/admin`.
     #[serde(default)]
-    pub path_params: crate::path::PathParams,
+    pub path_params: crate::floor::path::PathParams,
     /// Largest request body accepted: a larger `Content-Length` gets 413 before anything
     /// is forwarded.
     #[serde(default = "default_max_body")]
@@ -311,7 +311,7 @@ pub struct RouteConfig {
     /// `reject`, `strip` or `keep`. Whatever is chosen, the route was found by the path
     /// without them, as Tomcat reads it.
     #[serde(default)]
-    pub path_params: Option<crate::path::PathParams>,
+    pub path_params: Option<crate::floor::path::PathParams>,
 }
 
 /// A route's rate limit: `burst` requests at once, then `rate` per second, per key.
@@ -715,7 +715,7 @@ impl Config {
             }
         }
         for c in &self.trusted_proxies {
-            crate::proxy::Cidr::parse(c).map_err(|e| invalid("trusted_proxies", e))?;
+            crate::floor::net::Cidr::parse(c).map_err(|e| invalid("trusted_proxies", e))?;
         }
         for (name, j) in &self.jwt {
             let key = format!("jwt.{name}");

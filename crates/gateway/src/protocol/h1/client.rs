@@ -9,7 +9,7 @@ use std::io;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use crate::transport::Io;
+use crate::protocol::transport::Io;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
@@ -17,8 +17,8 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 
-use crate::body::{Body, RAW_FIELDS, RawResponse};
-use crate::pool::Conns;
+use crate::protocol::body::{Body, RAW_FIELDS, RawResponse};
+use crate::protocol::pool::Conns;
 
 /// Response heads larger than this are refused (nginx's default buffers are far smaller).
 const MAX_HEAD: usize = 64 * 1024;
@@ -104,7 +104,7 @@ pub struct RequestHead<'a> {
     pub target: &'a str,
     pub headers: &'a HeaderMap,
     /// The client's own field lines, written after `headers`, filtered.
-    pub raw: Option<crate::h1::fields::RawFields<'a>>,
+    pub raw: Option<crate::protocol::h1::fields::RawFields<'a>>,
     /// Field lines (CRLF-terminated) written after the others: the proxy's
     /// `X-Forwarded-*`.
     pub extra: &'a [u8],
@@ -180,8 +180,10 @@ pub async fn send(
             }
             let len = conn.fields.len();
             let verbatim = match (info.verbatim, conn.fields.first(), conn.fields.last()) {
-                (true, Some(first), Some(last)) => crate::h1::crlf_after(&head, last.1.end)
-                    .map(|end| (first.0.start as u16, end as u16)),
+                (true, Some(first), Some(last)) => {
+                    crate::protocol::h1::crlf_after(&head, last.1.end)
+                        .map(|end| (first.0.start as u16, end as u16))
+                }
                 _ => None,
             };
             let n = match info.framing {
@@ -283,7 +285,7 @@ fn needs_length(method: &Method) -> bool {
 }
 
 /// Writes the request head, and the body when it is held whole, in this turn's order of
-/// writes to `upstream` ([`crate::grouped`]). The streamed-body path is boxed: it is
+/// writes to `upstream` ([`crate::protocol::grouped`]). The streamed-body path is boxed: it is
 /// rare, and inline its state (frames, chunk sizes, trailers) would make every request's
 /// future several hundred bytes larger, all of it copied on each await.
 async fn write_request(
@@ -310,7 +312,7 @@ async fn write_request(
         }
         b => b,
     };
-    crate::grouped::write_all(&mut conn.io, upstream, &mut conn.wbuf)
+    crate::protocol::grouped::write_all(&mut conn.io, upstream, &mut conn.wbuf)
         .await
         .map_err(unsent)?;
     if let Some(b) = rest {
@@ -525,8 +527,8 @@ fn parse_head(
             value_at..value_at + f.value.len(),
         ));
         verbatim = verbatim
-            && crate::h1::crlf_after(buf, value_at + f.value.len()).is_some()
-            && !crate::proxy::is_hop_by_hop_raw(f.name.as_bytes());
+            && crate::protocol::h1::crlf_after(buf, value_at + f.value.len()).is_some()
+            && !crate::floor::net::is_hop_by_hop_raw(f.name.as_bytes());
         has_date |= f.name.len() == 4 && f.name.eq_ignore_ascii_case("date");
         if f.name.eq_ignore_ascii_case("content-length") {
             lengths += 1;

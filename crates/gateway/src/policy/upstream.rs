@@ -19,11 +19,11 @@ use tessera_resilience::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{
+use crate::floor::config::{
     ConfigError, HashOn, Protocol, RegistryConfig, UpstreamConfig, parse_endpoint,
 };
-use crate::pool::Conns;
-use crate::transport::Connector;
+use crate::protocol::pool::Conns;
+use crate::protocol::transport::Connector;
 
 /// Endpoints plus their outlier state, swapped as one.
 #[derive(Debug)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode};
 
-use crate::body::Body;
+use crate::protocol::body::Body;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {

@@ -19,7 +19,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{CertFiles, ConfigError, TlsConfig, TlsVersion};
+use crate::floor::config::{CertFiles, ConfigError, TlsConfig, TlsVersion};
 
 /// One served certificate: the chain and key rustls signs with, and the DNS names SNI
 /// is matched against.
@@ -69,7 +69,7 @@ impl Cert {
             .map(|n| n.to_ascii_lowercase())
             .collect();
         let digest = ring::digest::digest(&ring::digest::SHA256, &certified.cert[0]);
-        let fingerprint = crate::hex(digest.as_ref());
+        let fingerprint = crate::floor::hex(digest.as_ref());
         Ok(Cert {
             key: Arc::new(certified),
             names,
@@ -85,7 +85,7 @@ impl Cert {
         if lock().iter().any(|h| **h == *host) {
             return true;
         }
-        let Ok(name) = ServerName::try_from(crate::proxy::unbracket(host)) else {
+        let Ok(name) = ServerName::try_from(crate::floor::net::unbracket(host)) else {
             return false;
         };
         let ok = match webpki::EndEntityCert::try_from(&self.key.cert[0]) {
@@ -255,7 +255,12 @@ fn load_all(files: &[CertFiles]) -> Result<Vec<Arc<Cert>>, ConfigError> {
 fn stamps(files: &[CertFiles]) -> Stamps {
     files
         .iter()
-        .flat_map(|f| [crate::file_stamp(&f.cert), crate::file_stamp(&f.key)])
+        .flat_map(|f| {
+            [
+                crate::floor::file_stamp(&f.cert),
+                crate::floor::file_stamp(&f.key),
+            ]
+        })
         .collect()
 }
 

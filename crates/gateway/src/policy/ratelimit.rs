@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tessera_resilience::Decision;
 
-use crate::redis::{Redis, Reply};
+use crate::protocol::redis::{Redis, Reply};
 
 /// KEYS[1]: the key. ARGV[1]: emission interval, µs. ARGV[2]: tolerance (burst - 1
 /// intervals), µs. Returns {1, remaining} or {0, retry after µs}. Times are whole
@@ -42,7 +42,7 @@ pub struct ClusterLimit {
 /// The script's SHA-1, as `EVALSHA` wants it.
 fn script_sha() -> String {
     let d = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, SCRIPT.as_bytes());
-    crate::hex(d.as_ref())
+    crate::floor::hex(d.as_ref())
 }
 
 /// Commands each new Redis connection runs before serving: `AUTH` when configured, then
@@ -78,7 +78,7 @@ impl ClusterLimit {
         // of reach.
         let digest = ring::digest::digest(&ring::digest::SHA256, key);
         let mut full = self.prefix.clone();
-        full.extend_from_slice(crate::hex(&digest.as_ref()[..16]).as_bytes());
+        full.extend_from_slice(crate::floor::hex(&digest.as_ref()[..16]).as_bytes());
         let (interval, tolerance) = (self.interval_us.as_bytes(), self.tolerance_us.as_bytes());
         let mut reply = self
             .redis

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::body::Body;
-use crate::config::Protocol;
-use crate::h1::client::H1Conn;
-use crate::transport::{ConnectError, Connector};
+use crate::floor::config::Protocol;
+use crate::protocol::body::Body;
+use crate::protocol::h1::client::H1Conn;
+use crate::protocol::transport::{ConnectError, Connector};
 
 /// Most idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE: usize = 256;
