@@ -225,11 +225,8 @@ impl Table {
             .routes
             .iter()
             .enumerate()
-            .map(|(i, r)| {
-                let route = compile(i, r, cfg, &upstreams, previous, redis.as_ref());
-                (i, route)
-            })
-            .collect();
+            .map(|(i, r)| Ok((i, compile(i, r, cfg, &upstreams, previous, redis.as_ref())?)))
+            .collect::<Result<_, ConfigError>>()?;
         ranked.sort_by_key(|(i, r)| r.rank(*i));
         let params = if ranked
             .iter()
@@ -265,24 +262,42 @@ impl Table {
     }
 }
 
+/// A route's key in error messages, as `Config::validate` names it.
+fn route_key(i: usize, r: &RouteConfig) -> String {
+    match &r.name {
+        Some(n) => format!("routes[{i}] ({n})"),
+        None => format!("routes[{i}]"),
+    }
+}
+
+fn invalid(key: String, problem: String) -> ConfigError {
+    ConfigError::Invalid { key, problem }
+}
+
+fn header_name(key: &str, k: &str) -> Result<HeaderName, ConfigError> {
+    HeaderName::from_bytes(k.as_bytes())
+        .map_err(|_| invalid(key.to_owned(), format!("{k:?} is not a valid header name")))
+}
+
 fn header_pairs(
+    key: &str,
     map: &std::collections::BTreeMap<String, String>,
-) -> Vec<(HeaderName, HeaderValue)> {
-    // Validated at load; anything unparsable was refused there.
+) -> Result<Vec<(HeaderName, HeaderValue)>, ConfigError> {
     map.iter()
-        .filter_map(|(k, v)| {
-            Some((
-                HeaderName::from_bytes(k.as_bytes()).ok()?,
-                HeaderValue::from_str(v).ok()?,
-            ))
+        .map(|(k, v)| {
+            let value = HeaderValue::from_str(v).map_err(|_| {
+                invalid(
+                    format!("{key}.{k}"),
+                    format!("{v:?} is not a valid header value"),
+                )
+            })?;
+            Ok((header_name(key, k)?, value))
         })
         .collect()
 }
 
-fn header_names(list: &[String]) -> Vec<HeaderName> {
-    list.iter()
-        .filter_map(|k| HeaderName::from_bytes(k.as_bytes()).ok())
-        .collect()
+fn header_names(key: &str, list: &[String]) -> Result<Vec<HeaderName>, ConfigError> {
+    list.iter().map(|k| header_name(key, k)).collect()
 }
 
 fn start_redis(rc: &RedisConfig) -> Redis {
@@ -304,7 +319,8 @@ fn compile(
     upstreams: &HashMap<String, Arc<Upstream>>,
     previous: Option<&Table>,
     redis: Option<&(RedisConfig, Arc<Redis>)>,
-) -> Route {
+) -> Result<Route, ConfigError> {
+    let key = route_key(i, r);
     let host = match r.host.as_deref() {
         None | Some("") | Some("*") => HostMatch::Any,
         Some(h) => match h.strip_prefix('*') {
@@ -316,10 +332,9 @@ fn compile(
         (Some(e), _, _) => PathKind::Exact(e.clone()),
         (_, Some(p), _) if p == "/" => PathKind::Any,
         (_, Some(p), _) => PathKind::Prefix(p.clone()),
-        (_, _, Some(re)) => match Regex::new(re) {
-            Ok(re) => PathKind::Regex(re),
-            Err(_) => PathKind::Exact(String::new()),
-        },
+        (_, _, Some(re)) => PathKind::Regex(
+            Regex::new(re).map_err(|e| invalid(format!("{key}.path.regex"), e.to_string()))?,
+        ),
         _ => PathKind::Any,
     };
     let rewrite = match (&r.path.prefix, r.strip_prefix, &r.rewrite_prefix) {
@@ -392,8 +407,14 @@ fn compile(
         },
     });
     let upstream = r.upstream.as_ref().and_then(|u| upstreams.get(u).cloned());
-    let add_request = header_pairs(&r.request_headers.add);
-    let remove_request = header_names(&r.request_headers.remove);
+    let add_request = header_pairs(
+        &format!("{key}.request_headers.add"),
+        &r.request_headers.add,
+    )?;
+    let remove_request = header_names(
+        &format!("{key}.request_headers.remove"),
+        &r.request_headers.remove,
+    )?;
     let plain = r.auth.is_none()
         && add_request.is_empty()
         && remove_request.is_empty()
@@ -409,16 +430,38 @@ fn compile(
                 )
             )
         });
-    Route {
+    let methods = r
+        .methods
+        .iter()
+        .map(|m| {
+            Method::from_bytes(m.as_bytes())
+                .map_err(|_| invalid(format!("{key}.methods"), format!("{m:?} is not a method")))
+        })
+        .collect::<Result<_, _>>()?;
+    let fallback = match &r.fallback {
+        None => None,
+        Some(f) => Some(Fallback {
+            status: StatusCode::from_u16(f.status).map_err(|_| {
+                invalid(
+                    format!("{key}.fallback.status"),
+                    format!("{} is not a status code", f.status),
+                )
+            })?,
+            body: Bytes::from(f.body.clone()),
+            content_type: HeaderValue::from_str(&f.content_type).map_err(|_| {
+                invalid(
+                    format!("{key}.fallback.content_type"),
+                    format!("{:?} is not a valid header value", f.content_type),
+                )
+            })?,
+        }),
+    };
+    Ok(Route {
         name,
         host,
         path,
-        methods: r
-            .methods
-            .iter()
-            .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
-            .collect(),
-        headers: header_pairs(&r.headers),
+        methods,
+        headers: header_pairs(&format!("{key}.headers"), &r.headers)?,
         upstream,
         rewrite,
         timeout,
@@ -432,19 +475,67 @@ fn compile(
         retry_backoff,
         add_request,
         remove_request,
-        add_response: header_pairs(&r.response_headers.add),
-        remove_response: header_names(&r.response_headers.remove),
-        fallback: r.fallback.as_ref().map(|f| Fallback {
-            status: StatusCode::from_u16(f.status).unwrap_or(StatusCode::OK),
-            body: Bytes::from(f.body.clone()),
-            content_type: HeaderValue::from_str(&f.content_type)
-                .unwrap_or(HeaderValue::from_static("text/plain")),
-        }),
+        add_response: header_pairs(
+            &format!("{key}.response_headers.add"),
+            &r.response_headers.add,
+        )?,
+        remove_response: header_names(
+            &format!("{key}.response_headers.remove"),
+            &r.response_headers.remove,
+        )?,
+        fallback,
         auth: r.auth.clone(),
         rate_limit,
         path_params: r.path_params.unwrap_or(cfg.path_params),
         plain,
         metrics: RouteMetrics::default(),
         describe,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config as it reads, before `Config::validate`.
+    fn unchecked(text: &str) -> Config {
+        toml::from_str(text).unwrap()
+    }
+
+    fn build(cfg: &Config) -> Result<Table, ConfigError> {
+        Table::build(cfg, &Discovery::new(cfg.registry.clone()), None)
+    }
+
+    #[tokio::test]
+    async fn what_cannot_compile_is_refused_with_its_key_never_made_a_route() {
+        let route = |extra: &str| {
+            format!(
+                "[[routes]]\nname = \"api\"\nupstream = \"u\"\n{extra}\n\
+                 [upstreams.u]\nendpoints = [\"127.0.0.1:1\"]\n"
+            )
+        };
+        for (extra, key) in [
+            ("path = { regex = \"^/(a\" }", "routes[0] (api).path.regex"),
+            ("methods = [\"G T\"]", "routes[0] (api).methods"),
+            (
+                "response_headers = { remove = [\"bad name\"] }",
+                "routes[0] (api).response_headers.remove",
+            ),
+            (
+                "fallback = { status = 1000, body = \"\" }",
+                "routes[0] (api).fallback.status",
+            ),
+        ] {
+            match build(&unchecked(&route(extra))) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{extra}"),
+                Err(e) => panic!("{extra}: {e}"),
+                Ok(_) => panic!("{extra}: compiled"),
+            }
+        }
+        let ok = build(&unchecked(&route("path = { regex = \"^/a/[0-9]+$\" }"))).unwrap();
+        let get = Method::GET;
+        let none = http::HeaderMap::new();
+        assert!(ok.find(&get, "h", "/a/12", &none).is_some());
+        assert!(ok.find(&get, "h", "/a/x", &none).is_none());
     }
 }
