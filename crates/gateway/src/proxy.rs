@@ -1,12 +1,13 @@
 //! The request path: route → bulkhead → (per try: balancer over usable endpoints →
 //! breaker → upstream call with per-try timeout) → retry decision under the budget →
-//! response edits. Errors become responses only in `GatewayError::into_response`.
+//! response edits. Errors become responses only in `error_response`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
@@ -21,14 +22,14 @@ use crate::floor::config::HashOn;
 use crate::floor::error::GatewayError;
 use crate::floor::net::{HOP_BY_HOP, is_hop_by_hop, strip_port};
 use crate::floor::path::{PathParams, PathRules};
-use crate::policy::routes::{RateKey, Rewrite, Route};
+use crate::policy::routes::{RateKey, Rewrite, Route, Table};
 use crate::policy::upstream::Upstream;
 use crate::protocol::body::{Body, ClientFault};
 use crate::protocol::h1::client::{Exchange, SendError as ClientError, Upgraded};
 use crate::protocol::h1::fields::RawFields;
+use crate::protocol::h1::server::Handler;
 use crate::protocol::peer::Peer;
 use crate::protocol::timer::LazyTimer;
-use crate::server::Shared;
 
 /// Latency charged to an endpoint that failed to connect or reset, so peak-EWMA steers
 /// away from it even though the failure itself was quick.
@@ -65,13 +66,49 @@ fn host_of<'a, B>(req: &'a Request<B>, raw: Option<RawFields<'a>>) -> &'a str {
     strip_port(host)
 }
 
+/// What the request path reads on every request: the route table (swapped whole on
+/// reload) and the gateway-wide limits. The server layer owns one and hands it to every
+/// connection as its `Handler`.
+pub struct Proxy {
+    pub(crate) table: ArcSwap<Table>,
+    pub(crate) path_rules: PathRules,
+    pub(crate) replay_cap: usize,
+    pub(crate) max_body: u64,
+    /// Requests being proxied now, and the most allowed (0: any).
+    pub(crate) in_flight: AtomicUsize,
+    pub(crate) max_in_flight: usize,
+    pub(crate) access_sample: f64,
+}
+
+impl Handler for Proxy {
+    fn handle(
+        &self,
+        req: &mut Request<Body>,
+        raw: Option<RawFields<'_>>,
+        peer: &Peer,
+        start: Instant,
+        timer: Option<&mut LazyTimer>,
+    ) -> impl Future<Output = Response<Body>> + Send {
+        handle(self, req, raw, peer, start, timer)
+    }
+
+    fn ends_connection(&self, response: &Response<Body>) -> bool {
+        response.extensions().get::<EndsConnection>().is_some()
+    }
+}
+
+/// Marks a response to a request whose body could not be read as framed: what follows
+/// on the connection cannot be trusted to start a request.
+#[derive(Clone, Copy)]
+struct EndsConnection;
+
 /// Proxies one request. `raw`, when given, holds the request's header fields as the
 /// client wrote them (its map is then empty), for routes that only pass them on; the
 /// others get a map built from it. `start` is when it arrived (the caller's clock
 /// reading, shared by everything that needs one); `timer`, when the connection has one,
 /// is reused for the per-try timeouts instead of arming a timer per request.
 pub async fn handle(
-    gw: &Shared,
+    gw: &Proxy,
     req: &mut Request<Body>,
     raw: Option<RawFields<'_>>,
     peer: &Peer,
@@ -81,18 +118,18 @@ pub async fn handle(
     // Shed load beyond the global limit at once, before any work.
     let _in_flight = match InFlight::enter(gw) {
         Some(guard) => guard,
-        None => return GatewayError::Overloaded(gw.max_in_flight).into_response(),
+        None => return error_response(GatewayError::Overloaded(gw.max_in_flight)),
     };
     let mut raw = raw;
     // Plain fast-path requests were checked as they were parsed; hyper's are here.
     if raw.is_none() {
         if let Err(why) = crate::protocol::h1::check_request(req) {
-            return GatewayError::Malformed(why).into_response();
+            return error_response(GatewayError::Malformed(why));
         }
         if req.version() == Version::HTTP_2
             && let Err(why) = crate::protocol::h2::check_request(req)
         {
-            return GatewayError::Malformed(why).into_response();
+            return error_response(GatewayError::Malformed(why));
         }
         // Absolute-form: the target's authority is the host, whatever Host said (RFC
         // 9112 section 3.2.2), for routing and upstream alike.
@@ -113,13 +150,13 @@ pub async fn handle(
     let with_params = (rules.params != PathParams::Reject && req.uri().path().contains(';'))
         .then(|| req.uri().clone());
     if let Err(e) = canonicalize(req, rules) {
-        return e.into_response();
+        return error_response(e);
     }
     if let Some(cert) = peer.tls() {
         let host = host_of(req, raw);
         // No host at all (HTTP/1.0) can only mean the name the connection was opened for.
         if !host.is_empty() && !cert.covers(host) {
-            return GatewayError::Misdirected(host.to_owned()).into_response();
+            return error_response(GatewayError::Misdirected(host.to_owned()));
         }
     }
     // Routes that match on fields, and identity fields to strip, need the map.
@@ -136,17 +173,16 @@ pub async fn handle(
         ""
     };
     let Some(route) = table.find(&method, host, req.uri().path(), req.headers()) else {
-        return GatewayError::NoRoute {
+        return error_response(GatewayError::NoRoute {
             method: method.to_string(),
             path: req.uri().path().to_owned(),
-        }
-        .into_response();
+        });
     };
     if let Some(received) = with_params {
         match route.path_params {
             PathParams::Reject => {
                 let e = GatewayError::BadPath("a ';' path parameter in the path (see path_params)");
-                return e.into_response();
+                return error_response(e);
             }
             PathParams::Strip => {}
             PathParams::Keep => {
@@ -156,7 +192,7 @@ pub async fn handle(
                     ..rules
                 };
                 if let Err(e) = canonicalize(req, keep) {
-                    return e.into_response();
+                    return error_response(e);
                 }
             }
         }
@@ -234,7 +270,7 @@ pub async fn handle(
                         .insert(header::CONTENT_TYPE, f.content_type.clone());
                     r
                 }
-                None => e.into_response(),
+                None => error_response(e),
             }
         }
     };
@@ -290,11 +326,11 @@ fn canonicalize(req: &mut Request<Body>, rules: PathRules) -> Result<(), Gateway
     Ok(())
 }
 
-/// A request counted in `Shared::in_flight` until dropped.
-struct InFlight<'a>(&'a Shared);
+/// A request counted in `Proxy::in_flight` until dropped.
+struct InFlight<'a>(&'a Proxy);
 
 impl<'a> InFlight<'a> {
-    fn enter(gw: &'a Shared) -> Option<InFlight<'a>> {
+    fn enter(gw: &'a Proxy) -> Option<InFlight<'a>> {
         let n = gw.in_flight.fetch_add(1, Ordering::Relaxed);
         if gw.max_in_flight > 0 && n >= gw.max_in_flight {
             gw.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -310,9 +346,54 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// The one place a `GatewayError` becomes a response: JSON naming the problem, with
+/// the headers its kind calls for.
+fn error_response(e: GatewayError) -> Response<Body> {
+    if let GatewayError::Connect { endpoint, .. } | GatewayError::Io { endpoint, .. } = &e {
+        // Where it failed is for the operator.
+        tracing::warn!(%endpoint, error = %e, "upstream request failed");
+    }
+    let body = serde_json::json!({"error": e.to_string(), "code": e.code()});
+    let mut resp = Response::new(Body::bytes(body.to_string()));
+    *resp.status_mut() = e.status();
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let GatewayError::Unauthorized(why) = &e {
+        let v = format!(
+            "Bearer error=\"invalid_token\", error_description=\"{}\"",
+            why.replace('"', "'")
+        );
+        h.insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static("Bearer")),
+        );
+    }
+    let ends_connection = e.ends_connection();
+    if ends_connection {
+        h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let Some(d) = e.retry_after() {
+        // Whole seconds, rounded up: retrying at a rounded-down time would be refused.
+        let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+        h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        if let GatewayError::RateLimited { limit, .. } = &e {
+            h.insert("ratelimit-limit", HeaderValue::from(*limit));
+            h.insert("ratelimit-remaining", HeaderValue::from(0));
+            h.insert("ratelimit-reset", HeaderValue::from(secs.max(1)));
+        }
+    }
+    if ends_connection {
+        resp.extensions_mut().insert(EndsConnection);
+    }
+    resp
+}
+
 /// Answers a request refused before forwarding (auth, rate limit), counted on its route.
 fn refuse(route: &Route, e: GatewayError, start: Instant) -> Response<Body> {
-    let resp = e.into_response();
+    let resp = error_response(e);
     let elapsed = Instant::now().saturating_duration_since(start);
     route.metrics.record(resp.status().as_u16(), elapsed);
     resp
@@ -390,7 +471,7 @@ async fn read_payload(
 
 #[allow(clippy::too_many_arguments)]
 async fn forward(
-    gw: &Shared,
+    gw: &Proxy,
     route: &Route,
     req: &mut Request<Body>,
     raw: Option<RawFields<'_>>,
@@ -577,12 +658,11 @@ async fn forward(
                         return Ok(match client_upgrade {
                             Some(client) => tunnel(up.name.clone(), client, upgraded, resp),
                             // A 101 nobody asked for: the connection is dropped.
-                            None => GatewayError::Io {
+                            None => error_response(GatewayError::Io {
                                 upstream: up.name.clone(),
                                 endpoint: endpoint.addr.clone(),
                                 detail: "unexpected 101 Switching Protocols".into(),
-                            }
-                            .into_response(),
+                            }),
                         });
                     }
                     return Ok(downstream_response(resp));

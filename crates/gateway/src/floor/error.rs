@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use http::{HeaderValue, Response, StatusCode};
-
-use crate::protocol::body::Body;
+use http::StatusCode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -105,7 +103,19 @@ impl GatewayError {
         }
     }
 
-    fn retry_after(&self) -> Option<Duration> {
+    /// Whether the client's connection must end after the answer: what is left of a
+    /// request body that failed cannot be trusted to frame the next request.
+    pub fn ends_connection(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::Body(_)
+                | GatewayError::TooLarge(_)
+                | GatewayError::BodyTimeout
+                | GatewayError::Malformed(_)
+        )
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
         match self {
             GatewayError::BreakerOpen { retry_after, .. } => Some(*retry_after),
             GatewayError::BulkheadFull { .. }
@@ -114,51 +124,5 @@ impl GatewayError {
             GatewayError::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
-    }
-
-    pub fn into_response(self) -> Response<Body> {
-        if let GatewayError::Connect { endpoint, .. } | GatewayError::Io { endpoint, .. } = &self {
-            // Where it failed is for the operator.
-            tracing::warn!(%endpoint, error = %self, "upstream request failed");
-        }
-        let body = serde_json::json!({"error": self.to_string(), "code": self.code()});
-        let mut resp = Response::new(Body::bytes(body.to_string()));
-        *resp.status_mut() = self.status();
-        let h = resp.headers_mut();
-        h.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if let GatewayError::Unauthorized(why) = &self {
-            let v = format!(
-                "Bearer error=\"invalid_token\", error_description=\"{}\"",
-                why.replace('"', "'")
-            );
-            h.insert(
-                http::header::WWW_AUTHENTICATE,
-                HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static("Bearer")),
-            );
-        }
-        if matches!(
-            self,
-            GatewayError::Body(_)
-                | GatewayError::TooLarge(_)
-                | GatewayError::BodyTimeout
-                | GatewayError::Malformed(_)
-        ) {
-            // What is left of a body that failed cannot be trusted to frame the next request.
-            h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        if let Some(d) = self.retry_after() {
-            // Whole seconds, rounded up: retrying at a rounded-down time would be refused.
-            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
-            h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-            if let GatewayError::RateLimited { limit, .. } = &self {
-                h.insert("ratelimit-limit", HeaderValue::from(*limit));
-                h.insert("ratelimit-remaining", HeaderValue::from(0));
-                h.insert("ratelimit-reset", HeaderValue::from(secs.max(1)));
-            }
-        }
-        resp
     }
 }

@@ -29,7 +29,7 @@ pub async fn handle(gw: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
         (&Method::GET, "/readyz") => {
-            let table = gw.table.load();
+            let table = gw.proxy.table.load();
             let waiting: Vec<&str> = table
                 .upstreams
                 .values()
@@ -52,7 +52,7 @@ pub async fn handle(gw: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             render_metrics(&gw),
         ),
         (&Method::GET, "/admin/routes") => {
-            let table = gw.table.load();
+            let table = gw.proxy.table.load();
             let routes: Vec<_> = table.routes.iter().map(|r| r.describe.clone()).collect();
             json_resp(StatusCode::OK, json!(routes))
         }
@@ -102,7 +102,7 @@ const ENDPOINTS: [(&str, &str); 7] = [
 ];
 
 fn upstreams(gw: &Shared) -> serde_json::Value {
-    let table = gw.table.load();
+    let table = gw.proxy.table.load();
     let mut out = serde_json::Map::new();
     let mut names: Vec<&String> = table.upstreams.keys().collect();
     names.sort();
@@ -144,7 +144,7 @@ fn upstreams(gw: &Shared) -> serde_json::Value {
 type CounterFn = fn(&crate::policy::upstream::UpstreamMetrics) -> u64;
 
 fn render_metrics(gw: &Shared) -> String {
-    let table = gw.table.load();
+    let table = gw.proxy.table.load();
     let mut o = String::with_capacity(8 * 1024);
     o.push_str(
         "# HELP tessera_gateway_requests_total Requests answered, by route and status class.\n",

@@ -22,19 +22,14 @@ use crate::policy::routes::Table;
 use crate::policy::upstream::Discovery;
 use crate::protocol::peer::Peer;
 use crate::protocol::{h1, tls};
+use crate::proxy::Proxy;
 
 /// What every connection and the admin server share.
 pub struct Shared {
-    pub(crate) table: ArcSwap<Table>,
+    /// The request path's state, shared with every connection.
+    pub(crate) proxy: Arc<Proxy>,
     pub(crate) discovery: Discovery,
     pub(crate) config_path: Option<PathBuf>,
-    pub(crate) replay_cap: usize,
-    pub(crate) max_body: u64,
-    pub(crate) path_rules: crate::floor::path::PathRules,
-    /// Requests being proxied now, and the most allowed (0: any).
-    pub(crate) in_flight: std::sync::atomic::AtomicUsize,
-    pub(crate) max_in_flight: usize,
-    pub(crate) access_sample: f64,
     pub(crate) reloads: AtomicU64,
     pub(crate) reload_lock: std::sync::Mutex<()>,
     /// The certificates TLS connections are served with, when `[tls]` is configured.
@@ -50,13 +45,13 @@ impl Shared {
             return Err(ConfigError::Parse("no config file to reload from".into()));
         };
         let cfg = Config::load(path)?;
-        let table = Table::build(&cfg, &self.discovery, Some(&self.table.load()))?;
+        let table = Table::build(&cfg, &self.discovery, Some(&self.proxy.table.load()))?;
         match (&self.certs, &cfg.tls) {
             (Some(certs), Some(tls)) => certs.replace(&tls.certificates)?,
             (None, None) => {}
             _ => tracing::warn!("adding or removing [tls] takes a restart; reloading the rest"),
         }
-        self.table.store(Arc::new(table));
+        self.proxy.table.store(Arc::new(table));
         self.reloads.fetch_add(1, Ordering::Relaxed);
         tracing::info!(path = %path.display(), "config reloaded");
         Ok(())
@@ -89,19 +84,22 @@ impl Gateway {
         let table = Table::build(&config, &discovery, None)?;
         Ok(Gateway {
             shared: Arc::new(Shared {
-                table: ArcSwap::from_pointee(table),
+                proxy: Arc::new(Proxy {
+                    table: ArcSwap::from_pointee(table),
+                    replay_cap: config.max_replay_body_bytes,
+                    max_body: config.max_request_body_bytes,
+                    // `path_params` is per route, in the table.
+                    path_rules: crate::floor::path::PathRules {
+                        keep_encoded_slashes: config.encoded_slashes
+                            == config::EncodedSlashes::Keep,
+                        params: crate::floor::path::PathParams::Reject,
+                    },
+                    in_flight: std::sync::atomic::AtomicUsize::new(0),
+                    max_in_flight: config.max_in_flight,
+                    access_sample: config.access_log.sample,
+                }),
                 discovery,
                 config_path,
-                replay_cap: config.max_replay_body_bytes,
-                max_body: config.max_request_body_bytes,
-                // `path_params` is per route, in the table.
-                path_rules: crate::floor::path::PathRules {
-                    keep_encoded_slashes: config.encoded_slashes == config::EncodedSlashes::Keep,
-                    params: crate::floor::path::PathParams::Reject,
-                },
-                in_flight: std::sync::atomic::AtomicUsize::new(0),
-                max_in_flight: config.max_in_flight,
-                access_sample: config.access_log.sample,
                 reloads: AtomicU64::new(0),
                 reload_lock: std::sync::Mutex::new(()),
                 certs: tls.as_ref().map(|t| t.certs.clone()),
@@ -222,8 +220,11 @@ impl Gateway {
                 }
             };
             let _ = stream.set_nodelay(true);
+            let proxy = &self.shared.proxy;
             let mut ctx = h1::server::Ctx {
-                shared: self.shared.clone(),
+                handler: proxy.clone(),
+                replay_cap: proxy.replay_cap,
+                max_body: proxy.max_body,
                 peer: Peer::new(peer, &self.trusted_proxies),
                 stop: stop.clone(),
                 header_timeout: self.header_read_timeout,

@@ -35,8 +35,6 @@ use crate::protocol::h1::client::{FieldRanges, write_fields, write_length};
 use crate::protocol::h1::fields::{Plain, RawFields};
 use crate::protocol::peer::Peer;
 use crate::protocol::timer::LazyTimer;
-use crate::proxy;
-use crate::server::Shared;
 
 /// Request heads larger than this go to hyper, which answers 431.
 /// Largest request head (request line and fields): more is 431, or 414 while the request
@@ -49,9 +47,34 @@ const MAX_TARGET: usize = 8 * 1024;
 /// Response bodies up to this size are written in one `write` with their head.
 const INLINE_BODY: usize = 64 * 1024;
 
+/// What answers the requests a connection reads (the proxy, in the gateway). Generic,
+/// not a trait object: the server is compiled for its one handler, so nothing is boxed
+/// per request.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request. `raw`, when given, holds the request's header fields as the
+    /// client wrote them (its map is then empty); `start` is when it arrived; `timer`,
+    /// when the connection has one, is the connection's timer to reuse.
+    fn handle(
+        &self,
+        req: &mut Request<Body>,
+        raw: Option<RawFields<'_>>,
+        peer: &Peer,
+        start: Instant,
+        timer: Option<&mut LazyTimer>,
+    ) -> impl Future<Output = Response<Body>> + Send;
+
+    /// Whether the connection must end after `response`, which this handler made (what
+    /// is left of the request's body cannot be trusted to frame the next request).
+    fn ends_connection(&self, response: &Response<Body>) -> bool;
+}
+
 /// What the connection loop needs besides the socket.
-pub struct Ctx {
-    pub shared: Arc<Shared>,
+pub struct Ctx<H> {
+    pub handler: Arc<H>,
+    /// Request bodies up to this many bytes are read here; larger ones go to hyper.
+    pub replay_cap: usize,
+    /// The most a request body may be.
+    pub max_body: u64,
     pub peer: Peer,
     pub stop: CancellationToken,
     pub header_timeout: Duration,
@@ -66,7 +89,7 @@ enum Next {
 
 /// Serves one client connection (TCP, or TLS over it) until it closes, the server stops,
 /// or it is handed off. `h2` says ALPN chose HTTP/2: hyper's from the first byte.
-pub async fn serve<IO>(io: IO, ctx: Ctx, watcher: Watcher, h2: bool)
+pub async fn serve<IO, H: Handler>(io: IO, ctx: Ctx<H>, watcher: Watcher, h2: bool)
 where
     IO: AsyncRead + AsyncWrite + PlainSocket + Unpin + Send + 'static,
 {
@@ -91,18 +114,20 @@ where
     }
     if let Next::HandOff(read) = next {
         let Ctx {
-            shared,
+            handler,
             peer,
             hyper,
             ..
         } = ctx;
         let svc = service_fn(move |req: Request<Incoming>| {
-            let shared = shared.clone();
+            let handler = handler.clone();
             let peer = peer.clone();
             async move {
                 let mut req = req.map(Body::Stream);
-                let mut resp =
-                    proxy::handle(&shared, &mut req, None, &peer, Instant::now(), None).await;
+                // hyper closes the connection itself when the response says so.
+                let mut resp = handler
+                    .handle(&mut req, None, &peer, Instant::now(), None)
+                    .await;
                 // hyper writes the header map, so raw upstream fields become one here.
                 crate::protocol::body::materialize(&mut resp);
                 Ok::<_, std::convert::Infallible>(resp)
@@ -180,7 +205,7 @@ enum Fill {
 }
 
 impl<IO: AsyncRead + AsyncWrite + PlainSocket + Unpin> Conn<IO> {
-    async fn run(&mut self, ctx: &Ctx) -> Next {
+    async fn run<H: Handler>(&mut self, ctx: &Ctx<H>) -> Next {
         let cancelled = ctx.stop.cancelled();
         tokio::pin!(cancelled);
         let mut stop = Stop {
@@ -193,7 +218,7 @@ impl<IO: AsyncRead + AsyncWrite + PlainSocket + Unpin> Conn<IO> {
             // Waiting for a request: between requests and while its head arrives.
             let deadline = idle_since + ctx.header_timeout;
             let head = loop {
-                let limits = (ctx.shared.replay_cap, ctx.shared.max_body);
+                let limits = (ctx.replay_cap, ctx.max_body);
                 match parse(&self.buf, limits, &mut self.fields) {
                     Parsed::Fast(h) => break h,
                     Parsed::Other => return Next::HandOff(std::mem::take(&mut self.buf)),
@@ -262,23 +287,17 @@ impl<IO: AsyncRead + AsyncWrite + PlainSocket + Unpin> Conn<IO> {
                 return Next::HandOff(all);
             };
             let start = Instant::now();
-            let resp = proxy::handle(
-                &ctx.shared,
-                &mut req,
-                raw,
-                &ctx.peer,
-                start,
-                Some(&mut self.upstream_timer),
-            )
-            .await;
-            // The gateway's own refusals of a request body ask for the connection to end.
-            let close = close
-                || ctx.stop.is_cancelled()
-                || (resp.status().is_client_error()
-                    && resp
-                        .headers()
-                        .get(header::CONNECTION)
-                        .is_some_and(|v| v == "close"));
+            let resp = ctx
+                .handler
+                .handle(
+                    &mut req,
+                    raw,
+                    &ctx.peer,
+                    start,
+                    Some(&mut self.upstream_timer),
+                )
+                .await;
+            let close = close || ctx.stop.is_cancelled() || ctx.handler.ends_connection(&resp);
             if self.respond(resp, head_request, close).await.is_err() || close {
                 return Next::Close;
             }
