@@ -697,6 +697,8 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Refuses what the gateway could not run, naming the key: one check per section,
+    /// each with the context it needs.
     fn validate(&self) -> Result<(), ConfigError> {
         if let Some(tls) = &self.tls
             && tls.certificates.is_empty()
@@ -707,301 +709,367 @@ impl Config {
             ));
         }
         for (name, k) in &self.api_keys {
-            if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(invalid(
-                    format!("api_keys.{name}.sha256"),
-                    "64 hex digits: the SHA-256 of the key, never the key itself",
-                ));
-            }
+            k.validate(name)?;
         }
         for c in &self.trusted_proxies {
             crate::floor::net::Cidr::parse(c).map_err(|e| invalid("trusted_proxies", e))?;
         }
         for (name, j) in &self.jwt {
-            let key = format!("jwt.{name}");
-            let sources = [
-                j.jwks_url.is_some(),
-                j.jwks_file.is_some(),
-                j.public_key_file.is_some(),
-                j.hs256_secret_env.is_some(),
-                j.hs256_secret_file.is_some(),
-            ];
-            if sources.iter().filter(|s| **s).count() != 1 {
-                return Err(invalid(
-                    key,
-                    "set one of jwks_url, jwks_file, public_key_file, hs256_secret_env, hs256_secret_file",
-                ));
-            }
-            if let Some(u) = &j.jwks_url {
-                let parsed = u.parse::<http::Uri>().ok().filter(|p| {
-                    matches!(p.scheme_str(), Some("http" | "https")) && p.authority().is_some()
-                });
-                if parsed.is_none() {
-                    return Err(invalid(
-                        format!("{key}.jwks_url"),
-                        format!("{u:?}: an http:// or https:// URL with a host"),
-                    ));
-                }
-            }
-            if j.jwks_ca.is_some()
-                && !j
-                    .jwks_url
-                    .as_deref()
-                    .is_some_and(|u| u.starts_with("https://"))
-            {
-                return Err(invalid(
-                    format!("{key}.jwks_ca"),
-                    "only verifies an https:// jwks_url",
-                ));
-            }
-            if j.algorithms.is_empty() {
-                return Err(invalid(format!("{key}.algorithms"), "name at least one"));
-            }
-            for a in &j.algorithms {
-                a.parse::<tessera_jwt::Alg>().map_err(|_| {
-                    invalid(
-                        format!("{key}.algorithms"),
-                        format!("{a:?}: one of RS256, ES256, EdDSA, HS256"),
-                    )
-                })?;
-            }
-            let secret = j.hs256_secret_env.is_some() || j.hs256_secret_file.is_some();
-            if secret && j.algorithms != ["HS256"] {
-                return Err(invalid(
-                    format!("{key}.algorithms"),
-                    "a shared secret checks HS256 only: set algorithms = [\"HS256\"]",
-                ));
-            }
-            if !secret && j.algorithms.iter().any(|a| a == "HS256") {
-                return Err(invalid(
-                    format!("{key}.algorithms"),
-                    "HS256 needs a shared secret (hs256_secret_env or hs256_secret_file); a JWKS or public key does not carry one",
-                ));
-            }
-            if j.refresh < Duration::from_secs(1) {
-                return Err(invalid(format!("{key}.refresh"), "at least 1s"));
-            }
-            for h in j.forward.keys() {
-                http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
-                    invalid(
-                        format!("{key}.forward"),
-                        format!("{h:?} is not a valid header name"),
-                    )
-                })?;
-            }
+            j.validate(&format!("jwt.{name}"))?;
         }
         for (i, r) in self.routes.iter().enumerate() {
-            let key = match &r.name {
-                Some(n) => format!("routes[{i}] ({n})"),
-                None => format!("routes[{i}]"),
-            };
-            let kinds = [&r.path.exact, &r.path.prefix, &r.path.regex]
-                .iter()
-                .filter(|p| p.is_some())
-                .count();
-            if kinds > 1 {
-                return Err(invalid(
-                    format!("{key}.path"),
-                    "set only one of exact, prefix, regex",
-                ));
-            }
-            for p in [&r.path.exact, &r.path.prefix].into_iter().flatten() {
-                if !p.starts_with('/') {
-                    return Err(invalid(
-                        format!("{key}.path"),
-                        format!("{p:?} must start with '/'"),
-                    ));
-                }
-            }
-            if let Some(re) = &r.path.regex {
-                regex::Regex::new(re)
-                    .map_err(|e| invalid(format!("{key}.path.regex"), e.to_string()))?;
-            }
-            if (r.strip_prefix || r.rewrite_prefix.is_some()) && r.path.prefix.is_none() {
-                return Err(invalid(
-                    key.clone(),
-                    "strip_prefix/rewrite_prefix need path.prefix",
-                ));
-            }
-            if r.strip_prefix && r.rewrite_prefix.is_some() {
-                return Err(invalid(
-                    key.clone(),
-                    "set strip_prefix or rewrite_prefix, not both",
-                ));
-            }
-            for m in &r.methods {
-                if http::Method::from_bytes(m.as_bytes()).is_err() {
-                    return Err(invalid(
-                        format!("{key}.methods"),
-                        format!("{m:?} is not an HTTP method"),
-                    ));
-                }
-            }
-            for (name, value) in r
-                .headers
-                .iter()
-                .chain(r.request_headers.add.iter())
-                .chain(r.response_headers.add.iter())
-            {
-                http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                    invalid(key.clone(), format!("{name:?} is not a valid header name"))
-                })?;
-                http::HeaderValue::from_str(value).map_err(|_| {
-                    invalid(
-                        key.clone(),
-                        format!("header {name}: {value:?} is not a valid value"),
-                    )
-                })?;
-            }
-            if let Some(l) = &r.rate_limit {
-                let k = format!("{key}.rate_limit");
-                if !(l.rate.is_finite() && l.rate > 0.0) {
-                    return Err(invalid(
-                        format!("{k}.rate"),
-                        "must be a positive number of requests per second",
-                    ));
-                }
-                if l.burst == 0 {
-                    return Err(invalid(format!("{k}.burst"), "at least 1"));
-                }
-                if l.max_keys == 0 {
-                    return Err(invalid(format!("{k}.max_keys"), "at least 1"));
-                }
-                if l.shared && self.redis.is_none() {
-                    return Err(invalid(
-                        format!("{k}.shared"),
-                        "needs a [redis] section to share the limit through",
-                    ));
-                }
-                match l.key.as_str() {
-                    "ip" => {}
-                    "jwt_sub" if r.auth.is_none() => {
-                        return Err(invalid(
-                            format!("{k}.key"),
-                            "jwt_sub needs the route's auth",
-                        ));
-                    }
-                    "jwt_sub" => {}
-                    h if h
-                        .strip_prefix("header:")
-                        .is_some_and(|n| http::HeaderName::from_bytes(n.as_bytes()).is_ok()) => {}
-                    other => {
-                        return Err(invalid(
-                            format!("{k}.key"),
-                            format!("{other:?}: one of ip, header:NAME, jwt_sub"),
-                        ));
-                    }
-                }
-            }
-            if let Some(a) = &r.auth {
-                match &a.jwt {
-                    Some(j) if !self.jwt.contains_key(j) => {
-                        return Err(invalid(
-                            format!("{key}.auth.jwt"),
-                            format!("no [jwt.{j}] section"),
-                        ));
-                    }
-                    None if !a.api_keys => {
-                        return Err(invalid(
-                            format!("{key}.auth"),
-                            "name a jwt issuer, set api_keys = true, or both",
-                        ));
-                    }
-                    _ => {}
-                }
-                if a.api_keys && self.api_keys.is_empty() {
-                    return Err(invalid(
-                        format!("{key}.auth.api_keys"),
-                        "no [api_keys.NAME] section",
-                    ));
-                }
-            }
-            match (&r.upstream, &r.fallback) {
-                (None, None) => {
-                    return Err(invalid(key.clone(), "needs an upstream or a fallback"));
-                }
-                (Some(u), _) if !self.upstreams.contains_key(u) => {
-                    return Err(invalid(
-                        format!("{key}.upstream"),
-                        format!("no [upstreams.{u}] section"),
-                    ));
-                }
-                _ => {}
-            }
-            if let Some(f) = &r.fallback
-                && http::StatusCode::from_u16(f.status).is_err()
-            {
-                return Err(invalid(
-                    format!("{key}.fallback.status"),
-                    format!("{} is not an HTTP status", f.status),
-                ));
-            }
-            if let Some(rt) = &r.retries {
-                if rt.attempts > 10 {
-                    return Err(invalid(format!("{key}.retries.attempts"), "at most 10"));
-                }
-                if let (Some(b), Some(m)) = (rt.backoff, rt.max_backoff)
-                    && m < b
-                {
-                    return Err(invalid(
-                        format!("{key}.retries.max_backoff"),
-                        "must not be shorter than backoff",
-                    ));
-                }
-            }
-            if r.timeout.is_some_and(|t| t.is_zero()) {
-                return Err(invalid(format!("{key}.timeout"), "must be greater than 0"));
-            }
+            r.validate(&r.key(i), self)?;
         }
         for (name, u) in &self.upstreams {
-            let key = format!("upstreams.{name}");
-            match (&u.service, u.endpoints.is_empty()) {
-                (Some(_), false) => return Err(invalid(key, "set service or endpoints, not both")),
-                (None, true) => return Err(invalid(key, "needs service or endpoints")),
-                _ => {}
-            }
-            for e in &u.endpoints {
-                parse_endpoint(e).map_err(|p| invalid(format!("{key}.endpoints"), p))?;
-            }
-            if u.policy == Policy::Maglev && u.hash.is_none() {
-                return Err(invalid(
-                    format!("{key}.hash"),
-                    "policy maglev needs hash = { header = .. } / { cookie = .. } / { client_ip = true }",
-                ));
-            }
-            if u.max_in_flight == 0 {
-                return Err(invalid(
-                    format!("{key}.max_in_flight"),
-                    "must be at least 1",
-                ));
-            }
-            if u.panic_threshold > 100 {
-                return Err(invalid(
-                    format!("{key}.panic_threshold"),
-                    "a percentage: 0-100",
-                ));
-            }
-            if !(0.0..=1.0).contains(&u.breaker.error_rate) {
-                return Err(invalid(
-                    format!("{key}.breaker.error_rate"),
-                    "a ratio: 0.0-1.0",
-                ));
-            }
-            if u.outlier.max_ejected_percent > 100 {
-                return Err(invalid(
-                    format!("{key}.outlier.max_ejected_percent"),
-                    "a percentage: 0-100",
-                ));
-            }
-            if !(0.0..=10.0).contains(&u.retry_budget.ratio) {
-                return Err(invalid(
-                    format!("{key}.retry_budget.ratio"),
-                    "a ratio: 0.0-10.0",
-                ));
-            }
+            u.validate(&format!("upstreams.{name}"))?;
         }
         if !(0.0..=1.0).contains(&self.access_log.sample) {
             return Err(invalid("access_log.sample", "a ratio: 0.0-1.0"));
+        }
+        Ok(())
+    }
+}
+
+/// The value parsers a check and the route compiler share, so a value is accepted by
+/// both or by neither, with the same message.
+pub(crate) fn header_name(key: &str, name: &str) -> Result<http::HeaderName, ConfigError> {
+    http::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| invalid(key, format!("{name:?} is not a valid header name")))
+}
+
+pub(crate) fn header_value(
+    key: &str,
+    name: &str,
+    value: &str,
+) -> Result<http::HeaderValue, ConfigError> {
+    http::HeaderValue::from_str(value).map_err(|_| {
+        invalid(
+            key,
+            format!("header {name}: {value:?} is not a valid value"),
+        )
+    })
+}
+
+pub(crate) fn method(key: &str, m: &str) -> Result<http::Method, ConfigError> {
+    http::Method::from_bytes(m.as_bytes())
+        .map_err(|_| invalid(key, format!("{m:?} is not an HTTP method")))
+}
+
+pub(crate) fn path_regex(key: &str, re: &str) -> Result<regex::Regex, ConfigError> {
+    regex::Regex::new(re).map_err(|e| invalid(format!("{key}.path.regex"), e.to_string()))
+}
+
+pub(crate) fn status(key: &str, code: u16) -> Result<http::StatusCode, ConfigError> {
+    http::StatusCode::from_u16(code)
+        .map_err(|_| invalid(key, format!("{code} is not an HTTP status")))
+}
+
+impl ApiKeyConfig {
+    fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid(
+                format!("api_keys.{name}.sha256"),
+                "64 hex digits: the SHA-256 of the key, never the key itself",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl JwtConfig {
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        let j = self;
+        let sources = [
+            j.jwks_url.is_some(),
+            j.jwks_file.is_some(),
+            j.public_key_file.is_some(),
+            j.hs256_secret_env.is_some(),
+            j.hs256_secret_file.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() != 1 {
+            return Err(invalid(
+                key,
+                "set one of jwks_url, jwks_file, public_key_file, hs256_secret_env, hs256_secret_file",
+            ));
+        }
+        if let Some(u) = &j.jwks_url {
+            let parsed = u.parse::<http::Uri>().ok().filter(|p| {
+                matches!(p.scheme_str(), Some("http" | "https")) && p.authority().is_some()
+            });
+            if parsed.is_none() {
+                return Err(invalid(
+                    format!("{key}.jwks_url"),
+                    format!("{u:?}: an http:// or https:// URL with a host"),
+                ));
+            }
+        }
+        if j.jwks_ca.is_some()
+            && !j
+                .jwks_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
+        {
+            return Err(invalid(
+                format!("{key}.jwks_ca"),
+                "only verifies an https:// jwks_url",
+            ));
+        }
+        if j.algorithms.is_empty() {
+            return Err(invalid(format!("{key}.algorithms"), "name at least one"));
+        }
+        for a in &j.algorithms {
+            a.parse::<tessera_jwt::Alg>().map_err(|_| {
+                invalid(
+                    format!("{key}.algorithms"),
+                    format!("{a:?}: one of RS256, ES256, EdDSA, HS256"),
+                )
+            })?;
+        }
+        let secret = j.hs256_secret_env.is_some() || j.hs256_secret_file.is_some();
+        if secret && j.algorithms != ["HS256"] {
+            return Err(invalid(
+                format!("{key}.algorithms"),
+                "a shared secret checks HS256 only: set algorithms = [\"HS256\"]",
+            ));
+        }
+        if !secret && j.algorithms.iter().any(|a| a == "HS256") {
+            return Err(invalid(
+                format!("{key}.algorithms"),
+                "HS256 needs a shared secret (hs256_secret_env or hs256_secret_file); a JWKS or public key does not carry one",
+            ));
+        }
+        if j.refresh < Duration::from_secs(1) {
+            return Err(invalid(format!("{key}.refresh"), "at least 1s"));
+        }
+        for h in j.forward.keys() {
+            header_name(&format!("{key}.forward"), h)?;
+        }
+        Ok(())
+    }
+}
+
+impl RouteConfig {
+    /// The route's key in messages: its index, and its name when it has one.
+    pub(crate) fn key(&self, i: usize) -> String {
+        match &self.name {
+            Some(n) => format!("routes[{i}] ({n})"),
+            None => format!("routes[{i}]"),
+        }
+    }
+
+    fn validate(&self, key: &str, cfg: &Config) -> Result<(), ConfigError> {
+        let r = self;
+        let kinds = [&r.path.exact, &r.path.prefix, &r.path.regex]
+            .iter()
+            .filter(|p| p.is_some())
+            .count();
+        if kinds > 1 {
+            return Err(invalid(
+                format!("{key}.path"),
+                "set only one of exact, prefix, regex",
+            ));
+        }
+        for p in [&r.path.exact, &r.path.prefix].into_iter().flatten() {
+            if !p.starts_with('/') {
+                return Err(invalid(
+                    format!("{key}.path"),
+                    format!("{p:?} must start with '/'"),
+                ));
+            }
+        }
+        if let Some(re) = &r.path.regex {
+            path_regex(key, re)?;
+        }
+        if (r.strip_prefix || r.rewrite_prefix.is_some()) && r.path.prefix.is_none() {
+            return Err(invalid(key, "strip_prefix/rewrite_prefix need path.prefix"));
+        }
+        if r.strip_prefix && r.rewrite_prefix.is_some() {
+            return Err(invalid(key, "set strip_prefix or rewrite_prefix, not both"));
+        }
+        for m in &r.methods {
+            method(&format!("{key}.methods"), m)?;
+        }
+        for (name, value) in r
+            .headers
+            .iter()
+            .chain(r.request_headers.add.iter())
+            .chain(r.response_headers.add.iter())
+        {
+            header_name(key, name)?;
+            header_value(key, name, value)?;
+        }
+        for name in r
+            .request_headers
+            .remove
+            .iter()
+            .chain(r.response_headers.remove.iter())
+        {
+            header_name(key, name)?;
+        }
+        if let Some(l) = &r.rate_limit {
+            l.validate(&format!("{key}.rate_limit"), r.auth.is_some(), cfg)?;
+        }
+        if let Some(a) = &r.auth {
+            a.validate(&format!("{key}.auth"), cfg)?;
+        }
+        match (&r.upstream, &r.fallback) {
+            (None, None) => {
+                return Err(invalid(key, "needs an upstream or a fallback"));
+            }
+            (Some(u), _) if !cfg.upstreams.contains_key(u) => {
+                return Err(invalid(
+                    format!("{key}.upstream"),
+                    format!("no [upstreams.{u}] section"),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(f) = &r.fallback {
+            status(&format!("{key}.fallback.status"), f.status)?;
+            header_value(
+                &format!("{key}.fallback.content_type"),
+                "content-type",
+                &f.content_type,
+            )?;
+        }
+        if let Some(rt) = &r.retries {
+            if rt.attempts > 10 {
+                return Err(invalid(format!("{key}.retries.attempts"), "at most 10"));
+            }
+            if let (Some(b), Some(m)) = (rt.backoff, rt.max_backoff)
+                && m < b
+            {
+                return Err(invalid(
+                    format!("{key}.retries.max_backoff"),
+                    "must not be shorter than backoff",
+                ));
+            }
+        }
+        if r.timeout.is_some_and(|t| t.is_zero()) {
+            return Err(invalid(format!("{key}.timeout"), "must be greater than 0"));
+        }
+        Ok(())
+    }
+}
+
+impl RateLimitRoute {
+    fn validate(&self, k: &str, has_auth: bool, cfg: &Config) -> Result<(), ConfigError> {
+        let l = self;
+        if !(l.rate.is_finite() && l.rate > 0.0) {
+            return Err(invalid(
+                format!("{k}.rate"),
+                "must be a positive number of requests per second",
+            ));
+        }
+        if l.burst == 0 {
+            return Err(invalid(format!("{k}.burst"), "at least 1"));
+        }
+        if l.max_keys == 0 {
+            return Err(invalid(format!("{k}.max_keys"), "at least 1"));
+        }
+        if l.shared && cfg.redis.is_none() {
+            return Err(invalid(
+                format!("{k}.shared"),
+                "needs a [redis] section to share the limit through",
+            ));
+        }
+        match l.key.as_str() {
+            "ip" => {}
+            "jwt_sub" if !has_auth => {
+                return Err(invalid(
+                    format!("{k}.key"),
+                    "jwt_sub needs the route's auth",
+                ));
+            }
+            "jwt_sub" => {}
+            h if h
+                .strip_prefix("header:")
+                .is_some_and(|n| http::HeaderName::from_bytes(n.as_bytes()).is_ok()) => {}
+            other => {
+                return Err(invalid(
+                    format!("{k}.key"),
+                    format!("{other:?}: one of ip, header:NAME, jwt_sub"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RouteAuth {
+    fn validate(&self, key: &str, cfg: &Config) -> Result<(), ConfigError> {
+        let a = self;
+        match &a.jwt {
+            Some(j) if !cfg.jwt.contains_key(j) => {
+                return Err(invalid(
+                    format!("{key}.jwt"),
+                    format!("no [jwt.{j}] section"),
+                ));
+            }
+            None if !a.api_keys => {
+                return Err(invalid(
+                    key,
+                    "name a jwt issuer, set api_keys = true, or both",
+                ));
+            }
+            _ => {}
+        }
+        if a.api_keys && cfg.api_keys.is_empty() {
+            return Err(invalid(
+                format!("{key}.api_keys"),
+                "no [api_keys.NAME] section",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl UpstreamConfig {
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        let u = self;
+        match (&u.service, u.endpoints.is_empty()) {
+            (Some(_), false) => return Err(invalid(key, "set service or endpoints, not both")),
+            (None, true) => return Err(invalid(key, "needs service or endpoints")),
+            _ => {}
+        }
+        for e in &u.endpoints {
+            parse_endpoint(e).map_err(|p| invalid(format!("{key}.endpoints"), p))?;
+        }
+        if u.policy == Policy::Maglev && u.hash.is_none() {
+            return Err(invalid(
+                format!("{key}.hash"),
+                "policy maglev needs hash = { header = .. } / { cookie = .. } / { client_ip = true }",
+            ));
+        }
+        if u.max_in_flight == 0 {
+            return Err(invalid(
+                format!("{key}.max_in_flight"),
+                "must be at least 1",
+            ));
+        }
+        if u.panic_threshold > 100 {
+            return Err(invalid(
+                format!("{key}.panic_threshold"),
+                "a percentage: 0-100",
+            ));
+        }
+        if !(0.0..=1.0).contains(&u.breaker.error_rate) {
+            return Err(invalid(
+                format!("{key}.breaker.error_rate"),
+                "a ratio: 0.0-1.0",
+            ));
+        }
+        if u.outlier.max_ejected_percent > 100 {
+            return Err(invalid(
+                format!("{key}.outlier.max_ejected_percent"),
+                "a percentage: 0-100",
+            ));
+        }
+        if !(0.0..=10.0).contains(&u.retry_budget.ratio) {
+            return Err(invalid(
+                format!("{key}.retry_budget.ratio"),
+                "a ratio: 0.0-10.0",
+            ));
         }
         Ok(())
     }

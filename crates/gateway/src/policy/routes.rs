@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use regex::Regex;
 
-use crate::floor::config::{Config, ConfigError, RedisConfig, RouteConfig};
+use crate::floor::config::{self, Config, ConfigError, RedisConfig, RouteConfig};
 use crate::floor::metrics::RouteMetrics;
 use crate::policy::upstream::{Discovery, Upstream};
 use crate::protocol::redis::Redis;
@@ -262,42 +262,22 @@ impl Table {
     }
 }
 
-/// A route's key in error messages, as `Config::validate` names it.
-fn route_key(i: usize, r: &RouteConfig) -> String {
-    match &r.name {
-        Some(n) => format!("routes[{i}] ({n})"),
-        None => format!("routes[{i}]"),
-    }
-}
-
-fn invalid(key: String, problem: String) -> ConfigError {
-    ConfigError::Invalid { key, problem }
-}
-
-fn header_name(key: &str, k: &str) -> Result<HeaderName, ConfigError> {
-    HeaderName::from_bytes(k.as_bytes())
-        .map_err(|_| invalid(key.to_owned(), format!("{k:?} is not a valid header name")))
-}
-
 fn header_pairs(
     key: &str,
     map: &std::collections::BTreeMap<String, String>,
 ) -> Result<Vec<(HeaderName, HeaderValue)>, ConfigError> {
     map.iter()
         .map(|(k, v)| {
-            let value = HeaderValue::from_str(v).map_err(|_| {
-                invalid(
-                    format!("{key}.{k}"),
-                    format!("{v:?} is not a valid header value"),
-                )
-            })?;
-            Ok((header_name(key, k)?, value))
+            Ok((
+                config::header_name(key, k)?,
+                config::header_value(key, k, v)?,
+            ))
         })
         .collect()
 }
 
 fn header_names(key: &str, list: &[String]) -> Result<Vec<HeaderName>, ConfigError> {
-    list.iter().map(|k| header_name(key, k)).collect()
+    list.iter().map(|k| config::header_name(key, k)).collect()
 }
 
 fn start_redis(rc: &RedisConfig) -> Redis {
@@ -320,7 +300,7 @@ fn compile(
     previous: Option<&Table>,
     redis: Option<&(RedisConfig, Arc<Redis>)>,
 ) -> Result<Route, ConfigError> {
-    let key = route_key(i, r);
+    let key = r.key(i);
     let host = match r.host.as_deref() {
         None | Some("") | Some("*") => HostMatch::Any,
         Some(h) => match h.strip_prefix('*') {
@@ -332,9 +312,7 @@ fn compile(
         (Some(e), _, _) => PathKind::Exact(e.clone()),
         (_, Some(p), _) if p == "/" => PathKind::Any,
         (_, Some(p), _) => PathKind::Prefix(p.clone()),
-        (_, _, Some(re)) => PathKind::Regex(
-            Regex::new(re).map_err(|e| invalid(format!("{key}.path.regex"), e.to_string()))?,
-        ),
+        (_, _, Some(re)) => PathKind::Regex(config::path_regex(&key, re)?),
         _ => PathKind::Any,
     };
     let rewrite = match (&r.path.prefix, r.strip_prefix, &r.rewrite_prefix) {
@@ -407,14 +385,8 @@ fn compile(
         },
     });
     let upstream = r.upstream.as_ref().and_then(|u| upstreams.get(u).cloned());
-    let add_request = header_pairs(
-        &format!("{key}.request_headers.add"),
-        &r.request_headers.add,
-    )?;
-    let remove_request = header_names(
-        &format!("{key}.request_headers.remove"),
-        &r.request_headers.remove,
-    )?;
+    let add_request = header_pairs(&key, &r.request_headers.add)?;
+    let remove_request = header_names(&key, &r.request_headers.remove)?;
     let plain = r.auth.is_none()
         && add_request.is_empty()
         && remove_request.is_empty()
@@ -433,27 +405,18 @@ fn compile(
     let methods = r
         .methods
         .iter()
-        .map(|m| {
-            Method::from_bytes(m.as_bytes())
-                .map_err(|_| invalid(format!("{key}.methods"), format!("{m:?} is not a method")))
-        })
+        .map(|m| config::method(&format!("{key}.methods"), m))
         .collect::<Result<_, _>>()?;
     let fallback = match &r.fallback {
         None => None,
         Some(f) => Some(Fallback {
-            status: StatusCode::from_u16(f.status).map_err(|_| {
-                invalid(
-                    format!("{key}.fallback.status"),
-                    format!("{} is not a status code", f.status),
-                )
-            })?,
+            status: config::status(&format!("{key}.fallback.status"), f.status)?,
             body: Bytes::from(f.body.clone()),
-            content_type: HeaderValue::from_str(&f.content_type).map_err(|_| {
-                invalid(
-                    format!("{key}.fallback.content_type"),
-                    format!("{:?} is not a valid header value", f.content_type),
-                )
-            })?,
+            content_type: config::header_value(
+                &format!("{key}.fallback.content_type"),
+                "content-type",
+                &f.content_type,
+            )?,
         }),
     };
     Ok(Route {
@@ -461,7 +424,7 @@ fn compile(
         host,
         path,
         methods,
-        headers: header_pairs(&format!("{key}.headers"), &r.headers)?,
+        headers: header_pairs(&key, &r.headers)?,
         upstream,
         rewrite,
         timeout,
@@ -475,14 +438,8 @@ fn compile(
         retry_backoff,
         add_request,
         remove_request,
-        add_response: header_pairs(
-            &format!("{key}.response_headers.add"),
-            &r.response_headers.add,
-        )?,
-        remove_response: header_names(
-            &format!("{key}.response_headers.remove"),
-            &r.response_headers.remove,
-        )?,
+        add_response: header_pairs(&key, &r.response_headers.add)?,
+        remove_response: header_names(&key, &r.response_headers.remove)?,
         fallback,
         auth: r.auth.clone(),
         rate_limit,
@@ -519,7 +476,7 @@ mod tests {
             ("methods = [\"G T\"]", "routes[0] (api).methods"),
             (
                 "response_headers = { remove = [\"bad name\"] }",
-                "routes[0] (api).response_headers.remove",
+                "routes[0] (api)",
             ),
             (
                 "fallback = { status = 1000, body = \"\" }",
