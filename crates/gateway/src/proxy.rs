@@ -24,7 +24,7 @@ use crate::floor::net::{HOP_BY_HOP, is_hop_by_hop, strip_port};
 use crate::floor::path::{PathParams, PathRules};
 use crate::policy::routes::{RateKey, Rewrite, Route, Table};
 use crate::policy::upstream::Upstream;
-use crate::protocol::body::{Body, ClientFault};
+use crate::protocol::h1::body::{Body, ClientFault};
 use crate::protocol::h1::client::{Exchange, SendError as ClientError, Upgraded};
 use crate::protocol::h1::fields::RawFields;
 use crate::protocol::h1::server::Handler;
@@ -275,7 +275,7 @@ pub async fn handle(
         }
     };
     if !route.remove_response.is_empty() || !route.add_response.is_empty() || quota.is_some() {
-        crate::protocol::body::materialize(&mut resp);
+        crate::protocol::h1::body::materialize(&mut resp);
     }
     let h = resp.headers_mut();
     if let Some((limit, remaining)) = quota {
@@ -459,7 +459,7 @@ async fn read_payload(
     }
     let seen = ahead.len() as u64;
     Ok(Payload::Stream(Some(Body::Upload(Box::new(
-        crate::protocol::body::Upload {
+        crate::protocol::h1::body::Upload {
             ahead: (!ahead.is_empty()).then(|| ahead.freeze()),
             rest: body,
             seen,
@@ -808,7 +808,7 @@ impl Forwarded {
 
 /// One exchange on a pooled connection.
 async fn send(
-    conns: &Arc<crate::protocol::pool::Conns>,
+    conns: &Arc<crate::protocol::h1::pool::Conns>,
     addr: &str,
     up: &Upstream,
     target: Target<'_>,
@@ -827,7 +827,7 @@ async fn send(
         .await
         .map_err(SendError::Connect)?;
     match conn {
-        crate::protocol::pool::Conn::H1(c) => crate::protocol::h1::client::send(
+        crate::protocol::h1::pool::Conn::H1(c) => crate::protocol::h1::client::send(
             c,
             crate::protocol::h1::client::RequestHead {
                 method: target.method,
@@ -847,7 +847,7 @@ async fn send(
         }),
         // Boxed: its request and hyper's send future would otherwise sit in every
         // HTTP/1.1 request's future too.
-        crate::protocol::pool::Conn::H2(s) => Box::pin(send_h2(s, up, target, body)).await,
+        crate::protocol::h1::pool::Conn::H2(s) => Box::pin(send_h2(s, up, target, body)).await,
     }
 }
 

@@ -103,3 +103,63 @@ impl Cidr {
         }
     }
 }
+
+/// A `Host` field value RFC 9110 section 7.2 and RFC 3986 section 3.2.2 allow: a host
+/// (a registered name, IPv4, or a bracketed IPv6 or future literal) and an optional
+/// port of digits; empty for a target without an authority. No spaces, `@`, `/`, `?`,
+/// `#` or `\\`: a value another hop could read as something else is refused.
+pub(crate) fn valid_host(v: &[u8]) -> bool {
+    let (host, port) = if v.first() == Some(&b'[') {
+        let Some(end) = v.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let inside = &v[1..end];
+        if inside.is_empty()
+            || !inside.iter().all(|&b| {
+                b.is_ascii_alphanumeric() || matches!(b, b':' | b'.' | b'-' | b'_' | b'~' | b'%')
+            })
+        {
+            return false;
+        }
+        (&v[..0], &v[end + 1..])
+    } else {
+        match v.iter().rposition(|&b| b == b':') {
+            Some(i) => (&v[..i], &v[i..]),
+            None => (v, &v[v.len()..]),
+        }
+    };
+    let port_ok = port.is_empty()
+        || (port[0] == b':' && port.len() <= 6 && port[1..].iter().all(u8::is_ascii_digit));
+    port_ok && host.iter().all(|&b| HOST_CHARS[usize::from(b)])
+}
+
+/// The bytes of a registered name (RFC 3986: unreserved, sub-delims, `%`), one lookup
+/// per byte: this runs on every request.
+const HOST_CHARS: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        i += 1;
+    }
+    t
+};

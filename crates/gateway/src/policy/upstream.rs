@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::floor::config::{
     ConfigError, HashOn, Protocol, RegistryConfig, UpstreamConfig, parse_endpoint,
 };
-use crate::protocol::pool::Conns;
+use crate::protocol::h1::pool::Conns;
 use crate::protocol::transport::Connector;
 
 /// Endpoints plus their outlier state, swapped as one.

@@ -24,7 +24,7 @@ pub(crate) fn check_request<B>(req: &mut Request<B>) -> Result<(), &'static str>
     match req.uri().authority() {
         Some(a) => {
             // `valid_host` also refuses userinfo (section 8.3.1 forbids it).
-            if !crate::protocol::h1::valid_host(a.as_str().as_bytes()) {
+            if !crate::floor::net::valid_host(a.as_str().as_bytes()) {
                 return Err("an invalid :authority");
             }
             // Section 8.3.1: a Host naming another target than `:authority` is malformed;

@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::floor::metrics::label;
-use crate::protocol::body::Body;
+use crate::protocol::h1::body::Body;
 use crate::server::Shared;
 
 fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Body> {

@@ -17,8 +17,8 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 
-use crate::protocol::body::{Body, RAW_FIELDS, RawResponse};
-use crate::protocol::pool::Conns;
+use crate::protocol::h1::body::{Body, RAW_FIELDS, RawResponse};
+use crate::protocol::h1::pool::Conns;
 
 /// Response heads larger than this are refused (nginx's default buffers are far smaller).
 const MAX_HEAD: usize = 64 * 1024;

@@ -1,10 +1,14 @@
 //! The HTTP/1.1 fast path: our own codec for the common proxy exchange on both sides,
 //! with hyper kept for everything else (HTTP/2, upgrades on the client side, unusual or
-//! malformed requests). See `server` and `client` for where the line is drawn.
+//! malformed requests). See `server` and `client` for where the line is drawn. The body
+//! and connection-pool types live here too, although hyper's HTTP/2 uses them as well:
+//! they hold this codec's connections and response bodies, and it uses them in turn.
 
+pub mod body;
 pub mod client;
 pub mod date;
 pub mod fields;
+pub mod pool;
 pub mod server;
 pub use server::{MAX_HEAD, MAX_HEADERS};
 
@@ -17,66 +21,6 @@ pub(crate) fn crlf_after(head: &[u8], mut i: usize) -> Option<usize> {
     }
     (head.get(i..i + 2) == Some(b"\r\n")).then_some(i + 2)
 }
-
-/// A `Host` field value RFC 9110 section 7.2 and RFC 3986 section 3.2.2 allow: a host
-/// (a registered name, IPv4, or a bracketed IPv6 or future literal) and an optional
-/// port of digits; empty for a target without an authority. No spaces, `@`, `/`, `?`,
-/// `#` or `\\`: a value another hop could read as something else is refused.
-pub(crate) fn valid_host(v: &[u8]) -> bool {
-    let (host, port) = if v.first() == Some(&b'[') {
-        let Some(end) = v.iter().position(|&b| b == b']') else {
-            return false;
-        };
-        let inside = &v[1..end];
-        if inside.is_empty()
-            || !inside.iter().all(|&b| {
-                b.is_ascii_alphanumeric() || matches!(b, b':' | b'.' | b'-' | b'_' | b'~' | b'%')
-            })
-        {
-            return false;
-        }
-        (&v[..0], &v[end + 1..])
-    } else {
-        match v.iter().rposition(|&b| b == b':') {
-            Some(i) => (&v[..i], &v[i..]),
-            None => (v, &v[v.len()..]),
-        }
-    };
-    let port_ok = port.is_empty()
-        || (port[0] == b':' && port.len() <= 6 && port[1..].iter().all(u8::is_ascii_digit));
-    port_ok && host.iter().all(|&b| HOST_CHARS[usize::from(b)])
-}
-
-/// The bytes of a registered name (RFC 3986: unreserved, sub-delims, `%`), one lookup
-/// per byte: this runs on every request.
-const HOST_CHARS: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut i = 0;
-    while i < 256 {
-        let b = i as u8;
-        t[i] = b.is_ascii_alphanumeric()
-            || matches!(
-                b,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'%'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-            );
-        i += 1;
-    }
-    t
-};
 
 /// What RFC 9112 and RFC 9110 require of a received request's framing and `Host`, for
 /// requests parsed by hyper (the fast path checks the same in `server::parse`): an
@@ -91,7 +35,9 @@ pub(crate) fn check_request<B>(req: &http::Request<B>) -> Result<(), &'static st
             return Err("an HTTP/1.1 request needs a Host field");
         }
         (Some(_), Some(_)) => return Err("more than one Host field"),
-        (Some(v), None) if !valid_host(v.as_bytes()) => return Err("an invalid Host field value"),
+        (Some(v), None) if !crate::floor::net::valid_host(v.as_bytes()) => {
+            return Err("an invalid Host field value");
+        }
         _ => {}
     }
     let mut codings = h.get_all(TRANSFER_ENCODING).iter();

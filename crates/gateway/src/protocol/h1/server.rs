@@ -29,8 +29,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::body::Body;
 use crate::protocol::grouped::PlainSocket;
+use crate::protocol::h1::body::Body;
 use crate::protocol::h1::client::{FieldRanges, write_fields, write_length};
 use crate::protocol::h1::fields::{Plain, RawFields};
 use crate::protocol::peer::Peer;
@@ -129,7 +129,7 @@ where
                     .handle(&mut req, None, &peer, Instant::now(), None)
                     .await;
                 // hyper writes the header map, so raw upstream fields become one here.
-                crate::protocol::body::materialize(&mut resp);
+                crate::protocol::h1::body::materialize(&mut resp);
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
@@ -626,7 +626,7 @@ fn parse(buf: &[u8], limits: (usize, u64), ranges: &mut FieldRanges) -> Parsed {
                 if hosts > 1 {
                     return Parsed::Reject(400, "more than one Host field");
                 }
-                if !crate::protocol::h1::valid_host(f.value) {
+                if !crate::floor::net::valid_host(f.value) {
                     return Parsed::Reject(400, "an invalid Host field value");
                 }
             }

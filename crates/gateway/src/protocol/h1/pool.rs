@@ -10,7 +10,7 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::floor::config::Protocol;
-use crate::protocol::body::Body;
+use crate::protocol::h1::body::Body;
 use crate::protocol::h1::client::H1Conn;
 use crate::protocol::transport::{ConnectError, Connector};
 
