@@ -1,5 +1,6 @@
 //! The pieces that keep one bad upstream from taking its callers down, as plain state
-//! machines driven by the caller (the gateway's proxy loop, or a tower layer in a service):
+//! machines driven by the caller (the gateway's proxy loop, the SDK's `ServiceClient`, the
+//! coordinator's participant calls):
 //!
 //! - [`CircuitBreaker`]: an error-rate breaker. `Closed` lets traffic flow and counts
 //!   errors over a sliding window; when the error rate reaches the threshold with enough
@@ -31,7 +32,6 @@ mod backoff;
 mod breaker;
 mod budget;
 mod bulkhead;
-mod layer;
 mod outlier;
 mod ratelimit;
 mod window;
@@ -40,6 +40,5 @@ pub use backoff::Backoff;
 pub use breaker::{BreakerConfig, BreakerOpen, CircuitBreaker, Permit, State};
 pub use budget::{BudgetConfig, RetryBudget};
 pub use bulkhead::{Bulkhead, BulkheadFull, BulkheadPermit};
-pub use layer::{Breaker, BreakerLayer, BudgetedRetry, BulkheadLayer, BulkheadService, Classify};
 pub use outlier::{Outlier, OutlierConfig};
 pub use ratelimit::{Decision, RateLimitConfig, RateLimiter};
