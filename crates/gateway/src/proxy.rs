@@ -23,7 +23,7 @@ use crate::floor::error::GatewayError;
 use crate::floor::net::{HOP_BY_HOP, is_hop_by_hop, strip_port};
 use crate::floor::path::{PathParams, PathRules};
 use crate::policy::routes::{RateKey, Rewrite, Route, Table};
-use crate::policy::upstream::Upstream;
+use crate::policy::upstream::{Pick, Upstream};
 use crate::protocol::h1::body::{Body, ClientFault};
 use crate::protocol::h1::client::{Exchange, SendError as ClientError, Upgraded};
 use crate::protocol::h1::fields::RawFields;
@@ -567,23 +567,17 @@ async fn forward(
     };
     let extra = forwarded.lines(peer);
     let deadline = start + route.timeout;
-    let mut tried: Vec<usize> = Vec::new();
+    let mut tried: Vec<String> = Vec::new();
     let mut attempt = 0u32;
     loop {
+        // Loaded per try: discovery may have changed the set since the last one.
         let snapshot = up.feed.snapshot.load();
-        let set = &snapshot.set;
-        let total = set.len();
-        let ejected = snapshot.outliers.iter().filter(|o| o.is_ejected()).count();
-        // Panic threshold: with too few healthy endpoints, ejection is ignored.
-        let panic = total > 0 && (total - ejected) * 100 < total * up.panic_threshold as usize;
-        let fresh_left = (0..total).any(|i| !tried.contains(&i));
-        let usable = |i: usize| {
-            (panic || !snapshot.outliers[i].is_ejected()) && (!fresh_left || !tried.contains(&i))
-        };
-        let Some(idx) = up.balancer.pick(set, &usable, hash) else {
+        let Some(Pick { idx, ejected }) =
+            snapshot.pick(&up.balancer, &tried, up.panic_threshold, hash)
+        else {
             return Err(GatewayError::NoEndpoint(up.name.clone()));
         };
-        let endpoint = &set.endpoints[idx];
+        let endpoint = &snapshot.set.endpoints[idx];
         let now = if attempt == 0 { start } else { Instant::now() };
         let permit = match &up.breaker {
             Some(b) => Some(b.try_acquire_at(now).map_err(|e| {
@@ -673,7 +667,7 @@ async fn forward(
                     return Ok(downstream_response(resp));
                 }
                 attempt += 1;
-                tried.push(idx);
+                tried.push(endpoint.addr.clone());
                 pause(route, attempt, deadline).await;
                 continue;
             }
@@ -741,7 +735,7 @@ async fn forward(
             return Err(err);
         }
         attempt += 1;
-        tried.push(idx);
+        tried.push(endpoint.addr.clone());
         pause(route, attempt, deadline).await;
     }
 }
