@@ -778,13 +778,12 @@ impl ApiKeyConfig {
 
 impl JwtConfig {
     fn validate(&self, key: &str) -> Result<(), ConfigError> {
-        let j = self;
         let sources = [
-            j.jwks_url.is_some(),
-            j.jwks_file.is_some(),
-            j.public_key_file.is_some(),
-            j.hs256_secret_env.is_some(),
-            j.hs256_secret_file.is_some(),
+            self.jwks_url.is_some(),
+            self.jwks_file.is_some(),
+            self.public_key_file.is_some(),
+            self.hs256_secret_env.is_some(),
+            self.hs256_secret_file.is_some(),
         ];
         if sources.iter().filter(|s| **s).count() != 1 {
             return Err(invalid(
@@ -792,7 +791,7 @@ impl JwtConfig {
                 "set one of jwks_url, jwks_file, public_key_file, hs256_secret_env, hs256_secret_file",
             ));
         }
-        if let Some(u) = &j.jwks_url {
+        if let Some(u) = &self.jwks_url {
             let parsed = u.parse::<http::Uri>().ok().filter(|p| {
                 matches!(p.scheme_str(), Some("http" | "https")) && p.authority().is_some()
             });
@@ -803,8 +802,8 @@ impl JwtConfig {
                 ));
             }
         }
-        if j.jwks_ca.is_some()
-            && !j
+        if self.jwks_ca.is_some()
+            && !self
                 .jwks_url
                 .as_deref()
                 .is_some_and(|u| u.starts_with("https://"))
@@ -814,10 +813,10 @@ impl JwtConfig {
                 "only verifies an https:// jwks_url",
             ));
         }
-        if j.algorithms.is_empty() {
+        if self.algorithms.is_empty() {
             return Err(invalid(format!("{key}.algorithms"), "name at least one"));
         }
-        for a in &j.algorithms {
+        for a in &self.algorithms {
             a.parse::<tessera_jwt::Alg>().map_err(|_| {
                 invalid(
                     format!("{key}.algorithms"),
@@ -825,23 +824,23 @@ impl JwtConfig {
                 )
             })?;
         }
-        let secret = j.hs256_secret_env.is_some() || j.hs256_secret_file.is_some();
-        if secret && j.algorithms != ["HS256"] {
+        let secret = self.hs256_secret_env.is_some() || self.hs256_secret_file.is_some();
+        if secret && self.algorithms != ["HS256"] {
             return Err(invalid(
                 format!("{key}.algorithms"),
                 "a shared secret checks HS256 only: set algorithms = [\"HS256\"]",
             ));
         }
-        if !secret && j.algorithms.iter().any(|a| a == "HS256") {
+        if !secret && self.algorithms.iter().any(|a| a == "HS256") {
             return Err(invalid(
                 format!("{key}.algorithms"),
                 "HS256 needs a shared secret (hs256_secret_env or hs256_secret_file); a JWKS or public key does not carry one",
             ));
         }
-        if j.refresh < Duration::from_secs(1) {
+        if self.refresh < Duration::from_secs(1) {
             return Err(invalid(format!("{key}.refresh"), "at least 1s"));
         }
-        for h in j.forward.keys() {
+        for h in self.forward.keys() {
             header_name(&format!("{key}.forward"), h)?;
         }
         Ok(())
@@ -858,8 +857,7 @@ impl RouteConfig {
     }
 
     fn validate(&self, key: &str, cfg: &Config) -> Result<(), ConfigError> {
-        let r = self;
-        let kinds = [&r.path.exact, &r.path.prefix, &r.path.regex]
+        let kinds = [&self.path.exact, &self.path.prefix, &self.path.regex]
             .iter()
             .filter(|p| p.is_some())
             .count();
@@ -869,7 +867,7 @@ impl RouteConfig {
                 "set only one of exact, prefix, regex",
             ));
         }
-        for p in [&r.path.exact, &r.path.prefix].into_iter().flatten() {
+        for p in [&self.path.exact, &self.path.prefix].into_iter().flatten() {
             if !p.starts_with('/') {
                 return Err(invalid(
                     format!("{key}.path"),
@@ -877,42 +875,42 @@ impl RouteConfig {
                 ));
             }
         }
-        if let Some(re) = &r.path.regex {
+        if let Some(re) = &self.path.regex {
             path_regex(key, re)?;
         }
-        if (r.strip_prefix || r.rewrite_prefix.is_some()) && r.path.prefix.is_none() {
+        if (self.strip_prefix || self.rewrite_prefix.is_some()) && self.path.prefix.is_none() {
             return Err(invalid(key, "strip_prefix/rewrite_prefix need path.prefix"));
         }
-        if r.strip_prefix && r.rewrite_prefix.is_some() {
+        if self.strip_prefix && self.rewrite_prefix.is_some() {
             return Err(invalid(key, "set strip_prefix or rewrite_prefix, not both"));
         }
-        for m in &r.methods {
+        for m in &self.methods {
             method(&format!("{key}.methods"), m)?;
         }
-        for (name, value) in r
+        for (name, value) in self
             .headers
             .iter()
-            .chain(r.request_headers.add.iter())
-            .chain(r.response_headers.add.iter())
+            .chain(self.request_headers.add.iter())
+            .chain(self.response_headers.add.iter())
         {
             header_name(key, name)?;
             header_value(key, name, value)?;
         }
-        for name in r
+        for name in self
             .request_headers
             .remove
             .iter()
-            .chain(r.response_headers.remove.iter())
+            .chain(self.response_headers.remove.iter())
         {
             header_name(key, name)?;
         }
-        if let Some(l) = &r.rate_limit {
-            l.validate(&format!("{key}.rate_limit"), r.auth.is_some(), cfg)?;
+        if let Some(l) = &self.rate_limit {
+            l.validate(&format!("{key}.rate_limit"), self.auth.is_some(), cfg)?;
         }
-        if let Some(a) = &r.auth {
+        if let Some(a) = &self.auth {
             a.validate(&format!("{key}.auth"), cfg)?;
         }
-        match (&r.upstream, &r.fallback) {
+        match (&self.upstream, &self.fallback) {
             (None, None) => {
                 return Err(invalid(key, "needs an upstream or a fallback"));
             }
@@ -924,7 +922,7 @@ impl RouteConfig {
             }
             _ => {}
         }
-        if let Some(f) = &r.fallback {
+        if let Some(f) = &self.fallback {
             status(&format!("{key}.fallback.status"), f.status)?;
             header_value(
                 &format!("{key}.fallback.content_type"),
@@ -932,7 +930,7 @@ impl RouteConfig {
                 &f.content_type,
             )?;
         }
-        if let Some(rt) = &r.retries {
+        if let Some(rt) = &self.retries {
             if rt.attempts > 10 {
                 return Err(invalid(format!("{key}.retries.attempts"), "at most 10"));
             }
@@ -945,7 +943,7 @@ impl RouteConfig {
                 ));
             }
         }
-        if r.timeout.is_some_and(|t| t.is_zero()) {
+        if self.timeout.is_some_and(|t| t.is_zero()) {
             return Err(invalid(format!("{key}.timeout"), "must be greater than 0"));
         }
         Ok(())
@@ -954,26 +952,25 @@ impl RouteConfig {
 
 impl RateLimitRoute {
     fn validate(&self, k: &str, has_auth: bool, cfg: &Config) -> Result<(), ConfigError> {
-        let l = self;
-        if !(l.rate.is_finite() && l.rate > 0.0) {
+        if !(self.rate.is_finite() && self.rate > 0.0) {
             return Err(invalid(
                 format!("{k}.rate"),
                 "must be a positive number of requests per second",
             ));
         }
-        if l.burst == 0 {
+        if self.burst == 0 {
             return Err(invalid(format!("{k}.burst"), "at least 1"));
         }
-        if l.max_keys == 0 {
+        if self.max_keys == 0 {
             return Err(invalid(format!("{k}.max_keys"), "at least 1"));
         }
-        if l.shared && cfg.redis.is_none() {
+        if self.shared && cfg.redis.is_none() {
             return Err(invalid(
                 format!("{k}.shared"),
                 "needs a [redis] section to share the limit through",
             ));
         }
-        match l.key.as_str() {
+        match self.key.as_str() {
             "ip" => {}
             "jwt_sub" if !has_auth => {
                 return Err(invalid(
@@ -998,15 +995,14 @@ impl RateLimitRoute {
 
 impl RouteAuth {
     fn validate(&self, key: &str, cfg: &Config) -> Result<(), ConfigError> {
-        let a = self;
-        match &a.jwt {
+        match &self.jwt {
             Some(j) if !cfg.jwt.contains_key(j) => {
                 return Err(invalid(
                     format!("{key}.jwt"),
                     format!("no [jwt.{j}] section"),
                 ));
             }
-            None if !a.api_keys => {
+            None if !self.api_keys => {
                 return Err(invalid(
                     key,
                     "name a jwt issuer, set api_keys = true, or both",
@@ -1014,7 +1010,7 @@ impl RouteAuth {
             }
             _ => {}
         }
-        if a.api_keys && cfg.api_keys.is_empty() {
+        if self.api_keys && cfg.api_keys.is_empty() {
             return Err(invalid(
                 format!("{key}.api_keys"),
                 "no [api_keys.NAME] section",
@@ -1026,46 +1022,45 @@ impl RouteAuth {
 
 impl UpstreamConfig {
     fn validate(&self, key: &str) -> Result<(), ConfigError> {
-        let u = self;
-        match (&u.service, u.endpoints.is_empty()) {
+        match (&self.service, self.endpoints.is_empty()) {
             (Some(_), false) => return Err(invalid(key, "set service or endpoints, not both")),
             (None, true) => return Err(invalid(key, "needs service or endpoints")),
             _ => {}
         }
-        for e in &u.endpoints {
+        for e in &self.endpoints {
             parse_endpoint(e).map_err(|p| invalid(format!("{key}.endpoints"), p))?;
         }
-        if u.policy == Policy::Maglev && u.hash.is_none() {
+        if self.policy == Policy::Maglev && self.hash.is_none() {
             return Err(invalid(
                 format!("{key}.hash"),
                 "policy maglev needs hash = { header = .. } / { cookie = .. } / { client_ip = true }",
             ));
         }
-        if u.max_in_flight == 0 {
+        if self.max_in_flight == 0 {
             return Err(invalid(
                 format!("{key}.max_in_flight"),
                 "must be at least 1",
             ));
         }
-        if u.panic_threshold > 100 {
+        if self.panic_threshold > 100 {
             return Err(invalid(
                 format!("{key}.panic_threshold"),
                 "a percentage: 0-100",
             ));
         }
-        if !(0.0..=1.0).contains(&u.breaker.error_rate) {
+        if !(0.0..=1.0).contains(&self.breaker.error_rate) {
             return Err(invalid(
                 format!("{key}.breaker.error_rate"),
                 "a ratio: 0.0-1.0",
             ));
         }
-        if u.outlier.max_ejected_percent > 100 {
+        if self.outlier.max_ejected_percent > 100 {
             return Err(invalid(
                 format!("{key}.outlier.max_ejected_percent"),
                 "a percentage: 0-100",
             ));
         }
-        if !(0.0..=10.0).contains(&u.retry_budget.ratio) {
+        if !(0.0..=10.0).contains(&self.retry_budget.ratio) {
             return Err(invalid(
                 format!("{key}.retry_budget.ratio"),
                 "a ratio: 0.0-10.0",
