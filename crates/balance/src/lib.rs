@@ -247,6 +247,46 @@ impl Balancer {
     }
 }
 
+/// The endpoint a try goes to (its index in the set), and how many of the set were
+/// ejected when it was picked (an outlier's ejection share counts it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    pub idx: usize,
+    pub ejected: usize,
+    /// Every endpoint the try could go to had been tried: this one is tried again.
+    pub again: bool,
+}
+
+impl Balancer {
+    /// Picks the endpoint for one try of a request: the one rule the gateway, the SDK's
+    /// client and the coordinator share. An ejected endpoint is skipped unless fewer than
+    /// `panic_threshold` percent of the set are healthy (then ejection is ignored rather
+    /// than the rest overloaded); a tried one is skipped while an untried one is left.
+    /// Tried endpoints are named by address, not index: discovery may swap the set
+    /// between tries.
+    pub fn pick_try(
+        &self,
+        set: &EndpointSet,
+        is_ejected: impl Fn(usize) -> bool,
+        tried: &[String],
+        panic_threshold: u32,
+        hash: Option<u64>,
+    ) -> Option<Pick> {
+        let total = set.len();
+        let ejected = (0..total).filter(|&i| is_ejected(i)).count();
+        let panic = (total - ejected) * 100 < total * panic_threshold as usize;
+        let eligible = |i: usize| ejected == 0 || panic || !is_ejected(i);
+        let was_tried = |i: usize| tried.iter().any(|t| *t == set.endpoints[i].addr);
+        let fresh_left = tried.is_empty() || (0..total).any(|i| eligible(i) && !was_tried(i));
+        let usable = |i: usize| eligible(i) && (!fresh_left || !was_tried(i));
+        self.pick(set, &usable, hash).map(|idx| Pick {
+            idx,
+            ejected,
+            again: !fresh_left,
+        })
+    }
+}
+
 fn random(n: usize, usable: &dyn Fn(usize) -> bool) -> Option<usize> {
     let start = fastrand::usize(..n);
     (0..n).map(|i| (start + i) % n).find(|&i| usable(i))
@@ -365,6 +405,55 @@ mod tests {
             c[lb.pick(set, &|_| true, None).unwrap()] += 1;
         }
         c
+    }
+
+    fn addr_of(s: &EndpointSet, pick: Option<Pick>) -> &str {
+        &s.endpoints[pick.unwrap().idx].addr
+    }
+
+    #[test]
+    fn a_retry_avoids_the_endpoint_it_tried_even_in_a_new_set() {
+        let first = set(&[1, 1, 1]);
+        // Discovery answered between the tries: the same endpoints, in a new order.
+        let mut reordered = first.endpoints.clone();
+        reordered.reverse();
+        let second = EndpointSet::inherit(reordered, &first);
+        let lb = Balancer::new(Policy::RoundRobin);
+        let tried = vec!["10.0.0.0:80".to_string()];
+        for _ in 0..6 {
+            let pick = lb.pick_try(&second, |_| false, &tried, 0, None);
+            assert_ne!(addr_of(&second, pick), "10.0.0.0:80");
+            assert!(!pick.unwrap().again);
+        }
+        // Once every endpoint has been tried, any may be tried again, and says so.
+        let all: Vec<String> = first.endpoints.iter().map(|e| e.addr.clone()).collect();
+        let pick = lb.pick_try(&second, |_| false, &all, 0, None).unwrap();
+        assert!(pick.again);
+    }
+
+    #[test]
+    fn ejected_endpoints_are_skipped_until_too_few_are_healthy() {
+        let s = set(&[1, 1, 1]);
+        let lb = Balancer::new(Policy::RoundRobin);
+        for _ in 0..6 {
+            let pick = lb.pick_try(&s, |i| i == 0, &[], 50, None);
+            assert_ne!(pick.unwrap().idx, 0);
+            assert_eq!(pick.unwrap().ejected, 1);
+        }
+        // One healthy of three is under the 50% panic threshold: ejection is ignored.
+        let seen: std::collections::BTreeSet<usize> = (0..6)
+            .map(|_| lb.pick_try(&s, |i| i < 2, &[], 50, None).unwrap().idx)
+            .collect();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        // Without a panic threshold the healthy one takes everything.
+        assert_eq!(lb.pick_try(&s, |i| i < 2, &[], 0, None).unwrap().idx, 2);
+        // The healthy one was tried: the retry goes back to it, not to an ejected one.
+        let tried = vec!["10.0.0.2:80".to_string()];
+        let pick = lb.pick_try(&s, |i| i < 2, &tried, 0, None).unwrap();
+        assert_eq!((pick.idx, pick.again), (2, true));
+        // Every one ejected, and no panic threshold: nothing to pick.
+        assert_eq!(lb.pick_try(&s, |_| true, &[], 0, None), None);
+        assert_eq!(lb.pick_try(&set(&[]), |_| false, &[], 50, None), None);
     }
 
     #[test]

@@ -139,7 +139,7 @@ impl Caller {
                 (None, _) => {}
             }
             if refused && load.is_some() && tried.len() < 3 {
-                tried.push(base);
+                tried.push(base.trim_start_matches("http://").to_owned());
                 last = Some(r);
                 continue;
             }
@@ -175,8 +175,8 @@ impl Caller {
             .clone()
     }
 
-    /// The base URL for a call (not one of `tried`), and the picked endpoint's load for a
-    /// registry service.
+    /// The base URL for a call, and the picked endpoint's load for a registry service
+    /// (never one of the `tried` addresses).
     fn target(
         &self,
         call: &CallDef,
@@ -214,15 +214,11 @@ impl Caller {
             sets.get(service).cloned()
         };
         let set = set.ok_or_else(|| format!("no healthy instance of service {service}"))?;
-        let fresh = |i: usize| {
-            !tried
-                .iter()
-                .any(|t| t.strip_prefix("http://") == Some(set.endpoints[i].addr.as_str()))
+        // Never back to a tried instance: the caller's retries are for refused connections.
+        let idx = match self.balancer.pick_try(&set, |_| false, tried, 0, None) {
+            Some(pick) if !pick.again => pick.idx,
+            _ => return Err(format!("no other healthy instance of service {service}")),
         };
-        let idx = self
-            .balancer
-            .pick(&set, &fresh, None)
-            .ok_or_else(|| format!("no other healthy instance of service {service}"))?;
         let e = &set.endpoints[idx];
         Ok((format!("http://{}", e.addr), Some(e.load.clone())))
     }

@@ -14,7 +14,7 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
-use tessera_resilience::Decision;
+use tessera_balance::Pick;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
@@ -22,8 +22,8 @@ use crate::floor::config::HashOn;
 use crate::floor::error::GatewayError;
 use crate::floor::net::{HOP_BY_HOP, is_hop_by_hop, strip_port};
 use crate::floor::path::{PathParams, PathRules};
-use crate::policy::routes::{RateKey, Rewrite, Route, Table};
-use crate::policy::upstream::{Pick, Upstream};
+use crate::policy::routes::{Rewrite, Route, Table};
+use crate::policy::upstream::{Snapshot, Upstream};
 use crate::protocol::h1::body::{Body, ClientFault};
 use crate::protocol::h1::client::{Exchange, SendError as ClientError, Upgraded};
 use crate::protocol::h1::fields::RawFields;
@@ -115,21 +115,113 @@ pub async fn handle(
     start: Instant,
     timer: Option<&mut LazyTimer>,
 ) -> Response<Body> {
-    // Shed load beyond the global limit at once, before any work.
-    let _in_flight = match InFlight::enter(gw) {
-        Some(guard) => guard,
-        None => return error_response(GatewayError::Overloaded(gw.max_in_flight)),
+    // Load beyond the global limit is shed first, before it costs any work.
+    let Some(_in_flight) = InFlight::enter(gw) else {
+        return error_response(GatewayError::Overloaded(gw.max_in_flight));
     };
-    let mut raw = raw;
+    // One table for the whole request: a reload meanwhile never mixes two configs.
+    let table = gw.table.load_full();
+    // Routing, auth and the upstream all see one checked, canonical request.
+    let (route, raw) = match find_route(gw, &table, req, raw, peer) {
+        Ok(found) => found,
+        Err(e) => return error_response(e),
+    };
+    // Taken now: forwarding takes the request apart.
+    let sampled = AccessEntry::sample(gw, req);
+    let resp = match on_route(gw, &table, route, req, raw, peer, start, timer).await {
+        Ok(resp) => resp,
+        // The rescue point: a failure from any layer below is answered here, once.
+        Err(e) => error_response(e),
+    };
+    // Counted and logged on the route whatever the answer, refusals included.
+    let elapsed = Instant::now().saturating_duration_since(start);
+    route.metrics.record(resp.status().as_u16(), elapsed);
+    if let Some(entry) = sampled {
+        entry.write(peer, route, resp.status(), elapsed);
+    }
+    resp
+}
+
+/// A routed request through its route's policies, its upstream and its response edits.
+#[allow(clippy::too_many_arguments)]
+async fn on_route(
+    gw: &Proxy,
+    table: &Table,
+    route: &Route,
+    req: &mut Request<Body>,
+    raw: Option<RawFields<'_>>,
+    peer: &Peer,
+    start: Instant,
+    timer: Option<&mut LazyTimer>,
+) -> Result<Response<Body>, GatewayError> {
+    // Identity headers come only from verified tokens: a client's copy never passes.
+    let identity = &table.issuers.identity_headers;
+    for h in identity {
+        req.headers_mut().remove(h);
+    }
+    // Auth before the rate limit: a limit may be keyed on the verified subject.
+    let subject = match &route.auth {
+        // Boxed: with a key fetch inside, this future is 2 KB (in a release build), paid
+        // for only by routes that check tokens.
+        Some(rule) => Box::pin(table.issuers.check(rule, req.headers()))
+            .await?
+            .apply(req.headers_mut()),
+        None => None,
+    };
+    let quota = match &route.rate_limit {
+        Some(limit) => Some(limit.check(req.headers(), subject, &peer.ip, start).await?),
+        None => None,
+    };
+    // Not boxed: the request future lives in the connection task and is not moved while
+    // it runs, and boxing this one cost an allocation of its ~3 KB plus a copy of all of
+    // it per request (555 instructions of 14.3k, measured). The cold paths inside it (a
+    // new connection, a streamed body, HTTP/2) are boxed instead, to keep it small.
+    let mut resp = match forward(gw, route, req, raw, peer, identity, start, timer).await {
+        Ok(resp) => resp,
+        // The fallback stands in for a failed upstream, never for a refusal above.
+        Err(e) => {
+            tracing::debug!(route = %route.name, error = %e, "request failed");
+            let Some(f) = &route.fallback else {
+                return Err(e);
+            };
+            let mut r = Response::new(Body::bytes(f.body.clone()));
+            *r.status_mut() = f.status;
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, f.content_type.clone());
+            r
+        }
+    };
+    if !route.remove_response.is_empty() || !route.add_response.is_empty() || quota.is_some() {
+        crate::protocol::h1::body::materialize(&mut resp);
+    }
+    let h = resp.headers_mut();
+    if let Some(q) = quota {
+        h.insert("ratelimit-limit", HeaderValue::from(q.limit));
+        h.insert("ratelimit-remaining", HeaderValue::from(q.remaining));
+    }
+    for name in &route.remove_response {
+        h.remove(name);
+    }
+    for (k, v) in &route.add_response {
+        h.insert(k.clone(), v.clone());
+    }
+    Ok(resp)
+}
+
+/// Checks the request, puts its path in canonical form and finds its route. `raw` comes
+/// back still set when the route can pass the client's fields on as they were written.
+fn find_route<'t, 'r>(
+    gw: &Proxy,
+    table: &'t Table,
+    req: &mut Request<Body>,
+    mut raw: Option<RawFields<'r>>,
+    peer: &Peer,
+) -> Result<(&'t Route, Option<RawFields<'r>>), GatewayError> {
     // Plain fast-path requests were checked as they were parsed; hyper's are here.
     if raw.is_none() {
-        if let Err(why) = crate::protocol::h1::check_request(req) {
-            return error_response(GatewayError::Malformed(why));
-        }
-        if req.version() == Version::HTTP_2
-            && let Err(why) = crate::protocol::h2::check_request(req)
-        {
-            return error_response(GatewayError::Malformed(why));
+        crate::protocol::h1::check_request(req).map_err(GatewayError::Malformed)?;
+        if req.version() == Version::HTTP_2 {
+            crate::protocol::h2::check_request(req).map_err(GatewayError::Malformed)?;
         }
         // Absolute-form: the target's authority is the host, whatever Host said (RFC
         // 9112 section 3.2.2), for routing and upstream alike.
@@ -139,7 +231,6 @@ pub async fn handle(
             req.headers_mut().insert(header::HOST, v);
         }
     }
-    let table = gw.table.load_full();
     // Routing, auth and the upstream all see one canonical path. A path with `;`
     // parameters is matched as Tomcat reads it (without them) unless every route refuses
     // them; the route found then says what is forwarded.
@@ -149,14 +240,12 @@ pub async fn handle(
     };
     let with_params = (rules.params != PathParams::Reject && req.uri().path().contains(';'))
         .then(|| req.uri().clone());
-    if let Err(e) = canonicalize(req, rules) {
-        return error_response(e);
-    }
+    canonicalize(req, rules)?;
     if let Some(cert) = peer.tls() {
         let host = host_of(req, raw);
         // No host at all (HTTP/1.0) can only mean the name the connection was opened for.
         if !host.is_empty() && !cert.covers(host) {
-            return error_response(GatewayError::Misdirected(host.to_owned()));
+            return Err(GatewayError::Misdirected(host.to_owned()));
         }
     }
     // Routes that match on fields, and identity fields to strip, need the map.
@@ -166,23 +255,23 @@ pub async fn handle(
         *req.headers_mut() = r.to_map();
         raw = None;
     }
-    let method = req.method().clone();
     let host = if table.host_rules {
         host_of(req, raw)
     } else {
         ""
     };
-    let Some(route) = table.find(&method, host, req.uri().path(), req.headers()) else {
-        return error_response(GatewayError::NoRoute {
-            method: method.to_string(),
+    let route = table
+        .find(req.method(), host, req.uri().path(), req.headers())
+        .ok_or_else(|| GatewayError::NoRoute {
+            method: req.method().to_string(),
             path: req.uri().path().to_owned(),
-        });
-    };
+        })?;
     if let Some(received) = with_params {
         match route.path_params {
             PathParams::Reject => {
-                let e = GatewayError::BadPath("a ';' path parameter in the path (see path_params)");
-                return error_response(e);
+                return Err(GatewayError::BadPath(
+                    "a ';' path parameter in the path (see path_params)",
+                ));
             }
             PathParams::Strip => {}
             PathParams::Keep => {
@@ -191,9 +280,7 @@ pub async fn handle(
                     params: PathParams::Keep,
                     ..rules
                 };
-                if let Err(e) = canonicalize(req, keep) {
-                    return error_response(e);
-                }
+                canonicalize(req, keep)?;
             }
         }
     }
@@ -203,109 +290,36 @@ pub async fn handle(
         *req.headers_mut() = r.to_map();
         raw = None;
     }
-    // Identity headers come only from verified tokens: a client's copy never passes.
-    for h in &table.issuers.identity_headers {
-        req.headers_mut().remove(h);
+    Ok((route, raw))
+}
+
+/// One access-log line, for the sampled share of requests.
+struct AccessEntry {
+    method: Method,
+    path: String,
+}
+
+impl AccessEntry {
+    fn sample(gw: &Proxy, req: &Request<Body>) -> Option<AccessEntry> {
+        (gw.access_sample > 0.0 && fastrand::f64() < gw.access_sample).then(|| AccessEntry {
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+        })
     }
-    let mut subject = None;
-    if let Some(rule) = &route.auth {
-        // Boxed: with a key fetch inside, this future is 2 KB (in a release build), paid
-        // for only by routes that check tokens.
-        match Box::pin(table.issuers.check(rule, req.headers())).await {
-            Ok(identity) => {
-                let h = req.headers_mut();
-                if let Some(secret) = &identity.remove {
-                    h.remove(secret);
-                }
-                for (k, v) in identity.headers {
-                    h.insert(k, v);
-                }
-                subject = identity.subject;
-            }
-            Err(e) => return refuse(route, e, start),
-        }
-    }
-    let mut quota = None;
-    if let Some(rl) = &route.rate_limit {
-        let key: Vec<u8> = match &rl.key {
-            RateKey::Header(name) => req.headers().get(name).map(|v| v.as_bytes().to_vec()),
-            RateKey::JwtSub => subject.map(String::into_bytes),
-            RateKey::Ip => None,
-        }
-        .unwrap_or_else(|| peer.ip.as_bytes().to_vec());
-        let limit = rl.limiter.config().burst;
-        let shared = match &rl.cluster {
-            Some(cluster) => Box::pin(cluster.check(&key)).await,
-            None => None,
-        };
-        match shared.unwrap_or_else(|| rl.limiter.check_at(&key, start)) {
-            Decision::Allow { remaining } => quota = Some((limit, remaining)),
-            Decision::Deny { retry_after } => {
-                let e = GatewayError::RateLimited { limit, retry_after };
-                return refuse(route, e, start);
-            }
-        }
-    }
-    let path_for_log = if gw.access_sample > 0.0 {
-        Some(req.uri().path().to_owned())
-    } else {
-        None
-    };
-    // Not boxed: the request future lives in the connection task and is not moved while
-    // it runs, and boxing this one cost an allocation of its ~3 KB plus a copy of all of
-    // it per request (555 instructions of 14.3k, measured). The cold paths inside it (a
-    // new connection, a streamed body, HTTP/2) are boxed instead, to keep it small.
-    let identity = &table.issuers.identity_headers;
-    let mut resp = match forward(gw, route, req, raw, peer, identity, start, timer).await {
-        Ok(resp) => resp,
-        Err(e) => {
-            if !matches!(e, GatewayError::NoRoute { .. }) {
-                tracing::debug!(route = %route.name, error = %e, "request failed");
-            }
-            match &route.fallback {
-                Some(f) => {
-                    let mut r = Response::new(Body::bytes(f.body.clone()));
-                    *r.status_mut() = f.status;
-                    r.headers_mut()
-                        .insert(header::CONTENT_TYPE, f.content_type.clone());
-                    r
-                }
-                None => error_response(e),
-            }
-        }
-    };
-    if !route.remove_response.is_empty() || !route.add_response.is_empty() || quota.is_some() {
-        crate::protocol::h1::body::materialize(&mut resp);
-    }
-    let h = resp.headers_mut();
-    if let Some((limit, remaining)) = quota {
-        h.insert("ratelimit-limit", HeaderValue::from(limit));
-        h.insert("ratelimit-remaining", HeaderValue::from(remaining));
-    }
-    for name in &route.remove_response {
-        h.remove(name);
-    }
-    for (k, v) in &route.add_response {
-        h.insert(k.clone(), v.clone());
-    }
-    let elapsed = Instant::now().saturating_duration_since(start);
-    route.metrics.record(resp.status().as_u16(), elapsed);
-    if let Some(path) = path_for_log
-        && fastrand::f64() < gw.access_sample
-    {
+
+    fn write(self, peer: &Peer, route: &Route, status: StatusCode, elapsed: Duration) {
         let line = serde_json::json!({
             "ts_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
             "client": peer.addr.ip().to_string(),
-            "method": method.as_str(),
-            "path": path,
+            "method": self.method.as_str(),
+            "path": self.path,
             "route": route.name,
             "upstream": route.upstream.as_ref().map(|u| u.name.as_str()),
-            "status": resp.status().as_u16(),
+            "status": status.as_u16(),
             "duration_ms": elapsed.as_secs_f64() * 1000.0,
         });
         println!("{line}");
     }
-    resp
 }
 
 /// Replaces the request's path by its canonical form under `rules`.
@@ -391,20 +405,34 @@ fn error_response(e: GatewayError) -> Response<Body> {
     resp
 }
 
-/// Answers a request refused before forwarding (auth, rate limit), counted on its route.
-fn refuse(route: &Route, e: GatewayError, start: Instant) -> Response<Body> {
-    let resp = error_response(e);
-    let elapsed = Instant::now().saturating_duration_since(start);
-    route.metrics.record(resp.status().as_u16(), elapsed);
-    resp
-}
-
 /// The request body as the retry loop sees it.
 enum Payload {
     /// Held in memory: can be sent again.
     Replayable(Bytes),
     /// Streamed: can be sent once.
     Stream(Option<Body>),
+}
+
+impl Payload {
+    /// The body for the next try: the held bytes again, or the stream (once).
+    fn next(&mut self) -> Body {
+        match self {
+            Payload::Replayable(b) => Body::bytes(b.clone()),
+            Payload::Stream(s) => s.take().unwrap_or_else(Body::empty),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, Payload::Replayable(_))
+    }
+
+    /// Where a streamed upload records a failure of the client's own.
+    fn fault(&self) -> Option<Arc<std::sync::OnceLock<ClientFault>>> {
+        match self {
+            Payload::Stream(Some(Body::Upload(u))) => Some(u.fault.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// Reads the request body as far as the retry loop needs: whole when it fits in `cap`
@@ -469,6 +497,9 @@ async fn read_payload(
     )))))
 }
 
+/// Sends the request to the route's upstream, and again elsewhere while the route's
+/// retry policy and the upstream's budget allow. Each try picks an endpoint, calls it and
+/// records one outcome for it.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     gw: &Proxy,
@@ -485,6 +516,7 @@ async fn forward(
             "(none: fallback-only route)".into(),
         ));
     };
+    // Held for the whole exchange, retries included.
     let _slot = up.bulkhead.try_acquire().map_err(|e| {
         up.metrics
             .bulkhead_rejections
@@ -496,247 +528,329 @@ async fn forward(
     })?;
     up.metrics.requests.fetch_add(1, Ordering::Relaxed);
     up.budget.deposit_at(start);
-
-    let mut upgrade = wants_upgrade(req);
-    // `Upgrade: h2c` asks the gateway itself to switch protocols mid-request, which it
-    // does not do (and an upstream that did would then talk HTTP/2 past every check
-    // here): the request goes on as plain HTTP/1.1.
-    if upgrade
-        && req
-            .headers()
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"h2c"))
-    {
-        let h = req.headers_mut();
-        h.remove(header::UPGRADE);
-        h.remove(&HTTP2_SETTINGS);
-        upgrade = false;
-    }
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut *req));
-    // Taken, not moved out of the request: the request stays where the connection task
-    // put it, and is not copied into this future (it is a few hundred bytes).
-    let body = std::mem::replace(req.body_mut(), Body::empty());
-    let mut req_headers = std::mem::take(req.headers_mut());
-    let req: &Request<Body> = req;
-    let retry_allowed = is_idempotent(req.method()) || route.retry_non_idempotent;
-    let read_ahead = req.version() < http::Version::HTTP_2;
-    let limits = (gw.replay_cap, gw.max_body);
-    let mut payload = read_payload(body, limits, read_ahead, start + route.timeout).await?;
-    // Set if the client's streamed body fails mid-exchange: then the failure is the
-    // client's, answered 400/413, and not held against the endpoint.
-    let client_fault = match &payload {
-        Payload::Stream(Some(Body::Upload(u))) => Some(u.fault.clone()),
-        _ => None,
-    };
+    let mut client_upgrade = take_upgrade(req);
     let hash = up
         .hash
         .as_ref()
-        .map(|h| hash_of(h, &req_headers, peer.addr));
-    let upgrade_to = if upgrade {
-        req_headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    };
-    // Built once: every try sends this same map (HTTP/1.1 writes it by reference). With
-    // `raw` the map is empty and this only sets the forwarding fields: the route is
-    // plain (no edits) and the request carries no field this would remove but the
-    // hop-by-hop ones `RawFields::write` drops.
-    let (mut headers, forwarded) = upstream_headers(
-        std::mem::take(&mut req_headers),
-        req.uri(),
-        route,
-        peer,
-        identity,
-    );
-    if let Some(proto) = upgrade_to {
-        // An upgrade (WebSocket) is the one case where these hop-by-hop headers pass.
-        headers.insert(header::UPGRADE, proto);
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-    let path_and_query: PathAndQuery = match (&route.rewrite, req.uri().path_and_query()) {
-        (Rewrite::None, Some(pq)) => pq.clone(),
-        _ => {
-            let path = route.rewrite_path(req.uri().path());
-            let joined = match req.uri().query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path.into_owned(),
-            };
-            PathAndQuery::try_from(joined)
-                .map_err(|e| GatewayError::Body(format!("bad path: {e}")))?
-        }
-    };
-    let extra = forwarded.lines(peer);
+        .map(|h| hash_of(h, req.headers(), peer.addr));
+    // Taken, not moved out of the request: the request stays where the connection task
+    // put it, and is not copied into this future (it is a few hundred bytes).
+    let body = std::mem::replace(req.body_mut(), Body::empty());
+    let out = Outgoing::build(req, route, peer, identity, client_upgrade.is_some())?;
+    let req: &Request<Body> = req;
+    let read_ahead = req.version() < http::Version::HTTP_2;
+    let limits = (gw.replay_cap, gw.max_body);
     let deadline = start + route.timeout;
+    let mut payload = read_payload(body, limits, read_ahead, deadline).await?;
+    let client_fault = payload.fault();
+    let retry_allowed = is_idempotent(req.method()) || route.retry_non_idempotent;
     let mut tried: Vec<String> = Vec::new();
     let mut attempt = 0u32;
     loop {
         // Loaded per try: discovery may have changed the set since the last one.
         let snapshot = up.feed.snapshot.load();
-        let Some(Pick { idx, ejected }) =
-            snapshot.pick(&up.balancer, &tried, up.panic_threshold, hash)
-        else {
-            return Err(GatewayError::NoEndpoint(up.name.clone()));
-        };
-        let endpoint = &snapshot.set.endpoints[idx];
-        let now = if attempt == 0 { start } else { Instant::now() };
-        let permit = match &up.breaker {
-            Some(b) => Some(b.try_acquire_at(now).map_err(|e| {
-                up.metrics
-                    .breaker_rejections
-                    .fetch_add(1, Ordering::Relaxed);
-                GatewayError::BreakerOpen {
-                    upstream: up.name.clone(),
-                    retry_after: e.retry_after,
-                }
-            })?),
-            None => None,
-        };
-        let body = match &mut payload {
-            Payload::Replayable(b) => Body::bytes(b.clone()),
-            Payload::Stream(s) => s.take().unwrap_or_else(Body::empty),
-        };
-        let Some(authority) = snapshot.authorities[idx].clone() else {
+        let is_ejected = |i: usize| snapshot.outliers[i].is_ejected();
+        let pick = (up.balancer)
+            .pick_try(&snapshot.set, is_ejected, &tried, up.panic_threshold, hash)
+            .ok_or_else(|| GatewayError::NoEndpoint(up.name.clone()))?;
+        let endpoint = &snapshot.set.endpoints[pick.idx];
+        let Some(authority) = snapshot.authorities[pick.idx].clone() else {
             return Err(GatewayError::Io {
                 upstream: up.name.clone(),
                 endpoint: endpoint.addr.clone(),
                 detail: "the endpoint's address is not a valid authority".into(),
             });
         };
-        let target = Target {
-            method: req.method(),
-            path_and_query: &path_and_query,
-            authority,
-            headers: &headers,
-            raw,
-            forwarded: &forwarded,
-            extra: &extra,
-        };
+        let now = if attempt == 0 { start } else { Instant::now() };
+        let permit = breaker_permit(up, now)?;
+        let load = endpoint.load.start_at(now.into_std());
+        let conns = &snapshot.conns[pick.idx];
         let try_deadline = (now + route.per_try_timeout).min(deadline);
-        let in_flight = endpoint.load.start_at(now.into_std());
-        let conns = &snapshot.conns[idx];
+        let target = out.target(req.method(), raw, authority);
         // Pinned where it lives; the timeouts hold a reference, not a second copy.
-        let exchange = std::pin::pin!(send(conns, &endpoint.addr, up, target, body, now));
+        let call = std::pin::pin!(send(conns, &endpoint.addr, up, target, payload.next(), now));
         let outcome = match timer.as_deref_mut() {
-            Some(t) => t.timeout_at(try_deadline, exchange).await,
-            None => tokio::time::timeout_at(try_deadline, exchange).await.ok(),
+            Some(t) => t.timeout_at(try_deadline, call).await,
+            None => tokio::time::timeout_at(try_deadline, call).await.ok(),
         };
-        let replayable = matches!(payload, Payload::Replayable(_));
-        if !matches!(outcome, Some(Ok(_)))
+        let result = judge(outcome, up, route, &endpoint.addr, now, try_deadline);
+        // A client's broken upload is its fault, not the endpoint's: nothing is recorded.
+        if result.is_err()
             && let Some(fault) = client_fault.as_ref().and_then(|f| f.get())
         {
-            drop(in_flight);
-            // The endpoint did nothing wrong: its breaker permit is dropped unrecorded.
             return Err(match fault {
                 ClientFault::TooLarge(max) => GatewayError::TooLarge(*max),
                 ClientFault::Broken(why) => GatewayError::Body(why.clone()),
             });
         }
-        let (err, retryable): (GatewayError, bool) = match outcome {
-            Some(Ok(exchange)) => {
-                let done = Instant::now();
-                let resp = exchange.response;
-                let status = resp.status();
-                let gateway_error = matches!(
-                    status,
-                    StatusCode::BAD_GATEWAY
-                        | StatusCode::SERVICE_UNAVAILABLE
-                        | StatusCode::GATEWAY_TIMEOUT
-                );
-                in_flight.finish_at(done.into_std());
-                if !gateway_error {
-                    snapshot.outliers[idx].success();
-                    if let Some(p) = permit {
-                        p.success_at(done);
-                    }
-                    if let Some(upgraded) = exchange.upgraded {
-                        return Ok(match client_upgrade {
-                            Some(client) => tunnel(up.name.clone(), client, upgraded, resp),
-                            // A 101 nobody asked for: the connection is dropped.
-                            None => error_response(GatewayError::Io {
-                                upstream: up.name.clone(),
-                                endpoint: endpoint.addr.clone(),
-                                detail: "unexpected 101 Switching Protocols".into(),
-                            }),
-                        });
-                    }
-                    return Ok(downstream_response(resp));
-                }
-                record_failure(up, &snapshot, idx, ejected, permit);
-                let can_retry = retry_allowed && replayable;
-                if !(can_retry && should_retry(up, route, attempt, deadline)) {
-                    return Ok(downstream_response(resp));
-                }
-                attempt += 1;
-                tried.push(endpoint.addr.clone());
-                pause(route, attempt, deadline).await;
-                continue;
+        let failed = record(up, &snapshot, pick, permit, load, &result);
+        let result = match result {
+            Ok(exchange) if !failed => {
+                return pass_on(exchange, client_upgrade.take(), up, &endpoint.addr);
             }
-            Some(Err(SendError::Connect(e))) => {
-                endpoint.load.observe(FAILURE_PENALTY);
-                drop(in_flight);
-                record_failure(up, &snapshot, idx, ejected, permit);
-                // Nothing reached the upstream: always safe to try elsewhere.
-                (
-                    GatewayError::Connect {
-                        upstream: up.name.clone(),
-                        endpoint: endpoint.addr.clone(),
-                        detail: e.0,
-                    },
-                    replayable,
-                )
-            }
-            Some(Err(SendError::Unsent(detail))) => {
-                endpoint.load.observe(FAILURE_PENALTY);
-                drop(in_flight);
-                record_failure(up, &snapshot, idx, ejected, permit);
-                // The request did not go out (a pooled connection the upstream had just
-                // closed): safe to try again.
-                (
-                    GatewayError::Connect {
-                        upstream: up.name.clone(),
-                        endpoint: endpoint.addr.clone(),
-                        detail,
-                    },
-                    replayable,
-                )
-            }
-            Some(Err(SendError::Io(detail))) => {
-                endpoint.load.observe(FAILURE_PENALTY);
-                drop(in_flight);
-                record_failure(up, &snapshot, idx, ejected, permit);
-                (
-                    GatewayError::Io {
-                        upstream: up.name.clone(),
-                        endpoint: endpoint.addr.clone(),
-                        detail,
-                    },
-                    retry_allowed && replayable,
-                )
-            }
-            None => {
-                let per_try = try_deadline.saturating_duration_since(now);
-                endpoint.load.observe(per_try);
-                drop(in_flight);
-                record_failure(up, &snapshot, idx, ejected, permit);
-                (
-                    GatewayError::Timeout {
-                        upstream: up.name.clone(),
-                        timeout: if per_try < route.per_try_timeout {
-                            route.timeout
-                        } else {
-                            per_try
-                        },
-                    },
-                    retry_allowed && replayable,
-                )
-            }
+            other => other,
         };
+        // Nothing reached the upstream: safe to send anywhere, whatever the method.
+        let unsent = matches!(&result, Err(f) if !f.reached);
+        let retryable = payload.replayable() && (retry_allowed || unsent);
         if !(retryable && should_retry(up, route, attempt, deadline)) {
-            return Err(err);
+            return match result {
+                Ok(exchange) => Ok(downstream_response(exchange.response)),
+                Err(failure) => Err(failure.error),
+            };
         }
         attempt += 1;
         tried.push(endpoint.addr.clone());
         pause(route, attempt, deadline).await;
+    }
+}
+
+/// What a try's exchange came to: its answer, or the failure charged to the endpoint
+/// (`None`: no answer by `deadline`).
+fn judge(
+    outcome: Option<Result<Exchange, SendError>>,
+    up: &Upstream,
+    route: &Route,
+    addr: &str,
+    now: Instant,
+    deadline: Instant,
+) -> Result<Exchange, Failure> {
+    let connect = |detail| GatewayError::Connect {
+        upstream: up.name.clone(),
+        endpoint: addr.to_owned(),
+        detail,
+    };
+    let (error, reached, penalty) = match outcome {
+        Some(Ok(exchange)) => return Ok(exchange),
+        // No connection, or a pooled one the upstream had just closed: the request did not
+        // go out.
+        Some(Err(SendError::Connect(e))) => (connect(e.0), false, FAILURE_PENALTY),
+        Some(Err(SendError::Unsent(detail))) => (connect(detail), false, FAILURE_PENALTY),
+        Some(Err(SendError::Io(detail))) => {
+            let e = GatewayError::Io {
+                upstream: up.name.clone(),
+                endpoint: addr.to_owned(),
+                detail,
+            };
+            (e, true, FAILURE_PENALTY)
+        }
+        None => {
+            let per_try = deadline.saturating_duration_since(now);
+            // Cut short by the route's deadline: that is the timeout the client met.
+            let timeout = if per_try < route.per_try_timeout {
+                route.timeout
+            } else {
+                per_try
+            };
+            let e = GatewayError::Timeout {
+                upstream: up.name.clone(),
+                timeout,
+            };
+            (e, true, per_try)
+        }
+    };
+    Err(Failure {
+        error,
+        reached,
+        penalty,
+    })
+}
+
+/// A try that got no answer.
+struct Failure {
+    error: GatewayError,
+    /// The upstream may have seen the request.
+    reached: bool,
+    /// The latency charged to the endpoint: the failure may have been quick, and
+    /// peak-EWMA must still steer away from it.
+    penalty: Duration,
+}
+
+/// A permit from the upstream's breaker, when it has one: an open breaker refuses the try.
+fn breaker_permit(
+    up: &Upstream,
+    now: Instant,
+) -> Result<Option<tessera_resilience::Permit>, GatewayError> {
+    let Some(breaker) = &up.breaker else {
+        return Ok(None);
+    };
+    match breaker.try_acquire_at(now) {
+        Ok(permit) => Ok(Some(permit)),
+        Err(e) => {
+            up.metrics
+                .breaker_rejections
+                .fetch_add(1, Ordering::Relaxed);
+            Err(GatewayError::BreakerOpen {
+                upstream: up.name.clone(),
+                retry_after: e.retry_after,
+            })
+        }
+    }
+}
+
+/// Records what one try came to on its endpoint, once: its latency for the balancer, its
+/// outlier state and its breaker. A 502, 503 or 504 answer is a failure like no answer.
+/// Returns whether the try failed.
+fn record(
+    up: &Upstream,
+    snapshot: &Snapshot,
+    pick: Pick,
+    permit: Option<tessera_resilience::Permit>,
+    load: tessera_balance::InFlight,
+    result: &Result<Exchange, Failure>,
+) -> bool {
+    let endpoint = &snapshot.set.endpoints[pick.idx];
+    let failed = match result {
+        Ok(exchange) => {
+            let done = Instant::now();
+            load.finish_at(done.into_std());
+            let failed = matches!(
+                exchange.response.status(),
+                StatusCode::BAD_GATEWAY
+                    | StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::GATEWAY_TIMEOUT
+            );
+            if !failed {
+                snapshot.outliers[pick.idx].success();
+                if let Some(p) = permit {
+                    p.success_at(done);
+                }
+                return false;
+            }
+            permit
+        }
+        Err(failure) => {
+            endpoint.load.observe(failure.penalty);
+            drop(load);
+            permit
+        }
+    };
+    if let Some(p) = failed {
+        p.failure();
+    }
+    if let Some(cfg) = &up.outlier
+        && let Some(d) = snapshot.outliers[pick.idx].failure(cfg, pick.ejected, snapshot.set.len())
+    {
+        up.metrics.ejections.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(upstream = %up.name, endpoint = %endpoint.addr,
+            seconds = d.as_secs(), "endpoint ejected after consecutive errors");
+    }
+    true
+}
+
+/// The client's answer: a switch of protocols is spliced through; anything else passes
+/// with its hop-by-hop fields dropped.
+fn pass_on(
+    exchange: Exchange,
+    client: Option<hyper::upgrade::OnUpgrade>,
+    up: &Upstream,
+    addr: &str,
+) -> Result<Response<Body>, GatewayError> {
+    let Some(upgraded) = exchange.upgraded else {
+        return Ok(downstream_response(exchange.response));
+    };
+    match client {
+        Some(client) => Ok(tunnel(up.name.clone(), client, upgraded, exchange.response)),
+        // A 101 nobody asked for: the upgraded upstream connection is dropped.
+        None => Err(GatewayError::Io {
+            upstream: up.name.clone(),
+            endpoint: addr.to_owned(),
+            detail: "unexpected 101 Switching Protocols".into(),
+        }),
+    }
+}
+
+/// The client's side of the protocol switch (WebSocket) the request asks for, if any.
+/// `Upgrade: h2c` asks the gateway itself to switch protocols mid-request, which it does
+/// not do (and an upstream that did would then talk HTTP/2 past every check here): it is
+/// dropped, and the request goes on as plain HTTP/1.1.
+fn take_upgrade(req: &mut Request<Body>) -> Option<hyper::upgrade::OnUpgrade> {
+    if !wants_upgrade(req) {
+        return None;
+    }
+    if req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"h2c"))
+    {
+        let h = req.headers_mut();
+        h.remove(header::UPGRADE);
+        h.remove(&HTTP2_SETTINGS);
+        return None;
+    }
+    Some(hyper::upgrade::on(req))
+}
+
+/// What every try sends but the endpoint's authority, built once: each try writes this
+/// same map (HTTP/1.1 writes it by reference).
+struct Outgoing<'p> {
+    headers: HeaderMap,
+    forwarded: Forwarded,
+    /// `forwarded` as field lines.
+    extra: std::borrow::Cow<'p, [u8]>,
+    path_and_query: PathAndQuery,
+}
+
+impl<'p> Outgoing<'p> {
+    /// Takes the request's fields. With `raw` the map is empty and this only sets the
+    /// forwarding fields: the route is plain (no edits) and the request carries no field
+    /// this would remove but the hop-by-hop ones `RawFields::write` drops.
+    fn build(
+        req: &mut Request<Body>,
+        route: &Route,
+        peer: &'p Peer,
+        identity: &[HeaderName],
+        upgrade: bool,
+    ) -> Result<Outgoing<'p>, GatewayError> {
+        let upgrade_to = if upgrade {
+            req.headers().get(header::UPGRADE).cloned()
+        } else {
+            None
+        };
+        let fields = std::mem::take(req.headers_mut());
+        let (mut headers, forwarded) = upstream_headers(fields, req.uri(), route, peer, identity);
+        if let Some(proto) = upgrade_to {
+            // An upgrade (WebSocket) is the one case where these hop-by-hop headers pass.
+            headers.insert(header::UPGRADE, proto);
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        let path_and_query = match (&route.rewrite, req.uri().path_and_query()) {
+            (Rewrite::None, Some(pq)) => pq.clone(),
+            _ => {
+                let path = route.rewrite_path(req.uri().path());
+                let joined = match req.uri().query() {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path.into_owned(),
+                };
+                PathAndQuery::try_from(joined)
+                    .map_err(|e| GatewayError::Body(format!("bad path: {e}")))?
+            }
+        };
+        let extra = forwarded.lines(peer);
+        Ok(Outgoing {
+            headers,
+            forwarded,
+            extra,
+            path_and_query,
+        })
+    }
+
+    /// One try's request head.
+    fn target<'a>(
+        &'a self,
+        method: &'a Method,
+        raw: Option<RawFields<'a>>,
+        authority: http::uri::Authority,
+    ) -> Target<'a> {
+        Target {
+            method,
+            path_and_query: &self.path_and_query,
+            authority,
+            headers: &self.headers,
+            raw,
+            forwarded: &self.forwarded,
+            extra: &self.extra,
+        }
     }
 }
 
@@ -902,25 +1016,6 @@ fn should_retry(up: &Upstream, route: &Route, attempt: u32, deadline: Instant) -
     }
     up.metrics.retries.fetch_add(1, Ordering::Relaxed);
     true
-}
-
-fn record_failure(
-    up: &Upstream,
-    snapshot: &crate::policy::upstream::Snapshot,
-    idx: usize,
-    ejected: usize,
-    permit: Option<tessera_resilience::Permit>,
-) {
-    if let Some(p) = permit {
-        p.failure();
-    }
-    if let Some(cfg) = &up.outlier
-        && let Some(d) = snapshot.outliers[idx].failure(cfg, ejected, snapshot.set.len())
-    {
-        up.metrics.ejections.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(upstream = %up.name, endpoint = %snapshot.set.endpoints[idx].addr,
-            seconds = d.as_secs(), "endpoint ejected after consecutive errors");
-    }
 }
 
 /// Headers for the upstream request: hop-by-hop ones removed (and any the client named in

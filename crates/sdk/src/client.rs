@@ -10,13 +10,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use http_body_util::Full;
-use tessera_balance::{Balancer, Endpoint, EndpointSet, Policy};
+use tessera_balance::{Balancer, Endpoint, EndpointSet, Pick, Policy};
 use tessera_resilience::{
     BreakerConfig, BudgetConfig, CircuitBreaker, Outlier, OutlierConfig, RetryBudget,
 };
 
 use crate::http::{Error, Http, Response, send};
 use crate::registry::{Registry, Watch};
+
+/// Below this percentage of instances healthy, ejection is ignored (Envoy's default).
+const PANIC_THRESHOLD: u32 = 50;
 
 /// How calls through a [`ServiceClient`] are retried and timed out.
 #[derive(Debug, Clone)]
@@ -280,18 +283,10 @@ impl RequestBuilder {
             let last = attempt >= inner.policy.attempts.max(1);
             let snap = self.client.snapshot();
             let set = &snap.set;
-            let total = set.len();
-            let ejected = snap.outliers.iter().filter(|o| o.is_ejected()).count();
-            // Fewer than half healthy: ejection is ignored rather than overloading the rest.
-            let panic = (total - ejected) * 2 < total;
-            let fresh_left = set.endpoints.iter().any(|e| !tried.contains(&e.addr));
-            let usable = |i: usize| {
-                (panic || !snap.outliers[i].is_ejected())
-                    && (!fresh_left || !tried.contains(&set.endpoints[i].addr))
-            };
-            let idx = inner
+            let is_ejected = |i: usize| snap.outliers[i].is_ejected();
+            let Pick { idx, ejected, .. } = inner
                 .balancer
-                .pick(set, &usable, None)
+                .pick_try(set, is_ejected, &tried, PANIC_THRESHOLD, None)
                 .ok_or_else(|| Error::NoInstance(inner.service.clone()))?;
             let endpoint = &set.endpoints[idx];
             let outlier = &snap.outliers[idx];
@@ -316,7 +311,10 @@ impl RequestBuilder {
                 Err(_) => true,
             };
             if failed {
-                if outlier.failure(&inner.outlier, ejected, total).is_some() {
+                if outlier
+                    .failure(&inner.outlier, ejected, set.len())
+                    .is_some()
+                {
                     tracing::info!(service = %inner.service, endpoint = %endpoint.addr,
                         "instance ejected after consecutive failures");
                 }

@@ -73,6 +73,20 @@ pub struct Identity {
     pub remove: Option<HeaderName>,
 }
 
+impl Identity {
+    /// Puts the identity on the request's fields for the upstream (and takes the
+    /// credential off when it must not pass); returns the subject, for limits keyed on it.
+    pub fn apply(self, headers: &mut HeaderMap) -> Option<String> {
+        if let Some(secret) = &self.remove {
+            headers.remove(secret);
+        }
+        for (k, v) in self.headers {
+            headers.insert(k, v);
+        }
+        self.subject
+    }
+}
+
 /// Verified tokens remembered per issuer.
 const MAX_VERIFIED: usize = 10_000;
 

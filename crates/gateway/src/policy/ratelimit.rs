@@ -8,8 +8,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{HeaderMap, HeaderName, HeaderValue};
 use tessera_resilience::Decision;
+use tokio::time::Instant;
 
+use crate::floor::error::GatewayError;
 use crate::protocol::redis::{Redis, Reply};
 
 /// KEYS[1]: the key. ARGV[1]: emission interval, µs. ARGV[2]: tolerance (burst - 1
@@ -29,6 +32,59 @@ local nxt = math.floor(tat + interval + 0.5)
 redis.call('SET', KEYS[1], string.format('%.0f', nxt), 'PX', math.ceil((nxt - now) / 1000) + 1)
 return {1, math.floor((tolerance + interval - (nxt - now)) / interval)}
 ";
+
+/// Whose budget a request spends.
+pub enum RateKey {
+    Ip,
+    Header(HeaderName),
+    JwtSub,
+}
+
+pub struct RateLimit {
+    pub key: RateKey,
+    /// Kept across reloads while the route's name and limit stay the same, so a reload
+    /// does not hand every client a fresh burst.
+    pub limiter: Arc<tessera_resilience::RateLimiter<Vec<u8>>>,
+    /// The shared budget (`shared = true`); `limiter` decides when Redis cannot.
+    pub cluster: Option<ClusterLimit>,
+}
+
+/// What a request admitted by a route's limit leaves of it, for the `RateLimit-*` fields.
+#[derive(Clone, Copy)]
+pub struct Quota {
+    pub limit: u32,
+    pub remaining: u32,
+}
+
+impl RateLimit {
+    /// Spends one request of the client's budget, or refuses it. `subject` is the
+    /// verified identity, for limits keyed on it; clients without the key the limit is
+    /// set on share their address's budget.
+    pub async fn check(
+        &self,
+        headers: &HeaderMap,
+        subject: Option<String>,
+        ip: &HeaderValue,
+        now: Instant,
+    ) -> Result<Quota, GatewayError> {
+        let key: Vec<u8> = match &self.key {
+            RateKey::Header(name) => headers.get(name).map(|v| v.as_bytes().to_vec()),
+            RateKey::JwtSub => subject.map(String::into_bytes),
+            RateKey::Ip => None,
+        }
+        .unwrap_or_else(|| ip.as_bytes().to_vec());
+        let limit = self.limiter.config().burst;
+        let shared = match &self.cluster {
+            // Boxed: a Redis round trip, paid for only by shared limits.
+            Some(cluster) => Box::pin(cluster.check(&key)).await,
+            None => None,
+        };
+        match shared.unwrap_or_else(|| self.limiter.check_at(&key, now)) {
+            Decision::Allow { remaining } => Ok(Quota { limit, remaining }),
+            Decision::Deny { retry_after } => Err(GatewayError::RateLimited { limit, retry_after }),
+        }
+    }
+}
 
 pub struct ClusterLimit {
     redis: Arc<Redis>,

@@ -20,6 +20,7 @@ use regex::Regex;
 
 use crate::floor::config::{self, Config, ConfigError, RedisConfig, RouteConfig};
 use crate::floor::metrics::RouteMetrics;
+use crate::policy::ratelimit::{RateKey, RateLimit};
 use crate::policy::upstream::{Discovery, Upstream};
 use crate::protocol::redis::Redis;
 
@@ -47,22 +48,6 @@ pub enum Rewrite {
     None,
     Strip(String),
     Replace(String, String),
-}
-
-/// Whose budget a request spends.
-pub enum RateKey {
-    Ip,
-    Header(HeaderName),
-    JwtSub,
-}
-
-pub struct RateLimit {
-    pub key: RateKey,
-    /// Kept across reloads while the route's name and limit stay the same, so a reload
-    /// does not hand every client a fresh burst.
-    pub limiter: Arc<tessera_resilience::RateLimiter<Vec<u8>>>,
-    /// The shared budget (`shared = true`); `limiter` decides when Redis cannot.
-    pub cluster: Option<crate::policy::ratelimit::ClusterLimit>,
 }
 
 pub struct Fallback {

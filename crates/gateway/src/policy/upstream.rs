@@ -36,38 +36,7 @@ pub struct Snapshot {
     pub conns: Vec<Arc<Conns>>,
 }
 
-/// The endpoint a try goes to (its index in the snapshot), and how many of the set were
-/// ejected when it was picked (the outlier share counts it).
-pub struct Pick {
-    pub idx: usize,
-    pub ejected: usize,
-}
-
 impl Snapshot {
-    /// Picks the endpoint for a try: not ejected, unless fewer than `panic_threshold`
-    /// percent of the set are healthy (then ejection is ignored rather than the rest
-    /// overloaded), and none of `tried` while an untried one is left. Tried endpoints are
-    /// named by address, not index: discovery may swap the snapshot between tries.
-    pub fn pick(
-        &self,
-        balancer: &Balancer,
-        tried: &[String],
-        panic_threshold: u32,
-        hash: Option<u64>,
-    ) -> Option<Pick> {
-        let set = &self.set;
-        let total = set.len();
-        let ejected = self.outliers.iter().filter(|o| o.is_ejected()).count();
-        let panic = total > 0 && (total - ejected) * 100 < total * panic_threshold as usize;
-        let was_tried = |i: usize| tried.iter().any(|t| *t == set.endpoints[i].addr);
-        let fresh_left = tried.is_empty() || (0..total).any(|i| !was_tried(i));
-        let usable =
-            |i: usize| (panic || !self.outliers[i].is_ejected()) && (!fresh_left || !was_tried(i));
-        balancer
-            .pick(set, &usable, hash)
-            .map(|idx| Pick { idx, ejected })
-    }
-
     pub fn empty() -> Snapshot {
         Snapshot {
             set: EndpointSet::new(Vec::new()),
@@ -408,59 +377,4 @@ async fn fetch(
     }
     let entries = serde_json::from_slice(&body).map_err(|e| format!("bad registry JSON: {e}"))?;
     Ok((index, entries))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn snapshot(addrs: &[&str], old: &Snapshot) -> Snapshot {
-        Snapshot::next(addrs.iter().map(|a| Endpoint::new(*a, 1)).collect(), old)
-    }
-
-    fn eject(s: &Snapshot, addr: &str) {
-        let i = s.set.endpoints.iter().position(|e| e.addr == addr).unwrap();
-        let cfg = OutlierConfig {
-            consecutive_errors: 1,
-            max_ejected_percent: 100,
-            ..OutlierConfig::default()
-        };
-        assert!(s.outliers[i].failure(&cfg, 0, 1).is_some());
-    }
-
-    fn picked(s: &Snapshot, tried: &[&str], panic_threshold: u32) -> String {
-        let tried: Vec<String> = tried.iter().map(|t| t.to_string()).collect();
-        let balancer = Balancer::new(tessera_balance::Policy::RoundRobin);
-        let pick = s.pick(&balancer, &tried, panic_threshold, None).unwrap();
-        s.set.endpoints[pick.idx].addr.clone()
-    }
-
-    #[tokio::test]
-    async fn a_retry_avoids_the_endpoint_it_tried_even_in_a_new_snapshot() {
-        let first = snapshot(&["a:1", "b:1", "c:1"], &Snapshot::empty());
-        // Discovery answered between the tries: the same endpoints, in a new order.
-        let second = snapshot(&["c:1", "b:1", "a:1"], &first);
-        for _ in 0..6 {
-            assert_ne!(picked(&second, &["a:1"], 0), "a:1");
-        }
-        // Once every endpoint has been tried, any may be tried again.
-        let all = ["a:1", "b:1", "c:1"];
-        assert!(all.contains(&picked(&second, &all, 0).as_str()));
-    }
-
-    #[tokio::test]
-    async fn ejected_endpoints_are_skipped_until_too_few_are_healthy() {
-        let s = snapshot(&["a:1", "b:1", "c:1"], &Snapshot::empty());
-        eject(&s, "a:1");
-        for _ in 0..6 {
-            assert_ne!(picked(&s, &[], 50), "a:1");
-        }
-        eject(&s, "b:1");
-        // One healthy of three is under the 50% panic threshold: ejection is ignored.
-        let seen: std::collections::BTreeSet<String> =
-            (0..6).map(|_| picked(&s, &[], 50)).collect();
-        assert_eq!(seen.len(), 3, "{seen:?}");
-        // Without a panic threshold the healthy one takes everything.
-        assert_eq!(picked(&s, &[], 0), "c:1");
-    }
 }
