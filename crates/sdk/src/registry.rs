@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use serde_json::json;
+use tessera_discovery::{Event, Servers};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -31,54 +32,6 @@ use crate::http::{Error, Http, Response, client, jittered, send};
 #[derive(Clone)]
 pub struct Registry {
     inner: Arc<Inner>,
-}
-
-/// The registry servers a client knows, and the one it uses now: requests go there, and
-/// move to the next when it cannot be reached. A blocking query keeps its index when it
-/// moves, which holds across servers sharing one store (their indexes are the store's).
-pub(crate) struct Servers {
-    list: Vec<String>,
-    current: std::sync::atomic::AtomicUsize,
-}
-
-impl Servers {
-    fn parse(addresses: &str) -> Servers {
-        let list: Vec<String> = addresses
-            .split(',')
-            .map(|a| a.trim().to_owned())
-            .filter(|a| !a.is_empty())
-            .collect();
-        Servers {
-            list: if list.is_empty() {
-                vec![addresses.to_owned()]
-            } else {
-                list
-            },
-            current: Default::default(),
-        }
-    }
-
-    pub(crate) fn current(&self) -> &str {
-        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
-        &self.list[i % self.list.len()]
-    }
-
-    /// Moves on from `failed`, unless another request already has.
-    fn failed(&self, failed: &str) {
-        let n = self.list.len();
-        let _ = self.current.fetch_update(
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-            |i| (self.list[i % n] == failed).then_some((i + 1) % n),
-        );
-        if n > 1 {
-            tracing::warn!(
-                registry = failed,
-                next = self.current(),
-                "registry unreachable; moving to the next"
-            );
-        }
-    }
 }
 
 struct Inner {
@@ -188,7 +141,7 @@ impl Registry {
             let resp = match send(&self.inner.http, "registry", req).await {
                 // Nothing was sent: another server can take it.
                 Err(Error::Transport { connect: true, .. })
-                    if moved + 1 < self.inner.servers.list.len() =>
+                    if moved + 1 < self.inner.servers.len() =>
                 {
                     self.inner.servers.failed(&server);
                     moved += 1;
@@ -319,9 +272,9 @@ impl Watch {
     }
 }
 
-/// Blocking queries for one service, forever: each answer that changes the set is
-/// published; errors keep the last set (marked `registry_ok: false`) and retry with
-/// jittered backoff.
+/// Blocking queries for one service (`tessera_discovery::watch`), for as long as the
+/// registry lives: each answer that changes the set is published; a failure keeps the
+/// last set, marked `registry_ok: false`.
 async fn watch_loop(
     service: String,
     http: Http,
@@ -331,108 +284,72 @@ async fn watch_loop(
     tx: watch::Sender<Arc<Instances>>,
     stop: CancellationToken,
 ) {
-    let mut index = 0u64;
-    let mut backoff = Duration::from_millis(100);
-    let path = format!("/v1/health/service/{}", encode(&service));
-    loop {
-        let address = servers.current().to_owned();
-        let mut req = http::Request::get(format!(
-            "http://{address}{path}?passing&index={index}&wait={}s",
-            wait.as_secs().max(1)
-        ));
-        if let Some(t) = &token {
-            req = req.header("x-consul-token", t.as_str());
-        }
-        let Ok(req) = req.body(Full::new(Bytes::new())) else {
-            tracing::error!(%service, "invalid discovery request");
-            return;
-        };
-        let deadline = wait + wait / 16 + Duration::from_secs(10);
-        let answer = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = tokio::time::timeout(deadline, send(&http, "registry", req)) => r,
-        };
-        let parsed = match answer {
-            Err(_) => Err("discovery query timed out".to_owned()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Ok(Ok(r)) if !r.status.is_success() => {
-                if let Some(wait) = r.retry_after() {
-                    backoff = backoff.max(wait);
-                }
-                Err(format!(
-                    "registry answered {}: {}",
-                    r.status,
-                    r.text().trim()
-                ))
+    let fetch = |url: String| {
+        let http = http.clone();
+        let token = token.clone();
+        async move {
+            let mut req = http::Request::get(url);
+            if let Some(t) = &token {
+                req = req.header("x-consul-token", t.as_str());
             }
-            Ok(Ok(r)) => {
-                let new_index = r
+            let req = req
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| e.to_string())?;
+            let r = send(&http, "registry", req)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(tessera_discovery::Reply {
+                status: r.status.as_u16(),
+                index: r
                     .headers
                     .get("x-consul-index")
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(1)
-                    .max(1);
-                r.json::<Vec<tessera_core::consul::HealthEntry>>()
-                    .map(|entries| (new_index, entries))
-                    .map_err(|e| e.to_string())
-            }
-        };
-        match parsed {
-            Ok((new_index, entries)) => {
-                backoff = Duration::from_millis(100);
-                // An index going backwards means the registry restarted: start over.
-                index = if new_index < index { 0 } else { new_index };
-                let instances: Vec<Instance> = entries
-                    .into_iter()
-                    .filter(|e| e.service.port != 0)
-                    .map(|e| Instance {
-                        address: e.address().to_owned(),
-                        weight: e.weight(),
-                        id: e.service.id,
-                        port: e.service.port,
-                        tags: e.service.tags.unwrap_or_default(),
-                        meta: e.service.meta.unwrap_or_default(),
-                    })
-                    .collect();
-                tx.send_if_modified(|cur| {
-                    let changed = cur.instances != instances || !cur.registry_ok;
-                    if changed || cur.index == 0 {
-                        *cur = Arc::new(Instances {
-                            instances,
-                            index: new_index,
-                            registry_ok: true,
-                        });
-                        return true;
-                    }
-                    false
-                });
-            }
-            Err(e) => {
-                // The next query goes to the next server, with the same index.
-                servers.failed(&address);
-                tx.send_if_modified(|cur| {
-                    if !cur.registry_ok && cur.index > 0 {
-                        return false;
-                    }
-                    tracing::warn!(%service, error = %e,
-                        "registry unreachable; keeping the last known instances");
-                    let mut next = (**cur).clone();
-                    next.registry_ok = false;
-                    *cur = Arc::new(next);
-                    // Readers waiting for a first answer are not woken by a failure.
-                    cur.index > 0
-                });
-                let jitter =
-                    Duration::from_millis(fastrand::u64(..=backoff.as_millis() as u64 / 2 + 1));
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff + jitter) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
+                    .and_then(|v| v.parse().ok()),
+                retry_after: r.retry_after(),
+                body: r.body,
+            })
         }
-    }
+    };
+    let on = |event| match event {
+        Event::Answer { index, entries } => {
+            let instances: Vec<Instance> = entries
+                .into_iter()
+                .map(|e| Instance {
+                    address: e.address().to_owned(),
+                    weight: e.weight(),
+                    id: e.service.id,
+                    port: e.service.port,
+                    tags: e.service.tags.unwrap_or_default(),
+                    meta: e.service.meta.unwrap_or_default(),
+                })
+                .collect();
+            tx.send_if_modified(|cur| {
+                let changed = cur.instances != instances || !cur.registry_ok;
+                if changed || cur.index == 0 {
+                    *cur = Arc::new(Instances {
+                        instances,
+                        index,
+                        registry_ok: true,
+                    });
+                    return true;
+                }
+                false
+            });
+        }
+        Event::Unreachable { .. } => {
+            tx.send_if_modified(|cur| {
+                if !cur.registry_ok {
+                    return false;
+                }
+                let mut next = (**cur).clone();
+                next.registry_ok = false;
+                *cur = Arc::new(next);
+                // Readers waiting for a first answer are not woken by a failure.
+                cur.index > 0
+            });
+        }
+    };
+    tessera_discovery::watch(&service, &servers, wait, fetch, on, stop).await;
 }
 
 pub(crate) use tessera_core::consul::encode_segment as encode;

@@ -14,6 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tessera_balance::{Balancer, Endpoint, EndpointSet};
+use tessera_discovery::Event;
 use tessera_resilience::{
     BreakerConfig, BudgetConfig, Bulkhead, CircuitBreaker, Outlier, OutlierConfig, RetryBudget,
 };
@@ -252,8 +253,8 @@ impl Discovery {
     }
 }
 
-/// The blocking-query loop for one service: each answer replaces the endpoint snapshot;
-/// errors keep the last snapshot and retry with backoff.
+/// The blocking-query loop for one service (`tessera_discovery::watch`): each answer
+/// that changes the set replaces the endpoint snapshot; a failure keeps the last one.
 async fn watch(
     feed: Arc<Feed>,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -261,120 +262,73 @@ async fn watch(
     token: Option<String>,
     cancel: CancellationToken,
 ) {
-    let mut index: u64 = 0;
-    let mut backoff = Duration::from_millis(100);
     // Several servers sharing one catalog: the query moves to the next one when its
     // server fails, keeping its index (shared-store indexes hold across servers).
-    let servers: Vec<&str> = registry
-        .address
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    let mut which = 0;
-    loop {
-        let server = servers
-            .get(which % servers.len().max(1))
-            .copied()
-            .unwrap_or("");
-        let url = format!(
-            "http://{server}/v1/health/service/{}?passing&index={index}&wait={}s",
-            tessera_core::consul::encode_segment(&feed.service),
-            registry.wait.as_secs().max(1)
-        );
+    let servers = tessera_discovery::Servers::parse(&registry.address);
+    let fetch = |url: String| {
         let mut req = http::Request::get(url);
         if let Some(t) = &token {
             req = req.header("X-Consul-Token", t.as_str());
         }
-        let Ok(req) = req.body(Full::new(Bytes::new())) else {
-            tracing::error!(service = %feed.service, "invalid discovery request");
-            return;
-        };
-        let deadline = registry.wait + registry.wait / 16 + Duration::from_secs(10);
-        let result = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = tokio::time::timeout(deadline, fetch(&client, req)) => {
-                r.unwrap_or_else(|_| Err("discovery query timed out".into()))
-            }
-        };
-        match result {
-            Ok((new_index, entries)) => {
-                backoff = Duration::from_millis(100);
-                if !feed.registry_ok.swap(true, Ordering::Relaxed)
-                    && feed.ready.load(Ordering::Relaxed)
-                {
-                    tracing::info!(service = %feed.service, "registry reachable again");
-                }
-                // An index going backwards means the registry restarted: start over.
-                index = if new_index < index { 0 } else { new_index };
-                let endpoints: Vec<Endpoint> = entries
+        let req = req.body(Full::new(Bytes::new()));
+        let client = client.clone();
+        async move { fetch(&client, req.map_err(|e| e.to_string())?).await }
+    };
+    let on = |event| match event {
+        Event::Answer { entries, .. } => {
+            feed.registry_ok.store(true, Ordering::Relaxed);
+            let endpoints: Vec<Endpoint> = entries
+                .iter()
+                .map(|e| Endpoint::new(e.authority(), e.weight()))
+                .collect();
+            let old = feed.snapshot.load();
+            let changed = old.set.endpoints.len() != endpoints.len()
+                || old
+                    .set
+                    .endpoints
                     .iter()
-                    .filter(|e| e.service.port != 0)
-                    .map(|e| Endpoint::new(e.authority(), e.weight()))
-                    .collect();
-                let old = feed.snapshot.load();
-                let changed = old.set.endpoints.len() != endpoints.len()
-                    || old
-                        .set
-                        .endpoints
-                        .iter()
-                        .zip(&endpoints)
-                        .any(|(a, b)| a.addr != b.addr || a.weight != b.weight);
-                if changed || !feed.ready.load(Ordering::Relaxed) {
-                    tracing::debug!(service = %feed.service, endpoints = endpoints.len(), "endpoints updated");
-                    feed.snapshot
-                        .store(Arc::new(Snapshot::next(endpoints, &old)));
-                    feed.updates.fetch_add(1, Ordering::Relaxed);
-                }
-                feed.ready.store(true, Ordering::Release);
+                    .zip(&endpoints)
+                    .any(|(a, b)| a.addr != b.addr || a.weight != b.weight);
+            if changed || !feed.ready.load(Ordering::Relaxed) {
+                tracing::debug!(service = %feed.service, endpoints = endpoints.len(), "endpoints updated");
+                feed.snapshot
+                    .store(Arc::new(Snapshot::next(endpoints, &old)));
+                feed.updates.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => {
-                which += 1;
-                if feed.registry_ok.swap(false, Ordering::Relaxed)
-                    || !feed.ready.load(Ordering::Relaxed)
-                {
-                    tracing::warn!(service = %feed.service, error = %e,
-                        "registry unreachable; keeping the last known endpoints");
-                }
-                let jitter =
-                    Duration::from_millis(fastrand::u64(..=backoff.as_millis() as u64 / 2 + 1));
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(backoff + jitter) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
+            feed.ready.store(true, Ordering::Release);
         }
-    }
+        Event::Unreachable { .. } => feed.registry_ok.store(false, Ordering::Relaxed),
+    };
+    tessera_discovery::watch(&feed.service, &servers, registry.wait, fetch, on, cancel).await;
 }
 
 async fn fetch(
     client: &Client<HttpConnector, Full<Bytes>>,
     req: http::Request<Full<Bytes>>,
-) -> Result<(u64, Vec<tessera_core::consul::HealthEntry>), String> {
+) -> Result<tessera_discovery::Reply, String> {
     let resp = client
         .request(req)
         .await
         .map_err(|e| tessera_core::error_chain(&e))?;
-    let status = resp.status();
-    let index = resp
-        .headers()
-        .get("x-consul-index")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let index = header("x-consul-index");
+    let retry_after = header("retry-after").map(|s| Duration::from_secs(s.min(60)));
+    let status = resp.status().as_u16();
     let body = resp
         .into_body()
         .collect()
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
-    if !status.is_success() {
-        return Err(format!(
-            "registry answered {status}: {}",
-            String::from_utf8_lossy(&body)
-        ));
-    }
-    let entries = serde_json::from_slice(&body).map_err(|e| format!("bad registry JSON: {e}"))?;
-    Ok((index, entries))
+    Ok(tessera_discovery::Reply {
+        status,
+        index,
+        retry_after,
+        body,
+    })
 }
