@@ -60,6 +60,7 @@ PY
 cat >"$work/gateway.toml" <<CONF
 listen = "127.0.0.1:$TPORT"
 admin = "127.0.0.1:$TADMIN"
+workers = 1
 [tls]
 listen = "127.0.0.1:$TTLS"
 certificates = [{ cert = "$work/tls.pem", key = "$work/tls.key" }]

@@ -46,6 +46,7 @@ for i in 0 1 2; do start_upstream "$i"; done
 cat >"$work/gateway.toml" <<CONF
 listen = "127.0.0.1:$TPORT"
 admin = "127.0.0.1:$TADMIN"
+workers = 1
 [[routes]]
 upstream = "u"
 [upstreams.u]

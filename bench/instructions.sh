@@ -23,6 +23,7 @@ for i in 0 1 2; do $BIN upstream --bind "127.0.0.1:${UP[$i]}" --id "u$i" >/dev/n
 cat >"$work/gateway.toml" <<CONF
 listen = "127.0.0.1:$TPORT"
 admin = "127.0.0.1:$((TPORT + 10))"
+workers = 1
 [[routes]]
 upstream = "u"
 [upstreams.u]

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use tessera_gateway::config::Workers;
 use tessera_gateway::{Config, Gateway};
 
 #[derive(Debug, clap::Args)]
@@ -19,6 +20,9 @@ pub struct GatewayArgs {
     /// Override `tls.listen` from the config.
     #[arg(long)]
     tls_listen: Option<SocketAddr>,
+    /// Override `workers` from the config: `auto` (one per core) or a number.
+    #[arg(long)]
+    workers: Option<Workers>,
 }
 
 pub async fn run(args: GatewayArgs) -> Result<(), String> {
@@ -31,6 +35,13 @@ pub async fn run(args: GatewayArgs) -> Result<(), String> {
     }
     if let (Some(l), Some(tls)) = (args.tls_listen, config.tls.as_mut()) {
         tls.listen = l;
+    }
+    if let Some(w) = args.workers {
+        config.workers = w;
+    }
+    let workers = config.workers.count();
+    if workers > 1 {
+        return run_workers(config, args.config, workers).await;
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -92,6 +103,34 @@ pub async fn run(args: GatewayArgs) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|_| "the gateway thread panicked".to_string())??;
+    println!("tessera gateway stopped");
+    Ok(())
+}
+
+/// Several workers: each its own thread, runtime and listeners (`SO_REUSEPORT`), with
+/// admin, reloads and discovery on this runtime.
+async fn run_workers(config: Config, path: PathBuf, workers: usize) -> Result<(), String> {
+    let tls_addr = config.tls.as_ref().map(|t| t.listen);
+    let listeners = tessera_gateway::bind_workers(config.listen, tls_addr, workers)
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let admin = tokio::net::TcpListener::bind(config.admin)
+        .await
+        .map_err(|e| format!("cannot listen on {} (admin): {e}", config.admin))?;
+    let addr = listeners[0].plain.local_addr().map_err(|e| e.to_string())?;
+    let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
+    let tls_note = match listeners[0].tls.as_ref().map(|l| l.local_addr()) {
+        Some(a) => format!(" and https://{}", a.map_err(|e| e.to_string())?),
+        None => String::new(),
+    };
+    println!(
+        "tessera gateway listening on http://{addr}{tls_note} with {workers} workers (admin http://{admin_addr}, config {})",
+        path.display()
+    );
+    let gateway = Gateway::build(config, Some(path)).map_err(|e| e.to_string())?;
+    gateway
+        .run_workers(listeners, admin, crate::server::shutdown_signal())
+        .await
+        .map_err(|e| format!("gateway worker: {e}"))?;
     println!("tessera gateway stopped");
     Ok(())
 }

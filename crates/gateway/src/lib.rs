@@ -35,7 +35,7 @@ mod server;
 
 pub use floor::config::{self, Config, ConfigError};
 pub use floor::error::GatewayError;
-pub use server::{Gateway, Shared};
+pub use server::{Gateway, Shared, WorkerListeners, bind_workers};
 
 /// The parsers, for the fuzz targets in `fuzz/` and the property tests: not an API.
 #[doc(hidden)]

@@ -48,6 +48,11 @@ pub struct Config {
     pub listen: SocketAddr,
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
+    /// Threads that accept and serve connections, each with its own listener
+    /// (`SO_REUSEPORT`) and upstream connections: `"auto"` (one per available core) or a
+    /// number. Routes, discovery and every limit and breaker are shared by all of them.
+    #[serde(default)]
+    pub workers: Workers,
     #[serde(default)]
     pub registry: RegistryConfig,
     /// How long SIGTERM waits for in-flight requests.
@@ -113,6 +118,64 @@ pub struct Config {
     /// Where rate limits with `shared = true` keep their state.
     #[serde(default)]
     pub redis: Option<RedisConfig>,
+}
+
+/// Most worker threads a config may ask for.
+pub const MAX_WORKERS: usize = 1024;
+
+/// `workers`: `"auto"` or a count from 1 to `MAX_WORKERS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "WorkersValue")]
+pub enum Workers {
+    #[default]
+    Auto,
+    Count(usize),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum WorkersValue {
+    Name(String),
+    Count(i64),
+}
+
+impl TryFrom<WorkersValue> for Workers {
+    type Error = String;
+
+    fn try_from(v: WorkersValue) -> Result<Workers, String> {
+        match v {
+            WorkersValue::Name(n) if n == "auto" => Ok(Workers::Auto),
+            WorkersValue::Count(n) if (1..=MAX_WORKERS as i64).contains(&n) => {
+                Ok(Workers::Count(n as usize))
+            }
+            WorkersValue::Name(n) => Err(format!("workers: \"auto\" or a number, not {n:?}")),
+            WorkersValue::Count(n) => Err(format!("workers: 1 to {MAX_WORKERS}, not {n}")),
+        }
+    }
+}
+
+impl std::str::FromStr for Workers {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Workers, String> {
+        match s.trim().parse::<i64>() {
+            Ok(n) => Workers::try_from(WorkersValue::Count(n)),
+            Err(_) => Workers::try_from(WorkersValue::Name(s.trim().to_owned())),
+        }
+    }
+}
+
+impl Workers {
+    /// How many threads: `Auto` is the cores this process may run on.
+    pub fn count(self) -> usize {
+        match self {
+            Workers::Count(n) => n,
+            Workers::Auto => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(MAX_WORKERS),
+        }
+    }
 }
 
 /// `[redis]`: one pipelined connection per gateway, re-established in the background.

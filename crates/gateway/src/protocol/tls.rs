@@ -265,6 +265,7 @@ fn stamps(files: &[CertFiles]) -> Stamps {
 }
 
 /// What accepting TLS connections needs: the acceptor and the certificates it serves.
+#[derive(Clone)]
 pub struct Terminator {
     pub acceptor: TlsAcceptor,
     pub certs: Arc<Certs>,

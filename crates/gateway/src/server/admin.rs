@@ -272,6 +272,16 @@ fn render_metrics(gw: &Shared) -> String {
             );
         }
     }
+    if let Some(workers) = gw.worker_connections.get() {
+        o.push_str("# HELP tessera_gateway_worker_connections_total Client connections accepted, by worker thread.\n# TYPE tessera_gateway_worker_connections_total counter\n");
+        for (i, n) in workers.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "tessera_gateway_worker_connections_total{{worker=\"{i}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+    }
     let _ = writeln!(
         o,
         "# HELP tessera_gateway_config_reloads_total Config reloads applied.\n# TYPE tessera_gateway_config_reloads_total counter\ntessera_gateway_config_reloads_total {}",

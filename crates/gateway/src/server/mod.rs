@@ -14,6 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::floor::config::{self, Config, ConfigError};
 use crate::floor::file_stamp;
@@ -34,6 +35,8 @@ pub struct Shared {
     pub(crate) reload_lock: std::sync::Mutex<()>,
     /// The certificates TLS connections are served with, when `[tls]` is configured.
     pub(crate) certs: Option<Arc<tls::Certs>>,
+    /// Connections accepted by each worker, set when serving starts.
+    pub(crate) worker_connections: std::sync::OnceLock<Box<[AtomicU64]>>,
 }
 
 impl Shared {
@@ -80,6 +83,8 @@ impl Gateway {
             .as_ref()
             .map(tls::Terminator::build)
             .transpose()?;
+        // Before any endpoint's pool exists: each gets a slot per worker.
+        crate::protocol::h1::pool::reserve_workers(config.workers.count());
         let discovery = Discovery::new(config.registry.clone());
         let table = Table::build(&config, &discovery, None)?;
         Ok(Gateway {
@@ -103,6 +108,7 @@ impl Gateway {
                 reloads: AtomicU64::new(0),
                 reload_lock: std::sync::Mutex::new(()),
                 certs: tls.as_ref().map(|t| t.certs.clone()),
+                worker_connections: std::sync::OnceLock::new(),
             }),
             drain_timeout: config.drain_timeout,
             header_read_timeout: config.header_read_timeout,
@@ -134,16 +140,101 @@ impl Gateway {
         &self.shared
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting and drains in-flight
-    /// requests for up to `drain_timeout`. Reloads on SIGHUP and when the config file
-    /// changes.
+    /// Serves on the calling runtime (one worker) until `shutdown` resolves, then stops
+    /// accepting and drains in-flight requests for up to `drain_timeout`. Reloads on
+    /// SIGHUP and when the config file changes.
     pub async fn run(
-        self,
+        mut self,
         listener: TcpListener,
         admin: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) {
-        let stop = tokio_util::sync::CancellationToken::new();
+        let stop = CancellationToken::new();
+        let tls_listener = self.tls_listener.take();
+        let serving = self.start(admin, 1, &stop);
+        tokio::spawn(cancel_on(shutdown, stop.clone()));
+        serve(serving, 0, listener, tls_listener, stop).await;
+        self.shared.discovery.stop();
+    }
+
+    /// Serves on one thread per element of `workers`, each with its own current-thread
+    /// runtime, listeners and upstream connections, so a request never crosses threads;
+    /// admin, reloads and discovery run on the calling runtime. Returns once `shutdown`
+    /// has resolved and every worker has drained. Fails when a worker cannot start.
+    pub async fn run_workers(
+        mut self,
+        workers: Vec<WorkerListeners>,
+        admin: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        if self.tls.is_some() != workers.iter().all(|w| w.tls.is_some()) {
+            return Err(std::io::Error::other(
+                "every worker needs a TLS listener when [tls] is configured, and none without",
+            ));
+        }
+        self.tls_listener = None;
+        let stop = CancellationToken::new();
+        // Dropped unfinished (its runtime is going away): the workers stop too.
+        let _stop_on_drop = stop.clone().drop_guard();
+        let serving = self.start(admin, workers.len(), &stop);
+        let mut threads = Vec::new();
+        for (i, w) in workers.into_iter().enumerate() {
+            let serving = serving.clone();
+            let worker_stop = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("gateway-{i}"))
+                .spawn(move || -> std::io::Result<()> {
+                    crate::protocol::h1::pool::enter_worker(i);
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(async move {
+                        let listen = |l: std::net::TcpListener| {
+                            l.set_nonblocking(true)?;
+                            TcpListener::from_std(l)
+                        };
+                        let plain = listen(w.plain)?;
+                        let tls = w.tls.map(listen).transpose()?;
+                        serve(serving, i, plain, tls, worker_stop).await;
+                        Ok(())
+                    })
+                });
+            match thread {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop.cancel();
+                    return Err(e);
+                }
+            }
+        }
+        tokio::spawn(cancel_on(shutdown, stop.clone()));
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut result = Ok(());
+            for t in threads {
+                let r = t
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("a gateway worker panicked")));
+                if let Err(e) = r {
+                    // One worker down takes the gateway down: the others stop too.
+                    stop.cancel();
+                    result = result.and(Err(e));
+                }
+            }
+            result
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        self.shared.discovery.stop();
+        joined
+    }
+
+    /// Starts what runs once per gateway (admin, config watch, SIGHUP, certificate
+    /// reloads) on the calling runtime, and returns what every worker serves with.
+    fn start(&self, admin: TcpListener, workers: usize, stop: &CancellationToken) -> Arc<Serving> {
+        let _ = self
+            .shared
+            .worker_connections
+            .set((0..workers).map(|_| AtomicU64::new(0)).collect());
         tokio::spawn(serve_admin(self.shared.clone(), admin, stop.clone()));
         if self.shared.config_path.is_some() {
             if self.watch_config {
@@ -161,7 +252,13 @@ impl Gateway {
                 }
             }
         }
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        if let Some(certs) = &self.shared.certs {
+            tokio::spawn(tls::watch(
+                certs.clone(),
+                Duration::from_secs(1),
+                stop.clone(),
+            ));
+        }
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -184,97 +281,190 @@ impl Gateway {
             .max_pending_accept_reset_streams(Some(20))
             .max_local_error_reset_streams(Some(256))
             .keep_alive_interval(Some(Duration::from_secs(30)));
-        let builder = Arc::new(builder);
-        let per_ip = Arc::new(ConnsPerIp::default());
-        let tls = self.tls.map(|t| (t, self.tls_listener));
-        if let Some(certs) = &self.shared.certs {
-            tokio::spawn(tls::watch(
-                certs.clone(),
-                Duration::from_secs(1),
-                stop.clone(),
-            ));
-        }
-        tokio::pin!(shutdown);
-        loop {
-            let (accepted, secure) = tokio::select! {
-                _ = &mut shutdown => break,
-                a = listener.accept() => (a, false),
-                a = accept_tls(&tls) => (a, true),
-            };
-            let (stream, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let slot = match per_ip.clone().admit(peer.ip(), self.max_connections_per_ip) {
-                Some(slot) => slot,
-                None => {
-                    // Told why, not just reset; never read from. (On the TLS port the
-                    // client sees a failed handshake: there is no session to answer in.)
-                    let _ = stream.try_write(TOO_MANY_CONNECTIONS);
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let proxy = &self.shared.proxy;
-            let mut ctx = h1::server::Ctx {
-                handler: proxy.clone(),
-                replay_cap: proxy.replay_cap,
-                max_body: proxy.max_body,
-                peer: Peer::new(peer, &self.trusted_proxies),
-                stop: stop.clone(),
-                header_timeout: self.header_read_timeout,
-                hyper: builder.clone(),
-            };
-            let watcher = graceful.watcher();
-            match (&tls, secure) {
-                (Some((t, _)), true) => {
-                    let acceptor = t.acceptor.clone();
-                    let certs = t.certs.clone();
-                    tokio::spawn(async move {
-                        // The handshake is part of the head: a client that stalls in it is
-                        // cut off at the same deadline.
-                        let Ok(Ok(stream)) =
-                            tokio::time::timeout(ctx.header_timeout, acceptor.accept(stream)).await
-                        else {
-                            return;
-                        };
-                        let conn = stream.get_ref().1;
-                        let h2 = conn.alpn_protocol() == Some(b"h2");
-                        ctx.peer.set_tls(certs.pick(conn.server_name()));
-                        h1::server::serve(stream, ctx, watcher, h2).await;
-                        drop(slot);
-                    });
-                }
-                _ => {
-                    tokio::spawn(async move {
-                        h1::server::serve(stream, ctx, watcher, false).await;
-                        drop(slot);
-                    });
-                }
-            }
-        }
-        drop(listener);
-        stop.cancel();
-        self.shared.discovery.stop();
-        if tokio::time::timeout(self.drain_timeout, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!("drain timeout reached with requests still in flight; closing them");
-        }
+        Arc::new(Serving {
+            shared: self.shared.clone(),
+            hyper: Arc::new(builder),
+            per_ip: Arc::new(ConnsPerIp::default()),
+            trusted_proxies: self.trusted_proxies.clone(),
+            max_connections_per_ip: self.max_connections_per_ip,
+            header_read_timeout: self.header_read_timeout,
+            drain_timeout: self.drain_timeout,
+            tls: self.tls.clone(),
+        })
     }
 }
 
-async fn serve_admin(
+/// One worker's listeners: sockets of its own on the gateway's addresses
+/// (`SO_REUSEPORT`), so the kernel spreads new connections over the workers.
+pub struct WorkerListeners {
+    pub plain: std::net::TcpListener,
+    pub tls: Option<std::net::TcpListener>,
+}
+
+/// Binds `workers` listeners on `plain` (and on `tls`), with `SO_REUSEPORT`. A port 0
+/// is chosen by the first and shared by the rest. Call inside a Tokio runtime.
+pub fn bind_workers(
+    plain: std::net::SocketAddr,
+    tls: Option<std::net::SocketAddr>,
+    workers: usize,
+) -> std::io::Result<Vec<WorkerListeners>> {
+    let plain = bind_reuseport(plain, workers)?;
+    let mut tls = match tls {
+        Some(addr) => bind_reuseport(addr, workers)?
+            .into_iter()
+            .map(Some)
+            .collect(),
+        None => Vec::new(),
+    };
+    tls.resize_with(plain.len(), || None);
+    Ok(plain
+        .into_iter()
+        .zip(tls)
+        .map(|(plain, tls)| WorkerListeners { plain, tls })
+        .collect())
+}
+
+fn bind_reuseport(
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut addr = addr;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(1024)?.into_std()?;
+        addr = listener.local_addr()?;
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+async fn cancel_on(shutdown: impl Future<Output = ()>, stop: CancellationToken) {
+    tokio::select! {
+        _ = shutdown => stop.cancel(),
+        _ = stop.cancelled() => {}
+    }
+}
+
+/// What every worker's accept loop serves with, built once.
+struct Serving {
     shared: Arc<Shared>,
+    hyper: Arc<auto::Builder<TokioExecutor>>,
+    per_ip: Arc<ConnsPerIp>,
+    /// Checked once per connection (a reload does not change it: restart to).
+    trusted_proxies: Vec<Cidr>,
+    max_connections_per_ip: u32,
+    header_read_timeout: Duration,
+    drain_timeout: Duration,
+    tls: Option<tls::Terminator>,
+}
+
+/// One worker's accept loop, until `stop`; then it drains the worker's connections for
+/// up to `drain_timeout`.
+async fn serve(
+    serving: Arc<Serving>,
+    worker: usize,
     listener: TcpListener,
-    stop: tokio_util::sync::CancellationToken,
+    tls_listener: Option<TcpListener>,
+    stop: CancellationToken,
 ) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let accepted_here = serving
+        .shared
+        .worker_connections
+        .get()
+        .and_then(|c| c.get(worker));
+    loop {
+        let (accepted, secure) = tokio::select! {
+            _ = stop.cancelled() => break,
+            a = listener.accept() => (a, false),
+            a = accept_tls(&tls_listener) => (a, true),
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if let Some(n) = accepted_here {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+        let slot = match serving
+            .per_ip
+            .clone()
+            .admit(peer.ip(), serving.max_connections_per_ip)
+        {
+            Some(slot) => slot,
+            None => {
+                // Told why, not just reset; never read from. (On the TLS port the
+                // client sees a failed handshake: there is no session to answer in.)
+                let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = &serving.shared.proxy;
+        let mut ctx = h1::server::Ctx {
+            handler: proxy.clone(),
+            replay_cap: proxy.replay_cap,
+            max_body: proxy.max_body,
+            peer: Peer::new(peer, &serving.trusted_proxies),
+            stop: stop.clone(),
+            header_timeout: serving.header_read_timeout,
+            hyper: serving.hyper.clone(),
+        };
+        let watcher = graceful.watcher();
+        match (&serving.tls, secure) {
+            (Some(t), true) => {
+                let acceptor = t.acceptor.clone();
+                let certs = t.certs.clone();
+                tokio::spawn(async move {
+                    // The handshake is part of the head: a client that stalls in it is
+                    // cut off at the same deadline.
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(ctx.header_timeout, acceptor.accept(stream)).await
+                    else {
+                        return;
+                    };
+                    let conn = stream.get_ref().1;
+                    let h2 = conn.alpn_protocol() == Some(b"h2");
+                    ctx.peer.set_tls(certs.pick(conn.server_name()));
+                    h1::server::serve(stream, ctx, watcher, h2).await;
+                    drop(slot);
+                });
+            }
+            _ => {
+                tokio::spawn(async move {
+                    h1::server::serve(stream, ctx, watcher, false).await;
+                    drop(slot);
+                });
+            }
+        }
+    }
+    drop(listener);
+    drop(tls_listener);
+    if tokio::time::timeout(serving.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            worker,
+            "drain timeout reached with requests still in flight; closing them"
+        );
+    }
+}
+
+async fn serve_admin(shared: Arc<Shared>, listener: TcpListener, stop: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -301,7 +491,7 @@ async fn serve_admin(
 
 /// Reloads when the config file's modification time or size changes (checked every
 /// second: cheap, and works on every filesystem, unlike inotify on some mounts).
-async fn watch_config(shared: Arc<Shared>, stop: tokio_util::sync::CancellationToken) {
+async fn watch_config(shared: Arc<Shared>, stop: CancellationToken) {
     let Some(path) = shared.config_path.clone() else {
         return;
     };
@@ -325,7 +515,7 @@ async fn watch_config(shared: Arc<Shared>, stop: tokio_util::sync::CancellationT
 async fn on_sighup(
     shared: Arc<Shared>,
     mut hup: tokio::signal::unix::Signal,
-    stop: tokio_util::sync::CancellationToken,
+    stop: CancellationToken,
 ) {
     loop {
         tokio::select! {
@@ -340,11 +530,11 @@ async fn on_sighup(
 
 /// The next connection on the TLS listener; never, without one.
 async fn accept_tls(
-    tls: &Option<(tls::Terminator, Option<TcpListener>)>,
+    tls: &Option<TcpListener>,
 ) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
     match tls {
-        Some((_, Some(l))) => l.accept().await,
-        _ => std::future::pending().await,
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
     }
 }
 

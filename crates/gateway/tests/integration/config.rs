@@ -82,6 +82,12 @@ fn bad_values_name_the_key() {
             "eror_rate",
         ),
         ("listen = \"nowhere\"\n", "listen"),
+        ("workers = 0\n", "workers: 1 to 1024, not 0"),
+        (
+            "workers = \"many\"\n",
+            "workers: \"auto\" or a number, not \"many\"",
+        ),
+        ("workers = 2000\n", "workers: 1 to 1024"),
         (
             "[[routes]]\nfallback = { status = 1000 }\n",
             "fallback.status",
@@ -96,4 +102,15 @@ fn bad_values_name_the_key() {
         let err = Config::parse(text).unwrap_err().to_string();
         assert!(err.contains(needle), "{text:?}: {err}");
     }
+    use tessera_gateway::config::Workers;
+    assert_eq!(Config::parse("").unwrap().workers, Workers::Auto);
+    assert_eq!(
+        Config::parse("workers = 3").unwrap().workers,
+        Workers::Count(3)
+    );
+    assert_eq!("auto".parse::<Workers>(), Ok(Workers::Auto));
+    assert_eq!(
+        "0".parse::<Workers>(),
+        Err("workers: 1 to 1024, not 0".to_string())
+    );
 }

@@ -14,3 +14,4 @@ mod ratelimit;
 mod resilience;
 mod support;
 mod tls;
+mod workers;

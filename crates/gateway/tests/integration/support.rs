@@ -148,29 +148,55 @@ pub struct TestGateway {
 
 impl TestGateway {
     pub async fn start(toml: &str) -> TestGateway {
+        Self::start_with(toml, None).await
+    }
+
+    /// Serves on `workers` threads of their own (`Gateway::run_workers`), as the CLI
+    /// does with more than one worker.
+    pub async fn start_workers(toml: &str, workers: usize) -> TestGateway {
+        Self::start_with(toml, Some(workers)).await
+    }
+
+    async fn start_with(toml: &str, workers: Option<usize>) -> TestGateway {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("gateway.toml");
         std::fs::write(&config_path, toml).unwrap();
         let config = Config::load(&config_path).unwrap_or_else(|e| panic!("{e}\n{toml}"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let admin_addr = admin.local_addr().unwrap();
         let mut gw = Gateway::build(config.clone(), Some(config_path.clone()))
             .unwrap_or_else(|e| panic!("{e}\n{toml}"));
-        let mut tls_addr = None;
-        if config.tls.is_some() {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tls_addr = Some(l.local_addr().unwrap());
-            gw = gw.with_tls_listener(l).unwrap();
-        }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            gw.run(listener, admin, async move {
-                let _ = stopped.await;
-            })
-            .await;
-        });
+        let stopped = async move {
+            let _ = stopped.await;
+        };
+        let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (addr, tls_addr, task) = match workers {
+            Some(n) => {
+                let tls = config.tls.as_ref().map(|_| local);
+                let listeners = tessera_gateway::bind_workers(local, tls, n).unwrap();
+                let addr = listeners[0].plain.local_addr().unwrap();
+                let tls_addr = listeners[0].tls.as_ref().map(|l| l.local_addr().unwrap());
+                let task = tokio::spawn(async move {
+                    gw.run_workers(listeners, admin, stopped).await.unwrap();
+                });
+                (addr, tls_addr, task)
+            }
+            None => {
+                let listener = tokio::net::TcpListener::bind(local).await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                let mut tls_addr = None;
+                if config.tls.is_some() {
+                    let l = tokio::net::TcpListener::bind(local).await.unwrap();
+                    tls_addr = Some(l.local_addr().unwrap());
+                    gw = gw.with_tls_listener(l).unwrap();
+                }
+                let task = tokio::spawn(async move {
+                    gw.run(listener, admin, stopped).await;
+                });
+                (addr, tls_addr, task)
+            }
+        };
         TestGateway {
             addr,
             tls_addr,

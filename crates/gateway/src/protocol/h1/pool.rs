@@ -2,8 +2,12 @@
 //! shared pool map: no per-request hashing of (scheme, authority) keys, no pool-wide lock.
 //! An HTTP/1.1 connection goes back to its endpoint when the response body has been read
 //! to the end; an h2c connection is shared by concurrent requests while it stays open.
+//! Each worker thread has its own slot in every endpoint's pool: a connection is opened,
+//! used and pooled by one thread's event loop, and a request never waits on another's.
 
+use std::cell::Cell;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::client::conn::http2;
@@ -17,12 +21,52 @@ use crate::protocol::transport::{ConnectError, Connector};
 /// Most idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE: usize = 256;
 
-#[derive(Default)]
+thread_local! {
+    /// This thread's worker number (0 outside the gateway's worker threads): which slot
+    /// of each pool it uses.
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Slots each new pool gets: the most workers any gateway in this process runs.
+static SLOTS: AtomicUsize = AtomicUsize::new(1);
+
+/// Makes every pool created from now on hold a slot for each of `workers` threads.
+pub fn reserve_workers(workers: usize) {
+    SLOTS.fetch_max(workers, Ordering::Relaxed);
+}
+
+/// Marks the calling thread as worker `i`.
+pub fn enter_worker(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
+
+/// The calling thread's worker number.
+pub fn worker() -> usize {
+    WORKER.with(Cell::get)
+}
+
 pub struct Conns {
+    slots: Box<[Slot]>,
+}
+
+/// One worker's connections to the endpoint; aligned so two workers' slots never share
+/// a cache line.
+#[derive(Default)]
+#[repr(align(128))]
+struct Slot {
     /// Idle HTTP/1.1 connections and when each went idle (most recent last).
     idle: Mutex<Vec<(H1Conn, Instant)>>,
     /// The shared HTTP/2 connection and the connector (`Connector::id`) that opened it.
     h2: Mutex<Option<(u64, http2::SendRequest<Body>)>>,
+}
+
+impl Default for Conns {
+    fn default() -> Conns {
+        let slots = SLOTS.load(Ordering::Relaxed);
+        Conns {
+            slots: (0..slots).map(|_| Slot::default()).collect(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Conns {
@@ -38,6 +82,10 @@ pub enum Conn {
 }
 
 impl Conns {
+    fn slot(&self) -> &Slot {
+        &self.slots[worker() % self.slots.len()]
+    }
+
     /// An open connection to `addr`: a pooled one `connector` opened when available,
     /// else a new one.
     pub async fn checkout(
@@ -52,7 +100,7 @@ impl Conns {
         match protocol {
             Protocol::Http1 => {
                 loop {
-                    let next = self.idle.lock().ok().and_then(|mut v| {
+                    let next = self.slot().idle.lock().ok().and_then(|mut v| {
                         // Connections idle past the timeout are closed (dropped), oldest
                         // first; they sit at the front.
                         let stale =
@@ -82,7 +130,7 @@ impl Conns {
                 .await
             }
             Protocol::H2c => {
-                if let Some((id, s)) = self.h2.lock().ok().and_then(|g| g.clone())
+                if let Some((id, s)) = self.slot().h2.lock().ok().and_then(|g| g.clone())
                     && id == connector.id()
                     && !s.is_closed()
                 {
@@ -101,7 +149,7 @@ impl Conns {
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
-                if let Ok(mut g) = self.h2.lock() {
+                if let Ok(mut g) = self.slot().h2.lock() {
                     *g = Some((connector.id(), sender.clone()));
                 }
                 Ok(Conn::H2(sender))
@@ -113,7 +161,7 @@ impl Conns {
     /// exchange started: idle time counts from there, erring on the side of closing
     /// before the upstream's own keep-alive timeout does.
     pub fn checkin(&self, conn: H1Conn, since: Instant) {
-        if let Ok(mut idle) = self.idle.lock()
+        if let Ok(mut idle) = self.slot().idle.lock()
             && idle.len() < MAX_IDLE
         {
             idle.push((conn, since));
