@@ -10,6 +10,9 @@
 #   ratelimit    per-client-IP GCRA, limit high enough that all pass (nginx: limit_req)
 #   shared       the same limit kept in Redis at 127.0.0.1:6379 (tessera only)
 #
+# Then TLS once more on a second tessera with `workers = 2`: where the proxy's CPU is the
+# bottleneck, what a second worker adds (wrk and the upstreams share the same cores).
+#
 #   bench/edge.sh                      # 10 s runs, 3 rounds, wrk -t1 -c64
 #   DURATION=5 ROUNDS=3 bench/edge.sh
 #
@@ -91,6 +94,11 @@ policy = "round_robin"
 CONF
 $BIN gateway --config "$work/gateway.toml" >/dev/null 2>&1 &
 tpid=$!; pids+=("$tpid")
+TPORT2=18184; TTLS2=18185; TADMIN2=18191
+sed -e "s/:$TPORT\"/:$TPORT2\"/" -e "s/:$TTLS\"/:$TTLS2\"/" -e "s/:$TADMIN\"/:$TADMIN2\"/" \
+  -e 's/^workers = 1$/workers = 2/' "$work/gateway.toml" >"$work/gateway2.toml"
+$BIN gateway --config "$work/gateway2.toml" >/dev/null 2>&1 &
+tpid2=$!; pids+=("$tpid2")
 
 cat >"$work/nginx.conf" <<CONF
 worker_processes 1;
@@ -124,7 +132,7 @@ CONF
 nginx -c "$work/nginx.conf" -p "$work" -g "daemon off;" >/dev/null 2>&1 &
 npid=$!; pids+=("$npid")
 
-for url in "http://127.0.0.1:$TPORT/" "https://127.0.0.1:$TTLS/" "http://127.0.0.1:$NPORT/" "https://127.0.0.1:$NTLS/"; do
+for url in "http://127.0.0.1:$TPORT/" "https://127.0.0.1:$TTLS/" "https://127.0.0.1:$TTLS2/" "http://127.0.0.1:$NPORT/" "https://127.0.0.1:$NTLS/"; do
   for _ in $(seq 100); do curl -skf "$url" >/dev/null && break; sleep 0.1; done
 done
 curl -sf -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$TPORT/jwt" >/dev/null || { echo "the JWT route refused the bench token" >&2; exit 1; }
@@ -166,12 +174,13 @@ for r in $(seq "$ROUNDS"); do
   res[t_ratelimit]+="$(run "$tpid" "http://127.0.0.1:$TPORT/ratelimit");"
   res[n_ratelimit]+="$(run "$nworker" "http://127.0.0.1:$NPORT/ratelimit");"
   res[t_shared]+="$(run "$tpid" "http://127.0.0.1:$TPORT/shared");"
+  res[t2_tls]+="$(run "$tpid2" "https://127.0.0.1:$TTLS2/");"
 done
 
 echo "wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS interleaved rounds, medians; 3 upstreams; $(nproc) cores"
 echo "nginx $(nginx -v 2>&1 | sed 's/.*\///') (1 worker), tessera $($BIN --version | awk '{print $2}'), redis $(redis-server --version | awk '{print $3}' | cut -d= -f2)"
 args=()
-for k in t_plain n_plain t_tls n_tls t_jwt t_ratelimit n_ratelimit t_shared; do args+=("$k=${res[$k]}"); done
+for k in t_plain n_plain t_tls n_tls t_jwt t_ratelimit n_ratelimit t_shared t2_tls; do args+=("$k=${res[$k]}"); done
 python3 - "${args[@]}" <<'PY'
 import statistics, sys
 rows = {}
@@ -191,4 +200,7 @@ for feat in ["plain", "tls", "jwt", "ratelimit", "shared"]:
         vs = f"{r[0]/n[0]:.2f}x {r[2]/n[2]:.2f}x" if (n and who == "tessera") else "-"
         print(f"{feat:10} {who:8} {r[0]:8.0f} {r[1]:8.3f} {r[2]:10.0f}  {own:>14}  {vs:>14}")
 print("ratios: req/s and req/CPU-s; 'vs own plain' is the feature's cost for that proxy")
+one, two = rows["t_tls"], rows["t2_tls"]
+print(f"tls, tessera workers = 2: {two[0]:.0f} req/s, p99 {two[1]:.3f} ms, {two[2]:.0f} req/CPU-s: "
+      f"{two[0]/one[0]:.2f}x the req/s of 1 worker, {two[2]/one[2]:.2f}x its req/CPU-s")
 PY

@@ -127,8 +127,10 @@ done
 # nginx forks its worker: measure the worker's CPU (the only process doing the work).
 nworker=$(pgrep -P "$npid" | head -1 || echo "$npid")
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-user_sys() { awk '{print $14, $15}' "/proc/$1/stat"; }
+# CPU of a pid, or of several (comma-separated: nginx's workers), in ticks.
+stats() { for p in ${1//,/ }; do cat "/proc/$p/stat"; done; }
+cpu_ticks() { stats "$1" | awk '{t += $14 + $15} END {print t}'; }
+user_sys() { stats "$1" | awk '{u += $14; s += $15} END {print u, s}'; }
 hz=$(getconf CLK_TCK)
 
 # → "rps p50_ms p99_ms req_per_cpu_s user_us_per_req sys_us_per_req": the user/system
@@ -138,7 +140,7 @@ run() { # name pid port
   local name=$1 pid=$2 port=$3 before after out rps p50 p99 cpu us0 us1
   before=$(cpu_ticks "$pid")
   us0=$(user_sys "$pid")
-  out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$port/")
+  out=$(wrk -t"${WRK_THREADS:-1}" -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$port/")
   after=$(cpu_ticks "$pid")
   us1=$(user_sys "$pid")
   if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "$name: errors during the run" >&2; echo "$out" >&2; fi
@@ -160,17 +162,8 @@ print(f"{rps:.0f} {p50:.3f} {p99:.3f} {rps*dur/cpu if cpu > 0 else 0:.0f} {user:
 PY
 }
 
-declare -A results
-direct=$(run direct "$(uppid 0)" "${UP[0]}")
-for r in $(seq "$ROUNDS"); do
-  results[tessera]+="$(run tessera "$tpid" $TPORT);"
-  results[nginx]+="$(run nginx "$nworker" $NPORT);"
-  results[haproxy]+="$(run haproxy "$hpid" $HPORT);"
-done
-
-echo "wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS interleaved rounds, medians; 3 upstreams; $(nproc) cores"
-echo "nginx $(nginx -v 2>&1 | sed 's/.*\///') (1 worker), haproxy $(haproxy -v | head -1 | awk '{print $3}') (1 thread), tessera $($BIN --version | awk '{print $2}')"
-python3 - "${results[tessera]}" "${results[nginx]}" "${results[haproxy]}" "$direct" <<'PY'
+table() { # tessera nginx haproxy direct → the comparison table
+python3 - "$@" <<'PY'
 import statistics, sys
 names = ["tessera", "nginx", "haproxy"]
 rows = {}
@@ -186,6 +179,50 @@ for name in names:
 print("(user us, sys us: the proxy's CPU per request in its own code and in the kernel)")
 print(f"{'direct':10} {d[0]:10.0f} {d[1]:8.3f} {d[2]:8.3f}   (one upstream, no proxy)")
 PY
+}
+
+declare -A results
+direct=$(run direct "$(uppid 0)" "${UP[0]}")
+for r in $(seq "$ROUNDS"); do
+  results[tessera]+="$(run tessera "$tpid" $TPORT);"
+  results[nginx]+="$(run nginx "$nworker" $NPORT);"
+  results[haproxy]+="$(run haproxy "$hpid" $HPORT);"
+done
+
+echo "wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS interleaved rounds, medians; 3 upstreams; $(nproc) cores"
+echo "nginx $(nginx -v 2>&1 | sed 's/.*\///') (1 worker), haproxy $(haproxy -v | head -1 | awk '{print $3}') (1 thread), tessera $($BIN --version | awk '{print $2}')"
+table "${results[tessera]}" "${results[nginx]}" "${results[haproxy]}" "$direct"
+
+# The same, with every proxy on its multi-core defaults: nginx worker_processes auto,
+# HAProxy nbthread = cores, tessera workers = "auto"; wrk -t2 (one wrk thread would
+# be the bottleneck). CPU counts every nginx worker and every tessera/HAProxy thread.
+TPORT3=18085; NPORT3=18086; HPORT3=18087; TADMIN3=18091
+sed -e "s/:$TPORT\"/:$TPORT3\"/" -e "s/:$TADMIN\"/:$TADMIN3\"/" -e 's/^workers = 1$/workers = "auto"/' \
+  "$work/gateway.toml" >"$work/gateway-cores.toml"
+$BIN gateway --config "$work/gateway-cores.toml" >/dev/null 2>&1 &
+tpid3=$!; pids+=("$tpid3")
+sed -e 's/^worker_processes 1;/worker_processes auto;/' -e "s/:$NPORT;/:$NPORT3;/" -e "s/:$NPORT2 http2;/:18088 http2;/" \
+  -e "s|$work/nginx.pid|$work/nginx3.pid|" "$work/nginx.conf" >"$work/nginx-cores.conf"
+nginx -c "$work/nginx-cores.conf" -p "$work" -g "daemon off;" >/dev/null 2>&1 &
+npid3=$!; pids+=("$npid3")
+sed -e "s/nbthread 1/nbthread $(nproc)/" -e "s/:$HPORT\$/:$HPORT3/" -e "/^frontend f2/,/default_backend b/d" \
+  "$work/haproxy.cfg" >"$work/haproxy-cores.cfg"
+haproxy -f "$work/haproxy-cores.cfg" -db >/dev/null 2>&1 &
+hpid3=$!; pids+=("$hpid3")
+for port in $TPORT3 $NPORT3 $HPORT3; do
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.1; done
+done
+nworkers3=$(pgrep -P "$npid3" | paste -sd, || echo "$npid3")
+declare -A cores
+for r in $(seq "$ROUNDS"); do
+  cores[tessera]+="$(WRK_THREADS=2 run tessera "$tpid3" $TPORT3);"
+  cores[nginx]+="$(WRK_THREADS=2 run nginx "$nworkers3" $NPORT3);"
+  cores[haproxy]+="$(WRK_THREADS=2 run haproxy "$hpid3" $HPORT3);"
+done
+echo
+echo "multi-core defaults: wrk -t2 -c$CONNS -d${DURATION}s, $ROUNDS interleaved rounds, medians; nginx $(pgrep -P "$npid3" | wc -l) workers, haproxy nbthread $(nproc), tessera workers = \"auto\" ($(nproc))"
+table "${cores[tessera]}" "${cores[nginx]}" "${cores[haproxy]}" "$direct"
+echo
 
 h2run() { # pid port → "rps req_per_cpu_s" with h2load (h2c prior knowledge)
   local pid=$1 port=$2 before after out rps cpu
