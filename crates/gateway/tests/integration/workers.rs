@@ -77,6 +77,19 @@ fn metric(m: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in {m}"))
 }
 
+/// A two-worker gateway config: one route to upstream `u` over `endpoints`, with extra
+/// lines for the route and for the upstream.
+fn config(endpoints: &[&Upstream], route: &str, upstream: &str) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|u| format!("\"{}\"", u.addr))
+        .collect();
+    format!(
+        "workers = 2\n[[routes]]\nupstream = \"u\"\n{route}\n[upstreams.u]\nendpoints = [{}]\n{upstream}\n",
+        eps.join(", ")
+    )
+}
+
 async fn metrics(gw: &TestGateway) -> String {
     let (_, _, m) = gw.admin_http().get("/metrics").await;
     m.as_str().unwrap().to_owned()
@@ -85,14 +98,7 @@ async fn metrics(gw: &TestGateway) -> String {
 #[tokio::test]
 async fn connections_land_on_every_worker_and_are_served() {
     let a = Upstream::start("a").await;
-    let gw = TestGateway::start_workers(
-        &format!(
-            "workers = 2\n[[routes]]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{}\"]\n",
-            a.addr
-        ),
-        2,
-    )
-    .await;
+    let gw = TestGateway::start_workers(&config(&[&a], "", ""), 2).await;
     let answers = on_both_workers(&gw, burst(gw.addr, "/x", 40)).await;
     assert!(
         answers
@@ -109,18 +115,10 @@ async fn a_breaker_opened_by_failures_rejects_on_every_worker() {
     let a = Upstream::start("a").await;
     a.set_status(503);
     let gw = TestGateway::start_workers(
-        &format!(
-            r#"
-workers = 2
-[[routes]]
-upstream = "u"
-retries = {{ attempts = 0 }}
-[upstreams.u]
-endpoints = ["{}"]
-outlier = {{ enabled = false }}
-breaker = {{ min_calls = 5, error_rate = 0.5, open_for = "1h", half_open_probes = 2 }}
-"#,
-            a.addr
+        &config(
+            &[&a],
+            "retries = { attempts = 0 }",
+            "outlier = { enabled = false }\nbreaker = { min_calls = 5, error_rate = 0.5, open_for = \"1h\", half_open_probes = 2 }",
         ),
         2,
     )
@@ -152,17 +150,7 @@ breaker = {{ min_calls = 5, error_rate = 0.5, open_for = "1h", half_open_probes 
 async fn a_rate_limit_is_exact_across_workers() {
     let a = Upstream::start("a").await;
     let gw = TestGateway::start_workers(
-        &format!(
-            r#"
-workers = 2
-[[routes]]
-upstream = "u"
-rate_limit = {{ rate = 0.001, burst = 10 }}
-[upstreams.u]
-endpoints = ["{}"]
-"#,
-            a.addr
-        ),
+        &config(&[&a], "rate_limit = { rate = 0.001, burst = 10 }", ""),
         2,
     )
     .await;
@@ -184,19 +172,10 @@ async fn a_retry_budget_is_exact_across_workers() {
     b.set_status(503);
     // No share of requests, a floor of 1 retry/s over the 10 s window: 10 retries in all.
     let gw = TestGateway::start_workers(
-        &format!(
-            r#"
-workers = 2
-[[routes]]
-upstream = "u"
-retries = {{ attempts = 1 }}
-[upstreams.u]
-endpoints = ["{}", "{}"]
-breaker = {{ enabled = false }}
-outlier = {{ enabled = false }}
-retry_budget = {{ ratio = 0.0, min_per_sec = 1 }}
-"#,
-            a.addr, b.addr
+        &config(
+            &[&a, &b],
+            "retries = { attempts = 1 }",
+            "breaker = { enabled = false }\noutlier = { enabled = false }\nretry_budget = { ratio = 0.0, min_per_sec = 1 }",
         ),
         2,
     )
@@ -222,19 +201,10 @@ async fn an_ejection_is_seen_by_every_worker() {
     let bad = Upstream::start("bad").await;
     bad.set_status(503);
     let gw = TestGateway::start_workers(
-        &format!(
-            r#"
-workers = 2
-[[routes]]
-upstream = "u"
-retries = {{ attempts = 0 }}
-[upstreams.u]
-endpoints = ["{}", "{}"]
-policy = "round_robin"
-breaker = {{ enabled = false }}
-outlier = {{ consecutive_errors = 3, base_ejection = "1h", max_ejected_percent = 50 }}
-"#,
-            good.addr, bad.addr
+        &config(
+            &[&good, &bad],
+            "retries = { attempts = 0 }",
+            "policy = \"round_robin\"\nbreaker = { enabled = false }\noutlier = { consecutive_errors = 3, base_ejection = \"1h\", max_ejected_percent = 50 }",
         ),
         2,
     )
@@ -259,19 +229,14 @@ outlier = {{ consecutive_errors = 3, base_ejection = "1h", max_ejected_percent =
 async fn a_reload_swaps_every_workers_routes() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
-    let config = |up: &Upstream| {
-        format!(
-            "workers = 2\nwatch_config = false\n[[routes]]\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{}\"]\n",
-            up.addr
-        )
-    };
-    let gw = TestGateway::start_workers(&config(&a), 2).await;
+    let only = |up: &Upstream| format!("watch_config = false\n{}", config(&[up], "", ""));
+    let gw = TestGateway::start_workers(&only(&a), 2).await;
     let answers = on_both_workers(&gw, burst(gw.addr, "/", 20)).await;
     assert!(
         answers.iter().all(|(_, b)| b.contains("\"id\":\"a\"")),
         "{answers:?}"
     );
-    std::fs::write(&gw.config_path, config(&b)).unwrap();
+    std::fs::write(&gw.config_path, only(&b)).unwrap();
     let (s, _, v) = gw
         .admin_http()
         .send(Method::POST, "/admin/reload", &[], Bytes::new())
@@ -292,8 +257,8 @@ async fn shutting_down_drains_in_flight_requests_on_every_worker() {
     a.delay_ms.store(2_000, std::sync::atomic::Ordering::SeqCst);
     let mut gw = TestGateway::start_workers(
         &format!(
-            "workers = 2\ndrain_timeout = \"60s\"\n[[routes]]\nupstream = \"u\"\ntimeout = \"60s\"\nretries = {{ attempts = 0 }}\n[upstreams.u]\nendpoints = [\"{}\"]\n",
-            a.addr
+            "drain_timeout = \"60s\"\n{}",
+            config(&[&a], "timeout = \"60s\"\nretries = { attempts = 0 }", "")
         ),
         2,
     )
