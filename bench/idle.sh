@@ -94,7 +94,8 @@ measure() { # name pid port
   exec 9>"$fifo"
   for _ in $(seq 600); do [ -s "$work/held.$port" ] && break; sleep 0.1; done
   held=$(cat "$work/held.$port")
-  sleep 1
+  # Idle a while: tessera gives a connection's buffers back after a second idle.
+  sleep 3
   after=$(rss_kib "$pid")
   exec 9>&-
   wait "$hpid" || true

@@ -123,7 +123,7 @@ async fn run_workers(config: Config, path: PathBuf, workers: usize) -> Result<()
         None => String::new(),
     };
     println!(
-        "tessera gateway listening on http://{addr}{tls_note} with {workers} workers (admin http://{admin_addr}, config {})",
+        "tessera gateway listening on http://{addr}{tls_note} (admin http://{admin_addr}, config {}, {workers} workers)",
         path.display()
     );
     let gateway = Gateway::build(config, Some(path)).map_err(|e| e.to_string())?;

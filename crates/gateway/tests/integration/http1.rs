@@ -658,6 +658,55 @@ async fn slow_and_idle_clients_are_timed_out() {
     );
 }
 
+/// A keep-alive connection idle for a second gives its buffers back, and reads its next
+/// request into a small one first: a head longer than that first read, and two
+/// pipelined requests, still arrive whole.
+#[tokio::test]
+async fn an_idle_connection_gives_its_buffers_back_and_serves_on() {
+    let up = Upstream::start("echo").await;
+    let gw = gateway_to(up.addr, "").await;
+    let released = || async {
+        let (_, _, m) = gw.admin_http().get("/metrics").await;
+        m.as_str()
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("tessera_gateway_idle_buffer_releases_total "))
+            .map(|v| v.parse::<u64>().unwrap())
+            .unwrap()
+    };
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut pending = Vec::new();
+    let get = b"GET /a HTTP/1.1\r\nhost: a\r\n\r\n";
+    let before = released().await;
+    let (h, _) = exchange(&mut s, get, &mut pending).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    wait_for("the idle connection to give its buffers back", || async {
+        released().await > before
+    })
+    .await;
+    let long = format!(
+        "GET /long HTTP/1.1\r\nhost: a\r\nx-long: {}\r\n\r\n",
+        "v".repeat(3000)
+    );
+    let (h, body) = exchange(&mut s, long.as_bytes(), &mut pending).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    let v = json(&body);
+    assert_eq!(v["path"], "/long");
+    assert_eq!(v["headers"]["x-long"].as_str().unwrap().len(), 3000);
+    let before = released().await;
+    wait_for(
+        "the idle connection to give its buffers back again",
+        || async { released().await > before },
+    )
+    .await;
+    let two = [&get[..], &get[..]].concat();
+    let (h, _) = exchange(&mut s, &two, &mut pending).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    let (h, _) = read_response(&mut s, &mut pending).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert_eq!(up.hits(), 4);
+}
+
 #[tokio::test]
 async fn a_pooled_connection_the_upstream_closed_is_not_used() {
     // The upstream closes each connection shortly after answering, as one with a short

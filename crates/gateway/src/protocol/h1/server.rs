@@ -46,6 +46,13 @@ pub const MAX_HEADERS: usize = 100;
 const MAX_TARGET: usize = 8 * 1024;
 /// Response bodies up to this size are written in one `write` with their head.
 const INLINE_BODY: usize = 64 * 1024;
+/// How long a keep-alive connection waits for its next request before it gives its
+/// buffers back (12 KiB; taken again when the next request comes). Long enough that a
+/// busy connection never does: its timer is left armed, and fires once a second.
+const SHRINK_AFTER: Duration = Duration::from_secs(1);
+
+/// Times an idle connection gave its buffers back, in this process.
+pub static IDLE_RELEASES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// What answers the requests a connection reads (the proxy, in the gateway). Generic,
 /// not a trait object: the server is compiled for its one handler, so nothing is boxed
@@ -197,6 +204,23 @@ impl Stop<'_, '_> {
     }
 }
 
+/// A read for a connection that gave its buffer back: into a small one on the stack,
+/// then into `buf`, taken at full size only now that bytes have come.
+#[cold]
+#[inline(never)]
+fn poll_first_read<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<std::io::Result<usize>> {
+    let mut first = [0u8; 512];
+    let mut rb = tokio::io::ReadBuf::new(&mut first);
+    std::task::ready!(Pin::new(io).poll_read(cx, &mut rb))?;
+    buf.reserve(8 * 1024);
+    buf.extend_from_slice(rb.filled());
+    Poll::Ready(Ok(rb.filled().len()))
+}
+
 enum Fill {
     Read,
     Eof,
@@ -243,9 +267,22 @@ impl<IO: AsyncRead + AsyncWrite + PlainSocket + Unpin> Conn<IO> {
                 } else {
                     None
                 };
-                match self.fill(deadline, stop).await {
+                // Idle with buffers held: wake once, a while in, to give them back.
+                let holding = self.buf.is_empty() && self.buf.capacity() > 0;
+                let wait = if holding {
+                    deadline.min(idle_since + SHRINK_AFTER)
+                } else {
+                    deadline
+                };
+                match self.fill(wait, stop).await {
                     Fill::Read => {}
                     Fill::Eof | Fill::Stopped => return Next::Close,
+                    Fill::TimedOut if holding && wait < deadline => {
+                        self.buf = BytesMut::new();
+                        self.out = Vec::new();
+                        self.fields = FieldRanges::new();
+                        IDLE_RELEASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     Fill::TimedOut => {
                         if !self.buf.is_empty() {
                             let _ = self.io.write_all(REQUEST_TIMEOUT).await;
@@ -305,13 +342,20 @@ impl<IO: AsyncRead + AsyncWrite + PlainSocket + Unpin> Conn<IO> {
         }
     }
 
-    /// Reads more bytes, up to `deadline`; `stop` ends an idle wait.
+    /// Reads more bytes, up to `deadline`; `stop` ends an idle wait. A connection that
+    /// gave its buffer back waits with a small one on the stack, and takes a full one
+    /// only once bytes come.
     async fn fill(&mut self, deadline: Instant, mut stop: Option<&mut Stop<'_, '_>>) -> Fill {
-        if self.buf.capacity() - self.buf.len() < 2048 {
+        if self.buf.capacity() > 0 && self.buf.capacity() - self.buf.len() < 2048 {
             self.buf.reserve(8 * 1024);
         }
         std::future::poll_fn(|cx| {
-            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf) {
+            let read = if self.buf.capacity() > 0 {
+                tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+            } else {
+                poll_first_read(&mut self.io, cx, &mut self.buf)
+            };
+            match read {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Fill::Eof),
                 Poll::Ready(Ok(_)) => return Poll::Ready(Fill::Read),
                 Poll::Pending => {}
