@@ -6,6 +6,8 @@
 #
 #   bench/idle.sh                 # 10,000 connections
 #   CONNS=5000 bench/idle.sh
+#   MIMALLOC_PURGE_DELAY=0 bench/idle.sh   # tessera's allocator returns freed pages at
+#                                          # once: RSS then shows what is live
 #
 # Needs nginx (apt-get installs it if missing) and python3.
 set -euo pipefail

@@ -90,6 +90,9 @@ pub struct Ctx<H> {
 
 enum Next {
     Close,
+    /// Idle since then for a while, buffers given back: the next request is waited for
+    /// outside the request state.
+    Idle(Instant),
     /// Serve the rest of the connection with hyper; these bytes were read already.
     HandOff(BytesMut),
 }
@@ -111,7 +114,28 @@ where
     let next = if h2 {
         Next::HandOff(BytesMut::new())
     } else {
-        conn.run(&ctx).await
+        // The request state (the proxy's future inside) lives in its own allocation,
+        // made when a connection becomes busy and freed when it has been idle a second:
+        // a busy connection pays for it once, an idle one holds only this small future.
+        let mut idle_since = Instant::now();
+        loop {
+            match Box::pin(conn.run(&ctx, idle_since)).await {
+                Next::Idle(since) => idle_since = since,
+                other => break other,
+            }
+            let deadline = idle_since + ctx.header_timeout;
+            let cancelled = ctx.stop.cancelled();
+            tokio::pin!(cancelled);
+            let mut stop = Stop {
+                token: &ctx.stop,
+                cancelled,
+                armed: false,
+            };
+            match conn.fill(deadline, Some(&mut stop)).await {
+                Fill::Read => {}
+                Fill::Eof | Fill::Stopped | Fill::TimedOut => break Next::Close,
+            }
+        }
     };
     if let Next::Close = next {
         // Sends what TLS still buffers, then its close_notify (a FIN on plain TCP); a
@@ -144,7 +168,10 @@ where
             read: read.freeze(),
             io: conn.io,
         });
-        let served = watcher.watch(hyper.serve_connection_with_upgrades(io, svc).into_owned());
+        // Boxed: hyper's connection state would otherwise be in every connection's
+        // future, idle ones included.
+        let served =
+            Box::pin(watcher.watch(hyper.serve_connection_with_upgrades(io, svc).into_owned()));
         if let Err(e) = served.await {
             tracing::trace!(error = %e, "connection ended with an error");
         }
@@ -229,7 +256,9 @@ enum Fill {
 }
 
 impl<IO: AsyncRead + AsyncWrite + PlainSocket + Unpin> Conn<IO> {
-    async fn run<H: Handler>(&mut self, ctx: &Ctx<H>) -> Next {
+    /// Serves requests until the connection closes, is handed off, or has been idle
+    /// (since `idle_since`, at first) long enough to give its buffers back.
+    async fn run<H: Handler>(&mut self, ctx: &Ctx<H>, idle_since: Instant) -> Next {
         let cancelled = ctx.stop.cancelled();
         tokio::pin!(cancelled);
         let mut stop = Stop {
@@ -237,7 +266,7 @@ impl<IO: AsyncRead + AsyncWrite + PlainSocket + Unpin> Conn<IO> {
             cancelled,
             armed: false,
         };
-        let mut idle_since = Instant::now();
+        let mut idle_since = idle_since;
         loop {
             // Waiting for a request: between requests and while its head arrives.
             let deadline = idle_since + ctx.header_timeout;
@@ -282,6 +311,7 @@ impl<IO: AsyncRead + AsyncWrite + PlainSocket + Unpin> Conn<IO> {
                         self.out = Vec::new();
                         self.fields = FieldRanges::new();
                         IDLE_RELEASES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return Next::Idle(idle_since);
                     }
                     Fill::TimedOut => {
                         if !self.buf.is_empty() {
