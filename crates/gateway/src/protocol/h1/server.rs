@@ -124,13 +124,8 @@ where
                 other => break other,
             }
             let deadline = idle_since + ctx.header_timeout;
-            let cancelled = ctx.stop.cancelled();
-            tokio::pin!(cancelled);
-            let mut stop = Stop {
-                token: &ctx.stop,
-                cancelled,
-                armed: false,
-            };
+            let cancelled = std::pin::pin!(ctx.stop.cancelled());
+            let mut stop = Stop::new(&ctx.stop, cancelled);
             match conn.fill(deadline, Some(&mut stop)).await {
                 Fill::Read => {}
                 Fill::Eof | Fill::Stopped | Fill::TimedOut => break Next::Close,
@@ -217,7 +212,18 @@ struct Stop<'a, 'b> {
     armed: bool,
 }
 
-impl Stop<'_, '_> {
+impl<'a, 'b> Stop<'a, 'b> {
+    fn new(
+        token: &'a CancellationToken,
+        cancelled: Pin<&'b mut tokio_util::sync::WaitForCancellationFuture<'a>>,
+    ) -> Self {
+        Stop {
+            token,
+            cancelled,
+            armed: false,
+        }
+    }
+
     /// Whether the server is stopping. The wait registers the task's waker once per
     /// connection, not once per request: re-polling it locks the token's waiter list
     /// each time (callgrind: about 150 instructions a request), and the waker of the
@@ -259,13 +265,8 @@ impl<IO: AsyncRead + AsyncWrite + PlainSocket + Unpin> Conn<IO> {
     /// Serves requests until the connection closes, is handed off, or has been idle
     /// (since `idle_since`, at first) long enough to give its buffers back.
     async fn run<H: Handler>(&mut self, ctx: &Ctx<H>, idle_since: Instant) -> Next {
-        let cancelled = ctx.stop.cancelled();
-        tokio::pin!(cancelled);
-        let mut stop = Stop {
-            token: &ctx.stop,
-            cancelled,
-            armed: false,
-        };
+        let cancelled = std::pin::pin!(ctx.stop.cancelled());
+        let mut stop = Stop::new(&ctx.stop, cancelled);
         let mut idle_since = idle_since;
         loop {
             // Waiting for a request: between requests and while its head arrives.
