@@ -88,12 +88,14 @@ def test_pyjwt_tokens_and_a_negative_corpus(gateway, upstream, tmp_path):
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ec_key = ec.generate_private_key(ec.SECP256R1())
     ed_key = ed25519.Ed25519PrivateKey.generate()
-    secret = os.urandom(48)
+    # The gateway drops trailing CR/LF from a secret file (as `echo secret > file` adds
+    # one), so the random secret must not end in one; the file gets a newline to prove it.
+    secret = os.urandom(47) + b"s"
     files = {
         "rsa.pem": pem_public(rsa_key),
         "ec.pem": pem_public(ec_key),
         "ed.pem": pem_public(ed_key),
-        "secret": secret,
+        "secret": secret + b"\n",
     }
     jwks = {"keys": []}
     for kid, key, alg in [("r1", rsa_key, jwt.algorithms.RSAAlgorithm),
