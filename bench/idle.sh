@@ -96,8 +96,9 @@ measure() { # name pid port
   exec 9>"$fifo"
   for _ in $(seq 600); do [ -s "$work/held.$port" ] && break; sleep 0.1; done
   held=$(cat "$work/held.$port")
-  # Idle a while: tessera gives a connection's buffers back after a second idle.
-  sleep 3
+  # Idle a while: tessera gives a connection's buffers back after a second idle, and its
+  # allocator purges freed pages a second after that (checked once a second).
+  sleep 4
   after=$(rss_kib "$pid")
   exec 9>&-
   wait "$hpid" || true

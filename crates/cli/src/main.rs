@@ -1,5 +1,6 @@
 //! The `tessera` binary. Run with: `cargo run --release -- demo`.
 
+mod alloc;
 mod client;
 mod demo;
 mod gateway;
@@ -9,11 +10,6 @@ mod server;
 mod upstream;
 
 use clap::Parser;
-
-/// mimalloc instead of glibc malloc: the proxy and API paths allocate many small, short-lived
-/// buffers, where it measured ~5% less CPU per request (bench/README.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -27,6 +23,7 @@ async fn main() -> std::process::ExitCode {
         // Colour only for a person at a terminal; log files get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    tokio::spawn(alloc::purge_forever());
     match cli.run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
