@@ -10,8 +10,10 @@
 #   ratelimit    per-client-IP GCRA, limit high enough that all pass (nginx: limit_req)
 #   shared       the same limit kept in Redis at 127.0.0.1:6379 (tessera only)
 #
-# Then TLS once more on a second tessera with `workers = 2`: where the proxy's CPU is the
-# bottleneck, what a second worker adds (wrk and the upstreams share the same cores).
+# Then TLS scaling: tessera with `workers = 2` next to tessera with 1, and nginx with
+# `worker_processes 2` next to nginx with 1, each loaded by wrk -t1 and by wrk -t2. wrk
+# and the upstreams share the same cores, so the script also prints how busy the whole
+# machine was: when one worker already leaves no core idle, a second can only share it.
 #
 #   bench/edge.sh                      # 10 s runs, 3 rounds, wrk -t1 -c64
 #   DURATION=5 ROUNDS=3 bench/edge.sh
@@ -23,7 +25,7 @@ DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-64}
 UP=(19201 19202 19203)
-TPORT=18180; TTLS=18181; TADMIN=18190; NPORT=18182; NTLS=18183
+TPORT=18180; TTLS=18181; TADMIN=18190; NPORT=18182; NTLS=18183; NTLS2=18186
 REDIS=${REDIS:-127.0.0.1:6379}
 
 need=()
@@ -131,36 +133,46 @@ http {
 CONF
 nginx -c "$work/nginx.conf" -p "$work" -g "daemon off;" >/dev/null 2>&1 &
 npid=$!; pids+=("$npid")
+# nginx on two workers, TLS only, for the scaling runs.
+mkdir "$work/n2"
+sed -e 's/^worker_processes 1;$/worker_processes 2;/' -e "s|$work/nginx|$work/n2/nginx|g" \
+  -e "/listen 127.0.0.1:$NPORT;/d" -e "s/:$NTLS ssl/:$NTLS2 ssl/" "$work/nginx.conf" >"$work/n2/nginx.conf"
+nginx -c "$work/n2/nginx.conf" -p "$work/n2" -g "daemon off;" >/dev/null 2>&1 &
+npid2=$!; pids+=("$npid2")
 
-for url in "http://127.0.0.1:$TPORT/" "https://127.0.0.1:$TTLS/" "https://127.0.0.1:$TTLS2/" "http://127.0.0.1:$NPORT/" "https://127.0.0.1:$NTLS/"; do
+for url in "http://127.0.0.1:$TPORT/" "https://127.0.0.1:$TTLS/" "https://127.0.0.1:$TTLS2/" "http://127.0.0.1:$NPORT/" "https://127.0.0.1:$NTLS/" "https://127.0.0.1:$NTLS2/"; do
   for _ in $(seq 100); do curl -skf "$url" >/dev/null && break; sleep 0.1; done
 done
 curl -sf -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$TPORT/jwt" >/dev/null || { echo "the JWT route refused the bench token" >&2; exit 1; }
 curl -sf "http://127.0.0.1:$TPORT/shared" >/dev/null || { echo "the shared-limit route failed" >&2; exit 1; }
 nworker=$(pgrep -P "$npid" | head -1 || echo "$npid")
+nworkers2=$(pgrep -P "$npid2" | paste -sd, -)
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+cpu_ticks() { # pid[,pid...] → user+system ticks of them all
+  local t=0 p
+  for p in ${1//,/ }; do t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat") )); done
+  echo "$t"
+}
+machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $6 + $7 + $8}' /proc/stat; }
 hz=$(getconf CLK_TCK)
-run() { # pid url [header] → "rps p99_ms req_per_cpu_s"
-  local pid=$1 url=$2 before after out
-  before=$(cpu_ticks "$pid")
-  if [ $# -gt 2 ]; then
-    out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "$3" "$url")
-  else
-    out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$url")
-  fi
-  after=$(cpu_ticks "$pid")
+run() { # pid[,pid...] url [header] → "rps p99_ms req_per_cpu_s machine_cores"; WRK_THREADS
+  local pid=$1 url=$2 before after mbefore mafter out
+  local wrk_args=(-t"${WRK_THREADS:-1}" -c"$CONNS" -d"${DURATION}s" --latency)
+  if [ $# -gt 2 ]; then wrk_args+=(-H "$3"); fi
+  before=$(cpu_ticks "$pid"); mbefore=$(machine_ticks)
+  out=$(wrk "${wrk_args[@]}" "$url")
+  after=$(cpu_ticks "$pid"); mafter=$(machine_ticks)
   if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "errors during the run on $url" >&2; echo "$out" >&2; fi
   python3 - "$(awk '/Requests\/sec/ {print $2}' <<<"$out")" "$(awk '$1=="99%" {print $2}' <<<"$out")" \
-    "$(( after - before ))" "$hz" "$DURATION" <<'PY'
+    "$(( after - before ))" "$hz" "$DURATION" "$(( mafter - mbefore ))" <<'PY'
 import sys
 def ms(s):
     for unit, f in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
         if s.endswith(unit): return float(s[:-len(unit)]) * f
     return float(s)
 rps, p99, ticks, hz, dur = float(sys.argv[1]), ms(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
-cpu = ticks / hz
-print(f"{rps:.0f} {p99:.3f} {rps*dur/cpu if cpu > 0 else 0:.0f}")
+cpu, machine = ticks / hz, int(sys.argv[6]) / hz
+print(f"{rps:.0f} {p99:.3f} {rps*dur/cpu if cpu > 0 else 0:.0f} {machine/dur:.2f}")
 PY
 }
 
@@ -174,13 +186,20 @@ for r in $(seq "$ROUNDS"); do
   res[t_ratelimit]+="$(run "$tpid" "http://127.0.0.1:$TPORT/ratelimit");"
   res[n_ratelimit]+="$(run "$nworker" "http://127.0.0.1:$NPORT/ratelimit");"
   res[t_shared]+="$(run "$tpid" "http://127.0.0.1:$TPORT/shared");"
-  res[t2_tls]+="$(run "$tpid2" "https://127.0.0.1:$TTLS2/");"
+  for t in 1 2; do
+    export WRK_THREADS=$t
+    res[s_t1_t$t]+="$(run "$tpid" "https://127.0.0.1:$TTLS/");"
+    res[s_t2_t$t]+="$(run "$tpid2" "https://127.0.0.1:$TTLS2/");"
+    res[s_n1_t$t]+="$(run "$nworker" "https://127.0.0.1:$NTLS/");"
+    res[s_n2_t$t]+="$(run "$nworkers2" "https://127.0.0.1:$NTLS2/");"
+  done
+  unset WRK_THREADS
 done
 
 echo "wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS interleaved rounds, medians; 3 upstreams; $(nproc) cores"
 echo "nginx $(nginx -v 2>&1 | sed 's/.*\///') (1 worker), tessera $($BIN --version | awk '{print $2}'), redis $(redis-server --version | awk '{print $3}' | cut -d= -f2)"
 args=()
-for k in t_plain n_plain t_tls n_tls t_jwt t_ratelimit n_ratelimit t_shared t2_tls; do args+=("$k=${res[$k]}"); done
+for k in "${!res[@]}"; do args+=("$k=${res[$k]}"); done
 python3 - "${args[@]}" <<'PY'
 import statistics, sys
 rows = {}
@@ -200,7 +219,13 @@ for feat in ["plain", "tls", "jwt", "ratelimit", "shared"]:
         vs = f"{r[0]/n[0]:.2f}x {r[2]/n[2]:.2f}x" if (n and who == "tessera") else "-"
         print(f"{feat:10} {who:8} {r[0]:8.0f} {r[1]:8.3f} {r[2]:10.0f}  {own:>14}  {vs:>14}")
 print("ratios: req/s and req/CPU-s; 'vs own plain' is the feature's cost for that proxy")
-one, two = rows["t_tls"], rows["t2_tls"]
-print(f"tls, tessera workers = 2: {two[0]:.0f} req/s, p99 {two[1]:.3f} ms, {two[2]:.0f} req/CPU-s: "
-      f"{two[0]/one[0]:.2f}x the req/s of 1 worker, {two[2]/one[2]:.2f}x its req/CPU-s")
+print()
+print("TLS (keep-alive) on 1 and 2 workers; cores busy: the proxy's / the whole machine's")
+print(f"{'wrk':4} {'proxy':8} {'1 worker req/s':>14} {'cores':>10} {'2 workers req/s':>15} {'cores':>10}  {'req/s':>6} {'req/CPU-s':>9}")
+for t in (1, 2):
+    for who, tag in (("tessera", "t"), ("nginx", "n")):
+        one, two = rows[f"s_{tag}1_t{t}"], rows[f"s_{tag}2_t{t}"]
+        busy = lambda r: f"{r[0]/r[2]:.2f}/{r[3]:.2f}"
+        print(f"-t{t:<2} {who:8} {one[0]:14.0f} {busy(one):>10} {two[0]:15.0f} {busy(two):>10}  "
+              f"{two[0]/one[0]:5.2f}x {two[2]/one[2]:8.2f}x")
 PY
