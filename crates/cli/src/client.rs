@@ -25,6 +25,16 @@ pub struct Cli {
     /// ACL token (default: $TESSERA_HTTP_TOKEN, else $CONSUL_HTTP_TOKEN).
     #[arg(long, global = true)]
     token: Option<String>,
+    /// Log lines as text (coloured only on a terminal) or as JSON objects, one per line.
+    /// Which lines: $TESSERA_LOG, e.g. `info`, `warn,tessera_gateway::access=info`.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "TESSERA_LOG_FORMAT",
+        default_value_t
+    )]
+    pub log_format: crate::log::LogFormat,
     #[command(subcommand)]
     command: Command,
 }

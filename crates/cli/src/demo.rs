@@ -107,6 +107,7 @@ impl Proc {
         let mut child = Command::new(exe)
             .args(&self.args)
             .env("TESSERA_STOP_ON_STDIN_EOF", "1")
+            .env("TESSERA_LOG_FORMAT", crate::log::format().as_str())
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(log)

@@ -522,9 +522,8 @@ async fn a_registry_restart_loses_the_gateway_no_endpoint() {
         child: mut gw,
         addr: gw_addr,
         admin: gw_admin,
-        mut lines,
+        ..
     } = common::spawn_gateway(&cfg).await;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     // Whether the gateway's discovery of `web` reaches the registry (its metric).
     let discovery_up = |up: bool| {
         let (c, a) = (c.clone(), gw_admin.clone());
@@ -848,6 +847,79 @@ async fn bad_config_file_names_the_key() {
     assert!(err.contains("datacentre"), "{err}");
 }
 
+/// Logs as text (no escape codes when stderr is not a terminal) or as JSON lines, chosen by
+/// `--log-format` or `TESSERA_LOG_FORMAT`; a `TESSERA_LOG` that is not a filter is named
+/// in a warning, and a failure at start is itself a log line.
+#[tokio::test]
+async fn logs_are_text_or_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(&cfg, "datacentre = \"dc2\"\n").unwrap();
+    let run = |format: Option<(&'static str, &'static str)>| {
+        let mut cmd = Command::new(BIN);
+        if let Some(("flag", f)) = format {
+            cmd.args(["--log-format", f]);
+        }
+        if let Some(("env", f)) = format {
+            cmd.env("TESSERA_LOG_FORMAT", f);
+        } else {
+            cmd.env_remove("TESSERA_LOG_FORMAT");
+        }
+        cmd.args(["server", "--bind", "127.0.0.1:0", "--config"])
+            .arg(&cfg)
+            .env("TESSERA_LOG", "info,[");
+        async move {
+            let out = cmd.output().await.unwrap();
+            assert!(!out.status.success());
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        }
+    };
+
+    let text = run(None).await;
+    assert!(!text.contains('\x1b'), "escape codes in a pipe: {text}");
+    assert!(text.contains("TESSERA_LOG is not a filter"), "{text}");
+    assert!(
+        text.contains("error: ") && text.contains("datacentre"),
+        "{text}"
+    );
+
+    for how in [("flag", "json"), ("env", "json")] {
+        let json = run(Some(how)).await;
+        let lines: Vec<serde_json::Value> = json
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{how:?}: {l}: {e}")))
+            .collect();
+        let warn = lines
+            .iter()
+            .find(|l| l["level"] == "WARN")
+            .unwrap_or_else(|| panic!("{how:?}: no warning: {json}"));
+        assert!(
+            warn["message"]
+                .as_str()
+                .unwrap()
+                .contains("TESSERA_LOG is not a filter")
+        );
+        assert_eq!(warn["target"], "tessera::log");
+        assert!(warn["timestamp"].as_str().is_some(), "{warn}");
+        let error = lines.last().unwrap();
+        assert_eq!(error["level"], "ERROR", "{json}");
+        assert!(
+            error["message"].as_str().unwrap().contains("datacentre"),
+            "{error}"
+        );
+    }
+
+    let out = Command::new(BIN)
+        .args(["server", "--bind", "127.0.0.1:0"])
+        .env("TESSERA_LOG_FORMAT", "xml")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("'xml'") && err.contains("text, json"), "{err}");
+}
+
 /// `tessera gateway` as a process: it writes JSON access-log lines, reloads on SIGHUP
 /// (with file watching off, so the signal is the only trigger) and exits on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -872,33 +944,39 @@ async fn gateway_reloads_on_sighup() {
     let common::Gateway {
         child: mut gw,
         addr,
-        mut lines,
+        mut logs,
         ..
     } = common::spawn_gateway(&cfg).await;
-    // With `access_log.sample = 1.0` every request is one JSON line on stdout.
-    let (log_tx, mut log_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(Some(l)) = lines.next_line().await {
-            let _ = log_tx.send(l);
-        }
-    });
     let c = client();
     let body = |b: Bytes| String::from_utf8_lossy(&b).into_owned();
     let (s, b) = call(&c, "GET", format!("http://{addr}/first?x=1"), vec![])
         .await
         .unwrap();
     assert_eq!((s, body(b)), (200, "hello from one\n".to_owned()));
-    let log = tokio::time::timeout(Duration::from_secs(60), log_rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    let log: serde_json::Value =
-        serde_json::from_str(&log).unwrap_or_else(|e| panic!("{log}: {e}"));
+    // With `access_log.sample = 1.0` every request is an event on the access target: with
+    // `--log-format json`, one JSON object with the request's fields at the top level.
+    let log = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let line = logs.recv().await.expect("the gateway's stderr closed");
+            if line["target"] == "tessera_gateway::access" {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("no access log line");
     assert_eq!(log["path"], "/first");
     assert_eq!(log["status"], 200);
     assert_eq!(log["route"], "all");
     assert_eq!(log["upstream"], "u");
     assert_eq!(log["method"], "GET");
+    assert_eq!(log["client"], "127.0.0.1");
+    assert_eq!(log["level"], "INFO");
+    assert!(log["duration_ms"].as_f64().is_some(), "{log}");
+    assert!(
+        log["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{log}"
+    );
 
     write(&addrs[1]);
     signal(&gw, "-HUP");
@@ -1295,10 +1373,8 @@ async fn killed_servers_move_their_checks_and_the_gateway_drops_nothing() {
     let common::Gateway {
         child: mut gw,
         addr: gw_addr,
-        mut lines,
         ..
     } = common::spawn_gateway(&cfg).await;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let traffic = Traffic::start(&c, &gw_addr).await;
     tessera_testkit::wait_until("traffic", Duration::from_secs(60), traffic.past(20)).await;
     for (i, left) in [(0, 2), (1, 1)] {

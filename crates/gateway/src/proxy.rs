@@ -307,18 +307,21 @@ impl AccessEntry {
         })
     }
 
+    /// An event on its own target, so `TESSERA_LOG` can keep or drop access lines apart
+    /// from the rest (`warn,tessera_gateway::access=info`), and `--log-format json` makes
+    /// each one a JSON object.
     fn write(self, peer: &Peer, route: &Route, status: StatusCode, elapsed: Duration) {
-        let line = serde_json::json!({
-            "ts_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
-            "client": peer.addr.ip().to_string(),
-            "method": self.method.as_str(),
-            "path": self.path,
-            "route": route.name,
-            "upstream": route.upstream.as_ref().map(|u| u.name.as_str()),
-            "status": status.as_u16(),
-            "duration_ms": elapsed.as_secs_f64() * 1000.0,
-        });
-        println!("{line}");
+        tracing::info!(
+            target: "tessera_gateway::access",
+            client = %peer.addr.ip(),
+            method = self.method.as_str(),
+            path = self.path,
+            route = route.name.as_str(),
+            upstream = route.upstream.as_ref().map(|u| u.name.as_str()),
+            status = status.as_u16(),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
     }
 }
 

@@ -4,8 +4,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 
@@ -85,11 +86,12 @@ pub struct Gateway {
     pub child: Child,
     pub addr: String,
     pub admin: String,
-    /// The rest of its stdout (where the access log goes).
-    pub lines: Lines<BufReader<ChildStdout>>,
+    /// Its log lines (`--log-format json`), parsed; read all the time, so a test that
+    /// ignores them never blocks the gateway on a full pipe.
+    pub logs: UnboundedReceiver<serde_json::Value>,
 }
 
-/// Starts `tessera gateway --config cfg` on ephemeral ports.
+/// Starts `tessera gateway --config cfg` on ephemeral ports, logging JSON.
 pub async fn spawn_gateway(cfg: &Path) -> Gateway {
     let mut child = Command::new(BIN)
         .args([
@@ -101,8 +103,9 @@ pub async fn spawn_gateway(cfg: &Path) -> Gateway {
             "--config",
         ])
         .arg(cfg)
+        .args(["--log-format", "json"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn tessera gateway");
@@ -121,11 +124,21 @@ pub async fn spawn_gateway(cfg: &Path) -> Gateway {
         url_after("listening on http://"),
         url_after("admin http://"),
     );
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (tx, logs) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            let parsed = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+            let _ = tx.send(parsed);
+        }
+    });
     Gateway {
         child,
         addr,
         admin,
-        lines,
+        logs,
     }
 }
 

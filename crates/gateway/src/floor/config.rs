@@ -325,7 +325,8 @@ impl Default for RegistryConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessLog {
-    /// Share of requests logged as JSON lines on stdout (0 = off, 1 = all).
+    /// Share of requests logged (0 = off, 1 = all), as events on the `tracing` target
+    /// `tessera_gateway::access` (a JSON line each with `--log-format json`).
     #[serde(default)]
     pub sample: f64,
 }
