@@ -52,9 +52,10 @@ def tessera():
         shutil.rmtree(data, ignore_errors=True)
 
 
-def start_gateway(config_text):
-    """Starts `tessera gateway` with the given TOML on ephemeral ports; returns
-    (process, "host:port" of the proxy, "host:port" of the admin API, config dir)."""
+def start_gateway(config_text, env=None):
+    """Starts `tessera gateway` with the given TOML on ephemeral ports (and `env` added to
+    its environment); returns (process, "host:port" of the proxy, "host:port" of the admin
+    API, config dir)."""
     work = tempfile.mkdtemp(prefix="tessera-gw-")
     path = os.path.join(work, "gateway.toml")
     with open(path, "w") as f:
@@ -64,6 +65,7 @@ def start_gateway(config_text):
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     line = proc.stdout.readline()
     m = re.search(r"http://([\d.]+:\d+) \(admin http://([\d.]+:\d+)", line)
@@ -75,8 +77,8 @@ def start_gateway(config_text):
 def gateway():
     started = []
 
-    def start(config_text):
-        g = start_gateway(config_text)
+    def start(config_text, env=None):
+        g = start_gateway(config_text, env)
         started.append(g)
         return g[1], g[2]
 

@@ -86,7 +86,8 @@ pub async fn run(args: GatewayArgs) -> Result<(), String> {
                 let listener =
                     tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
                 let admin = tokio::net::TcpListener::from_std(admin).map_err(|e| e.to_string())?;
-                let mut gateway = Gateway::build(config, Some(path)).map_err(|e| e.to_string())?;
+                let mut gateway =
+                    traced(Gateway::build(config, Some(path)).map_err(|e| e.to_string())?)?;
                 if let Some(l) = tls_listener {
                     l.set_nonblocking(true).map_err(|e| e.to_string())?;
                     let l = tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string())?;
@@ -126,11 +127,19 @@ async fn run_workers(config: Config, path: PathBuf, workers: usize) -> Result<()
         "tessera gateway listening on http://{addr}{tls_note} (admin http://{admin_addr}, config {}, {workers} workers)",
         path.display()
     );
-    let gateway = Gateway::build(config, Some(path)).map_err(|e| e.to_string())?;
+    let gateway = traced(Gateway::build(config, Some(path)).map_err(|e| e.to_string())?)?;
     gateway
         .run_workers(listeners, admin, crate::server::shutdown_signal())
         .await
         .map_err(|e| format!("gateway worker: {e}"))?;
     println!("tessera gateway stopped");
     Ok(())
+}
+
+/// Spans go to the collector OpenTelemetry's variables name, when they name one.
+fn traced(gateway: Gateway) -> Result<Gateway, String> {
+    Ok(match tessera_trace::Tracer::from_env("tessera-gateway")? {
+        Some(tracer) => gateway.with_tracer(tracer),
+        None => gateway,
+    })
 }

@@ -31,6 +31,8 @@ use crate::protocol::h1::server::Handler;
 use crate::protocol::peer::Peer;
 use crate::protocol::timer::LazyTimer;
 
+mod trace;
+
 /// Latency charged to an endpoint that failed to connect or reset, so peak-EWMA steers
 /// away from it even though the failure itself was quick.
 const FAILURE_PENALTY: Duration = Duration::from_secs(1);
@@ -78,6 +80,8 @@ pub struct Proxy {
     pub(crate) in_flight: AtomicUsize,
     pub(crate) max_in_flight: usize,
     pub(crate) access_sample: f64,
+    /// Set when spans are exported (OpenTelemetry's variables name a collector).
+    pub(crate) tracer: Option<tessera_trace::Tracer>,
 }
 
 impl Handler for Proxy {
@@ -121,14 +125,32 @@ pub async fn handle(
     };
     // One table for the whole request: a reload meanwhile never mixes two configs.
     let table = gw.table.load_full();
+    // Before routing, so a refused request is in its trace too.
+    let span = gw
+        .tracer
+        .as_ref()
+        .and_then(|t| trace::begin(t, req, raw, peer));
     // Routing, auth and the upstream all see one checked, canonical request.
-    let (route, raw) = match find_route(gw, &table, req, raw, peer) {
+    let (route, mut raw) = match find_route(gw, &table, req, raw, peer) {
         Ok(found) => found,
-        Err(e) => return error_response(e),
+        Err(e) => {
+            let resp = error_response(e);
+            if let Some(span) = span {
+                trace::finish(gw, span, None, resp.status());
+            }
+            return resp;
+        }
     };
+    // A traced request's tries each send their own `traceparent`: the map can swap it.
+    if span.is_some()
+        && let Some(r) = raw.take()
+    {
+        *req.headers_mut() = r.to_map();
+    }
     // Taken now: forwarding takes the request apart.
     let sampled = AccessEntry::sample(gw, req);
-    let resp = match on_route(gw, &table, route, req, raw, peer, start, timer).await {
+    let parent = span.as_ref().map(|s| &s.rec);
+    let resp = match on_route(gw, &table, route, req, raw, peer, start, timer, parent).await {
         Ok(resp) => resp,
         // The rescue point: a failure from any layer below is answered here, once.
         Err(e) => error_response(e),
@@ -138,6 +160,9 @@ pub async fn handle(
     route.metrics.record(resp.status().as_u16(), elapsed);
     if let Some(entry) = sampled {
         entry.write(peer, route, resp.status(), elapsed);
+    }
+    if let Some(span) = span {
+        trace::finish(gw, span, Some(route), resp.status());
     }
     resp
 }
@@ -153,6 +178,7 @@ async fn on_route(
     peer: &Peer,
     start: Instant,
     timer: Option<&mut LazyTimer>,
+    trace: Option<&tessera_trace::Recording>,
 ) -> Result<Response<Body>, GatewayError> {
     // Identity headers come only from verified tokens: a client's copy never passes.
     let identity = &table.issuers.identity_headers;
@@ -176,7 +202,7 @@ async fn on_route(
     // it runs, and boxing this one cost an allocation of its ~3 KB plus a copy of all of
     // it per request (555 instructions of 14.3k, measured). The cold paths inside it (a
     // new connection, a streamed body, HTTP/2) are boxed instead, to keep it small.
-    let mut resp = match forward(gw, route, req, raw, peer, identity, start, timer).await {
+    let mut resp = match forward(gw, route, req, raw, peer, identity, start, timer, trace).await {
         Ok(resp) => resp,
         // The fallback stands in for a failed upstream, never for a refusal above.
         Err(e) => {
@@ -513,6 +539,7 @@ async fn forward(
     identity: &[HeaderName],
     start: Instant,
     mut timer: Option<&mut LazyTimer>,
+    trace: Option<&tessera_trace::Recording>,
 ) -> Result<Response<Body>, GatewayError> {
     let Some(up) = &route.upstream else {
         return Err(GatewayError::NoEndpoint(
@@ -539,7 +566,7 @@ async fn forward(
     // Taken, not moved out of the request: the request stays where the connection task
     // put it, and is not copied into this future (it is a few hundred bytes).
     let body = std::mem::replace(req.body_mut(), Body::empty());
-    let out = Outgoing::build(req, route, peer, identity, client_upgrade.is_some())?;
+    let mut out = Outgoing::build(req, route, peer, identity, client_upgrade.is_some())?;
     let req: &Request<Body> = req;
     let read_ahead = req.version() < http::Version::HTTP_2;
     let limits = (gw.replay_cap, gw.max_body);
@@ -569,6 +596,13 @@ async fn forward(
         let load = endpoint.load.start_at(now.into_std());
         let conns = &snapshot.conns[pick.idx];
         let try_deadline = (now + route.per_try_timeout).min(deadline);
+        // Each try is a client span of its own: the upstream's parent is the try.
+        let try_span = trace.map(|t| Box::new(t.child()));
+        if let Some(t) = &try_span
+            && let Ok(v) = HeaderValue::try_from(t.ctx.traceparent())
+        {
+            out.headers.insert(tessera_trace::http::TRACEPARENT, v);
+        }
         let target = out.target(req.method(), raw, authority);
         // Pinned where it lives; the timeouts hold a reference, not a second copy.
         let call = std::pin::pin!(send(conns, &endpoint.addr, up, target, payload.next(), now));
@@ -585,6 +619,9 @@ async fn forward(
                 ClientFault::TooLarge(max) => GatewayError::TooLarge(*max),
                 ClientFault::Broken(why) => GatewayError::Body(why.clone()),
             });
+        }
+        if let (Some(rec), Some(tracer)) = (try_span, &gw.tracer) {
+            trace::finish_try(tracer, *rec, req.method(), &endpoint.addr, attempt, &result);
         }
         let failed = record(up, &snapshot, pick, permit, load, &result);
         let result = match result {

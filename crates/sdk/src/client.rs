@@ -17,6 +17,7 @@ use tessera_resilience::{
 
 use crate::http::{Error, Http, Response, send};
 use crate::registry::{Registry, Watch};
+use tessera_trace::http::Outcome;
 
 /// Below this percentage of instances healthy, ejection is ignored (Envoy's default).
 const PANIC_THRESHOLD: u32 = 50;
@@ -290,7 +291,9 @@ impl RequestBuilder {
                 .ok_or_else(|| Error::NoInstance(inner.service.clone()))?;
             let endpoint = &set.endpoints[idx];
             let outlier = &snap.outliers[idx];
-            let req = self.build(&endpoint.addr)?;
+            // Inside a recorded request, each try is a client span and the callee's parent.
+            let span = crate::trace::Try::begin();
+            let req = self.build(&endpoint.addr, span.as_ref())?;
             let started = Instant::now();
             let in_flight = endpoint.load.start();
             let result = match tokio::time::timeout(
@@ -305,6 +308,20 @@ impl RequestBuilder {
                     tessera_core::GoDuration(inner.policy.per_try_timeout),
                 )),
             };
+            if let Some(span) = span {
+                let outcome = match &result {
+                    Ok(r) => Outcome::Answered(r.status.as_u16()),
+                    Err(e) => Outcome::Failed {
+                        kind: match e {
+                            Error::Timeout(..) => "timeout",
+                            Error::Transport { connect: true, .. } => "connect",
+                            _ => "io",
+                        },
+                        message: e.to_string(),
+                    },
+                };
+                span.finish(&self.method, &endpoint.addr, attempt - 1, outcome);
+            }
             tried.push(endpoint.addr.clone());
             let failed = match &result {
                 Ok(r) => r.status.is_server_error(),
@@ -357,11 +374,18 @@ impl RequestBuilder {
         }
     }
 
-    fn build(&self, authority: &str) -> Result<http::Request<Full<Bytes>>, Error> {
+    fn build(
+        &self,
+        authority: &str,
+        span: Option<&crate::trace::Try>,
+    ) -> Result<http::Request<Full<Bytes>>, Error> {
         let mut req = http::Request::builder()
             .method(self.method.clone())
             .uri(format!("http://{authority}{}", self.path));
         for (k, v) in &self.headers {
+            req = req.header(k, v);
+        }
+        for (k, v) in span.map(|s| s.fields()).unwrap_or_default() {
             req = req.header(k, v);
         }
         req.body(Full::new(self.body.clone()))

@@ -22,6 +22,7 @@ mod http;
 mod jwks;
 mod registry;
 mod saga;
+pub mod trace;
 
 pub use client::{CallPolicy, RequestBuilder, ServiceClient};
 pub use events::{Event, Events, Subscription};

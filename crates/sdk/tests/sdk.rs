@@ -699,3 +699,121 @@ async fn the_registry_client_fails_over_between_servers_on_etcd() {
     );
     second.stop().await;
 }
+
+/// `router` serving its requests as server spans of `tracer` (what a service's middleware
+/// does with [`tessera::trace::serve`]).
+fn traced(router: axum::Router, tracer: tessera::trace::Tracer) -> axum::Router {
+    router.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let tracer = tracer.clone();
+            async move {
+                let route = req
+                    .extensions()
+                    .get::<axum::extract::MatchedPath>()
+                    .map(|p| p.as_str().to_owned());
+                tessera::trace::serve(Some(&tracer), req, route, |r| next.run(r)).await
+            }
+        },
+    ))
+}
+
+fn tracer_for(
+    collector: &tessera_testkit::otlp::Collector,
+    service: &str,
+) -> tessera::trace::Tracer {
+    let mut config = tessera_trace::Config::new(
+        format!("{}/v1/traces", collector.endpoint).parse().unwrap(),
+        service,
+    );
+    config.delay = Duration::from_millis(20);
+    tessera::trace::Tracer::new(
+        tessera_trace::Sampler::default(),
+        tessera_trace::Exporter::start(config),
+    )
+}
+
+#[tokio::test]
+async fn a_call_made_while_serving_continues_the_callers_trace() {
+    let server = Server::start().await;
+    let registry = server.registry();
+    let collector = tessera_testkit::otlp::Collector::start().await;
+    // back answers with the traceparent it was sent.
+    let back = App::start(traced(
+        axum::Router::new().route(
+            "/items/{id}",
+            get(|h: http::HeaderMap| async move {
+                h.get("traceparent")
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default()
+            }),
+        ),
+        tracer_for(&collector, "back"),
+    ))
+    .await;
+    Registration::new("back", back.addr)
+        .register(&registry)
+        .await
+        .unwrap();
+    let client = ServiceClient::new(&registry, "back");
+    assert!(client.watch().ready(Duration::from_secs(30)).await);
+    // front calls back while serving.
+    let front = App::start(traced(
+        axum::Router::new().route(
+            "/page",
+            get(move || {
+                let client = client.clone();
+                async move { client.get("/items/7").send().await.unwrap().text() }
+            }),
+        ),
+        tracer_for(&collector, "front"),
+    ))
+    .await;
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = "00f067aa0ba902b7";
+    let c = hyper_util_client();
+    let req = http::Request::get(format!("http://{}/page", front.addr))
+        .header("traceparent", format!("00-{trace}-{caller}-01"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let back_saw = String::from_utf8(
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+
+    wait_for("three spans", || {
+        let n = collector.spans().len();
+        async move { n >= 3 }
+    })
+    .await;
+    let spans = collector.spans();
+    let find = |service: &str, kind: u64| {
+        spans
+            .iter()
+            .find(|s| s.service == service && s.kind == kind)
+            .unwrap_or_else(|| panic!("no {service} span of kind {kind}: {spans:?}"))
+    };
+    let (front_server, front_client, back_server) =
+        (find("front", 2), find("front", 3), find("back", 2));
+    assert!(spans.iter().all(|s| s.trace_id == trace), "{spans:?}");
+    assert_eq!(front_server.parent_id, caller);
+    assert_eq!(front_server.name, "GET /page");
+    assert_eq!(front_client.parent_id, front_server.span_id);
+    assert_eq!(back_server.parent_id, front_client.span_id);
+    assert_eq!(back_saw, format!("00-{trace}-{}-01", front_client.span_id));
+    assert_eq!(back_server.name, "GET /items/{id}");
+    assert_eq!(back_server.attributes["http.route"], "/items/{id}");
+    assert_eq!(back_server.attributes["url.path"], "/items/7");
+    assert_eq!(front_client.attributes["http.response.status_code"], "200");
+    assert_eq!(
+        front_client.attributes["server.port"],
+        back.addr.port().to_string()
+    );
+    server.stop().await;
+}

@@ -15,6 +15,8 @@
 //! # }
 //! ```
 
+pub mod otlp;
+
 use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -33,6 +33,21 @@ pub struct Config {
 }
 
 impl Config {
+    /// Spans of `service` to `endpoint` (the full URL, `…/v1/traces`), batched with the
+    /// specification's defaults.
+    pub fn new(endpoint: http::Uri, service: &str) -> Config {
+        Config {
+            endpoint,
+            resource: Resource {
+                attributes: vec![("service.name".into(), service.into())],
+            },
+            delay: Duration::from_secs(5),
+            queue: 2048,
+            batch: 512,
+            timeout: Duration::from_secs(10),
+        }
+    }
+
     /// `None` when no endpoint is set (nothing is recorded then) or the SDK is disabled.
     /// `service` names the process when `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`
     /// do not.

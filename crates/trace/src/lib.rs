@@ -3,11 +3,14 @@
 
 pub mod context;
 pub mod export;
+pub mod http;
 pub mod otlp;
 pub mod sampler;
 pub mod span;
+pub mod tracer;
 
 pub use context::{SpanContext, SpanId, TraceId};
 pub use export::{Config, Exporter, Stats};
 pub use sampler::Sampler;
 pub use span::{Attributes, Event, Kind, Span, Status, Value};
+pub use tracer::{Recording, Tracer};

@@ -277,6 +277,15 @@ fn render_metrics(gw: &Shared) -> String {
         "# HELP tessera_gateway_idle_buffer_releases_total Keep-alive connections that gave their buffers back after a second idle (process-wide).\n# TYPE tessera_gateway_idle_buffer_releases_total counter\ntessera_gateway_idle_buffer_releases_total {}",
         crate::protocol::h1::server::IDLE_RELEASES.load(Ordering::Relaxed)
     );
+    if let Some(tracer) = &gw.proxy.tracer {
+        let stats = tracer.stats();
+        let _ = writeln!(
+            o,
+            "# HELP tessera_trace_spans_exported_total Spans the collector accepted.\n# TYPE tessera_trace_spans_exported_total counter\ntessera_trace_spans_exported_total {}\n# HELP tessera_trace_spans_dropped_total Spans lost: the export queue was full or the collector failed.\n# TYPE tessera_trace_spans_dropped_total counter\ntessera_trace_spans_dropped_total {}",
+            stats.exported.load(Ordering::Relaxed),
+            stats.dropped.load(Ordering::Relaxed)
+        );
+    }
     if let Some(workers) = gw.worker_connections.get() {
         o.push_str("# HELP tessera_gateway_worker_connections_total Client connections accepted, by worker thread.\n# TYPE tessera_gateway_worker_connections_total counter\n");
         for (i, n) in workers.iter().enumerate() {

@@ -102,6 +102,7 @@ impl Gateway {
                     in_flight: std::sync::atomic::AtomicUsize::new(0),
                     max_in_flight: config.max_in_flight,
                     access_sample: config.access_log.sample,
+                    tracer: None,
                 }),
                 discovery,
                 config_path,
@@ -122,6 +123,16 @@ impl Gateway {
             tls,
             tls_listener: None,
         })
+    }
+
+    /// Records spans with `tracer`: a server span per request and a client span per try,
+    /// and passes each try's `traceparent` upstream. Called before the gateway runs.
+    pub fn with_tracer(mut self, tracer: tessera_trace::Tracer) -> Gateway {
+        let proxy = Arc::get_mut(&mut self.shared).and_then(|s| Arc::get_mut(&mut s.proxy));
+        proxy
+            .expect("nothing shares the proxy before the gateway runs")
+            .tracer = Some(tracer);
+        self
     }
 
     /// Also serves TLS on `listener` (bound to the config's `tls.listen` by the caller).

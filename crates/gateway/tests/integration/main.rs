@@ -14,4 +14,5 @@ mod ratelimit;
 mod resilience;
 mod support;
 mod tls;
+mod trace;
 mod workers;

@@ -148,16 +148,25 @@ pub struct TestGateway {
 
 impl TestGateway {
     pub async fn start(toml: &str) -> TestGateway {
-        Self::start_with(toml, None).await
+        Self::start_with(toml, None, None).await
     }
 
     /// Serves on `workers` threads of their own (`Gateway::run_workers`), as the CLI
     /// does with more than one worker.
     pub async fn start_workers(toml: &str, workers: usize) -> TestGateway {
-        Self::start_with(toml, Some(workers)).await
+        Self::start_with(toml, Some(workers), None).await
     }
 
-    async fn start_with(toml: &str, workers: Option<usize>) -> TestGateway {
+    /// Records spans with `tracer`.
+    pub async fn start_traced(toml: &str, tracer: tessera_trace::Tracer) -> TestGateway {
+        Self::start_with(toml, None, Some(tracer)).await
+    }
+
+    async fn start_with(
+        toml: &str,
+        workers: Option<usize>,
+        tracer: Option<tessera_trace::Tracer>,
+    ) -> TestGateway {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("gateway.toml");
         std::fs::write(&config_path, toml).unwrap();
@@ -166,6 +175,9 @@ impl TestGateway {
         let admin_addr = admin.local_addr().unwrap();
         let mut gw = Gateway::build(config.clone(), Some(config_path.clone()))
             .unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        if let Some(t) = tracer {
+            gw = gw.with_tracer(t);
+        }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let stopped = async move {
             let _ = stopped.await;
