@@ -504,6 +504,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             vec!["gateway".into(), "--config".into(), path(&config)],
             &logs,
         );
+        gw.env.push(("OTEL_SERVICE_NAME", "gateway".into()));
         gw.spawn()?;
         fleet.infra.push(gw);
 
@@ -521,6 +522,8 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
                     a.extend(["--admin-email".into(), ADMIN_EMAIL.into()]);
                 }
                 let mut p = Proc::new(&format!("{}-{n}", service.name()), a, &logs);
+                // Each service's spans under its own name, whatever the demo was given.
+                p.env.push(("OTEL_SERVICE_NAME", service.name().into()));
                 if service == Service::Users {
                     // In the environment, not on the command line (`ps` shows those).
                     p.env.push(("SHOP_ADMIN_PASSWORD", admin_password.clone()));

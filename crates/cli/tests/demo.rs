@@ -30,10 +30,10 @@ struct Demo {
 
 impl Demo {
     async fn start(dir: &Path) -> Demo {
-        Demo::start_with(dir, &[]).await
+        Demo::start_with(dir, &[], &[]).await
     }
 
-    async fn start_with(dir: &Path, extra: &[&str]) -> Demo {
+    async fn start_with(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Demo {
         let mut child = Command::new(BIN)
             .args([
                 "demo",
@@ -50,6 +50,7 @@ impl Demo {
             .env_remove("DATABASE_URL")
             .env_remove("TESSERA_DATABASE_URL")
             .env_remove("TESSERA_EVENTS")
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -264,7 +265,17 @@ async fn a_second_demo_is_refused_and_changes_nothing(c: &Http, demo: &Demo, dir
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let demo = Demo::start(dir.path()).await;
+    // Spans from every process go to a collector here (what `OTEL_*` tells the demo).
+    let collector = tessera_testkit::otlp::Collector::start().await;
+    let demo = Demo::start_with(
+        dir.path(),
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
     let c = client();
     let gw = format!("http://{}", demo.gateway);
     a_second_demo_is_refused_and_changes_nothing(&c, &demo, dir.path()).await;
@@ -389,10 +400,21 @@ async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
     )
     .await;
     assert_eq!(s, 200);
-    let (s, order) = call(&c, "POST", &format!("{gw}/api/orders/checkout"), t, None).await;
+    // The checkout comes with a trace of its own.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let req = http::Request::post(format!("{gw}/api/orders/checkout"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    let s = resp.status().as_u16();
+    let order: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(s, 201, "{order}");
     assert_eq!(order["status"], "confirmed", "{order}");
     assert_eq!(order["total_cents"], 1980);
+    checkout_is_one_trace(&collector, trace).await;
     let (_, me) = call(
         &c,
         "GET",
@@ -643,6 +665,64 @@ async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
     }
 }
 
+/// The checkout's spans at the collector make one trace: the gateway's server span under
+/// the caller, orders' server span under the gateway's try, cart's under one of orders'
+/// calls.
+async fn checkout_is_one_trace(collector: &tessera_testkit::otlp::Collector, trace: &str) {
+    use tessera_testkit::otlp::SeenSpan;
+    let find = |spans: &[SeenSpan], service: &str, kind: u64, parent: &str| {
+        spans
+            .iter()
+            .find(|s| {
+                s.service == service
+                    && s.kind == kind
+                    && (parent.is_empty() || s.parent_id == parent)
+            })
+            .cloned()
+    };
+    let chain = |spans: &[SeenSpan]| {
+        let gw = find(spans, "gateway", 2, "00f067aa0ba902b7")?;
+        let gw_try = find(spans, "gateway", 3, &gw.span_id)?;
+        let orders = find(spans, "orders", 2, &gw_try.span_id)?;
+        // orders calls users (keys), cart and catalog: cart's parent is one of them.
+        let cart = spans.iter().find(|c| {
+            c.service == "cart"
+                && c.kind == 2
+                && spans.iter().any(|call| {
+                    call.service == "orders"
+                        && call.kind == 3
+                        && call.parent_id == orders.span_id
+                        && call.span_id == c.parent_id
+                })
+        })?;
+        Some((gw, orders, cart.clone()))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let (gw, orders, cart) = loop {
+        let spans: Vec<SeenSpan> = collector
+            .spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace)
+            .collect();
+        if let Some(found) = chain(&spans) {
+            break found;
+        }
+        let seen: Vec<_> = spans
+            .iter()
+            .map(|s| (&s.service, s.kind, &s.name, &s.span_id, &s.parent_id))
+            .collect();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the checkout's trace is not whole at the collector: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(gw.attributes["url.path"], "/api/orders/checkout");
+    assert_eq!(gw.attributes["http.response.status_code"], "201");
+    assert_eq!(orders.attributes["http.response.status_code"], "201");
+    assert_eq!(cart.attributes["http.request.method"], "GET");
+}
+
 /// `tessera demo --load --chaos` with every shop service on SQLite, or on PostgreSQL
 /// when `database_url` is given.
 async fn chaos_run(database_url: Option<&str>) {
@@ -858,7 +938,7 @@ async fn the_cluster_demo_survives_a_killed_server() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let demo = Demo::start_with(dir.path(), &["--cluster", "--replicas", "1"]).await;
+    let demo = Demo::start_with(dir.path(), &["--cluster", "--replicas", "1"], &[]).await;
     let c = client();
     let gw = format!("http://{}", demo.gateway);
     let buy = |email: &'static str| {

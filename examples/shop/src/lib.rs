@@ -133,6 +133,8 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
     )
     .await?;
     let registry = Registry::new(args.registry.clone());
+    // Spans go where OpenTelemetry's variables say, if anywhere.
+    let tracer = tessera::trace::Tracer::from_env(name)?;
     let verifier = || {
         Arc::new(JwksVerifier::from_service(
             ServiceClient::new(&registry, "users"),
@@ -189,7 +191,8 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
                 .route("/metrics", get(render_metrics))
                 .with_state((metrics.clone(), name)),
         )
-        .layer(axum::middleware::from_fn_with_state(metrics, web::track));
+        .layer(axum::middleware::from_fn_with_state(metrics, web::track))
+        .layer(axum::middleware::from_fn_with_state(tracer, web::traced));
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
