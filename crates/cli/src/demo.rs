@@ -477,6 +477,9 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
                 "server".into()
             };
             let mut server = Proc::new(&name, a, &logs);
+            server
+                .env
+                .push(("OTEL_SERVICE_NAME", "tessera-server".into()));
             server.expendable = cluster.is_some();
             server.spawn()?;
             fleet.infra.push(server);

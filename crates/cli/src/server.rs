@@ -114,6 +114,11 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
         None => Coordinator::open_sqlite(&data_dir, Some(resolver)).await,
     }
     .map_err(|e| format!("cannot open the saga store: {e}"))?;
+    // Spans go where OpenTelemetry's variables say, if anywhere.
+    let tracer = tessera_trace::Tracer::from_env("tessera-server")?;
+    if let Some(t) = &tracer {
+        coordinator.trace_with(t.clone());
+    }
     let resumed = coordinator
         .resume()
         .await
@@ -127,7 +132,12 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
         None => tessera_events::EventStore::open(&data_dir).await,
     }
     .map_err(|e| format!("cannot open the event store: {e}"))?;
-    let extra = coordinator.router(acl.clone()).merge(events.router(acl));
+    // The coordinator's and the event store's requests as server spans, so a saga started
+    // by a traced request continues its trace.
+    let extra = tessera_web::with_traces(
+        coordinator.router(acl.clone()).merge(events.router(acl)),
+        tracer,
+    );
     let acl = if server.registry().acl_enabled {
         "on"
     } else {

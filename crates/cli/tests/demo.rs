@@ -667,7 +667,8 @@ async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
 
 /// The checkout's spans at the collector make one trace: the gateway's server span under
 /// the caller, orders' server span under the gateway's try, cart's under one of orders'
-/// calls.
+/// calls, and the checkout saga under orders' call that started it, with its step calls
+/// and the participants they reached.
 async fn checkout_is_one_trace(collector: &tessera_testkit::otlp::Collector, trace: &str) {
     use tessera_testkit::otlp::SeenSpan;
     let find = |spans: &[SeenSpan], service: &str, kind: u64, parent: &str| {
@@ -695,10 +696,30 @@ async fn checkout_is_one_trace(collector: &tessera_testkit::otlp::Collector, tra
                         && call.span_id == c.parent_id
                 })
         })?;
-        Some((gw, orders, cart.clone()))
+        // orders starts the checkout saga on the server: the saga is a span under that
+        // request, each step call one under the saga, and the participant continues it.
+        let child_of = |parent: &SeenSpan, service: &str, kind: u64| {
+            spans
+                .iter()
+                .filter(|s| s.service == service && s.kind == kind && s.parent_id == parent.span_id)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let start = child_of(&orders, "orders", 3)
+            .into_iter()
+            .flat_map(|call| child_of(&call, "tessera-server", 2))
+            .find(|s| s.name == "POST /v1/sagas")?;
+        let saga = child_of(&start, "tessera-server", 1).into_iter().next()?;
+        let steps = child_of(&saga, "tessera-server", 3);
+        let participant = steps
+            .iter()
+            .flat_map(|step| ["catalog", "payments"].map(|p| child_of(step, p, 2)))
+            .flatten()
+            .next()?;
+        Some((gw, orders, cart.clone(), saga, steps, participant))
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let (gw, orders, cart) = loop {
+    let (gw, orders, cart, saga, steps, participant) = loop {
         let spans: Vec<SeenSpan> = collector
             .spans()
             .into_iter()
@@ -721,6 +742,13 @@ async fn checkout_is_one_trace(collector: &tessera_testkit::otlp::Collector, tra
     assert_eq!(gw.attributes["http.response.status_code"], "201");
     assert_eq!(orders.attributes["http.response.status_code"], "201");
     assert_eq!(cart.attributes["http.request.method"], "GET");
+    assert_eq!(saga.name, "saga checkout");
+    assert_eq!(saga.attributes["tessera.saga.status"], "completed");
+    assert!(
+        steps.iter().all(|s| s.name.starts_with("step ")),
+        "{steps:?}"
+    );
+    assert_eq!(participant.attributes["http.request.method"], "POST");
 }
 
 /// `tessera demo --load --chaos` with every shop service on SQLite, or on PostgreSQL

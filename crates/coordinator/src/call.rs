@@ -74,13 +74,14 @@ impl Caller {
     }
 
     /// One call to a participant: `key` is its `Idempotency-Key`, `tx` the saga or
-    /// transaction it belongs to.
+    /// transaction it belongs to, `traceparent` the span the participant continues.
     pub async fn call(
         &self,
         key: &str,
         tx: &str,
         timeout: Duration,
         call: &CallDef,
+        traceparent: Option<&str>,
     ) -> (Outcome, Attempt) {
         self.calls.fetch_add(1, Ordering::Relaxed);
         let at_ms = now_ms();
@@ -117,7 +118,8 @@ impl Caller {
                 Err(why) => break last.unwrap_or((Outcome::NotApplied, why)),
             };
             let in_flight = load.as_ref().map(|l| l.start());
-            let r = tokio::time::timeout(timeout, self.send(&base, call, key, tx)).await;
+            let r =
+                tokio::time::timeout(timeout, self.send(&base, call, key, tx, traceparent)).await;
             let r = match r {
                 Ok(r) => r,
                 Err(_) => (
@@ -223,7 +225,14 @@ impl Caller {
         Ok((format!("http://{}", e.addr), Some(e.load.clone())))
     }
 
-    async fn send(&self, base: &str, call: &CallDef, key: &str, tx: &str) -> (Outcome, String) {
+    async fn send(
+        &self,
+        base: &str,
+        call: &CallDef,
+        key: &str,
+        tx: &str,
+        traceparent: Option<&str>,
+    ) -> (Outcome, String) {
         let mut req = http::Request::builder()
             .method(call.method.as_str())
             .uri(format!("{base}{}", call.path))
@@ -231,6 +240,9 @@ impl Caller {
             .header("x-tessera-transaction", tx);
         for (k, v) in &call.headers {
             req = req.header(k.as_str(), v.as_str());
+        }
+        if let Some(t) = traceparent {
+            req = req.header(tessera_trace::http::TRACEPARENT, t);
         }
         let body = match &call.body {
             Some(b) => {

@@ -18,11 +18,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tessera_trace::http::Outcome as Outcome_;
 
 use crate::call::{Caller, Outcome};
 use crate::def::SagaDef;
 use crate::lease::{Lease, Lost};
-use crate::saga::{Attempt, Saga, SagaStatus, StepStatus, new_id, now_ms};
+use crate::saga::{Attempt, Saga, SagaStatus, SagaTrace, StepStatus, new_id, now_ms};
 use crate::store::{Store, StoreError};
 
 #[derive(Default)]
@@ -37,6 +40,9 @@ pub struct Engine {
     pub(crate) store: Store<Saga>,
     pub(crate) caller: Arc<Caller>,
     pub(crate) lease: Arc<Lease>,
+    /// Set when spans are exported: a saga started by a traced request is a span of that
+    /// trace, with a span per step attempt and compensation.
+    pub(crate) tracer: std::sync::OnceLock<tessera_trace::Tracer>,
     /// The latest state of sagas in flight, attempts included, for `GET`.
     live: Mutex<HashMap<String, Saga>>,
     pub stats: Stats,
@@ -76,6 +82,7 @@ impl Engine {
             store,
             caller,
             lease,
+            tracer: std::sync::OnceLock::new(),
             live: Mutex::new(HashMap::new()),
             stats: Stats::default(),
         })
@@ -89,20 +96,27 @@ impl Engine {
         idempotency_key: Option<String>,
     ) -> Result<(Saga, bool), StartError> {
         let me = self.clone();
-        detached(async move { me.start_now(def, idempotency_key).await }).await
+        // Taken here: the request's span is this task's, not the detached one's.
+        let parent = tessera_trace::scope::current().map(|(_, rec)| rec);
+        detached(async move { me.start_now(def, idempotency_key, parent).await }).await
     }
 
     async fn start_now(
         self: &Arc<Self>,
         def: SagaDef,
         idempotency_key: Option<String>,
+        parent: Option<tessera_trace::Recording>,
     ) -> Result<(Saga, bool), StartError> {
         if let Some(key) = &idempotency_key
             && let Some(existing) = self.store.by_idempotency_key(key).await?
         {
             return Ok((existing, false));
         }
-        let saga = Saga::new(new_id(), def, idempotency_key.clone());
+        let mut saga = Saga::new(new_id(), def, idempotency_key.clone());
+        saga.trace = parent.map(|p| SagaTrace {
+            span: p.child().ctx.traceparent(),
+            parent: p.ctx.traceparent(),
+        });
         if !self.store.insert(&saga).await? {
             // Another request with the same key won the race.
             let key = idempotency_key.unwrap_or_default();
@@ -173,6 +187,7 @@ impl Engine {
         };
         if let Some(c) = counter {
             c.fetch_add(1, Ordering::Relaxed);
+            self.finish_trace(saga);
         }
         // Shown only once durable (and counted): a reader never sees a status a crash
         // could undo.
@@ -198,6 +213,84 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// A span for one call of `saga`'s, under the saga's own span (when it is traced).
+    fn step_span(&self, saga: &Saga) -> Option<tessera_trace::Recording> {
+        self.tracer.get()?;
+        saga_span(saga, SystemTime::now()).map(|s| s.child())
+    }
+
+    /// Ends a call's span: an HTTP client span named for the step.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_step_span(
+        &self,
+        span: Option<tessera_trace::Recording>,
+        saga: &Saga,
+        step: &str,
+        call: &crate::def::CallDef,
+        compensation: bool,
+        attempt: u32,
+        record: &Attempt,
+    ) {
+        let (Some(rec), Some(tracer)) = (span, self.tracer.get()) else {
+            return;
+        };
+        let outcome = match record.outcome.parse::<u16>() {
+            Ok(status) => Outcome_::Answered(status),
+            Err(_) => Outcome_::Failed {
+                kind: if record.outcome.starts_with("timeout") {
+                    "timeout"
+                } else if record.outcome.starts_with("connect") {
+                    "connect"
+                } else {
+                    "_OTHER"
+                },
+                message: record.outcome.clone(),
+            },
+        };
+        let target = call
+            .service
+            .as_deref()
+            .or(call.url.as_deref())
+            .unwrap_or_default();
+        let method = http::Method::from_bytes(call.method.as_bytes()).unwrap_or(http::Method::POST);
+        let mut span =
+            tessera_trace::http::client(rec, &method, target, attempt.saturating_sub(1), outcome);
+        span.name = format!(
+            "{} {step}",
+            if compensation { "compensate" } else { "step" }
+        )
+        .into();
+        span.attributes
+            .push(("tessera.saga.id", saga.id.clone().into()));
+        span.attributes
+            .push(("tessera.saga.step", step.to_owned().into()));
+        span.attributes
+            .push(("tessera.saga.compensation", compensation.into()));
+        tracer.record(span);
+    }
+
+    /// Ends the saga's own span once it is final.
+    fn finish_trace(&self, saga: &Saga) {
+        let Some(tracer) = self.tracer.get() else {
+            return;
+        };
+        let start = std::time::UNIX_EPOCH + std::time::Duration::from_millis(saga.created_ms);
+        let Some(rec) = saga_span(saga, start) else {
+            return;
+        };
+        let status = match (saga.status, &saga.error) {
+            (SagaStatus::Completed, _) => tessera_trace::Status::Unset,
+            (_, e) => tessera_trace::Status::Error(e.clone().unwrap_or_default()),
+        };
+        let attrs = vec![
+            ("tessera.saga.id", saga.id.clone().into()),
+            ("tessera.saga.status", saga.status.as_str().into()),
+            ("tessera.saga.steps", (saga.steps.len() as i64).into()),
+        ];
+        let name = format!("saga {}", saga.name);
+        tracer.record(rec.finish(name, tessera_trace::Kind::Internal, attrs, status));
     }
 
     /// Runs the step marked `running` to success (arming the next) or failure.
@@ -227,10 +320,27 @@ impl Engine {
             }
             let key = format!("{}/{}/action", saga.id, step.name);
             self.lease.held()?;
+            let span = self.step_span(saga);
+            let traceparent = span.as_ref().map(|s| s.ctx.traceparent());
             let (outcome, record) = self
                 .caller
-                .call(&key, &saga.id, step.timeout, &step.action)
+                .call(
+                    &key,
+                    &saga.id,
+                    step.timeout,
+                    &step.action,
+                    traceparent.as_deref(),
+                )
                 .await;
+            self.finish_step_span(
+                span,
+                saga,
+                &step.name,
+                &step.action,
+                false,
+                attempt,
+                &record,
+            );
             last = record.outcome.clone();
             self.note_attempt(saga, i, false, record);
             match outcome {
@@ -291,7 +401,13 @@ impl Engine {
             }
             let key = format!("{}/{}/compensation", saga.id, step.name);
             self.lease.held()?;
-            let (outcome, record) = self.caller.call(&key, &saga.id, step.timeout, call).await;
+            let span = self.step_span(saga);
+            let traceparent = span.as_ref().map(|s| s.ctx.traceparent());
+            let (outcome, record) = self
+                .caller
+                .call(&key, &saga.id, step.timeout, call, traceparent.as_deref())
+                .await;
+            self.finish_step_span(span, saga, &step.name, call, true, attempt + 1, &record);
             if let Outcome::Rejected(open_for) = outcome {
                 // The participant's breaker is open: wait it out. Such a pause is not an
                 // attempt, so a rest the breaker imposes never makes a saga stuck.
@@ -315,4 +431,18 @@ impl Engine {
         ));
         self.persist(saga, fence).await
     }
+}
+
+/// The saga's own span, as stored with it, begun at `start`.
+fn saga_span(saga: &Saga, start: SystemTime) -> Option<tessera_trace::Recording> {
+    let trace = saga.trace.as_ref()?;
+    let ctx = tessera_trace::SpanContext::parse(trace.span.as_bytes())?;
+    let parent = tessera_trace::SpanContext::parse(trace.parent.as_bytes()).map(|p| p.span_id);
+    Some(tessera_trace::Recording {
+        ctx,
+        parent,
+        tracestate: None,
+        start,
+        events: Vec::new(),
+    })
 }

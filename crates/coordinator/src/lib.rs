@@ -224,6 +224,13 @@ impl Coordinator {
         }
     }
 
+    /// Records sagas with `tracer`: a saga started by a traced request (its router wrapped
+    /// in `tessera_web::traced`) is a span of that trace, with a span per step call and
+    /// compensation, and each participant continues its call's span. Set before `resume`.
+    pub fn trace_with(&self, tracer: tessera_trace::Tracer) {
+        let _ = self.engine.tracer.set(tracer);
+    }
+
     pub fn router(&self, auth: Arc<dyn Authorize>) -> axum::Router {
         api::router(self.engine.clone(), self.tcc.clone(), auth)
     }

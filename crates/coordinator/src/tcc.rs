@@ -358,7 +358,10 @@ impl TccEngine {
                     if attempt > 1 {
                         tokio::time::sleep(p.retry.delay(attempt - 1, fastrand::f64())).await;
                     }
-                    let (outcome, a) = me.caller.call(&key, &id, p.timeout, &p.try_call).await;
+                    let (outcome, a) = me
+                        .caller
+                        .call(&key, &id, p.timeout, &p.try_call, None)
+                        .await;
                     attempts.push(a);
                     match outcome {
                         Outcome::Ok => return (i, true, attempts),
@@ -428,7 +431,7 @@ impl TccEngine {
                     if me.lease.held().is_err() {
                         return (i, attempts, false);
                     }
-                    let (outcome, a) = me.caller.call(&key, &id, timeout, &call).await;
+                    let (outcome, a) = me.caller.call(&key, &id, timeout, &call, None).await;
                     if let Outcome::Rejected(open_for) = outcome {
                         // Phase two waits out an open breaker rather than hammering.
                         tokio::time::sleep(open_for.max(Duration::from_millis(10))).await;

@@ -297,12 +297,27 @@ impl Coordinator {
         key: Option<&str>,
     ) -> Result<Run, Error> {
         let body = serde_json::to_value(def).map_err(|e| Error::Invalid(e.to_string()))?;
-        let headers: Vec<(&str, &str)> = key.map(|k| ("idempotency-key", k)).into_iter().collect();
-        self.registry
+        // Inside a recorded request, the start is a call of its trace, and so the saga.
+        let span = crate::trace::Try::begin();
+        let fields = span.as_ref().map(|s| s.fields()).unwrap_or_default();
+        let mut headers: Vec<(&str, &str)> =
+            key.map(|k| ("idempotency-key", k)).into_iter().collect();
+        headers.extend(fields.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let answer = self
+            .registry
             .call(http::Method::POST, path, Some(&body), &headers)
-            .await?
-            .error_for_status()?
-            .json()
+            .await;
+        if let Some(span) = span {
+            let outcome = match &answer {
+                Ok(r) => tessera_trace::http::Outcome::Answered(r.status.as_u16()),
+                Err(e) => tessera_trace::http::Outcome::Failed {
+                    kind: "_OTHER",
+                    message: e.to_string(),
+                },
+            };
+            span.finish(&http::Method::POST, "tessera-server", 0, outcome);
+        }
+        answer?.error_for_status()?.json()
     }
 
     pub async fn saga(&self, id: &str) -> Result<Run, Error> {

@@ -700,21 +700,10 @@ async fn the_registry_client_fails_over_between_servers_on_etcd() {
     second.stop().await;
 }
 
-/// `router` serving its requests as server spans of `tracer` (what a service's middleware
-/// does with [`tessera::trace::serve`]).
+/// `router` serving its requests as server spans of `tracer`, as a service's middleware
+/// does.
 fn traced(router: axum::Router, tracer: tessera::trace::Tracer) -> axum::Router {
-    router.layer(axum::middleware::from_fn(
-        move |req: axum::extract::Request, next: axum::middleware::Next| {
-            let tracer = tracer.clone();
-            async move {
-                let route = req
-                    .extensions()
-                    .get::<axum::extract::MatchedPath>()
-                    .map(|p| p.as_str().to_owned());
-                tessera::trace::serve(Some(&tracer), req, route, |r| next.run(r)).await
-            }
-        },
-    ))
+    tessera_web::with_traces(router, Some(tracer))
 }
 
 fn tracer_for(

@@ -6,6 +6,7 @@ pub mod export;
 pub mod http;
 pub mod otlp;
 pub mod sampler;
+pub mod scope;
 pub mod span;
 pub mod tracer;
 

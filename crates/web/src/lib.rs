@@ -125,6 +125,30 @@ async fn as_json(resp: Response) -> Response {
     Response::from_parts(parts, fresh.into_body()).into_response()
 }
 
+/// `router` with every request served as a server span of `tracer`'s (see [`traced`]).
+pub fn with_traces(router: Router, tracer: Option<tessera_trace::Tracer>) -> Router {
+    router.layer(axum::middleware::from_fn_with_state(tracer, traced))
+}
+
+/// Middleware: each request as a server span when `tracer` is set (spans are exported),
+/// named by its route's pattern, and the current span of the handler's task, so the calls
+/// it makes continue the trace (`tessera_trace::scope`). Without a tracer it only passes
+/// the request on.
+pub async fn traced(
+    axum::extract::State(tracer): axum::extract::State<Option<tessera_trace::Tracer>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(tracer) = tracer else {
+        return next.run(req).await;
+    };
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    tessera_trace::scope::serve(Some(&tracer), req, route, |r| next.run(r)).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -192,7 +192,10 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
                 .with_state((metrics.clone(), name)),
         )
         .layer(axum::middleware::from_fn_with_state(metrics, web::track))
-        .layer(axum::middleware::from_fn_with_state(tracer, web::traced));
+        .layer(axum::middleware::from_fn_with_state(
+            tracer,
+            tessera_web::traced,
+        ));
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -210,23 +210,6 @@ impl Metrics {
     }
 }
 
-/// Middleware: each request as a server span when spans are exported, so the calls it
-/// makes through the SDK continue its trace; the route pattern names the span.
-pub async fn traced(
-    State(tracer): State<Option<tessera::trace::Tracer>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let Some(tracer) = tracer else {
-        return next.run(req).await;
-    };
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
-    tessera::trace::serve(Some(&tracer), req, route, |r| next.run(r)).await
-}
-
 /// Middleware: times each request and counts it under its route pattern (never the raw
 /// path, which would grow without bound).
 pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {

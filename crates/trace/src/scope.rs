@@ -1,0 +1,91 @@
+//! The request a task is serving, as the current span: [`serve`] makes a handler's request
+//! a server span and the current one, and a call made on the same task is a [`Try`] under
+//! it. One implementation for every Tessera server and every SDK service.
+
+use std::future::Future;
+use std::net::IpAddr;
+
+use crate::http::{Outcome, Served, TRACEPARENT, TRACESTATE};
+use crate::{Recording, Tracer};
+
+tokio::task_local! {
+    /// The request being served on this task, and the tracer recording it.
+    static CURRENT: (Tracer, Recording);
+}
+
+/// Serves `req` with `handler` as a server span, when `tracer` records it; calls made
+/// inside `handler` on this task (a [`Try`]) continue the trace. `route` is
+/// the matched route's template, when the framework knows it.
+pub async fn serve<B, R, Fut>(
+    tracer: Option<&Tracer>,
+    req: http::Request<B>,
+    route: Option<String>,
+    handler: impl FnOnce(http::Request<B>) -> Fut,
+) -> http::Response<R>
+where
+    Fut: Future<Output = http::Response<R>>,
+{
+    let Some(tracer) = tracer else {
+        return handler(req).await;
+    };
+    let h = req.headers();
+    let field = |n| h.get(n).map(http::HeaderValue::as_bytes);
+    let Some(rec) = tracer.begin(field(&TRACEPARENT), field(&TRACESTATE)) else {
+        return handler(req).await;
+    };
+    let served = Served {
+        method: req.method().clone(),
+        path: req.uri().path().to_owned(),
+        scheme: "http",
+        client: req.extensions().get::<ClientAddr>().map(|c| c.0),
+        version: req.version(),
+        route,
+    };
+    let resp = CURRENT
+        .scope((tracer.clone(), rec.clone()), handler(req))
+        .await;
+    tracer.record(crate::http::server(rec, served, resp.status().as_u16()));
+    resp
+}
+
+/// The client's address, when the server puts it in the request's extensions.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub IpAddr);
+
+/// The request being served on this task, when it is recorded: what work it hands to
+/// another task (a saga run later) stores to continue the trace.
+pub fn current() -> Option<(Tracer, Recording)> {
+    CURRENT.try_with(Clone::clone).ok()
+}
+
+/// One try's client span, when the calling task is serving a recorded request.
+pub struct Try {
+    tracer: Tracer,
+    rec: Recording,
+}
+
+impl Try {
+    /// Begins a try's span; `None` outside a recorded request.
+    pub fn begin() -> Option<Try> {
+        CURRENT
+            .try_with(|(tracer, parent)| Try {
+                tracer: tracer.clone(),
+                rec: parent.child(),
+            })
+            .ok()
+    }
+
+    /// The fields that make the callee a child of this try.
+    pub fn fields(&self) -> Vec<(http::HeaderName, String)> {
+        let mut out = vec![(TRACEPARENT, self.rec.ctx.traceparent())];
+        if let Some(state) = &self.rec.tracestate {
+            out.push((TRACESTATE, state.clone()));
+        }
+        out
+    }
+
+    pub fn finish(self, method: &http::Method, endpoint: &str, attempt: u32, outcome: Outcome) {
+        let span = crate::http::client(self.rec, method, endpoint, attempt, outcome);
+        self.tracer.record(span);
+    }
+}
