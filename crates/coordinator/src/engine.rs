@@ -249,11 +249,15 @@ impl Engine {
                 message: record.outcome.clone(),
             },
         };
-        let target = call
-            .service
-            .as_deref()
-            .or(call.url.as_deref())
-            .unwrap_or_default();
+        // A service by name, or a URL's host and port.
+        let target = match (&call.service, &call.url) {
+            (Some(service), _) => service.as_str(),
+            (None, Some(url)) => {
+                let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+                rest.split('/').next().unwrap_or(rest)
+            }
+            (None, None) => "",
+        };
         let method = http::Method::from_bytes(call.method.as_bytes()).unwrap_or(http::Method::POST);
         let mut span =
             tessera_trace::http::client(rec, &method, target, attempt.saturating_sub(1), outcome);

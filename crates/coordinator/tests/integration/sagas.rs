@@ -462,6 +462,125 @@ pub fn resumes_after_a_restart(backend: &Backend) {
     assert_eq!(calls.last().unwrap().0, "/c/do");
 }
 
+/// A saga started by a traced request is a span of that trace, and after the coordinator
+/// dies mid-step the one that resumes it continues the same trace: the saga span and every
+/// step call under it, the call cut by the crash made again, and the step that had
+/// finished not replayed (no second span for it).
+#[test]
+fn a_resumed_saga_continues_its_trace_and_replays_make_no_spans() {
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let rt_p = tokio::runtime::Runtime::new().unwrap();
+    let (p, addr) = rt_p.block_on(participant());
+    let collector = rt_p.block_on(tessera_testkit::otlp::Collector::start());
+    let tracer = || {
+        let mut config = tessera_trace::Config::new(
+            format!("{}/v1/traces", collector.endpoint).parse().unwrap(),
+            "coordinator",
+        );
+        config.delay = Duration::from_millis(20);
+        tessera_trace::Tracer::new(
+            tessera_trace::Sampler::default(),
+            tessera_trace::Exporter::start(config),
+        )
+    };
+    let spans_named = |prefix: &str| {
+        collector
+            .spans()
+            .into_iter()
+            .filter(|s| s.name.starts_with(prefix))
+            .collect::<Vec<_>>()
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    p.set(
+        "/b/do",
+        Behaviour {
+            delay_ms: 600_000,
+            ..Default::default()
+        },
+    );
+    let backend = Backend::sqlite();
+    let id = {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let id = rt.block_on(async {
+            let c = backend
+                .open(Some(Arc::new(Fixed("shop".into(), addr))))
+                .await;
+            let api = Api::serve_traced(&c, tracer()).await;
+            let parent = format!("00-{trace}-00f067aa0ba902b7-01");
+            let (s, v) = api
+                .send_with(
+                    "POST",
+                    "/v1/sagas",
+                    Some(&three_steps(addr, "30s", 3)),
+                    &[("traceparent", &parent)],
+                )
+                .await;
+            assert_eq!(s, 201, "{v}");
+            v["id"].as_str().unwrap().to_owned()
+        });
+        wait("step b called and step a's span out", &|| {
+            p.paths().contains(&"/b/do".to_owned()) && !spans_named("step a").is_empty()
+        });
+        rt.shutdown_background();
+        id
+    };
+    p.set("/b/do", Behaviour::default());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = backend
+            .open(Some(Arc::new(Fixed("shop".into(), addr))))
+            .await;
+        let api = Api::serve_traced(&c, tracer()).await;
+        assert_eq!(c.resume().await.unwrap(), 1);
+        assert_eq!(finished(&api, &id).await["status"], "completed");
+    });
+    wait("the saga's span", &|| !spans_named("saga ").is_empty());
+    // The test's polls for the saga's status are traces of their own.
+    let spans: Vec<_> = collector
+        .spans()
+        .into_iter()
+        .filter(|s| !s.name.starts_with("GET "))
+        .collect();
+    assert!(spans.iter().all(|s| s.trace_id == trace), "{spans:?}");
+    let start = spans.iter().find(|s| s.name == "POST /v1/sagas").unwrap();
+    let saga = &spans_named("saga ")[0];
+    assert_eq!((saga.name.as_str(), saga.kind), ("saga checkout", 1));
+    assert_eq!(
+        saga.parent_id, start.span_id,
+        "the saga is a span of the request"
+    );
+    assert_eq!(saga.attributes["tessera.saga.id"], id);
+    let steps: Vec<&str> = spans
+        .iter()
+        .filter(|s| s.name.starts_with("step "))
+        .map(|s| s.name.as_str())
+        .collect();
+    let count = |n: &str| steps.iter().filter(|s| **s == n).count();
+    // a before the crash, b's call cut by it never ended, b again and c after it.
+    assert_eq!(
+        (count("step a"), count("step b"), count("step c")),
+        (1, 1, 1),
+        "{steps:?}"
+    );
+    for s in spans.iter().filter(|s| s.name.starts_with("step ")) {
+        assert_eq!(s.parent_id, saga.span_id, "{s:?}");
+        assert_eq!(s.kind, 3);
+        assert_eq!(s.attributes["tessera.saga.id"], id);
+        let host = if s.name == "step b" {
+            "shop"
+        } else {
+            "127.0.0.1"
+        };
+        assert_eq!(s.attributes["server.address"], host);
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_hangs_up_mid_post_does_not_orphan_its_saga() {
     use tokio::io::AsyncWriteExt;

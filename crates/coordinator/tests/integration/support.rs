@@ -48,7 +48,21 @@ pub struct Api {
 
 impl Api {
     pub async fn serve(c: &Coordinator) -> Api {
-        let app = c.router(Arc::new(AllowAll));
+        Api::serve_router(c.router(Arc::new(AllowAll))).await
+    }
+
+    /// The API with its requests as server spans of `tracer`, as `tessera server` serves
+    /// it, and sagas recorded with it.
+    pub async fn serve_traced(c: &Coordinator, tracer: tessera_trace::Tracer) -> Api {
+        c.trace_with(tracer.clone());
+        Api::serve_router(tessera_web::with_traces(
+            c.router(Arc::new(AllowAll)),
+            Some(tracer),
+        ))
+        .await
+    }
+
+    async fn serve_router(app: axum::Router) -> Api {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
@@ -65,11 +79,22 @@ impl Api {
         body: Option<&Value>,
         key: Option<&str>,
     ) -> (u16, Value) {
+        let key = key.map(|k| ("idempotency-key", k));
+        self.send_with(method, path, body, key.as_slice()).await
+    }
+
+    pub async fn send_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
         let mut req = http::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base));
-        if let Some(k) = key {
-            req = req.header("idempotency-key", k);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
         }
         let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         let resp = self
