@@ -920,6 +920,68 @@ async fn logs_are_text_or_json_lines() {
     assert!(err.contains("'xml'") && err.contains("text, json"), "{err}");
 }
 
+/// `tessera gateway` with OpenTelemetry's variables: a request that brings a trace is
+/// exported to the collector as spans of that trace, and its access-log line names the
+/// trace and the gateway's span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traced_request_is_exported_and_logged_with_its_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = tessera_testkit::otlp::Collector::start().await;
+    let (mut up, upstream) = common::spawn_upstream("one").await;
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!("[access_log]\nsample = 1.0\n[[routes]]\nname = \"all\"\nupstream = \"u\"\n[upstreams.u]\nendpoints = [\"{upstream}\"]\n"),
+    )
+    .unwrap();
+    let common::Gateway {
+        child: mut gw,
+        addr,
+        mut logs,
+        ..
+    } = common::spawn_gateway_with(
+        &cfg,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint.as_str()),
+            ("OTEL_SERVICE_NAME", "edge"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ],
+    )
+    .await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let req = http::Request::get(format!("http://{addr}/x"))
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(client().request(req).await.unwrap().status(), 200);
+    let line = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let line = logs.recv().await.expect("the gateway's stderr closed");
+            if line["target"] == "tessera_gateway::access" {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("no access log line");
+    tessera_testkit::wait_until("the spans", Duration::from_secs(60), || {
+        let n = collector.spans().len();
+        async move { n >= 2 }
+    })
+    .await;
+    let spans = collector.spans();
+    let server = spans.iter().find(|s| s.kind == 2).unwrap();
+    assert_eq!(
+        (server.trace_id.as_str(), server.service.as_str()),
+        (trace, "edge")
+    );
+    assert_eq!(line["trace_id"], trace, "{line}");
+    assert_eq!(line["span_id"], server.span_id.as_str(), "{line}");
+    signal(&gw, "-TERM");
+    gw.wait().await.unwrap();
+    up.start_kill().unwrap();
+}
+
 /// `tessera gateway` as a process: it writes JSON access-log lines, reloads on SIGHUP
 /// (with file watching off, so the signal is the only trigger) and exits on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

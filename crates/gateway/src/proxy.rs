@@ -159,7 +159,7 @@ pub async fn handle(
     let elapsed = Instant::now().saturating_duration_since(start);
     route.metrics.record(resp.status().as_u16(), elapsed);
     if let Some(entry) = sampled {
-        entry.write(peer, route, resp.status(), elapsed);
+        entry.write(peer, route, resp.status(), elapsed, span.as_deref());
     }
     if let Some(span) = span {
         trace::finish(gw, span, Some(route), resp.status());
@@ -335,10 +335,20 @@ impl AccessEntry {
 
     /// An event on its own target, so `TESSERA_LOG` can keep or drop access lines apart
     /// from the rest (`warn,tessera_gateway::access=info`), and `--log-format json` makes
-    /// each one a JSON object.
-    fn write(self, peer: &Peer, route: &Route, status: StatusCode, elapsed: Duration) {
+    /// each one a JSON object. A traced request's line names its trace and span.
+    fn write(
+        self,
+        peer: &Peer,
+        route: &Route,
+        status: StatusCode,
+        elapsed: Duration,
+        span: Option<&trace::ServerSpan>,
+    ) {
+        let ctx = span.map(|s| s.rec.ctx);
         tracing::info!(
             target: "tessera_gateway::access",
+            trace_id = ctx.map(|c| tracing::field::display(c.trace_id)),
+            span_id = ctx.map(|c| tracing::field::display(c.span_id)),
             client = %peer.addr.ip(),
             method = self.method.as_str(),
             path = self.path,

@@ -52,6 +52,11 @@ where
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub IpAddr);
 
+/// The span of the request being served on this task, when it is recorded (for log lines).
+pub fn current_context() -> Option<crate::SpanContext> {
+    CURRENT.try_with(|(_, rec)| rec.ctx).ok()
+}
+
 /// The request being served on this task, when it is recorded: what work it hands to
 /// another task (a saga run later) stores to continue the trace.
 pub fn current() -> Option<(Tracer, Recording)> {

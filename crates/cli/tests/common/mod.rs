@@ -93,6 +93,11 @@ pub struct Gateway {
 
 /// Starts `tessera gateway --config cfg` on ephemeral ports, logging JSON.
 pub async fn spawn_gateway(cfg: &Path) -> Gateway {
+    spawn_gateway_with(cfg, &[]).await
+}
+
+/// [`spawn_gateway`] with `env` added to its environment.
+pub async fn spawn_gateway_with(cfg: &Path, env: &[(&str, &str)]) -> Gateway {
     let mut child = Command::new(BIN)
         .args([
             "gateway",
@@ -104,6 +109,7 @@ pub async fn spawn_gateway(cfg: &Path) -> Gateway {
         ])
         .arg(cfg)
         .args(["--log-format", "json"])
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
