@@ -954,16 +954,7 @@ async fn a_traced_request_is_exported_and_logged_with_its_trace() {
         .body(Full::new(Bytes::new()))
         .unwrap();
     assert_eq!(client().request(req).await.unwrap().status(), 200);
-    let line = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            let line = logs.recv().await.expect("the gateway's stderr closed");
-            if line["target"] == "tessera_gateway::access" {
-                return line;
-            }
-        }
-    })
-    .await
-    .expect("no access log line");
+    let line = common::next_access_line(&mut logs).await;
     tessera_testkit::wait_until("the spans", Duration::from_secs(60), || {
         let n = collector.spans().len();
         async move { n >= 2 }
@@ -1017,16 +1008,7 @@ async fn gateway_reloads_on_sighup() {
     assert_eq!((s, body(b)), (200, "hello from one\n".to_owned()));
     // With `access_log.sample = 1.0` every request is an event on the access target: with
     // `--log-format json`, one JSON object with the request's fields at the top level.
-    let log = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            let line = logs.recv().await.expect("the gateway's stderr closed");
-            if line["target"] == "tessera_gateway::access" {
-                return line;
-            }
-        }
-    })
-    .await
-    .expect("no access log line");
+    let log = common::next_access_line(&mut logs).await;
     assert_eq!(log["path"], "/first");
     assert_eq!(log["status"], 200);
     assert_eq!(log["route"], "all");

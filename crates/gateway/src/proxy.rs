@@ -126,7 +126,7 @@ pub async fn handle(
     // One table for the whole request: a reload meanwhile never mixes two configs.
     let table = gw.table.load_full();
     // Before routing, so a refused request is in its trace too.
-    let span = gw
+    let mut span = gw
         .tracer
         .as_ref()
         .and_then(|t| trace::begin(t, req, raw, peer));
@@ -153,7 +153,12 @@ pub async fn handle(
     let resp = match on_route(gw, &table, route, req, raw, peer, start, timer, parent).await {
         Ok(resp) => resp,
         // The rescue point: a failure from any layer below is answered here, once.
-        Err(e) => error_response(e),
+        Err(e) => {
+            if let Some(span) = span.as_deref_mut() {
+                trace::refused(span, &e);
+            }
+            error_response(e)
+        }
     };
     // Counted and logged on the route whatever the answer, refusals included.
     let elapsed = Instant::now().saturating_duration_since(start);
@@ -630,12 +635,13 @@ async fn forward(
                 ClientFault::Broken(why) => GatewayError::Body(why.clone()),
             });
         }
-        if let (Some(rec), Some(tracer)) = (try_span, &gw.tracer) {
-            trace::finish_try(tracer, *rec, req.method(), &endpoint.addr, attempt, &result);
-        }
-        let failed = record(up, &snapshot, pick, permit, load, &result);
+        let recorded = record(up, &snapshot, pick, permit, load, &result);
+        let mut try_span = try_span.map(|rec| trace::TrySpan::after(*rec, &result, recorded));
         let result = match result {
-            Ok(exchange) if !failed => {
+            Ok(exchange) if !recorded.failed => {
+                if let Some(span) = try_span {
+                    trace::end_try(gw, *span, req.method(), &endpoint.addr, attempt);
+                }
                 return pass_on(exchange, client_upgrade.take(), up, &endpoint.addr);
             }
             other => other,
@@ -643,7 +649,17 @@ async fn forward(
         // Nothing reached the upstream: safe to send anywhere, whatever the method.
         let unsent = matches!(&result, Err(f) if !f.reached);
         let retryable = payload.replayable() && (retry_allowed || unsent);
-        if !(retryable && should_retry(up, route, attempt, deadline)) {
+        let retry = match retryable {
+            true => should_retry(up, route, attempt, deadline),
+            false => Retry::No,
+        };
+        if let Some(mut span) = try_span.take() {
+            if retry == Retry::NoBudget {
+                span.note("retry budget exhausted");
+            }
+            trace::end_try(gw, *span, req.method(), &endpoint.addr, attempt);
+        }
+        if retry != Retry::Yes {
             return match result {
                 Ok(exchange) => Ok(downstream_response(exchange.response)),
                 Err(failure) => Err(failure.error),
@@ -738,9 +754,17 @@ fn breaker_permit(
     }
 }
 
+/// What recording a try did: whether it failed, and what its failure changed (for the
+/// try's span).
+#[derive(Clone, Copy, Default)]
+struct Recorded {
+    failed: bool,
+    ejected: bool,
+    opened_breaker: bool,
+}
+
 /// Records what one try came to on its endpoint, once: its latency for the balancer, its
 /// outlier state and its breaker. A 502, 503 or 504 answer is a failure like no answer.
-/// Returns whether the try failed.
 fn record(
     up: &Upstream,
     snapshot: &Snapshot,
@@ -748,7 +772,7 @@ fn record(
     permit: Option<tessera_resilience::Permit>,
     load: tessera_balance::InFlight,
     result: &Result<Exchange, Failure>,
-) -> bool {
+) -> Recorded {
     let endpoint = &snapshot.set.endpoints[pick.idx];
     let failed = match result {
         Ok(exchange) => {
@@ -765,7 +789,7 @@ fn record(
                 if let Some(p) = permit {
                     p.success_at(done);
                 }
-                return false;
+                return Recorded::default();
             }
             permit
         }
@@ -775,17 +799,22 @@ fn record(
             permit
         }
     };
+    let mut recorded = Recorded {
+        failed: true,
+        ..Recorded::default()
+    };
     if let Some(p) = failed {
-        p.failure();
+        recorded.opened_breaker = p.failure();
     }
     if let Some(cfg) = &up.outlier
         && let Some(d) = snapshot.outliers[pick.idx].failure(cfg, pick.ejected, snapshot.set.len())
     {
         up.metrics.ejections.fetch_add(1, Ordering::Relaxed);
+        recorded.ejected = true;
         tracing::warn!(upstream = %up.name, endpoint = %endpoint.addr,
             seconds = d.as_secs(), "endpoint ejected after consecutive errors");
     }
-    true
+    recorded
 }
 
 /// The client's answer: a switch of protocols is spliced through; anything else passes
@@ -1056,16 +1085,24 @@ async fn send_h2(
     })
 }
 
-fn should_retry(up: &Upstream, route: &Route, attempt: u32, deadline: Instant) -> bool {
+fn should_retry(up: &Upstream, route: &Route, attempt: u32, deadline: Instant) -> Retry {
     if attempt >= route.retries || Instant::now() >= deadline {
-        return false;
+        return Retry::No;
     }
     if !up.budget.try_withdraw() {
         up.metrics.budget_exhausted.fetch_add(1, Ordering::Relaxed);
-        return false;
+        return Retry::NoBudget;
     }
     up.metrics.retries.fetch_add(1, Ordering::Relaxed);
-    true
+    Retry::Yes
+}
+
+/// Whether a failed try is tried again; `NoBudget` when only the retry budget said no.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    Yes,
+    No,
+    NoBudget,
 }
 
 /// Headers for the upstream request: hop-by-hop ones removed (and any the client named in

@@ -140,17 +140,18 @@ impl CircuitBreaker {
         })
     }
 
-    fn record(&self, generation: u64, probe: bool, ok: bool, now: Instant) {
+    /// Returns whether this outcome opened the breaker.
+    fn record(&self, generation: u64, probe: bool, ok: bool, now: Instant) -> bool {
         let mut g = self.lock();
         self.advance(&mut g, now);
         if generation != g.generation {
-            return; // the state moved on since this call started
+            return false; // the state moved on since this call started
         }
         if probe {
             g.probes_out = g.probes_out.saturating_sub(1);
             if !ok {
                 self.open(&mut g, now);
-                return;
+                return true;
             }
             g.probes_ok += 1;
             if g.probes_ok >= self.config.half_open_probes {
@@ -158,7 +159,7 @@ impl CircuitBreaker {
                 g.window.clear();
                 g.generation += 1;
             }
-            return;
+            return false;
         }
         g.window.add(1, u64::from(!ok));
         let (calls, errors) = g.window.totals();
@@ -166,7 +167,9 @@ impl CircuitBreaker {
             && errors as f64 >= self.config.error_rate * calls as f64
         {
             self.open(&mut g, now);
+            return true;
         }
+        false
     }
 
     fn release(&self, generation: u64, probe: bool) {
@@ -201,8 +204,9 @@ impl Permit {
         self.success_at(Instant::now());
     }
 
-    pub fn failure(self) {
-        self.failure_at(Instant::now());
+    /// Returns whether this failure opened the breaker (for a trace's span event).
+    pub fn failure(self) -> bool {
+        self.failure_at(Instant::now())
     }
 
     /// `success` with the caller's reading of the clock.
@@ -212,9 +216,9 @@ impl Permit {
     }
 
     /// `failure` with the caller's reading of the clock.
-    pub fn failure_at(mut self, now: Instant) {
+    pub fn failure_at(mut self, now: Instant) -> bool {
         self.done = true;
-        self.breaker.record(self.generation, self.probe, false, now);
+        self.breaker.record(self.generation, self.probe, false, now)
     }
 }
 
@@ -254,7 +258,11 @@ mod tests {
         let b = breaker();
         for i in 0..100 {
             let p = b.try_acquire().unwrap();
-            if i % 3 == 0 { p.failure() } else { p.success() }
+            if i % 3 == 0 {
+                p.failure();
+            } else {
+                p.success();
+            }
         }
         assert_eq!(b.state(), State::Closed, "33% errors < 50%");
     }

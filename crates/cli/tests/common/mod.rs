@@ -162,3 +162,19 @@ pub async fn spawn_upstream(id: &str) -> (Child, String) {
     let addr = line.split("http://").nth(1).unwrap().trim().to_owned();
     (child, addr)
 }
+
+/// The next access-log line among a gateway's JSON logs (its other lines are skipped).
+pub async fn next_access_line(
+    logs: &mut UnboundedReceiver<serde_json::Value>,
+) -> serde_json::Value {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let line = logs.recv().await.expect("the gateway's stderr closed");
+            if line["target"] == "tessera_gateway::access" {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("no access log line")
+}

@@ -4,10 +4,12 @@
 
 use http::header::HeaderName;
 use http::{Method, Request, StatusCode};
+use std::time::SystemTime;
 use tessera_trace::http::{Outcome, Served, TRACEPARENT, TRACESTATE};
-use tessera_trace::{Recording, Tracer};
 
-use super::{Failure, Proxy};
+use tessera_trace::{Event, Recording, Tracer};
+
+use super::{Failure, Proxy, Recorded};
 use crate::floor::error::GatewayError;
 use crate::policy::routes::Route;
 use crate::protocol::h1::body::Body;
@@ -71,25 +73,67 @@ pub(super) fn finish(gw: &Proxy, span: Box<ServerSpan>, route: Option<&Route>, s
     tracer.record(tessera_trace::http::server(rec, served, status.as_u16()));
 }
 
-/// Ends one try's client span.
-pub(super) fn finish_try(
-    tracer: &Tracer,
+/// A try's client span once its outcome is known, gathering what it led to.
+pub(super) struct TrySpan {
     rec: Recording,
-    method: &Method,
-    endpoint: &str,
-    attempt: u32,
-    result: &Result<Exchange, Failure>,
-) {
-    let outcome = match result {
-        Ok(exchange) => Outcome::Answered(exchange.response.status().as_u16()),
-        Err(f) => Outcome::Failed {
-            kind: error_type(&f.error),
-            message: f.error.to_string(),
-        },
-    };
+    outcome: Outcome,
+}
+
+impl TrySpan {
+    /// The try's outcome, and what it did to the endpoint and its breaker as events.
+    pub(super) fn after(
+        rec: Recording,
+        result: &Result<Exchange, Failure>,
+        recorded: Recorded,
+    ) -> Box<TrySpan> {
+        let outcome = match result {
+            Ok(exchange) => Outcome::Answered(exchange.response.status().as_u16()),
+            Err(f) => Outcome::Failed {
+                kind: error_type(&f.error),
+                message: f.error.to_string(),
+            },
+        };
+        let mut span = Box::new(TrySpan { rec, outcome });
+        if recorded.ejected {
+            span.note("endpoint ejected");
+        }
+        if recorded.opened_breaker {
+            span.note("circuit breaker opened");
+        }
+        span
+    }
+
+    pub(super) fn note(&mut self, name: &'static str) {
+        self.rec.events.push(Event {
+            name,
+            time: SystemTime::now(),
+            attributes: Vec::new(),
+        });
+    }
+}
+
+/// Ends one try's client span.
+pub(super) fn end_try(gw: &Proxy, span: TrySpan, method: &Method, endpoint: &str, attempt: u32) {
+    let Some(tracer) = &gw.tracer else { return };
+    let TrySpan { rec, outcome } = span;
     tracer.record(tessera_trace::http::client(
         rec, method, endpoint, attempt, outcome,
     ));
+}
+
+/// Notes on the server span why the gateway refused the request itself.
+pub(super) fn refused(span: &mut ServerSpan, e: &GatewayError) {
+    let name = match e {
+        GatewayError::RateLimited { .. } => "rate limit exceeded",
+        GatewayError::BreakerOpen { .. } => "circuit breaker open",
+        GatewayError::BulkheadFull { .. } => "bulkhead full",
+        _ => return,
+    };
+    span.rec.events.push(Event {
+        name,
+        time: SystemTime::now(),
+        attributes: Vec::new(),
+    });
 }
 
 /// A low-cardinality name for why a try failed, as `error.type` asks.

@@ -223,3 +223,69 @@ async fn what_is_not_recorded_passes_untouched_and_a_root_starts_a_trace() {
         "{m}"
     );
 }
+
+/// The gateway's own decisions show in the trace as span events: an ejection and a
+/// breaker opening on the try that caused them, a retry the budget refused on the try
+/// that is not retried, and a refusal (breaker open, rate limit) on the request's span.
+#[tokio::test]
+async fn the_gateways_own_decisions_are_span_events() {
+    let collector = Collector::start().await;
+    let a = Upstream::start("a").await;
+    a.set_status(503);
+    let config = format!(
+        r#"
+[[routes]]
+name = "limited"
+path = {{ prefix = "/limited" }}
+upstream = "ok"
+rate_limit = {{ rate = 0.001, burst = 1 }}
+[[routes]]
+name = "failing"
+upstream = "u"
+retries = {{ attempts = 2, backoff = "1ms" }}
+[upstreams.ok]
+endpoints = ["{a}"]
+[upstreams.u]
+endpoints = ["{a}"]
+breaker = {{ min_calls = 1, error_rate = 0.5, open_for = "1h" }}
+outlier = {{ consecutive_errors = 1, max_ejected_percent = 100 }}
+retry_budget = {{ ratio = 0.0, min_per_sec = 0 }}
+"#,
+        a = a.addr
+    );
+    let gw = TestGateway::start_traced(&config, tracer(&collector, Sampler::default())).await;
+    let send = |trace: &'static str, path: &'static str| {
+        let parent = format!("00-{trace}-{CALLER}-01");
+        let http = &gw.http;
+        async move {
+            http.send(Method::GET, path, &[("traceparent", &parent)], "")
+                .await
+                .0
+        }
+    };
+    // The first failure ejects the endpoint and opens the breaker; the budget (0) refuses
+    // the retry.
+    let first = "11111111111111111111111111111111";
+    assert_eq!(send(first, "/").await, StatusCode::SERVICE_UNAVAILABLE);
+    let spans = spans_of(&collector, first, 2).await;
+    let tried = spans.iter().find(|s| s.kind == 3).unwrap();
+    for e in [
+        "endpoint ejected",
+        "circuit breaker opened",
+        "retry budget exhausted",
+    ] {
+        assert!(tried.events.iter().any(|n| n == e), "{e}: {tried:?}");
+    }
+    // Now the breaker refuses: no try, an event on the request's span.
+    let second = "22222222222222222222222222222222";
+    assert_eq!(send(second, "/").await, StatusCode::SERVICE_UNAVAILABLE);
+    let spans = spans_of(&collector, second, 1).await;
+    assert_eq!(spans.len(), 1, "{spans:?}");
+    assert_eq!(spans[0].events, ["circuit breaker open"]);
+    // The rate limit allows one request, then refuses.
+    let third = "33333333333333333333333333333333";
+    send("44444444444444444444444444444444", "/limited").await;
+    assert_eq!(send(third, "/limited").await, StatusCode::TOO_MANY_REQUESTS);
+    let spans = spans_of(&collector, third, 1).await;
+    assert_eq!(spans[0].events, ["rate limit exceeded"], "{spans:?}");
+}
