@@ -86,8 +86,11 @@ pub async fn run(args: GatewayArgs) -> Result<(), String> {
                 let listener =
                     tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
                 let admin = tokio::net::TcpListener::from_std(admin).map_err(|e| e.to_string())?;
-                let mut gateway =
-                    traced(Gateway::build(config, Some(path)).map_err(|e| e.to_string())?)?;
+                let tracer = tessera_trace::Tracer::from_env("tessera-gateway")?;
+                let mut gateway = traced(
+                    Gateway::build(config, Some(path)).map_err(|e| e.to_string())?,
+                    &tracer,
+                );
                 if let Some(l) = tls_listener {
                     l.set_nonblocking(true).map_err(|e| e.to_string())?;
                     let l = tokio::net::TcpListener::from_std(l).map_err(|e| e.to_string())?;
@@ -96,6 +99,7 @@ pub async fn run(args: GatewayArgs) -> Result<(), String> {
                 gateway
                     .run(listener, admin, crate::server::shutdown_signal())
                     .await;
+                flush(tracer).await;
                 Ok(())
             })
         })
@@ -127,19 +131,31 @@ async fn run_workers(config: Config, path: PathBuf, workers: usize) -> Result<()
         "tessera gateway listening on http://{addr}{tls_note} (admin http://{admin_addr}, config {}, {workers} workers)",
         path.display()
     );
-    let gateway = traced(Gateway::build(config, Some(path)).map_err(|e| e.to_string())?)?;
+    let tracer = tessera_trace::Tracer::from_env("tessera-gateway")?;
+    let gateway = traced(
+        Gateway::build(config, Some(path)).map_err(|e| e.to_string())?,
+        &tracer,
+    );
     gateway
         .run_workers(listeners, admin, crate::server::shutdown_signal())
         .await
         .map_err(|e| format!("gateway worker: {e}"))?;
+    flush(tracer).await;
     println!("tessera gateway stopped");
     Ok(())
 }
 
 /// Spans go to the collector OpenTelemetry's variables name, when they name one.
-fn traced(gateway: Gateway) -> Result<Gateway, String> {
-    Ok(match tessera_trace::Tracer::from_env("tessera-gateway")? {
-        Some(tracer) => gateway.with_tracer(tracer),
+fn traced(gateway: Gateway, tracer: &Option<tessera_trace::Tracer>) -> Gateway {
+    match tracer {
+        Some(t) => gateway.with_tracer(t.clone()),
         None => gateway,
-    })
+    }
+}
+
+/// The last requests' spans go out before the process does.
+pub async fn flush(tracer: Option<tessera_trace::Tracer>) {
+    if let Some(t) = tracer {
+        t.flush(std::time::Duration::from_secs(5)).await;
+    }
 }

@@ -136,7 +136,7 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
     // by a traced request continues its trace.
     let extra = tessera_web::with_traces(
         coordinator.router(acl.clone()).merge(events.router(acl)),
-        tracer,
+        tracer.clone(),
     );
     let acl = if server.registry().acl_enabled {
         "on"
@@ -158,6 +158,7 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     // What this server has in flight goes to the other servers now, not after its lease.
     coordinator.release().await;
+    crate::gateway::flush(tracer).await;
     println!("tessera server stopped");
     Ok(())
 }

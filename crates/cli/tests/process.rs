@@ -922,7 +922,8 @@ async fn logs_are_text_or_json_lines() {
 
 /// `tessera gateway` with OpenTelemetry's variables: a request that brings a trace is
 /// exported to the collector as spans of that trace, and its access-log line names the
-/// trace and the gateway's span.
+/// trace and the gateway's span. The batch delay is an hour: the spans reach the collector
+/// because a stopping gateway flushes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_traced_request_is_exported_and_logged_with_its_trace() {
     let dir = tempfile::tempdir().unwrap();
@@ -944,7 +945,7 @@ async fn a_traced_request_is_exported_and_logged_with_its_trace() {
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint.as_str()),
             ("OTEL_SERVICE_NAME", "edge"),
-            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "3600000"),
         ],
     )
     .await;
@@ -955,12 +956,18 @@ async fn a_traced_request_is_exported_and_logged_with_its_trace() {
         .unwrap();
     assert_eq!(client().request(req).await.unwrap().status(), 200);
     let line = common::next_access_line(&mut logs).await;
-    tessera_testkit::wait_until("the spans", Duration::from_secs(60), || {
-        let n = collector.spans().len();
-        async move { n >= 2 }
-    })
-    .await;
+    assert!(
+        collector.spans().is_empty(),
+        "exported before the batch delay"
+    );
+    signal(&gw, "-TERM");
+    let exit = tokio::time::timeout(Duration::from_secs(60), gw.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
     let spans = collector.spans();
+    assert_eq!(spans.len(), 2, "{spans:?}");
     let server = spans.iter().find(|s| s.kind == 2).unwrap();
     assert_eq!(
         (server.trace_id.as_str(), server.service.as_str()),
@@ -968,8 +975,6 @@ async fn a_traced_request_is_exported_and_logged_with_its_trace() {
     );
     assert_eq!(line["trace_id"], trace, "{line}");
     assert_eq!(line["span_id"], server.span_id.as_str(), "{line}");
-    signal(&gw, "-TERM");
-    gw.wait().await.unwrap();
     up.start_kill().unwrap();
 }
 

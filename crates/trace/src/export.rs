@@ -184,6 +184,8 @@ pub struct Stats {
 #[derive(Clone, Debug)]
 pub struct Exporter {
     tx: mpsc::Sender<Span>,
+    /// Asks the batch task to post what it holds now; it answers when done.
+    flush: mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
     stats: Arc<Stats>,
 }
 
@@ -192,9 +194,22 @@ impl Exporter {
     /// dropped, after posting what is queued.
     pub fn start(config: Config) -> Exporter {
         let (tx, rx) = mpsc::channel(config.queue);
+        let (flush, flushes) = mpsc::channel(8);
         let stats = Arc::new(Stats::default());
-        tokio::spawn(run(config, rx, stats.clone()));
-        Exporter { tx, stats }
+        tokio::spawn(run(config, rx, flushes, stats.clone()));
+        Exporter { tx, flush, stats }
+    }
+
+    /// Posts every span queued so far, waiting at most `limit`: a process that stops calls
+    /// it last, so the spans of its final requests are not lost with it.
+    pub async fn flush(&self, limit: std::time::Duration) {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let asked = async {
+            if self.flush.send(done).await.is_ok() {
+                let _ = answer.await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, asked).await;
     }
 
     /// Queues a finished span; never waits.
@@ -209,20 +224,54 @@ impl Exporter {
     }
 }
 
-async fn run(config: Config, mut rx: mpsc::Receiver<Span>, stats: Arc<Stats>) {
+async fn run(
+    config: Config,
+    mut rx: mpsc::Receiver<Span>,
+    mut flushes: mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
+    stats: Arc<Stats>,
+) {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let mut failing = false;
     let mut batch = Vec::with_capacity(config.batch);
-    while let Some(first) = rx.recv().await {
+    let mut asked: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
+    loop {
+        // Wait for a span, or for a flush (answered at once when nothing is queued).
+        let first = tokio::select! {
+            s = rx.recv() => s,
+            Some(done) = flushes.recv() => {
+                match rx.try_recv() {
+                    Ok(s) => {
+                        asked.push(done);
+                        Some(s)
+                    }
+                    Err(_) => {
+                        let _ = done.send(());
+                        continue;
+                    }
+                }
+            }
+        };
+        let Some(first) = first else { break };
         batch.push(first);
         let flush_at = tokio::time::Instant::now() + config.delay;
         while batch.len() < config.batch {
+            // A flush takes what is queued now and posts it without waiting out the delay.
+            if !asked.is_empty() {
+                match rx.try_recv() {
+                    Ok(s) => {
+                        batch.push(s);
+                        continue;
+                    }
+                    Err(_) => break,
+                }
+            }
             tokio::select! {
                 next = rx.recv() => match next {
                     Some(s) => batch.push(s),
                     None => break,
                 },
+                Some(done) = flushes.recv() => asked.push(done),
                 _ = tokio::time::sleep_until(flush_at) => break,
             }
         }
@@ -242,6 +291,12 @@ async fn run(config: Config, mut rx: mpsc::Receiver<Span>, stats: Arc<Stats>) {
                 if !std::mem::replace(&mut failing, true) {
                     tracing::warn!(endpoint = %config.endpoint, "cannot export spans: {e}");
                 }
+            }
+        }
+        // A flush is answered once what was queued when it came is posted.
+        if !asked.is_empty() && rx.is_empty() {
+            for done in asked.drain(..) {
+                let _ = done.send(());
             }
         }
     }

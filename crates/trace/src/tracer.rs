@@ -68,6 +68,11 @@ impl Tracer {
     pub fn stats(&self) -> &Stats {
         self.exporter.stats()
     }
+
+    /// Exports what is queued, waiting at most `limit` (see [`Exporter::flush`]).
+    pub async fn flush(&self, limit: std::time::Duration) {
+        self.exporter.flush(limit).await;
+    }
 }
 
 impl Recording {

@@ -108,3 +108,19 @@ async fn a_failing_collector_costs_the_batch_and_is_counted() {
     assert_eq!(collector.posts().len(), 1);
     assert_eq!(exporter.stats().exported.load(Ordering::Relaxed), 0);
 }
+
+#[tokio::test]
+async fn a_flush_posts_what_is_queued_without_waiting_out_the_delay() {
+    let collector = Collector::start().await;
+    let mut config = config(&collector, 64, 512);
+    config.delay = Duration::from_secs(3600);
+    let exporter = Exporter::start(config);
+    // Nothing queued: answered at once.
+    exporter.flush(Duration::from_secs(60)).await;
+    exporter.record(span("a"));
+    exporter.record(span("b"));
+    exporter.flush(Duration::from_secs(60)).await;
+    assert_eq!(exporter.stats().exported.load(Ordering::Relaxed), 2);
+    let names: Vec<String> = collector.spans().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, ["a", "b"]);
+}

@@ -193,7 +193,7 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
         )
         .layer(axum::middleware::from_fn_with_state(metrics, web::track))
         .layer(axum::middleware::from_fn_with_state(
-            tracer,
+            tracer.clone(),
             tessera_web::traced,
         ));
 
@@ -233,6 +233,10 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
         .await
         .map_err(|e| format!("server: {e}"))?;
     db.pool.close().await;
+    // The last requests' spans go out before the process does.
+    if let Some(t) = tracer {
+        t.flush(Duration::from_secs(5)).await;
+    }
     println!("{name} stopped");
     Ok(())
 }
