@@ -18,15 +18,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
-
-use tessera_trace::http::Outcome as Outcome_;
 
 use crate::call::{Caller, Outcome};
 use crate::def::SagaDef;
 use crate::lease::{Lease, Lost};
-use crate::saga::{Attempt, Saga, SagaStatus, SagaTrace, StepStatus, new_id, now_ms};
+use crate::saga::{Attempt, Saga, SagaStatus, StepStatus, new_id, now_ms};
 use crate::store::{Store, StoreError};
+use crate::trace;
 
 #[derive(Default)]
 pub struct Stats {
@@ -97,15 +95,15 @@ impl Engine {
     ) -> Result<(Saga, bool), StartError> {
         let me = self.clone();
         // Taken here: the request's span is this task's, not the detached one's.
-        let parent = tessera_trace::scope::current().map(|(_, rec)| rec);
-        detached(async move { me.start_now(def, idempotency_key, parent).await }).await
+        let trace = trace::begin();
+        detached(async move { me.start_now(def, idempotency_key, trace).await }).await
     }
 
     async fn start_now(
         self: &Arc<Self>,
         def: SagaDef,
         idempotency_key: Option<String>,
-        parent: Option<tessera_trace::Recording>,
+        trace: Option<trace::TxTrace>,
     ) -> Result<(Saga, bool), StartError> {
         if let Some(key) = &idempotency_key
             && let Some(existing) = self.store.by_idempotency_key(key).await?
@@ -113,10 +111,7 @@ impl Engine {
             return Ok((existing, false));
         }
         let mut saga = Saga::new(new_id(), def, idempotency_key.clone());
-        saga.trace = parent.map(|p| SagaTrace {
-            span: p.child().ctx.traceparent(),
-            parent: p.ctx.traceparent(),
-        });
+        saga.trace = trace;
         if !self.store.insert(&saga).await? {
             // Another request with the same key won the race.
             let key = idempotency_key.unwrap_or_default();
@@ -187,7 +182,19 @@ impl Engine {
         };
         if let Some(c) = counter {
             c.fetch_add(1, Ordering::Relaxed);
-            self.finish_trace(saga);
+            trace::finish(
+                self.tracer.get(),
+                saga.trace.as_ref(),
+                saga.created_ms,
+                format!("saga {}", saga.name),
+                saga.status == SagaStatus::Completed,
+                saga.error.as_deref(),
+                vec![
+                    ("tessera.saga.id", saga.id.clone().into()),
+                    ("tessera.saga.status", saga.status.as_str().into()),
+                    ("tessera.saga.steps", (saga.steps.len() as i64).into()),
+                ],
+            );
         }
         // Shown only once durable (and counted): a reader never sees a status a crash
         // could undo.
@@ -213,88 +220,6 @@ impl Engine {
                 }
             }
         }
-    }
-
-    /// A span for one call of `saga`'s, under the saga's own span (when it is traced).
-    fn step_span(&self, saga: &Saga) -> Option<tessera_trace::Recording> {
-        self.tracer.get()?;
-        saga_span(saga, SystemTime::now()).map(|s| s.child())
-    }
-
-    /// Ends a call's span: an HTTP client span named for the step.
-    #[allow(clippy::too_many_arguments)]
-    fn finish_step_span(
-        &self,
-        span: Option<tessera_trace::Recording>,
-        saga: &Saga,
-        step: &str,
-        call: &crate::def::CallDef,
-        compensation: bool,
-        attempt: u32,
-        record: &Attempt,
-    ) {
-        let (Some(rec), Some(tracer)) = (span, self.tracer.get()) else {
-            return;
-        };
-        let outcome = match record.outcome.parse::<u16>() {
-            Ok(status) => Outcome_::Answered(status),
-            Err(_) => Outcome_::Failed {
-                kind: if record.outcome.starts_with("timeout") {
-                    "timeout"
-                } else if record.outcome.starts_with("connect") {
-                    "connect"
-                } else {
-                    "_OTHER"
-                },
-                message: record.outcome.clone(),
-            },
-        };
-        // A service by name, or a URL's host and port.
-        let target = match (&call.service, &call.url) {
-            (Some(service), _) => service.as_str(),
-            (None, Some(url)) => {
-                let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
-                rest.split('/').next().unwrap_or(rest)
-            }
-            (None, None) => "",
-        };
-        let method = http::Method::from_bytes(call.method.as_bytes()).unwrap_or(http::Method::POST);
-        let mut span =
-            tessera_trace::http::client(rec, &method, target, attempt.saturating_sub(1), outcome);
-        span.name = format!(
-            "{} {step}",
-            if compensation { "compensate" } else { "step" }
-        )
-        .into();
-        span.attributes
-            .push(("tessera.saga.id", saga.id.clone().into()));
-        span.attributes
-            .push(("tessera.saga.step", step.to_owned().into()));
-        span.attributes
-            .push(("tessera.saga.compensation", compensation.into()));
-        tracer.record(span);
-    }
-
-    /// Ends the saga's own span once it is final.
-    fn finish_trace(&self, saga: &Saga) {
-        let Some(tracer) = self.tracer.get() else {
-            return;
-        };
-        let start = std::time::UNIX_EPOCH + std::time::Duration::from_millis(saga.created_ms);
-        let Some(rec) = saga_span(saga, start) else {
-            return;
-        };
-        let status = match (saga.status, &saga.error) {
-            (SagaStatus::Completed, _) => tessera_trace::Status::Unset,
-            (_, e) => tessera_trace::Status::Error(e.clone().unwrap_or_default()),
-        };
-        let attrs = vec![
-            ("tessera.saga.id", saga.id.clone().into()),
-            ("tessera.saga.status", saga.status.as_str().into()),
-            ("tessera.saga.steps", (saga.steps.len() as i64).into()),
-        ];
-        let name = format!("saga {}", saga.name);
-        tracer.record(rec.finish(name, tessera_trace::Kind::Internal, attrs, status));
     }
 
     /// Runs the step marked `running` to success (arming the next) or failure.
@@ -324,7 +249,7 @@ impl Engine {
             }
             let key = format!("{}/{}/action", saga.id, step.name);
             self.lease.held()?;
-            let span = self.step_span(saga);
+            let span = trace::call_span(self.tracer.get(), saga.trace.as_ref());
             let traceparent = span.as_ref().map(|s| s.ctx.traceparent());
             let (outcome, record) = self
                 .caller
@@ -336,14 +261,16 @@ impl Engine {
                     traceparent.as_deref(),
                 )
                 .await;
-            self.finish_step_span(
+            let attrs = step_attributes(saga, &step.name, false);
+            let name = format!("step {}", step.name);
+            trace::finish_call(
+                self.tracer.get(),
                 span,
-                saga,
-                &step.name,
+                name,
                 &step.action,
-                false,
                 attempt,
                 &record,
+                attrs,
             );
             last = record.outcome.clone();
             self.note_attempt(saga, i, false, record);
@@ -405,13 +332,23 @@ impl Engine {
             }
             let key = format!("{}/{}/compensation", saga.id, step.name);
             self.lease.held()?;
-            let span = self.step_span(saga);
+            let span = trace::call_span(self.tracer.get(), saga.trace.as_ref());
             let traceparent = span.as_ref().map(|s| s.ctx.traceparent());
             let (outcome, record) = self
                 .caller
                 .call(&key, &saga.id, step.timeout, call, traceparent.as_deref())
                 .await;
-            self.finish_step_span(span, saga, &step.name, call, true, attempt + 1, &record);
+            let attrs = step_attributes(saga, &step.name, true);
+            let name = format!("compensate {}", step.name);
+            trace::finish_call(
+                self.tracer.get(),
+                span,
+                name,
+                call,
+                attempt + 1,
+                &record,
+                attrs,
+            );
             if let Outcome::Rejected(open_for) = outcome {
                 // The participant's breaker is open: wait it out. Such a pause is not an
                 // attempt, so a rest the breaker imposes never makes a saga stuck.
@@ -437,16 +374,15 @@ impl Engine {
     }
 }
 
-/// The saga's own span, as stored with it, begun at `start`.
-fn saga_span(saga: &Saga, start: SystemTime) -> Option<tessera_trace::Recording> {
-    let trace = saga.trace.as_ref()?;
-    let ctx = tessera_trace::SpanContext::parse(trace.span.as_bytes())?;
-    let parent = tessera_trace::SpanContext::parse(trace.parent.as_bytes()).map(|p| p.span_id);
-    Some(tessera_trace::Recording {
-        ctx,
-        parent,
-        tracestate: None,
-        start,
-        events: Vec::new(),
-    })
+/// What a step call's span says about the saga.
+fn step_attributes(
+    saga: &Saga,
+    step: &str,
+    compensation: bool,
+) -> Vec<(&'static str, tessera_trace::Value)> {
+    vec![
+        ("tessera.saga.id", saga.id.clone().into()),
+        ("tessera.saga.step", step.to_owned().into()),
+        ("tessera.saga.compensation", compensation.into()),
+    ]
 }

@@ -24,6 +24,7 @@ mod lease;
 pub mod saga;
 mod store;
 pub mod tcc;
+pub mod trace;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -224,11 +225,13 @@ impl Coordinator {
         }
     }
 
-    /// Records sagas with `tracer`: a saga started by a traced request (its router wrapped
-    /// in `tessera_web::traced`) is a span of that trace, with a span per step call and
-    /// compensation, and each participant continues its call's span. Set before `resume`.
+    /// Records sagas and TCC transactions with `tracer`: one started by a traced request
+    /// (its router wrapped in `tessera_web::with_traces`) is a span of that trace, with a
+    /// span per participant call (step, compensation; try, confirm, cancel), and each
+    /// participant continues its call's span. Set before `resume`.
     pub fn trace_with(&self, tracer: tessera_trace::Tracer) {
-        let _ = self.engine.tracer.set(tracer);
+        let _ = self.engine.tracer.set(tracer.clone());
+        let _ = self.tcc.tracer.set(tracer);
     }
 
     pub fn router(&self, auth: Arc<dyn Authorize>) -> axum::Router {

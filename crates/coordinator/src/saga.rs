@@ -113,18 +113,9 @@ pub struct Saga {
     pub error: Option<String>,
     pub steps: Vec<StepRecord>,
     pub definition: SagaDef,
-    /// Where the saga sits in the trace of the request that started it, when that request
-    /// was traced: stored with it, so the server that finishes it (after a crash, another
-    /// one) continues the same trace.
+    /// Where the saga sits in the trace of the request that started it (`trace`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub trace: Option<SagaTrace>,
-}
-
-/// The saga's own span and the span that started it, as `traceparent` values.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SagaTrace {
-    pub span: String,
-    pub parent: String,
+    pub trace: Option<crate::trace::TxTrace>,
 }
 
 impl Saga {

@@ -159,6 +159,9 @@ pub struct Tcc {
     pub error: Option<String>,
     pub participants: Vec<ParticipantRecord>,
     pub definition: TccDef,
+    /// Where the transaction sits in the trace of the request that started it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<crate::trace::TxTrace>,
 }
 
 crate::store::record!(Tcc);
@@ -190,6 +193,8 @@ pub struct TccEngine {
     pub(crate) store: Store<Tcc>,
     caller: Arc<Caller>,
     lease: Arc<Lease>,
+    /// Set when spans are exported (see `crate::trace`).
+    pub(crate) tracer: std::sync::OnceLock<tessera_trace::Tracer>,
     live: Mutex<HashMap<String, Tcc>>,
     pub stats: TccStats,
 }
@@ -198,6 +203,7 @@ impl TccEngine {
     pub(crate) fn new(store: Store<Tcc>, caller: Arc<Caller>, lease: Arc<Lease>) -> Arc<TccEngine> {
         Arc::new(TccEngine {
             store,
+            tracer: std::sync::OnceLock::new(),
             caller,
             lease,
             live: Mutex::new(HashMap::new()),
@@ -216,13 +222,16 @@ impl TccEngine {
         idempotency_key: Option<String>,
     ) -> Result<(Tcc, bool), StartError> {
         let me = self.clone();
-        detached(async move { Ok(me.start_now(definition, idempotency_key).await?) }).await
+        // Taken here: the request's span is this task's, not the detached one's.
+        let trace = crate::trace::begin();
+        detached(async move { Ok(me.start_now(definition, idempotency_key, trace).await?) }).await
     }
 
     async fn start_now(
         self: &Arc<Self>,
         definition: TccDef,
         idempotency_key: Option<String>,
+        trace: Option<crate::trace::TxTrace>,
     ) -> Result<(Tcc, bool), StoreError> {
         if let Some(key) = &idempotency_key
             && let Some(existing) = self.store.by_idempotency_key(key).await?
@@ -251,6 +260,7 @@ impl TccEngine {
                 })
                 .collect(),
             definition,
+            trace,
         };
         if !self.store.insert(&tx).await?
             && let Some(key) = &idempotency_key
@@ -312,6 +322,20 @@ impl TccEngine {
             TccStatus::Cancelled => self.stats.cancelled.fetch_add(1, Ordering::Relaxed),
             _ => 0,
         };
+        if matches!(tx.status, TccStatus::Confirmed | TccStatus::Cancelled) {
+            crate::trace::finish(
+                self.tracer.get(),
+                tx.trace.as_ref(),
+                tx.created_ms,
+                format!("tcc {}", tx.name),
+                tx.status == TccStatus::Confirmed,
+                tx.error.as_deref(),
+                vec![
+                    ("tessera.tcc.id", tx.id.clone().into()),
+                    ("tessera.tcc.status", tx.status.as_str().into()),
+                ],
+            );
+        }
         self.lock_live().insert(tx.id.clone(), tx.clone());
         Ok(())
     }
@@ -350,7 +374,7 @@ impl TccEngine {
         self.lease.held()?;
         let mut set = tokio::task::JoinSet::new();
         for (i, p) in tx.definition.participants.iter().enumerate() {
-            let (me, p, id) = (self.clone(), p.clone(), tx.id.clone());
+            let (me, p, id, trace) = (self.clone(), p.clone(), tx.id.clone(), tx.trace.clone());
             set.spawn(async move {
                 let key = format!("{id}/{}/try", p.name);
                 let mut attempts = Vec::new();
@@ -358,10 +382,23 @@ impl TccEngine {
                     if attempt > 1 {
                         tokio::time::sleep(p.retry.delay(attempt - 1, fastrand::f64())).await;
                     }
+                    let span = crate::trace::call_span(me.tracer.get(), trace.as_ref());
+                    let traceparent = span.as_ref().map(|s| s.ctx.traceparent());
                     let (outcome, a) = me
                         .caller
-                        .call(&key, &id, p.timeout, &p.try_call, None)
+                        .call(&key, &id, p.timeout, &p.try_call, traceparent.as_deref())
                         .await;
+                    let attrs = call_attributes(&id, &p.name, "try");
+                    let name = format!("try {}", p.name);
+                    crate::trace::finish_call(
+                        me.tracer.get(),
+                        span,
+                        name,
+                        &p.try_call,
+                        attempt,
+                        &a,
+                        attrs,
+                    );
                     attempts.push(a);
                     match outcome {
                         Outcome::Ok => return (i, true, attempts),
@@ -411,12 +448,13 @@ impl TccEngine {
             } else {
                 p.cancel.clone()
             };
-            let (me, id, name, timeout, retry) = (
+            let (me, id, name, timeout, retry, trace) = (
                 self.clone(),
                 tx.id.clone(),
                 p.name.clone(),
                 p.timeout,
                 retry.clone(),
+                tx.trace.clone(),
             );
             set.spawn(async move {
                 let key = format!("{id}/{name}/{kind}");
@@ -431,7 +469,23 @@ impl TccEngine {
                     if me.lease.held().is_err() {
                         return (i, attempts, false);
                     }
-                    let (outcome, a) = me.caller.call(&key, &id, timeout, &call, None).await;
+                    let span = crate::trace::call_span(me.tracer.get(), trace.as_ref());
+                    let traceparent = span.as_ref().map(|s| s.ctx.traceparent());
+                    let (outcome, a) = me
+                        .caller
+                        .call(&key, &id, timeout, &call, traceparent.as_deref())
+                        .await;
+                    let attrs = call_attributes(&id, &name, kind);
+                    let span_name = format!("{kind} {name}");
+                    crate::trace::finish_call(
+                        me.tracer.get(),
+                        span,
+                        span_name,
+                        &call,
+                        n,
+                        &a,
+                        attrs,
+                    );
                     if let Outcome::Rejected(open_for) = outcome {
                         // Phase two waits out an open breaker rather than hammering.
                         tokio::time::sleep(open_for.max(Duration::from_millis(10))).await;
@@ -461,4 +515,17 @@ impl TccEngine {
         }
         if lost { Err(Lost) } else { Ok(()) }
     }
+}
+
+/// What a participant call's span says about the transaction.
+fn call_attributes(
+    id: &str,
+    participant: &str,
+    phase: &'static str,
+) -> Vec<(&'static str, tessera_trace::Value)> {
+    vec![
+        ("tessera.tcc.id", id.to_owned().into()),
+        ("tessera.tcc.participant", participant.to_owned().into()),
+        ("tessera.tcc.phase", phase.into()),
+    ]
 }

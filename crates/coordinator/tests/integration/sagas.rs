@@ -472,17 +472,7 @@ fn a_resumed_saga_continues_its_trace_and_replays_make_no_spans() {
     let rt_p = tokio::runtime::Runtime::new().unwrap();
     let (p, addr) = rt_p.block_on(participant());
     let collector = rt_p.block_on(tessera_testkit::otlp::Collector::start());
-    let tracer = || {
-        let mut config = tessera_trace::Config::new(
-            format!("{}/v1/traces", collector.endpoint).parse().unwrap(),
-            "coordinator",
-        );
-        config.delay = Duration::from_millis(20);
-        tessera_trace::Tracer::new(
-            tessera_trace::Sampler::default(),
-            tessera_trace::Exporter::start(config),
-        )
-    };
+    let tracer = || crate::support::tracer(&collector);
     let spans_named = |prefix: &str| {
         collector
             .spans()

@@ -172,6 +172,60 @@ fn transfer(addr: SocketAddr, timeout: &str, attempts: u32) -> Value {
     })
 }
 
+/// A transaction started by a traced request is a span of its trace: every try and
+/// confirm a client span under it, which the participant is asked to continue.
+#[tokio::test]
+async fn a_traced_start_makes_the_transaction_and_its_calls_spans_of_the_trace() {
+    let collector = tessera_testkit::otlp::Collector::start().await;
+    let (_p, addr) = participants().await;
+    let c = Backend::sqlite().open(None).await;
+    let api = Api::serve_traced(&c, crate::support::tracer(&collector)).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = format!("00-{trace}-00f067aa0ba902b7-01");
+    let (s, v) = api
+        .send_with(
+            "POST",
+            "/v1/tcc",
+            Some(&transfer(addr, "5s", 2)),
+            &[("traceparent", &parent)],
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert_eq!(finished(&api, &id).await["status"], "confirmed");
+    let of_trace = || {
+        collector
+            .spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace)
+            .collect::<Vec<_>>()
+    };
+    tessera_testkit::wait_until("the spans", std::time::Duration::from_secs(60), || {
+        let n = of_trace().len();
+        async move { n >= 6 }
+    })
+    .await;
+    let spans = of_trace();
+    let start = spans.iter().find(|s| s.name == "POST /v1/tcc").unwrap();
+    let tx = spans.iter().find(|s| s.kind == 1).unwrap();
+    assert_eq!(
+        (tx.name.as_str(), tx.parent_id.as_str()),
+        ("tcc transfer", start.span_id.as_str())
+    );
+    assert_eq!(tx.attributes["tessera.tcc.status"], "confirmed");
+    let mut calls: Vec<&str> = spans
+        .iter()
+        .filter(|s| s.kind == 3)
+        .inspect(|s| assert_eq!(s.parent_id, tx.span_id, "{s:?}"))
+        .map(|s| s.name.as_str())
+        .collect();
+    calls.sort_unstable();
+    assert_eq!(
+        calls,
+        ["confirm credit", "confirm debit", "try credit", "try debit"]
+    );
+}
+
 #[tokio::test]
 async fn all_tries_succeed_so_all_confirm() {
     commits(&Backend::sqlite()).await;
