@@ -415,6 +415,7 @@ async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
     assert_eq!(order["status"], "confirmed", "{order}");
     assert_eq!(order["total_cents"], 1980);
     checkout_is_one_trace(&collector, trace).await;
+    let traced_order = order["id"].as_str().unwrap().to_owned();
     let (_, me) = call(
         &c,
         "GET",
@@ -508,6 +509,17 @@ async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
         }
     })
     .await;
+    // The traced checkout's event carries its trace, from the outbox row to the store.
+    let url = format!("http://{}/v1/streams/order-{traced_order}", demo.registry);
+    let (_, v) = call(&c, "GET", &url, None, None).await;
+    let placed = v
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["type"] == "OrderPlaced"))
+        .unwrap_or_else(|| panic!("{v}"));
+    let carried = placed["metadata"]["traceparent"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(carried.split('-').nth(1), Some(trace), "{placed}");
 
     // The admin seeded by the demo can write the catalog.
     let (_, v) = call(

@@ -162,9 +162,19 @@ async fn append(
             return Err(bad(format!("events[{i}].id: {:?} appears twice", e.id)));
         }
     }
+    // Each event remembers the trace of the request that appended it.
+    let span = tessera_trace::scope::current_context();
+    let events = body
+        .events
+        .into_iter()
+        .map(|mut e| {
+            e.metadata = crate::store::with_trace(e.metadata.take(), span);
+            e
+        })
+        .collect();
     // Detached: an append whose client hangs up still completes (or fails) as one.
     let store = st.store.clone();
-    let result = tokio::spawn(async move { store.append(stream, exp, body.events).await })
+    let result = tokio::spawn(async move { store.append(stream, exp, events).await })
         .await
         .map_err(|e| unavailable(tessera_sql::Refused::unavailable(e.to_string())))?;
     match result {

@@ -133,14 +133,17 @@ pub async fn migrate_postgres(pool: &PgPool) -> Result<(), sqlx::Error> {
 }
 
 per_backend! {
-    /// Adds `e` to the outbox inside the caller's transaction.
+    /// Adds `e` to the outbox inside the caller's transaction; while a traced request is
+    /// served, the row carries its trace context (`metadata.traceparent`) to the event.
     enqueue_sqlite, enqueue_postgres, enqueue_any, tx, (e: &OutboxEvent) -> Result<(), sqlx::Error> {
+        let span = tessera_trace::scope::current_context();
+        let metadata = crate::store::with_trace(e.metadata.clone(), span);
         sqlx::query(ENQUEUE)
             .bind(&e.stream)
             .bind(&e.id)
             .bind(&e.kind)
             .bind(e.data.to_string())
-            .bind(e.metadata.as_ref().map(|m| m.to_string()))
+            .bind(metadata.map(|m| m.to_string()))
             .bind(now_ms())
             .execute(tx)
             .await?;

@@ -57,6 +57,23 @@ pub struct NewEvent {
     pub metadata: Option<serde_json::Value>,
 }
 
+/// `metadata` with the trace context of `span` as `traceparent` (the name CloudEvents'
+/// distributed-tracing extension uses), so whoever handles the event can continue the
+/// trace that produced it. Metadata that already names one, or is not a JSON object, is
+/// left as it is.
+pub fn with_trace(
+    metadata: Option<serde_json::Value>,
+    span: Option<tessera_trace::SpanContext>,
+) -> Option<serde_json::Value> {
+    let Some(span) = span else { return metadata };
+    let mut m = metadata.unwrap_or_else(|| serde_json::json!({}));
+    if let Some(obj) = m.as_object_mut() {
+        obj.entry("traceparent")
+            .or_insert_with(|| span.traceparent().into());
+    }
+    Some(m)
+}
+
 /// A stored event.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
@@ -589,4 +606,34 @@ async fn commit(
     }
     tx.commit().await?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tessera_trace::{SpanContext, SpanId, TraceId};
+
+    #[test]
+    fn an_event_takes_the_trace_it_was_appended_in_unless_it_names_one() {
+        let span = SpanContext {
+            trace_id: TraceId([0xab; 16]),
+            span_id: SpanId([0xcd; 8]),
+            sampled: true,
+        };
+        let stamped = with_trace(None, Some(span)).unwrap();
+        assert_eq!(stamped["traceparent"], span.traceparent());
+        let mine = json!({"traceparent": "00-11111111111111111111111111111111-2222222222222222-01", "k": 1});
+        assert_eq!(with_trace(Some(mine.clone()), Some(span)), Some(mine));
+        let kept = with_trace(Some(json!({"k": 1})), Some(span)).unwrap();
+        assert_eq!(
+            (kept["k"].clone(), kept["traceparent"].clone()),
+            (json!(1), json!(span.traceparent()))
+        );
+        assert_eq!(
+            with_trace(Some(json!("text")), Some(span)),
+            Some(json!("text"))
+        );
+        assert_eq!(with_trace(None, None), None);
+    }
 }
