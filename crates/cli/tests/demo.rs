@@ -60,6 +60,7 @@ impl Demo {
         let stdin = child.stdin.take();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let (mut gateway, mut registry, mut admin_password) = (None, None, None);
+        let mut said = Vec::new();
         loop {
             let line = tokio::time::timeout(Duration::from_secs(180), lines.next_line())
                 .await
@@ -67,10 +68,12 @@ impl Demo {
                 .unwrap()
                 .unwrap_or_else(|| {
                     panic!(
-                        "the demo exited before it was up; logs in {}",
-                        dir.display()
+                        "the demo exited before it was up; what it printed:\n{}\nits logs:\n{}",
+                        said.join("\n"),
+                        log_tails(&dir.join("logs"))
                     )
                 });
+            said.push(line.clone());
             let word = |prefix: &str| {
                 line.trim()
                     .strip_prefix(prefix)
@@ -115,6 +118,19 @@ impl Demo {
 }
 
 type Http = Client<HttpConnector, Full<Bytes>>;
+
+/// The last lines of every log in `dir`: the test's temporary directory is gone once it
+/// fails, so what went wrong has to be in its message.
+fn log_tails(dir: &Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+        out.push_str(&format!("--- {}\n{tail}\n", entry.path().display()));
+    }
+    out
+}
 
 fn client() -> Http {
     Client::builder(TokioExecutor::new()).build_http()
