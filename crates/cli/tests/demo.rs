@@ -695,8 +695,9 @@ async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
 
 /// The checkout's spans at the collector make one trace: the gateway's server span under
 /// the caller, orders' server span under the gateway's try, cart's under one of orders'
-/// calls, and the checkout saga under orders' call that started it, with its step calls
-/// and the participants they reached.
+/// calls, the checkout saga under orders' call that started it, with its step calls and
+/// the participants they reached, and cart's handling of the OrderPlaced event that
+/// orders' confirm step wrote.
 async fn checkout_is_one_trace(collector: &tessera_testkit::otlp::Collector, trace: &str) {
     use tessera_testkit::otlp::SeenSpan;
     let find = |spans: &[SeenSpan], service: &str, kind: u64, parent: &str| {
@@ -744,6 +745,18 @@ async fn checkout_is_one_trace(collector: &tessera_testkit::otlp::Collector, tra
             .flat_map(|step| ["catalog", "payments"].map(|p| child_of(step, p, 2)))
             .flatten()
             .next()?;
+        // orders writes OrderPlaced while serving the saga's confirm step; cart's handling
+        // of it is a consumer span of the same trace, under that request.
+        let consumed = spans.iter().find(|c| {
+            c.service == "cart"
+                && c.kind == 5
+                && spans.iter().any(|o| {
+                    o.service == "orders"
+                        && o.name == "POST /internal/orders/{id}/confirm"
+                        && o.span_id == c.parent_id
+                })
+        })?;
+        assert_eq!(consumed.name, "process OrderPlaced");
         Some((gw, orders, cart.clone(), saga, steps, participant))
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

@@ -40,6 +40,12 @@ impl Event {
     pub fn data(&self) -> &Value {
         &self.body["data"]
     }
+
+    /// The trace its producer was in (`metadata.traceparent`), for a consumer span that
+    /// continues it (`tessera::trace::consume`).
+    pub fn traceparent(&self) -> Option<&str> {
+        self.body["metadata"]["traceparent"].as_str()
+    }
 }
 
 /// The event store's API, on the registry's address.

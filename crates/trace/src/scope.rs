@@ -48,6 +48,32 @@ where
     resp
 }
 
+/// Handles a message (an event) with `handler` as a consumer span that continues the trace
+/// its producer stored with it (`traceparent`), when `tracer` records it; calls made inside
+/// `handler` on this task continue it too.
+pub async fn consume<T>(
+    tracer: Option<&Tracer>,
+    traceparent: Option<&str>,
+    name: String,
+    attributes: crate::Attributes,
+    handler: impl Future<Output = T>,
+) -> T {
+    let Some(tracer) = tracer else {
+        return handler.await;
+    };
+    let Some(rec) = tracer.begin(traceparent.map(str::as_bytes), None) else {
+        return handler.await;
+    };
+    let out = CURRENT.scope((tracer.clone(), rec.clone()), handler).await;
+    tracer.record(rec.finish(
+        name,
+        crate::Kind::Consumer,
+        attributes,
+        crate::Status::Unset,
+    ));
+    out
+}
+
 /// The client's address, when the server puts it in the request's extensions.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub IpAddr);

@@ -163,7 +163,12 @@ const GROUP: &str = "cart";
 
 /// Consumes order events until `stop`: each `OrderPlaced` takes its items out of the
 /// user's cart, recorded in the inbox in the same transaction.
-pub async fn consume(db: Db, events: Events, stop: CancellationToken) {
+pub async fn consume(
+    db: Db,
+    events: Events,
+    tracer: Option<tessera::trace::Tracer>,
+    stop: CancellationToken,
+) {
     let mut sub = events.subscribe(ORDERS, GROUP);
     loop {
         let e = tokio::select! {
@@ -171,15 +176,28 @@ pub async fn consume(db: Db, events: Events, stop: CancellationToken) {
             e = sub.next() => match e { Some(e) => e, None => return },
         };
         if e.kind() == "OrderPlaced" {
-            // A database error is retried: the event is not acknowledged until handled.
-            let mut pause = Duration::from_millis(100);
-            while let Err(err) = handle(&db, &e).await {
-                tracing::warn!(event = %e.event_id(), error = %err, "cannot apply OrderPlaced; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(pause) => {}
+            // Handled in the trace of the checkout that placed the order.
+            let attrs = vec![
+                ("messaging.destination.name", ORDERS.into()),
+                ("messaging.message.id", e.event_id().to_owned().into()),
+            ];
+            let name = format!("process {}", e.kind());
+            let handled = tessera::trace::consume(tracer.as_ref(), e.traceparent(), name, attrs, async {
+                // A database error is retried: the event is not acknowledged until handled.
+                let mut pause = Duration::from_millis(100);
+                while let Err(err) = handle(&db, &e).await {
+                    tracing::warn!(event = %e.event_id(), error = %err, "cannot apply OrderPlaced; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return false,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(5));
                 }
-                pause = (pause * 2).min(Duration::from_secs(5));
+                true
+            })
+            .await;
+            if !handled {
+                return;
             }
         }
         // The inbox makes a replay after a restart harmless, so a failed

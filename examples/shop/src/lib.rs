@@ -154,6 +154,7 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
             tokio::spawn(cart::consume(
                 db.clone(),
                 Events::new(&registry),
+                tracer.clone(),
                 background.clone(),
             ));
             cart::router(db.clone(), verifier())
