@@ -696,8 +696,8 @@ async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
 /// The checkout's spans at the collector make one trace: the gateway's server span under
 /// the caller, orders' server span under the gateway's try, cart's under one of orders'
 /// calls, the checkout saga under orders' call that started it, with its step calls and
-/// the participants they reached, and cart's handling of the OrderPlaced event that
-/// orders' confirm step wrote.
+/// the participants they reached, the outbox relay's append of the OrderPlaced event
+/// orders' confirm step wrote, and cart's handling of it.
 async fn checkout_is_one_trace(collector: &tessera_testkit::otlp::Collector, trace: &str) {
     use tessera_testkit::otlp::SeenSpan;
     let find = |spans: &[SeenSpan], service: &str, kind: u64, parent: &str| {
@@ -757,6 +757,12 @@ async fn checkout_is_one_trace(collector: &tessera_testkit::otlp::Collector, tra
                 })
         })?;
         assert_eq!(consumed.name, "process OrderPlaced");
+        // The outbox relay's append of that event is in the trace too, under the same request.
+        spans.iter().find(|a| {
+            a.service == "tessera-server"
+                && a.name == "POST /v1/streams/{stream}"
+                && a.parent_id == consumed.parent_id
+        })?;
         Some((gw, orders, cart.clone(), saga, steps, participant))
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

@@ -349,6 +349,10 @@ impl Publish for HttpPublisher {
         if let Some(t) = &self.token {
             req = req.header("x-consul-token", t);
         }
+        // The append joins the trace the event was written in, rather than starting one.
+        if let Some(t) = e.metadata.as_ref().and_then(|m| m["traceparent"].as_str()) {
+            req = req.header(tessera_trace::http::TRACEPARENT, t);
+        }
         let req = req
             .body(http_body_util::Full::new(bytes::Bytes::from(
                 body.to_string(),
