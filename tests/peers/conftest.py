@@ -1,11 +1,14 @@
 """Fixtures: a real `tessera server` process on an ephemeral port."""
 
+import http.server
+import json
 import os
 import re
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 
 import pytest
@@ -137,3 +140,40 @@ def split_frames(buf):
         frames.append(frame)
         buf = buf[9 + length:]
     return frames, buf
+
+
+def serve_http(handler):
+    """`handler` on an ephemeral loopback port in a thread: (server, port)."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, srv.server_address[1]
+
+
+class EchoUpstream(http.server.BaseHTTPRequestHandler):
+    """An upstream that answers every GET with JSON of its path and header fields (names
+    lowercased), counting what it served in `hits`."""
+
+    hits = 0
+
+    def do_GET(self):
+        EchoUpstream.hits += 1
+        fields = {k.lower(): v for k, v in self.headers.items()}
+        body = json.dumps({"path": self.path, "headers": fields}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def upstream():
+    """The port of an `EchoUpstream`."""
+    srv, port = serve_http(EchoUpstream)
+    try:
+        yield port
+    finally:
+        srv.shutdown()

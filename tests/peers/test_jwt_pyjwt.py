@@ -9,16 +9,16 @@ import base64
 import hashlib
 import hmac
 import http.client
-import http.server
 import json
 import os
-import threading
 import time
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from conftest import EchoUpstream
 
 ISS = "https://issuer.test"
 AUD = "shop"
@@ -39,32 +39,6 @@ def hs256(claims: dict, key: bytes, header: dict | None = None) -> str:
     body = b64(json.dumps(claims).encode())
     sig = hmac.new(key, f"{head}.{body}".encode(), hashlib.sha256).digest()
     return f"{head}.{body}.{b64(sig)}"
-
-
-class Echo(http.server.BaseHTTPRequestHandler):
-    hits = 0
-
-    def do_GET(self):
-        Echo.hits += 1
-        body = json.dumps({"sub": self.headers.get("x-user"), "path": self.path}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def upstream():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield srv.server_address[1]
-    finally:
-        srv.shutdown()
 
 
 def pem_public(key) -> bytes:
@@ -154,7 +128,7 @@ auth = {{ jwt = "{name}" }}
     for path, token in valid:
         status, _, body = get(addr, path, token)
         assert status == 200, (path, status, body)
-        assert json.loads(body)["sub"] == "ada", body
+        assert json.loads(body)["headers"]["x-user"] == "ada", body
 
     # A valid RS256 token with one part changed.
     forged = jwt.encode(good, rsa_key, algorithm="RS256").split(".")
@@ -187,10 +161,10 @@ auth = {{ jwt = "{name}" }}
             jwt.encode(good, ed_key, algorithm="EdDSA").split(".")[:2]
             + [jwt.encode({**good, "sub": "x"}, ed_key, algorithm="EdDSA").split(".")[2]])),
     ]
-    before = Echo.hits
+    before = EchoUpstream.hits
     for what, path, token in corpus:
         status, challenge, body = get(addr, path, token)
         assert status == 401, (what, status, body)
         assert challenge and challenge.startswith("Bearer"), (what, challenge)
         assert json.loads(body)["code"] == "unauthorized", (what, body)
-    assert Echo.hits == before, "a refused token reached the upstream"
+    assert EchoUpstream.hits == before, "a refused token reached the upstream"

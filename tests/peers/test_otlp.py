@@ -5,13 +5,12 @@ here, configured only by the standard OTEL_* variables."""
 import http.client
 import http.server
 import json
-import threading
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from conftest import wait_until
+from conftest import serve_http, wait_until
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER = "00f067aa0ba902b7"
@@ -34,32 +33,15 @@ class Receiver(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class Echo(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = json.dumps({"traceparent": self.headers.get("traceparent")}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def servers():
-    started = []
-    for handler in (Receiver, Echo):
-        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        started.append(srv)
+def receiver():
+    """The port of a `Receiver`, its record emptied."""
     Receiver.requests = []
+    srv, port = serve_http(Receiver)
     try:
-        yield started[0].server_address[1], started[1].server_address[1]
+        yield port
     finally:
-        for srv in started:
-            srv.shutdown()
+        srv.shutdown()
 
 
 def attrs(kvs):
@@ -70,8 +52,7 @@ def attrs(kvs):
     return out
 
 
-def test_gateway_spans_read_by_opentelemetry_proto(gateway, servers):
-    receiver, upstream = servers
+def test_gateway_spans_read_by_opentelemetry_proto(gateway, receiver, upstream):
     addr, _ = gateway(
         f'[[routes]]\nname = "api"\nupstream = "u"\n[upstreams.u]\nendpoints = ["127.0.0.1:{upstream}"]\n',
         env={
@@ -85,7 +66,7 @@ def test_gateway_spans_read_by_opentelemetry_proto(gateway, servers):
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.request("GET", "/orders?x=1", headers={"traceparent": f"00-{TRACE}-{CALLER}-01"})
     resp = conn.getresponse()
-    seen = json.loads(resp.read())["traceparent"]
+    seen = json.loads(resp.read())["headers"]["traceparent"]
     assert resp.status == 200
 
     spans = wait_until(

@@ -99,7 +99,7 @@ pub async fn run(args: GatewayArgs) -> Result<(), String> {
                 gateway
                     .run(listener, admin, crate::server::shutdown_signal())
                     .await;
-                flush(tracer).await;
+                tessera_trace::Tracer::flush_at_exit(tracer.as_ref()).await;
                 Ok(())
             })
         })
@@ -140,7 +140,7 @@ async fn run_workers(config: Config, path: PathBuf, workers: usize) -> Result<()
         .run_workers(listeners, admin, crate::server::shutdown_signal())
         .await
         .map_err(|e| format!("gateway worker: {e}"))?;
-    flush(tracer).await;
+    tessera_trace::Tracer::flush_at_exit(tracer.as_ref()).await;
     println!("tessera gateway stopped");
     Ok(())
 }
@@ -150,12 +150,5 @@ fn traced(gateway: Gateway, tracer: &Option<tessera_trace::Tracer>) -> Gateway {
     match tracer {
         Some(t) => gateway.with_tracer(t.clone()),
         None => gateway,
-    }
-}
-
-/// The last requests' spans go out before the process does.
-pub async fn flush(tracer: Option<tessera_trace::Tracer>) {
-    if let Some(t) = tracer {
-        t.flush(std::time::Duration::from_secs(5)).await;
     }
 }

@@ -158,7 +158,7 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     // What this server has in flight goes to the other servers now, not after its lease.
     coordinator.release().await;
-    crate::gateway::flush(tracer).await;
+    tessera_trace::Tracer::flush_at_exit(tracer.as_ref()).await;
     println!("tessera server stopped");
     Ok(())
 }

@@ -765,26 +765,19 @@ async fn checkout_is_one_trace(collector: &tessera_testkit::otlp::Collector, tra
         })?;
         Some((gw, orders, cart.clone(), saga, steps, participant))
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let (gw, orders, cart, saga, steps, participant) = loop {
-        let spans: Vec<SeenSpan> = collector
+    let of_trace = || -> Vec<SeenSpan> {
+        collector
             .spans()
             .into_iter()
             .filter(|s| s.trace_id == trace)
-            .collect();
-        if let Some(found) = chain(&spans) {
-            break found;
-        }
-        let seen: Vec<_> = spans
-            .iter()
-            .map(|s| (&s.service, s.kind, &s.name, &s.span_id, &s.parent_id))
-            .collect();
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the checkout's trace is not whole at the collector: {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+            .collect()
     };
+    wait_for("the checkout's whole trace at the collector", || {
+        let whole = chain(&of_trace()).is_some();
+        async move { whole }
+    })
+    .await;
+    let (gw, orders, cart, saga, steps, participant) = chain(&of_trace()).unwrap();
     assert_eq!(gw.attributes["url.path"], "/api/orders/checkout");
     assert_eq!(gw.attributes["http.response.status_code"], "201");
     assert_eq!(orders.attributes["http.response.status_code"], "201");

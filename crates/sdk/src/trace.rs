@@ -20,5 +20,5 @@
 //! [`ServiceClient`]: crate::ServiceClient
 
 pub(crate) use tessera_trace::scope::Try;
-pub use tessera_trace::scope::{ClientAddr, consume, serve};
+pub use tessera_trace::scope::{consume, serve};
 pub use tessera_trace::{Recording, Tracer};

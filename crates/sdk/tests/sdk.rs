@@ -706,21 +706,6 @@ fn traced(router: axum::Router, tracer: tessera::trace::Tracer) -> axum::Router 
     tessera_web::with_traces(router, Some(tracer))
 }
 
-fn tracer_for(
-    collector: &tessera_testkit::otlp::Collector,
-    service: &str,
-) -> tessera::trace::Tracer {
-    let mut config = tessera_trace::Config::new(
-        format!("{}/v1/traces", collector.endpoint).parse().unwrap(),
-        service,
-    );
-    config.delay = Duration::from_millis(20);
-    tessera::trace::Tracer::new(
-        tessera_trace::Sampler::default(),
-        tessera_trace::Exporter::start(config),
-    )
-}
-
 #[tokio::test]
 async fn a_call_made_while_serving_continues_the_callers_trace() {
     let server = Server::start().await;
@@ -736,7 +721,7 @@ async fn a_call_made_while_serving_continues_the_callers_trace() {
                     .unwrap_or_default()
             }),
         ),
-        tracer_for(&collector, "back"),
+        collector.tracer("back", tessera_trace::Sampler::default()),
     ))
     .await;
     Registration::new("back", back.addr)
@@ -754,7 +739,7 @@ async fn a_call_made_while_serving_continues_the_callers_trace() {
                 async move { client.get("/items/7").send().await.unwrap().text() }
             }),
         ),
-        tracer_for(&collector, "front"),
+        collector.tracer("front", tessera_trace::Sampler::default()),
     ))
     .await;
 

@@ -48,11 +48,12 @@ pub struct Collector {
 impl Collector {
     /// One that answers 200 at once.
     pub async fn start() -> Collector {
-        Collector::answering(200, std::time::Duration::ZERO).await
+        Collector::answering(Some(200)).await
     }
 
-    /// One that answers `status` after `stall` (a failing or a hung collector).
-    pub async fn answering(status: u16, stall: std::time::Duration) -> Collector {
+    /// One that answers `status` (a failing collector), or takes requests and never
+    /// answers them (`None`: a hung one).
+    pub async fn answering(status: Option<u16>) -> Collector {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the collector");
@@ -79,7 +80,9 @@ impl Collector {
                                 content_type,
                                 body,
                             });
-                            tokio::time::sleep(stall).await;
+                            let Some(status) = status else {
+                                return std::future::pending().await;
+                            };
                             let mut resp = hyper::Response::new(Full::new(Bytes::new()));
                             *resp.status_mut() =
                                 hyper::StatusCode::from_u16(status).expect("a status code");
@@ -97,6 +100,16 @@ impl Collector {
             endpoint: format!("http://{addr}"),
             posts,
         }
+    }
+
+    /// A tracer exporting `service`'s spans here within ~20 ms of their end, sampling as
+    /// `sampler` says.
+    pub fn tracer(&self, service: &str, sampler: tessera_trace::Sampler) -> tessera_trace::Tracer {
+        let url = format!("{}/v1/traces", self.endpoint);
+        let mut config =
+            tessera_trace::Config::new(url.parse().expect("the collector's URL"), service);
+        config.delay = std::time::Duration::from_millis(20);
+        tessera_trace::Tracer::new(sampler, tessera_trace::Exporter::start(config))
     }
 
     /// Every request received so far.

@@ -3,7 +3,6 @@
 //! it. One implementation for every Tessera server and every SDK service.
 
 use std::future::Future;
-use std::net::IpAddr;
 
 use crate::http::{Outcome, Served, TRACEPARENT, TRACESTATE};
 use crate::{Recording, Tracer};
@@ -37,7 +36,8 @@ where
         method: req.method().clone(),
         path: req.uri().path().to_owned(),
         scheme: "http",
-        client: req.extensions().get::<ClientAddr>().map(|c| c.0),
+        // The servers here are not told the peer's address (axum without connect info).
+        client: None,
         version: req.version(),
         route,
     };
@@ -73,10 +73,6 @@ pub async fn consume<T>(
     ));
     out
 }
-
-/// The client's address, when the server puts it in the request's extensions.
-#[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub IpAddr);
 
 /// The span of the request being served on this task, when it is recorded (for log lines).
 pub fn current_context() -> Option<crate::SpanContext> {

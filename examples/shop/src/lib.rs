@@ -234,10 +234,7 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
         .await
         .map_err(|e| format!("server: {e}"))?;
     db.pool.close().await;
-    // The last requests' spans go out before the process does.
-    if let Some(t) = tracer {
-        t.flush(Duration::from_secs(5)).await;
-    }
+    tessera::trace::Tracer::flush_at_exit(tracer.as_ref()).await;
     println!("{name} stopped");
     Ok(())
 }

@@ -472,7 +472,7 @@ fn a_resumed_saga_continues_its_trace_and_replays_make_no_spans() {
     let rt_p = tokio::runtime::Runtime::new().unwrap();
     let (p, addr) = rt_p.block_on(participant());
     let collector = rt_p.block_on(tessera_testkit::otlp::Collector::start());
-    let tracer = || crate::support::tracer(&collector);
+    let tracer = || collector.tracer("coordinator", tessera_trace::Sampler::default());
     let spans_named = |prefix: &str| {
         collector
             .spans()
@@ -480,12 +480,16 @@ fn a_resumed_saga_continues_its_trace_and_replays_make_no_spans() {
             .filter(|s| s.name.starts_with(prefix))
             .collect::<Vec<_>>()
     };
+    // Polled on the participant's runtime, which outlives both coordinators.
     let wait = |what: &str, cond: &dyn Fn() -> bool| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !cond() {
-            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        rt_p.block_on(tessera_testkit::wait_until(
+            what,
+            Duration::from_secs(60),
+            || {
+                let ok = cond();
+                async move { ok }
+            },
+        ));
     };
     p.set(
         "/b/do",

@@ -130,16 +130,3 @@ impl Api {
         }
     }
 }
-
-/// A tracer sending to `collector` within ~20 ms of a span's end.
-pub fn tracer(collector: &tessera_testkit::otlp::Collector) -> tessera_trace::Tracer {
-    let mut config = tessera_trace::Config::new(
-        format!("{}/v1/traces", collector.endpoint).parse().unwrap(),
-        "coordinator",
-    );
-    config.delay = std::time::Duration::from_millis(20);
-    tessera_trace::Tracer::new(
-        tessera_trace::Sampler::default(),
-        tessera_trace::Exporter::start(config),
-    )
-}

@@ -179,7 +179,11 @@ async fn a_traced_start_makes_the_transaction_and_its_calls_spans_of_the_trace()
     let collector = tessera_testkit::otlp::Collector::start().await;
     let (_p, addr) = participants().await;
     let c = Backend::sqlite().open(None).await;
-    let api = Api::serve_traced(&c, crate::support::tracer(&collector)).await;
+    let api = Api::serve_traced(
+        &c,
+        collector.tracer("coordinator", tessera_trace::Sampler::default()),
+    )
+    .await;
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent = format!("00-{trace}-00f067aa0ba902b7-01");
     let (s, v) = api

@@ -2,12 +2,9 @@
 //! trace continues, each try is a client span under the request's server span, the
 //! upstream's parent is the try, and what the sampler does not record passes untouched.
 
-use std::time::Duration;
-
 use http::{Method, StatusCode};
 use tessera_testkit::otlp::{Collector, SeenSpan};
-use tessera_trace::export::Config;
-use tessera_trace::{Exporter, Sampler, Tracer};
+use tessera_trace::{Sampler, Tracer};
 
 use crate::support::{TestGateway, Upstream, wait_for};
 
@@ -15,12 +12,7 @@ const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER: &str = "00f067aa0ba902b7";
 
 fn tracer(collector: &Collector, sampler: Sampler) -> Tracer {
-    let mut config = Config::new(
-        format!("{}/v1/traces", collector.endpoint).parse().unwrap(),
-        "gw",
-    );
-    config.delay = Duration::from_millis(20);
-    Tracer::new(sampler, Exporter::start(config))
+    collector.tracer("gw", sampler)
 }
 
 fn gateway_config(endpoints: &[&Upstream], extra: &str) -> String {
