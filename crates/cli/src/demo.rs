@@ -56,6 +56,11 @@ pub struct DemoArgs {
     /// `TESSERA_DATABASE_URL` and `TESSERA_EVENTS` are set for all of them.
     #[arg(long)]
     cluster: bool,
+    /// Also start Prometheus (`prometheus` from PATH) on this address (default
+    /// 127.0.0.1:9090), finding every process through the registry's
+    /// `/v1/tessera/prometheus-sd` and scraping each every 2 s.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9090")]
+    prometheus: Option<SocketAddr>,
 }
 
 /// One supervised child process.
@@ -240,6 +245,8 @@ fn clear_data_dir(dir: &Path) -> Result<(), String> {
 
 /// The etcd server `--cluster` runs, from PATH.
 const ETCD: &str = "etcd";
+/// What `--prometheus` runs, from PATH.
+const PROMETHEUS: &str = "prometheus";
 
 /// `--cluster`: where the etcd members and the three servers listen.
 struct Cluster {
@@ -425,6 +432,22 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             "the gateway's admin API (the port after --gateway)",
         )?
     };
+    let prometheus = args
+        .prometheus
+        .map(|a| reserve(a, "Prometheus (--prometheus)"))
+        .transpose()?;
+    if prometheus.is_some()
+        && !std::process::Command::new(PROMETHEUS)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    {
+        return Err(
+            "--prometheus needs prometheus on PATH (Debian and Ubuntu: apt-get install \
+             prometheus); nothing was started"
+                .into(),
+        );
+    }
     let _lock = lock_data_dir(dir)?;
     if args.fresh {
         clear_data_dir(dir)?;
@@ -510,6 +533,14 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         gw.env.push(("OTEL_SERVICE_NAME", "gateway".into()));
         gw.spawn()?;
         fleet.infra.push(gw);
+        register_gateway(&http, registry, gateway, admin).await?;
+        if let Some(listen) = prometheus {
+            let mut p = start_prometheus(dir, &logs, listen, registry)?;
+            // Watching is optional: the demo goes on without it.
+            p.expendable = true;
+            p.spawn()?;
+            fleet.infra.push(p);
+        }
 
         for service in Service::ALL {
             for n in 1..=args.replicas {
@@ -561,6 +592,11 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         .await?;
         let admin_token = seed(&http, &gw_url, &admin_password).await?;
         walkthrough(gateway, registry, admin, dir, &admin_password);
+        if let Some(p) = prometheus {
+            println!(
+                "  Prometheus: http://{p}/targets (every process, found through http://{registry}/v1/tessera/prometheus-sd)\n"
+            );
+        }
         if let Some(c) = &cluster {
             println!("{}", c.describe());
         }
@@ -593,6 +629,72 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     fleet.stop().await;
     println!("demo stopped");
     result
+}
+
+/// Registers the gateway in the registry as service `tessera-gateway`, with its admin
+/// port's health and metrics, so Prometheus's discovery finds it with the rest.
+async fn register_gateway(
+    http: &Http,
+    registry: SocketAddr,
+    gateway: SocketAddr,
+    admin: SocketAddr,
+) -> Result<(), String> {
+    let body = json!({
+        "Name": "tessera-gateway",
+        "ID": format!("tessera-gateway-{}", gateway.port()),
+        "Address": gateway.ip().to_string(),
+        "Port": gateway.port(),
+        "Meta": {"metrics_path": "/metrics", "metrics_port": admin.port().to_string()},
+        "Check": {
+            "HTTP": format!("http://{admin}/healthz"),
+            "Interval": "2s",
+            "DeregisterCriticalServiceAfter": "1m",
+        },
+    });
+    let url = format!("http://{registry}/v1/agent/service/register");
+    match http.send("PUT", &url, None, Some(&body), None).await {
+        Ok((200, _)) => Ok(()),
+        Ok((s, v)) => Err(format!("registering the gateway: {s} {v}")),
+        Err(e) => Err(format!("registering the gateway: {e}")),
+    }
+}
+
+/// `--prometheus`: Prometheus from PATH, configured to find its targets through the
+/// registry's HTTP service discovery.
+fn start_prometheus(
+    dir: &Path,
+    logs: &Path,
+    listen: SocketAddr,
+    registry: SocketAddr,
+) -> Result<Proc, String> {
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "# Written by `tessera demo --prometheus`.
+global:
+  scrape_interval: 2s
+  evaluation_interval: 2s
+scrape_configs:
+  - job_name: tessera
+    http_sd_configs:
+      - url: http://{registry}/v1/tessera/prometheus-sd
+        refresh_interval: 2s
+"
+        ),
+    )
+    .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+    let mut p = Proc::new(
+        "prometheus",
+        vec![
+            format!("--config.file={}", path(&config)),
+            format!("--storage.tsdb.path={}", path(&dir.join("prometheus"))),
+            format!("--web.listen-address={listen}"),
+        ],
+        logs,
+    );
+    p.program = Some(PathBuf::from(PROMETHEUS));
+    Ok(p)
 }
 
 /// Returns when a child process exits on its own (it should not), unless it is one of

@@ -134,10 +134,24 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
     .map_err(|e| format!("cannot open the event store: {e}"))?;
     // The coordinator's and the event store's requests as server spans, so a saga started
     // by a traced request continues its trace.
+    let http = Arc::new(tessera_web::HttpMetrics::default());
+    let metrics = Metrics {
+        registry: server.registry().clone(),
+        coordinator: coordinator.clone(),
+        events: events.clone(),
+        http: http.clone(),
+        tracer: tracer.clone(),
+    };
     let extra = tessera_web::with_traces(
         coordinator.router(acl.clone()).merge(events.router(acl)),
         tracer.clone(),
+    )
+    .merge(
+        axum::Router::new()
+            .route("/metrics", axum::routing::get(render_metrics))
+            .with_state(Arc::new(metrics)),
     );
+    let server = server.with_http_metrics(http);
     let acl = if server.registry().acl_enabled {
         "on"
     } else {
@@ -161,6 +175,69 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
     tessera_trace::Tracer::flush_at_exit(tracer.as_ref()).await;
     println!("tessera server stopped");
     Ok(())
+}
+
+/// Everything `GET /metrics` reports: the whole server in the one scheme.
+struct Metrics {
+    registry: Arc<Registry>,
+    coordinator: Coordinator,
+    events: tessera_events::EventStore,
+    http: Arc<tessera_web::HttpMetrics>,
+    tracer: Option<tessera_trace::Tracer>,
+}
+
+/// `GET /metrics`: the registry's, the coordinator's and the event store's metrics, the
+/// requests the server answered, and the spans it exported. Needs `agent:read` when
+/// ACLs are on, as Consul's `/v1/agent/metrics` does.
+async fn render_metrics(
+    axum::extract::State(m): axum::extract::State<Arc<Metrics>>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let token = tessera_core::request_token(|n| headers.get(n).and_then(|v| v.to_str().ok()));
+    let allowed = m.registry.authorize(token).is_ok_and(|a| {
+        a.allows(
+            tessera_registry::acl::Resource::Agent,
+            m.registry.local_node(),
+            Level::Read,
+        )
+    });
+    if !allowed {
+        return tessera_web::error(
+            StatusCode::FORBIDDEN,
+            "permission_denied",
+            "Permission denied: /metrics needs agent:read in the token's policy",
+        );
+    }
+    let mut out = tessera_metrics::Text::new();
+    m.registry.render_metrics(&mut out);
+    if let Err(e) = m.coordinator.render_metrics(&mut out).await {
+        return tessera_web::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("the saga store did not answer: {e}"),
+        );
+    }
+    if let Err(e) = m.events.render_metrics(&mut out).await {
+        return tessera_web::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("the event store did not answer: {e}"),
+        );
+    }
+    m.http.render(&mut out);
+    if let Some(t) = &m.tracer {
+        t.render_metrics(&mut out);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            tessera_metrics::CONTENT_TYPE,
+        )],
+        out.finish(),
+    )
+        .into_response()
 }
 
 /// Registry services for saga steps: their passing instances, read in-process.

@@ -26,6 +26,8 @@ struct Demo {
     gateway: String,
     registry: String,
     admin_password: String,
+    /// With `--prometheus`: where it listens.
+    prometheus: Option<String>,
 }
 
 impl Demo {
@@ -60,6 +62,7 @@ impl Demo {
         let stdin = child.stdin.take();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let (mut gateway, mut registry, mut admin_password) = (None, None, None);
+        let mut prometheus = None;
         let mut said = Vec::new();
         loop {
             let line = tokio::time::timeout(Duration::from_secs(180), lines.next_line())
@@ -84,6 +87,8 @@ impl Demo {
                 gateway.or(word("gateway:").map(|u| u.trim_start_matches("http://").to_owned()));
             registry =
                 registry.or(word("registry:").map(|u| u.trim_start_matches("http://").to_owned()));
+            prometheus = prometheus.or(word("Prometheus:")
+                .and_then(|u| Some(u.strip_prefix("http://")?.split('/').next()?.to_owned())));
             if let Some(rest) = line.trim().strip_prefix("shop admin admin@shop.test / ") {
                 admin_password = Some(rest.trim().to_owned());
             }
@@ -98,6 +103,7 @@ impl Demo {
             gateway: gateway.unwrap(),
             registry: registry.unwrap(),
             admin_password: admin_password.unwrap(),
+            prometheus,
         }
     }
 
@@ -537,6 +543,61 @@ async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
         .unwrap_or_default();
     assert_eq!(carried.split('-').nth(1), Some(trace), "{placed}");
 
+    // One metrics scheme over the whole demo, each `/metrics` accepted by promtool: the
+    // server's registry, sagas, participant calls and consumer groups; orders' calls to
+    // the services it uses.
+    let server_metrics = http_text(&c, &format!("http://{}/metrics", demo.registry)).await;
+    tessera_testkit::prometheus::check_metrics(&server_metrics);
+    let value = |text: &str, prefix: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+    };
+    for (prefix, at_least) in [
+        ("tessera_sagas{status=\"completed\"}", 1.0),
+        (
+            "tessera_coordinator_calls_total{participant=\"payments\",result=\"ok\"}",
+            1.0,
+        ),
+        (
+            "tessera_coordinator_call_duration_seconds_count{participant=\"catalog\"}",
+            1.0,
+        ),
+        ("tessera_registry_instances{status=\"passing\"}", 10.0),
+        ("tessera_events_appended_total", 2.0),
+        (
+            "tessera_http_server_requests_total{method=\"POST\",route=\"/v1/sagas\",status=\"2xx\"}",
+            1.0,
+        ),
+    ] {
+        assert!(
+            value(&server_metrics, prefix) >= at_least,
+            "{prefix} in {server_metrics}"
+        );
+    }
+    assert!(
+        server_metrics
+            .contains("tessera_events_consumer_group_lag{group=\"cart\",selection=\"order-*\"}"),
+        "{server_metrics}"
+    );
+    let (_, v) = call(
+        &c,
+        "GET",
+        &format!("http://{}/v1/health/service/orders?passing", demo.registry),
+        None,
+        None,
+    )
+    .await;
+    let mut reported = false;
+    for e in v.as_array().unwrap() {
+        let url = format!("http://127.0.0.1:{}/metrics", e["Service"]["Port"]);
+        let text = http_text(&c, &url).await;
+        tessera_testkit::prometheus::check_metrics(&text);
+        reported |=
+            text.contains("tessera_client_requests_total{upstream=\"catalog\",status=\"2xx\"}");
+    }
+    assert!(reported, "an orders replica reports its calls to catalog");
+
     // The admin seeded by the demo can write the catalog.
     let (_, v) = call(
         &c,
@@ -603,9 +664,12 @@ async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
             );
             let metrics = http_text(&c, &format!("http://{at}/metrics")).await;
             assert!(
-                metrics.contains(&format!("shop_requests_total{{service=\"{svc}\"")),
+                metrics.contains(
+                    "tessera_http_server_requests_total{method=\"GET\",route=\"/health\",status=\"2xx\"}"
+                ),
                 "{svc} metrics: {metrics}"
             );
+            tessera_testkit::prometheus::check_metrics(&metrics);
             ports.push(at);
         }
     }
@@ -698,6 +762,121 @@ async fn the_walkthrough_works_and_the_demo_stops_cleanly() {
 /// calls, the checkout saga under orders' call that started it, with its step calls and
 /// the participants they reached, the outbox relay's append of the OrderPlaced event
 /// orders' confirm step wrote, and cart's handling of it.
+/// `tessera demo --prometheus`: Debian's Prometheus finds every process through the
+/// registry's HTTP service discovery and scrapes each (`up == 1`), and every PromQL
+/// expression of the Grafana dashboards in `deploy/grafana` returns data from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_is_found_by_prometheus_and_every_dashboard_query_answers() {
+    if tessera_testkit::prometheus::promtool().is_none() {
+        return; // promtool and prometheus come in one package; it said why
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let collector = tessera_testkit::otlp::Collector::start().await;
+    let demo = Demo::start_with(
+        dir.path(),
+        &["--prometheus", "127.0.0.1:0"],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.endpoint)],
+    )
+    .await;
+    let prom = demo.prometheus.clone().expect("the demo names Prometheus");
+    let c = client();
+    let gw = format!("http://{}", demo.gateway);
+    // Traffic for the rates: a shopper's checkout (gateway, services, a saga, events).
+    let token = shopper(&c, &gw, "watcher@shop.test", "watcher-password").await;
+    let (s, v) = call(
+        &c,
+        "POST",
+        &format!("{gw}/api/cart/items"),
+        Some(&token),
+        Some(json!({"product_id": "mug", "quantity": 1})),
+    )
+    .await;
+    assert!(s < 300, "{s} {v}");
+    let (s, v) = checkout_with_key(&c, &gw, &token, "watched-order").await;
+    assert!(s < 300, "{s} {v}");
+
+    let query = |expr: String| {
+        let (c, prom) = (c.clone(), prom.clone());
+        async move {
+            let url = format!("http://{prom}/api/v1/query?query={}", form_encode(&expr));
+            let (s, v) = call(&c, "GET", &url, None, None).await;
+            assert!(s == 200 || s == 503, "{expr}: {s} {v}");
+            v["data"]["result"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    // Every process: the server, the gateway, two replicas of each of five services.
+    wait_for("Prometheus has every demo process up", || async move {
+        let up = query("up".into()).await;
+        up.len() == 12 && up.iter().all(|r| r["value"][1] == "1")
+    })
+    .await;
+    let up = query("count by (service) (up)".into()).await;
+    let mut services: Vec<(String, String)> = up
+        .iter()
+        .map(|r| {
+            (
+                r["metric"]["service"].as_str().unwrap().to_owned(),
+                r["value"][1].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    services.sort();
+    let want: Vec<(String, String)> = [
+        ("cart", "2"),
+        ("catalog", "2"),
+        ("orders", "2"),
+        ("payments", "2"),
+        ("tessera-gateway", "1"),
+        ("tessera-server", "1"),
+        ("users", "2"),
+    ]
+    .iter()
+    .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+    .collect();
+    assert_eq!(services, want);
+
+    // Every dashboard query, with Grafana's `$__rate_interval` as a minute.
+    let dashboards = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/grafana");
+    let mut exprs = Vec::new();
+    for entry in std::fs::read_dir(&dashboards).unwrap() {
+        let path = entry.unwrap().path();
+        let d: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for panel in d["panels"].as_array().unwrap() {
+            for t in panel["targets"].as_array().unwrap() {
+                let expr = t["expr"]
+                    .as_str()
+                    .unwrap()
+                    .replace("$__rate_interval", "1m");
+                exprs.push((
+                    path.file_name().unwrap().to_string_lossy().into_owned(),
+                    expr,
+                ));
+            }
+        }
+    }
+    assert!(exprs.len() >= 40, "{} queries", exprs.len());
+    for (file, expr) in exprs {
+        wait_for(&format!("{file}: {expr} returns data"), || {
+            let expr = expr.clone();
+            async move { !query(expr).await.is_empty() }
+        })
+        .await;
+    }
+    demo.stop().await;
+}
+
+/// `application/x-www-form-urlencoded` for a query parameter.
+fn form_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 async fn checkout_is_one_trace(collector: &tessera_testkit::otlp::Collector, trace: &str) {
     use tessera_testkit::otlp::SeenSpan;
     let find = |spans: &[SeenSpan], service: &str, kind: u64, parent: &str| {

@@ -695,7 +695,10 @@ async fn cli_commands_against_a_running_server() {
         let url = format!("http://{addr}/v1/agent/metrics?format=prometheus");
         let (_, body) = call(&c, "GET", url, vec![]).await.unwrap();
         let text = String::from_utf8_lossy(&body).into_owned();
-        if text.lines().any(|l| l == "tessera_http_blocking_queries 1") {
+        if text
+            .lines()
+            .any(|l| l == "tessera_registry_blocking_queries 1")
+        {
             break;
         }
         assert!(

@@ -51,6 +51,8 @@ async fn spawn_server_with(data_dir: &Path, extra: &[&str]) -> (Child, String) {
 #[derive(Default)]
 struct Participant {
     calls: Mutex<Vec<(String, String)>>,
+    /// Each call's path and `traceparent` (empty when it had none).
+    parents: Mutex<Vec<(String, String)>>,
     gates: Mutex<HashSet<String>>,
     refused: Mutex<HashSet<String>>,
     released: tokio::sync::Notify,
@@ -90,6 +92,13 @@ async fn participant() -> (Arc<Participant>, String) {
                             .unwrap_or("")
                             .to_owned();
                         p.calls.lock().unwrap().push((path.clone(), key));
+                        let parent = req
+                            .headers()
+                            .get("traceparent")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        p.parents.lock().unwrap().push((path.clone(), parent));
                         let gated = p.gates.lock().unwrap().contains(&path);
                         while gated && !p.open.load(std::sync::atomic::Ordering::SeqCst) {
                             let wait = p.released.notified();
@@ -418,6 +427,100 @@ async fn kill_9_mid_saga_then_restart_finishes_every_saga() {
     assert_eq!(count("/s3/c/undo"), 0);
     assert_eq!((count("/s3/b/undo"), count("/s3/a/undo")), (2, 1));
     assert_eq!((count("/s1/a/undo"), count("/s2/a/undo")), (0, 0));
+}
+
+/// A traced saga whose server is killed with SIGKILL mid-step continues its trace after
+/// the restart: the step interrupted and the steps after it are client spans of the same
+/// trace under the saga's stored span, the participant sees that trace on every call, the
+/// saga span the new server sends ends the trace where the starting request left it, and
+/// the step finished before the kill makes no second span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_resumed_after_kill_9_continues_its_trace() {
+    let collector = tessera_testkit::otlp::Collector::start().await;
+    let server = || {
+        let mut cmd = tokio::process::Command::new(common::BIN);
+        cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.endpoint)
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+        cmd
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (p, paddr) = participant().await;
+    p.gates.lock().unwrap().insert("/t1/b/do".into());
+    let c: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let (mut first, addr) =
+        common::spawn_server_with(server(), "127.0.0.1:0", dir.path(), &["--node", "n1"]).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let (s, v) = send_with(
+        &c,
+        "POST",
+        format!("http://{addr}/v1/sagas"),
+        Some(saga("t1", &paddr)),
+        &[("traceparent", &format!("00-{trace}-{caller_span}-01"))],
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let spans = || {
+        collector
+            .spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace)
+            .collect::<Vec<_>>()
+    };
+    // Killed once it is in b and has sent the spans of what it finished: the request
+    // that started the saga, and step a.
+    wait_until("the saga reaches its gated step", || async {
+        !p.calls_to("/t1/b/do").is_empty()
+    })
+    .await;
+    wait_until("the first server's spans are exported", || async {
+        let seen = spans();
+        seen.iter().any(|s| s.name == "POST /v1/sagas") && seen.iter().any(|s| s.name == "step a")
+    })
+    .await;
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+
+    p.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    p.released.notify_waiters();
+    let (_second, addr) =
+        common::spawn_server_with(server(), "127.0.0.1:0", dir.path(), &["--node", "n1"]).await;
+    wait_until("the resumed saga completes", || async {
+        saga_status(&c, &addr, &id).await["status"] == "completed"
+    })
+    .await;
+    // The participant saw the one trace on every call, before the kill and after.
+    let parents = p.parents.lock().unwrap().clone();
+    assert_eq!(parents.len(), 4, "a, b (killed), b again, c: {parents:?}");
+    for (path, parent) in &parents {
+        assert_eq!(parent.split('-').nth(1), Some(trace), "{path}: {parent}");
+    }
+    // The restarted server's spans: b's retry, c, and the saga's own span at the end.
+    wait_until("the saga's span is exported", || async {
+        spans().iter().any(|s| s.name == "saga t1")
+    })
+    .await;
+    let spans = spans();
+    let started = spans.iter().find(|s| s.name == "POST /v1/sagas").unwrap();
+    assert_eq!(started.parent_id, caller_span, "{spans:?}");
+    let saga_span = spans.iter().find(|s| s.name == "saga t1").unwrap();
+    assert_eq!(saga_span.parent_id, started.span_id, "{spans:?}");
+    let steps = |step: &str| {
+        spans
+            .iter()
+            .filter(|s| s.attributes.get("tessera.saga.step").map(String::as_str) == Some(step))
+            .collect::<Vec<_>>()
+    };
+    for step in ["b", "c"] {
+        let found = steps(step);
+        assert_eq!(found.len(), 1, "one span for {step}: {spans:?}");
+        assert_eq!(found[0].parent_id, saga_span.span_id, "{spans:?}");
+        assert_eq!(found[0].kind, 3, "a client span: {spans:?}");
+    }
+    // a was done before the kill: the first server sent its span, the second made none.
+    assert_eq!(steps("a").len(), 1, "{spans:?}");
+    assert_eq!(steps("a")[0].parent_id, saga_span.span_id, "{spans:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,9 +2,7 @@
 //! `POST /v1/sagas`, `GET /v1/sagas/{id}`, `GET /v1/sagas?status=&limit=`, and
 //! `GET /v1/tessera/coordinator/metrics` (Prometheus text).
 
-use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -231,101 +229,15 @@ async fn tcc_list(
     Ok(axum::Json(rows).into_response())
 }
 
-/// One gauge per status, from a store's counts.
-fn gauges(out: &mut String, name: &str, help: &str, counts: &[(String, i64)], statuses: &[&str]) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-    for status in statuses {
-        let n = counts
-            .iter()
-            .find(|(k, _)| k == status)
-            .map_or(0, |(_, n)| *n);
-        let _ = writeln!(out, "{name}{{status=\"{status}\"}} {n}");
-    }
-}
-
 async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&st, &headers, false)?;
-    let counts = st.engine.store.counts().await.map_err(internal)?;
-    let tcc_counts = st.tcc.store.counts().await.map_err(internal)?;
-    let s = &st.engine.stats;
-    let w = st.engine.store.writer_stats();
-    let mut out = String::new();
-    gauges(
-        &mut out,
-        "tessera_sagas",
-        "Sagas stored, by status.",
-        &counts,
-        &SagaStatus::ALL.map(SagaStatus::as_str),
-    );
-    gauges(
-        &mut out,
-        "tessera_tcc_transactions",
-        "TCC transactions stored, by status.",
-        &tcc_counts,
-        &TccStatus::ALL.map(TccStatus::as_str),
-    );
-    for (name, help, v) in [
-        (
-            "tessera_sagas_started_total",
-            "Sagas started by this process.",
-            &s.started,
-        ),
-        (
-            "tessera_sagas_completed_total",
-            "Sagas this process completed.",
-            &s.completed,
-        ),
-        (
-            "tessera_sagas_compensated_total",
-            "Sagas this process compensated.",
-            &s.compensated,
-        ),
-        (
-            "tessera_sagas_stuck_total",
-            "Sagas this process left stuck.",
-            &s.stuck,
-        ),
-        (
-            "tessera_coordinator_calls_total",
-            "Participant calls made (sagas and TCC).",
-            &st.engine.caller.calls,
-        ),
-        (
-            "tessera_coordinator_failed_calls_total",
-            "Participant calls that failed.",
-            &st.engine.caller.failed_calls,
-        ),
-        (
-            "tessera_coordinator_claimed_total",
-            "Sagas and TCC transactions this server took over after their owner's lease ran out.",
-            &st.engine.lease.claimed,
-        ),
-        (
-            "tessera_coordinator_fenced_total",
-            "Transitions this server was refused because another server had taken the saga or TCC transaction over.",
-            &st.engine.lease.fenced,
-        ),
-        (
-            "tessera_coordinator_store_commits_total",
-            "Transactions the store's writer committed (or tried to); each groups the writes queued meanwhile.",
-            &w.commits,
-        ),
-        (
-            "tessera_coordinator_store_writes_total",
-            "Writes (inserts and transitions) the store's writer committed (or tried to).",
-            &w.writes,
-        ),
-        (
-            "tessera_coordinator_store_commit_microseconds_total",
-            "Time the store's writer spent in its transactions, in microseconds.",
-            &w.commit_micros,
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-            v.load(Ordering::Relaxed)
-        );
-    }
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+    let mut out = tessera_metrics::Text::new();
+    crate::metrics::render(&st.engine, &st.tcc, &mut out)
+        .await
+        .map_err(internal)?;
+    Ok((
+        [(header::CONTENT_TYPE, tessera_metrics::CONTENT_TYPE)],
+        out.finish(),
+    )
+        .into_response())
 }

@@ -53,8 +53,21 @@ pub struct Caller {
     /// Per service (or URL): an error-rate breaker, so a participant that keeps failing
     /// is given a rest instead of every saga's retries.
     breakers: Mutex<HashMap<String, CircuitBreaker>>,
-    pub calls: AtomicU64,
-    pub failed_calls: AtomicU64,
+    /// Per participant (its service, or `url` for calls by URL): outcomes and latency.
+    pub(crate) stats: tessera_metrics::Family<CallStats>,
+}
+
+/// How a participant's calls ended, and how long each took (the step latency).
+#[derive(Default)]
+pub(crate) struct CallStats {
+    pub(crate) ok: AtomicU64,
+    /// Answered no (a 4xx): the action did not take effect.
+    pub(crate) refused: AtomicU64,
+    /// Not applied, timed out, reset or 5xx.
+    pub(crate) failed: AtomicU64,
+    /// Not sent: the participant's breaker was open.
+    pub(crate) rejected: AtomicU64,
+    pub(crate) duration: tessera_metrics::Histogram,
 }
 
 impl Caller {
@@ -68,8 +81,7 @@ impl Caller {
             balancer: Balancer::new(Policy::P2cPeakEwma),
             sets: Mutex::new(HashMap::new()),
             breakers: Mutex::new(HashMap::new()),
-            calls: AtomicU64::new(0),
-            failed_calls: AtomicU64::new(0),
+            stats: tessera_metrics::Family::new(&["participant"]),
         })
     }
 
@@ -83,7 +95,6 @@ impl Caller {
         call: &CallDef,
         traceparent: Option<&str>,
     ) -> (Outcome, Attempt) {
-        self.calls.fetch_add(1, Ordering::Relaxed);
         let at_ms = now_ms();
         let started = Instant::now();
         let target = call
@@ -91,11 +102,12 @@ impl Caller {
             .as_deref()
             .or(call.url.as_deref())
             .unwrap_or_default();
+        let stats = self.stats.get(&[call.service.as_deref().unwrap_or("url")]);
         let breaker = self.breaker(target);
         let permit = match breaker.try_acquire() {
             Ok(p) => p,
             Err(open) => {
-                self.failed_calls.fetch_add(1, Ordering::Relaxed);
+                stats.rejected.fetch_add(1, Ordering::Relaxed);
                 return (
                     Outcome::Rejected(open.retry_after),
                     Attempt {
@@ -156,9 +168,13 @@ impl Caller {
         } else {
             permit.failure();
         }
-        if !ok {
-            self.failed_calls.fetch_add(1, Ordering::Relaxed);
-        }
+        let counter = match outcome {
+            Outcome::Ok => &stats.ok,
+            Outcome::Refused => &stats.refused,
+            _ => &stats.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        stats.duration.observe(started.elapsed());
         (
             outcome,
             Attempt {

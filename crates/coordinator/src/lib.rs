@@ -21,6 +21,7 @@ mod call;
 pub mod def;
 mod engine;
 mod lease;
+mod metrics;
 pub mod saga;
 mod store;
 pub mod tcc;
@@ -232,6 +233,11 @@ impl Coordinator {
     pub fn trace_with(&self, tracer: tessera_trace::Tracer) {
         let _ = self.engine.tracer.set(tracer.clone());
         let _ = self.tcc.tracer.set(tracer);
+    }
+
+    /// The coordinator's part of the server's `/metrics`.
+    pub async fn render_metrics(&self, out: &mut tessera_metrics::Text) -> Result<(), StoreError> {
+        metrics::render(&self.engine, &self.tcc, out).await
     }
 
     pub fn router(&self, auth: Arc<dyn Authorize>) -> axum::Router {

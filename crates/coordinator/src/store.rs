@@ -189,7 +189,8 @@ pub struct Summary {
 pub struct WriterStats {
     pub commits: AtomicU64,
     pub writes: AtomicU64,
-    pub commit_micros: AtomicU64,
+    /// Time each transaction took.
+    pub commit: tessera_metrics::Histogram,
 }
 
 /// An open database and its writer.
@@ -709,9 +710,7 @@ async fn writer(db: Db, mut rx: mpsc::Receiver<(Op, Reply)>, stats: Arc<WriterSt
         stats
             .writes
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        stats
-            .commit_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        stats.commit.observe(started.elapsed());
         match results {
             Ok(results) => {
                 for ((_, reply), r) in batch.drain(..).zip(results) {

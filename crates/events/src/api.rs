@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::Backend as Store;
+use crate::metrics::{AppendResult, Metrics};
 use crate::store::{AppendError, Expected, NewEvent, Selection};
 
 /// Most events in one append, and per read page.
@@ -39,9 +40,15 @@ struct AppState {
     store: Store,
     auth: Arc<dyn Authorize>,
     stop: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
-pub fn router(store: Store, auth: Arc<dyn Authorize>, stop: CancellationToken) -> Router {
+pub(crate) fn router(
+    store: Store,
+    auth: Arc<dyn Authorize>,
+    stop: CancellationToken,
+    metrics: Arc<Metrics>,
+) -> Router {
     Router::new()
         .route("/v1/streams/{stream}", get(read).post(append))
         .route("/v1/streams/{stream}/subscribe", get(subscribe))
@@ -49,7 +56,12 @@ pub fn router(store: Store, auth: Arc<dyn Authorize>, stop: CancellationToken) -
             "/v1/streams/{stream}/groups/{group}",
             put(ack).get(group_offset),
         )
-        .with_state(AppState { store, auth, stop })
+        .with_state(AppState {
+            store,
+            auth,
+            stop,
+            metrics,
+        })
 }
 
 struct ApiError(StatusCode, String, &'static str);
@@ -171,12 +183,21 @@ async fn append(
             e.metadata = crate::store::with_trace(e.metadata.take(), span);
             e
         })
-        .collect();
+        .collect::<Vec<_>>();
     // Detached: an append whose client hangs up still completes (or fails) as one.
     let store = st.store.clone();
+    let count = events.len();
+    let started = std::time::Instant::now();
     let result = tokio::spawn(async move { store.append(stream, exp, events).await })
         .await
         .map_err(|e| unavailable(tessera_sql::Refused::unavailable(e.to_string())))?;
+    let counted = match &result {
+        Ok(a) if a.duplicate => AppendResult::Ok { events: 0 },
+        Ok(_) => AppendResult::Ok { events: count },
+        Err(AppendError::Store(_)) => AppendResult::Failed,
+        Err(_) => AppendResult::Conflict,
+    };
+    st.metrics.appended(counted, started.elapsed());
     match result {
         Ok(a) => {
             let status = if a.duplicate {
@@ -272,6 +293,7 @@ async fn subscribe(
             if group.is_empty() || group.len() > 128 {
                 return Err(bad("group: 1 to 128 characters"));
             }
+            st.metrics.group_seen(group, &stream, &sel);
             match st.store.acked(group, &stream).await.map_err(unavailable)? {
                 Some(acked) => acked + 1,
                 None => first,
@@ -281,7 +303,11 @@ async fn subscribe(
         (None, None, None) => first,
     };
     let (tx, rx) = mpsc::channel(256);
-    tokio::spawn(pump(st.store.clone(), sel, from, tx, st.stop.clone()));
+    let live = st.metrics.subscribed();
+    tokio::spawn(async move {
+        pump(st.store.clone(), sel, from, tx, st.stop.clone()).await;
+        drop(live);
+    });
     Ok(Sse::new(Feed(rx))
         .keep_alive(KeepAlive::default())
         .into_response())
@@ -342,7 +368,7 @@ async fn ack(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     authorize(&st, &headers, true)?;
-    selection(&stream, true)?;
+    let sel = selection(&stream, true)?;
     if group.is_empty() || group.len() > 128 {
         return Err(bad("group: 1 to 128 characters"));
     }
@@ -356,6 +382,7 @@ async fn ack(
         .ack(&group, &stream, body.acked)
         .await
         .map_err(unavailable)?;
+    st.metrics.group_seen(&group, &stream, &sel);
     Ok(
         axum::Json(serde_json::json!({"group": group, "stream": stream, "acked": acked}))
             .into_response(),

@@ -16,6 +16,7 @@
 //! ```
 
 mod api;
+mod metrics;
 mod nats;
 pub mod outbox;
 pub mod store;
@@ -87,6 +88,7 @@ impl Backend {
 pub struct EventStore {
     store: Backend,
     stop: CancellationToken,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl EventStore {
@@ -95,6 +97,7 @@ impl EventStore {
         Ok(EventStore {
             store: Backend::Sqlite(store::Store::open(dir).await?),
             stop: CancellationToken::new(),
+            metrics: Arc::default(),
         })
     }
 
@@ -104,11 +107,23 @@ impl EventStore {
         Ok(EventStore {
             store: Backend::Nats(Box::new(nats::NatsStore::connect(url, namespace).await?)),
             stop: CancellationToken::new(),
+            metrics: Arc::default(),
         })
     }
 
     pub fn router(&self, auth: Arc<dyn Authorize>) -> axum::Router {
-        api::router(self.store.clone(), auth, self.stop.clone())
+        api::router(
+            self.store.clone(),
+            auth,
+            self.stop.clone(),
+            self.metrics.clone(),
+        )
+    }
+
+    /// The event store's part of the server's `/metrics`; counting a consumer group's
+    /// lag reads the events it has not acknowledged (up to 10,000).
+    pub async fn render_metrics(&self, out: &mut tessera_metrics::Text) -> Result<(), StoreError> {
+        self.metrics.render(&self.store, out).await
     }
 
     /// Ends every live subscription (so a graceful shutdown does not wait on them).

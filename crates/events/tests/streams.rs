@@ -97,6 +97,14 @@ impl Server {
         }
     }
 
+    async fn metrics(&self) -> String {
+        let mut out = tessera_metrics::Text::new();
+        self.events.render_metrics(&mut out).await.unwrap();
+        let text = out.finish();
+        tessera_testkit::prometheus::check_metrics(&text);
+        text
+    }
+
     fn stop(self) {
         self.events.shutdown();
         self.task.abort();
@@ -382,6 +390,15 @@ async fn consumer_group_offsets_are_durable_and_only_move_forward(kind: &Kind) {
         )
         .await;
     assert_eq!(v["acked"], 1, "an older ack does not move the offset back");
+    let m = s.metrics().await;
+    for line in [
+        "tessera_events_appends_total{result=\"ok\"} 4\n",
+        "tessera_events_appended_total 4\n",
+        "tessera_events_subscribers 1\n",
+        "tessera_events_consumer_group_lag{group=\"projector\",selection=\"cart-3\"} 2\n",
+    ] {
+        assert!(m.contains(line), "{line} in {m}");
+    }
     drop(sub);
     s.stop();
     let s = Server::start(kind).await;
@@ -396,6 +413,14 @@ async fn consumer_group_offsets_are_durable_and_only_move_forward(kind: &Kind) {
         sub.next().await.0,
         2,
         "continues after the acknowledged offset"
+    );
+    // A restarted server knows the group from its subscription.
+    let m = s.metrics().await;
+    assert!(
+        m.contains(
+            "tessera_events_consumer_group_lag{group=\"projector\",selection=\"cart-3\"} 2\n"
+        ),
+        "{m}"
     );
 }
 

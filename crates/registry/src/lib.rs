@@ -42,6 +42,8 @@ pub use registry::{AclConfig, Config, Registry, Stats};
 /// A registry ready to serve: its state replayed from disk and its HTTP API built.
 pub struct Server {
     registry: Arc<Registry>,
+    /// Where every request the server answers is counted, when set.
+    http_metrics: Option<Arc<tessera_web::HttpMetrics>>,
 }
 
 /// ACLs default to on (deny) when the listener is reachable from other hosts.
@@ -59,7 +61,10 @@ impl Server {
     pub fn build(config: Config, listener: &TcpListener) -> Result<Server, Error> {
         let acl_enabled = acl_default(&config, listener);
         let registry = Registry::open(config, acl_enabled)?;
-        Ok(Server { registry })
+        Ok(Server {
+            registry,
+            http_metrics: None,
+        })
     }
 
     /// `build`, or, when `config.store` names etcd (`etcd://host:port,...`), a server
@@ -104,11 +109,21 @@ impl Server {
         let prefix = config.etcd_prefix.clone();
         let registry =
             Registry::open_etcd(config, acl_enabled, &endpoints, tls.as_ref(), &prefix).await?;
-        Ok(Server { registry })
+        Ok(Server {
+            registry,
+            http_metrics: None,
+        })
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
+    }
+
+    /// Counts and times every request the server answers (its routes and `extra`'s,
+    /// refusals included) in `metrics`.
+    pub fn with_http_metrics(mut self, metrics: Arc<tessera_web::HttpMetrics>) -> Server {
+        self.http_metrics = Some(metrics);
+        self
     }
 
     /// Serves until `shutdown` resolves; then wakes every blocking query, stops the check
@@ -160,6 +175,10 @@ impl Server {
                 reg.clone(),
                 admission::admit,
             ));
+        let app = match self.http_metrics {
+            Some(m) => tessera_web::with_metrics(app, m),
+            None => app,
+        };
         let app = tessera_web::json_errors(app);
         let stopper = reg.clone();
         let listener = admission::LimitedListener::new(listener, reg.clone());

@@ -14,6 +14,18 @@ pub enum State {
     HalfOpen,
 }
 
+impl State {
+    /// The value of a breaker-state gauge, the same in every Tessera `/metrics`: 0 closed,
+    /// 1 half-open, 2 open (so `max` over instances is the worst).
+    pub fn gauge(self) -> u8 {
+        match self {
+            State::Closed => 0,
+            State::HalfOpen => 1,
+            State::Open => 2,
+        }
+    }
+}
+
 /// Breaker settings; defaults are DESIGN.md's: ≥ 50% errors over 10 s with ≥ 20 calls
 /// opens it for 5 s, then 3 probes.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,6 +4,7 @@
 //! callers, a timeout per try and overall, and an error-rate circuit breaker
 //! (`tessera-resilience`).
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use tessera_resilience::{
 };
 
 use crate::http::{Error, Http, Response, send};
+use crate::metrics::{Live, ServiceStats};
 use crate::registry::{Registry, Watch};
 use tessera_trace::http::Outcome;
 
@@ -76,6 +78,19 @@ struct Inner {
     outlier: OutlierConfig,
     budget: RetryBudget,
     breaker: CircuitBreaker,
+    stats: Arc<ServiceStats>,
+}
+
+impl Live for Inner {
+    fn breaker(&self) -> tessera_resilience::State {
+        self.breaker.state()
+    }
+
+    fn endpoints(&self) -> (usize, usize) {
+        let snap = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        let ejected = snap.outliers.iter().filter(|o| o.is_ejected()).count();
+        (snap.set.len(), ejected)
+    }
 }
 
 impl ServiceClient {
@@ -84,24 +99,27 @@ impl ServiceClient {
     }
 
     pub fn with_policy(registry: &Registry, service: &str, policy: CallPolicy) -> ServiceClient {
-        ServiceClient {
-            inner: Arc::new(Inner {
-                service: service.to_owned(),
-                _registry: registry.clone(),
-                watch: registry.watch(service),
-                http: registry.http().clone(),
-                policy,
-                balancer: Balancer::new(Policy::P2cPeakEwma),
-                snapshot: Mutex::new(Arc::new(Snapshot {
-                    index: 0,
-                    set: EndpointSet::new(Vec::new()),
-                    outliers: Vec::new(),
-                })),
-                outlier: OutlierConfig::default(),
-                budget: RetryBudget::new(BudgetConfig::default()),
-                breaker: CircuitBreaker::new(BreakerConfig::default()),
-            }),
-        }
+        let stats = registry.clients().service(service);
+        let inner = Arc::new(Inner {
+            service: service.to_owned(),
+            _registry: registry.clone(),
+            watch: registry.watch(service),
+            http: registry.http().clone(),
+            policy,
+            balancer: Balancer::new(Policy::P2cPeakEwma),
+            snapshot: Mutex::new(Arc::new(Snapshot {
+                index: 0,
+                set: EndpointSet::new(Vec::new()),
+                outliers: Vec::new(),
+            })),
+            outlier: OutlierConfig::default(),
+            budget: RetryBudget::new(BudgetConfig::default()),
+            breaker: CircuitBreaker::new(BreakerConfig::default()),
+            stats: stats.clone(),
+        });
+        let live: Arc<dyn Live> = inner.clone();
+        stats.attach(Arc::downgrade(&live));
+        ServiceClient { inner }
     }
 
     pub fn service(&self) -> &str {
@@ -251,13 +269,22 @@ impl RequestBuilder {
         }
         let inner = self.client.inner.clone();
         let timeout = inner.policy.timeout;
-        match tokio::time::timeout(timeout, self.run(&inner)).await {
+        let started = Instant::now();
+        let result = match tokio::time::timeout(timeout, self.run(&inner)).await {
             Ok(r) => r,
             Err(_) => Err(Error::Timeout(
                 inner.service.clone(),
                 tessera_core::GoDuration(timeout),
             )),
+        };
+        match &result {
+            Ok(r) => inner
+                .stats
+                .calls
+                .record(r.status.as_u16(), started.elapsed()),
+            Err(_) => inner.stats.calls.record_error(started.elapsed()),
         }
+        result
     }
 
     async fn run(self, inner: &Inner) -> Result<Response, Error> {
@@ -273,10 +300,13 @@ impl RequestBuilder {
         inner.budget.deposit();
         // The breaker judges calls as the caller sees them (after retries): one bad
         // instance that retries route around does not open it for the whole service.
-        let permit = inner
-            .breaker
-            .try_acquire()
-            .map_err(|_| Error::BreakerOpen(inner.service.clone()))?;
+        let permit = inner.breaker.try_acquire().map_err(|_| {
+            inner
+                .stats
+                .breaker_rejections
+                .fetch_add(1, Ordering::Relaxed);
+            Error::BreakerOpen(inner.service.clone())
+        })?;
         let mut tried: Vec<String> = Vec::new();
         let mut attempt = 0;
         loop {
@@ -332,6 +362,7 @@ impl RequestBuilder {
                     .failure(&inner.outlier, ejected, set.len())
                     .is_some()
                 {
+                    inner.stats.ejections.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(service = %inner.service, endpoint = %endpoint.addr,
                         "instance ejected after consecutive failures");
                 }
@@ -362,7 +393,11 @@ impl RequestBuilder {
                     matches!(e, Error::Transport { connect: true, .. }) || idempotent
                 }
             };
-            if !retry || last || !inner.budget.try_withdraw() {
+            let refused = retry && !last && !inner.budget.try_withdraw();
+            if refused {
+                inner.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+            }
+            if !retry || last || refused {
                 if failed {
                     permit.failure();
                 } else {
@@ -370,6 +405,7 @@ impl RequestBuilder {
                 }
                 return result;
             }
+            inner.stats.retries.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(service = %inner.service, attempt, "retrying");
         }
     }

@@ -20,6 +20,7 @@ mod client;
 mod events;
 mod http;
 mod jwks;
+mod metrics;
 mod registry;
 mod saga;
 pub mod trace;

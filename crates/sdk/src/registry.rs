@@ -41,6 +41,8 @@ struct Inner {
     /// How long a blocking query waits for a change.
     wait: Duration,
     watches: Mutex<HashMap<String, Watch>>,
+    /// The process's service clients' figures, shared by every clone.
+    clients: Arc<crate::metrics::ClientMetrics>,
     /// Stops every watch loop when the last `Registry` clone is dropped.
     stop: CancellationToken,
 }
@@ -61,10 +63,15 @@ impl Registry {
             .iter()
             .find_map(|k| std::env::var(k).ok().filter(|t| !t.is_empty()));
         let servers = Arc::new(Servers::parse(&address.into()));
-        Registry::build(servers, token, Duration::from_secs(300))
+        Registry::build(servers, token, Duration::from_secs(300), Arc::default())
     }
 
-    fn build(servers: Arc<Servers>, token: Option<String>, wait: Duration) -> Registry {
+    fn build(
+        servers: Arc<Servers>,
+        token: Option<String>,
+        wait: Duration,
+        clients: Arc<crate::metrics::ClientMetrics>,
+    ) -> Registry {
         Registry {
             inner: Arc::new(Inner {
                 servers,
@@ -72,6 +79,7 @@ impl Registry {
                 http: client(),
                 wait,
                 watches: Mutex::new(HashMap::new()),
+                clients,
                 stop: CancellationToken::new(),
             }),
         }
@@ -83,6 +91,7 @@ impl Registry {
             self.inner.servers.clone(),
             Some(token.into()),
             self.inner.wait,
+            self.inner.clients.clone(),
         )
     }
 
@@ -92,6 +101,7 @@ impl Registry {
             self.inner.servers.clone(),
             self.inner.token.clone(),
             wait.max(Duration::from_secs(1)),
+            self.inner.clients.clone(),
         )
     }
 
@@ -106,6 +116,16 @@ impl Registry {
 
     pub(crate) fn http(&self) -> &Http {
         &self.inner.http
+    }
+
+    pub(crate) fn clients(&self) -> &crate::metrics::ClientMetrics {
+        &self.inner.clients
+    }
+
+    /// The calls this process's [`ServiceClient`](crate::ServiceClient)s made, per called
+    /// service, for the service's `/metrics` (`tessera_client_*`; see `tessera_metrics`).
+    pub fn render_metrics(&self, out: &mut tessera_metrics::Text) {
+        self.inner.clients.render(out);
     }
 
     /// A request to the registry's API (`path` starts with `/v1/`). A registry that is

@@ -16,6 +16,7 @@
 //! ```
 
 pub mod otlp;
+pub mod prometheus;
 
 use std::future::Future;
 use std::io::Write;

@@ -69,6 +69,25 @@ impl Tracer {
         self.exporter.stats()
     }
 
+    /// `tessera_trace_spans_{exported,dropped}_total`, for a process's `/metrics`.
+    pub fn render_metrics(&self, out: &mut tessera_metrics::Text) {
+        use std::sync::atomic::Ordering::Relaxed;
+        use tessera_metrics::Kind::Counter;
+        let s = self.stats();
+        out.single(
+            "tessera_trace_spans_exported_total",
+            Counter,
+            "Spans the collector accepted.",
+            s.exported.load(Relaxed),
+        );
+        out.single(
+            "tessera_trace_spans_dropped_total",
+            Counter,
+            "Spans lost: the export queue was full or the collector failed.",
+            s.dropped.load(Relaxed),
+        );
+    }
+
     /// Exports what is queued, waiting at most `limit` (see [`Exporter::flush`]).
     pub async fn flush(&self, limit: std::time::Duration) {
         self.exporter.flush(limit).await;

@@ -125,6 +125,68 @@ async fn as_json(resp: Response) -> Response {
     Response::from_parts(parts, fresh.into_body()).into_response()
 }
 
+/// Requests an HTTP API served, per route pattern and method: the server side of the one
+/// metrics scheme (`tessera_http_server_requests_total`,
+/// `tessera_http_server_request_duration_seconds`; see `tessera_metrics`).
+#[derive(Debug)]
+pub struct HttpMetrics(tessera_metrics::Family<tessera_metrics::Red>);
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        HttpMetrics(tessera_metrics::Family::new(&["method", "route"]))
+    }
+}
+
+impl HttpMetrics {
+    pub fn render(&self, out: &mut tessera_metrics::Text) {
+        self.0.render(
+            out,
+            "tessera_http_server",
+            "HTTP requests served, by method and route",
+        );
+    }
+
+    /// The member for one method and route (for tests and handlers that count by hand).
+    pub fn of(&self, method: &str, route: &str) -> std::sync::Arc<tessera_metrics::Red> {
+        self.0.get(&[method, route])
+    }
+}
+
+/// `router` with every request counted and timed in `metrics`, under its route's pattern
+/// (never the raw path, which would grow without bound; `unmatched` when no route took
+/// it) and its method (`other` for methods outside HTTP's own).
+pub fn with_metrics(router: Router, metrics: std::sync::Arc<HttpMetrics>) -> Router {
+    router.layer(axum::middleware::from_fn_with_state(metrics, measured))
+}
+
+async fn measured(
+    axum::extract::State(metrics): axum::extract::State<std::sync::Arc<HttpMetrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let method = match *req.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    };
+    let red = {
+        let route = req
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map_or("unmatched", |p| p.as_str());
+        metrics.of(method, route)
+    };
+    let resp = next.run(req).await;
+    red.record(resp.status().as_u16(), started.elapsed());
+    resp
+}
+
 /// `router` with every request served as a server span of `tracer`'s (see [`traced`]).
 pub fn with_traces(router: Router, tracer: Option<tessera_trace::Tracer>) -> Router {
     router.layer(axum::middleware::from_fn_with_state(tracer, traced))

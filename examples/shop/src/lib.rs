@@ -180,7 +180,12 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
             orders::router(st)
         }
     };
-    let metrics = Arc::new(web::Metrics::default());
+    let http_metrics = Arc::new(tessera_web::HttpMetrics::default());
+    let metrics = Metrics {
+        http: http_metrics.clone(),
+        registry: registry.clone(),
+        tracer: tracer.clone(),
+    };
     let app = tessera_web::json_errors(routes)
         .merge(
             Router::new()
@@ -190,13 +195,11 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
         .merge(
             Router::new()
                 .route("/metrics", get(render_metrics))
-                .with_state((metrics.clone(), name)),
-        )
-        .layer(axum::middleware::from_fn_with_state(metrics, web::track))
-        .layer(axum::middleware::from_fn_with_state(
-            tracer.clone(),
-            tessera_web::traced,
-        ));
+                .with_state(Arc::new(metrics)),
+        );
+    let app = tessera_web::with_metrics(app, http_metrics).layer(
+        axum::middleware::from_fn_with_state(tracer.clone(), tessera_web::traced),
+    );
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -206,6 +209,8 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
         .map_err(|e| format!("listener address: {e}"))?;
     let registration = Registration::new(name, addr)
         .meta("version", env!("CARGO_PKG_VERSION"))
+        // Where Prometheus finds the metrics (the registry's `/v1/tessera/prometheus-sd`).
+        .meta("metrics_path", "/metrics")
         .check(Check::Http {
             path: "/health".into(),
             interval: Duration::from_secs(1),
@@ -261,14 +266,26 @@ async fn health(State(db): State<db::Db>) -> impl IntoResponse {
     }
 }
 
-async fn render_metrics(
-    State((m, name)): State<(Arc<web::Metrics>, &'static str)>,
-) -> impl IntoResponse {
+/// What a service's `/metrics` reports: the requests it served, the calls it made to
+/// other services, and the spans it exported.
+struct Metrics {
+    http: Arc<tessera_web::HttpMetrics>,
+    registry: Registry,
+    tracer: Option<tessera::trace::Tracer>,
+}
+
+async fn render_metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    let mut out = tessera_metrics::Text::new();
+    m.http.render(&mut out);
+    m.registry.render_metrics(&mut out);
+    if let Some(t) = &m.tracer {
+        t.render_metrics(&mut out);
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
+            tessera_metrics::CONTENT_TYPE,
         )],
-        m.render(name),
+        out.finish(),
     )
 }

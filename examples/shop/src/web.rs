@@ -1,14 +1,8 @@
 //! What every shop service shares at its HTTP edge: one error type mapped to JSON
-//! `{"error", "code"}`, JSON bodies parsed into 400s that name the problem, bearer-token
-//! identities, and request metrics in Prometheus text.
+//! `{"error", "code"}`, JSON bodies parsed into 400s that name the problem, and
+//! bearer-token identities.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
-
-use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use tessera::{AuthError, Claims, JwksVerifier};
@@ -138,94 +132,4 @@ pub async fn caller(verifier: &JwksVerifier, headers: &HeaderMap) -> ApiResult<C
         .and_then(|v| v.to_str().ok());
     let claims = verifier.verify_header(auth).await?;
     Caller::from_claims(&claims, auth.unwrap_or_default())
-}
-
-/// Requests by (method, route, status), with latency buckets per (method, route).
-#[derive(Default)]
-pub struct Metrics {
-    counts: Mutex<BTreeMap<(String, String, u16), u64>>,
-    latency: Mutex<BTreeMap<(String, String), Histogram>>,
-}
-
-const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
-
-#[derive(Default)]
-struct Histogram {
-    buckets: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
-
-impl Metrics {
-    fn record(&self, method: &str, route: &str, status: u16, secs: f64) {
-        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        *c.entry((method.to_owned(), route.to_owned(), status))
-            .or_default() += 1;
-        drop(c);
-        let mut l = self.latency.lock().unwrap_or_else(|p| p.into_inner());
-        let h = l.entry((method.to_owned(), route.to_owned())).or_default();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if secs <= *b {
-                h.buckets[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum += secs;
-    }
-
-    /// Prometheus text exposition.
-    pub fn render(&self, service: &str) -> String {
-        let mut out = String::new();
-        out.push_str("# TYPE shop_requests_total counter\n");
-        for ((m, r, s), n) in self.counts.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            out.push_str(&format!(
-                "shop_requests_total{{service=\"{service}\",method=\"{m}\",route=\"{r}\",status=\"{s}\"}} {n}\n"
-            ));
-        }
-        out.push_str("# TYPE shop_request_seconds histogram\n");
-        for ((m, r), h) in self
-            .latency
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let labels = format!("service=\"{service}\",method=\"{m}\",route=\"{r}\"");
-            for (i, b) in BUCKETS.iter().enumerate() {
-                out.push_str(&format!(
-                    "shop_request_seconds_bucket{{{labels},le=\"{b}\"}} {}\n",
-                    h.buckets[i]
-                ));
-            }
-            out.push_str(&format!(
-                "shop_request_seconds_bucket{{{labels},le=\"+Inf\"}} {}\n",
-                h.count
-            ));
-            out.push_str(&format!("shop_request_seconds_sum{{{labels}}} {}\n", h.sum));
-            out.push_str(&format!(
-                "shop_request_seconds_count{{{labels}}} {}\n",
-                h.count
-            ));
-        }
-        out
-    }
-}
-
-/// Middleware: times each request and counts it under its route pattern (never the raw
-/// path, which would grow without bound).
-pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = req.method().as_str().to_owned();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_owned();
-    let resp = next.run(req).await;
-    metrics.record(
-        &method,
-        &route,
-        resp.status().as_u16(),
-        started.elapsed().as_secs_f64(),
-    );
-    resp
 }

@@ -365,6 +365,24 @@ async fn a_compensation_that_keeps_failing_leaves_the_saga_stuck_and_visible() {
     );
     assert!(writes >= 3 && (1..=writes).contains(&commits), "{text}");
     assert_eq!(p.paths().iter().filter(|p| *p == "/a/undo").count(), 5);
+    // Each participant call counted by result and timed: a's action and its five failed
+    // compensations (a names a URL), b's 422 (b names the registry service `shop`).
+    for (participant, result, n) in [
+        ("url", "ok", 1),
+        ("url", "failed", 5),
+        ("url", "rejected", 0),
+        ("shop", "refused", 1),
+    ] {
+        let line = format!(
+            "tessera_coordinator_calls_total{{participant=\"{participant}\",result=\"{result}\"}} {n}\n"
+        );
+        assert!(text.contains(&line), "{line} in {text}");
+    }
+    assert!(
+        text.contains("tessera_coordinator_call_duration_seconds_count{participant=\"url\"} 6\n"),
+        "{text}"
+    );
+    tessera_testkit::prometheus::check_metrics(text);
 }
 
 #[tokio::test]

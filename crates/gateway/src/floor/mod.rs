@@ -3,7 +3,6 @@
 
 pub mod config;
 pub(crate) mod error;
-pub(crate) mod metrics;
 pub(crate) mod net;
 pub(crate) mod path;
 

@@ -19,10 +19,10 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 use regex::Regex;
 
 use crate::floor::config::{self, Config, ConfigError, RedisConfig, RouteConfig};
-use crate::floor::metrics::RouteMetrics;
 use crate::policy::ratelimit::{RateKey, RateLimit};
 use crate::policy::upstream::{Discovery, Upstream};
 use crate::protocol::redis::Redis;
+use tessera_metrics::Red;
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 const DEFAULT_RETRIES: u32 = 2;
@@ -82,7 +82,7 @@ pub struct Route {
     /// Nothing on this route reads or edits the request's fields (no auth, no limit or
     /// hash keyed on a field, no request header edits): they can go upstream raw.
     pub plain: bool,
-    pub metrics: RouteMetrics,
+    pub metrics: Red,
     /// What `/admin/routes` shows.
     pub describe: serde_json::Value,
 }
@@ -430,7 +430,7 @@ fn compile(
         rate_limit,
         path_params: r.path_params.unwrap_or(cfg.path_params),
         plain,
-        metrics: RouteMetrics::default(),
+        metrics: Red::default(),
         describe,
     })
 }

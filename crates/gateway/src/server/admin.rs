@@ -1,7 +1,6 @@
 //! The admin server (default `127.0.0.1:8081`): health, readiness, Prometheus metrics,
 //! the live route table and upstream state, and config reload.
 
-use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -9,7 +8,6 @@ use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use crate::floor::metrics::label;
 use crate::protocol::h1::body::Body;
 use crate::server::Shared;
 
@@ -48,7 +46,7 @@ pub async fn handle(gw: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         }
         (&Method::GET, "/metrics") => text(
             StatusCode::OK,
-            "text/plain; version=0.0.4",
+            tessera_metrics::CONTENT_TYPE,
             render_metrics(&gw),
         ),
         (&Method::GET, "/admin/routes") => {
@@ -144,42 +142,53 @@ fn upstreams(gw: &Shared) -> serde_json::Value {
 type CounterFn = fn(&crate::policy::upstream::UpstreamMetrics) -> u64;
 
 fn render_metrics(gw: &Shared) -> String {
+    use tessera_metrics::Kind::{Counter, Gauge, Histogram};
     let table = gw.proxy.table.load();
-    let mut o = String::with_capacity(8 * 1024);
-    o.push_str(
-        "# HELP tessera_gateway_requests_total Requests answered, by route and status class.\n",
+    let mut o = tessera_metrics::Text::new();
+    let upstream_of = |r: &crate::policy::routes::Route| {
+        r.upstream
+            .as_ref()
+            .map(|u| u.name.clone())
+            .unwrap_or_default()
+    };
+    o.family(
+        "tessera_gateway_requests_total",
+        Counter,
+        "Requests answered, by route, upstream and status class.",
     );
-    o.push_str("# TYPE tessera_gateway_requests_total counter\n");
     for r in &table.routes {
-        for (i, c) in r.metrics.by_class.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "tessera_gateway_requests_total{{route=\"{}\",upstream=\"{}\",status=\"{}xx\"}} {}",
-                label(&r.name),
-                label(r.upstream.as_ref().map(|u| u.name.as_str()).unwrap_or("")),
-                i + 1,
-                c.load(Ordering::Relaxed)
-            );
-        }
-    }
-    o.push_str("# HELP tessera_gateway_request_duration_seconds Time to answer, by route.\n");
-    o.push_str("# TYPE tessera_gateway_request_duration_seconds histogram\n");
-    for r in &table.routes {
-        r.metrics.latency.render(
+        let up = upstream_of(r);
+        r.metrics.samples(
             &mut o,
+            "tessera_gateway_requests_total",
+            &[("route", &r.name), ("upstream", &up)],
+        );
+    }
+    o.family(
+        "tessera_gateway_request_duration_seconds",
+        Histogram,
+        "Time to answer, by route and upstream.",
+    );
+    for r in &table.routes {
+        let up = upstream_of(r);
+        o.histogram(
             "tessera_gateway_request_duration_seconds",
-            &format!("route=\"{}\"", label(&r.name)),
+            &[("route", &r.name), ("upstream", &up)],
+            &r.metrics.duration,
         );
     }
     if let Some((_, redis)) = &table.redis {
-        let _ = write!(
-            o,
-            "# HELP tessera_gateway_redis_up Whether shared rate limits reach Redis (else they are decided locally).\n\
-             # TYPE tessera_gateway_redis_up gauge\ntessera_gateway_redis_up {}\n\
-             # HELP tessera_gateway_redis_failures_total Rate-limit calls Redis did not answer, decided locally.\n\
-             # TYPE tessera_gateway_redis_failures_total counter\ntessera_gateway_redis_failures_total {}\n",
+        o.single(
+            "tessera_gateway_redis_up",
+            Gauge,
+            "Whether shared rate limits reach Redis (else they are decided locally).",
             u8::from(redis.is_up()),
-            redis.failures.load(Ordering::Relaxed)
+        );
+        o.single(
+            "tessera_gateway_redis_failures_total",
+            Counter,
+            "Rate-limit calls Redis did not answer, decided locally.",
+            redis.failures.load(Ordering::Relaxed),
         );
     }
     let mut names: Vec<&String> = table.upstreams.keys().collect();
@@ -215,91 +224,93 @@ fn render_metrics(gw: &Shared) -> String {
         ),
     ];
     for (metric, help, get) in counters {
-        let _ = writeln!(
-            o,
-            "# HELP tessera_gateway_{metric} {help}.\n# TYPE tessera_gateway_{metric} counter"
-        );
+        let metric = format!("tessera_gateway_{metric}");
+        o.family(&metric, Counter, &format!("{help}."));
         for n in &names {
-            let _ = writeln!(
-                o,
-                "tessera_gateway_{metric}{{upstream=\"{}\"}} {}",
-                label(n),
-                get(&table.upstreams[*n].metrics)
+            o.sample(
+                &metric,
+                &[("upstream", n)],
+                get(&table.upstreams[*n].metrics),
             );
         }
     }
-    o.push_str("# HELP tessera_gateway_upstream_endpoints Endpoints known, and how many are ejected.\n# TYPE tessera_gateway_upstream_endpoints gauge\n");
+    o.family(
+        "tessera_gateway_upstream_endpoints",
+        Gauge,
+        "Endpoints known, and how many are ejected.",
+    );
     for n in &names {
         let u = &table.upstreams[*n];
         let snap = u.feed.snapshot.load();
         let ejected = snap.outliers.iter().filter(|o| o.is_ejected()).count();
-        let _ = writeln!(
-            o,
-            "tessera_gateway_upstream_endpoints{{upstream=\"{}\",state=\"known\"}} {}",
-            label(n),
-            snap.set.len()
+        o.sample(
+            "tessera_gateway_upstream_endpoints",
+            &[("upstream", n), ("state", "known")],
+            snap.set.len(),
         );
-        let _ = writeln!(
-            o,
-            "tessera_gateway_upstream_endpoints{{upstream=\"{}\",state=\"ejected\"}} {ejected}",
-            label(n)
+        o.sample(
+            "tessera_gateway_upstream_endpoints",
+            &[("upstream", n), ("state", "ejected")],
+            ejected,
         );
     }
-    o.push_str("# HELP tessera_gateway_upstream_breaker_state Breaker state: 0 closed, 1 half-open, 2 open.\n# TYPE tessera_gateway_upstream_breaker_state gauge\n");
+    o.family(
+        "tessera_gateway_upstream_breaker_state",
+        Gauge,
+        "Breaker state: 0 closed, 1 half-open, 2 open.",
+    );
     for n in &names {
         if let Some(b) = &table.upstreams[*n].breaker {
-            let v = match b.state() {
-                tessera_resilience::State::Closed => 0,
-                tessera_resilience::State::HalfOpen => 1,
-                tessera_resilience::State::Open => 2,
-            };
-            let _ = writeln!(
-                o,
-                "tessera_gateway_upstream_breaker_state{{upstream=\"{}\"}} {v}",
-                label(n)
+            o.sample(
+                "tessera_gateway_upstream_breaker_state",
+                &[("upstream", n)],
+                b.state().gauge(),
             );
         }
     }
-    o.push_str("# HELP tessera_gateway_registry_up Whether discovery reaches the registry, per upstream.\n# TYPE tessera_gateway_registry_up gauge\n");
+    o.family(
+        "tessera_gateway_registry_up",
+        Gauge,
+        "Whether discovery reaches the registry, per upstream.",
+    );
     for n in &names {
         let u = &table.upstreams[*n];
         if !u.feed.service.is_empty() {
-            let up = u.feed.registry_ok.load(Ordering::Relaxed) as u8;
-            let _ = writeln!(
-                o,
-                "tessera_gateway_registry_up{{upstream=\"{}\"}} {up}",
-                label(n)
+            o.sample(
+                "tessera_gateway_registry_up",
+                &[("upstream", n)],
+                u8::from(u.feed.registry_ok.load(Ordering::Relaxed)),
             );
         }
     }
-    let _ = writeln!(
-        o,
-        "# HELP tessera_gateway_idle_buffer_releases_total Keep-alive connections that gave their buffers back after a second idle (process-wide).\n# TYPE tessera_gateway_idle_buffer_releases_total counter\ntessera_gateway_idle_buffer_releases_total {}",
-        crate::protocol::h1::server::IDLE_RELEASES.load(Ordering::Relaxed)
+    o.single(
+        "tessera_gateway_idle_buffer_releases_total",
+        Counter,
+        "Keep-alive connections that gave their buffers back after a second idle (process-wide).",
+        crate::protocol::h1::server::IDLE_RELEASES.load(Ordering::Relaxed),
     );
     if let Some(tracer) = &gw.proxy.tracer {
-        let stats = tracer.stats();
-        let _ = writeln!(
-            o,
-            "# HELP tessera_trace_spans_exported_total Spans the collector accepted.\n# TYPE tessera_trace_spans_exported_total counter\ntessera_trace_spans_exported_total {}\n# HELP tessera_trace_spans_dropped_total Spans lost: the export queue was full or the collector failed.\n# TYPE tessera_trace_spans_dropped_total counter\ntessera_trace_spans_dropped_total {}",
-            stats.exported.load(Ordering::Relaxed),
-            stats.dropped.load(Ordering::Relaxed)
-        );
+        tracer.render_metrics(&mut o);
     }
     if let Some(workers) = gw.worker_connections.get() {
-        o.push_str("# HELP tessera_gateway_worker_connections_total Client connections accepted, by worker thread.\n# TYPE tessera_gateway_worker_connections_total counter\n");
+        o.family(
+            "tessera_gateway_worker_connections_total",
+            Counter,
+            "Client connections accepted, by worker thread.",
+        );
         for (i, n) in workers.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "tessera_gateway_worker_connections_total{{worker=\"{i}\"}} {}",
-                n.load(Ordering::Relaxed)
+            o.sample(
+                "tessera_gateway_worker_connections_total",
+                &[("worker", &i.to_string())],
+                n.load(Ordering::Relaxed),
             );
         }
     }
-    let _ = writeln!(
-        o,
-        "# HELP tessera_gateway_config_reloads_total Config reloads applied.\n# TYPE tessera_gateway_config_reloads_total counter\ntessera_gateway_config_reloads_total {}",
-        gw.reloads.load(Ordering::Relaxed)
+    o.single(
+        "tessera_gateway_config_reloads_total",
+        Counter,
+        "Config reloads applied.",
+        gw.reloads.load(Ordering::Relaxed),
     );
-    o
+    o.finish()
 }

@@ -320,13 +320,9 @@ async fn a_shared_limit_is_exact_across_two_gateways() {
         "{keys:?}"
     );
     let (_, _, metrics) = a.admin_http().get("/metrics").await;
-    assert!(
-        metrics
-            .as_str()
-            .unwrap()
-            .contains("tessera_gateway_redis_up 1"),
-        "{metrics}"
-    );
+    let metrics = metrics.as_str().unwrap();
+    assert!(metrics.contains("tessera_gateway_redis_up 1"), "{metrics}");
+    tessera_testkit::prometheus::check_metrics(metrics);
 }
 
 #[tokio::test]

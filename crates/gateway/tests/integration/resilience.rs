@@ -90,6 +90,7 @@ retry_budget = {{ ratio = 0.2, min_per_sec = 0 }}
     );
     let (_, _, m) = gw.admin_http().get("/metrics").await;
     let m = m.as_str().unwrap().to_owned();
+    tessera_testkit::prometheus::check_metrics(&m);
     assert!(
         m.contains("tessera_gateway_upstream_retry_budget_exhausted_total{upstream=\"u\"}"),
         "{m}"

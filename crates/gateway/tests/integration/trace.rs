@@ -208,12 +208,9 @@ async fn what_is_not_recorded_passes_untouched_and_a_root_starts_a_trace() {
         status.as_u16().to_string()
     );
     let (_, _, m) = gw.admin_http().get("/metrics").await;
-    assert!(
-        m.as_str()
-            .unwrap()
-            .contains("tessera_trace_spans_dropped_total 0"),
-        "{m}"
-    );
+    let m = m.as_str().unwrap();
+    assert!(m.contains("tessera_trace_spans_dropped_total 0"), "{m}");
+    tessera_testkit::prometheus::check_metrics(m);
 }
 
 /// The gateway's own decisions show in the trace as span events: an ejection and a

@@ -233,7 +233,7 @@ pub async fn check_update(
 }
 
 /// `GET /v1/agent/metrics`: Consul's JSON shape, or Prometheus text with
-/// `?format=prometheus`.
+/// `?format=prometheus` (as Consul's agent answers it).
 pub async fn metrics(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
     if !ctx
         .authz
@@ -284,17 +284,14 @@ pub async fn metrics(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
         ),
     ];
     if ctx.q.get("format") == Some("prometheus") {
-        let mut out = String::new();
-        for (name, help, value) in gauges {
-            let metric = name.replace('.', "_");
-            out.push_str(&format!(
-                "# HELP {metric} {help}\n# TYPE {metric} gauge\n{metric} {value}\n"
-            ));
-        }
-        let mut resp = out.into_response();
+        // Prometheus text: the registry's part of the one metrics scheme (the server's
+        // `/metrics` has it too, with the coordinator's and the event store's).
+        let mut out = tessera_metrics::Text::new();
+        reg.render_metrics(&mut out);
+        let mut resp = out.finish().into_response();
         resp.headers_mut().insert(
             axum::http::header::CONTENT_TYPE,
-            axum::http::HeaderValue::from_static("text/plain; version=0.0.4"),
+            axum::http::HeaderValue::from_static(tessera_metrics::CONTENT_TYPE),
         );
         return Ok(resp);
     }

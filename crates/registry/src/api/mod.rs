@@ -8,6 +8,7 @@ mod acl;
 mod agent;
 mod catalog;
 mod kv;
+mod prometheus;
 mod render;
 mod session;
 
@@ -79,6 +80,7 @@ pub fn router(registry: Arc<Registry>) -> Router {
             "/v1/kv/{*key}",
             get(kv::get).put(kv::put).delete(kv::delete),
         )
+        .route("/v1/tessera/prometheus-sd", get(prometheus::targets))
         .route("/v1/status/leader", get(status_leader))
         .route("/v1/status/peers", get(status_peers))
         .route("/v1/acl/bootstrap", put(acl::bootstrap))

@@ -18,6 +18,7 @@ mod agent;
 mod catalog;
 mod kv;
 mod log;
+mod metrics;
 
 pub(crate) use log::LogStore;
 use log::{Pending, Shown};
@@ -138,6 +139,8 @@ pub struct Registry {
     pub(crate) in_flight: std::sync::atomic::AtomicUsize,
     /// Requests and connections answered 429 since start.
     pub(crate) refused: std::sync::atomic::AtomicU64,
+    /// Writes committed (or refused) and how long each took to be durable and visible.
+    pub(crate) writes: metrics::Writes,
     /// Checks that are critical, and since when; drives `DeregisterCriticalServiceAfter`.
     pub(crate) critical_since: Mutex<HashMap<(String, String), Instant>>,
     /// TTL checks' last statuses, saved beside the log.
@@ -356,6 +359,7 @@ impl Registry {
             parked: std::sync::atomic::AtomicI64::new(0),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             refused: std::sync::atomic::AtomicU64::new(0),
+            writes: metrics::Writes::default(),
             critical_since: Mutex::new(HashMap::new()),
             ttl_state: Arc::new(ttl_state),
             ttl_resume: Mutex::new(ttl_resume),
@@ -391,7 +395,10 @@ impl Registry {
         &self,
         f: impl FnMut(&State, u64) -> Result<(Vec<Op>, R), Error>,
     ) -> Result<R, Error> {
-        backend!(self, b => Backend::commit(b, self, Authority::Member, f).await)
+        let started = std::time::Instant::now();
+        let r = backend!(self, b => Backend::commit(b, self, Authority::Member, f).await);
+        self.writes.record(&r, started.elapsed());
+        r
     }
 
     /// Runs `f` against the head and commits the ops it returns as one record; returns
@@ -400,7 +407,10 @@ impl Registry {
         &self,
         f: impl FnMut(&State, u64) -> Result<(Vec<Op>, R), Error>,
     ) -> Result<R, Error> {
-        backend!(self, b => Backend::commit(b, self, Authority::Client, f).await)
+        let started = std::time::Instant::now();
+        let r = backend!(self, b => Backend::commit(b, self, Authority::Client, f).await);
+        self.writes.record(&r, started.elapsed());
+        r
     }
 
     /// Shows readers a record another server (or this one) wrote to the shared store.

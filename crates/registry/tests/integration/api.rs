@@ -131,7 +131,31 @@ async fn register_discover_deregister() {
             .unwrap()
             .starts_with("text/plain")
     );
-    assert!(String::from_utf8_lossy(&text).contains("\ntessera_catalog_services 3\n"));
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains("\ntessera_registry_blocking_queries 0\n"),
+        "{text}"
+    );
+    let ok_writes = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tessera_registry_writes_total{result=\"ok\"} "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(ok_writes.is_some_and(|n| n >= 3), "{text}");
+    let instances: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("tessera_registry_instances{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(instances, 3, "web1, web2 and db: {text}");
+    assert!(
+        text.contains("tessera_registry_checks{status=\"warning\"} 0\n"),
+        "web2's warning is over: {text}"
+    );
+    assert!(
+        text.contains("\ntessera_registry_write_duration_seconds_count "),
+        "{text}"
+    );
+    tessera_testkit::prometheus::check_metrics(&text);
 
     // Nodes, status.
     let (_, _, v) = h.get("/v1/catalog/nodes").await;
@@ -676,4 +700,86 @@ async fn unknown_routes_and_wrong_methods_answer_json() {
             .starts_with("text/plain")
     );
     assert!(!b.is_empty());
+}
+
+/// Prometheus's HTTP service discovery: passing instances that say where their metrics
+/// are, labelled; the server itself; nothing the token may not read.
+#[tokio::test]
+async fn prometheus_discovery_lists_passing_instances_that_expose_metrics() {
+    let srv = TestServer::start_with(|c| {
+        c.acl.enabled = Some(true);
+        c.acl.initial_management = Some("root-secret".into());
+    })
+    .await;
+    let root = srv.http.with_token("root-secret");
+    root.register(json!({
+        "Name": "web", "ID": "web1", "Address": "127.0.0.1", "Port": 8080,
+        "Tags": ["v1", "blue"], "Meta": {"metrics_path": "/metrics", "team": "shop-web"},
+        "Check": {"TTL": "30s", "Status": "passing"}
+    }))
+    .await;
+    // Metrics on another port than the service's (a gateway's admin port).
+    root.register(json!({
+        "Name": "gateway", "ID": "gw1", "Address": "127.0.0.1", "Port": 8000,
+        "Meta": {"metrics_path": "/metrics", "metrics_port": "8081"}
+    }))
+    .await;
+    // Failing: not a target until it passes.
+    root.register(json!({
+        "Name": "web", "ID": "web2", "Address": "127.0.0.1", "Port": 8082,
+        "Meta": {"metrics_path": "/metrics"}, "Check": {"TTL": "30s", "Status": "critical"}
+    }))
+    .await;
+    // No metrics: never a target.
+    root.register(json!({"Name": "db", "ID": "db1", "Address": "127.0.0.1", "Port": 5432}))
+        .await;
+    let (s, hd, v) = root.get("/v1/tessera/prometheus-sd").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(hd["content-type"], "application/json");
+    let groups = v.as_array().unwrap();
+    let by_target = |t: &str| {
+        groups
+            .iter()
+            .find(|g| g["targets"] == json!([t]))
+            .unwrap_or_else(|| panic!("no {t} in {v}"))
+    };
+    assert_eq!(
+        by_target("127.0.0.1:8080")["labels"],
+        json!({
+            "__metrics_path__": "/metrics", "service": "web", "instance_id": "web1",
+            "node": "test-node", "tags": ",v1,blue,", "meta_team": "shop-web"
+        })
+    );
+    assert_eq!(by_target("127.0.0.1:8081")["labels"]["service"], "gateway");
+    assert_eq!(
+        by_target(&srv.addr.to_string())["labels"],
+        json!({"__metrics_path__": "/metrics", "service": "tessera-server"})
+    );
+    assert_eq!(groups.len(), 3, "web2 fails, db has no metrics: {v}");
+    let (s, _) = root.put("/v1/agent/check/pass/service:web2", "").await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, _, v) = root.get("/v1/tessera/prometheus-sd?service=web").await;
+    assert_eq!(v.as_array().unwrap().len(), 2, "both web instances: {v}");
+
+    // A token that reads only `web` sees only web; an anonymous one sees nothing.
+    let (_, policy) = root
+        .put_json(
+            "/v1/acl/policy",
+            json!({"Name": "web-read", "Rules": "service \"web\" { policy = \"read\" }"}),
+        )
+        .await;
+    let (_, token) = root
+        .put_json("/v1/acl/token", json!({"Policies": [{"ID": policy["ID"]}]}))
+        .await;
+    let web = srv.http.with_token(token["SecretID"].as_str().unwrap());
+    let (_, _, v) = web.get("/v1/tessera/prometheus-sd").await;
+    let services: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["labels"]["service"].as_str().unwrap())
+        .collect();
+    assert_eq!(services, ["web", "web"], "{v}");
+    let (_, _, v) = srv.http.get("/v1/tessera/prometheus-sd").await;
+    assert_eq!(v, json!([]));
 }
