@@ -5,6 +5,7 @@
 #
 #   bench/gateway.sh                        # 10 s runs, 5 rounds, wrk -t1 -c64
 #   DURATION=5 ROUNDS=3 CONNS=64 bench/gateway.sh
+#   ONLY=tracing bench/gateway.sh           # only what tracing costs (see below)
 #
 # Needs wrk, nginx, haproxy (Debian packages; installed with apt-get if missing).
 # The gateway batches its writes through io_uring where the kernel allows it;
@@ -181,6 +182,53 @@ print(f"{'direct':10} {d[0]:10.0f} {d[1]:8.3f} {d[2]:8.3f}   (one upstream, no p
 PY
 }
 
+# What tracing costs: the same one-worker gateway with OTLP export on, sampling 0
+# (OTEL_TRACES_SAMPLER=traceidratio, ARG=0: wrk sends no traceparent, so every request
+# is a root the sampler declines) and sampling 100% (always_on: a server span and a
+# client span per request, exported to a sink), against tracing off. The sink is a
+# `tessera upstream` answering every POST 200: it takes what the exporter sends.
+tracing_table() {
+  local SINK=19110 variants=(off ratio0 all) ports=($TPORT 18092 18094) admins=($TADMIN 18093 18095) tpids=("$tpid")
+  $BIN upstream --bind "127.0.0.1:$SINK" --id sink >/dev/null 2>&1 &
+  pids+=("$!")
+  for i in 1 2; do
+    sed -e "s/:$TPORT\"/:${ports[$i]}\"/" -e "s/:$TADMIN\"/:${admins[$i]}\"/" "$work/gateway.toml" >"$work/gateway-trace$i.toml"
+    if [ "$i" = 1 ]; then sampler=(OTEL_TRACES_SAMPLER=traceidratio OTEL_TRACES_SAMPLER_ARG=0); else sampler=(OTEL_TRACES_SAMPLER=always_on); fi
+    env OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:$SINK" OTEL_SERVICE_NAME=bench "${sampler[@]}" \
+      $BIN gateway --config "$work/gateway-trace$i.toml" >/dev/null 2>&1 &
+    tpids+=("$!"); pids+=("$!")
+  done
+  for port in "${ports[@]}"; do
+    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.1; done
+  done
+  declare -A tr
+  for r in $(seq "$ROUNDS"); do
+    for i in 0 1 2; do tr[${variants[$i]}]+="$(run "${variants[$i]}" "${tpids[$i]}" "${ports[$i]}");"; done
+  done
+  local exported dropped
+  exported=$(curl -sf "http://127.0.0.1:${admins[2]}/metrics" | awk '$1=="tessera_trace_spans_exported_total" {print $2}')
+  dropped=$(curl -sf "http://127.0.0.1:${admins[2]}/metrics" | awk '$1=="tessera_trace_spans_dropped_total" {print $2}')
+  echo "tracing: wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS interleaved rounds, medians; tessera workers = 1"
+  python3 - "${tr[off]}" "${tr[ratio0]}" "${tr[all]}" "$exported" "$dropped" <<'PY'
+import statistics, sys
+names = ["off", "sampling 0", "sampling 100%"]
+rows = {}
+for name, raw in zip(names, sys.argv[1:4]):
+    runs = [list(map(float, r.split())) for r in raw.strip(";").split(";")]
+    rows[name] = [statistics.median(col) for col in zip(*runs)]
+print(f"{'tracing':14} {'req/s':>10} {'p99 ms':>8} {'req/CPU-s':>10} {'user us':>8}   vs off (req/s, req/CPU-s)")
+off = rows["off"]
+for name in names:
+    r = rows[name]
+    print(f"{name:14} {r[0]:10.0f} {r[2]:8.3f} {r[3]:10.0f} {r[4]:8.2f}   {r[0]/off[0]:.3f}x {r[3]/off[3]:.3f}x")
+print(f"(sampling 100%: {sys.argv[4]} spans exported, {sys.argv[5]} dropped over every round)")
+PY
+}
+if [ "${ONLY:-}" = tracing ]; then
+  tracing_table
+  exit 0
+fi
+
 declare -A results
 direct=$(run direct "$(uppid 0)" "${UP[0]}")
 for r in $(seq "$ROUNDS"); do
@@ -273,3 +321,6 @@ echo "failover (SIGKILL upstream u1 at 3 s, restart at 6 s, 10 s of GETs):"
 echo "  tessera: $(failover $TPORT)"
 echo "  nginx:   $(failover $NPORT)"
 echo "  haproxy: $(failover $HPORT)"
+
+echo
+tracing_table

@@ -151,7 +151,7 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
             .route("/metrics", axum::routing::get(render_metrics))
             .with_state(Arc::new(metrics)),
     );
-    let server = server.with_http_metrics(http);
+    let server = server.with_http_metrics(http).with_tracer(tracer.clone());
     let acl = if server.registry().acl_enabled {
         "on"
     } else {

@@ -981,6 +981,45 @@ async fn a_traced_request_is_exported_and_logged_with_its_trace() {
     up.start_kill().unwrap();
 }
 
+/// `tessera server`'s registry API joins its callers' traces and starts none of its own:
+/// a request with a sampled `traceparent` is a server span under it (named by its route),
+/// one without is not recorded (clients poll the registry on their own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_api_joins_its_callers_traces_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = tessera_testkit::otlp::Collector::start().await;
+    let mut cmd = Command::new(BIN);
+    cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "3600000");
+    let (mut server, addr) =
+        common::spawn_server_with(cmd, "127.0.0.1:0", dir.path(), &["--node", "n1"]).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let get = |traced: bool| {
+        let mut req = http::Request::get(format!("http://{addr}/v1/catalog/services"));
+        if traced {
+            req = req.header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"));
+        }
+        client().request(req.body(Full::new(Bytes::new())).unwrap())
+    };
+    assert_eq!(get(false).await.unwrap().status(), 200);
+    assert_eq!(get(true).await.unwrap().status(), 200);
+    signal(&server, "-TERM");
+    let exit = tokio::time::timeout(Duration::from_secs(60), server.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let spans = collector.spans();
+    assert_eq!(spans.len(), 1, "only the traced request: {spans:?}");
+    let s = &spans[0];
+    assert_eq!(
+        (s.trace_id.as_str(), s.parent_id.as_str(), s.kind),
+        (trace, "00f067aa0ba902b7", 2)
+    );
+    assert_eq!(s.name, "GET /v1/catalog/services");
+    assert_eq!(s.service, "tessera-server");
+}
+
 /// `tessera gateway` as a process: it writes JSON access-log lines, reloads on SIGHUP
 /// (with file watching off, so the signal is the only trigger) and exits on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

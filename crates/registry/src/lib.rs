@@ -44,6 +44,8 @@ pub struct Server {
     registry: Arc<Registry>,
     /// Where every request the server answers is counted, when set.
     http_metrics: Option<Arc<tessera_web::HttpMetrics>>,
+    /// Records the registry API's requests that come in a trace.
+    tracer: Option<tessera_trace::Tracer>,
 }
 
 /// ACLs default to on (deny) when the listener is reachable from other hosts.
@@ -64,6 +66,7 @@ impl Server {
         Ok(Server {
             registry,
             http_metrics: None,
+            tracer: None,
         })
     }
 
@@ -112,6 +115,7 @@ impl Server {
         Ok(Server {
             registry,
             http_metrics: None,
+            tracer: None,
         })
     }
 
@@ -123,6 +127,14 @@ impl Server {
     /// refusals included) in `metrics`.
     pub fn with_http_metrics(mut self, metrics: Arc<tessera_web::HttpMetrics>) -> Server {
         self.http_metrics = Some(metrics);
+        self
+    }
+
+    /// Makes each registry API request that carries a `traceparent` a server span of
+    /// `tracer`'s. Requests without one start no trace: clients poll the registry on their
+    /// own (blocking queries, TTL heartbeats), and each would be a trace of its own.
+    pub fn with_tracer(mut self, tracer: Option<tessera_trace::Tracer>) -> Server {
+        self.tracer = tracer;
         self
     }
 
@@ -165,7 +177,7 @@ impl Server {
         // the event store's too): one process, one saturation point. One error shape
         // for the whole server: unknown routes, wrong methods and rejected bodies
         // answer JSON, on the registry's routes and on `extra`'s.
-        let app = api::router(reg.clone())
+        let app = tessera_web::with_caller_traces(api::router(reg.clone()), self.tracer)
             .merge(extra)
             .layer(axum::middleware::from_fn_with_state(
                 reg.clone(),

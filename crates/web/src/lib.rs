@@ -192,6 +192,28 @@ pub fn with_traces(router: Router, tracer: Option<tessera_trace::Tracer>) -> Rou
     router.layer(axum::middleware::from_fn_with_state(tracer, traced))
 }
 
+/// `router` with a request served as a server span of `tracer`'s only when it comes in a
+/// trace (it has a `traceparent`; the sampler then follows the caller's decision). For
+/// APIs that clients also call on their own in loops, such as the registry's blocking
+/// queries and heartbeats: they join their callers' traces and start none.
+pub fn with_caller_traces(router: Router, tracer: Option<tessera_trace::Tracer>) -> Router {
+    router.layer(axum::middleware::from_fn_with_state(
+        tracer,
+        traced_in_caller_trace,
+    ))
+}
+
+async fn traced_in_caller_trace(
+    state: axum::extract::State<Option<tessera_trace::Tracer>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !req.headers().contains_key("traceparent") {
+        return next.run(req).await;
+    }
+    traced(state, req, next).await
+}
+
 /// Middleware: each request as a server span when `tracer` is set (spans are exported),
 /// named by its route's pattern, and the current span of the handler's task, so the calls
 /// it makes continue the trace (`tessera_trace::scope`). Without a tracer it only passes
