@@ -61,3 +61,8 @@ measure() { # name port command... → instructions per request
 }
 measure tessera $TPORT "$BIN" gateway --config "$work/gateway.toml"
 measure nginx $NPORT nginx -c "$work/nginx.conf" -p "$work"
+# The same gateway with OTLP export on and sampling 0 (wrk sends no traceparent, so each
+# request is a root the sampler declines): what an unrecorded request pays for tracing.
+$BIN upstream --bind 127.0.0.1:19310 --id sink >/dev/null 2>&1 & pids+=($!)
+OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:19310 OTEL_TRACES_SAMPLER=traceidratio OTEL_TRACES_SAMPLER_ARG=0 \
+  measure tessera-traced-sampling-0 $TPORT "$BIN" gateway --config "$work/gateway.toml"

@@ -5,12 +5,16 @@ here, configured only by the standard OTEL_* variables."""
 import http.client
 import http.server
 import json
+import os
+import signal
+import subprocess
+import threading
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from conftest import serve_http, wait_until
+from conftest import BIN, serve_http, wait_until
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER = "00f067aa0ba902b7"
@@ -99,3 +103,94 @@ def test_gateway_spans_read_by_opentelemetry_proto(gateway, receiver, upstream):
     assert ca["server.port"] == upstream
     assert ca["http.response.status_code"] == 200
     assert server.status.code == Status.STATUS_CODE_UNSET
+
+
+def call(base, method, path, body=None, token=None, headers=None):
+    host, port = base.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    h = dict(headers or {})
+    if body is not None:
+        h["content-type"] = "application/json"
+    if token:
+        h["authorization"] = f"Bearer {token}"
+    conn.request(method, path, body=None if body is None else json.dumps(body), headers=h)
+    resp = conn.getresponse()
+    data = resp.read()
+    try:
+        return resp.status, json.loads(data)
+    except ValueError:
+        return resp.status, data.decode(errors="replace")
+
+
+def test_a_demo_checkout_is_one_trace_read_by_opentelemetry_proto(receiver, tmp_path):
+    """`tessera demo` with a collector: one checkout, sent with a traceparent, is one trace
+    of correctly parented spans from the gateway, orders, the server's coordinator, catalog
+    and payments, as OpenTelemetry's own protobuf classes read it."""
+    env = dict(os.environ)
+    for k in ("TESSERA_STOP_ON_STDIN_EOF", "DATABASE_URL", "TESSERA_DATABASE_URL", "TESSERA_EVENTS"):
+        env.pop(k, None)
+    env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver}", "OTEL_BSP_SCHEDULE_DELAY": "100"})
+    demo = subprocess.Popen(
+        [BIN, "demo", "--gateway", "127.0.0.1:0", "--registry", "127.0.0.1:0", "--fresh",
+         "--data-dir", str(tmp_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
+    )
+    try:
+        gw = None
+        said = []
+        for line in demo.stdout:
+            said.append(line)
+            words = line.split()
+            if words[:1] == ["gateway:"]:
+                gw = words[1].removeprefix("http://")
+            if "Press Ctrl-C" in line:
+                break
+        assert gw, "".join(said)
+        threading.Thread(target=lambda: [None for _ in demo.stdout], daemon=True).start()
+
+        creds = {"email": "peer@shop.test", "password": "peer-password-1"}
+        assert call(gw, "POST", "/api/users/register", creds)[0] == 201
+        _, v = call(gw, "POST", "/api/users/login", creds)
+        token = v["token"]
+        s, v = call(gw, "POST", "/api/cart/items", {"product_id": "mug", "quantity": 1}, token)
+        assert s < 300, v
+        s, v = call(gw, "POST", "/api/orders/checkout", None, token,
+                    {"traceparent": f"00-{TRACE}-{CALLER}-01", "idempotency-key": "peer-checkout"})
+        assert s < 300, v
+
+        def trace():
+            spans = {}
+            for _, _, r in Receiver.requests:
+                for rs in r.resource_spans:
+                    service = attrs(rs.resource.attributes)["service.name"]
+                    for ss in rs.scope_spans:
+                        for sp in ss.spans:
+                            if sp.trace_id.hex() == TRACE:
+                                spans[sp.span_id.hex()] = (service, sp)
+            return spans
+
+        want = {"gateway", "orders", "tessera-server", "catalog", "payments"}
+
+        def whole():
+            spans = trace()
+            services = {svc for svc, _ in spans.values()}
+            sagas = [sp for _, sp in spans.values() if sp.name == "saga checkout"]
+            # Every span's parent is the caller or another span of the trace.
+            parented = all(sp.parent_span_id.hex() in spans or sp.parent_span_id.hex() == CALLER
+                           for _, sp in spans.values())
+            return spans if want <= services and sagas and parented else None
+
+        spans = wait_until("the checkout's whole trace", whole)
+        roots = [sp for _, sp in spans.values() if sp.parent_span_id.hex() == CALLER]
+        assert [(s.name, s.kind) for s in roots] == [("POST orders", Span.SPAN_KIND_SERVER)], roots
+        # The saga's steps are client spans under the saga's span, and each participant's
+        # server span is a child of its step's.
+        saga = next(sp for _, sp in spans.values() if sp.name == "saga checkout")
+        steps = [sp for _, sp in spans.values() if sp.parent_span_id == saga.span_id]
+        assert steps and all(sp.kind == Span.SPAN_KIND_CLIENT for sp in steps), steps
+        for participant in ("catalog", "payments"):
+            served = [sp for svc, sp in spans.values() if svc == participant and sp.kind == Span.SPAN_KIND_SERVER]
+            assert any(sp.parent_span_id in {st.span_id for st in steps} for sp in served), participant
+    finally:
+        demo.send_signal(signal.SIGINT)  # as Ctrl-C stops it
+        demo.wait(timeout=60)

@@ -194,7 +194,6 @@ async fn render_metrics(
     headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
     use axum::http::StatusCode;
-    use axum::response::IntoResponse;
     let token = tessera_core::request_token(|n| headers.get(n).and_then(|v| v.to_str().ok()));
     let allowed = m.registry.authorize(token).is_ok_and(|a| {
         a.allows(
@@ -230,14 +229,7 @@ async fn render_metrics(
     if let Some(t) = &m.tracer {
         t.render_metrics(&mut out);
     }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            tessera_metrics::CONTENT_TYPE,
-        )],
-        out.finish(),
-    )
-        .into_response()
+    tessera_web::metrics_response(out)
 }
 
 /// Registry services for saga steps: their passing instances, read in-process.

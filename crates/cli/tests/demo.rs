@@ -783,15 +783,7 @@ async fn the_demo_is_found_by_prometheus_and_every_dashboard_query_answers() {
     let gw = format!("http://{}", demo.gateway);
     // Traffic for the rates: a shopper's checkout (gateway, services, a saga, events).
     let token = shopper(&c, &gw, "watcher@shop.test", "watcher-password").await;
-    let (s, v) = call(
-        &c,
-        "POST",
-        &format!("{gw}/api/cart/items"),
-        Some(&token),
-        Some(json!({"product_id": "mug", "quantity": 1})),
-    )
-    .await;
-    assert!(s < 300, "{s} {v}");
+    add_a_mug(&c, &gw, &token).await;
     let (s, v) = checkout_with_key(&c, &gw, &token, "watched-order").await;
     assert!(s < 300, "{s} {v}");
 
@@ -1066,6 +1058,19 @@ async fn shopper(c: &Http, gw: &str, email: &str, password: &str) -> String {
 }
 
 /// POST with an `Idempotency-Key`, as a client retrying a checkout does.
+/// Puts one mug in the shopper's cart.
+async fn add_a_mug(c: &Http, gw: &str, token: &str) {
+    let (s, v) = call(
+        c,
+        "POST",
+        &format!("{gw}/api/cart/items"),
+        Some(token),
+        Some(json!({"product_id": "mug", "quantity": 1})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+}
+
 async fn checkout_with_key(c: &Http, gw: &str, token: &str, key: &str) -> (u16, Value) {
     let req = http::Request::builder()
         .method("POST")
@@ -1192,15 +1197,7 @@ async fn the_cluster_demo_survives_a_killed_server() {
         let (c, gw) = (c.clone(), gw.clone());
         async move {
             let token = shopper(&c, &gw, email, "password-123456").await;
-            let (s, v) = call(
-                &c,
-                "POST",
-                &format!("{gw}/api/cart/items"),
-                Some(&token),
-                Some(json!({"product_id": "mug", "quantity": 1})),
-            )
-            .await;
-            assert_eq!(s, 200, "{v}");
+            add_a_mug(&c, &gw, &token).await;
             wait_for("the checkout to be confirmed", || {
                 let (c, gw, token) = (c.clone(), gw.clone(), token.clone());
                 async move {

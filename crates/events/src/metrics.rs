@@ -69,22 +69,18 @@ impl Metrics {
     }
 
     pub(crate) async fn render(&self, store: &Backend, out: &mut Text) -> Result<(), StoreError> {
-        out.family(
+        out.by(
             "tessera_events_appends_total",
             Counter,
             "Appends, by result: ok, conflict (wrong expected version or a taken event id), failed (the store did not keep them).",
+            "result",
+            [
+                ("ok", &self.appends_ok),
+                ("conflict", &self.appends_conflict),
+                ("failed", &self.appends_failed),
+            ]
+            .map(|(r, n)| (r, n.load(Relaxed))),
         );
-        for (result, n) in [
-            ("ok", &self.appends_ok),
-            ("conflict", &self.appends_conflict),
-            ("failed", &self.appends_failed),
-        ] {
-            out.sample(
-                "tessera_events_appends_total",
-                &[("result", result)],
-                n.load(Relaxed),
-            );
-        }
         out.single(
             "tessera_events_appended_total",
             Counter,

@@ -218,6 +218,21 @@ impl Text {
         self.family(name, kind, help).sample(name, &[], value);
     }
 
+    /// A family with one sample per value of one label (`status`, `result`).
+    pub fn by<V: Display>(
+        &mut self,
+        name: &str,
+        kind: Kind,
+        help: &str,
+        label: &str,
+        samples: impl IntoIterator<Item = (&'static str, V)>,
+    ) {
+        self.family(name, kind, help);
+        for (value, n) in samples {
+            self.sample(name, &[(label, value)], n);
+        }
+    }
+
     /// A histogram's samples (its family started with [`Kind::Histogram`]).
     pub fn histogram(&mut self, name: &str, labels: &[(&str, &str)], h: &Histogram) {
         let mut cumulative = 0;

@@ -43,7 +43,12 @@ impl Tracer {
     /// passes on untouched.
     pub fn begin(&self, traceparent: Option<&[u8]>, state: Option<&[u8]>) -> Option<Recording> {
         let parent = traceparent.and_then(SpanContext::parse);
-        let trace_id = parent.map_or_else(TraceId::random, |p| p.trace_id);
+        let trace_id = match parent {
+            Some(p) => p.trace_id,
+            // A root the sampler never records (sampling 0) costs no random id.
+            None if self.sampler.ratio <= 0.0 => return None,
+            None => TraceId::random(),
+        };
         if !self.sampler.sampled(parent.as_ref(), trace_id) {
             return None;
         }

@@ -152,6 +152,16 @@ impl HttpMetrics {
     }
 }
 
+/// A `/metrics` answer: the exposition with Prometheus's text content type.
+pub fn metrics_response(out: tessera_metrics::Text) -> Response {
+    let mut resp = Response::new(Body::from(out.finish()));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(tessera_metrics::CONTENT_TYPE),
+    );
+    resp
+}
+
 /// `router` with every request counted and timed in `metrics`, under its route's pattern
 /// (never the raw path, which would grow without bound; `unmatched` when no route took
 /// it) and its method (`other` for methods outside HTTP's own).

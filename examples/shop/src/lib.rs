@@ -274,18 +274,12 @@ struct Metrics {
     tracer: Option<tessera::trace::Tracer>,
 }
 
-async fn render_metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+async fn render_metrics(State(m): State<Arc<Metrics>>) -> axum::response::Response {
     let mut out = tessera_metrics::Text::new();
     m.http.render(&mut out);
     m.registry.render_metrics(&mut out);
     if let Some(t) = &m.tracer {
         t.render_metrics(&mut out);
     }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            tessera_metrics::CONTENT_TYPE,
-        )],
-        out.finish(),
-    )
+    tessera_web::metrics_response(out)
 }

@@ -288,12 +288,7 @@ pub async fn metrics(State(reg): State<AppState>, ctx: Ctx) -> ApiResult {
         // `/metrics` has it too, with the coordinator's and the event store's).
         let mut out = tessera_metrics::Text::new();
         reg.render_metrics(&mut out);
-        let mut resp = out.finish().into_response();
-        resp.headers_mut().insert(
-            axum::http::header::CONTENT_TYPE,
-            axum::http::HeaderValue::from_static(tessera_metrics::CONTENT_TYPE),
-        );
-        return Ok(resp);
+        return Ok(tessera_web::metrics_response(out));
     }
     let body = json!({
         "Timestamp": "",

@@ -56,22 +56,21 @@ impl Registry {
             (instances, checks, st.by_name.len())
         });
         let s = self.stats();
-        out.family(
+        let health = |counts: [u64; 3]| STATUSES.map(Health::as_str).into_iter().zip(counts);
+        out.by(
             "tessera_registry_instances",
             Gauge,
             "Service instances registered, by health (the worst of their own and their node's checks).",
+            "status",
+            health(instances),
         );
-        for (h, n) in STATUSES.iter().zip(instances) {
-            out.sample("tessera_registry_instances", &[("status", h.as_str())], n);
-        }
-        out.family(
+        out.by(
             "tessera_registry_checks",
             Gauge,
             "Health checks registered, by status.",
+            "status",
+            health(checks),
         );
-        for (h, n) in STATUSES.iter().zip(checks) {
-            out.sample("tessera_registry_checks", &[("status", h.as_str())], n);
-        }
         out.single(
             "tessera_registry_services",
             Gauge,
@@ -103,22 +102,14 @@ impl Registry {
             s.blocking_queries,
         );
         let w = &self.writes;
-        out.family(
+        out.by(
             "tessera_registry_writes_total",
             Counter,
             "Writes asked of this server: ok (durable and visible), refused (invalid or not allowed), failed (the store did not keep them).",
+            "result",
+            [("ok", &w.ok), ("refused", &w.refused), ("failed", &w.failed)]
+                .map(|(r, n)| (r, n.load(Ordering::Relaxed))),
         );
-        for (result, n) in [
-            ("ok", &w.ok),
-            ("refused", &w.refused),
-            ("failed", &w.failed),
-        ] {
-            out.sample(
-                "tessera_registry_writes_total",
-                &[("result", result)],
-                n.load(Ordering::Relaxed),
-            );
-        }
         out.family(
             "tessera_registry_write_duration_seconds",
             Histogram,
