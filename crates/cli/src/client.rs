@@ -56,6 +56,9 @@ enum Command {
         #[command(flatten)]
         args: tessera_shop::ShopArgs,
     },
+    /// Exit 0 when a Tessera process answers ready, else 1 with the reason (the images'
+    /// HEALTHCHECK: they have no curl).
+    Health(crate::health::HealthArgs),
     /// Run a tiny HTTP upstream (for benchmarks and demos).
     #[command(hide = true)]
     Upstream(crate::upstream::UpstreamArgs),
@@ -130,6 +133,7 @@ impl Cli {
             Command::Server(args) => server::run(args).await,
             Command::Gateway(args) => crate::gateway::run(args).await,
             Command::Upstream(args) => crate::upstream::run(args).await,
+            Command::Health(args) => crate::health::run(args).await,
             Command::Demo(args) => crate::demo::run(*args).await,
             Command::Shop { service, args } => {
                 tessera_shop::run(service, args, tokio_util::sync::CancellationToken::new()).await

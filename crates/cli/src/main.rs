@@ -4,6 +4,7 @@ mod alloc;
 mod client;
 mod demo;
 mod gateway;
+mod health;
 mod http;
 mod load;
 mod log;

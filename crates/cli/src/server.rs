@@ -54,6 +54,10 @@ pub struct ServerArgs {
     etcd_cert: Option<PathBuf>,
     #[arg(long, env = "TESSERA_ETCD_KEY")]
     etcd_key: Option<PathBuf>,
+    /// After SIGTERM, how long the server goes on serving while its `/readyz` answers
+    /// 503, so load balancers and Kubernetes stop sending to it first.
+    #[arg(long, env = "TESSERA_DRAIN_DELAY", default_value = "0s", value_parser = crate::load::parse_duration)]
+    drain_delay: std::time::Duration,
 }
 
 pub async fn run(args: ServerArgs) -> Result<(), String> {
@@ -161,8 +165,18 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
         "tessera server listening on http://{addr} (node {node}, data dir {}, ACLs {acl})",
         data_dir.display()
     );
+    let draining = server.registry().clone();
+    let drain_delay = args.drain_delay;
     let stopping = async move {
         shutdown_signal().await;
+        draining.drain();
+        if !drain_delay.is_zero() {
+            println!(
+                "draining: /readyz answers 503 for {}",
+                tessera_core::GoDuration(drain_delay)
+            );
+            tokio::time::sleep(drain_delay).await;
+        }
         // Live event subscriptions end, so the graceful shutdown does not wait on them.
         events.shutdown();
     };

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -1723,4 +1724,292 @@ async fn a_server_cut_from_etcd_serves_stale_reads_and_writes_no_status() {
             .map(Vec::len),
         Some(6)
     );
+}
+
+/// An upstream whose `/slow` answers only once released; everything else at once.
+async fn gated_upstream() -> (String, Arc<tokio::sync::Notify>, Arc<AtomicUsize>) {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let (rel, arr) = (release.clone(), arrived.clone());
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let (rel, arr) = (rel.clone(), arr.clone());
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (rel, arr) = (rel.clone(), arr.clone());
+                        async move {
+                            if req.uri().path() == "/slow" {
+                                let released = rel.notified();
+                                arr.fetch_add(1, Ordering::SeqCst);
+                                released.await;
+                            }
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from_static(b"done"),
+                            )))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, release, arrived)
+}
+
+/// SIGTERM with a drain delay: `/readyz` turns 503 (and `tessera health` says not
+/// ready) while the gateway goes on serving new requests; then it stops accepting, and
+/// the request that was in flight all along still gets its answer before it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigtermed_gateway_drains_then_finishes_what_is_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, release, arrived) = gated_upstream().await;
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!("drain_delay = \"10s\"\n[[routes]]\nname = \"all\"\nupstream = \"u\"\ntimeout = \"120s\"\n[upstreams.u]\nendpoints = [\"{upstream}\"]\n"),
+    )
+    .unwrap();
+    let common::Gateway {
+        child: mut gw,
+        addr,
+        admin,
+        ..
+    } = common::spawn_gateway(&cfg).await;
+    let readyz = format!("http://{admin}/readyz");
+    let health_args = ["health", "--url", readyz.as_str()];
+    let health = || run_cli("127.0.0.1:1", &health_args);
+    let (ok, out, err) = health().await;
+    assert!(ok && out.starts_with("ready: 200"), "{out}{err}");
+    let get = |path: &str| {
+        let req = http::Request::get(format!("http://{addr}{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        client().request(req)
+    };
+    let in_flight = tokio::spawn(get("/slow"));
+    tessera_testkit::wait_until(
+        "the slow request reaches the upstream",
+        Duration::from_secs(60),
+        || async { arrived.load(Ordering::SeqCst) == 1 },
+    )
+    .await;
+
+    signal(&gw, "-TERM");
+    tessera_testkit::wait_until("/readyz answers 503", Duration::from_secs(60), || async {
+        let req = http::Request::get(format!("http://{admin}/readyz"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        matches!(client().request(req).await, Ok(r) if r.status() == 503)
+    })
+    .await;
+    let (ok, _, err) = health().await;
+    assert!(!ok && err.contains("not ready: 503 draining"), "{err}");
+    // Still serving during the delay.
+    assert_eq!(get("/fast").await.unwrap().status(), 200);
+
+    // Then it stops accepting; what was in flight is answered before it exits.
+    tessera_testkit::wait_until(
+        "the gateway stops accepting",
+        Duration::from_secs(60),
+        || async { tokio::net::TcpStream::connect(&addr).await.is_err() },
+    )
+    .await;
+    assert!(
+        gw.try_wait().unwrap().is_none(),
+        "it waits for the request in flight"
+    );
+    release.notify_waiters();
+    let resp = in_flight.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        &resp.into_body().collect().await.unwrap().to_bytes()[..],
+        b"done"
+    );
+    let exit = tokio::time::timeout(Duration::from_secs(60), gw.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let (ok, _, err) = health().await;
+    assert!(
+        !ok && err.contains("/readyz"),
+        "a stopped gateway is not ready: {err}"
+    );
+}
+
+/// `tessera server --drain-delay`: after SIGTERM its `/readyz` answers 503 (and `tessera
+/// health` says why) while it goes on answering the API, then it stops cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigtermed_server_answers_not_ready_while_it_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, addr) =
+        common::spawn_server(dir.path(), &["--node", "n1", "--drain-delay", "10s"]).await;
+    let readyz = format!("http://{addr}/readyz");
+    let health_args = ["health", "--url", readyz.as_str()];
+    let (ok, out, err) = run_cli("127.0.0.1:1", &health_args).await;
+    assert!(ok && out.starts_with("ready: 200"), "{out}{err}");
+    let c = client();
+    signal(&server, "-TERM");
+    tessera_testkit::wait_until("/readyz answers 503", Duration::from_secs(60), || async {
+        matches!(call(&c, "GET", readyz.clone(), vec![]).await, Ok((503, _)))
+    })
+    .await;
+    let (ok, _, err) = run_cli("127.0.0.1:1", &health_args).await;
+    assert!(!ok && err.contains("not ready: 503 draining"), "{err}");
+    let (status, _) = call(
+        &c,
+        "GET",
+        format!("http://{addr}/v1/catalog/services"),
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "still serving while it drains");
+    let exit = tokio::time::timeout(Duration::from_secs(60), server.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
+
+/// `tessera shop <service>` against `registry`, on a free port; returns once it is
+/// registered (it prints where it listens then).
+async fn spawn_shop(service: &str, registry: &str, data_dir: &Path) -> Child {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = Command::new(BIN)
+        .args([
+            "shop",
+            service,
+            "--listen",
+            "127.0.0.1:0",
+            "--registry",
+            registry,
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("TESSERA_DRAIN_DELAY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn tessera shop");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("the service came up in time")
+            .unwrap()
+            .expect("the service printed where it listens");
+        if line.contains("registered as") {
+            break;
+        }
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+/// A rolling restart under load: each replica of a service behind the gateway is sent
+/// SIGTERM, waited for and started again, one at a time, while clients keep calling it
+/// through the gateway. A replica leaves the registry and turns not-ready, serves on for
+/// its drain delay, then finishes what it has: no request fails. (These are GETs, which
+/// the gateway would also retry on the other replica; the drain is what spares requests
+/// that cannot be retried.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_fails_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, registry) = spawn_server(&dir.path().join("server")).await;
+    let shop_dir = dir.path().join("shop");
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        replicas.push(spawn_shop("catalog", &registry, &shop_dir).await);
+    }
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(
+        &cfg,
+        format!("[registry]\naddress = \"{registry}\"\n[[routes]]\nname = \"catalog\"\npath = {{ prefix = \"/api/catalog\" }}\nupstream = \"catalog\"\nrewrite_prefix = \"/catalog\"\n[upstreams.catalog]\nservice = \"catalog\"\n"),
+    )
+    .unwrap();
+    let gw = common::spawn_gateway(&cfg).await;
+    let c = client();
+    let passing = |n: usize| {
+        let (c, url) = (
+            c.clone(),
+            format!("http://{registry}/v1/health/service/catalog?passing"),
+        );
+        async move {
+            matches!(call(&c, "GET", url, vec![]).await,
+                Ok((200, body)) if serde_json::from_slice::<serde_json::Value>(&body)
+                    .is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == n)))
+        }
+    };
+    tessera_testkit::wait_until("two passing replicas", Duration::from_secs(60), || {
+        passing(2)
+    })
+    .await;
+    let products = format!("http://{}/api/catalog/products", gw.addr);
+    tessera_testkit::wait_until(
+        "the gateway routes to catalog",
+        Duration::from_secs(60),
+        || async {
+            matches!(
+                call(&c, "GET", products.clone(), vec![]).await,
+                Ok((200, _))
+            )
+        },
+    )
+    .await;
+
+    // Four clients, each calling in a loop until told to stop (bounded: 2 minutes).
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (c, url, stop) = (client(), products.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            while !stop.is_cancelled() && tokio::time::Instant::now() < deadline {
+                match call(&c, "GET", url.clone(), vec![]).await {
+                    Ok((200, _)) => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    for replica in &mut replicas {
+        signal(replica, "-TERM");
+        let exit = tokio::time::timeout(Duration::from_secs(60), replica.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(exit.success(), "{exit:?}");
+        *replica = spawn_shop("catalog", &registry, &shop_dir).await;
+        tessera_testkit::wait_until(
+            "both replicas passing again",
+            Duration::from_secs(60),
+            || passing(2),
+        )
+        .await;
+    }
+    stop.cancel();
+    let (mut ok, mut failed) = (0, Vec::new());
+    for t in clients {
+        let (o, f) = t.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        ok + failed.len() as u64,
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 100, "load ran through both restarts: {ok} requests");
 }

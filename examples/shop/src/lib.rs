@@ -118,6 +118,15 @@ pub struct ShopArgs {
     /// payments: what a new account starts with.
     #[arg(long, default_value_t = 20_000)]
     pub initial_balance_cents: i64,
+    /// After SIGTERM: out of the registry and `/health` answering 503 at once, then this
+    /// long serving on (callers' discovery and Kubernetes stop sending meanwhile) before
+    /// the listener closes and in-flight requests finish.
+    #[arg(long, env = "TESSERA_DRAIN_DELAY", default_value = "300ms", value_parser = drain_delay)]
+    pub drain_delay: Duration,
+}
+
+fn drain_delay(s: &str) -> Result<Duration, String> {
+    tessera_core::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// Runs one service until SIGTERM/Ctrl-C (or `stop`): deregisters first, then stops
@@ -180,6 +189,7 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
             orders::router(st)
         }
     };
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let http_metrics = Arc::new(tessera_web::HttpMetrics::default());
     let metrics = Metrics {
         http: http_metrics.clone(),
@@ -190,7 +200,7 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
         .merge(
             Router::new()
                 .route("/health", get(health))
-                .with_state(db.clone()),
+                .with_state((db.clone(), draining.clone())),
         )
         .merge(
             Router::new()
@@ -221,17 +231,20 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
         "{name} listening on http://{addr} (registered as {})",
         registered.id()
     );
+    let args_drain_delay = args.drain_delay;
     let shutdown = async move {
         tokio::select! {
             _ = tessera::shutdown_signal() => {}
             _ = stop.cancelled() => {}
         }
-        // Out of the registry first, so callers stop choosing this instance; then a
-        // moment for their discovery to hear it before the listener closes.
+        // Out of the registry and not ready first, so callers and Kubernetes stop
+        // choosing this instance; then the drain delay for them to hear it before the
+        // listener closes.
+        draining.store(true, std::sync::atomic::Ordering::Release);
         if let Err(e) = registered.deregister().await {
             tracing::warn!(error = %e, "deregistration failed");
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(args_drain_delay).await;
         background.cancel();
     };
     axum::serve(listener, app)
@@ -259,7 +272,12 @@ async fn register(r: Registration, registry: &Registry) -> Result<tessera::Regis
     }
 }
 
-async fn health(State(db): State<db::Db>) -> impl IntoResponse {
+async fn health(
+    State((db, draining)): State<(db::Db, Arc<std::sync::atomic::AtomicBool>)>,
+) -> impl IntoResponse {
+    if draining.load(std::sync::atomic::Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining");
+    }
     match sqlx::query("SELECT 1").execute(&db.pool).await {
         Ok(_) => (StatusCode::OK, "ok"),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unavailable"),

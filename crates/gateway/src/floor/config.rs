@@ -55,7 +55,12 @@ pub struct Config {
     pub workers: Workers,
     #[serde(default)]
     pub registry: RegistryConfig,
-    /// How long SIGTERM waits for in-flight requests.
+    /// After SIGTERM, how long the gateway goes on serving while its `/readyz` answers
+    /// 503, so load balancers and Kubernetes stop sending to it before it stops
+    /// accepting (a rolling restart loses no request). Default 0: stop accepting at once.
+    #[serde(default, deserialize_with = "duration")]
+    pub drain_delay: Duration,
+    /// How long SIGTERM waits for in-flight requests, once the gateway stops accepting.
     #[serde(default = "default_drain", deserialize_with = "duration")]
     pub drain_timeout: Duration,
     /// How long a client has to send a complete request head, counted from the end of

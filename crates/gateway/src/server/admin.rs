@@ -26,6 +26,11 @@ fn json_resp(status: StatusCode, v: serde_json::Value) -> Response<Body> {
 pub async fn handle(gw: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        (&Method::GET, "/readyz") if gw.draining.load(Ordering::Acquire) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "draining: stopping after its drain delay\n".into(),
+        ),
         (&Method::GET, "/readyz") => {
             let table = gw.proxy.table.load();
             let waiting: Vec<&str> = table

@@ -37,6 +37,9 @@ pub struct Shared {
     pub(crate) certs: Option<Arc<tls::Certs>>,
     /// Connections accepted by each worker, set when serving starts.
     pub(crate) worker_connections: std::sync::OnceLock<Box<[AtomicU64]>>,
+    /// Set on SIGTERM: `/readyz` answers 503 while the gateway serves on for its drain
+    /// delay.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -63,6 +66,7 @@ impl Shared {
 
 pub struct Gateway {
     shared: Arc<Shared>,
+    drain_delay: Duration,
     drain_timeout: Duration,
     header_read_timeout: Duration,
     watch_config: bool,
@@ -110,7 +114,9 @@ impl Gateway {
                 reload_lock: std::sync::Mutex::new(()),
                 certs: tls.as_ref().map(|t| t.certs.clone()),
                 worker_connections: std::sync::OnceLock::new(),
+                draining: std::sync::atomic::AtomicBool::new(false),
             }),
+            drain_delay: config.drain_delay,
             drain_timeout: config.drain_timeout,
             header_read_timeout: config.header_read_timeout,
             watch_config: config.watch_config,
@@ -163,7 +169,7 @@ impl Gateway {
         let stop = CancellationToken::new();
         let tls_listener = self.tls_listener.take();
         let serving = self.start(admin, 1, &stop);
-        tokio::spawn(cancel_on(shutdown, stop.clone()));
+        tokio::spawn(self.drain_on(shutdown, stop.clone()));
         serve(serving, 0, listener, tls_listener, stop).await;
         self.shared.discovery.stop();
     }
@@ -218,7 +224,7 @@ impl Gateway {
                 }
             }
         }
-        tokio::spawn(cancel_on(shutdown, stop.clone()));
+        tokio::spawn(self.drain_on(shutdown, stop.clone()));
         let joined = tokio::task::spawn_blocking(move || {
             let mut result = Ok(());
             for t in threads {
@@ -357,10 +363,33 @@ fn bind_reuseport(
     Ok(out)
 }
 
-async fn cancel_on(shutdown: impl Future<Output = ()>, stop: CancellationToken) {
-    tokio::select! {
-        _ = shutdown => stop.cancel(),
-        _ = stop.cancelled() => {}
+impl Gateway {
+    /// Once `shutdown` resolves: `/readyz` turns 503 and the gateway serves on for its
+    /// drain delay, then `stop` (stop accepting, finish what is in flight).
+    fn drain_on<F: Future<Output = ()>>(
+        &self,
+        shutdown: F,
+        stop: CancellationToken,
+    ) -> impl Future<Output = ()> + use<F> {
+        let (shared, delay) = (self.shared.clone(), self.drain_delay);
+        async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = stop.cancelled() => return,
+            }
+            shared.draining.store(true, Ordering::Release);
+            if !delay.is_zero() {
+                tracing::info!(
+                    delay = %tessera_core::GoDuration(delay),
+                    "draining: /readyz answers 503; serving on until the delay ends"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => {}
+                }
+            }
+            stop.cancel();
+        }
     }
 }
 

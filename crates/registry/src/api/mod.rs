@@ -81,6 +81,8 @@ pub fn router(registry: Arc<Registry>) -> Router {
             get(kv::get).put(kv::put).delete(kv::delete),
         )
         .route("/v1/tessera/prometheus-sd", get(prometheus::targets))
+        .route("/readyz", get(readyz))
+        .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/status/leader", get(status_leader))
         .route("/v1/status/peers", get(status_peers))
         .route("/v1/acl/bootstrap", put(acl::bootstrap))
@@ -109,6 +111,16 @@ pub fn router(registry: Arc<Registry>) -> Router {
         .route("/v1/session/node/{node}", get(session::node))
         .route("/v1/session/list", get(session::list))
         .with_state(registry)
+}
+
+/// `GET /readyz`: 200 while this server should be sent requests; 503 with the reason
+/// while it drains before stopping, or when its store refuses writes. Kubernetes'
+/// readiness probe and `tessera health --url http://server/readyz` read it.
+async fn readyz(axum::extract::State(reg): axum::extract::State<AppState>) -> Response {
+    match reg.not_ready() {
+        None => (StatusCode::OK, "ready\n").into_response(),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+    }
 }
 
 /// On etcd: the server that runs the singleton jobs (the oldest live member), by its

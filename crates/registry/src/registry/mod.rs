@@ -141,6 +141,8 @@ pub struct Registry {
     pub(crate) refused: std::sync::atomic::AtomicU64,
     /// Writes committed (or refused) and how long each took to be durable and visible.
     pub(crate) writes: metrics::Writes,
+    /// Set when the server is asked to stop: `/readyz` answers 503 while it serves on.
+    draining: std::sync::atomic::AtomicBool,
     /// Checks that are critical, and since when; drives `DeregisterCriticalServiceAfter`.
     pub(crate) critical_since: Mutex<HashMap<(String, String), Instant>>,
     /// TTL checks' last statuses, saved beside the log.
@@ -360,6 +362,7 @@ impl Registry {
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             refused: std::sync::atomic::AtomicU64::new(0),
             writes: metrics::Writes::default(),
+            draining: std::sync::atomic::AtomicBool::new(false),
             critical_since: Mutex::new(HashMap::new()),
             ttl_state: Arc::new(ttl_state),
             ttl_resume: Mutex::new(ttl_resume),
@@ -691,6 +694,22 @@ impl Registry {
     }
 
     /// Stops background tasks and wakes every blocking query.
+    /// The server is stopping: `/readyz` answers 503 from now on, so load balancers and
+    /// Kubernetes stop sending to it, while it serves on until told to stop.
+    pub fn drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Why this server should not be sent requests, if it should not.
+    pub fn not_ready(&self) -> Option<String> {
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            return Some("draining: stopping after its drain delay".into());
+        }
+        self.storage_broken()
+            .map(|e| format!("its store cannot be written: {e}"))
+    }
+
     pub fn shutdown(&self) {
         self.shutdown.cancel();
         self.runners.stop_all();
