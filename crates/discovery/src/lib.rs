@@ -323,11 +323,12 @@ mod tests {
         // Each failed query keeps the index of the last answer.
         assert!(urls[1..5].iter().all(|u| u.contains("index=5&")));
         assert!(urls[5].contains("index=6&"));
-        // 0.1 s, then the 3 s the 429 named (not 0.2 s), then 6 s (doubled), plus jitter
-        // of up to half each, before the answer.
+        // 0.1 s, then the 3 s the 429 named (not 0.2 s), then 5 s (doubled, capped at
+        // MAX_BACKOFF), each plus a jitter of up to half of it (and 1 ms), before the
+        // answer: 8.1 s to 8.1 + 0.051 + 1.501 + 2.501 s.
         let backoffs = elapsed;
         assert!(
-            backoffs >= Duration::from_millis(9_100) && backoffs <= Duration::from_millis(13_700),
+            backoffs >= Duration::from_millis(8_100) && backoffs <= Duration::from_millis(12_153),
             "{backoffs:?}"
         );
     }

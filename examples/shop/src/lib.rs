@@ -51,6 +51,10 @@ pub fn write_secret(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
 /// Restricts an existing file to its owner (0600).
 pub fn make_private(path: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
+    // Already private (a Kubernetes Secret mounted read-only with mode 0400): leave it.
+    if std::fs::metadata(path)?.permissions().mode() & 0o077 == 0 {
+        return Ok(());
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
