@@ -26,6 +26,10 @@ pub struct ServerArgs {
     node: Option<String>,
     #[arg(long)]
     datacenter: Option<String>,
+    /// The address other servers and clients reach this one at (a host name or IP), when
+    /// `--bind` is a wildcard (`0.0.0.0:8500` in a container); default: the bound IP.
+    #[arg(long)]
+    advertise: Option<String>,
     /// Where the saga coordinator keeps its state: `postgres://user@host/db`, or by
     /// default SQLite in the data dir (`coordinator.db`).
     #[arg(long, env = "TESSERA_DATABASE_URL")]
@@ -88,7 +92,9 @@ pub async fn run(args: ServerArgs) -> Result<(), String> {
     config.etcd_ca_file = args.etcd_cacert.or(config.etcd_ca_file);
     config.etcd_cert_file = args.etcd_cert.or(config.etcd_cert_file);
     config.etcd_key_file = args.etcd_key.or(config.etcd_key_file);
-    if !args.bind.ip().is_unspecified() {
+    if let Some(a) = args.advertise {
+        config.advertise_addr = a;
+    } else if !args.bind.ip().is_unspecified() {
         config.advertise_addr = args.bind.ip().to_string();
     }
     let listener = tokio::net::TcpListener::bind(args.bind)

@@ -110,6 +110,41 @@ impl Registry {
         self.inner.servers.current()
     }
 
+    /// The address to register for a service listening on `listen`: `listen` itself, or,
+    /// when it is a wildcard (`0.0.0.0:9000` in a container), this host's address on the
+    /// route to the registry, which is where callers on that network reach it too.
+    pub async fn advertised(&self, listen: SocketAddr) -> Result<SocketAddr, Error> {
+        if !listen.ip().is_unspecified() {
+            return Ok(listen);
+        }
+        let server = self.address();
+        let unknown = |e: String| {
+            Error::Invalid(format!(
+                "cannot tell which address of this host to register for {listen} (registry {server}): {e}"
+            ))
+        };
+        let to = tokio::net::lookup_host(server)
+            .await
+            .map_err(|e| unknown(e.to_string()))?
+            .next()
+            .ok_or_else(|| unknown("the registry's name has no address".into()))?;
+        let any: SocketAddr = if to.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            ([0u16; 8], 0).into()
+        };
+        // A connected UDP socket sends nothing; the kernel picks its source address.
+        let probe = tokio::net::UdpSocket::bind(any)
+            .await
+            .map_err(|e| unknown(e.to_string()))?;
+        probe
+            .connect(to)
+            .await
+            .map_err(|e| unknown(e.to_string()))?;
+        let ip = probe.local_addr().map_err(|e| unknown(e.to_string()))?.ip();
+        Ok(SocketAddr::new(ip, listen.port()))
+    }
+
     pub(crate) fn token(&self) -> Option<&str> {
         self.inner.token.as_deref()
     }

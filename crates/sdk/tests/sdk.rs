@@ -791,3 +791,23 @@ async fn a_call_made_while_serving_continues_the_callers_trace() {
     );
     server.stop().await;
 }
+
+/// A service listening on every interface registers the address on its route to the
+/// registry (a container's own address), not the wildcard.
+#[tokio::test]
+async fn a_wildcard_listener_advertises_the_address_toward_the_registry() {
+    let registry = tessera::Registry::new("127.0.0.1:8500");
+    let wildcard: std::net::SocketAddr = "0.0.0.0:9000".parse().unwrap();
+    assert_eq!(
+        registry.advertised(wildcard).await.unwrap(),
+        "127.0.0.1:9000".parse().unwrap()
+    );
+    let given: std::net::SocketAddr = "10.1.2.3:9000".parse().unwrap();
+    assert_eq!(registry.advertised(given).await.unwrap(), given);
+    let unresolvable = tessera::Registry::new("no-such-host.invalid:8500");
+    let err = unresolvable.advertised(wildcard).await.unwrap_err();
+    assert!(
+        err.to_string().contains("cannot tell which address"),
+        "{err}"
+    );
+}

@@ -221,7 +221,9 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
     let addr = listener
         .local_addr()
         .map_err(|e| format!("listener address: {e}"))?;
-    let registration = Registration::new(name, addr)
+    // Listening on every interface (in a container): register the one callers reach.
+    let advertised = registry.advertised(addr).await.map_err(|e| e.to_string())?;
+    let registration = Registration::new(name, advertised)
         .meta("version", env!("CARGO_PKG_VERSION"))
         // Where Prometheus finds the metrics (the registry's `/v1/tessera/prometheus-sd`).
         .meta("metrics_path", "/metrics")
