@@ -9,6 +9,8 @@
 #[allow(dead_code)] // each test crate uses a part of it
 mod common;
 
+use common::{flag, seconds};
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,19 +29,6 @@ fn strings(v: &Value) -> Vec<String> {
     v.as_sequence()
         .map(|a| a.iter().map(|x| s(x).to_owned()).collect())
         .unwrap_or_default()
-}
-
-fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str)
-}
-
-fn seconds(d: &str) -> f64 {
-    tessera_core::parse_duration(d)
-        .unwrap_or_else(|e| panic!("{d}: {e}"))
-        .as_secs_f64()
 }
 
 fn port(addr: &str) -> u16 {

@@ -9,6 +9,8 @@
 #[allow(dead_code)] // each test crate uses a part of it
 mod common;
 
+use common::{flag, seconds};
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
@@ -79,20 +81,6 @@ fn expanded(c: &Value) -> Vec<String> {
             out
         })
         .collect()
-}
-
-/// The value after `flag` in `args`.
-fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str)
-}
-
-fn seconds(d: &str) -> f64 {
-    tessera_core::parse_duration(d)
-        .unwrap_or_else(|e| panic!("{d}: {e}"))
-        .as_secs_f64()
 }
 
 fn port_of(container: &Value, name_or_number: &Value) -> u64 {

@@ -18,6 +18,7 @@ use hyper_util::rt::TokioExecutor;
 
 use tokio::process::{Child, Command};
 
+#[allow(dead_code)] // each test crate uses a part of it
 mod common;
 
 use common::{BIN, run_cli};

@@ -178,3 +178,18 @@ pub async fn next_access_line(
     .await
     .expect("no access log line")
 }
+
+/// The value after `name` in a command line.
+pub fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+/// A duration as the CLI and the configs write it (`5s`, `300ms`), in seconds.
+pub fn seconds(d: &str) -> f64 {
+    tessera_core::parse_duration(d)
+        .unwrap_or_else(|e| panic!("{d}: {e}"))
+        .as_secs_f64()
+}
