@@ -1918,9 +1918,11 @@ async fn spawn_shop(service: &str, registry: &str, data_dir: &Path) -> Child {
 /// A rolling restart under load: each replica of a service behind the gateway is sent
 /// SIGTERM, waited for and started again, one at a time, while clients keep calling it
 /// through the gateway. A replica leaves the registry and turns not-ready, serves on for
-/// its drain delay, then finishes what it has: no request fails. (These are GETs, which
-/// the gateway would also retry on the other replica; the drain is what spares requests
-/// that cannot be retried.)
+/// its drain delay, then finishes what it has: no request fails. The calls are POSTs
+/// (sign-ups), which the gateway does not retry once a replica may have taken them. (With
+/// no drain delay it passes here too: the gateway resends a request whose pooled
+/// connection the stopping replica closed unread. The delay is for callers that do not,
+/// and for Kubernetes' endpoints.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_load_fails_no_request() {
     let dir = tempfile::tempdir().unwrap();
@@ -1928,12 +1930,12 @@ async fn a_rolling_restart_under_load_fails_no_request() {
     let shop_dir = dir.path().join("shop");
     let mut replicas = Vec::new();
     for _ in 0..2 {
-        replicas.push(spawn_shop("catalog", &registry, &shop_dir).await);
+        replicas.push(spawn_shop("users", &registry, &shop_dir).await);
     }
     let cfg = dir.path().join("gw.toml");
     std::fs::write(
         &cfg,
-        format!("[registry]\naddress = \"{registry}\"\n[[routes]]\nname = \"catalog\"\npath = {{ prefix = \"/api/catalog\" }}\nupstream = \"catalog\"\nrewrite_prefix = \"/catalog\"\n[upstreams.catalog]\nservice = \"catalog\"\n"),
+        format!("[registry]\naddress = \"{registry}\"\n[[routes]]\nname = \"register\"\npath = {{ prefix = \"/api/users/register\" }}\nupstream = \"users\"\nrewrite_prefix = \"/users/register\"\n[upstreams.users]\nservice = \"users\"\n"),
     )
     .unwrap();
     let gw = common::spawn_gateway(&cfg).await;
@@ -1941,7 +1943,7 @@ async fn a_rolling_restart_under_load_fails_no_request() {
     let passing = |n: usize| {
         let (c, url) = (
             c.clone(),
-            format!("http://{registry}/v1/health/service/catalog?passing"),
+            format!("http://{registry}/v1/health/service/users?passing"),
         );
         async move {
             matches!(call(&c, "GET", url, vec![]).await,
@@ -1953,30 +1955,40 @@ async fn a_rolling_restart_under_load_fails_no_request() {
         passing(2)
     })
     .await;
-    let products = format!("http://{}/api/catalog/products", gw.addr);
+    let register = format!("http://{}/api/users/register", gw.addr);
+    let sign_up = move |c: HttpClient, who: String| {
+        let url = register.clone();
+        async move {
+            let body = format!(r#"{{"email": "{who}@shop.test", "password": "password-123456"}}"#);
+            call(&c, "POST", url, body.into_bytes()).await
+        }
+    };
     tessera_testkit::wait_until(
-        "the gateway routes to catalog",
+        "the gateway routes to users",
         Duration::from_secs(60),
         || async {
             matches!(
-                call(&c, "GET", products.clone(), vec![]).await,
-                Ok((200, _))
+                sign_up(client(), format!("first-{}", fastrand::u64(..))).await,
+                Ok((201, _))
             )
         },
     )
     .await;
 
-    // Four clients, each calling in a loop until told to stop (bounded: 2 minutes).
+    // Four clients, each signing up in a loop until told to stop (bounded: 2 minutes).
     let stop = tokio_util::sync::CancellationToken::new();
     let mut clients = Vec::new();
-    for _ in 0..4 {
-        let (c, url, stop) = (client(), products.clone(), stop.clone());
+    for i in 0..4 {
+        let (stop, sign_up) = (stop.clone(), sign_up.clone());
         clients.push(tokio::spawn(async move {
+            let c = client();
             let (mut ok, mut failed) = (0u64, Vec::new());
             let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            let mut n = 0;
             while !stop.is_cancelled() && tokio::time::Instant::now() < deadline {
-                match call(&c, "GET", url.clone(), vec![]).await {
-                    Ok((200, _)) => ok += 1,
+                n += 1;
+                match sign_up(c.clone(), format!("c{i}-{n}")).await {
+                    Ok((201, _)) => ok += 1,
                     other => failed.push(format!("{other:?}")),
                 }
             }
@@ -1990,7 +2002,7 @@ async fn a_rolling_restart_under_load_fails_no_request() {
             .unwrap()
             .unwrap();
         assert!(exit.success(), "{exit:?}");
-        *replica = spawn_shop("catalog", &registry, &shop_dir).await;
+        *replica = spawn_shop("users", &registry, &shop_dir).await;
         tessera_testkit::wait_until(
             "both replicas passing again",
             Duration::from_secs(60),
@@ -2012,5 +2024,5 @@ async fn a_rolling_restart_under_load_fails_no_request() {
         ok + failed.len() as u64,
         &failed[..failed.len().min(5)]
     );
-    assert!(ok > 100, "load ran through both restarts: {ok} requests");
+    assert!(ok > 20, "load ran through both restarts: {ok} sign-ups");
 }
