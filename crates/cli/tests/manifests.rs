@@ -3,7 +3,7 @@
 //! with the real CLI, the gateway's config loads and its ports are the container's,
 //! probes name ports the container has, selectors find their pods, grace periods outlast
 //! the drains, disruption budgets keep etcd's quorum, and every Secret and ConfigMap a pod
-//! needs is rendered or is the one the operator makes (`tessera-jwt`).
+//! needs is rendered.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[allow(dead_code)] // each test crate uses a part of it
@@ -17,9 +17,6 @@ use std::process::Command;
 
 use serde::Deserialize;
 use serde_yaml::Value;
-
-/// Secrets the README tells the operator to create (never committed: a private key).
-const MADE_BY_THE_OPERATOR: [&str; 1] = ["tessera-jwt"];
 
 fn render(overlay: &str) -> Option<Vec<Value>> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes/overlays");
@@ -145,13 +142,13 @@ fn check(overlay: &str, docs: &[Value]) {
                 assert!(!port.is_null(), "{overlay}/{name}: no {probe}");
                 port_of(c, port);
             }
-            // Every Secret and ConfigMap the pod reads exists, or the operator makes it.
+            // Every Secret the pod reads is rendered.
             for env in c["env"].as_sequence().into_iter().flatten() {
                 let r = &env["valueFrom"]["secretKeyRef"]["name"];
                 if !r.is_null() {
                     assert!(
-                        secrets.contains(&s(r)) || MADE_BY_THE_OPERATOR.contains(&s(r)),
-                        "{overlay}/{name}: Secret {r:?} is neither rendered nor the operator's"
+                        secrets.contains(&s(r)),
+                        "{overlay}/{name}: Secret {r:?} is not rendered"
                     );
                 }
             }

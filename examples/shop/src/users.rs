@@ -87,6 +87,13 @@ fn signing_key(dir: &Path) -> Result<Signer, String> {
     // A key written before keys were private is made so.
     crate::make_private(&path).map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
     let der = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if der.is_empty() {
+        // A key file mounted from a Secret that was never filled in.
+        return Err(format!(
+            "{} is empty: put an Ed25519 key (PKCS#8 DER) in it, e.g. `openssl genpkey -algorithm ed25519 -outform DER`",
+            path.display()
+        ));
+    }
     Signer::ed25519(&der).map_err(|e| format!("{}: {e}", path.display()))
 }
 
