@@ -125,3 +125,73 @@ protocol = "h2c"
             assert replies == [b"echo a", b"echo b", b"echo c"]
     finally:
         server.stop(0)
+
+
+def test_the_gateways_own_failures_reach_grpcio_as_statuses(gateway, grpc_health, tmp_path):
+    """What the gateway refuses by itself is a gRPC status for a gRPC caller (trailers-only,
+    `grpc-status` and `grpc-message`), not an HTTP error grpcio can only call UNKNOWN: no
+    route → UNIMPLEMENTED, an upstream that refuses connections → UNAVAILABLE, no token on
+    an authenticated route → UNAUTHENTICATED, a spent rate limit → RESOURCE_EXHAUSTED; and
+    a route that works still answers."""
+    server, _, port = grpc_health
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * 48 + b"\n")
+    from conftest import free_port
+    dead = free_port()
+    addr, _ = gateway(f'''
+[jwt.t]
+hs256_secret_file = "{secret}"
+algorithms = ["HS256"]
+
+[[routes]]
+name = "health"
+path = {{ prefix = "/grpc.health.v1.Health/" }}
+upstream = "grpc"
+rate_limit = {{ rate = 0.001, burst = 2, key = "ip" }}
+
+[[routes]]
+name = "dead"
+path = {{ prefix = "/dead.Svc/" }}
+upstream = "dead"
+
+[[routes]]
+name = "private"
+path = {{ prefix = "/private.Svc/" }}
+upstream = "grpc"
+auth = {{ jwt = "t" }}
+
+[upstreams.grpc]
+endpoints = ["127.0.0.1:{port}"]
+protocol = "h2c"
+
+[upstreams.dead]
+endpoints = ["127.0.0.1:{dead}"]
+protocol = "h2c"
+''')
+    with grpc.insecure_channel(addr) as channel:
+        def status_of(method):
+            call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+            try:
+                call(b"", timeout=30)
+            except grpc.RpcError as e:
+                return e.code(), e.details()
+            return grpc.StatusCode.OK, ""
+
+        code, details = status_of("/nowhere.Svc/Call")
+        assert code == grpc.StatusCode.UNIMPLEMENTED, (code, details)
+        assert "no route matches" in details
+        code, details = status_of("/dead.Svc/Call")
+        assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+        assert "cannot connect to upstream dead" in details
+        code, details = status_of("/private.Svc/Call")
+        assert code == grpc.StatusCode.UNAUTHENTICATED, (code, details)
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(2):
+            assert stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=30).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        try:
+            stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+            raise AssertionError("the third call is over the limit")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+            assert "rate limit" in e.details()

@@ -119,9 +119,12 @@ pub async fn handle(
     start: Instant,
     timer: Option<&mut LazyTimer>,
 ) -> Response<Body> {
+    // A gRPC caller (HTTP/2, `application/grpc*`) reads the gateway's own failures as
+    // gRPC statuses; anything else gets HTTP and JSON.
+    let grpc = req.version() == Version::HTTP_2 && is_grpc(req.headers());
     // Load beyond the global limit is shed first, before it costs any work.
     let Some(_in_flight) = InFlight::enter(gw) else {
-        return error_response(GatewayError::Overloaded(gw.max_in_flight));
+        return error_response(GatewayError::Overloaded(gw.max_in_flight), grpc);
     };
     // One table for the whole request: a reload meanwhile never mixes two configs.
     let table = gw.table.load_full();
@@ -134,9 +137,10 @@ pub async fn handle(
     let (route, mut raw) = match find_route(gw, &table, req, raw, peer) {
         Ok(found) => found,
         Err(e) => {
-            let resp = error_response(e);
+            let status = e.status();
+            let resp = error_response(e, grpc);
             if let Some(span) = span {
-                trace::finish(gw, span, None, resp.status());
+                trace::finish(gw, span, None, status);
             }
             return resp;
         }
@@ -150,24 +154,30 @@ pub async fn handle(
     // Taken now: forwarding takes the request apart.
     let sampled = AccessEntry::sample(gw, req);
     let parent = span.as_ref().map(|s| &s.rec);
-    let resp = match on_route(gw, &table, route, req, raw, peer, start, timer, parent).await {
-        Ok(resp) => resp,
-        // The rescue point: a failure from any layer below is answered here, once.
-        Err(e) => {
-            if let Some(span) = span.as_deref_mut() {
-                trace::refused(span, &e);
+    let (resp, status) =
+        match on_route(gw, &table, route, req, raw, peer, start, timer, parent).await {
+            Ok(resp) => {
+                let status = resp.status();
+                (resp, status)
             }
-            error_response(e)
-        }
-    };
+            // The rescue point: a failure from any layer below is answered here, once.
+            Err(e) => {
+                if let Some(span) = span.as_deref_mut() {
+                    trace::refused(span, &e);
+                }
+                // Counted as what it is, also when a gRPC caller is told in a 200.
+                let status = e.status();
+                (error_response(e, grpc), status)
+            }
+        };
     // Counted and logged on the route whatever the answer, refusals included.
     let elapsed = Instant::now().saturating_duration_since(start);
-    route.metrics.record(resp.status().as_u16(), elapsed);
+    route.metrics.record(status.as_u16(), elapsed);
     if let Some(entry) = sampled {
-        entry.write(peer, route, resp.status(), elapsed, span.as_deref());
+        entry.write(peer, route, status, elapsed, span.as_deref());
     }
     if let Some(span) = span {
-        trace::finish(gw, span, Some(route), resp.status());
+        trace::finish(gw, span, Some(route), status);
     }
     resp
 }
@@ -404,12 +414,22 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Whether a request's `content-type` is gRPC's (`application/grpc`, `+proto`, ...).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
 /// The one place a `GatewayError` becomes a response: JSON naming the problem, with
-/// the headers its kind calls for.
-fn error_response(e: GatewayError) -> Response<Body> {
+/// the headers its kind calls for; for a gRPC caller, a trailers-only gRPC answer.
+fn error_response(e: GatewayError, grpc: bool) -> Response<Body> {
     if let GatewayError::Connect { endpoint, .. } | GatewayError::Io { endpoint, .. } = &e {
         // Where it failed is for the operator.
         tracing::warn!(%endpoint, error = %e, "upstream request failed");
+    }
+    if grpc {
+        return grpc_error_response(&e);
     }
     let body = serde_json::json!({"error": e.to_string(), "code": e.code()});
     let mut resp = Response::new(Body::bytes(body.to_string()));
@@ -444,6 +464,40 @@ fn error_response(e: GatewayError) -> Response<Body> {
         }
     }
     if ends_connection {
+        resp.extensions_mut().insert(EndsConnection);
+    }
+    resp
+}
+
+/// A gRPC "trailers-only" answer: HTTP 200 whose only header block carries
+/// `grpc-status` and `grpc-message` (percent-encoded, as gRPC asks), and, when the
+/// gateway knows when to try again, `grpc-retry-pushback-ms`.
+fn grpc_error_response(e: &GatewayError) -> Response<Body> {
+    let mut resp = Response::new(Body::empty());
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(e.grpc_status() as u16));
+    let message: String = e
+        .to_string()
+        .bytes()
+        .map(|b| match b {
+            b' '..=b'~' if b != b'%' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&message) {
+        h.insert("grpc-message", v);
+    }
+    if let Some(d) = e.retry_after() {
+        h.insert(
+            "grpc-retry-pushback-ms",
+            HeaderValue::from(d.as_millis().min(u128::from(u64::MAX)) as u64),
+        );
+    }
+    if e.ends_connection() {
         resp.extensions_mut().insert(EndsConnection);
     }
     resp

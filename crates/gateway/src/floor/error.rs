@@ -115,6 +115,32 @@ impl GatewayError {
         )
     }
 
+    /// The gRPC status a gRPC caller gets instead of `status()`: gRPC clients read only
+    /// `grpc-status`, and take any HTTP error as UNKNOWN or UNAVAILABLE.
+    pub fn grpc_status(&self) -> GrpcStatus {
+        match self {
+            GatewayError::NoRoute { .. } => GrpcStatus::Unimplemented,
+            GatewayError::NoEndpoint(_)
+            | GatewayError::Overloaded(_)
+            | GatewayError::BreakerOpen { .. }
+            | GatewayError::BulkheadFull { .. }
+            | GatewayError::Connect { .. }
+            | GatewayError::Io { .. }
+            | GatewayError::Misdirected(_) => GrpcStatus::Unavailable,
+            GatewayError::Timeout { .. } | GatewayError::BodyTimeout => {
+                GrpcStatus::DeadlineExceeded
+            }
+            GatewayError::RateLimited { .. } | GatewayError::TooLarge(_) => {
+                GrpcStatus::ResourceExhausted
+            }
+            GatewayError::Unauthorized(_) => GrpcStatus::Unauthenticated,
+            GatewayError::Forbidden(_) => GrpcStatus::PermissionDenied,
+            GatewayError::Body(_) | GatewayError::BadPath(_) | GatewayError::Malformed(_) => {
+                GrpcStatus::InvalidArgument
+            }
+        }
+    }
+
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             GatewayError::BreakerOpen { retry_after, .. } => Some(*retry_after),
@@ -125,4 +151,16 @@ impl GatewayError {
             _ => None,
         }
     }
+}
+
+/// The gRPC status codes the gateway answers with (grpc/doc/statuscodes.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrpcStatus {
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    PermissionDenied = 7,
+    ResourceExhausted = 8,
+    Unimplemented = 12,
+    Unavailable = 14,
+    Unauthenticated = 16,
 }
