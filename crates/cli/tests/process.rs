@@ -739,6 +739,16 @@ async fn cli_commands_against_a_running_server() {
     );
 }
 
+/// SIGTERM, then the exit, which must be a clean one within a generous deadline.
+async fn stop_cleanly(child: &mut Child) {
+    signal(child, "-TERM");
+    let exit = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
+
 fn signal(child: &Child, sig: &str) {
     let pid = child.id().unwrap().to_string();
     let ok = std::process::Command::new("kill")
@@ -965,12 +975,7 @@ async fn a_traced_request_is_exported_and_logged_with_its_trace() {
         collector.spans().is_empty(),
         "exported before the batch delay"
     );
-    signal(&gw, "-TERM");
-    let exit = tokio::time::timeout(Duration::from_secs(60), gw.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(exit.success(), "{exit:?}");
+    stop_cleanly(&mut gw).await;
     let spans = collector.spans();
     assert_eq!(spans.len(), 2, "{spans:?}");
     let server = spans.iter().find(|s| s.kind == 2).unwrap();
@@ -1005,12 +1010,7 @@ async fn the_registry_api_joins_its_callers_traces_only() {
     };
     assert_eq!(get(false).await.unwrap().status(), 200);
     assert_eq!(get(true).await.unwrap().status(), 200);
-    signal(&server, "-TERM");
-    let exit = tokio::time::timeout(Duration::from_secs(60), server.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(exit.success(), "{exit:?}");
+    stop_cleanly(&mut server).await;
     let spans = collector.spans();
     assert_eq!(spans.len(), 1, "only the traced request: {spans:?}");
     let s = &spans[0];
@@ -1087,12 +1087,7 @@ async fn gateway_reloads_on_sighup() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    signal(&gw, "-TERM");
-    let exit = tokio::time::timeout(Duration::from_secs(60), gw.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(exit.success(), "{exit:?}");
+    stop_cleanly(&mut gw).await;
     for mut u in ups {
         u.start_kill().unwrap();
         u.wait().await.unwrap();
@@ -1996,12 +1991,7 @@ async fn a_rolling_restart_under_load_fails_no_request() {
         }));
     }
     for replica in &mut replicas {
-        signal(replica, "-TERM");
-        let exit = tokio::time::timeout(Duration::from_secs(60), replica.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(exit.success(), "{exit:?}");
+        stop_cleanly(replica).await;
         *replica = spawn_shop("users", &registry, &shop_dir).await;
         tessera_testkit::wait_until(
             "both replicas passing again",

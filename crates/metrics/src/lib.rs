@@ -46,10 +46,6 @@ impl Histogram {
         self.sum_micros
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
-
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
 }
 
 /// Status classes a [`Red`] counts: `1xx`..`5xx`, then `error` (no answer).
@@ -76,13 +72,6 @@ impl Red {
     pub fn record_error(&self, d: Duration) {
         self.by_class[CLASSES.len() - 1].fetch_add(1, Ordering::Relaxed);
         self.duration.observe(d);
-    }
-
-    pub fn count(&self, class: &str) -> u64 {
-        CLASSES
-            .iter()
-            .position(|c| *c == class)
-            .map_or(0, |i| self.by_class[i].load(Ordering::Relaxed))
     }
 
     /// `{total}{labels, status}` for the classes seen, and always `2xx`.
@@ -279,10 +268,6 @@ impl Text {
         self.out.push('}');
     }
 
-    pub fn as_str(&self) -> &str {
-        &self.out
-    }
-
     pub fn finish(self) -> String {
         self.out
     }
@@ -335,7 +320,6 @@ mod tests {
         f.get(&["/a"]).record(204, Duration::from_millis(1));
         f.get(&["/a"]).record(503, Duration::from_millis(1));
         f.get(&["/b"]).record_error(Duration::from_millis(1));
-        assert_eq!(f.get(&["/a"]).count("2xx"), 1);
         let mut t = Text::new();
         f.render(&mut t, "svc", "Requests served");
         let s = t.finish();

@@ -146,8 +146,7 @@ impl HttpMetrics {
         );
     }
 
-    /// The member for one method and route (for tests and handlers that count by hand).
-    pub fn of(&self, method: &str, route: &str) -> std::sync::Arc<tessera_metrics::Red> {
+    fn of(&self, method: &str, route: &str) -> std::sync::Arc<tessera_metrics::Red> {
         self.0.get(&[method, route])
     }
 }
