@@ -591,7 +591,16 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         })
         .await?;
         let admin_token = seed(&http, &gw_url, &admin_password).await?;
+        let url = format!("http://{registry}/v1/health/service/tessera-gateway?passing");
+        wait(&mut fleet, "the gateway in the registry", || async {
+            http.get(&url, None)
+                .await
+                .is_ok_and(|(_, v)| v.as_array().is_some_and(|a| !a.is_empty()))
+        })
+        .await?;
+        let grpc = grpc_through_gateway(&http, &gw_url, registry).await?;
         walkthrough(gateway, registry, admin, dir, &admin_password);
+        println!("{grpc}\n");
         if let Some(p) = prometheus {
             println!(
                 "  Prometheus: http://{p}/targets (every process, found through http://{registry}/v1/tessera/prometheus-sd)\n"
@@ -808,6 +817,13 @@ upstream = "users"
 rewrite_prefix = "/users/login"
 
 [[routes]]
+name = "cart-grpc"
+path = {{ prefix = "/tessera.shop.cart.v1.Cart/" }}
+upstream = "cart-grpc"
+timeout = "20s"
+auth = {{ jwt = "shop" }}
+
+[[routes]]
 name = "catalog-read"
 path = {{ prefix = "/api/catalog" }}
 methods = ["GET", "HEAD"]
@@ -838,6 +854,8 @@ auth = {{ jwt = "shop", roles = ["admin"] }}
         let n = s.name();
         c.push_str(&format!("[upstreams.{n}]\nservice = \"{n}\"\n\n"));
     }
+    // The cart's gRPC API: the same instances, over HTTP/2.
+    c.push_str("[upstreams.cart-grpc]\nservice = \"cart\"\nprotocol = \"h2c\"\n");
     c
 }
 
@@ -883,6 +901,53 @@ async fn seed(http: &Http, gw: &str, admin_password: &str) -> Result<String, Str
     Ok(token)
 }
 
+/// One gRPC call through the gateway, as a service makes it: the demo user's cart by
+/// `tessera.shop.cart.v1.Cart/GetCart`, over a channel that finds the gateway in the
+/// registry.
+async fn grpc_through_gateway(
+    http: &Http,
+    gw: &str,
+    registry: SocketAddr,
+) -> Result<String, String> {
+    use tessera_shop::cart_proto::{GetCartRequest, cart_client::CartClient};
+    let (s, v) = http
+        .post(
+            &format!("{gw}/api/users/login"),
+            None,
+            &json!({"email": DEMO_EMAIL, "password": DEMO_PASSWORD}),
+            None,
+        )
+        .await?;
+    if s != 200 {
+        return Err(format!("demo user login failed: {s} {v}"));
+    }
+    let bearer = format!("Bearer {}", v["token"].as_str().unwrap_or_default());
+    let mut req = tonic::Request::new(GetCartRequest {});
+    req.metadata_mut().insert(
+        "authorization",
+        bearer
+            .parse()
+            .map_err(|_| "the login answered an unusable token".to_owned())?,
+    );
+    let registry = tessera::Registry::new(registry.to_string());
+    let channel = tessera::grpc::GrpcChannel::new(&registry, "tessera-gateway");
+    let cart = CartClient::new(channel)
+        .get_cart(req)
+        .await
+        .map_err(|s| {
+            format!(
+                "gRPC GetCart through the gateway: {}: {}",
+                s.code(),
+                s.message()
+            )
+        })?
+        .into_inner();
+    Ok(format!(
+        "gRPC through the gateway: tessera.shop.cart.v1.Cart/GetCart for {DEMO_EMAIL} answered OK, {} item(s) in the cart.",
+        cart.items.len()
+    ))
+}
+
 fn walkthrough(
     gateway: SocketAddr,
     registry: SocketAddr,
@@ -918,6 +983,10 @@ Try it (copy and paste):
   # releases the stock and the order ends cancelled with the reason
   curl -s -X POST $GW/api/orders/checkout -H "authorization: Bearer $TOKEN" \
     -H 'content-type: application/json' -d '{{"items":[{{"product_id":"machine","quantity":1}}]}}'
+  # the cart over gRPC through the gateway (grpcurl, with the proto in this repository)
+  grpcurl -plaintext -import-path proto -proto tessera/shop/cart/v1/cart.proto \
+    -H "authorization: Bearer $TOKEN" -d '{{"product_id":"filter","quantity":1}}' \
+    {gateway} tessera.shop.cart.v1.Cart/AddItem
   # the sagas behind them, and the order events
   curl -s 'http://{registry}/v1/sagas?limit=5'
   curl -s 'http://{registry}/v1/streams/order-*'

@@ -11,6 +11,7 @@
 mod auth;
 pub mod consul;
 mod duration;
+pub mod grpc;
 mod health;
 mod names;
 

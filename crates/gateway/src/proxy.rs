@@ -418,7 +418,7 @@ impl Drop for InFlight<'_> {
 fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        .is_some_and(|v| tessera_core::grpc::is_grpc(v.as_bytes()))
 }
 
 /// The one place a `GatewayError` becomes a response: JSON naming the problem, with
@@ -480,14 +480,7 @@ fn grpc_error_response(e: &GatewayError) -> Response<Body> {
         HeaderValue::from_static("application/grpc"),
     );
     h.insert("grpc-status", HeaderValue::from(e.grpc_status() as u16));
-    let message: String = e
-        .to_string()
-        .bytes()
-        .map(|b| match b {
-            b' '..=b'~' if b != b'%' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect();
+    let message = tessera_core::grpc::encode_message(&e.to_string());
     if let Ok(v) = HeaderValue::from_str(&message) {
         h.insert("grpc-message", v);
     }

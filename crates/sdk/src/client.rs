@@ -194,6 +194,167 @@ impl ServiceClient {
     }
 }
 
+/// One kind of call the shared loop makes (an HTTP request, a gRPC call): how a try is
+/// sent and how its result is judged. Everything else (discovery, balancing, the budget,
+/// the breaker, outlier ejection, spans, metrics) is the loop's, once for both.
+pub(crate) trait Exchange: Sync {
+    type Answer: Send;
+
+    fn method(&self) -> &Method;
+
+    /// One try at the instance at `authority`, which has `timeout` left.
+    fn send(
+        &self,
+        authority: &str,
+        span: Option<&crate::trace::Try>,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Self::Answer, Error>> + Send;
+
+    /// The HTTP status an answer counts as, in metrics and spans.
+    fn status(answer: &Self::Answer) -> u16;
+
+    fn judge(&self, result: &Result<Self::Answer, Error>) -> Verdict;
+}
+
+/// What one try says: `failed` counts against the instance (outlier ejection) and the
+/// call (breaker); `retry` allows another try, budget permitting.
+pub(crate) struct Verdict {
+    pub failed: bool,
+    pub retry: bool,
+}
+
+impl ServiceClient {
+    /// Runs `x` within `timeout`, retries included.
+    pub(crate) async fn call<X: Exchange>(
+        &self,
+        x: &X,
+        timeout: Duration,
+    ) -> Result<X::Answer, Error> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let result = match tokio::time::timeout_at(deadline, self.tries(x, deadline)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout(
+                inner.service.clone(),
+                tessera_core::GoDuration(timeout),
+            )),
+        };
+        match &result {
+            Ok(r) => inner.stats.calls.record(X::status(r), started.elapsed()),
+            Err(_) => inner.stats.calls.record_error(started.elapsed()),
+        }
+        result
+    }
+
+    async fn tries<X: Exchange>(
+        &self,
+        x: &X,
+        deadline: tokio::time::Instant,
+    ) -> Result<X::Answer, Error> {
+        let inner = &self.inner;
+        // A client made a moment ago has no discovery answer yet: wait for the first
+        // one rather than failing with "no healthy instance".
+        if inner.watch.current().index == 0 {
+            inner.watch.ready(inner.policy.per_try_timeout).await;
+        }
+        inner.budget.deposit();
+        // The breaker judges calls as the caller sees them (after retries): one bad
+        // instance that retries route around does not open it for the whole service.
+        let permit = inner.breaker.try_acquire().map_err(|_| {
+            inner
+                .stats
+                .breaker_rejections
+                .fetch_add(1, Ordering::Relaxed);
+            Error::BreakerOpen(inner.service.clone())
+        })?;
+        let mut tried: Vec<String> = Vec::new();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let last = attempt >= inner.policy.attempts.max(1);
+            let snap = self.snapshot();
+            let set = &snap.set;
+            let is_ejected = |i: usize| snap.outliers[i].is_ejected();
+            let Pick { idx, ejected, .. } = inner
+                .balancer
+                .pick_try(set, is_ejected, &tried, PANIC_THRESHOLD, None)
+                .ok_or_else(|| Error::NoInstance(inner.service.clone()))?;
+            let endpoint = &set.endpoints[idx];
+            let outlier = &snap.outliers[idx];
+            // Inside a recorded request, each try is a client span and the callee's parent.
+            let span = crate::trace::Try::begin();
+            let per_try = inner
+                .policy
+                .per_try_timeout
+                .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let started = Instant::now();
+            let in_flight = endpoint.load.start();
+            let result =
+                match tokio::time::timeout(per_try, x.send(&endpoint.addr, span.as_ref(), per_try))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(Error::Timeout(
+                        inner.service.clone(),
+                        tessera_core::GoDuration(per_try),
+                    )),
+                };
+            if let Some(span) = span {
+                let outcome = match &result {
+                    Ok(r) => Outcome::Answered(X::status(r)),
+                    Err(e) => Outcome::Failed {
+                        kind: match e {
+                            Error::Timeout(..) => "timeout",
+                            Error::Transport { connect: true, .. } => "connect",
+                            _ => "io",
+                        },
+                        message: e.to_string(),
+                    },
+                };
+                span.finish(x.method(), &endpoint.addr, attempt - 1, outcome);
+            }
+            tried.push(endpoint.addr.clone());
+            let Verdict { failed, retry } = x.judge(&result);
+            if failed {
+                if outlier
+                    .failure(&inner.outlier, ejected, set.len())
+                    .is_some()
+                {
+                    inner.stats.ejections.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(service = %inner.service, endpoint = %endpoint.addr,
+                        "instance ejected after consecutive failures");
+                }
+            } else {
+                outlier.success();
+            }
+            if result.is_ok() {
+                in_flight.finish();
+            } else {
+                // A failed endpoint looks slow to the balancer for a while.
+                endpoint
+                    .load
+                    .observe(started.elapsed().max(Duration::from_secs(1)));
+                drop(in_flight);
+            }
+            let refused = retry && !last && !inner.budget.try_withdraw();
+            if refused {
+                inner.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+            }
+            if !retry || last || refused {
+                if failed {
+                    permit.failure();
+                } else {
+                    permit.success();
+                }
+                return result;
+            }
+            inner.stats.retries.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(service = %inner.service, attempt, "retrying");
+        }
+    }
+}
+
 struct Snapshot {
     index: u64,
     set: EndpointSet,
@@ -263,151 +424,19 @@ impl RequestBuilder {
     /// Sends the request: retried on connection failures always, and on timeouts,
     /// resets and 502/503/504 when idempotent, while the retry budget allows; a different
     /// instance is preferred for each retry.
-    pub async fn send(self) -> Result<Response, Error> {
-        if let Some(e) = self.error {
+    pub async fn send(mut self) -> Result<Response, Error> {
+        if let Some(e) = self.error.take() {
             return Err(e);
         }
-        let inner = self.client.inner.clone();
-        let timeout = inner.policy.timeout;
-        let started = Instant::now();
-        let result = match tokio::time::timeout(timeout, self.run(&inner)).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::Timeout(
-                inner.service.clone(),
-                tessera_core::GoDuration(timeout),
-            )),
-        };
-        match &result {
-            Ok(r) => inner
-                .stats
-                .calls
-                .record(r.status.as_u16(), started.elapsed()),
-            Err(_) => inner.stats.calls.record_error(started.elapsed()),
-        }
-        result
+        let client = self.client.clone();
+        client.call(&self, client.inner.policy.timeout).await
     }
 
-    async fn run(self, inner: &Inner) -> Result<Response, Error> {
-        let idempotent = self.idempotent.unwrap_or(matches!(
+    fn is_idempotent(&self) -> bool {
+        self.idempotent.unwrap_or(matches!(
             self.method,
             Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
-        ));
-        // A client made a moment ago has no discovery answer yet: wait for the first
-        // one rather than failing with "no healthy instance".
-        if inner.watch.current().index == 0 {
-            inner.watch.ready(inner.policy.per_try_timeout).await;
-        }
-        inner.budget.deposit();
-        // The breaker judges calls as the caller sees them (after retries): one bad
-        // instance that retries route around does not open it for the whole service.
-        let permit = inner.breaker.try_acquire().map_err(|_| {
-            inner
-                .stats
-                .breaker_rejections
-                .fetch_add(1, Ordering::Relaxed);
-            Error::BreakerOpen(inner.service.clone())
-        })?;
-        let mut tried: Vec<String> = Vec::new();
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let last = attempt >= inner.policy.attempts.max(1);
-            let snap = self.client.snapshot();
-            let set = &snap.set;
-            let is_ejected = |i: usize| snap.outliers[i].is_ejected();
-            let Pick { idx, ejected, .. } = inner
-                .balancer
-                .pick_try(set, is_ejected, &tried, PANIC_THRESHOLD, None)
-                .ok_or_else(|| Error::NoInstance(inner.service.clone()))?;
-            let endpoint = &set.endpoints[idx];
-            let outlier = &snap.outliers[idx];
-            // Inside a recorded request, each try is a client span and the callee's parent.
-            let span = crate::trace::Try::begin();
-            let req = self.build(&endpoint.addr, span.as_ref())?;
-            let started = Instant::now();
-            let in_flight = endpoint.load.start();
-            let result = match tokio::time::timeout(
-                inner.policy.per_try_timeout,
-                send(&inner.http, &inner.service, req),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => Err(Error::Timeout(
-                    inner.service.clone(),
-                    tessera_core::GoDuration(inner.policy.per_try_timeout),
-                )),
-            };
-            if let Some(span) = span {
-                let outcome = match &result {
-                    Ok(r) => Outcome::Answered(r.status.as_u16()),
-                    Err(e) => Outcome::Failed {
-                        kind: match e {
-                            Error::Timeout(..) => "timeout",
-                            Error::Transport { connect: true, .. } => "connect",
-                            _ => "io",
-                        },
-                        message: e.to_string(),
-                    },
-                };
-                span.finish(&self.method, &endpoint.addr, attempt - 1, outcome);
-            }
-            tried.push(endpoint.addr.clone());
-            let failed = match &result {
-                Ok(r) => r.status.is_server_error(),
-                Err(_) => true,
-            };
-            if failed {
-                if outlier
-                    .failure(&inner.outlier, ejected, set.len())
-                    .is_some()
-                {
-                    inner.stats.ejections.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(service = %inner.service, endpoint = %endpoint.addr,
-                        "instance ejected after consecutive failures");
-                }
-            } else {
-                outlier.success();
-            }
-            let retry = match &result {
-                Ok(r) if r.status.is_server_error() => {
-                    in_flight.finish();
-                    idempotent
-                        && matches!(
-                            r.status,
-                            StatusCode::BAD_GATEWAY
-                                | StatusCode::SERVICE_UNAVAILABLE
-                                | StatusCode::GATEWAY_TIMEOUT
-                        )
-                }
-                Ok(_) => {
-                    in_flight.finish();
-                    false
-                }
-                Err(e) => {
-                    // A failed endpoint looks slow to the balancer for a while.
-                    endpoint
-                        .load
-                        .observe(started.elapsed().max(Duration::from_secs(1)));
-                    drop(in_flight);
-                    matches!(e, Error::Transport { connect: true, .. }) || idempotent
-                }
-            };
-            let refused = retry && !last && !inner.budget.try_withdraw();
-            if refused {
-                inner.stats.budget_exhausted.fetch_add(1, Ordering::Relaxed);
-            }
-            if !retry || last || refused {
-                if failed {
-                    permit.failure();
-                } else {
-                    permit.success();
-                }
-                return result;
-            }
-            inner.stats.retries.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(service = %inner.service, attempt, "retrying");
-        }
+        ))
     }
 
     fn build(
@@ -426,5 +455,46 @@ impl RequestBuilder {
         }
         req.body(Full::new(self.body.clone()))
             .map_err(|e| Error::Invalid(e.to_string()))
+    }
+}
+
+impl Exchange for RequestBuilder {
+    type Answer = Response;
+
+    fn method(&self) -> &Method {
+        &self.method
+    }
+
+    async fn send(
+        &self,
+        authority: &str,
+        span: Option<&crate::trace::Try>,
+        _timeout: Duration,
+    ) -> Result<Response, Error> {
+        let req = self.build(authority, span)?;
+        send(&self.client.inner.http, &self.client.inner.service, req).await
+    }
+
+    fn status(answer: &Response) -> u16 {
+        answer.status.as_u16()
+    }
+
+    fn judge(&self, result: &Result<Response, Error>) -> Verdict {
+        match result {
+            Ok(r) => Verdict {
+                failed: r.status.is_server_error(),
+                retry: self.is_idempotent()
+                    && matches!(
+                        r.status,
+                        StatusCode::BAD_GATEWAY
+                            | StatusCode::SERVICE_UNAVAILABLE
+                            | StatusCode::GATEWAY_TIMEOUT
+                    ),
+            },
+            Err(e) => Verdict {
+                failed: true,
+                retry: matches!(e, Error::Transport { connect: true, .. }) || self.is_idempotent(),
+            },
+        }
     }
 }

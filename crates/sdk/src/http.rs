@@ -16,12 +16,25 @@ pub const MAX_BODY: usize = 8 * 1024 * 1024;
 pub(crate) type Http = Client<HttpConnector, Full<Bytes>>;
 
 pub(crate) fn client() -> Http {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector())
+}
+
+/// HTTP/2 with prior knowledge (h2c), for gRPC: one multiplexed connection per
+/// instance.
+pub(crate) fn h2_client() -> Http {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .http2_only(true)
+        .build(connector())
+}
+
+fn connector() -> HttpConnector {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(2)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(connector)
+    connector
 }
 
 /// `d` plus up to half of it again, at random: clients told to wait the same time do not

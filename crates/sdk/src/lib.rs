@@ -11,6 +11,8 @@
 //! - [`Events`] subscribes to the event store (catch-up then live, resuming after
 //!   reconnects) and keeps consumer-group offsets; [`outbox`] writes events in the service's own transaction and relays them to the
 //!   event store; its inbox makes consumers idempotent.
+//! - [`grpc`] serves gRPC next to the HTTP API (health, reflection) and calls gRPC
+//!   services with the same balancing and protection as [`ServiceClient`].
 //! - [`JwksVerifier`] checks bearer tokens against a JWKS from a URL or a service;
 //!   [`jwt`] signs them.
 //!
@@ -18,6 +20,7 @@
 
 mod client;
 mod events;
+pub mod grpc;
 mod http;
 mod jwks;
 mod metrics;

@@ -420,6 +420,9 @@ pub enum Check {
     Ttl(Duration),
     /// The registry polls `http://address:port{path}` every `interval`.
     Http { path: String, interval: Duration },
+    /// The registry calls `grpc.health.v1.Health/Check` on the instance (h2c) every
+    /// `interval`, for `service` (empty: the server as a whole).
+    Grpc { service: String, interval: Duration },
 }
 
 /// What a service instance registers as: ID `{name}-{ip}-{port}` by default, a 10 s TTL
@@ -457,13 +460,14 @@ pub struct Registration {
     tags: Vec<String>,
     meta: BTreeMap<String, String>,
     weight: u32,
-    check: Check,
+    /// Empty: one 10 s TTL check.
+    checks: Vec<Check>,
     deregister_after: Duration,
 }
 
 impl Registration {
     /// `addr` is where other services reach this instance. The id defaults to
-    /// `{name}-{ip}-{port}`; the check to a 10 s TTL.
+    /// `{name}-{ip}-{port}`; the checks to one 10 s TTL.
     pub fn new(name: impl Into<String>, addr: SocketAddr) -> Registration {
         let name = name.into();
         Registration {
@@ -473,7 +477,7 @@ impl Registration {
             tags: Vec::new(),
             meta: BTreeMap::new(),
             weight: 1,
-            check: Check::Ttl(Duration::from_secs(10)),
+            checks: Vec::new(),
             deregister_after: Duration::from_secs(60),
         }
     }
@@ -499,9 +503,19 @@ impl Registration {
         self
     }
 
+    /// Adds a check; the instance is passing only while all of them pass (an HTTP
+    /// check and a gRPC health check, say, for a service that serves both).
     pub fn check(mut self, check: Check) -> Registration {
-        self.check = check;
+        self.checks.push(check);
         self
+    }
+
+    fn checks(&self) -> Vec<Check> {
+        if self.checks.is_empty() {
+            vec![Check::Ttl(Duration::from_secs(10))]
+        } else {
+            self.checks.clone()
+        }
     }
 
     /// How long the check may stay critical before the registry removes the instance.
@@ -512,22 +526,41 @@ impl Registration {
 
     fn definition(&self) -> serde_json::Value {
         let go = |d: Duration| tessera_core::format_duration(d);
-        let check = match &self.check {
-            Check::Ttl(ttl) => json!({
-                "CheckID": self.check_id(),
-                "TTL": go(*ttl),
-                // Healthy from the start: the process registers once it is serving.
-                "Status": "passing",
-                "DeregisterCriticalServiceAfter": go(self.deregister_after),
-            }),
-            Check::Http { path, interval } => json!({
-                "CheckID": self.check_id(),
-                "HTTP": format!("http://{}{path}", self.authority()),
-                "Interval": go(*interval),
-                "Timeout": go((*interval).clamp(Duration::from_millis(500), Duration::from_secs(5))),
-                "DeregisterCriticalServiceAfter": go(self.deregister_after),
-            }),
+        let timeout = |interval: Duration| {
+            go(interval.clamp(Duration::from_millis(500), Duration::from_secs(5)))
         };
+        let checks = self.checks();
+        let checks: Vec<serde_json::Value> = checks
+            .iter()
+            .enumerate()
+            .map(|(i, check)| {
+                let mut def = match check {
+                    Check::Ttl(ttl) => json!({
+                        "TTL": go(*ttl),
+                        // Healthy from the start: the process registers once it is serving.
+                        "Status": "passing",
+                    }),
+                    Check::Http { path, interval } => json!({
+                        "HTTP": format!("http://{}{path}", self.authority()),
+                        "Interval": go(*interval),
+                        "Timeout": timeout(*interval),
+                    }),
+                    Check::Grpc { service, interval } => json!({
+                        "GRPC": if service.is_empty() {
+                            self.authority()
+                        } else {
+                            format!("{}/{service}", self.authority())
+                        },
+                        "GRPCUseTLS": false,
+                        "Interval": go(*interval),
+                        "Timeout": timeout(*interval),
+                    }),
+                };
+                def["CheckID"] = json!(self.check_id(i, checks.len()));
+                def["DeregisterCriticalServiceAfter"] = json!(go(self.deregister_after));
+                def
+            })
+            .collect();
         json!({
             "ID": self.id,
             "Name": self.name,
@@ -536,12 +569,18 @@ impl Registration {
             "Tags": self.tags,
             "Meta": self.meta,
             "Weights": {"Passing": self.weight, "Warning": 1},
-            "Check": check,
+            "Checks": checks,
         })
     }
 
-    fn check_id(&self) -> String {
-        format!("service:{}", self.id)
+    /// Consul's naming: `service:{id}` for a lone check, `service:{id}:{n}` from 1 when
+    /// there are several.
+    fn check_id(&self, index: usize, of: usize) -> String {
+        if of == 1 {
+            format!("service:{}", self.id)
+        } else {
+            format!("service:{}:{}", self.id, index + 1)
+        }
     }
 
     fn authority(&self) -> String {
@@ -554,14 +593,17 @@ impl Registration {
         let def = self.definition();
         registry.register(&def).await?;
         let stop = CancellationToken::new();
-        if let Check::Ttl(ttl) = self.check {
-            tokio::spawn(heartbeat(
-                registry.clone(),
-                self.check_id(),
-                def,
-                ttl,
-                stop.clone(),
-            ));
+        let checks = self.checks();
+        for (i, check) in checks.iter().enumerate() {
+            if let Check::Ttl(ttl) = check {
+                tokio::spawn(heartbeat(
+                    registry.clone(),
+                    self.check_id(i, checks.len()),
+                    def.clone(),
+                    *ttl,
+                    stop.clone(),
+                ));
+            }
         }
         Ok(Registered {
             id: self.id,

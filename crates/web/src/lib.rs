@@ -14,7 +14,7 @@
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 
 /// Response extension: this error body is meant as it is.
@@ -53,12 +53,37 @@ pub fn json_errors<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Route
         .layer(axum::middleware::map_response(as_json))
 }
 
-async fn not_found(uri: Uri) -> Response {
+async fn not_found(uri: Uri, headers: HeaderMap) -> Response {
+    // A gRPC client reads statuses, not bodies: an unknown service is UNIMPLEMENTED.
+    if headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| tessera_core::grpc::is_grpc(v.as_bytes()))
+    {
+        return grpc_status(
+            tessera_core::grpc::Code::Unimplemented,
+            &format!("unknown service or method {}", uri.path()),
+        );
+    }
     error(
         StatusCode::NOT_FOUND,
         "not_found",
         format!("no such endpoint: {}", uri.path()),
     )
+}
+
+/// A trailers-only gRPC answer: HTTP 200 with the status in the headers.
+pub fn grpc_status(code: tessera_core::grpc::Code, message: &str) -> Response {
+    let mut resp = Response::new(Body::empty());
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(code as u16));
+    if let Ok(v) = HeaderValue::from_str(&tessera_core::grpc::encode_message(message)) {
+        h.insert("grpc-message", v);
+    }
+    resp
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {

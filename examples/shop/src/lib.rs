@@ -30,6 +30,9 @@ use axum::routing::get;
 use tessera::{Check, Coordinator, Events, JwksVerifier, Registration, Registry, ServiceClient};
 use tokio_util::sync::CancellationToken;
 
+/// The cart's gRPC API (`proto/tessera/shop/cart/v1/cart.proto`): messages, client and
+/// server.
+pub use cart::pb as cart_proto;
 pub use users::{AUDIENCE, ISSUER};
 
 /// Writes a file only its owner can read or write (0600): signing keys, passwords.
@@ -156,6 +159,12 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
         ))
     };
     let background = CancellationToken::new();
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ready = Arc::new(Readiness {
+        db: db.clone(),
+        draining: draining.clone(),
+    });
+    let mut grpc = None;
     let routes = match service {
         Service::Users => {
             let admin = args.admin_email.clone().zip(args.admin_password.clone());
@@ -170,13 +179,18 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
                 tracer.clone(),
                 background.clone(),
             ));
+            grpc = Some(
+                tessera::grpc::GrpcServer::new()
+                    .add_service(cart::grpc(db.clone(), verifier()))
+                    .descriptors(cart::DESCRIPTORS),
+            );
             cart::router(db.clone(), verifier())
         }
         Service::Orders => {
             let st = orders::St::new(
                 db.clone(),
                 verifier(),
-                ServiceClient::new(&registry, "cart"),
+                tessera::grpc::GrpcChannel::new(&registry, "cart"),
                 ServiceClient::new(&registry, "catalog"),
                 Coordinator::new(&registry),
             );
@@ -193,19 +207,24 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
             orders::router(st)
         }
     };
-    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let http_metrics = Arc::new(tessera_web::HttpMetrics::default());
     let metrics = Metrics {
         http: http_metrics.clone(),
         registry: registry.clone(),
         tracer: tracer.clone(),
     };
+    let grpc_check = grpc.as_ref().map(|_| cart::pb::cart_server::SERVICE_NAME);
+    let grpc = match grpc {
+        Some(g) => g.into_router(ready.clone())?,
+        None => Router::new(),
+    };
     let app = tessera_web::json_errors(routes)
         .merge(
             Router::new()
                 .route("/health", get(health))
-                .with_state((db.clone(), draining.clone())),
+                .with_state(ready.clone()),
         )
+        .merge(grpc)
         .merge(
             Router::new()
                 .route("/metrics", get(render_metrics))
@@ -232,6 +251,14 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
             interval: Duration::from_secs(1),
         })
         .deregister_after(Duration::from_secs(30));
+    // A service that serves gRPC is also checked the way gRPC callers see it.
+    let registration = match grpc_check {
+        Some(service) => registration.check(Check::Grpc {
+            service: service.into(),
+            interval: Duration::from_secs(1),
+        }),
+        None => registration,
+    };
     let registered = register(registration, &registry).await?;
     println!(
         "{name} listening on http://{addr} (registered as {})",
@@ -278,15 +305,31 @@ async fn register(r: Registration, registry: &Registry) -> Result<tessera::Regis
     }
 }
 
-async fn health(
-    State((db, draining)): State<(db::Db, Arc<std::sync::atomic::AtomicBool>)>,
-) -> impl IntoResponse {
-    if draining.load(std::sync::atomic::Ordering::Acquire) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "draining");
+/// Ready unless draining or the database does not answer: `/health` and the gRPC
+/// health service both ask it.
+struct Readiness {
+    db: db::Db,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tessera::grpc::Ready for Readiness {
+    async fn ready(&self) -> Result<(), String> {
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            return Err("draining".into());
+        }
+        sqlx::query("SELECT 1")
+            .execute(&self.db.pool)
+            .await
+            .map(drop)
+            .map_err(|_| "database unavailable".into())
     }
-    match sqlx::query("SELECT 1").execute(&db.pool).await {
-        Ok(_) => (StatusCode::OK, "ok"),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unavailable"),
+}
+
+async fn health(State(ready): State<Arc<Readiness>>) -> impl IntoResponse {
+    use tessera::grpc::Ready;
+    match ready.ready().await {
+        Ok(()) => (StatusCode::OK, "ok".to_owned()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }
 

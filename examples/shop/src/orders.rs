@@ -20,10 +20,13 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::Row;
+use tessera::grpc::GrpcChannel;
 use tessera::outbox::{OutboxEvent, enqueue_any};
 use tessera::{Call, Coordinator, JwksVerifier, Run, Saga, ServiceClient, Step};
 use tokio_util::sync::CancellationToken;
 
+use crate::cart::pb;
+use crate::cart::pb::cart_client::CartClient;
 use crate::catalog::Item;
 use crate::db::{Db, new_id, now_ms};
 use crate::web::{ApiError, ApiResult, Caller, caller, parse};
@@ -48,7 +51,8 @@ const CHECKOUT_WAIT: Duration = Duration::from_secs(10);
 pub struct St {
     db: Db,
     auth: Arc<JwksVerifier>,
-    cart: ServiceClient,
+    /// The cart, over gRPC.
+    cart: GrpcChannel,
     catalog: ServiceClient,
     coordinator: Coordinator,
 }
@@ -57,7 +61,7 @@ impl St {
     pub fn new(
         db: Db,
         auth: Arc<JwksVerifier>,
-        cart: ServiceClient,
+        cart: GrpcChannel,
         catalog: ServiceClient,
         coordinator: Coordinator,
     ) -> St {
@@ -209,6 +213,9 @@ async fn checkout(
                 .await
                 .unwrap_or(run);
             settle(&st.db, &id, &run).await?;
+            if run.status == "completed" {
+                clear_cart(&st, &who, &id, &items).await;
+            }
         }
         Err(e) => tracing::warn!(order = %id, error = %e, "cannot start the checkout saga yet"),
     }
@@ -234,16 +241,73 @@ async fn by_key(db: &Db, key: &str) -> ApiResult<Option<Value>> {
 }
 
 async fn cart_items(st: &St, who: &Caller) -> ApiResult<Vec<Item>> {
-    let cart: Value = st
-        .cart
-        .get("/cart")
-        .header("authorization", &who.authorization)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()?;
-    serde_json::from_value(cart["items"].clone())
-        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "dependency", format!("cart: {e}")))
+    let req = as_caller(pb::GetCartRequest {}, who)?;
+    let cart = CartClient::new(st.cart.clone())
+        .get_cart(req)
+        .await
+        .map_err(|s| dependency("cart", &s))?
+        .into_inner();
+    Ok(cart
+        .items
+        .into_iter()
+        .map(|i| Item {
+            product_id: i.product_id,
+            quantity: i.quantity,
+        })
+        .collect())
+}
+
+/// Takes a placed order's items out of the cart now, so the buyer sees it emptied when
+/// checkout answers. Only a head start: the `OrderPlaced` event does it too, and the
+/// cart does it once per order.
+async fn clear_cart(st: &St, who: &Caller, order: &str, items: &[Item]) {
+    let req = pb::ClearRequest {
+        order_id: order.to_owned(),
+        items: items
+            .iter()
+            .map(|i| pb::Item {
+                product_id: i.product_id.clone(),
+                quantity: i.quantity,
+            })
+            .collect(),
+    };
+    let result = match as_caller(req, who) {
+        Ok(req) => CartClient::new(st.cart.clone())
+            .clear(req)
+            .await
+            .map(drop)
+            .map_err(|s| dependency("cart", &s)),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        tracing::info!(order, error = %e.message, "cart not cleared now; the OrderPlaced event will");
+    }
+}
+
+/// A gRPC request made on the caller's behalf: their token in the metadata.
+fn as_caller<T>(message: T, who: &Caller) -> ApiResult<tonic::Request<T>> {
+    let mut req = tonic::Request::new(message);
+    let token = who
+        .authorization
+        .parse()
+        .map_err(|_| ApiError::bad("authorization: not a valid header value"))?;
+    req.metadata_mut().insert("authorization", token);
+    Ok(req)
+}
+
+/// A dependency's gRPC refusal as this service's answer.
+fn dependency(service: &str, s: &tonic::Status) -> ApiError {
+    let status = match s.code() {
+        tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        tonic::Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    ApiError::new(
+        status,
+        "dependency",
+        format!("{service}: {}: {}", s.code(), s.message()),
+    )
 }
 
 /// The checkout saga for an order.

@@ -88,6 +88,26 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The same refusal for a gRPC caller.
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> tonic::Status {
+        let code = match e.status {
+            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
+                tonic::Code::InvalidArgument
+            }
+            StatusCode::UNAUTHORIZED => tonic::Code::Unauthenticated,
+            StatusCode::FORBIDDEN => tonic::Code::PermissionDenied,
+            StatusCode::NOT_FOUND => tonic::Code::NotFound,
+            StatusCode::CONFLICT => tonic::Code::Aborted,
+            StatusCode::INSUFFICIENT_STORAGE => tonic::Code::ResourceExhausted,
+            StatusCode::SERVICE_UNAVAILABLE => tonic::Code::Unavailable,
+            StatusCode::GATEWAY_TIMEOUT => tonic::Code::DeadlineExceeded,
+            _ => tonic::Code::Internal,
+        };
+        tonic::Status::new(code, e.message)
+    }
+}
+
 pub type ApiResult<T> = Result<T, ApiError>;
 
 /// Parses a JSON body; a 400 says what is wrong with it.

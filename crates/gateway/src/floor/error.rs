@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use http::StatusCode;
+use tessera_core::grpc::Code;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -117,26 +118,22 @@ impl GatewayError {
 
     /// The gRPC status a gRPC caller gets instead of `status()`: gRPC clients read only
     /// `grpc-status`, and take any HTTP error as UNKNOWN or UNAVAILABLE.
-    pub fn grpc_status(&self) -> GrpcStatus {
+    pub fn grpc_status(&self) -> Code {
         match self {
-            GatewayError::NoRoute { .. } => GrpcStatus::Unimplemented,
+            GatewayError::NoRoute { .. } => Code::Unimplemented,
             GatewayError::NoEndpoint(_)
             | GatewayError::Overloaded(_)
             | GatewayError::BreakerOpen { .. }
             | GatewayError::BulkheadFull { .. }
             | GatewayError::Connect { .. }
             | GatewayError::Io { .. }
-            | GatewayError::Misdirected(_) => GrpcStatus::Unavailable,
-            GatewayError::Timeout { .. } | GatewayError::BodyTimeout => {
-                GrpcStatus::DeadlineExceeded
-            }
-            GatewayError::RateLimited { .. } | GatewayError::TooLarge(_) => {
-                GrpcStatus::ResourceExhausted
-            }
-            GatewayError::Unauthorized(_) => GrpcStatus::Unauthenticated,
-            GatewayError::Forbidden(_) => GrpcStatus::PermissionDenied,
+            | GatewayError::Misdirected(_) => Code::Unavailable,
+            GatewayError::Timeout { .. } | GatewayError::BodyTimeout => Code::DeadlineExceeded,
+            GatewayError::RateLimited { .. } | GatewayError::TooLarge(_) => Code::ResourceExhausted,
+            GatewayError::Unauthorized(_) => Code::Unauthenticated,
+            GatewayError::Forbidden(_) => Code::PermissionDenied,
             GatewayError::Body(_) | GatewayError::BadPath(_) | GatewayError::Malformed(_) => {
-                GrpcStatus::InvalidArgument
+                Code::InvalidArgument
             }
         }
     }
@@ -151,16 +148,4 @@ impl GatewayError {
             _ => None,
         }
     }
-}
-
-/// The gRPC status codes the gateway answers with (grpc/doc/statuscodes.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GrpcStatus {
-    InvalidArgument = 3,
-    DeadlineExceeded = 4,
-    PermissionDenied = 7,
-    ResourceExhausted = 8,
-    Unimplemented = 12,
-    Unavailable = 14,
-    Unauthenticated = 16,
 }
