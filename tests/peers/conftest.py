@@ -177,3 +177,57 @@ def upstream():
         yield port
     finally:
         srv.shutdown()
+
+
+def call(base, method, path, body=None, token=None, headers=None):
+    """One HTTP/1.1 request to `base` ("host:port"): (status, JSON or text body)."""
+    import http.client
+
+    host, port = base.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    h = dict(headers or {})
+    if body is not None:
+        h["content-type"] = "application/json"
+    if token:
+        h["authorization"] = f"Bearer {token}"
+    conn.request(method, path, body=None if body is None else json.dumps(body), headers=h)
+    resp = conn.getresponse()
+    data = resp.read()
+    try:
+        return resp.status, json.loads(data)
+    except ValueError:
+        return resp.status, data.decode(errors="replace")
+
+
+def start_demo(data_dir, env=None):
+    """`tessera demo` on ephemeral ports with its data in `data_dir` (and `env` added):
+    returns (process, gateway "host:port", registry "host:port") once it is up. Stop it
+    with SIGINT, as Ctrl-C does."""
+    full = dict(os.environ)
+    for k in ("TESSERA_STOP_ON_STDIN_EOF", "DATABASE_URL", "TESSERA_DATABASE_URL", "TESSERA_EVENTS"):
+        full.pop(k, None)
+    full.update(env or {})
+    demo = subprocess.Popen(
+        [BIN, "demo", "--gateway", "127.0.0.1:0", "--registry", "127.0.0.1:0", "--fresh",
+         "--data-dir", str(data_dir)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=full, text=True,
+    )
+    gw = registry = None
+    said = []
+    for line in demo.stdout:
+        said.append(line)
+        words = line.split()
+        if words[:1] == ["gateway:"]:
+            gw = words[1].removeprefix("http://")
+        if words[:1] == ["registry:"]:
+            registry = words[1].removeprefix("http://")
+        if "Press Ctrl-C" in line:
+            break
+    if not (gw and registry):
+        demo.kill()
+        demo.wait()
+        raise AssertionError("the demo did not come up:\n" + "".join(said))
+    # Keep reading, so the demo never blocks on a full pipe.
+    threading.Thread(target=lambda: [None for _ in demo.stdout], daemon=True).start()
+    return demo, gw, registry
+

@@ -5,16 +5,13 @@ here, configured only by the standard OTEL_* variables."""
 import http.client
 import http.server
 import json
-import os
 import signal
-import subprocess
-import threading
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from conftest import BIN, serve_http, wait_until
+from conftest import call, serve_http, start_demo, wait_until
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER = "00f067aa0ba902b7"
@@ -105,49 +102,15 @@ def test_gateway_spans_read_by_opentelemetry_proto(gateway, receiver, upstream):
     assert server.status.code == Status.STATUS_CODE_UNSET
 
 
-def call(base, method, path, body=None, token=None, headers=None):
-    host, port = base.split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    h = dict(headers or {})
-    if body is not None:
-        h["content-type"] = "application/json"
-    if token:
-        h["authorization"] = f"Bearer {token}"
-    conn.request(method, path, body=None if body is None else json.dumps(body), headers=h)
-    resp = conn.getresponse()
-    data = resp.read()
-    try:
-        return resp.status, json.loads(data)
-    except ValueError:
-        return resp.status, data.decode(errors="replace")
-
-
 def test_a_demo_checkout_is_one_trace_read_by_opentelemetry_proto(receiver, tmp_path):
     """`tessera demo` with a collector: one checkout, sent with a traceparent, is one trace
     of correctly parented spans from the gateway, orders, the server's coordinator, catalog
     and payments, as OpenTelemetry's own protobuf classes read it."""
-    env = dict(os.environ)
-    for k in ("TESSERA_STOP_ON_STDIN_EOF", "DATABASE_URL", "TESSERA_DATABASE_URL", "TESSERA_EVENTS"):
-        env.pop(k, None)
-    env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver}", "OTEL_BSP_SCHEDULE_DELAY": "100"})
-    demo = subprocess.Popen(
-        [BIN, "demo", "--gateway", "127.0.0.1:0", "--registry", "127.0.0.1:0", "--fresh",
-         "--data-dir", str(tmp_path)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
-    )
+    demo, gw, _ = start_demo(tmp_path, {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver}",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    })
     try:
-        gw = None
-        said = []
-        for line in demo.stdout:
-            said.append(line)
-            words = line.split()
-            if words[:1] == ["gateway:"]:
-                gw = words[1].removeprefix("http://")
-            if "Press Ctrl-C" in line:
-                break
-        assert gw, "".join(said)
-        threading.Thread(target=lambda: [None for _ in demo.stdout], daemon=True).start()
-
         creds = {"email": "peer@shop.test", "password": "peer-password-1"}
         assert call(gw, "POST", "/api/users/register", creds)[0] == 201
         _, v = call(gw, "POST", "/api/users/login", creds)

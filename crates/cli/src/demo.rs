@@ -556,6 +556,9 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
                     a.extend(["--admin-email".into(), ADMIN_EMAIL.into()]);
                 }
                 let mut p = Proc::new(&format!("{}-{n}", service.name()), a, &logs);
+                // With a replica to spare, losing one (kill -9 it and see) is what the shop
+                // is built to survive: the demo says so and goes on.
+                p.expendable = args.replicas > 1;
                 // Each service's spans under its own name, whatever the demo was given.
                 p.env.push(("OTEL_SERVICE_NAME", service.name().into()));
                 if service == Service::Users {

@@ -952,7 +952,12 @@ async fn checkout_is_one_trace(collector: &tessera_testkit::otlp::Collector, tra
     assert_eq!(gw.attributes["url.path"], "/api/orders/checkout");
     assert_eq!(gw.attributes["http.response.status_code"], "201");
     assert_eq!(orders.attributes["http.response.status_code"], "201");
-    assert_eq!(cart.attributes["http.request.method"], "GET");
+    // orders reads (and clears) the cart over gRPC: a POST to the service's path.
+    assert_eq!(cart.attributes["http.request.method"], "POST");
+    assert!(
+        cart.attributes["url.path"].starts_with("/tessera.shop.cart.v1.Cart/"),
+        "{cart:?}"
+    );
     assert_eq!(saga.name, "saga checkout");
     assert_eq!(saga.attributes["tessera.saga.status"], "completed");
     assert!(
@@ -1222,5 +1227,150 @@ async fn the_cluster_demo_survives_a_killed_server() {
     let (s, _) = call(&c, "GET", &format!("{gw}/api/catalog/products"), None, None).await;
     assert_eq!(s, 200);
     // The demo itself goes on (a cluster server may die) and stops cleanly.
+    demo.stop().await;
+}
+
+/// Orders reads each buyer's cart over gRPC at checkout. A cart replica killed with
+/// kill -9 while four buyers check out in a loop fails none of their checkouts: the
+/// calls that meet the dead replica (a reset stream, a refused connection) are
+/// UNAVAILABLE, which orders' channel retries on the other replica until the registry
+/// drops the dead one. The checkouts are plain POSTs, never retried by the buyers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cart_replica_killed_under_checkouts_fails_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = Demo::start(dir.path()).await;
+    let c = client();
+    let gw = format!("http://{}", demo.gateway);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut buyers = Vec::new();
+    for i in 0..4 {
+        let token = shopper(&c, &gw, &format!("grpc{i}@shop.test"), "grpc-kill-pass-1").await;
+        let (c, gw, done, killed, stop) = (
+            c.clone(),
+            gw.clone(),
+            done.clone(),
+            killed.clone(),
+            stop.clone(),
+        );
+        buyers.push(tokio::spawn(async move {
+            let (mut after_kill, mut failed) = (0u32, Vec::new());
+            // Bounded: 40 checkouts of one or two filters (4.50 each) fit the 200.00
+            // every account starts with, and two minutes.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            for _ in 0..40 {
+                if stop.is_cancelled() || tokio::time::Instant::now() > deadline {
+                    break;
+                }
+                // Filling the cart is REST through the gateway, a POST it does not
+                // resend: one that met the dying replica is simply made again.
+                let url = format!("{gw}/api/cart/items");
+                let item = json!({"product_id": "filter", "quantity": 1});
+                wait_for("the cart to take an item", || {
+                    let (c, url, token, item) =
+                        (c.clone(), url.clone(), token.clone(), item.clone());
+                    async move { call(&c, "POST", &url, Some(&token), Some(item)).await.0 == 200 }
+                })
+                .await;
+                let was_killed = killed.load(std::sync::atomic::Ordering::SeqCst);
+                let (s, v) = call(
+                    &c,
+                    "POST",
+                    &format!("{gw}/api/orders/checkout"),
+                    Some(&token),
+                    None,
+                )
+                .await;
+                if (s == 201 && v["status"] == "confirmed") || s == 202 {
+                    done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    after_kill += u32::from(was_killed);
+                } else {
+                    failed.push(format!("{s} {v}"));
+                }
+            }
+            (after_kill, failed)
+        }));
+    }
+    let reached = |n: u32| {
+        let done = done.clone();
+        move || std::future::ready(done.load(std::sync::atomic::Ordering::SeqCst) >= n)
+    };
+    wait_for("eight checkouts before the kill", reached(8)).await;
+    // Whether a call meets the dead replica before the registry drops it is the
+    // balancer's choice, so kill again (a fresh replica replacing each) until orders has
+    // had to route around one: bounded, each round gives it even odds or better.
+    let orders_retries = || async {
+        let (_, instances) = call(
+            &c,
+            "GET",
+            &format!("http://{}/v1/health/service/orders", demo.registry),
+            None,
+            None,
+        )
+        .await;
+        let mut retries = 0.0;
+        for i in instances.as_array().into_iter().flatten() {
+            let url = format!(
+                "http://{}:{}/metrics",
+                i["Service"]["Address"].as_str().unwrap(),
+                i["Service"]["Port"]
+            );
+            for line in http_text(&c, &url).await.lines() {
+                if let Some(n) =
+                    line.strip_prefix("tessera_client_retries_total{upstream=\"cart\"} ")
+                {
+                    retries += n.parse::<f64>().unwrap();
+                }
+            }
+        }
+        retries
+    };
+    let d = dir.path().to_string_lossy().into_owned();
+    let mut replacements = Vec::new();
+    for round in 1..=10 {
+        let cart = processes_mentioning(&d)
+            .into_iter()
+            .find(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("shop\0cart\0"))
+            })
+            .expect("a cart replica");
+        let sent = std::process::Command::new("kill")
+            .args(["-9", &cart.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        killed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let at_kill = done.load(std::sync::atomic::Ordering::SeqCst);
+        wait_for("ten checkouts after the kill", reached(at_kill + 10)).await;
+        if orders_retries().await > 0.0 {
+            break;
+        }
+        assert!(round < 10, "orders never had to retry a call to the cart");
+        replacements
+            .push(common::spawn_shop("cart", &demo.registry, &dir.path().join("cart")).await);
+        let url = format!("http://{}/v1/health/service/cart?passing", demo.registry);
+        wait_for("two cart replicas again", || {
+            let (c, url) = (c.clone(), url.clone());
+            async move {
+                call(&c, "GET", &url, None, None)
+                    .await
+                    .1
+                    .as_array()
+                    .is_some_and(|a| a.len() == 2)
+            }
+        })
+        .await;
+    }
+    stop.cancel();
+    let mut after = 0;
+    for b in buyers {
+        let (n, failed) = b.await.unwrap();
+        assert!(failed.is_empty(), "failed checkouts: {failed:#?}");
+        after += n;
+    }
+    assert!(after >= 10, "{after} checkouts after the kill");
+    drop(replacements);
     demo.stop().await;
 }

@@ -1873,43 +1873,6 @@ async fn a_sigtermed_server_answers_not_ready_while_it_drains() {
     assert!(exit.success(), "{exit:?}");
 }
 
-/// `tessera shop <service>` against `registry`, on a free port; returns once it is
-/// registered (it prints where it listens then).
-async fn spawn_shop(service: &str, registry: &str, data_dir: &Path) -> Child {
-    use tokio::io::AsyncBufReadExt;
-    let mut child = Command::new(BIN)
-        .args([
-            "shop",
-            service,
-            "--listen",
-            "127.0.0.1:0",
-            "--registry",
-            registry,
-        ])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env_remove("DATABASE_URL")
-        .env_remove("TESSERA_DRAIN_DELAY")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn tessera shop");
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    loop {
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("the service came up in time")
-            .unwrap()
-            .expect("the service printed where it listens");
-        if line.contains("registered as") {
-            break;
-        }
-    }
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    child
-}
-
 /// A rolling restart under load: each replica of a service behind the gateway is sent
 /// SIGTERM, waited for and started again, one at a time, while clients keep calling it
 /// through the gateway. A replica leaves the registry and turns not-ready, serves on for
@@ -1925,7 +1888,7 @@ async fn a_rolling_restart_under_load_fails_no_request() {
     let shop_dir = dir.path().join("shop");
     let mut replicas = Vec::new();
     for _ in 0..2 {
-        replicas.push(spawn_shop("users", &registry, &shop_dir).await);
+        replicas.push(common::spawn_shop("users", &registry, &shop_dir).await);
     }
     let cfg = dir.path().join("gw.toml");
     std::fs::write(
@@ -1992,7 +1955,7 @@ async fn a_rolling_restart_under_load_fails_no_request() {
     }
     for replica in &mut replicas {
         stop_cleanly(replica).await;
-        *replica = spawn_shop("users", &registry, &shop_dir).await;
+        *replica = common::spawn_shop("users", &registry, &shop_dir).await;
         tessera_testkit::wait_until(
             "both replicas passing again",
             Duration::from_secs(60),

@@ -193,3 +193,39 @@ pub fn seconds(d: &str) -> f64 {
         .unwrap_or_else(|e| panic!("{d}: {e}"))
         .as_secs_f64()
 }
+
+/// `tessera shop <service>` against `registry`, on a free port; returns once it is
+/// registered (it prints where it listens then).
+pub async fn spawn_shop(service: &str, registry: &str, data_dir: &Path) -> Child {
+    let mut child = Command::new(BIN)
+        .args([
+            "shop",
+            service,
+            "--listen",
+            "127.0.0.1:0",
+            "--registry",
+            registry,
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("TESSERA_DRAIN_DELAY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn tessera shop");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("the service came up in time")
+            .unwrap()
+            .expect("the service printed where it listens");
+        if line.contains("registered as") {
+            break;
+        }
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
