@@ -90,6 +90,19 @@ impl Code {
             .find(|c| c.name().eq_ignore_ascii_case(name))
     }
 
+    /// A status that says the callee failed rather than refused the call: what outlier
+    /// ejection and breakers count, as they count a 5xx.
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            Code::Unavailable
+                | Code::Internal
+                | Code::Unknown
+                | Code::DataLoss
+                | Code::DeadlineExceeded
+        )
+    }
+
     /// The HTTP status with the same meaning (google.rpc.Code's table), so metrics can
     /// count gRPC calls in the same status classes as HTTP requests.
     pub fn http_status(self) -> u16 {

@@ -15,6 +15,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use tessera_balance::Pick;
+use tessera_core::grpc::Code;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
@@ -500,8 +501,11 @@ fn grpc_error_response(e: &GatewayError) -> Response<Body> {
 enum Payload {
     /// Held in memory: can be sent again.
     Replayable(Bytes),
-    /// Streamed: can be sent once.
-    Stream(Option<Body>),
+    /// Streamed: can be sent once, or again if the copy kept of it holds all of it.
+    Stream(
+        Option<Body>,
+        Option<Arc<std::sync::Mutex<crate::protocol::h1::body::Copy>>>,
+    ),
 }
 
 impl Payload {
@@ -509,18 +513,32 @@ impl Payload {
     fn next(&mut self) -> Body {
         match self {
             Payload::Replayable(b) => Body::bytes(b.clone()),
-            Payload::Stream(s) => s.take().unwrap_or_else(Body::empty),
+            Payload::Stream(s, copy) => match s.take() {
+                Some(b) => b,
+                None => copy
+                    .as_ref()
+                    .and_then(|c| c.lock().unwrap_or_else(|p| p.into_inner()).replay())
+                    .map_or_else(Body::empty, Body::bytes),
+            },
         }
     }
 
     fn replayable(&self) -> bool {
-        matches!(self, Payload::Replayable(_))
+        match self {
+            Payload::Replayable(_) => true,
+            Payload::Stream(Some(_), _) | Payload::Stream(None, None) => false,
+            Payload::Stream(None, Some(copy)) => copy
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .replay()
+                .is_some(),
+        }
     }
 
     /// Where a streamed upload records a failure of the client's own.
     fn fault(&self) -> Option<Arc<std::sync::OnceLock<ClientFault>>> {
         match self {
-            Payload::Stream(Some(Body::Upload(u))) => Some(u.fault.clone()),
+            Payload::Stream(Some(Body::Upload(u)), _) => Some(u.fault.clone()),
             _ => None,
         }
     }
@@ -542,7 +560,7 @@ async fn read_payload(
     let mut body = match body {
         Body::Full(b) => return Ok(Payload::Replayable(b.unwrap_or_default())),
         Body::Stream(b) => b,
-        other => return Ok(Payload::Stream(Some(other))),
+        other => return Ok(Payload::Stream(Some(other), None)),
     };
     if body.is_end_stream() {
         return Ok(Payload::Replayable(Bytes::new()));
@@ -577,15 +595,25 @@ async fn read_payload(
         }
     }
     let seen = ahead.len() as u64;
-    Ok(Payload::Stream(Some(Body::Upload(Box::new(
-        crate::protocol::h1::body::Upload {
+    // Streamed at once (HTTP/2): a copy is kept up to `cap`, so a body that has ended
+    // by the time its first try fails can still be retried.
+    let copy = (!read_ahead && cap > 0).then(|| {
+        Arc::new(std::sync::Mutex::new(crate::protocol::h1::body::Copy {
+            cap,
+            ..Default::default()
+        }))
+    });
+    Ok(Payload::Stream(
+        Some(Body::Upload(Box::new(crate::protocol::h1::body::Upload {
             ahead: (!ahead.is_empty()).then(|| ahead.freeze()),
             rest: body,
             seen,
             max,
             fault: Default::default(),
-        },
-    )))))
+            copy: copy.clone(),
+        }))),
+        copy,
+    ))
 }
 
 /// Sends the request to the route's upstream, and again elsewhere while the route's
@@ -627,12 +655,22 @@ async fn forward(
         .map(|h| hash_of(h, req.headers(), peer.addr));
     // Taken, not moved out of the request: the request stays where the connection task
     // put it, and is not copied into this future (it is a few hundred bytes).
+    // A gRPC call brings its own deadline (`grpc-timeout`), which shortens the route's.
+    // Read before the fields move into the outgoing request.
+    let grpc = req.version() == Version::HTTP_2 && is_grpc(req.headers());
+    let deadline = match grpc
+        .then(|| req.headers().get("grpc-timeout"))
+        .flatten()
+        .and_then(|v| tessera_core::grpc::parse_timeout(v.as_bytes()))
+    {
+        Some(t) => (start + t).min(start + route.timeout),
+        None => start + route.timeout,
+    };
     let body = std::mem::replace(req.body_mut(), Body::empty());
     let mut out = Outgoing::build(req, route, peer, identity, client_upgrade.is_some())?;
     let req: &Request<Body> = req;
     let read_ahead = req.version() < http::Version::HTTP_2;
     let limits = (gw.replay_cap, gw.max_body);
-    let deadline = start + route.timeout;
     let mut payload = read_payload(body, limits, read_ahead, deadline).await?;
     let client_fault = payload.fault();
     let retry_allowed = is_idempotent(req.method()) || route.retry_non_idempotent;
@@ -665,6 +703,14 @@ async fn forward(
         {
             out.headers.insert(tessera_trace::http::TRACEPARENT, v);
         }
+        // The upstream's deadline is what is left of this try's.
+        if grpc
+            && let Ok(v) = HeaderValue::try_from(tessera_core::grpc::format_timeout(
+                try_deadline.saturating_duration_since(now),
+            ))
+        {
+            out.headers.insert("grpc-timeout", v);
+        }
         let target = out.target(req.method(), raw, authority);
         // Pinned where it lives; the timeouts hold a reference, not a second copy.
         let call = std::pin::pin!(send(conns, &endpoint.addr, up, target, payload.next(), now));
@@ -672,7 +718,15 @@ async fn forward(
             Some(t) => t.timeout_at(try_deadline, call).await,
             None => tokio::time::timeout_at(try_deadline, call).await.ok(),
         };
-        let result = judge(outcome, up, route, &endpoint.addr, now, try_deadline);
+        let total = deadline.saturating_duration_since(start);
+        let result = judge(
+            outcome,
+            up,
+            route,
+            &endpoint.addr,
+            (now, try_deadline),
+            total,
+        );
         // A client's broken upload is its fault, not the endpoint's: nothing is recorded.
         if result.is_err()
             && let Some(fault) = client_fault.as_ref().and_then(|f| f.get())
@@ -682,10 +736,13 @@ async fn forward(
                 ClientFault::Broken(why) => GatewayError::Body(why.clone()),
             });
         }
-        let recorded = record(up, &snapshot, pick, permit, load, &result);
+        let code = grpc.then(|| grpc_outcome(&result));
+        let recorded = record(up, &snapshot, pick, permit, load, &result, code);
         let mut try_span = try_span.map(|rec| trace::TrySpan::after(*rec, &result, recorded));
+        // A status the route retries on, though it does not count against the endpoint.
+        let grpc_retry = code.is_some_and(|c| route.grpc_retry_on.contains(&c));
         let result = match result {
-            Ok(exchange) if !recorded.failed => {
+            Ok(exchange) if !recorded.failed && !grpc_retry => {
                 if let Some(span) = try_span {
                     trace::end_try(gw, *span, req.method(), &endpoint.addr, attempt);
                 }
@@ -695,7 +752,12 @@ async fn forward(
         };
         // Nothing reached the upstream: safe to send anywhere, whatever the method.
         let unsent = matches!(&result, Err(f) if !f.reached);
-        let retryable = payload.replayable() && (retry_allowed || unsent);
+        // gRPC says by status whether a call may be repeated, whatever its method.
+        let allowed = match code {
+            Some(c) => route.grpc_retry_on.contains(&c),
+            None => retry_allowed,
+        };
+        let retryable = (allowed || unsent) && payload.replayable();
         let retry = match retryable {
             true => should_retry(up, route, attempt, deadline),
             false => Retry::No,
@@ -725,8 +787,8 @@ fn judge(
     up: &Upstream,
     route: &Route,
     addr: &str,
-    now: Instant,
-    deadline: Instant,
+    (now, deadline): (Instant, Instant),
+    total: Duration,
 ) -> Result<Exchange, Failure> {
     let connect = |detail| GatewayError::Connect {
         upstream: up.name.clone(),
@@ -749,9 +811,9 @@ fn judge(
         }
         None => {
             let per_try = deadline.saturating_duration_since(now);
-            // Cut short by the route's deadline: that is the timeout the client met.
+            // Cut short by the request's deadline: that is the timeout the client met.
             let timeout = if per_try < route.per_try_timeout {
-                route.timeout
+                total
             } else {
                 per_try
             };
@@ -767,6 +829,27 @@ fn judge(
         reached,
         penalty,
     })
+}
+
+/// A gRPC try's status as far as the gateway can see it before passing the answer on:
+/// the status of a trailers-only answer, what the spec makes of an HTTP error, and
+/// UNAVAILABLE or DEADLINE_EXCEEDED for no answer. OK for an answer whose status is still
+/// to come (in its trailers).
+fn grpc_outcome(result: &Result<Exchange, Failure>) -> Code {
+    match result {
+        Ok(exchange) => {
+            let resp = &exchange.response;
+            if resp.status() != StatusCode::OK {
+                return Code::from_http_status(resp.status().as_u16());
+            }
+            resp.headers()
+                .get("grpc-status")
+                .and_then(|v| Code::parse(v.as_bytes()))
+                .unwrap_or(Code::Ok)
+        }
+        Err(f) if matches!(f.error, GatewayError::Timeout { .. }) => Code::DeadlineExceeded,
+        Err(_) => Code::Unavailable,
+    }
 }
 
 /// A try that got no answer.
@@ -819,6 +902,7 @@ fn record(
     permit: Option<tessera_resilience::Permit>,
     load: tessera_balance::InFlight,
     result: &Result<Exchange, Failure>,
+    grpc: Option<Code>,
 ) -> Recorded {
     let endpoint = &snapshot.set.endpoints[pick.idx];
     let failed = match result {
@@ -830,7 +914,7 @@ fn record(
                 StatusCode::BAD_GATEWAY
                     | StatusCode::SERVICE_UNAVAILABLE
                     | StatusCode::GATEWAY_TIMEOUT
-            );
+            ) || grpc.is_some_and(Code::is_failure);
             if !failed {
                 snapshot.outliers[pick.idx].success();
                 if let Some(p) = permit {

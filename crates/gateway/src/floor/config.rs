@@ -23,7 +23,7 @@ pub enum ConfigError {
     Invalid { key: String, problem: String },
 }
 
-fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         problem: problem.into(),
@@ -535,6 +535,12 @@ pub struct RetryConfig {
     /// Longest pause between two tries (default 250ms).
     #[serde(default, deserialize_with = "opt_duration")]
     pub max_backoff: Option<Duration>,
+    /// The gRPC statuses a gRPC call is retried on, whatever its method (default
+    /// `["unavailable"]`: the callee did not act on it). Seen only when the upstream
+    /// answers with the status alone (trailers-only), before any message went to the
+    /// client.
+    #[serde(default)]
+    pub grpc_retry_on: Option<Vec<String>>,
 }
 
 fn default_attempts() -> u32 {

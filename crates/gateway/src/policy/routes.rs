@@ -68,6 +68,8 @@ pub struct Route {
     pub per_try_timeout: Duration,
     pub retries: u32,
     pub retry_non_idempotent: bool,
+    /// The gRPC statuses retried (trailers-only answers).
+    pub grpc_retry_on: Vec<tessera_core::grpc::Code>,
     /// The pause before each retry.
     pub retry_backoff: tessera_resilience::Backoff,
     pub add_request: Vec<(HeaderName, HeaderValue)>,
@@ -322,6 +324,24 @@ fn compile(
             .and_then(|x| x.max_backoff)
             .unwrap_or(proxy.max),
     };
+    let grpc_retry_on = match r.retries.as_ref().and_then(|x| x.grpc_retry_on.as_ref()) {
+        None => vec![tessera_core::grpc::Code::Unavailable],
+        Some(names) => names
+            .iter()
+            .map(|n| {
+                tessera_core::grpc::Code::from_name(n)
+                    .filter(|c| *c != tessera_core::grpc::Code::Ok)
+                    .ok_or_else(|| {
+                        config::invalid(
+                            format!("{key}.retries.grpc_retry_on"),
+                            format!(
+                                "{n:?} is not a gRPC error status name (such as \"unavailable\")"
+                            ),
+                        )
+                    })
+            })
+            .collect::<Result<_, _>>()?,
+    };
     let describe = serde_json::json!({
         "name": name,
         "host": r.host,
@@ -333,6 +353,7 @@ fn compile(
         "retries": r.retries.as_ref().map(|x| x.attempts).unwrap_or(DEFAULT_RETRIES),
         "retry_backoff": tessera_core::format_duration(retry_backoff.base),
         "retry_max_backoff": tessera_core::format_duration(retry_backoff.max),
+        "grpc_retry_on": grpc_retry_on.iter().map(|c| c.name()).collect::<Vec<_>>(),
     });
     let rate_limit = r.rate_limit.as_ref().map(|l| RateLimit {
         key: match l.key.as_str() {
@@ -420,6 +441,7 @@ fn compile(
             .map(|x| x.attempts)
             .unwrap_or(DEFAULT_RETRIES),
         retry_non_idempotent: r.retries.as_ref().is_some_and(|x| x.retry_non_idempotent),
+        grpc_retry_on,
         retry_backoff,
         add_request,
         remove_request,

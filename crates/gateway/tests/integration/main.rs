@@ -6,6 +6,7 @@
 mod auth;
 mod config;
 mod discovery;
+mod grpc;
 mod http1;
 mod layers;
 mod properties;

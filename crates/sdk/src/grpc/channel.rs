@@ -305,14 +305,7 @@ impl Exchange for Call<'_> {
         let retryable = |c: Code| self.retryable.contains(&c);
         match result {
             Ok(a) => Verdict {
-                failed: matches!(
-                    a.code,
-                    Code::Unavailable
-                        | Code::Internal
-                        | Code::Unknown
-                        | Code::DataLoss
-                        | Code::DeadlineExceeded
-                ),
+                failed: a.code.is_failure(),
                 retry: retryable(a.code),
             },
             // Never reached the instance: safe to send elsewhere.

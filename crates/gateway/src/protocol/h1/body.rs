@@ -46,6 +46,44 @@ pub struct Upload {
     pub max: u64,
     /// Set when the body fails; the proxy reads it after a failed exchange.
     pub fault: Arc<OnceLock<ClientFault>>,
+    /// A copy of what went through, kept while it fits, so a body that ended before
+    /// its first try failed can be sent again (a unary gRPC call over HTTP/2, streamed
+    /// because its length was not known up front).
+    pub copy: Option<Arc<std::sync::Mutex<Copy>>>,
+}
+
+/// What an [`Upload`] has passed on so far.
+#[derive(Default)]
+pub struct Copy {
+    pub data: bytes::BytesMut,
+    pub cap: usize,
+    /// The body ended, and every byte of it is in `data`.
+    pub whole: bool,
+    /// More than `cap`, or trailers: it cannot be sent again.
+    pub spoilt: bool,
+}
+
+impl Copy {
+    fn keep(&mut self, frame: Option<&Frame<Bytes>>) {
+        if self.spoilt {
+            return;
+        }
+        match frame.map(Frame::data_ref) {
+            None => self.whole = true,
+            Some(Some(d)) if self.data.len() + d.len() <= self.cap => {
+                self.data.extend_from_slice(d)
+            }
+            Some(_) => {
+                self.spoilt = true;
+                self.data = bytes::BytesMut::new();
+            }
+        }
+    }
+
+    /// The whole body, when it can be sent again.
+    pub fn replay(&self) -> Option<Bytes> {
+        (self.whole && !self.spoilt).then(|| Bytes::copy_from_slice(&self.data))
+    }
 }
 
 impl Upload {
@@ -54,14 +92,24 @@ impl Upload {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         if let Some(b) = self.ahead.take() {
-            return Poll::Ready(Some(Ok(Frame::data(b))));
+            let frame = Frame::data(b);
+            self.keep(Some(&frame));
+            return Poll::Ready(Some(Ok(frame)));
         }
         let fault = match std::task::ready!(Pin::new(&mut self.rest).poll_frame(cx)) {
-            None => return Poll::Ready(None),
+            None => {
+                self.keep(None);
+                return Poll::Ready(None);
+            }
             Some(Err(e)) => ClientFault::Broken(e.to_string()),
             Some(Ok(frame)) => {
                 self.seen += frame.data_ref().map_or(0, |d| d.len() as u64);
                 if self.seen <= self.max {
+                    self.keep(Some(&frame));
+                    // HTTP/2 senders stop at `is_end_stream` without polling for the end.
+                    if self.rest.is_end_stream() {
+                        self.keep(None);
+                    }
                     return Poll::Ready(Some(Ok(frame)));
                 }
                 ClientFault::TooLarge(self.max)
@@ -69,6 +117,12 @@ impl Upload {
         };
         let _ = self.fault.set(fault.clone());
         Poll::Ready(Some(Err(BodyError::Client(fault))))
+    }
+
+    fn keep(&self, frame: Option<&Frame<Bytes>>) {
+        if let Some(copy) = &self.copy {
+            copy.lock().unwrap_or_else(|p| p.into_inner()).keep(frame);
+        }
     }
 }
 
