@@ -143,9 +143,10 @@ def test_a_stopped_cart_replica_goes_critical_by_its_grpc_health_check(demo):
                     and c["Output"].startswith("gRPC check")]
             return mine[0] if mine else None
 
-        wait_until("the replica's gRPC check passing",
-                   lambda: (grpc_check() or {}).get("Status") == "passing")
-        assert addr in cart_instances(registry)
+        # Passing means every check of the instance passes (its HTTP check too).
+        wait_until("the replica passing, its gRPC check among its checks",
+                   lambda: (grpc_check() or {}).get("Status") == "passing"
+                   and addr in cart_instances(registry))
         extra.send_signal(signal.SIGSTOP)
         try:
             check = wait_until("the gRPC check critical",
@@ -155,7 +156,8 @@ def test_a_stopped_cart_replica_goes_critical_by_its_grpc_health_check(demo):
         finally:
             extra.send_signal(signal.SIGCONT)
         wait_until("passing again after SIGCONT",
-                   lambda: (grpc_check() or {}).get("Status") == "passing")
+                   lambda: (grpc_check() or {}).get("Status") == "passing"
+                   and addr in cart_instances(registry))
     finally:
         extra.terminate()
         extra.wait(timeout=60)

@@ -25,6 +25,7 @@ use crate::floor::net::{HOP_BY_HOP, is_hop_by_hop, strip_port};
 use crate::floor::path::{PathParams, PathRules};
 use crate::policy::routes::{Rewrite, Route, Table};
 use crate::policy::upstream::{Snapshot, Upstream};
+use crate::protocol::grpc_web::Web;
 use crate::protocol::h1::body::{Body, ClientFault};
 use crate::protocol::h1::client::{Exchange, SendError as ClientError, Upgraded};
 use crate::protocol::h1::fields::RawFields;
@@ -152,6 +153,24 @@ pub async fn handle(
     {
         *req.headers_mut() = r.to_map();
     }
+    // A gRPC-Web call on a route that translates it goes on as gRPC, and is answered
+    // (refusals included) as gRPC-Web.
+    let web = match route.grpc_web {
+        true => Web::of(req.headers()),
+        false => None,
+    };
+    if let Some(w) = web {
+        if let Err(why) = w.to_grpc(req) {
+            let e = GatewayError::Body(why);
+            let status = e.status();
+            if let Some(span) = span {
+                trace::finish(gw, span, Some(route), status);
+            }
+            return w.answer(error_response(e, true));
+        }
+        req.extensions_mut().insert(w);
+    }
+    let grpc = grpc || web.is_some();
     // Taken now: forwarding takes the request apart.
     let sampled = AccessEntry::sample(gw, req);
     let parent = span.as_ref().map(|s| &s.rec);
@@ -171,6 +190,10 @@ pub async fn handle(
                 (error_response(e, grpc), status)
             }
         };
+    let resp = match web {
+        Some(w) => w.answer(resp),
+        None => resp,
+    };
     // Counted and logged on the route whatever the answer, refusals included.
     let elapsed = Instant::now().saturating_duration_since(start);
     route.metrics.record(status.as_u16(), elapsed);
@@ -657,7 +680,8 @@ async fn forward(
     // put it, and is not copied into this future (it is a few hundred bytes).
     // A gRPC call brings its own deadline (`grpc-timeout`), which shortens the route's.
     // Read before the fields move into the outgoing request.
-    let grpc = req.version() == Version::HTTP_2 && is_grpc(req.headers());
+    let grpc = (req.version() == Version::HTTP_2 || req.extensions().get::<Web>().is_some())
+        && is_grpc(req.headers());
     let deadline = match grpc
         .then(|| req.headers().get("grpc-timeout"))
         .flatten()

@@ -381,6 +381,11 @@ pub struct RouteConfig {
     /// without them, as Tomcat reads it.
     #[serde(default)]
     pub path_params: Option<crate::floor::path::PathParams>,
+    /// Translate gRPC-Web (`application/grpc-web`, `application/grpc-web-text`) calls,
+    /// such as a browser's, to gRPC for the upstream and the answers back, as Envoy's
+    /// grpc_web filter does. The upstream must speak gRPC (`protocol = "h2c"`).
+    #[serde(default)]
+    pub grpc_web: bool,
 }
 
 /// A route's rate limit: `burst` requests at once, then `rate` per second, per key.

@@ -70,6 +70,8 @@ pub struct Route {
     pub retry_non_idempotent: bool,
     /// The gRPC statuses retried (trailers-only answers).
     pub grpc_retry_on: Vec<tessera_core::grpc::Code>,
+    /// gRPC-Web calls are translated.
+    pub grpc_web: bool,
     /// The pause before each retry.
     pub retry_backoff: tessera_resilience::Backoff,
     pub add_request: Vec<(HeaderName, HeaderValue)>,
@@ -354,6 +356,7 @@ fn compile(
         "retry_backoff": tessera_core::format_duration(retry_backoff.base),
         "retry_max_backoff": tessera_core::format_duration(retry_backoff.max),
         "grpc_retry_on": grpc_retry_on.iter().map(|c| c.name()).collect::<Vec<_>>(),
+        "grpc_web": r.grpc_web,
     });
     let rate_limit = r.rate_limit.as_ref().map(|l| RateLimit {
         key: match l.key.as_str() {
@@ -394,6 +397,7 @@ fn compile(
     let add_request = header_pairs(&key, &r.request_headers.add)?;
     let remove_request = header_names(&key, &r.request_headers.remove)?;
     let plain = r.auth.is_none()
+        && !r.grpc_web
         && add_request.is_empty()
         && remove_request.is_empty()
         && !rate_limit
@@ -442,6 +446,7 @@ fn compile(
             .unwrap_or(DEFAULT_RETRIES),
         retry_non_idempotent: r.retries.as_ref().is_some_and(|x| x.retry_non_idempotent),
         grpc_retry_on,
+        grpc_web: r.grpc_web,
         retry_backoff,
         add_request,
         remove_request,

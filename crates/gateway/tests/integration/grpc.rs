@@ -178,6 +178,8 @@ retries = {{ attempts = 2, grpc_retry_on = ["unavailable", "resource_exhausted"]
 [upstreams.echo]
 endpoints = ["{}", "{}"]
 protocol = "h2c"
+# Each endpoint in turn, so calls meet the bad one first half the time.
+policy = "round_robin"
 # Every call here meets the bad endpoint now and then, by design.
 [upstreams.echo.outlier]
 enabled = false
@@ -265,4 +267,107 @@ protocol = "h2c"
         left <= Duration::from_secs(1) && left > Duration::ZERO,
         "{sent}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_web_calls_from_http1_are_translated_both_ways() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    let echo = GrpcUpstream::start(0, Duration::ZERO).await;
+    // A port nothing listens on.
+    let gone = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gw = TestGateway::start(&format!(
+        r#"
+[[routes]]
+path = {{ prefix = "/demo.Echo/" }}
+upstream = "echo"
+grpc_web = true
+[[routes]]
+path = {{ prefix = "/demo.Gone/" }}
+upstream = "gone"
+grpc_web = true
+[upstreams.echo]
+endpoints = ["{}"]
+protocol = "h2c"
+[upstreams.gone]
+endpoints = ["{}"]
+protocol = "h2c"
+"#,
+        echo.addr, gone
+    ))
+    .await;
+    let trailer = b"\x80\0\0\0\x10grpc-status: 0\r\n";
+    let mut want = message(b"ping").to_vec();
+    want.extend_from_slice(trailer);
+
+    // Binary, as a browser's fetch sends it over HTTP/1.1.
+    let (s, h, body) = post_http1(
+        gw.addr,
+        "/demo.Echo/Say",
+        "application/grpc-web+proto",
+        message(b"ping"),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(h["content-type"], "application/grpc-web+proto");
+    let (_, got) = echo.seen.lock().unwrap().clone();
+    assert_eq!(got, message(b"ping"), "the upstream got plain gRPC");
+    assert_eq!(&body[..], &want[..]);
+
+    // Text: base64 both ways.
+    let text = Bytes::from(STANDARD.encode(message(b"ping")));
+    let (s, h, body) =
+        post_http1(gw.addr, "/demo.Echo/Say", "application/grpc-web-text", text).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["content-type"], "application/grpc-web-text+proto");
+    assert_eq!(STANDARD.decode(&body).unwrap(), want);
+
+    // The gateway's own refusal, in gRPC-Web's terms.
+    let (s, h, _) = gw
+        .http
+        .send(
+            http::Method::POST,
+            "/demo.Gone/Say",
+            &[("content-type", "application/grpc-web+proto")],
+            message(b"ping"),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(h["content-type"], "application/grpc-web+proto");
+    assert_eq!(h["grpc-status"], "14");
+
+    // Text that is not base64 is the caller's mistake.
+    let (s, h, _) = gw
+        .http
+        .send(
+            http::Method::POST,
+            "/demo.Echo/Say",
+            &[("content-type", "application/grpc-web-text")],
+            Bytes::from_static(b"%%%%"),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(h["grpc-status"], "3", "INVALID_ARGUMENT");
+}
+
+/// An HTTP/1.1 POST: the answer's status, head and body bytes.
+async fn post_http1(
+    gw: SocketAddr,
+    path: &str,
+    content_type: &str,
+    body: Bytes,
+) -> (u16, HeaderMap, Bytes) {
+    let c = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+    let req = http::Request::post(format!("http://{gw}{path}"))
+        .header("content-type", content_type)
+        .header("x-grpc-web", "1")
+        .body(Full::new(body))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    let (s, h) = (resp.status().as_u16(), resp.headers().clone());
+    (s, h, resp.into_body().collect().await.unwrap().to_bytes())
 }

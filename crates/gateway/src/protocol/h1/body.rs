@@ -27,6 +27,8 @@ pub enum Body {
     Raw(Box<RawResponse>),
     /// A client's request body too large to hold for retries, streamed to the upstream.
     Upload(Box<Upload>),
+    /// A body re-encoded on its way (gRPC-Web's base64, its trailers as a frame).
+    Mapped(http_body_util::combinators::BoxBody<Bytes, BodyError>),
 }
 
 /// What went wrong with a client's streamed body: answered as the client's fault (400,
@@ -195,6 +197,7 @@ impl std::fmt::Debug for Body {
             Body::Upstream(_) => f.write_str("Body::Upstream"),
             Body::Raw(_) => f.write_str("Body::Raw"),
             Body::Upload(_) => f.write_str("Body::Upload"),
+            Body::Mapped(_) => f.write_str("Body::Mapped"),
         }
     }
 }
@@ -228,6 +231,7 @@ impl HttpBody for Body {
                 .map(|f| f.map(|r| r.map_err(BodyError::Upstream))),
             Body::Raw(r) => Poll::Ready(r.body.take().map(|b| Ok(Frame::data(b)))),
             Body::Upload(u) => u.poll_frame(cx),
+            Body::Mapped(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
@@ -238,6 +242,7 @@ impl HttpBody for Body {
             Body::Upstream(b) => b.is_end_stream(),
             Body::Raw(r) => r.body.is_none(),
             Body::Upload(u) => u.ahead.is_none() && u.rest.is_end_stream(),
+            Body::Mapped(b) => b.is_end_stream(),
         }
     }
 
@@ -259,6 +264,7 @@ impl HttpBody for Body {
                     }
                 }
             }
+            Body::Mapped(b) => b.size_hint(),
         }
     }
 }
