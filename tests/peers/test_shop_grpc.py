@@ -123,6 +123,57 @@ def test_reflection_lists_the_cart_and_a_client_calls_it_from_what_it_learned(de
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def grpc_web(gw, method, message, token, text=False):
+    """One gRPC-Web call over HTTP/1.1, as a browser's fetch makes it: (HTTP status,
+    headers, [messages], {trailers})."""
+    import base64
+    import http.client
+    import struct
+
+    body = b"\0" + struct.pack(">I", len(message)) + message
+    ctype = "application/grpc-web-text" if text else "application/grpc-web+proto"
+    host, port = gw.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", f"/{CART}/{method}", body=base64.b64encode(body) if text else body,
+                 headers={"content-type": ctype, "x-grpc-web": "1", "authorization": f"Bearer {token}"})
+    resp = conn.getresponse()
+    data = resp.read()
+    if text:
+        data = base64.b64decode(data)
+    messages, trailers = [], {}
+    while data:
+        flag, n = data[0], struct.unpack(">I", data[1:5])[0]
+        chunk, data = data[5:5 + n], data[5 + n:]
+        if flag & 0x80:
+            for line in chunk.decode().split("\r\n"):
+                if line:
+                    k, v = line.split(":", 1)
+                    trailers[k.strip()] = v.strip()
+        else:
+            messages.append(chunk)
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, messages, trailers
+
+
+def test_grpc_web_through_the_gateway(demo, stubs):
+    """A browser's gRPC-Web call, binary and base64 text, reaches the cart as gRPC."""
+    gw, _, _, token = demo
+    pb, _ = stubs
+    add = pb.AddItemRequest(product_id="kettle", quantity=1).SerializeToString()
+    status, headers, messages, trailers = grpc_web(gw, "AddItem", add, token, text=True)
+    assert status == 200 and headers["content-type"] == "application/grpc-web-text+proto", headers
+    assert trailers.get("grpc-status") == "0", trailers
+    view = pb.CartView.FromString(messages[0])
+    assert ("kettle", 1) in [(i.product_id, i.quantity) for i in view.items]
+
+    status, headers, messages, trailers = grpc_web(gw, "GetCart", b"", token)
+    assert status == 200 and headers["content-type"] == "application/grpc-web+proto", headers
+    assert trailers.get("grpc-status") == "0", trailers
+    assert pb.CartView.FromString(messages[0]) == view
+    # A refusal is a status in the head, where a gRPC-Web client reads it.
+    status, headers, messages, _ = grpc_web(gw, "GetCart", b"", "forged")
+    assert (status, headers.get("grpc-status"), messages) == (200, "16", []), headers
+
+
 def test_a_stopped_cart_replica_goes_critical_by_its_grpc_health_check(demo):
     """A third cart replica, SIGSTOPped: the registry's gRPC check of it times out and
     goes critical; SIGCONT, and it passes again."""

@@ -62,6 +62,9 @@ enum Command {
     /// Run a tiny HTTP upstream (for benchmarks and demos).
     #[command(hide = true)]
     Upstream(crate::upstream::UpstreamArgs),
+    /// Load a gRPC server with unary calls (for bench/grpc.sh).
+    #[command(hide = true)]
+    GrpcLoad(crate::grpc_load::GrpcLoadArgs),
     /// List services, or the instances of one service with their health.
     Services { name: Option<String> },
     /// Read and write the KV store.
@@ -133,6 +136,7 @@ impl Cli {
             Command::Server(args) => server::run(args).await,
             Command::Gateway(args) => crate::gateway::run(args).await,
             Command::Upstream(args) => crate::upstream::run(args).await,
+            Command::GrpcLoad(args) => crate::grpc_load::run(args).await,
             Command::Health(args) => crate::health::run(args).await,
             Command::Demo(args) => crate::demo::run(*args).await,
             Command::Shop { service, args } => {

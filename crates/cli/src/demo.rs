@@ -825,6 +825,7 @@ path = {{ prefix = "/tessera.shop.cart.v1.Cart/" }}
 upstream = "cart-grpc"
 timeout = "20s"
 auth = {{ jwt = "shop" }}
+grpc_web = true
 
 [[routes]]
 name = "catalog-read"

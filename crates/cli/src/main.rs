@@ -4,6 +4,7 @@ mod alloc;
 mod client;
 mod demo;
 mod gateway;
+mod grpc_load;
 mod health;
 mod http;
 mod load;

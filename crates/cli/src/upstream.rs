@@ -1,5 +1,7 @@
 //! `tessera upstream`: a tiny HTTP/1.1 + h2c server answering `hello from ID`, used as the
-//! upstream in benchmarks and demos (so they need nothing but the tessera binary).
+//! upstream in benchmarks and demos (so they need nothing but the tessera binary). With
+//! `--grpc` it serves gRPC instead, through the SDK: `grpc.health.v1.Health` (always
+//! SERVING) and reflection, as a Tessera service serves them.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,6 +18,17 @@ pub struct UpstreamArgs {
     /// Name put in every answer.
     #[arg(long, default_value = "upstream")]
     id: String,
+    /// Serve gRPC (the SDK's GrpcServer) instead of `hello`.
+    #[arg(long)]
+    grpc: bool,
+}
+
+struct AlwaysReady;
+
+impl tessera::grpc::Ready for AlwaysReady {
+    async fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 pub async fn run(args: UpstreamArgs) -> Result<(), String> {
@@ -24,6 +37,17 @@ pub async fn run(args: UpstreamArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.bind))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("tessera upstream {} listening on http://{addr}", args.id);
+    if args.grpc {
+        let app = tessera::grpc::GrpcServer::new().into_router(std::sync::Arc::new(AlwaysReady))?;
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        return axum::serve(listener, app)
+            .with_graceful_shutdown(crate::server::shutdown_signal())
+            .await
+            .map_err(|e| format!("server: {e}"));
+    }
     let body = Bytes::from(format!("hello from {}\n", args.id));
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     loop {

@@ -25,14 +25,15 @@ use crate::floor::net::{HOP_BY_HOP, is_hop_by_hop, strip_port};
 use crate::floor::path::{PathParams, PathRules};
 use crate::policy::routes::{Rewrite, Route, Table};
 use crate::policy::upstream::{Snapshot, Upstream};
-use crate::protocol::grpc_web::Web;
 use crate::protocol::h1::body::{Body, ClientFault};
 use crate::protocol::h1::client::{Exchange, SendError as ClientError, Upgraded};
 use crate::protocol::h1::fields::RawFields;
 use crate::protocol::h1::server::Handler;
 use crate::protocol::peer::Peer;
 use crate::protocol::timer::LazyTimer;
+use grpc_web::Web;
 
+mod grpc_web;
 mod trace;
 
 /// Latency charged to an endpoint that failed to connect or reset, so peak-EWMA steers
@@ -159,41 +160,42 @@ pub async fn handle(
         true => Web::of(req.headers()),
         false => None,
     };
-    if let Some(w) = web {
-        if let Err(why) = w.to_grpc(req) {
-            let e = GatewayError::Body(why);
-            let status = e.status();
-            if let Some(span) = span {
-                trace::finish(gw, span, Some(route), status);
-            }
-            return w.answer(error_response(e, true));
+    if let Some(w) = web
+        && let Err(why) = w.to_grpc(req)
+    {
+        let e = GatewayError::Body(why);
+        let status = e.status();
+        if let Some(span) = span {
+            trace::finish(gw, span, Some(route), status);
         }
-        req.extensions_mut().insert(w);
+        return w.answer(error_response(e, true));
     }
     let grpc = grpc || web.is_some();
     // Taken now: forwarding takes the request apart.
     let sampled = AccessEntry::sample(gw, req);
     let parent = span.as_ref().map(|s| &s.rec);
-    let (resp, status) =
-        match on_route(gw, &table, route, req, raw, peer, start, timer, parent).await {
-            Ok(resp) => {
-                let status = resp.status();
-                (resp, status)
+    let (mut resp, status) = match on_route(
+        gw, &table, route, req, raw, peer, start, timer, parent, grpc,
+    )
+    .await
+    {
+        Ok(resp) => {
+            let status = resp.status();
+            (resp, status)
+        }
+        // The rescue point: a failure from any layer below is answered here, once.
+        Err(e) => {
+            if let Some(span) = span.as_deref_mut() {
+                trace::refused(span, &e);
             }
-            // The rescue point: a failure from any layer below is answered here, once.
-            Err(e) => {
-                if let Some(span) = span.as_deref_mut() {
-                    trace::refused(span, &e);
-                }
-                // Counted as what it is, also when a gRPC caller is told in a 200.
-                let status = e.status();
-                (error_response(e, grpc), status)
-            }
-        };
-    let resp = match web {
-        Some(w) => w.answer(resp),
-        None => resp,
+            // Counted as what it is, also when a gRPC caller is told in a 200.
+            let status = e.status();
+            (error_response(e, grpc), status)
+        }
     };
+    if let Some(w) = web {
+        resp = w.answer(resp);
+    }
     // Counted and logged on the route whatever the answer, refusals included.
     let elapsed = Instant::now().saturating_duration_since(start);
     route.metrics.record(status.as_u16(), elapsed);
@@ -218,6 +220,8 @@ async fn on_route(
     start: Instant,
     timer: Option<&mut LazyTimer>,
     trace: Option<&tessera_trace::Recording>,
+    // A gRPC caller (HTTP/2 or translated gRPC-Web): deadlines and retries by status.
+    grpc: bool,
 ) -> Result<Response<Body>, GatewayError> {
     // Identity headers come only from verified tokens: a client's copy never passes.
     let identity = &table.issuers.identity_headers;
@@ -241,7 +245,11 @@ async fn on_route(
     // it runs, and boxing this one cost an allocation of its ~3 KB plus a copy of all of
     // it per request (555 instructions of 14.3k, measured). The cold paths inside it (a
     // new connection, a streamed body, HTTP/2) are boxed instead, to keep it small.
-    let mut resp = match forward(gw, route, req, raw, peer, identity, start, timer, trace).await {
+    let mut resp = match forward(
+        gw, route, req, raw, peer, identity, start, timer, trace, grpc,
+    )
+    .await
+    {
         Ok(resp) => resp,
         // The fallback stands in for a failed upstream, never for a refusal above.
         Err(e) => {
@@ -653,6 +661,7 @@ async fn forward(
     start: Instant,
     mut timer: Option<&mut LazyTimer>,
     trace: Option<&tessera_trace::Recording>,
+    grpc: bool,
 ) -> Result<Response<Body>, GatewayError> {
     let Some(up) = &route.upstream else {
         return Err(GatewayError::NoEndpoint(
@@ -680,8 +689,6 @@ async fn forward(
     // put it, and is not copied into this future (it is a few hundred bytes).
     // A gRPC call brings its own deadline (`grpc-timeout`), which shortens the route's.
     // Read before the fields move into the outgoing request.
-    let grpc = (req.version() == Version::HTTP_2 || req.extensions().get::<Web>().is_some())
-        && is_grpc(req.headers());
     let deadline = match grpc
         .then(|| req.headers().get("grpc-timeout"))
         .flatten()

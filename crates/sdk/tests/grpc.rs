@@ -99,8 +99,9 @@ async fn serving(channel: &GrpcChannel) -> Result<HealthCheckResponse, tonic::St
 
 /// An instance answering every gRPC call UNAVAILABLE, as one that is shutting down does.
 fn unavailable() -> axum::Router {
-    axum::Router::new()
-        .fallback(|| async { tessera_web::grpc_status(Code::Unavailable, "going away") })
+    axum::Router::new().fallback(|| async {
+        tessera_web::grpc_status::<axum::body::Body>(Code::Unavailable, "going away")
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -71,9 +71,13 @@ async fn not_found(uri: Uri, headers: HeaderMap) -> Response {
     )
 }
 
-/// A trailers-only gRPC answer: HTTP 200 with the status in the headers.
-pub fn grpc_status(code: tessera_core::grpc::Code, message: &str) -> Response {
-    let mut resp = Response::new(Body::empty());
+/// A trailers-only gRPC answer: HTTP 200 with the status in the headers, and no body
+/// (of whichever body type the server or client at hand uses).
+pub fn grpc_status<B: Default>(
+    code: tessera_core::grpc::Code,
+    message: &str,
+) -> axum::http::Response<B> {
+    let mut resp = axum::http::Response::new(B::default());
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

@@ -280,6 +280,11 @@ pub async fn run(service: Service, args: ShopArgs, stop: CancellationToken) -> R
         tokio::time::sleep(args_drain_delay).await;
         background.cancel();
     };
+    // Small answers on multiplexed HTTP/2 (gRPC) must not wait for Nagle.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -2,7 +2,6 @@
 //! pools: how bytes become requests and go out again. Knows nothing of routes or policy.
 
 pub(crate) mod grouped;
-pub(crate) mod grpc_web;
 pub(crate) mod h1;
 pub(crate) mod h2;
 pub(crate) mod peer;

@@ -164,17 +164,7 @@ fn code_of(e: &Error) -> Code {
 
 /// A trailers-only answer.
 fn status(code: Code, message: &str) -> http::Response<tonic::body::Body> {
-    let mut resp = http::Response::new(tonic::body::Body::empty());
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    h.insert("grpc-status", HeaderValue::from(code as u16));
-    if let Ok(v) = HeaderValue::from_str(&tessera_core::grpc::encode_message(message)) {
-        h.insert("grpc-message", v);
-    }
-    resp
+    tessera_web::grpc_status(code, message)
 }
 
 struct Call<'a> {

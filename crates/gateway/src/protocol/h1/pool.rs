@@ -56,9 +56,22 @@ pub struct Conns {
 struct Slot {
     /// Idle HTTP/1.1 connections and when each went idle (most recent last).
     idle: Mutex<Vec<(H1Conn, Instant)>>,
-    /// The shared HTTP/2 connection and the connector (`Connector::id`) that opened it.
-    h2: Mutex<Option<(u64, http2::SendRequest<Body>)>>,
+    /// The shared HTTP/2 connections, each with the connector (`Connector::id`) that
+    /// opened it, and which the next request takes.
+    h2: Mutex<H2Conns>,
 }
+
+/// HTTP/2 connections to one endpoint, shared by concurrent requests in turn. More than
+/// one: an upstream serves each connection's frames on one task (hyper, tonic, grpc-go
+/// alike), so streams spread over a few connections use more of its cores.
+#[derive(Default)]
+struct H2Conns {
+    open: [Option<(u64, http2::SendRequest<Body>)>; H2_CONNS],
+    next: usize,
+}
+
+/// HTTP/2 connections per endpoint and worker.
+const H2_CONNS: usize = 4;
 
 impl Default for Conns {
     fn default() -> Conns {
@@ -130,7 +143,15 @@ impl Conns {
                 .await
             }
             Protocol::H2c => {
-                if let Some((id, s)) = self.slot().h2.lock().ok().and_then(|g| g.clone())
+                let (turn, open) = match self.slot().h2.lock() {
+                    Ok(mut g) => {
+                        let turn = g.next % H2_CONNS;
+                        g.next = g.next.wrapping_add(1);
+                        (turn, g.open[turn].clone())
+                    }
+                    Err(_) => (0, None),
+                };
+                if let Some((id, s)) = open
                     && id == connector.id()
                     && !s.is_closed()
                 {
@@ -150,7 +171,7 @@ impl Conns {
                     let _ = conn.await;
                 });
                 if let Ok(mut g) = self.slot().h2.lock() {
-                    *g = Some((connector.id(), sender.clone()));
+                    g.open[turn] = Some((connector.id(), sender.clone()));
                 }
                 Ok(Conn::H2(sender))
             }

@@ -150,10 +150,12 @@ where
             let peer = peer.clone();
             async move {
                 let mut req = req.map(Body::Stream);
-                // hyper closes the connection itself when the response says so.
-                let mut resp = handler
-                    .handle(&mut req, None, &peer, Instant::now(), None)
-                    .await;
+                // hyper closes the connection itself when the response says so. Boxed:
+                // hyper moves this future into each HTTP/2 stream's task, several times;
+                // unboxed, the whole request future (kilobytes) is copied each time
+                // (memmove was the largest item in a profile of gRPC load).
+                let mut resp =
+                    Box::pin(handler.handle(&mut req, None, &peer, Instant::now(), None)).await;
                 // hyper writes the header map, so raw upstream fields become one here.
                 crate::protocol::h1::body::materialize(&mut resp);
                 Ok::<_, std::convert::Infallible>(resp)
