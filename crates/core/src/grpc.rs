@@ -160,6 +160,31 @@ pub fn encode_message(message: &str) -> String {
     out
 }
 
+/// A `grpc-message` as the text it carries (percent-decoded UTF-8; a `%` not followed by
+/// two hex digits stays as it is).
+pub fn decode_message(value: &[u8]) -> String {
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let mut out = Vec::with_capacity(value.len());
+    let mut i = 0;
+    while i < value.len() {
+        match (
+            value[i],
+            value.get(i + 1).and_then(|&b| hex(b)),
+            value.get(i + 2).and_then(|&b| hex(b)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// A `grpc-timeout` value: at most 8 digits and a unit (H, M, S, m, u, n).
 pub fn parse_timeout(value: &[u8]) -> Option<Duration> {
     let (&unit, digits) = value.split_last()?;
@@ -268,10 +293,10 @@ mod tests {
     }
 
     #[test]
-    fn messages_are_percent_encoded() {
-        assert_eq!(
-            encode_message("no route: 100% é"),
-            "no route: 100%25 %C3%A9"
-        );
+    fn messages_are_percent_encoded_and_decoded() {
+        let text = "no route: 100% é";
+        assert_eq!(encode_message(text), "no route: 100%25 %C3%A9");
+        assert_eq!(decode_message(encode_message(text).as_bytes()), text);
+        assert_eq!(decode_message(b"50%x"), "50%x");
     }
 }

@@ -84,33 +84,9 @@ pub(crate) fn status(headers: &HeaderMap) -> Option<Result<(), Error>> {
     }
     let message = headers
         .get("grpc-message")
-        .map(|m| percent_decode(m.as_bytes()))
+        .map(|m| tessera_core::grpc::decode_message(m.as_bytes()))
         .unwrap_or_default();
     Some(Err(Error::Status { code, message }))
-}
-
-/// grpc-message is percent-encoded UTF-8.
-fn percent_decode(s: &[u8]) -> String {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (
-            s[i],
-            s.get(i + 1).and_then(|&b| hex(b)),
-            s.get(i + 2).and_then(|&b| hex(b)),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Splits whole messages off the front of `buf`.
