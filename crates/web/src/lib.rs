@@ -192,7 +192,10 @@ pub fn metrics_response(out: tessera_metrics::Text) -> Response {
 
 /// `router` with every request counted and timed in `metrics`, under its route's pattern
 /// (never the raw path, which would grow without bound; `unmatched` when no route took
-/// it) and its method (`other` for methods outside HTTP's own).
+/// it) and its method (`other` for methods outside HTTP's own). A gRPC call counts under
+/// its method's path (`/package.Service/Method`) unless it was UNIMPLEMENTED (so made-up
+/// methods add no series), in the status class its gRPC status maps to: a call that
+/// failed INTERNAL is a 5xx though it came back in an HTTP 200.
 pub fn with_metrics(router: Router, metrics: std::sync::Arc<HttpMetrics>) -> Router {
     router.layer(axum::middleware::from_fn_with_state(metrics, measured))
 }
@@ -213,6 +216,30 @@ async fn measured(
         Method::OPTIONS => "OPTIONS",
         _ => "other",
     };
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| tessera_core::grpc::is_grpc(v.as_bytes()));
+    if grpc {
+        let path = req.uri().path().to_owned();
+        let resp = next.run(req).await;
+        // A status in the head (trailers-only) is an error's; OK comes in the trailers.
+        let code = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| tessera_core::grpc::Code::parse(v.as_bytes()))
+            .unwrap_or(tessera_core::grpc::Code::Ok);
+        let route = match code {
+            tessera_core::grpc::Code::Unimplemented => "unmatched",
+            _ => path.as_str(),
+        };
+        let status = match resp.status() {
+            StatusCode::OK => code.http_status(),
+            other => other.as_u16(),
+        };
+        metrics.of(method, route).record(status, started.elapsed());
+        return resp;
+    }
     let red = {
         let route = req
             .extensions()
@@ -368,6 +395,61 @@ mod tests {
         assert_eq!(v["code"], "bad_request");
         let (s, _, _) = call(&app, "GET", "/items", vec![]).await;
         assert_eq!(s, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn grpc_calls_count_per_method_by_their_status() {
+        let metrics = std::sync::Arc::new(HttpMetrics::default());
+        let app = with_metrics(
+            json_errors(Router::new().route(
+                "/pkg.Svc/{*rest}",
+                post(|uri: Uri| async move {
+                    match uri.path() {
+                        "/pkg.Svc/Ok" => Response::new(Body::empty()),
+                        "/pkg.Svc/Broken" => {
+                            grpc_status(tessera_core::grpc::Code::Internal, "broken")
+                        }
+                        _ => grpc_status(tessera_core::grpc::Code::Unimplemented, ""),
+                    }
+                }),
+            )),
+            metrics.clone(),
+        );
+        for path in [
+            "/pkg.Svc/Ok",
+            "/pkg.Svc/Broken",
+            "/pkg.Svc/Made-up",
+            "/other.Svc/X",
+        ] {
+            let req = axum::http::Request::post(path)
+                .header(header::CONTENT_TYPE, "application/grpc")
+                .body(Body::empty())
+                .unwrap_or_default();
+            let resp = app.clone().oneshot(req).await.unwrap_or_default();
+            assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        }
+        let mut out = tessera_metrics::Text::new();
+        metrics.render(&mut out);
+        let text = out.finish();
+        let count = |route: &str, class: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("tessera_http_server_requests_total{")
+                        && l.contains(&format!("route=\"{route}\""))
+                        && l.contains(&format!("status=\"{class}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(count("/pkg.Svc/Ok", "2xx").as_deref(), Some("1"), "{text}");
+        assert_eq!(
+            count("/pkg.Svc/Broken", "5xx").as_deref(),
+            Some("1"),
+            "{text}"
+        );
+        // Made-up methods and services land in one series, not one each.
+        assert_eq!(count("unmatched", "5xx").as_deref(), Some("2"), "{text}");
+        assert!(!text.contains("Made-up"), "{text}");
     }
 
     #[tokio::test]
