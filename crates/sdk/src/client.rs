@@ -214,6 +214,34 @@ pub(crate) trait Exchange: Sync {
     fn status(answer: &Self::Answer) -> u16;
 
     fn judge(&self, result: &Result<Self::Answer, Error>) -> Verdict;
+
+    /// Ends a try's client span (an HTTP span by default).
+    fn end_span(
+        &self,
+        span: crate::trace::Try,
+        endpoint: &str,
+        attempt: u32,
+        result: &Result<Self::Answer, Error>,
+    ) {
+        let outcome = match result {
+            Ok(r) => Outcome::Answered(Self::status(r)),
+            Err(e) => {
+                let (kind, message) = no_answer(e);
+                Outcome::Failed { kind, message }
+            }
+        };
+        span.finish(self.method(), endpoint, attempt, outcome);
+    }
+}
+
+/// A try that got no answer, for its span: a low-cardinality `error.type` and the message.
+pub(crate) fn no_answer(e: &Error) -> (&'static str, String) {
+    let kind = match e {
+        Error::Timeout(..) => "timeout",
+        Error::Transport { connect: true, .. } => "connect",
+        _ => "io",
+    };
+    (kind, e.to_string())
 }
 
 /// What one try says: `failed` counts against the instance (outlier ejection) and the
@@ -301,18 +329,7 @@ impl ServiceClient {
                     )),
                 };
             if let Some(span) = span {
-                let outcome = match &result {
-                    Ok(r) => Outcome::Answered(X::status(r)),
-                    Err(e) => Outcome::Failed {
-                        kind: match e {
-                            Error::Timeout(..) => "timeout",
-                            Error::Transport { connect: true, .. } => "connect",
-                            _ => "io",
-                        },
-                        message: e.to_string(),
-                    },
-                };
-                span.finish(x.method(), &endpoint.addr, attempt - 1, outcome);
+                x.end_span(span, &endpoint.addr, attempt - 1, &result);
             }
             tried.push(endpoint.addr.clone());
             let Verdict { failed, retry } = x.judge(&result);

@@ -321,5 +321,24 @@ async fn a_call_made_while_serving_sends_the_trace_in_its_metadata() {
         !sent.contains("00f067aa0ba902b7"),
         "the callee's parent is the try's span"
     );
+    // The try is a client span named and described by OpenTelemetry's RPC conventions,
+    // and the callee's parent.
+    let try_span = || {
+        collector
+            .spans()
+            .into_iter()
+            .find(|s| s.kind == 3 && s.trace_id == trace)
+    };
+    wait_for("the try's span at the collector", || {
+        std::future::ready(try_span().is_some())
+    })
+    .await;
+    let span = try_span().unwrap();
+    assert_eq!(span.name, "grpc.health.v1.Health/Check");
+    assert_eq!(span.attributes["rpc.system"], "grpc");
+    assert_eq!(span.attributes["rpc.service"], "grpc.health.v1.Health");
+    assert_eq!(span.attributes["rpc.method"], "Check");
+    assert_eq!(span.attributes["rpc.grpc.status_code"], "0");
+    assert!(sent.contains(&span.span_id), "{sent} {span:?}");
     server.stop().await;
 }

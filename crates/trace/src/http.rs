@@ -1,5 +1,8 @@
 //! HTTP spans with OpenTelemetry's semantic-convention attribute names, one shape for every
-//! Tessera process: the gateway, the SDK's services and clients, the servers' APIs.
+//! Tessera process: the gateway, the SDK's services and clients, the servers' APIs. A
+//! gRPC call's span is an HTTP span renamed and described by the RPC conventions
+//! (`package.Service/Method`, `rpc.system`, `rpc.service`, `rpc.method`,
+//! `rpc.grpc.status_code`).
 
 use std::net::IpAddr;
 
@@ -22,6 +25,77 @@ pub struct Served {
     pub version: Version,
     /// The route (or handler) that answered, when one did: it names the span.
     pub route: Option<String>,
+}
+
+/// A gRPC call's name (`package.Service/Method`, from its path) and `rpc.*` attributes.
+fn rpc(attrs: &mut Vec<(&'static str, Value)>, path: &str, code: u16) -> String {
+    let name = path.trim_start_matches('/');
+    let (service, method) = name.split_once('/').unwrap_or((name, ""));
+    attrs.push(("rpc.system", "grpc".into()));
+    attrs.push(("rpc.service", service.to_owned().into()));
+    attrs.push(("rpc.method", method.to_owned().into()));
+    attrs.push(("rpc.grpc.status_code", i64::from(code).into()));
+    name.to_owned()
+}
+
+/// A gRPC call's server span, ended now: `status` is the HTTP answer's, `code` the gRPC
+/// status (0 when it is still to come in the trailers). An error for the statuses that
+/// say the server failed (OpenTelemetry's list), not for the caller's mistakes.
+pub fn grpc_server(rec: Recording, served: Served, status: u16, code: u16) -> Span {
+    let mut attrs = vec![
+        ("url.path", Value::from(served.path.clone())),
+        (
+            "network.protocol.version",
+            protocol_version(served.version).into(),
+        ),
+        ("http.response.status_code", i64::from(status).into()),
+    ];
+    let name = rpc(&mut attrs, &served.path, code);
+    let failed = matches!(code, 2 | 4 | 12 | 13 | 14 | 15) || status >= 500;
+    let outcome = if failed {
+        Status::Error(format!("gRPC status {code}"))
+    } else {
+        Status::Unset
+    };
+    rec.finish(name, Kind::Server, attrs, outcome)
+}
+
+/// One try of a gRPC call, as a client span to `endpoint`: `code` is the status it got,
+/// `Err` when no answer came. Any status but OK is an error, as gRPC clients see it.
+pub fn grpc_client(
+    rec: Recording,
+    path: &str,
+    endpoint: &str,
+    attempt: u32,
+    code: Result<u16, (&'static str, String)>,
+) -> Span {
+    let mut attrs = vec![("network.peer.address", Value::from(endpoint.to_owned()))];
+    if let Some((host, port)) = endpoint.rsplit_once(':') {
+        attrs.push((
+            "server.address",
+            host.trim_matches(['[', ']']).to_owned().into(),
+        ));
+        if let Ok(p) = port.parse::<i64>() {
+            attrs.push(("server.port", p.into()));
+        }
+    }
+    if attempt > 0 {
+        attrs.push(("http.request.resend_count", i64::from(attempt).into()));
+    }
+    let (code, outcome) = match code {
+        Ok(0) => (0, Status::Unset),
+        Ok(c) => (c, Status::Error(format!("gRPC status {c}"))),
+        Err((kind, message)) => {
+            attrs.push(("error.type", kind.into()));
+            // No answer: UNAVAILABLE (or DEADLINE_EXCEEDED), as the caller is told.
+            (
+                if kind == "timeout" { 4 } else { 14 },
+                Status::Error(message),
+            )
+        }
+    };
+    let name = rpc(&mut attrs, path, code);
+    rec.finish(name, Kind::Client, attrs, outcome)
 }
 
 /// The request's server span, ended now with `status`.

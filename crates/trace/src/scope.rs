@@ -32,6 +32,9 @@ where
     let Some(rec) = tracer.begin(field(&TRACEPARENT), field(&TRACESTATE)) else {
         return handler(req).await;
     };
+    let grpc = h
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let served = Served {
         method: req.method().clone(),
         path: req.uri().path().to_owned(),
@@ -44,7 +47,20 @@ where
     let resp = CURRENT
         .scope((tracer.clone(), rec.clone()), handler(req))
         .await;
-    tracer.record(crate::http::server(rec, served, resp.status().as_u16()));
+    let status = resp.status().as_u16();
+    let span = match grpc {
+        // A status in the head is an error's (trailers-only); OK comes in the trailers.
+        true => {
+            let code = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse().ok())
+                .unwrap_or(0);
+            crate::http::grpc_server(rec, served, status, code)
+        }
+        false => crate::http::server(rec, served, status),
+    };
+    tracer.record(span);
     resp
 }
 
@@ -113,6 +129,19 @@ impl Try {
 
     pub fn finish(self, method: &http::Method, endpoint: &str, attempt: u32, outcome: Outcome) {
         let span = crate::http::client(self.rec, method, endpoint, attempt, outcome);
+        self.tracer.record(span);
+    }
+
+    /// Ends a gRPC try (`path` is `/package.Service/Method`): `code` is the status it
+    /// got, `Err((error.type, message))` when no answer came.
+    pub fn finish_grpc(
+        self,
+        path: &str,
+        endpoint: &str,
+        attempt: u32,
+        code: Result<u16, (&'static str, String)>,
+    ) {
+        let span = crate::http::grpc_client(self.rec, path, endpoint, attempt, code);
         self.tracer.record(span);
     }
 }

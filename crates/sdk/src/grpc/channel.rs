@@ -291,6 +291,21 @@ impl Exchange for Call<'_> {
         answer.code.http_status()
     }
 
+    fn end_span(
+        &self,
+        span: crate::trace::Try,
+        endpoint: &str,
+        attempt: u32,
+        result: &Result<Answer, Error>,
+    ) {
+        let path = self.path.split('?').next().unwrap_or_default();
+        let code = match result {
+            Ok(a) => Ok(a.code as u16),
+            Err(e) => Err(crate::client::no_answer(e)),
+        };
+        span.finish_grpc(path, endpoint, attempt, code);
+    }
+
     fn judge(&self, result: &Result<Answer, Error>) -> Verdict {
         let retryable = |c: Code| self.retryable.contains(&c);
         match result {
