@@ -143,7 +143,7 @@ pub async fn handle(
             let status = e.status();
             let resp = error_response(e, grpc);
             if let Some(span) = span {
-                trace::finish(gw, span, None, status);
+                trace::finish(gw, span, None, status, grpc.then(|| head_code(&resp)));
             }
             return resp;
         }
@@ -165,10 +165,11 @@ pub async fn handle(
     {
         let e = GatewayError::Body(why);
         let status = e.status();
+        let resp = w.answer(error_response(e, true));
         if let Some(span) = span {
-            trace::finish(gw, span, Some(route), status);
+            trace::finish(gw, span, Some(route), status, Some(head_code(&resp)));
         }
-        return w.answer(error_response(e, true));
+        return resp;
     }
     let grpc = grpc || web.is_some();
     // Taken now: forwarding takes the request apart.
@@ -203,9 +204,24 @@ pub async fn handle(
         entry.write(peer, route, status, elapsed, span.as_deref());
     }
     if let Some(span) = span {
-        trace::finish(gw, span, Some(route), status);
+        trace::finish(
+            gw,
+            span,
+            Some(route),
+            status,
+            grpc.then(|| head_code(&resp)),
+        );
     }
     resp
+}
+
+/// The gRPC status in an answer's head (a trailers-only answer's), else 0: an OK comes
+/// in the trailers, after the span has ended.
+fn head_code(resp: &Response<Body>) -> u16 {
+    resp.headers()
+        .get("grpc-status")
+        .and_then(|v| Code::parse(v.as_bytes()))
+        .map_or(0, |c| c as u16)
 }
 
 /// A routed request through its route's policies, its upstream and its response edits.
@@ -769,13 +785,19 @@ async fn forward(
         }
         let code = grpc.then(|| grpc_outcome(&result));
         let recorded = record(up, &snapshot, pick, permit, load, &result, code);
-        let mut try_span = try_span.map(|rec| trace::TrySpan::after(*rec, &result, recorded));
+        let mut try_span = try_span.map(|rec| trace::TrySpan::after(*rec, &result, recorded, code));
         // A status the route retries on, though it does not count against the endpoint.
         let grpc_retry = code.is_some_and(|c| route.grpc_retry_on.contains(&c));
         let result = match result {
             Ok(exchange) if !recorded.failed && !grpc_retry => {
                 if let Some(span) = try_span {
-                    trace::end_try(gw, *span, req.method(), &endpoint.addr, attempt);
+                    trace::end_try(
+                        gw,
+                        *span,
+                        (req.method(), req.uri().path()),
+                        &endpoint.addr,
+                        attempt,
+                    );
                 }
                 return pass_on(exchange, client_upgrade.take(), up, &endpoint.addr);
             }
@@ -797,7 +819,13 @@ async fn forward(
             if retry == Retry::NoBudget {
                 span.note("retry budget exhausted");
             }
-            trace::end_try(gw, *span, req.method(), &endpoint.addr, attempt);
+            trace::end_try(
+                gw,
+                *span,
+                (req.method(), req.uri().path()),
+                &endpoint.addr,
+                attempt,
+            );
         }
         if retry != Retry::Yes {
             return match result {

@@ -5,6 +5,7 @@
 use http::header::HeaderName;
 use http::{Method, Request, StatusCode};
 use std::time::SystemTime;
+use tessera_core::grpc::Code;
 use tessera_trace::http::{Outcome, Served, TRACEPARENT, TRACESTATE};
 
 use tessera_trace::{Event, Recording, Tracer};
@@ -65,18 +66,31 @@ pub(super) fn begin(
     }))
 }
 
-/// Ends the server span with the answer the client got.
-pub(super) fn finish(gw: &Proxy, span: Box<ServerSpan>, route: Option<&Route>, status: StatusCode) {
+/// Ends the server span with the answer the client got; `grpc`, for a gRPC caller, is
+/// the status it was told in the head (0: still to come in the trailers), and makes the
+/// span an RPC span.
+pub(super) fn finish(
+    gw: &Proxy,
+    span: Box<ServerSpan>,
+    route: Option<&Route>,
+    status: StatusCode,
+    grpc: Option<u16>,
+) {
     let Some(tracer) = &gw.tracer else { return };
     let ServerSpan { rec, mut served } = *span;
     served.route = route.map(|r| r.name.clone());
-    tracer.record(tessera_trace::http::server(rec, served, status.as_u16()));
+    tracer.record(match grpc {
+        Some(code) => tessera_trace::http::grpc_server(rec, served, status.as_u16(), code),
+        None => tessera_trace::http::server(rec, served, status.as_u16()),
+    });
 }
 
 /// A try's client span once its outcome is known, gathering what it led to.
 pub(super) struct TrySpan {
     rec: Recording,
     outcome: Outcome,
+    /// A gRPC try's status as the gateway saw it.
+    grpc: Option<Code>,
 }
 
 impl TrySpan {
@@ -85,6 +99,7 @@ impl TrySpan {
         rec: Recording,
         result: &Result<Exchange, Failure>,
         recorded: Recorded,
+        grpc: Option<Code>,
     ) -> Box<TrySpan> {
         let outcome = match result {
             Ok(exchange) => Outcome::Answered(exchange.response.status().as_u16()),
@@ -93,7 +108,7 @@ impl TrySpan {
                 message: f.error.to_string(),
             },
         };
-        let mut span = Box::new(TrySpan { rec, outcome });
+        let mut span = Box::new(TrySpan { rec, outcome, grpc });
         if recorded.ejected {
             span.note("endpoint ejected");
         }
@@ -112,13 +127,25 @@ impl TrySpan {
     }
 }
 
-/// Ends one try's client span.
-pub(super) fn end_try(gw: &Proxy, span: TrySpan, method: &Method, endpoint: &str, attempt: u32) {
+/// Ends one try's client span (an RPC span for a gRPC call to `path`).
+pub(super) fn end_try(
+    gw: &Proxy,
+    span: TrySpan,
+    (method, path): (&Method, &str),
+    endpoint: &str,
+    attempt: u32,
+) {
     let Some(tracer) = &gw.tracer else { return };
-    let TrySpan { rec, outcome } = span;
-    tracer.record(tessera_trace::http::client(
-        rec, method, endpoint, attempt, outcome,
-    ));
+    let TrySpan { rec, outcome, grpc } = span;
+    tracer.record(match (grpc, outcome) {
+        (Some(_), Outcome::Failed { kind, message }) => {
+            tessera_trace::http::grpc_client(rec, path, endpoint, attempt, Err((kind, message)))
+        }
+        (Some(code), Outcome::Answered(_)) => {
+            tessera_trace::http::grpc_client(rec, path, endpoint, attempt, Ok(code as u16))
+        }
+        (None, outcome) => tessera_trace::http::client(rec, method, endpoint, attempt, outcome),
+    });
 }
 
 /// Notes on the server span why the gateway refused the request itself.

@@ -371,3 +371,59 @@ async fn post_http1(
     let (s, h) = (resp.status().as_u16(), resp.headers().clone());
     (s, h, resp.into_body().collect().await.unwrap().to_bytes())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_call_is_traced_as_rpc_spans() {
+    let collector = tessera_testkit::otlp::Collector::start().await;
+    let up = GrpcUpstream::start(5, Duration::ZERO).await;
+    let gw = TestGateway::start_traced(
+        &format!(
+            r#"
+[[routes]]
+path = {{ prefix = "/demo.Echo/" }}
+upstream = "echo"
+[upstreams.echo]
+endpoints = ["{}"]
+protocol = "h2c"
+"#,
+            up.addr
+        ),
+        collector.tracer("gw", tessera_trace::Sampler::default()),
+    )
+    .await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("00-{trace}-00f067aa0ba902b7-01");
+    let a = call(
+        &client(),
+        gw.addr,
+        "/demo.Echo/Find",
+        &[("traceparent", &traceparent)],
+    )
+    .await;
+    assert_eq!(a.status, "5", "NOT_FOUND from the upstream");
+    let spans = || {
+        collector
+            .spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace)
+            .collect::<Vec<_>>()
+    };
+    crate::support::wait_for("the server and try spans", || {
+        std::future::ready(spans().len() >= 2)
+    })
+    .await;
+    let spans = spans();
+    let server = spans.iter().find(|s| s.kind == 2).unwrap();
+    let try_ = spans.iter().find(|s| s.kind == 3).unwrap();
+    for s in [server, try_] {
+        assert_eq!(s.name, "demo.Echo/Find");
+        assert_eq!(s.attributes["rpc.system"], "grpc");
+        assert_eq!(s.attributes["rpc.service"], "demo.Echo");
+        assert_eq!(s.attributes["rpc.method"], "Find");
+        assert_eq!(s.attributes["rpc.grpc.status_code"], "5");
+    }
+    assert_eq!(try_.parent_id, server.span_id);
+    // NOT_FOUND is the caller's matter: an error to the client, not to the server.
+    assert_eq!(try_.status_code, 2);
+    assert_ne!(server.status_code, 2);
+}
