@@ -78,6 +78,8 @@ pub struct Proc {
     log: PathBuf,
     child: Option<Child>,
     stdin: Option<ChildStdin>,
+    /// The reserved ports it listens on, let go of as it starts.
+    ports: Vec<SocketAddr>,
 }
 
 impl Proc {
@@ -92,11 +94,13 @@ impl Proc {
             log: logs.join(format!("{name}.log")),
             child: None,
             stdin: None,
+            ports: Vec::new(),
         }
     }
 
     /// Starts the process (again, after a kill).
     pub fn spawn(&mut self) -> Result<(), String> {
+        release(&self.ports);
         let exe = match &self.program {
             Some(p) => p.clone(),
             None => std::env::current_exe().map_err(|e| format!("cannot find tessera: {e}"))?,
@@ -187,7 +191,21 @@ impl Fleet {
     }
 }
 
-/// Checks that `addr` can be listened on (a free one for port 0) and returns it.
+/// The listeners `reserve` opened, held until the child that will listen on each port is
+/// about to start: a port found free and let go at once would be free for any other
+/// process (a test running beside the demo, say) until then, which in a cluster demo is
+/// seconds.
+static HELD: std::sync::Mutex<Vec<std::net::TcpListener>> = std::sync::Mutex::new(Vec::new());
+
+/// Lets go of the held ports in `addrs`, for the child about to listen on them.
+fn release(addrs: &[SocketAddr]) {
+    HELD.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|l| !l.local_addr().is_ok_and(|a| addrs.contains(&a)));
+}
+
+/// Checks that `addr` can be listened on (a free one for port 0) and returns it; the port
+/// stays held until [`release`].
 fn reserve(addr: SocketAddr, what: &str) -> Result<SocketAddr, String> {
     let l = std::net::TcpListener::bind(addr).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
@@ -199,7 +217,9 @@ fn reserve(addr: SocketAddr, what: &str) -> Result<SocketAddr, String> {
             format!("cannot listen on {addr} for {what}: {e}")
         }
     })?;
-    l.local_addr().map_err(|e| e.to_string())
+    let got = l.local_addr().map_err(|e| e.to_string())?;
+    HELD.lock().unwrap_or_else(|p| p.into_inner()).push(l);
+    Ok(got)
 }
 
 /// Holds the data dir for this demo while it runs: a second demo on the same dir is
@@ -339,6 +359,7 @@ impl Cluster {
                     logs,
                 );
                 p.program = Some(PathBuf::from(ETCD));
+                p.ports = vec![*client, *peer];
                 Ok(p)
             })
             .collect()
@@ -500,6 +521,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
                 "server".into()
             };
             let mut server = Proc::new(&name, a, &logs);
+            server.ports = vec![*addr];
             server
                 .env
                 .push(("OTEL_SERVICE_NAME", "tessera-server".into()));
@@ -531,6 +553,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             &logs,
         );
         gw.env.push(("OTEL_SERVICE_NAME", "gateway".into()));
+        gw.ports = vec![gateway, admin];
         gw.spawn()?;
         fleet.infra.push(gw);
         register_gateway(&http, registry, gateway, admin).await?;
@@ -706,6 +729,7 @@ scrape_configs:
         logs,
     );
     p.program = Some(PathBuf::from(PROMETHEUS));
+    p.ports = vec![listen];
     Ok(p)
 }
 
