@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use crate::support::TestGateway;
 
 /// A gRPC upstream that answers each call with `code` (0: one message, then OK in the
-/// trailers; else the status alone, trailers-only), after `delay`.
+/// trailers; else the status alone, trailers-only), or never, when it `hangs`.
 struct GrpcUpstream {
     addr: SocketAddr,
     code: Arc<AtomicU16>,
@@ -28,7 +28,7 @@ struct GrpcUpstream {
 }
 
 impl GrpcUpstream {
-    async fn start(code: u16, delay: Duration) -> GrpcUpstream {
+    async fn start(code: u16, hangs: bool) -> GrpcUpstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let code = Arc::new(AtomicU16::new(code));
@@ -52,7 +52,9 @@ impl GrpcUpstream {
                                 .map(|v| v.to_str().unwrap().to_owned());
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             *s.lock().unwrap() = (timeout, body.clone());
-                            tokio::time::sleep(delay).await;
+                            if hangs {
+                                std::future::pending::<()>().await;
+                            }
                             let code = c.load(Ordering::SeqCst);
                             let mut resp = http::Response::builder()
                                 .header("content-type", "application/grpc");
@@ -164,8 +166,8 @@ fn futures_stream(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unavailable_is_retried_elsewhere_and_other_statuses_are_not() {
-    let good = GrpcUpstream::start(0, Duration::ZERO).await;
-    let bad = GrpcUpstream::start(14, Duration::ZERO).await;
+    let good = GrpcUpstream::start(0, false).await;
+    let bad = GrpcUpstream::start(14, false).await;
     let gw = TestGateway::start(&format!(
         r#"
 [[routes]]
@@ -236,7 +238,7 @@ enabled = false
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_timeout_caps_the_route_deadline_and_travels_upstream() {
-    let slow = GrpcUpstream::start(0, Duration::from_secs(30)).await;
+    let slow = GrpcUpstream::start(0, true).await;
     let gw = TestGateway::start(&format!(
         r#"
 [[routes]]
@@ -251,14 +253,9 @@ protocol = "h2c"
     ))
     .await;
     let c = client();
-    let started = std::time::Instant::now();
     let a = call(&c, gw.addr, "/demo.Slow/Wait", &[("grpc-timeout", "1S")]).await;
     assert_eq!(a.status, "4", "DEADLINE_EXCEEDED: {}", a.message);
     assert!(a.message.contains("1s"), "{}", a.message);
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "the caller's 1 s deadline"
-    );
     assert_eq!(slow.hits(), 1, "a deadline is not retried");
     let (sent, _) = slow.seen.lock().unwrap().clone();
     let sent = sent.expect("grpc-timeout upstream");
@@ -273,7 +270,7 @@ protocol = "h2c"
 async fn grpc_web_calls_from_http1_are_translated_both_ways() {
     use base64::Engine as _;
     use base64::engine::general_purpose::STANDARD;
-    let echo = GrpcUpstream::start(0, Duration::ZERO).await;
+    let echo = GrpcUpstream::start(0, false).await;
     // A port nothing listens on.
     let gone = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -375,7 +372,7 @@ async fn post_http1(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_call_is_traced_as_rpc_spans() {
     let collector = tessera_testkit::otlp::Collector::start().await;
-    let up = GrpcUpstream::start(5, Duration::ZERO).await;
+    let up = GrpcUpstream::start(5, false).await;
     let gw = TestGateway::start_traced(
         &format!(
             r#"
