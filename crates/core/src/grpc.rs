@@ -52,12 +52,15 @@ impl Code {
     /// the spec asks of clients.
     pub fn parse(value: &[u8]) -> Option<Code> {
         let n: u16 = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
-        Some(
-            Code::ALL
-                .get(usize::from(n))
-                .copied()
-                .unwrap_or(Code::Unknown),
-        )
+        Some(Code::from_number(n))
+    }
+
+    /// The code numbered `n`; UNKNOWN outside the table.
+    pub fn from_number(n: u16) -> Code {
+        Code::ALL
+            .get(usize::from(n))
+            .copied()
+            .unwrap_or(Code::Unknown)
     }
 
     /// The name in the spec's spelling (`UNAVAILABLE`), for configuration and messages.

@@ -7,6 +7,7 @@
 use std::net::IpAddr;
 
 use http::{Method, Version};
+use tessera_core::grpc::Code;
 
 use crate::span::{Kind, Span, Status, Value};
 use crate::tracer::Recording;
@@ -51,7 +52,8 @@ pub fn grpc_server(rec: Recording, served: Served, status: u16, code: u16) -> Sp
         ("http.response.status_code", i64::from(status).into()),
     ];
     let name = rpc(&mut attrs, &served.path, code);
-    let failed = matches!(code, 2 | 4 | 12 | 13 | 14 | 15) || status >= 500;
+    let c = Code::from_number(code);
+    let failed = c.is_failure() || c == Code::Unimplemented || status >= 500;
     let outcome = if failed {
         Status::Error(format!("gRPC status {code}"))
     } else {

@@ -34,7 +34,7 @@ where
     };
     let grpc = h
         .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        .is_some_and(|v| tessera_core::grpc::is_grpc(v.as_bytes()));
     let served = Served {
         method: req.method().clone(),
         path: req.uri().path().to_owned(),
@@ -54,8 +54,8 @@ where
             let code = resp
                 .headers()
                 .get("grpc-status")
-                .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse().ok())
-                .unwrap_or(0);
+                .and_then(|v| tessera_core::grpc::Code::parse(v.as_bytes()))
+                .map_or(0, |c| c as u16);
             crate::http::grpc_server(rec, served, status, code)
         }
         false => crate::http::server(rec, served, status),
